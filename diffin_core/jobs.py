@@ -1,0 +1,264 @@
+"""Background jobs: one worker thread runs heavy (torch) jobs one at a time.
+
+Engine code only, no Streamlit: the app holds one ``JobManager`` in ``@st.cache_resource`` and
+polls ``get()`` from a fragment. A job's state is also kept in
+``<project_dir>/runs/.jobs/<job_id>.json`` so a reloaded page sees how it ended after a restart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .atomic import write_text
+from .errors import DiffinError
+
+log = logging.getLogger(__name__)
+_BOOT = uuid.uuid4().hex  # tells this process apart from an earlier one that had the same pid
+_ACTIVE = ("queued", "running")
+INTERRUPTED = "interrupted (the server stopped)"
+
+
+class JobCancelled(Exception):
+    """Raised inside a job by ``Progress.update``/``check`` once cancel was requested."""
+
+
+@dataclass
+class JobInfo:
+    """A snapshot of one job; ``get()``/``list()`` hand out copies."""
+    id: str
+    kind: str
+    label: str = ""
+    project_dir: str | None = None
+    status: str = "queued"  # queued | running | done | failed | cancelled
+    done: int = 0
+    total: int | None = None
+    message: str = ""
+    error: str | None = None
+    result: Any = None
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def rate(self) -> float:
+        """Items per second since the job started (0.0 before)."""
+        if self.started is None:
+            return 0.0
+        elapsed = (self.finished or time.time()) - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds left at the current rate; None when unknown or not running."""
+        if self.status != "running" or not self.total or self.rate <= 0:
+            return None
+        return max(self.total - self.done, 0) / self.rate
+
+    @property
+    def fraction(self) -> float:
+        """0..1 share done (1.0 once done, 0.0 when the total is unknown)."""
+        if self.status == "done":
+            return 1.0
+        return min(max(self.done / self.total, 0.0), 1.0) if self.total else 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobInfo":
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, DiffinError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+class _Job:
+    def __init__(self, info: JobInfo, fn: Callable):
+        self.info, self.fn = info, fn
+        self.cancel = threading.Event()
+        self.last_write = 0.0
+
+
+class Progress:
+    """Handed to a job function: report progress, notice cancellation."""
+
+    def __init__(self, manager: "JobManager", job: _Job):
+        self._m, self._job = manager, job
+
+    @property
+    def cancelled(self) -> bool:
+        return self._job.cancel.is_set()
+
+    def check(self) -> None:
+        """Raise JobCancelled if cancel was requested."""
+        if self.cancelled:
+            raise JobCancelled()
+
+    def update(self, done: int, total: int | None = None, message: str = "") -> None:
+        """Record progress (an empty message keeps the last one); raise JobCancelled if cancelled."""
+        with self._m._cv:
+            info = self._job.info
+            info.done = int(done)
+            if total is not None:
+                info.total = int(total)
+            if message:
+                info.message = " ".join(str(message).split())
+            if time.time() - self._job.last_write >= 0.5:  # at most ~2 writes/s
+                self._m._save(self._job)
+        self.check()
+
+
+class JobManager:
+    """Queue of jobs served by ``workers`` daemon threads (keep 1: torch/CUDA work)."""
+
+    def __init__(self, workers: int = 1):
+        self._cv = threading.Condition()  # guards the job table and every JobInfo in it
+        self._jobs: dict[str, _Job] = {}
+        self._queue: queue.Queue[_Job] = queue.Queue()
+        for i in range(workers):
+            threading.Thread(target=self._worker, name=f"diffin-job-{i}", daemon=True).start()
+
+    # -- public API ---------------------------------------------------------------------
+    def submit(self, kind: str, fn: Callable[[Progress], Any], *, label: str = "",
+               project_dir: str | os.PathLike | None = None) -> str:
+        """Queue ``fn(progress)``; returns the job id at once."""
+        pdir = None if project_dir is None else str(Path(project_dir).resolve())
+        job = _Job(JobInfo(id=uuid.uuid4().hex[:8], kind=kind, label=label, project_dir=pdir,
+                           created=time.time()), fn)
+        with self._cv:
+            self._jobs[job.info.id] = job
+            self._save(job)  # before the worker can see it, so "queued" never lands after "running"
+        self._queue.put(job)
+        return job.info.id
+
+    def get(self, job_id: str) -> JobInfo | None:
+        with self._cv:
+            job = self._jobs.get(job_id)
+            return dataclasses.replace(job.info) if job else None
+
+    def list(self, project_dir: str | os.PathLike | None = None) -> list[JobInfo]:
+        """All known jobs (of one project if given), newest first."""
+        pdir = None if project_dir is None else str(Path(project_dir).resolve())
+        with self._cv:
+            infos = [dataclasses.replace(j.info) for j in self._jobs.values()
+                     if pdir is None or j.info.project_dir == pdir]
+        return sorted(infos, key=lambda i: i.created, reverse=True)
+
+    def active(self, project_dir: str | os.PathLike | None = None) -> list[JobInfo]:
+        return [i for i in self.list(project_dir) if i.status in _ACTIVE]
+
+    def cancel(self, job_id: str) -> bool:
+        """Queued jobs end at once; running ones at their next update/check. False if not active."""
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is None or job.info.status not in _ACTIVE:
+                return False
+            job.cancel.set()
+            if job.info.status == "queued":
+                self._finish(job, "cancelled")
+            return True
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobInfo | None:
+        """Block until the job is no longer queued/running (or timeout); return its snapshot."""
+        with self._cv:
+            self._cv.wait_for(lambda: job_id not in self._jobs
+                              or self._jobs[job_id].info.status not in _ACTIVE, timeout)
+        return self.get(job_id)
+
+    def load_history(self, project_dir: str | os.PathLike) -> list[JobInfo]:
+        """Jobs recorded under ``project_dir`` merged with live ones, newest first.
+
+        A queued/running record whose process is gone is reported as failed (interrupted)."""
+        live = {i.id: i for i in self.list(project_dir)}
+        for path in (Path(project_dir) / "runs" / ".jobs").glob("*.json"):
+            try:
+                d = json.loads(path.read_text(encoding="utf-8"))
+                info = JobInfo.from_dict(d)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("skipping job record %s: %s", path, exc)
+                continue
+            if info.id in live:
+                continue
+            if info.status in _ACTIVE and _owner_gone(d.get("owner")):
+                info.status, info.error = "failed", INTERRUPTED
+                info.finished = info.finished or path.stat().st_mtime
+            live[info.id] = info
+        return sorted(live.values(), key=lambda i: i.created, reverse=True)
+
+    def reset(self) -> None:
+        """For tests: cancel every job and forget them all."""
+        with self._cv:
+            for job_id in list(self._jobs):
+                self.cancel(job_id)
+            self._jobs.clear()
+            self._cv.notify_all()
+
+    # -- internals ------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                self._run(job)
+            except Exception:  # never let a bug here kill the worker
+                log.exception("job %s: internal error", job.info.id)
+
+    def _run(self, job: _Job) -> None:
+        with self._cv:
+            if job.info.status != "queued" or job.cancel.is_set():
+                return
+            job.info.status, job.info.started = "running", time.time()
+            self._save(job)
+            self._cv.notify_all()
+        result, error = None, None
+        try:
+            result, status = job.fn(Progress(self, job)), "done"
+        except JobCancelled:
+            status = "cancelled"
+        except Exception as exc:
+            status, error = "failed", _one_line(exc)
+            log.info("job %s failed: %s", job.info.id, error, exc_info=not isinstance(exc, DiffinError))
+        with self._cv:
+            job.info.result, job.info.error = result, error
+            self._finish(job, status)
+
+    def _finish(self, job: _Job, status: str) -> None:  # caller holds the lock
+        job.info.status, job.info.finished = status, time.time()
+        self._save(job)
+        self._cv.notify_all()
+
+    def _save(self, job: _Job) -> None:  # caller holds the lock; writes are small
+        job.last_write = time.time()
+        if job.info.project_dir is None:
+            return
+        d = dataclasses.asdict(job.info) | {"owner": {"pid": os.getpid(), "boot": _BOOT}}
+        try:
+            write_text(Path(job.info.project_dir) / "runs" / ".jobs" / f"{job.info.id}.json",
+                       json.dumps(d, indent=1, default=str))
+        except OSError as exc:
+            log.warning("job %s: could not write its status: %s", job.info.id, exc)
+
+
+def _owner_gone(owner: Any) -> bool:
+    """True when the process that wrote a record no longer runs."""
+    if not isinstance(owner, dict):
+        return True
+    if owner.get("boot") == _BOOT:
+        return False
+    pid = owner.get("pid")
+    if pid == os.getpid() or not isinstance(pid, int) or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
