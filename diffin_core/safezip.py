@@ -1,0 +1,199 @@
+"""Reading untrusted zip files uploaded by users.
+
+Every member goes through the same checks before a byte is written or decoded: no path that
+escapes the destination (``..``, absolute paths, drive letters, symlinks), no encrypted
+members, at most ``max_files`` members, declared uncompressed total at most
+``max_total_bytes`` (bytes), no member over 1 MB with compression ratio above ``max_ratio``,
+and while streaming, no member yielding more bytes than it declares (headers are not trusted).
+Any refusal is a ``DiffinError`` naming the zip file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from diffin_core.errors import DiffinError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+_CHUNK = 1 << 20
+_RATIO_MIN_SIZE = 1 << 20  # the ratio limit applies to members above 1 MB
+# zipfile/zlib errors that mean "corrupt or unsupported archive".
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
+               NotImplementedError, RuntimeError, ValueError)
+
+
+class _Limits:
+    def __init__(self, max_total_bytes: int, max_files: int, max_ratio: float):
+        self.max_total_bytes, self.max_files, self.max_ratio = max_total_bytes, max_files, max_ratio
+
+
+def _member_parts(info: zipfile.ZipInfo, zip_path: Path) -> tuple[str, ...]:
+    """The member's path components, refusing anything that could land outside the dest."""
+    name = info.filename
+    bad = lambda why: DiffinError(f"refusing member {name!r}: {why}", zip_path)  # noqa: E731
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise bad("symbolic link")
+    if "\x00" in name:
+        raise bad("NUL in name")
+    norm = name.replace("\\", "/")
+    if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):
+        raise bad("absolute path")
+    parts = tuple(p for p in norm.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise bad("path escapes the destination")
+    if info.flag_bits & 0x1:
+        raise bad("encrypted")
+    return parts
+
+
+def _open_checked(zip_path: Path, limits: _Limits) -> tuple[zipfile.ZipFile, list]:
+    """Open the zip and check every header; returns (zipfile, [(info, parts) for files])."""
+    try:
+        size = zip_path.stat().st_size
+    except OSError as exc:
+        raise DiffinError(f"cannot read the file ({exc.strerror})", zip_path) from exc
+    if size == 0:
+        raise DiffinError("the file is empty (0 bytes)", zip_path)
+    try:
+        zf = zipfile.ZipFile(zip_path)
+        infos = zf.infolist()
+    except (*_ZIP_ERRORS, OSError) as exc:
+        raise DiffinError(f"not a zip file or corrupt ({exc})", zip_path) from exc
+    try:
+        if len(infos) > limits.max_files:
+            raise DiffinError(f"too many members ({len(infos)} > {limits.max_files})", zip_path)
+        members = [(info, _member_parts(info, zip_path)) for info in infos]
+        total = sum(info.file_size for info in infos)
+        if total > limits.max_total_bytes:
+            raise DiffinError(f"zip bomb: uncompressed size {total} bytes exceeds the limit "
+                              f"{limits.max_total_bytes}", zip_path)
+        for info, _ in members:
+            if (info.file_size > _RATIO_MIN_SIZE
+                    and info.file_size > limits.max_ratio * max(info.compress_size, 1)):
+                raise DiffinError(f"zip bomb: member {info.filename!r} has compression ratio "
+                                  f"above {limits.max_ratio}", zip_path)
+    except BaseException:
+        zf.close()
+        raise
+    return zf, [(i, p) for i, p in members if not i.is_dir() and p]
+
+
+def _stream(zf: zipfile.ZipFile, info: zipfile.ZipInfo, zip_path: Path, budget: list[int]
+            ) -> Iterator[bytes]:
+    """Yield a member's bytes in chunks, counting them against its declared size and the
+    remaining total ``budget[0]`` (bytes)."""
+    seen = 0
+    try:
+        with zf.open(info) as src:
+            while chunk := src.read(_CHUNK):
+                seen += len(chunk)
+                budget[0] -= len(chunk)
+                if seen > info.file_size or budget[0] < 0:
+                    raise DiffinError(f"zip bomb: member {info.filename!r} holds more bytes "
+                                      "than declared", zip_path)
+                yield chunk
+    except _ZIP_ERRORS as exc:
+        raise DiffinError(f"corrupt member {info.filename!r} ({exc})", zip_path) from exc
+
+
+def safe_extract(zip_path: str | Path, dest_dir: str | Path, *,
+                 max_total_bytes: int = 2_000_000_000, max_files: int = 200_000,
+                 max_ratio: float = 200) -> Path:
+    """Extract ``zip_path`` into ``dest_dir`` (must be absent or empty); returns ``dest_dir``.
+
+    Extraction happens in a temp folder beside ``dest_dir`` that is renamed into place only
+    when every member passed, so a refused zip leaves ``dest_dir`` untouched.
+    """
+    zip_path, dest = Path(zip_path), Path(dest_dir)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DiffinError("destination exists and is not an empty folder", dest)
+    limits = _Limits(max_total_bytes, max_files, max_ratio)
+    zf, members = _open_checked(zip_path, limits)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        with zf:
+            budget = [max_total_bytes]
+            for info, parts in members:
+                target = tmp.joinpath(*parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with open(target, "wb") as out:
+                    for chunk in _stream(zf, info, zip_path, budget):
+                        out.write(chunk)
+        if dest.exists():
+            dest.rmdir()
+        os.replace(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DiffinError(f"cannot extract ({exc})", zip_path) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def read_imagefolder_zip(zip_path: str | Path, *, max_total_bytes: int = 2_000_000_000,
+                         max_files: int = 200_000, max_ratio: float = 200
+                         ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Read an ImageFolder zip (``class/img.png|jpg|jpeg|bmp``, optionally under one top folder).
+
+    Returns x float32 (N, C, H, W) in [0, 1], y int64 (N,) class indices, label_names (classes
+    sorted by name) and files (member names, in row order). C is 3 if any image is colour,
+    else 1. ``__MACOSX/``, dotfiles and non-image files are ignored. Members are read in
+    memory through the same checks as ``safe_extract``; decoded pixels also count against
+    ``max_total_bytes``.
+    """
+    from PIL import Image
+
+    zip_path = Path(zip_path)
+    zf, members = _open_checked(zip_path, _Limits(max_total_bytes, max_files, max_ratio))
+    images = [(i, p) for i, p in members
+              if p[0] != "__MACOSX" and not any(s.startswith(".") for s in p)
+              and p[-1].lower().endswith(IMAGE_EXTS)]
+    depths = {len(p) for _, p in images}
+    if depths == {3} and len({p[0] for _, p in images}) == 1:
+        images = [(i, p[1:]) for i, p in images]
+    elif depths != {2}:
+        zf.close()
+        raise DiffinError("expected an ImageFolder layout class_name/image.png (optionally "
+                          "inside one top folder)" + ("" if images else "; found no images"),
+                          zip_path)
+    images.sort(key=lambda ip: ip[1])
+    label_names = sorted({p[0] for _, p in images})
+    arrays, budget, pixels, size = [], [max_total_bytes], max_total_bytes, None
+    with zf:
+        for info, parts in images:
+            data = b"".join(_stream(zf, info, zip_path, budget))
+            try:
+                img = Image.open(io.BytesIO(data))
+                if size is not None and img.size != size:
+                    raise DiffinError(f"image {info.filename!r} is {img.size[0]}x{img.size[1]}, "
+                                      f"others are {size[0]}x{size[1]}", zip_path)
+                size = img.size
+                mode = "L" if Image.getmodebase(img.mode) == "L" else "RGB"
+                pixels -= img.size[0] * img.size[1] * len(mode)
+                if pixels < 0:
+                    raise DiffinError("decoded images exceed the size limit of "
+                                      f"{max_total_bytes} bytes", zip_path)
+                arr = np.asarray(img.convert(mode), dtype=np.uint8)
+            except DiffinError:
+                raise
+            except Exception as exc:  # PIL raises many types for bad data
+                raise DiffinError(f"image {info.filename!r} cannot be read ({exc})",
+                                  zip_path) from exc
+            arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    channels = max(a.shape[0] for a in arrays)
+    x = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
+    index = {name: k for k, name in enumerate(label_names)}
+    y = np.array([index[p[0]] for _, p in images], dtype=np.int64)
+    return x.astype(np.float32) / 255.0, y, label_names, [i.filename for i, _ in images]
