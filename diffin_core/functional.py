@@ -1,0 +1,92 @@
+"""A model as a function of one flat parameter vector, with the derivatives every estimator uses.
+
+All derivatives come from torch.func. Shapes: ``theta`` is (P,) (the trainable parameters,
+flattened in ``named_parameters`` order); a batch is ``x`` (B, ...) and integer labels ``y`` (B,).
+Losses are per-sample cross-entropy in nats; batch losses are means over the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jvp, vmap
+
+LOSSES = {"cross_entropy"}
+
+
+class FunctionalModel:
+    """Wraps an ``nn.Module`` so that ``theta`` (P,) is the only free argument."""
+
+    def __init__(self, model: nn.Module, loss: str = "cross_entropy"):
+        if loss not in LOSSES:
+            raise ValueError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}")
+        self.model = model.eval()
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.num_params = sum(self.sizes)
+        self.buffers = dict(model.named_buffers())
+
+    # --- parameters -------------------------------------------------------------------------
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(theta, self.sizes)
+        params = {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+        return {**self.buffers, **params}
+
+    def flatten(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([state[n].reshape(-1) for n in self.names])
+
+    def theta_of(self, model: nn.Module) -> torch.Tensor:
+        return self.flatten(dict(model.named_parameters())).detach().clone()
+
+    def to(self, device, dtype=None) -> "FunctionalModel":
+        self.model.to(device=device, dtype=dtype)
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        return self
+
+    # --- forward ----------------------------------------------------------------------------
+    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, self.unflatten(theta), (x,))
+
+    def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (B,)."""
+        return F.cross_entropy(self.logits(theta, x), y, reduction="none")
+
+    def mean_loss(self, theta, x, y) -> torch.Tensor:
+        return self.losses(theta, x, y).mean()
+
+    # --- first order ------------------------------------------------------------------------
+    def batch_grad(self, theta, x, y) -> torch.Tensor:
+        """Gradient of the batch-mean loss (P,)."""
+        return grad(self.mean_loss)(theta, x, y).detach()
+
+    def per_sample_grads(self, theta, x, y) -> torch.Tensor:
+        """Per-sample gradients (B, P) via vmap(grad)."""
+        def single(t, xi, yi):
+            return self.mean_loss(t, xi.unsqueeze(0), yi.unsqueeze(0))
+        return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y).detach()
+
+    def directional(self, theta, x, y, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample directional derivatives <g_i, v> (B,) in one forward-mode pass (jvp)."""
+        _, d = jvp(lambda t: self.losses(t, x, y), (theta,), (v,))
+        return d.detach()
+
+    # --- second order -----------------------------------------------------------------------
+    def hvp_fd(self, theta, x, y, v, base_grad: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:
+        """Hessian-vector product by a forward difference of gradients (Diff-In, paper Eq. 6).
+
+        H v ~ (g(theta + h v) - g(theta)) / h with h chosen so that ||h v|| = eps.
+        One extra gradient per product when ``base_grad`` = g(theta) is passed in.
+        """
+        norm = torch.linalg.vector_norm(v)
+        if norm == 0:
+            return torch.zeros_like(v)
+        h = eps / norm
+        g0 = self.batch_grad(theta, x, y) if base_grad is None else base_grad
+        return (self.batch_grad(theta + h * v, x, y) - g0) / h
+
+    def hvp_exact(self, theta, x, y, v) -> torch.Tensor:
+        """Exact Hessian-vector product (forward-over-reverse), for tests and the CG solver."""
+        _, hv = jvp(grad(lambda t: self.mean_loss(t, x, y)), (theta,), (v,))
+        return hv.detach()

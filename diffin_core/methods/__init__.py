@@ -1,0 +1,11 @@
+"""The estimator registry: ``METHODS[name]()`` gives an Attributor (see base.py for the contract)."""
+from .base import Attributor, Context, ScoreSettings, pick_device, segment_lengths
+from .baselines import Cleanlab, Loss, Margin
+from .diffin import DiffIn, DiffInPaper
+from .first_order import GradCos, GradDot, TracIn
+from .influence_function import InfluenceFunction
+
+METHODS = {cls.name: cls for cls in (DiffIn, DiffInPaper, TracIn, GradDot, GradCos, InfluenceFunction,
+                                     Loss, Margin, Cleanlab)}
+
+__all__ = ["METHODS", "Attributor", "Context", "ScoreSettings", "pick_device", "segment_lengths"]

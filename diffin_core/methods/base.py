@@ -1,0 +1,154 @@
+"""The estimator interface. A method only supplies its query-side vectors and a per-chunk rule;
+the base class does the batching over the training set, the checkpoint bookkeeping, the final
+predictions and the progress reports (dattri-style attributors, TRAK-style one front).
+
+Sign convention (the whole product): influence(z, Q) = L_Q(theta_T without z) - L_Q(theta_T).
+Positive = helpful (removing z raises the query loss), negative = harmful. Self-influence uses
+Q = {z}; label_issue: higher = more likely mislabelled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..data import Split
+from ..functional import FunctionalModel
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class ScoreSettings:
+    """Every knob of every estimator, saved into runs/<run>/meta.json."""
+    batch_size: int = 256          # training samples per chunk (per-sample gradients live per chunk)
+    hessian_batch: int = 512       # samples in the fixed batch whose Hessian Diff-In propagates through
+    lanczos_steps: int = 20        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
+    eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
+    paper_batch: int = 128         # diffin-paper: the random batch B per checkpoint
+    damping: float = 0.01          # influence-function damping lambda (absolute)
+    explicit_max_params: int = 5000  # influence-function: explicit Hessian at or below this many params
+    cg_iters: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def segment_lengths(steps: list[int]) -> np.ndarray:
+    """Training steps owned by each checkpoint (sum = last step).
+
+    Checkpoint k owns the steps nearer to it than to its neighbours: boundaries sit half-way
+    between saved steps; steps before the first checkpoint go to the first, and the final
+    checkpoint (the explained model) owns the half-interval before it.
+    """
+    t = np.asarray(steps, dtype=np.float64)
+    if len(t) == 1:
+        return np.array([max(t[0], 1.0)])
+    bounds = np.concatenate([[0.0], (t[:-1] + t[1:]) / 2, [t[-1]]])
+    return np.diff(bounds)
+
+
+@dataclass
+class Context:
+    """What an estimator sees: the model as a function, the checkpoints, the training split."""
+    fm: FunctionalModel
+    thetas: list[torch.Tensor]            # (P,) per checkpoint, on ``device``, step order
+    steps: list[int]
+    lrs: np.ndarray                       # effective learning rate per checkpoint (momentum-adjusted)
+    segments: np.ndarray                  # steps owned by each checkpoint
+    train: Split
+    settings: ScoreSettings
+    device: torch.device
+    progress: ProgressFn = field(default=lambda d, t, m: None)
+
+    @property
+    def n(self) -> int:
+        return len(self.train)
+
+    @property
+    def m(self) -> int:
+        return len(self.thetas)
+
+    def tensors(self, x: np.ndarray, y: np.ndarray):
+        return (torch.as_tensor(x, device=self.device, dtype=self.thetas[0].dtype),
+                torch.as_tensor(y, device=self.device, dtype=torch.long))
+
+    def chunks(self, split: Split | None = None, size: int | None = None):
+        """(slice, x, y) over a split, moved to the device one chunk at a time."""
+        split = split or self.train
+        size = size or self.settings.batch_size
+        for start in range(0, len(split), size):
+            sl = slice(start, min(start + size, len(split)))
+            yield (sl, *self.tensors(split.x[sl], split.y[sl]))
+
+    def mean_grad(self, k: int, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
+        """Gradient of the mean loss over all of (x, y) at checkpoint k, chunked (P,)."""
+        total = torch.zeros_like(self.thetas[k])
+        for start in range(0, len(y), self.settings.batch_size):
+            xb, yb = self.tensors(x[start:start + self.settings.batch_size], y[start:start + self.settings.batch_size])
+            total += self.fm.batch_grad(self.thetas[k], xb, yb) * len(yb)
+        return total / max(len(y), 1)
+
+    def sample_batch(self, size: int, k: int, salt: int = 0):
+        """A fixed random training batch for checkpoint k (seeded: reruns see the same batch)."""
+        rng = np.random.default_rng([self.settings.seed, k, salt])
+        idx = rng.choice(self.n, size=min(size, self.n), replace=False)
+        return self.tensors(self.train.x[idx], self.train.y[idx])
+
+
+class Attributor:
+    """One estimator. Subclasses set ``name`` and implement ``prepare`` and ``chunk``."""
+    name = "base"
+    has_self_influence = True
+
+    def prepare(self, ctx: Context, qx: np.ndarray, qy: np.ndarray):
+        """Query-side work, done once per query set; returns state handed to ``chunk``."""
+        raise NotImplementedError
+
+    def chunk(self, ctx: Context, state, x, y, need_self: bool):
+        """Scores of one training chunk: (influence (b,), self_influence (b,) or None)."""
+        raise NotImplementedError
+
+    def label_issue(self, self_influence: np.ndarray | None, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Higher = more likely mislabelled. Influence methods: their self-influence."""
+        return self_influence
+
+    # --- driven by the base class -----------------------------------------------------------
+    def run(self, ctx: Context, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict[str, np.ndarray]:
+        """Score every training sample; returns arrays of length N keyed by column name."""
+        ctx.progress(0, ctx.n, f"{self.name}: preparing query vectors")
+        state = self.prepare(ctx, qx, qy)
+        infl, selfs, probs = [], [], []
+        done = 0
+        for sl, x, y in ctx.chunks():
+            i, s = self.chunk(ctx, state, x, y, need_self)
+            infl.append(i.double().cpu())
+            if s is not None:
+                selfs.append(s.double().cpu())
+            if need_self:
+                with torch.no_grad():
+                    probs.append(torch.softmax(ctx.fm.logits(ctx.thetas[-1], x), -1).double().cpu())
+            done += len(y)
+            ctx.progress(done, ctx.n, f"{self.name}: scoring training samples")
+        out = {"influence": torch.cat(infl).numpy()}
+        if need_self:
+            p = torch.cat(probs).numpy()
+            self_infl = torch.cat(selfs).numpy() if selfs else None
+            out["self_influence"] = self_infl if self_infl is not None else np.full(ctx.n, np.nan)
+            out["label_issue"] = np.asarray(self.label_issue(self_infl, p, ctx.train.y), dtype=np.float64)
+            out["probs"] = p
+        return out

@@ -1,0 +1,250 @@
+"""The project folder: diffin.toml, the model, checkpoints/manifest.json, data/, runs/, review.sqlite.
+
+    [model]        factory = "model.py:build"    # or program = "model.pt2" (torch.export)
+                   loss = "cross_entropy"
+    [data]         train = "data/train.npz"   query = "data/query.npz"
+                   kind = "image" | "tabular"   image_shape = [1, 28, 28]
+                   label_names = [...]          label_column = "label"   num_classes = 10
+    [checkpoints]  manifest = "checkpoints/manifest.json"
+    [train]        recipe = "train.py:train"    # optional: (train_x, train_y, seed, checkpoint_dir) -> None
+
+The CLI and the app both open a folder through ``Project``; nothing else parses these files.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.util
+import json
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .checkpoints import Manifest, check_fits, read_manifest, read_state
+from .data import Split, load_split
+from .errors import DiffinError
+
+SCHEMA = {
+    "project": {"name": False, "description": False},
+    "model": {"factory": False, "program": False, "loss": False},
+    "data": {"train": True, "query": True, "kind": False, "image_shape": False, "label_names": False,
+             "label_column": False, "num_classes": False},
+    "checkpoints": {"manifest": False},
+    "train": {"recipe": False},
+}
+CONFIG_NAME = "diffin.toml"
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(options)}"
+
+
+def check_config(raw: dict, path) -> dict:
+    """Reject unknown or missing keys with a one-line error naming diffin.toml."""
+    for table, body in raw.items():
+        if table not in SCHEMA:
+            raise DiffinError(f"unknown table [{table}]{_suggest(table, SCHEMA)}", path)
+        if not isinstance(body, dict):
+            raise DiffinError(f"[{table}] must be a table", path)
+        for key in body:
+            if key not in SCHEMA[table]:
+                raise DiffinError(f"unknown key {key!r} in [{table}]{_suggest(key, SCHEMA[table])}", path)
+    for table, keys in SCHEMA.items():
+        for key, required in keys.items():
+            if required and key not in raw.get(table, {}):
+                raise DiffinError(f"missing key {key!r} in [{table}]", path)
+    model = raw.get("model", {})
+    if ("factory" in model) == ("program" in model):
+        raise DiffinError("[model] needs exactly one of 'factory' (\"model.py:build\") or 'program' (\"model.pt2\")", path)
+    kind = raw["data"].get("kind", "image" if "image_shape" in raw["data"] else "tabular")
+    if kind not in ("image", "tabular"):
+        raise DiffinError(f"[data] kind must be \"image\" or \"tabular\", not {kind!r}", path)
+    if kind == "image" and "image_shape" not in raw["data"]:
+        raise DiffinError("missing key 'image_shape' in [data] (needed for kind = \"image\")", path)
+    return raw
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    name: str
+    method: str
+    meta: dict
+    path: Path
+
+
+class Project:
+    """An opened project folder. Cheap to construct; files are read on demand and cached."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.config_path = self.root / CONFIG_NAME
+        if not self.config_path.is_file():
+            raise DiffinError("no diffin.toml here: not a diffin project folder", self.config_path)
+        try:
+            raw = tomllib.loads(self.config_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise DiffinError(f"not valid TOML ({e})", self.config_path) from None
+        self.config = check_config(raw, self.config_path)
+        d = self.config["data"]
+        self.kind: str = d.get("kind", "image" if "image_shape" in d else "tabular")
+        self.image_shape = tuple(d["image_shape"]) if "image_shape" in d else None
+        self.label_names: list[str] | None = d.get("label_names")
+        self.label_column: str = d.get("label_column", "label")
+        self.loss: str = self.config.get("model", {}).get("loss", "cross_entropy")
+        if self.loss != "cross_entropy":
+            raise DiffinError(f"[model] loss {self.loss!r} is not supported; use \"cross_entropy\"", self.config_path)
+        self.name: str = self.config.get("project", {}).get("name", self.root.name)
+
+    # --- paths ------------------------------------------------------------------------------
+    def path(self, rel: str) -> Path:
+        p = (self.root / rel).resolve()
+        if self.root not in p.parents and p != self.root:
+            raise DiffinError(f"path {rel!r} points outside the project folder", self.config_path)
+        return p
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path(self.config.get("checkpoints", {}).get("manifest", "checkpoints/manifest.json"))
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def recipe(self) -> str | None:
+        return self.config.get("train", {}).get("recipe")
+
+    # --- model ------------------------------------------------------------------------------
+    def load_callable(self, spec: str, what: str):
+        """Import ``"file.py:function"`` from the project folder."""
+        if ":" not in spec:
+            raise DiffinError(f"{what} must look like \"file.py:function\", got {spec!r}", self.config_path)
+        file, fn = spec.rsplit(":", 1)
+        src = self.path(file)
+        if not src.is_file():
+            raise DiffinError(f"{what} file not found", src)
+        name = f"diffin_user_{abs(hash(str(src)))}"
+        try:
+            module_spec = importlib.util.spec_from_file_location(name, src)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise DiffinError(f"importing it raised {type(e).__name__}: {e}", src) from None
+        if not callable(getattr(module, fn, None)):
+            raise DiffinError(f"defines no function {fn!r}", src)
+        return getattr(module, fn), src
+
+    def build_model(self) -> nn.Module:
+        """A fresh model (weights as the factory makes them, or as the exported program holds)."""
+        model_cfg = self.config["model"]
+        if "program" in model_cfg:
+            src = self.path(model_cfg["program"])
+            if not src.is_file():
+                raise DiffinError("model program not found", src)
+            try:
+                model = torch.export.load(str(src)).module()
+            except Exception as e:
+                raise DiffinError(f"not a loadable torch.export program ({type(e).__name__})", src) from None
+        else:
+            build, src = self.load_callable(model_cfg["factory"], "[model] factory")
+            try:
+                model = build()
+            except Exception as e:
+                raise DiffinError(f"{model_cfg['factory'].split(':')[1]}() raised {type(e).__name__}: {e}", src) from None
+        if not isinstance(model, nn.Module):
+            raise DiffinError(f"the model factory returned {type(model).__name__}, not a torch nn.Module", src)
+        return model
+
+    @functools.cached_property
+    def num_classes(self) -> int:
+        if "num_classes" in self.config["data"]:
+            return int(self.config["data"]["num_classes"])
+        if self.label_names:
+            return len(self.label_names)
+        model = self.build_model().eval()
+        shape = self.image_shape or (self._feature_dim(),)
+        with torch.no_grad():
+            return int(model(torch.zeros((1, *shape))).shape[-1])
+
+    def _feature_dim(self) -> int:
+        split = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column)
+        return int(np.prod(split.x.shape[1:]))
+
+    # --- data -------------------------------------------------------------------------------
+    def _split(self, key: str) -> Split:
+        return load_split(self.path(self.config["data"][key]), label_column=self.label_column,
+                          image_shape=self.image_shape, num_classes=self.num_classes)
+
+    @functools.cached_property
+    def train(self) -> Split:
+        return self._split("train")
+
+    @functools.cached_property
+    def query(self) -> Split:
+        return self._split("query")
+
+    # --- checkpoints ------------------------------------------------------------------------
+    @functools.cached_property
+    def manifest(self) -> Manifest:
+        m = read_manifest(self.manifest_path)
+        if m.train_size is not None and self.config_path.exists():
+            n = len(self.train)
+            if int(m.train_size) != n:
+                raise DiffinError(f"train_size is {m.train_size} but the train split has {n} samples", m.path)
+        return m
+
+    def checkpoint_states(self, model: nn.Module | None = None) -> list[dict[str, torch.Tensor]]:
+        """Every checkpoint's state_dict, checked against the model, in step order."""
+        model = model or self.build_model()
+        out = []
+        for c in self.manifest.checkpoints:
+            src = self.manifest_path.parent / c.file
+            state, _ = read_state(src)
+            check_fits(model, state, src)
+            out.append(state)
+        return out
+
+    def final_model(self) -> nn.Module:
+        model = self.build_model()
+        model.load_state_dict(self.checkpoint_states(model)[-1])
+        return model.eval()
+
+    def validate(self) -> list[str]:
+        """Load everything once; return a list of one-line problems (empty when all is well)."""
+        problems = []
+        for check in (lambda: self.train, lambda: self.query, lambda: self.manifest, self.checkpoint_states):
+            try:
+                check()
+            except DiffinError as e:
+                problems.append(str(e))
+        return problems
+
+    # --- runs -------------------------------------------------------------------------------
+    def runs(self) -> list[RunInfo]:
+        out = []
+        for meta_path in sorted(self.runs_dir.glob("*/meta.json")):
+            try:
+                meta = json.loads(meta_path.read_text())
+            except (json.JSONDecodeError, OSError):
+                continue
+            if (meta_path.parent / "scores.parquet").is_file():
+                out.append(RunInfo(meta_path.parent.name, meta.get("method", "?"), meta, meta_path.parent))
+        return sorted(out, key=lambda r: r.meta.get("finished", 0), reverse=True)
+
+    def run(self, name: str) -> RunInfo:
+        for r in self.runs():
+            if r.name == name:
+                return r
+        raise DiffinError(f"no finished run named {name!r}; runs: {[r.name for r in self.runs()]}", self.runs_dir)
+
+    def scores(self, run: str):
+        import pandas as pd
+        return pd.read_parquet(self.run(run).path / "scores.parquet")

@@ -1,0 +1,157 @@
+"""Scoring a project: one front over the estimators (TRAK-style), writing runs/<run>/.
+
+    score(project, "diffin")          -> runs/<run>/scores.parquet + meta.json
+    top_k(project, run, [query idx])  -> most helpful and most harmful training samples
+
+scores.parquet columns: sample_id, label, influence, self_influence, label_issue, pred,
+confidence (final-model probability of pred), loss (final per-sample loss, nats), and
+true_label when the train split knows it. Sign: influence > 0 helpful, < 0 harmful.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import Split
+from .errors import DiffinError
+from .functional import FunctionalModel
+from .methods import METHODS, Context, ScoreSettings, pick_device, segment_lengths
+from .project import Project
+
+
+def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
+                 train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
+                 progress=None, dtype=torch.float32) -> Context:
+    """A scoring context from in-memory parts (the project path and the tests both use it)."""
+    settings = settings or ScoreSettings()
+    device = pick_device(settings.device)
+    fm = FunctionalModel(model.to(dtype=dtype))
+    fm.to(device)
+    thetas = [fm.flatten({k: v.to(device=device, dtype=dtype) for k, v in s.items()}) for s in states]
+    fm.buffers = {k: v.to(device=device) for k, v in states[-1].items() if k in fm.buffers}
+    eff = np.asarray(lrs, dtype=np.float64) / max(1e-12, 1.0 - momentum)
+    return Context(fm, thetas, list(steps), eff, segment_lengths(steps), train, settings, device,
+                   progress or (lambda d, t, m: None))
+
+
+def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
+    model = project.build_model()
+    states = project.checkpoint_states(model)
+    m = project.manifest
+    if len(project.query) == 0:
+        raise DiffinError("the query set is empty", project.query.path)
+    return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
+                        project.train, settings, m.momentum, progress)
+
+
+def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:
+    if method not in METHODS:
+        raise DiffinError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[method]().run(ctx, qx, qy, need_self)
+
+
+def scores_frame(train: Split, out: dict) -> pd.DataFrame:
+    probs = out["probs"]
+    pred = probs.argmax(1)
+    df = pd.DataFrame({
+        "sample_id": train.ids, "label": train.y,
+        "influence": out["influence"], "self_influence": out["self_influence"],
+        "label_issue": out["label_issue"], "pred": pred,
+        "confidence": probs[np.arange(len(pred)), pred],
+        "loss": -np.log(np.clip(probs[np.arange(len(pred)), train.y], 1e-12, None)),
+    })
+    if train.true_y is not None:
+        df["true_label"] = train.true_y
+    return df
+
+
+def next_run_name(project: Project, method: str) -> str:
+    i = 1
+    while (project.runs_dir / f"{method}-{i}").exists():
+        i += 1
+    return f"{method}-{i}"
+
+
+def score(project: Project | str | Path, method: str, run: str | None = None,
+          settings: ScoreSettings | None = None, progress=None) -> Path:
+    """Score every training sample on the mean query loss; returns the run folder.
+
+    The run folder appears only when complete (written to a temp folder, then renamed).
+    """
+    project = project if isinstance(project, Project) else Project(project)
+    settings = settings or ScoreSettings()
+    if method not in METHODS:
+        raise DiffinError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    run = run or next_run_name(project, method)
+    if "/" in run or run.startswith("."):
+        raise DiffinError(f"run name {run!r} must be a plain folder name")
+    started = time.time()
+    ctx = project_context(project, settings, progress)
+    q = project.query
+    out = run_method(ctx, method, q.x, q.y)
+    df = scores_frame(project.train, out)
+    meta = {
+        "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
+        "checkpoints": len(ctx.thetas), "train_size": ctx.n, "query_size": len(q),
+        "num_params": ctx.fm.num_params, "seconds": round(time.time() - started, 3),
+        "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                                               "diffin": "0.1.0"},
+    }
+    final = project.runs_dir / run
+    tmp = project.runs_dir / f".{run}.tmp-{int(started * 1000)}"
+    tmp.mkdir(parents=True)
+    try:
+        df.to_parquet(tmp / "scores.parquet", index=False)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def query_influence(project: Project, method: str, query_indices, settings: ScoreSettings | None = None,
+                    progress=None, ctx: Context | None = None) -> np.ndarray:
+    """Influence (N,) of every training sample on the mean loss of the chosen query samples."""
+    idx = np.atleast_1d(np.asarray(query_indices, dtype=np.int64))
+    q = project.query
+    if len(idx) == 0:
+        raise DiffinError("choose at least one query sample")
+    if idx.min() < 0 or idx.max() >= len(q):
+        raise DiffinError(f"query index out of range: the query set has {len(q)} samples (0..{len(q) - 1})")
+    ctx = ctx or project_context(project, settings, progress)
+    return run_method(ctx, method, q.x[idx], q.y[idx], need_self=False)["influence"]
+
+
+def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
+          progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(most helpful, most harmful) training samples for the query samples, with the run's
+    method and settings. Cached in runs/<run>/topk/ by query indices."""
+    project = project if isinstance(project, Project) else Project(project)
+    info = project.run(run)
+    idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
+    cache = info.path / "topk" / (("q" + "_".join(map(str, idx)))[:120] + ".npy")
+    if cache.is_file():
+        infl = np.load(cache)
+    else:
+        settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
+        infl = query_influence(project, info.method, idx, settings, progress)
+        from .atomic import atomic_path
+        with atomic_path(cache) as tmp:
+            np.save(tmp, infl)
+    scores = project.scores(run)
+    table = scores[["sample_id", "label", "pred", "label_issue"]].copy()
+    table["influence"] = infl
+    order = np.argsort(-infl, kind="stable")
+    helpful = table.iloc[order[:k]].reset_index(drop=True)
+    harmful = table.iloc[order[::-1][:k]].reset_index(drop=True)
+    return helpful, harmful
