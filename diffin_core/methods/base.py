@@ -24,8 +24,8 @@ ProgressFn = Callable[[int, int, str], None]
 class ScoreSettings:
     """Every knob of every estimator, saved into runs/<run>/meta.json."""
     batch_size: int = 256          # training samples per chunk (per-sample gradients live per chunk)
-    hessian_batch: int = 512       # samples in the fixed batch whose Hessian Diff-In propagates through
-    lanczos_steps: int = 20        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
+    hessian_batch: int = 256       # samples in the fixed batch whose Hessian Diff-In propagates through
+    lanczos_steps: int = 10        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
     eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
     paper_batch: int = 128         # diffin-paper: the random batch B per checkpoint
     damping: float = 0.01          # influence-function damping lambda (absolute)
@@ -110,6 +110,13 @@ class Context:
         return self.tensors(self.train.x[idx], self.train.y[idx])
 
 
+def loo_loss(self_influence: np.ndarray, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Estimated leave-one-out loss of each sample (nats): its final loss plus its
+    self-influence, i.e. the loss the model would have on z had z not been trained on.
+    A memorised mislabelled sample has a low final loss but a high leave-one-out loss."""
+    return -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)) + self_influence
+
+
 class Attributor:
     """One estimator. Subclasses set ``name`` and implement ``prepare`` and ``chunk``."""
     name = "base"
@@ -124,7 +131,7 @@ class Attributor:
         raise NotImplementedError
 
     def label_issue(self, self_influence: np.ndarray | None, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
-        """Higher = more likely mislabelled. Influence methods: their self-influence."""
+        """Higher = more likely mislabelled. Default: the self-influence itself."""
         return self_influence
 
     # --- driven by the base class -----------------------------------------------------------

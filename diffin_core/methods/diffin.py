@@ -15,7 +15,8 @@ one batch per checkpoint, independent of the segment length, and unconditionally
 the functions are evaluated exactly on the Ritz values (clipped to [0, 1/lr], so every factor
 stays in [0, 1]). The training set is then scored by one dot product per checkpoint and sample.
 Self-influence (Q = {z}) propagates each sample's own final gradient back through the same
-low-rank views (the unexplored complement counts as zero curvature).
+low-rank views (the unexplored complement counts as zero curvature); label_issue is the
+estimated leave-one-out loss, final loss + self-influence (nats).
 
 ``diffin-paper``: the published checkpoint estimator (Eq. 9; Eq. 12 for self-influence) with
 one random batch B of 128 per checkpoint, mapped to the product's sign (the published term
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 
 from ..lanczos import lanczos
-from .base import Attributor, Context
+from .base import Attributor, Context, loo_loss
 from .first_order import rowdot
 
 
@@ -86,9 +87,16 @@ class DiffIn(Attributor):
         for k, c, w, view, phi, a in plan:
             g = g_final if k == ctx.m - 1 else ctx.fm.per_sample_grads(ctx.thetas[k], x, y)
             infl += c * (g @ w)
-            selfs += c * rowdot(view.apply(phi, u), g)
-            u = view.apply(a, u)
+            # <phi(H) u, g> and a(H) u through the low-rank view, without forming phi(H) u:
+            # phi(0) = segment and a(0) = 1 on the complement of the Ritz vectors.
+            seg = float(ctx.segments[k])
+            cu, cg = u @ view.vectors, g @ view.vectors
+            selfs += c * (seg * rowdot(u, g) + (cu * (phi(view.values) - seg) * cg).sum(-1))
+            u = u + (cu * (a(view.values) - 1.0)) @ view.vectors.T
         return infl, selfs
+
+    def label_issue(self, self_influence, probs, y):
+        return loo_loss(self_influence, probs, y)
 
 
 class DiffInPaper(Attributor):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Attributor, Context
+from .base import Attributor, Context, loo_loss
 
 
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -14,7 +14,8 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class TracIn(Attributor):
     """tracin(z, Q) = sum_k (lr_k * segment_k / N) <g_Q, g_z> at checkpoint k.
 
-    Self-influence: the same with g_Q = g_z (sum of weighted squared gradient norms).
+    Self-influence: the same with g_Q = g_z (sum of weighted squared gradient norms);
+    label_issue: the estimated leave-one-out loss (final loss + self-influence).
     """
     name = "tracin"
 
@@ -33,6 +34,9 @@ class TracIn(Attributor):
             else:
                 infl += c * ctx.fm.directional(ctx.thetas[k], x, y, gq)
         return infl, selfs
+
+    def label_issue(self, self_influence, probs, y):
+        return loo_loss(self_influence, probs, y)
 
 
 class GradDot(Attributor):

@@ -5,6 +5,7 @@ weights with negative eigenvalues clipped to 0 (a non-convex net's Hessian is in
 Up to ``explicit_max_params`` parameters H is built exactly and eigendecomposed; above that the
 query side is solved by conjugate gradients with exact HVPs on ``hessian_batch`` samples and the
 self-influence uses a Lanczos low-rank view (the complement counts as curvature 0).
+label_issue: the estimated leave-one-out loss (final loss + self-influence).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch.func import hessian
 
 from ..lanczos import SpectralView, lanczos
-from .base import Attributor, Context
+from .base import Attributor, Context, loo_loss
 from .first_order import rowdot
 
 
@@ -62,3 +63,6 @@ class InfluenceFunction(Attributor):
             return ctx.fm.directional(theta, x, y, direction), None
         g = ctx.fm.per_sample_grads(theta, x, y)
         return g @ direction, rowdot(view.apply(inv, g), g) / ctx.n
+
+    def label_issue(self, self_influence, probs, y):
+        return loo_loss(self_influence, probs, y)

@@ -1,0 +1,25 @@
+"""The sample project's training recipe: (train_x, train_y, seed, checkpoint_dir) -> None."""
+import torch
+from torch.nn import functional as F
+
+from diffin_core.checkpoints import Recorder
+from diffin_core.models import SmallCNN
+
+EPOCHS, BATCH, LR, EVERY = 8, 64, 0.05, 50
+
+
+def train(train_x, train_y, seed, checkpoint_dir):
+    """Plain SGD (lr 0.05, batch 64, 8 epochs); checkpoints every 50 steps into checkpoint_dir."""
+    torch.manual_seed(seed)
+    x = torch.as_tensor(train_x, dtype=torch.float32).reshape(-1, 1, 28, 28)
+    y = torch.as_tensor(train_y, dtype=torch.long)
+    model = SmallCNN(1, 10, 28)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    gen = torch.Generator().manual_seed(seed)
+    with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=EVERY, folder=".") as rec:
+        for _ in range(EPOCHS):
+            for idx in torch.randperm(len(y), generator=gen).split(BATCH):
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.step()
