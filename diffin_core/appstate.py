@@ -1,0 +1,80 @@
+"""Workspace helpers for the app: where projects live, listing them, copying the sample project.
+
+No Streamlit here: the pages call these and show the results.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from .errors import DiffinError
+from .project import CONFIG_NAME, Project
+
+ENV_VAR = "DIFFIN_WORKSPACE"
+SAMPLE_NAME = "mnist-sample"
+
+
+def workspace_dir(argv: list[str] | None = None) -> Path:
+    """``--workspace DIR`` from argv, else $DIFFIN_WORKSPACE, else ./workspace (made if absent)."""
+    argv = list(argv or [])
+    path = None
+    for i, a in enumerate(argv):
+        if a == "--workspace" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--workspace="):
+            path = a.split("=", 1)[1]
+    path = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def list_projects(workspace: str | Path) -> list[Path]:
+    """Project folders (holding diffin.toml) directly inside the workspace, by name."""
+    ws = Path(workspace)
+    return sorted(p for p in ws.iterdir() if (p / CONFIG_NAME).is_file()) if ws.is_dir() else []
+
+
+def open_project(folder: str | Path) -> Project:
+    """Open a project; a DiffinError names what is wrong."""
+    return Project(folder)
+
+
+def copy_sample(workspace: str | Path) -> Path:
+    """Copy the shipped MNIST sample project into the workspace (once) and return its folder."""
+    from .sample import SAMPLE_DIR
+    src, dest = SAMPLE_DIR / "mnist", Path(workspace) / SAMPLE_NAME
+    if not (src / CONFIG_NAME).is_file():
+        raise DiffinError("the sample project is missing; run `python -m diffin_core.sample`", src)
+    if not (dest / CONFIG_NAME).is_file():
+        tmp = dest.with_name(f".{dest.name}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+def safe_name(name: str) -> str:
+    """A plain folder name from user text (letters, digits, - _ .), or a DiffinError."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
+    if not clean:
+        raise DiffinError(f"{name!r} is not usable as a folder name")
+    return clean
+
+
+def noisy_ids(scores) -> set[int] | None:
+    """Sample ids whose given label differs from the known true label (None when unknown)."""
+    if "true_label" not in scores.columns:
+        return None
+    bad = scores["label"] != scores["true_label"]
+    return set(int(i) for i in scores.loc[bad, "sample_id"])
+
+
+def preferred_run(runs) -> str | None:
+    """The default run for review: the newest "diffin" run, else the newest run."""
+    for r in runs:
+        if r.method == "diffin":
+            return r.name
+    return runs[0].name if runs else None

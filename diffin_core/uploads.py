@@ -1,0 +1,311 @@
+"""Creating a project folder from uploaded files, one file at a time.
+
+Each upload is streamed to a temp file outside the project, checked, and only then moved into
+place, so a bad file leaves the project folder exactly as it was. Roles and destinations:
+
+    model       model.py (defines build()) or model.pt2 (torch.export)  -> <project>/model.*
+    checkpoint  .safetensors / .pt / .pth, or a .zip of them             -> checkpoints/<name>
+    train/query .npz / .csv / .parquet, or an ImageFolder .zip           -> data/<role>.<ext>
+
+What the checks learn (step/lr read from a checkpoint, image shape, class names) goes into the
+draft ``<project>/.setup.json``; ``finish`` turns the draft plus the step/lr table into
+checkpoints/manifest.json and diffin.toml, keeping the old files when the result does not load.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .atomic import atomic_path, write_text
+from .checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, Manifest, check_fits, read_state
+from .data import load_split
+from .errors import DiffinError
+
+DRAFT = ".setup.json"
+ROLES = ("model", "checkpoint", "train", "query")
+SUFFIXES = {"model": (".py", ".pt2"), "checkpoint": CHECKPOINT_SUFFIXES + (".zip",),
+            "train": (".npz", ".csv", ".parquet", ".zip"), "query": (".npz", ".csv", ".parquet", ".zip")}
+WHAT = {"model": "a model (model.py with build(), or model.pt2)",
+        "checkpoint": "a checkpoint (.safetensors, .pt, .pth, or a .zip of them)",
+        "train": "data (.npz, .csv, .parquet, or an ImageFolder .zip)",
+        "query": "data (.npz, .csv, .parquet, or an ImageFolder .zip)"}
+
+
+# --- the draft -----------------------------------------------------------------------------
+def read_draft(project_dir: str | Path) -> dict:
+    p = Path(project_dir) / DRAFT
+    try:
+        return json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_draft(project_dir: Path, draft: dict) -> None:
+    write_text(project_dir / DRAFT, json.dumps(draft, indent=1))
+
+
+# --- checks --------------------------------------------------------------------------------
+def build_model_file(path: Path, label: str):
+    """Build the model from a model.py (its build()) or a model.pt2; DiffinError naming ``label``."""
+    import torch
+    if path.suffix == ".pt2":
+        try:
+            model = torch.export.load(str(path)).module()
+        except Exception as e:
+            raise DiffinError(f"not a loadable torch.export program ({type(e).__name__})", label) from None
+    else:
+        name = f"diffin_upload_{uuid.uuid4().hex}"
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (Exception, SystemExit) as e:
+            raise DiffinError(f"importing it raised {type(e).__name__}: {e}", label) from None
+        finally:
+            sys.modules.pop(name, None)
+        if not callable(getattr(module, "build", None)):
+            raise DiffinError("defines no function build()", label)
+        try:
+            model = module.build()
+        except (Exception, SystemExit) as e:
+            raise DiffinError(f"build() raised {type(e).__name__}: {e}", label) from None
+    if not isinstance(model, torch.nn.Module):
+        raise DiffinError(f"build() returned {type(model).__name__}, not a torch nn.Module", label)
+    return model
+
+
+def _number(v):
+    try:
+        return float(v.item() if hasattr(v, "item") else v)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_checkpoint(path: Path, label: str, model=None) -> dict:
+    """Read one checkpoint; returns {"step", "lr"} as found in it (None when absent)."""
+    try:
+        state, meta = read_state(path)
+        if model is not None:
+            check_fits(model, state, path)
+    except DiffinError as e:
+        raise DiffinError(e.problem, label) from None
+    step, lr = _number(meta.get("step")), _number(meta.get("lr"))
+    return {"step": None if step is None else int(step), "lr": lr}
+
+
+def check_data(path: Path, label: str) -> dict:
+    """Load one split; returns what it tells about the project (kind, image_shape, size)."""
+    try:
+        split = load_split(path)
+    except DiffinError as e:
+        raise DiffinError(e.problem, label) from None
+    x = split.x
+    info = {"n": len(split), "num_labels": int(split.y.max()) + 1}
+    if x.ndim == 4:
+        info.update(kind="image", image_shape=list(x.shape[1:]))
+    elif x.ndim == 3:
+        info.update(kind="image", image_shape=[1, *x.shape[1:]])
+    else:
+        info.update(kind="tabular", features=int(np.prod(x.shape[1:])))
+    return info
+
+
+def _current_model(project_dir: Path):
+    draft = read_draft(project_dir)
+    if draft.get("model") and (project_dir / draft["model"]).is_file():
+        try:
+            return build_model_file(project_dir / draft["model"], draft["model"])
+        except DiffinError:
+            return None
+    return None
+
+
+# --- storing one upload --------------------------------------------------------------------
+def store_upload(project_dir: str | Path, role: str, name: str, fileobj) -> str:
+    """Check an uploaded file and move it into the project; returns a one-line success message.
+
+    ``fileobj`` is a binary file object (Streamlit's UploadedFile works). Any problem raises a
+    DiffinError "<name>: <problem>" and leaves the project folder unchanged.
+    """
+    project_dir = Path(project_dir)
+    name = Path(str(name)).name
+    if role not in ROLES:
+        raise DiffinError(f"unknown upload role {role!r}")
+    suffix = Path(name).suffix.lower()
+    if suffix not in SUFFIXES[role]:
+        raise DiffinError(f"wrong kind of file here: expected {WHAT[role]}", name)
+    staging = Path(tempfile.mkdtemp(prefix=".diffin-upload-", dir=project_dir.parent))
+    try:
+        tmp = staging / name
+        with open(tmp, "wb") as out:
+            if hasattr(fileobj, "seek"):
+                fileobj.seek(0)
+            shutil.copyfileobj(fileobj, out, 1 << 20)
+        if tmp.stat().st_size == 0:
+            raise DiffinError("the file is empty (0 bytes)", name)
+        return {"model": _store_model, "checkpoint": _store_checkpoint}.get(role, _store_data)(
+            project_dir, role, name, tmp, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _place(project_dir: Path, src: Path, rel: str) -> None:
+    dest = project_dir / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dest)
+
+
+def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
+    if tmp.suffix == ".py":
+        target = "model.py"
+    else:
+        target = "model.pt2"
+    model = build_model_file(tmp, name)
+    draft = read_draft(project_dir)
+    for f in draft.get("checkpoints", {}):  # say so now if the checkpoints don't fit
+        check_checkpoint(project_dir / "checkpoints" / f, f"{name} vs {f}", model)
+        break
+    _place(project_dir, tmp, target)
+    other = project_dir / ("model.pt2" if target == "model.py" else "model.py")
+    other.unlink(missing_ok=True)
+    draft["model"] = target
+    _write_draft(project_dir, draft)
+    params = sum(p.numel() for p in model.parameters())
+    return f"{name}: model OK ({type(model).__name__}, {params:,} parameters)"
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in CHECKPOINT_SUFFIXES
+                  and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(folder).parts))
+
+
+def _store_checkpoint(project_dir: Path, role, name, tmp: Path, staging: Path) -> str:
+    if tmp.suffix.lower() == ".zip":
+        from .safezip import safe_extract
+        try:
+            files = _checkpoint_files(safe_extract(tmp, staging / "unzipped"))
+        except DiffinError as e:
+            raise DiffinError(e.problem, name) from None
+        if not files:
+            raise DiffinError("the zip holds no .safetensors/.pt/.pth checkpoint", name)
+        if len({f.name for f in files}) != len(files):
+            raise DiffinError("two checkpoints in the zip share a file name", name)
+    else:
+        files = [tmp]
+    model = _current_model(project_dir)
+    found = {f.name: check_checkpoint(f, f"{name}/{f.name}" if f is not tmp else name, model) for f in files}
+    for f in files:
+        _place(project_dir, f, f"checkpoints/{f.name}")
+    draft = read_draft(project_dir)
+    draft.setdefault("checkpoints", {}).update(found)
+    _write_draft(project_dir, draft)
+    known = sum(v["step"] is not None and v["lr"] is not None for v in found.values())
+    return (f"{name}: {len(found)} checkpoint(s) OK; step and lr read from {known} of them"
+            + ("" if known == len(found) else " (fill in the rest in the table)"))
+
+
+def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Path) -> str:
+    draft = read_draft(project_dir)
+    extra = {}
+    if tmp.suffix.lower() == ".zip":
+        from .safezip import read_imagefolder_zip
+        try:
+            x, y, label_names, _files = read_imagefolder_zip(tmp)
+        except DiffinError as e:
+            raise DiffinError(e.problem, name) from None
+        known = draft.get("label_names")
+        if known and known != label_names:
+            index = {n: i for i, n in enumerate(known)}
+            missing = [n for n in label_names if n not in index]
+            if missing:
+                raise DiffinError(f"class folder {missing[0]!r} is not among the classes {known}", name)
+            y = np.array([index[label_names[i]] for i in y], dtype=np.int64)
+            label_names = known
+        npz = staging / f"{role}.npz"
+        with atomic_path(npz) as t, open(t, "wb") as fh:
+            np.savez_compressed(fh, x=x, y=y)
+        tmp, extra = npz, {"label_names": label_names}
+    info = check_data(tmp, name)
+    rel = f"data/{role}{tmp.suffix.lower()}"
+    _place(project_dir, tmp, rel)
+    old = draft.get(role)
+    if old and old != rel:
+        (project_dir / old).unlink(missing_ok=True)
+    draft[role] = rel
+    draft[f"{role}_info"] = info
+    draft.update(extra)
+    _write_draft(project_dir, draft)
+    shape = f"images {info['image_shape']}" if info["kind"] == "image" else f"{info['features']} features"
+    return f"{name}: {role} data OK ({info['n']:,} samples, {shape})"
+
+
+# --- finishing -----------------------------------------------------------------------------
+def checkpoint_table(project_dir: str | Path) -> pd.DataFrame:
+    """One row per uploaded checkpoint: file, step, lr (NaN where the file did not say)."""
+    found = read_draft(project_dir).get("checkpoints", {})
+    rows = [{"file": f, "step": v.get("step"), "lr": v.get("lr")} for f, v in found.items()]
+    df = pd.DataFrame(rows, columns=["file", "step", "lr"])
+    df["step"] = pd.to_numeric(df["step"]).astype("Float64")
+    df["lr"] = pd.to_numeric(df["lr"]).astype("Float64")
+    return df.sort_values(["step", "file"], na_position="last").reset_index(drop=True)
+
+
+def missing_parts(project_dir: str | Path) -> list[str]:
+    draft = read_draft(project_dir)
+    need = [("model", "a model"), ("checkpoints", "checkpoints"), ("train", "train data"), ("query", "query data")]
+    return [what for key, what in need if not draft.get(key)]
+
+
+def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] | None = None,
+           name: str | None = None) -> list[str]:
+    """Write manifest.json and diffin.toml from the draft and the step/lr ``table``; returns the
+    problems (empty = the project loads). With problems, the previous files are put back."""
+    from .project import CONFIG_NAME, Project
+    project_dir = Path(project_dir)
+    draft = read_draft(project_dir)
+    missing = missing_parts(project_dir)
+    if missing:
+        return [f"still missing: {', '.join(missing)}"]
+    ckpts = []
+    for row in table.itertuples():
+        if pd.isna(row.step) or pd.isna(row.lr):
+            return [f"{row.file}: fill in its step and learning rate in the table"]
+        ckpts.append(Checkpoint(str(row.file), int(row.step), float(row.lr)))
+    info = draft["train_info"]
+    kind = "image" if image_shape else info["kind"]
+    lines = [f'[project]\nname = {json.dumps(name or project_dir.name)}\n',
+             "[model]\n" + (f'factory = "model.py:build"' if draft["model"] == "model.py" else 'program = "model.pt2"')
+             + '\nloss = "cross_entropy"\n',
+             f'[data]\ntrain = "{draft["train"]}"\nquery = "{draft["query"]}"\nkind = "{kind}"']
+    shape = image_shape or info.get("image_shape")
+    if kind == "image":
+        lines[-1] += f"\nimage_shape = {json.dumps([int(s) for s in shape])}"
+    if draft.get("label_names"):
+        lines[-1] += f"\nlabel_names = {json.dumps(draft['label_names'])}"
+    lines[-1] += "\n"
+    lines.append('[checkpoints]\nmanifest = "checkpoints/manifest.json"\n')
+    files = {CONFIG_NAME: "\n".join(lines),
+             "checkpoints/manifest.json": Manifest(int(info["n"]), ckpts).to_json()}
+    backup = {rel: (project_dir / rel).read_bytes() if (project_dir / rel).is_file() else None for rel in files}
+    for rel, text in files.items():
+        write_text(project_dir / rel, text)
+    try:
+        problems = Project(project_dir).validate()
+    except DiffinError as e:
+        problems = [str(e)]
+    if problems:
+        for rel, old in backup.items():
+            if old is None:
+                (project_dir / rel).unlink(missing_ok=True)
+            else:
+                write_text(project_dir / rel, old.decode())
+    return problems

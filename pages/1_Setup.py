@@ -1,0 +1,75 @@
+"""Set up a project from uploads: model, checkpoints, train and query data."""
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as ui  # noqa: E402
+from diffin_core import appstate, uploads  # noqa: E402
+from diffin_core.errors import DiffinError  # noqa: E402
+
+st.set_page_config(page_title="diffin · Setup", page_icon="📤", layout="wide")
+st.title("Set up a project from uploads")
+st.write("Each file is checked as it arrives and written straight into the project folder; "
+         "a file that fails its check is not kept.")
+
+ws = ui.workspace()
+name = st.text_input("Project folder name (inside the workspace)", value="my-project", key="setup_name")
+try:
+    folder = ws / appstate.safe_name(name)
+except DiffinError as e:
+    st.error(str(e))
+    st.stop()
+st.caption(f"Project folder: `{folder}`")
+
+messages = st.session_state.setdefault("setup_messages", {})
+SPECS = [("model", "Model: model.py (with build()) or model.pt2 (torch.export)", ["py", "pt2"], False),
+         ("checkpoint", "Checkpoints: several .safetensors / .pt / .pth files, or one .zip", ["safetensors", "pt", "pth", "zip"], True),
+         ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png)", ["npz", "csv", "parquet", "zip"], False),
+         ("query", "Query data (the samples whose loss influence is measured): same formats", ["npz", "csv", "parquet", "zip"], False)]
+
+for role, label, types, multiple in SPECS:
+    got = st.file_uploader(label, type=types, accept_multiple_files=multiple, key=f"setup_{role}")
+    files = got if multiple else [got] if got is not None else []
+    for f in files:
+        token = f"{folder}|{role}|{getattr(f, 'file_id', '')}|{f.name}|{f.size}"
+        if token not in messages:
+            try:
+                messages[token] = ("ok", uploads.store_upload(folder, role, f.name, f))
+            except DiffinError as e:
+                messages[token] = ("error", str(e))
+        kind, text = messages[token]
+        (st.success if kind == "ok" else st.error)(text, icon="✅" if kind == "ok" else "⚠️")
+
+st.subheader("Checkpoint steps and learning rates")
+table = uploads.checkpoint_table(folder)
+if table.empty:
+    st.write("No checkpoints yet.")
+    edited = table
+else:
+    st.caption("Read from each checkpoint when it has them; fill in or correct the empty cells.")
+    edited = st.data_editor(table, key=f"setup_table_{'|'.join(table['file'])}", num_rows="fixed",
+                            disabled=["file"], hide_index=True)
+
+draft = uploads.read_draft(folder)
+shape = None
+if draft.get("train_info", {}).get("kind") == "tabular":
+    raw = st.text_input("Image shape C,H,W (leave empty for tabular data)", value="", key="setup_image_shape")
+    if raw.strip():
+        try:
+            shape = [int(s) for s in raw.replace("x", ",").split(",")]
+        except ValueError:
+            st.error(f"image shape {raw!r}: write three whole numbers like 1,28,28")
+
+missing = uploads.missing_parts(folder)
+if missing:
+    st.info(f"Still needed: {', '.join(missing)}.")
+if st.button("Create project", key="setup_finish", type="primary", disabled=bool(missing)):
+    problems = uploads.finish(folder, edited, image_shape=shape)
+    for p in problems:
+        st.error(p)
+    if not problems:
+        ui.set_project(folder)
+        st.success(f"Project ready and opened: {folder.name}")
+        st.page_link("pages/2_Score.py", label="Next: score it", icon="⚡")

@@ -1,0 +1,117 @@
+"""Streamlit glue shared by app.py and the pages: the job manager, the open project, errors.
+
+Not a page (Streamlit only turns pages/*.py into pages). Everything heavy lives in diffin_core.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from diffin_core import appstate
+from diffin_core.errors import DiffinError
+from diffin_core.jobs import JobManager
+from diffin_core.project import Project
+
+
+@st.cache_resource
+def job_manager() -> JobManager:
+    """The one background worker shared by every session of this server."""
+    return JobManager(workers=1)
+
+
+def workspace() -> Path:
+    if "workspace" not in st.session_state:
+        st.session_state["workspace"] = str(appstate.workspace_dir(sys.argv[1:]))
+    return Path(st.session_state["workspace"])
+
+
+@st.cache_resource(max_entries=8)
+def _project(path: str, stamp: float) -> Project:
+    return Project(path)
+
+
+def open_project(path: str | Path) -> Project:
+    """A cached Project (reopened when diffin.toml or the manifest changes)."""
+    p = Path(path)
+    stamp = sum(f.stat().st_mtime for f in (p / "diffin.toml", p / "checkpoints" / "manifest.json") if f.exists())
+    return _project(str(p.resolve()), stamp)
+
+
+def set_project(path: str | Path) -> None:
+    st.session_state["project_dir"] = str(Path(path).resolve())
+    st.query_params["project"] = str(Path(path).resolve())
+
+
+def current_project() -> Project | None:
+    """The project this session opened (session state, else ?project=); shows why when none."""
+    path = st.session_state.get("project_dir") or st.query_params.get("project")
+    if not path:
+        st.info("No project is open. Open one (or the sample project) on the Home page.")
+        st.page_link("app.py", label="Go to Home", icon="🏠")
+        return None
+    try:
+        project = open_project(path)
+    except DiffinError as e:
+        st.error(str(e))
+        return None
+    st.session_state["project_dir"] = str(project.root)
+    st.query_params["project"] = str(project.root)
+    return project
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _scores(path: str, run: str, stamp: float):
+    return open_project(path).scores(run)
+
+
+def scores(project: Project, run: str):
+    """A run's scores table (cached until the run is rewritten)."""
+    f = project.run(run).path / "scores.parquet"
+    return _scores(str(project.root), run, f.stat().st_mtime)
+
+
+def run_picker(project: Project, key: str, label: str = "Run", default: str | None = None) -> str | None:
+    runs = project.runs()
+    if not runs:
+        st.info("No finished runs yet: score the project on the Score page first.")
+        st.page_link("pages/2_Score.py", label="Go to Score", icon="⚡")
+        return None
+    names = [r.name for r in runs]
+    index = names.index(default) if default in names else 0
+    return st.selectbox(label, names, index=index, key=key,
+                        format_func=lambda n: f"{n} ({project.run(n).method})")
+
+
+def image(x: np.ndarray) -> np.ndarray:
+    """A (C, H, W) float sample as an HxW or HxWx3 uint8 picture."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x[0] if x.shape[0] == 1 else np.transpose(x, (1, 2, 0))
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0 and hi <= 1:
+        lo, hi = 0.0, 1.0
+    return np.clip((x - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+
+
+def label_name(project: Project, y) -> str:
+    names = project.label_names
+    y = int(y)
+    return names[y] if names and 0 <= y < len(names) else str(y)
+
+
+def job_ids() -> list[str]:
+    raw = st.query_params.get("jobs", "")
+    return [j for j in raw.split(",") if j]
+
+
+def add_job_ids(ids: list[str]) -> None:
+    st.query_params["jobs"] = ",".join(dict.fromkeys(job_ids() + ids))
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "?"
+    s = int(round(s))
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
