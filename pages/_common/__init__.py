@@ -115,3 +115,30 @@ def fmt_seconds(s: float | None) -> str:
         return "?"
     s = int(round(s))
     return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+@st.cache_resource(max_entries=8)
+def review_log(root: str):
+    """One ReviewLog (SQLite connection, thread-safe) per project folder, shared by sessions."""
+    from diffin_core.review import ReviewLog
+    return ReviewLog(root)
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def positions(root: str, stamp: float) -> dict:
+    """sample_id -> row of the training split."""
+    ids = open_project(root).train.ids
+    return {int(s): i for i, s in enumerate(ids)}
+
+
+def row_of(project: Project, sample_id: int) -> int:
+    return positions(str(project.root), (project.root / "diffin.toml").stat().st_mtime)[int(sample_id)]
+
+
+def show_sample(project: Project, sample_id: int, width: int = 160) -> None:
+    """The picture of an image sample, or its feature row for tabular data."""
+    x = project.train.x[row_of(project, sample_id)]
+    if project.kind == "image":
+        st.image(image(x), width=width)
+    else:
+        st.dataframe(np.asarray(x).reshape(1, -1), hide_index=True)

@@ -1,0 +1,80 @@
+"""Export a cleaned training split (review decisions applied) or a score-based subset."""
+import re
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as ui  # noqa: E402
+from diffin_core import appstate, compare, export  # noqa: E402
+from diffin_core.errors import DiffinError  # noqa: E402
+
+st.set_page_config(page_title="diffin · Export", page_icon="📦", layout="wide")
+st.title("Export")
+project = ui.current_project()
+if project is None:
+    st.stop()
+runs = project.runs()
+log = ui.review_log(str(project.root))
+counts = log.counts(len(project.train))
+st.caption(f"{counts['reviewed']:,} decisions so far: {counts['excluded']:,} excluded, "
+           f"{counts['relabelled']:,} relabelled, {counts['kept']:,} kept.")
+
+SOURCES = {"review": "Cleaned split: review decisions applied (excluded removed, relabels applied)",
+           "coreset": "Task: prune to a coreset of X% (most helpful samples, balanced across classes)",
+           "drop": "Task: drop the k most harmful samples"}
+source = st.radio("What to export", list(SOURCES), format_func=SOURCES.get, key="export_source")
+formats = list(export.FORMATS) if project.kind == "image" else ["npz", "csv", "parquet"]
+fmt = st.selectbox("Format", formats, key="export_format",
+                   help="npz: kept rows only · csv/parquet: every row with a decision column · imagefolder: a zip of class/id.png")
+run = None
+if runs:
+    run = ui.run_picker(project, key="export_run", label="Scores from run",
+                        default=appstate.preferred_run(runs))
+elif source != "review":
+    st.info("Task exports need a finished run: score the project first.")
+    st.stop()
+if source == "coreset":
+    pct = st.slider("Keep this share of the training set (%)", 1, 100, 50, key="export_pct")
+elif source == "drop":
+    k = st.number_input("k (samples to drop)", 0, len(project.train), min(100, len(project.train)), key="export_k")
+default_name = {"review": "clean", "coreset": "coreset", "drop": "drop-harmful"}[source]
+default_name = f"{project.root.name}-{default_name}-{fmt}"
+name = st.text_input("File name (without extension)", value="", placeholder=default_name, key="export_name") or default_name
+ext = {"npz": ".npz", "csv": ".csv", "parquet": ".parquet", "imagefolder": ".zip"}[fmt]
+out = project.root / "exports" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "export")
+out = out.with_name(out.name + ext)
+
+if st.button("Write export", key="export_write", type="primary"):
+    tr = project.train
+    extra = {"project": project.name, "split": "train"}
+    try:
+        if run:
+            sc = ui.scores(project, run)
+            info = project.run(run)
+            extra.update(run=run, method=info.method, settings=info.meta.get("settings", {}),
+                         scores={c: sc[c].tolist() for c in ("sample_id", "label_issue", "influence") if c in sc})
+        common = dict(label_names=project.label_names, image_shape=project.image_shape)
+        if source == "review":
+            export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra, **common)
+        else:
+            sc = ui.scores(project, run).set_index("sample_id").loc[tr.ids].reset_index()
+            mask = compare.coreset_mask(sc, pct / 100) if source == "coreset" else compare.drop_harmful_mask(sc, k)
+            reason = f"coreset {pct}%" if source == "coreset" else f"drop {k} most harmful"
+            export.export_subset(out, fmt, tr.x, tr.y, tr.ids, mask, reason=reason, manifest_extra=extra, **common)
+        st.session_state["export_last"] = str(out)
+    except DiffinError as e:
+        st.error(str(e))
+
+last = st.session_state.get("export_last")
+if last and Path(last).is_file():
+    last = Path(last)
+    man = export.manifest_path(last)
+    st.success(f"Wrote `{last}` and its decisions manifest `{man.name}`.")
+    d = st.columns(2)
+    d[0].download_button(f"Download {last.name}", data=last.read_bytes, file_name=last.name, key="export_download",
+                         type="primary")
+    if man.is_file():
+        d[1].download_button(f"Download {man.name}", data=man.read_bytes, file_name=man.name,
+                             mime="application/json", key="export_download_manifest")
