@@ -142,3 +142,40 @@ def show_sample(project: Project, sample_id: int, width: int = 160) -> None:
         st.image(image(x), width=width)
     else:
         st.dataframe(np.asarray(x).reshape(1, -1), hide_index=True)
+
+
+def selected_ids(event) -> list[int]:
+    """Sample ids of a plotly selection event; customdata comes back as a list or a {"0": id} dict."""
+    try:
+        points = event["selection"]["points"]
+    except (KeyError, TypeError):
+        points = getattr(getattr(event, "selection", None), "points", None) or []
+    out = []
+    for p in points:
+        cd = p.get("customdata") if isinstance(p, dict) else None
+        if isinstance(cd, dict):
+            cd = cd.get("0", next(iter(cd.values()), None))
+        elif isinstance(cd, (list, tuple)):
+            cd = cd[0] if cd else None
+        if cd is not None:
+            out.append(int(cd))
+    return out
+
+
+def sample_grid(project: Project, table, columns: int = 8, score_col: str = "influence") -> None:
+    """Image grid (or rows for tabular data) with label, score and prediction under each sample."""
+    if table is None or len(table) == 0:
+        st.write("Nothing to show.")
+        return
+    if project.kind != "image":
+        st.dataframe(table, hide_index=True)
+        return
+    x = project.train.x
+    for start in range(0, len(table), columns):
+        cols = st.columns(columns)
+        for col, (_, r) in zip(cols, table.iloc[start:start + columns].iterrows()):
+            sid = int(r["sample_id"])
+            with col:
+                st.image(image(x[row_of(project, sid)]), width="stretch")
+                st.caption(f"#{sid} · label {label_name(project, r['label'])} · pred {label_name(project, r['pred'])}"
+                           f" · {score_col} {r[score_col]:+.3g}")

@@ -1,0 +1,134 @@
+"""Explore a run: top-k helpful/harmful samples for a query, the training-set map, histograms, run comparison."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import plotly.express as px
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as ui  # noqa: E402
+from diffin_core import appstate, compare, maps  # noqa: E402
+from diffin_core.errors import DiffinError  # noqa: E402
+from diffin_core.scoring import top_k  # noqa: E402
+
+st.set_page_config(page_title="diffin · Explore", page_icon="🧭", layout="wide")
+st.title("Explore")
+project = ui.current_project()
+if project is None:
+    st.stop()
+run = ui.run_picker(project, key="explore_run", default=appstate.preferred_run(project.runs()))
+if run is None:
+    st.stop()
+scores = ui.scores(project, run)
+jm = ui.job_manager()
+st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")
+tab_top, tab_map, tab_hist, tab_cmp = st.tabs(["Top-k for a query", "Map", "Histograms", "Compare runs"])
+
+# --- top-k ---------------------------------------------------------------------------------
+with tab_top:
+    q = project.query
+    c = st.columns([1, 1, 2])
+    st.session_state.setdefault("explore_query", 0)
+    qi = c[0].number_input("Query sample index", 0, len(q) - 1, key="explore_query")
+    k = c[1].slider("k", 1, 32, 8, key="explore_k")
+    if project.kind == "image":
+        with c[2]:
+            st.image(ui.image(q.x[int(qi)]), width=96,
+                     caption=f"query #{int(qi)} · label {ui.label_name(project, q.y[int(qi)])}")
+        with st.expander("…or pick a query sample by clicking it"):
+            page = st.number_input("Page", 0, max(0, (len(q) - 1) // 12), 0, key="explore_query_page")
+            cols = st.columns(12)
+            for j, col in enumerate(cols):
+                i = int(page) * 12 + j
+                if i < len(q):
+                    col.image(ui.image(q.x[i]), width="stretch")
+                    col.button(f"#{i}", key=f"explore_pick_{j}", on_click=st.session_state.__setitem__,
+                               args=("explore_query", i))
+    if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
+        st.session_state["explore_topk_for"] = (run, int(qi))
+    if st.session_state.get("explore_topk_for") == (run, int(qi)):
+        try:
+            with st.spinner("Scoring the training set against this query (cached afterwards)…"):
+                helpful, harmful = top_k(project, run, [int(qi)], int(k))
+        except DiffinError as e:
+            st.error(str(e))
+        else:
+            st.markdown("**Most helpful** (removing them would raise this query's loss)")
+            ui.sample_grid(project, helpful)
+            st.markdown("**Most harmful** (removing them would lower this query's loss)")
+            ui.sample_grid(project, harmful)
+
+# --- map -----------------------------------------------------------------------------------
+with tab_map:
+    coords = maps.load(project, run)
+    job_id = st.session_state.get(f"explore_map_job_{run}")
+    job = jm.get(job_id) if job_id else None
+    if coords is None:
+        st.write("The map is UMAP of the final model's penultimate activations, computed once per run in "
+                 "the background (the first fit in a server compiles for about a minute).")
+        if job is None or job.status not in ("queued", "running"):
+            if job is not None and job.status == "failed":
+                st.error(f"The map failed: {job.error}")
+            if st.button("Compute the map", key="explore_map_compute"):
+                root = str(project.root)
+                st.session_state[f"explore_map_job_{run}"] = jm.submit(
+                    "umap", lambda p: str(maps.compute(ui.open_project(root), run, progress=p.update)),
+                    label=f"map of {run}", project_dir=root)
+                st.rerun()
+        else:
+            @st.fragment(run_every=1.0)
+            def map_progress():
+                info = jm.get(job_id)
+                if info is None or info.status not in ("queued", "running"):
+                    st.rerun()
+                st.progress(info.fraction, text=f"{info.status}: {info.message}")
+            map_progress()
+    else:
+        state = ui.review_log(str(project.root)).state()
+        df = scores.merge(coords, on="sample_id")
+        df["flag"] = df["sample_id"].map(state["action"]).fillna("undecided")
+        df["label_name"] = [ui.label_name(project, y) for y in df["label"]]
+        color = st.selectbox("Colour by", ["influence", "self_influence", "label_issue", "label", "flag"],
+                             key="explore_color")
+        if len(df) > 100_000:
+            df = df.sample(100_000, random_state=0)
+        fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
+                         custom_data=["sample_id"], hover_data=["sample_id", "label", "pred", "label_issue"],
+                         render_mode="webgl", height=560, opacity=0.7)
+        fig.update_traces(marker={"size": 4})
+        fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 20, "b": 0})
+        event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("lasso", "points"))
+        ids = ui.selected_ids(event)
+        if ids:
+            chosen = df[df["sample_id"].isin(ids)].sort_values("label_issue", ascending=False)
+            st.markdown(f"**{len(chosen):,} selected** (the 48 most suspicious shown)")
+            ui.sample_grid(project, chosen.head(48), score_col="label_issue")
+        else:
+            st.caption("Draw a lasso around points to list those samples here.")
+
+# --- histograms ----------------------------------------------------------------------------
+with tab_hist:
+    cols = [c for c in ("influence", "self_influence", "label_issue", "loss") if scores[c].notna().any()]
+    col = st.selectbox("Score", cols, key="explore_hist_col")
+    hist = scores.copy()
+    hist["given label"] = (np.where(hist["label"] == hist["true_label"], "correct", "flipped")
+                           if "true_label" in hist else "unknown")
+    st.plotly_chart(px.histogram(hist, x=col, color="given label", nbins=80, barmode="overlay", log_y=True),
+                    key="explore_hist")
+
+# --- compare -------------------------------------------------------------------------------
+with tab_cmp:
+    names = [r.name for r in project.runs()]
+    if len(names) < 2:
+        st.info("Score with a second method to compare two runs.")
+    else:
+        c = st.columns(3)
+        a = c[0].selectbox("Run A", names, index=0, key="explore_cmp_a")
+        b = c[1].selectbox("Run B", names, index=1, key="explore_cmp_b")
+        column = c[2].selectbox("Score", ["label_issue", "influence", "self_influence"], key="explore_cmp_col")
+        sa, sb = ui.scores(project, a), ui.scores(project, b)
+        r = compare.rank_correlation(sa, sb, column)
+        st.metric(f"Spearman rank correlation of {column}", "undefined" if r is None else f"{r:.3f}")
+        st.markdown("**Samples the two runs disagree on most** (percentile ranks)")
+        st.dataframe(compare.disagreements(sa, sb, column, n=20), hide_index=True, key="explore_cmp_table")
