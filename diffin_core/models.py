@@ -10,17 +10,20 @@ from torch import nn
 class SmallCNN(nn.Module):
     """Two 5x5 conv layers and two linear layers (about 12k parameters for 1x28x28 input).
 
+    Smooth by design (SiLU, average pooling): ReLU/max-pool kinks make finite-difference
+    Hessian-vector products jump (relative error > 1 measured on a ReLU/max-pool CNN, 5e-4 here).
+
     Input (B, C, H, W) float in [0, 1]; output (B, num_classes) logits.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(8, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+            nn.Conv2d(in_channels, 8, 5), nn.SiLU(), nn.AvgPool2d(2),
+            nn.Conv2d(8, 16, 5), nn.SiLU(), nn.AvgPool2d(2), nn.Flatten(),
         )
         side = ((image_size - 4) // 2 - 4) // 2
-        self.head = nn.Sequential(nn.Linear(16 * side * side, 32), nn.ReLU(), nn.Linear(32, num_classes))
+        self.head = nn.Sequential(nn.Linear(16 * side * side, 32), nn.SiLU(), nn.Linear(32, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))

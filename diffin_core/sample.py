@@ -57,11 +57,11 @@ from torch.nn import functional as F
 from diffin_core.checkpoints import Recorder
 from diffin_core.models import SmallCNN
 
-EPOCHS, BATCH, LR, EVERY = 8, 64, 0.05, 50
+EPOCHS, BATCH, LR, EVERY = 8, 64, 0.3, 50
 
 
 def train(train_x, train_y, seed, checkpoint_dir):
-    """Plain SGD (lr 0.05, batch 64, 8 epochs); checkpoints every 50 steps into checkpoint_dir."""
+    """Plain SGD (lr 0.3, batch 64, 8 epochs); checkpoints every 50 steps into checkpoint_dir."""
     torch.manual_seed(seed)
     x = torch.as_tensor(train_x, dtype=torch.float32).reshape(-1, 1, 28, 28)
     y = torch.as_tensor(train_y, dtype=torch.long)

@@ -27,6 +27,9 @@ class ScoreSettings:
     hessian_batch: int = 256       # samples in the fixed batch whose Hessian Diff-In propagates through
     lanczos_steps: int = 10        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
     eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
+    hvp: str = "fd"                # "fd": finite differences of gradients (paper Eq. 6, one extra
+                                   # gradient); "exact": forward-over-reverse, for ReLU/max-pool
+                                   # nets whose kinks make finite differences jump
     paper_batch: int = 128         # diffin-paper: the random batch B per checkpoint
     damping: float = 0.01          # influence-function damping lambda (absolute)
     explicit_max_params: int = 5000  # influence-function: explicit Hessian at or below this many params

@@ -50,12 +50,15 @@ def interval_functions(lr: float, steps: float):
 
 
 def hessian_view(ctx: Context, k: int, start: torch.Tensor, batch, salt: int = 0):
-    """Lanczos view of the batch Hessian at checkpoint k, by finite-difference HVPs."""
+    """Lanczos view of the batch Hessian at checkpoint k (finite-difference HVPs by default)."""
     x, y = batch
     theta = ctx.thetas[k]
     g0 = ctx.fm.batch_grad(theta, x, y)
-    return lanczos(lambda v: ctx.fm.hvp_fd(theta, x, y, v, base_grad=g0, eps=ctx.settings.eps),
-                   start, ctx.settings.lanczos_steps), g0
+    if ctx.settings.hvp == "exact":
+        matvec = lambda v: ctx.fm.hvp_exact(theta, x, y, v)                          # noqa: E731
+    else:
+        matvec = lambda v: ctx.fm.hvp_fd(theta, x, y, v, base_grad=g0, eps=ctx.settings.eps)  # noqa: E731
+    return lanczos(matvec, start, ctx.settings.lanczos_steps), g0
 
 
 class DiffIn(Attributor):

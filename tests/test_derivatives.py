@@ -1,0 +1,87 @@
+"""Finite-difference HVPs, Lanczos views and checkpoint segments against exact references."""
+import numpy as np
+import torch
+
+from diffin_core.functional import FunctionalModel
+from diffin_core.lanczos import lanczos
+from diffin_core.methods import segment_lengths
+from diffin_core.methods.diffin import interval_functions
+from diffin_core.models import MLP, SmallCNN
+
+
+def _batch(shape, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand((n, *shape), generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def test_fd_hvp_matches_double_backward_float32():
+    torch.manual_seed(0)
+    model = MLP(20, (16,), 10)
+    fm = FunctionalModel(model)
+    theta = fm.theta_of(model)
+    x, y = _batch((20,))
+    for seed in range(3):
+        v = torch.randn(fm.num_params, generator=torch.Generator().manual_seed(seed))
+        exact = fm.hvp_exact(theta, x, y, v)
+        approx = fm.hvp_fd(theta, x, y, v, eps=1e-3)
+        rel = float(torch.linalg.vector_norm(approx - exact) / torch.linalg.vector_norm(exact))
+        assert approx.dtype == torch.float32
+        assert rel < 1e-2, rel
+
+
+def test_fd_hvp_on_cnn_float32():
+    torch.manual_seed(1)
+    model = SmallCNN(1, 10, 28)
+    fm = FunctionalModel(model)
+    theta = fm.theta_of(model)
+    x, y = _batch((1, 28, 28), n=32)
+    v = fm.batch_grad(theta, x, y)            # the kind of vector Diff-In multiplies
+    exact = fm.hvp_exact(theta, x, y, v)
+    rel = float(torch.linalg.vector_norm(fm.hvp_fd(theta, x, y, v) - exact) / torch.linalg.vector_norm(exact))
+    assert rel < 1e-2, rel
+
+
+def test_per_sample_grads_and_directional_agree_with_loops():
+    torch.manual_seed(2)
+    model = MLP(8, (6,), 3)
+    fm = FunctionalModel(model)
+    theta = fm.theta_of(model)
+    x, y = torch.randn(5, 8), torch.randint(0, 3, (5,))
+    psg = fm.per_sample_grads(theta, x, y)
+    for i in range(5):
+        assert torch.allclose(psg[i], fm.batch_grad(theta, x[i:i + 1], y[i:i + 1]), atol=1e-6)
+    v = torch.randn(fm.num_params)
+    assert torch.allclose(fm.directional(theta, x, y, v), psg @ v, atol=1e-5)
+
+
+def test_lanczos_view_applies_matrix_functions():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(30, 30)))
+    eig = np.linspace(0.0, 5.0, 30)
+    H = torch.tensor(q @ np.diag(eig) @ q.T)
+    u = torch.tensor(rng.normal(size=30))
+    view = lanczos(lambda v: H @ v, u, 30)              # full Krylov space: exact
+    phi, a = interval_functions(lr=0.1, steps=7)
+    ref_a = torch.tensor(q @ np.diag((1 - 0.1 * eig) ** 7) @ q.T) @ u
+    assert torch.allclose(view.apply(a, u), ref_a, atol=1e-8)
+    ref_phi = sum(torch.linalg.matrix_power(torch.eye(30, dtype=H.dtype) - 0.1 * H, j) @ u for j in range(7))
+    assert torch.allclose(view.apply(phi, u), ref_phi, atol=1e-8)
+    small = lanczos(lambda v: H @ v, u, 8)              # few steps: still close for smooth f
+    err = torch.linalg.vector_norm(small.apply(a, u) - ref_a) / torch.linalg.vector_norm(ref_a)
+    assert err < 0.05
+
+
+def test_interval_functions_stay_contracting_for_large_curvature():
+    phi, a = interval_functions(lr=0.05, steps=50)
+    big = torch.tensor([37.0, 100.0, 1e4, -3.0])      # 0.05 * 37 > 1: substeps would explode
+    assert torch.all(a(big).abs() <= 1.0)
+    assert torch.all((phi(big) >= 0) & (phi(big) <= 50))
+    assert float(a(torch.tensor([-3.0]))) == 1.0         # negative curvature clipped to flat
+
+
+def test_segments_cover_training_and_centre_on_checkpoints():
+    seg = segment_lengths([0, 50, 100, 150])
+    assert seg.sum() == 150
+    assert list(seg) == [25, 50, 50, 25]
+    assert segment_lengths([40, 80]).tolist() == [60, 20]
+    assert segment_lengths([7]).tolist() == [7]
