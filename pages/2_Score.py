@@ -43,7 +43,9 @@ active = [j for j in history if j.status in ("queued", "running")]
 
 @st.fragment(run_every=1.0 if active else None)
 def progress_panel():
-    jobs = [jm.get(j.id) or j for j in history if j.id in mine or j.status in ("queued", "running")][:8]
+    recent = time.time() - 300  # jobs that ended in the last 5 minutes show in every tab
+    jobs = [jm.get(j.id) or j for j in history
+            if j.id in mine or j.status in ("queued", "running") or (j.finished or 0) > recent][:8]
     still = False
     for info in jobs:
         if info.status in ("queued", "running"):
@@ -55,6 +57,7 @@ def progress_panel():
             cols[0].progress(info.fraction, text=text)
             if cols[1].button("Cancel", key=f"score_cancel_{info.id}"):
                 jm.cancel(info.id)
+                ui.add_job_ids([info.id])
         elif info.status == "failed":
             st.error(f"{info.label}: scoring failed: {info.error}")
         elif info.status == "cancelled":
