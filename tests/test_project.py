@@ -1,0 +1,91 @@
+"""The project folder, the Recorder, scoring output and the CLI, on a tiny real project."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffin_core.cli import main
+from diffin_core.methods import METHODS
+from diffin_core.project import Project
+from diffin_core.scoring import query_influence, score, top_k
+
+from helpers import make_tiny_project, manifest
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_project(tmp_path_factory.mktemp("proj") / "tiny")
+
+
+def test_recorder_writes_steps_lrs_and_optimizer(tiny):
+    m = manifest(tiny)
+    steps = [c["step"] for c in m["checkpoints"]]
+    assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 10
+    assert steps[-1] == 4 * 6                                    # 4 epochs x 6 batches: final weights saved
+    assert all(c["lr"] == pytest.approx(0.2) for c in m["checkpoints"])
+    assert m["optimizer"] == "SGD" and m["train_size"] == 96
+    assert all((tiny / "checkpoints" / c["file"]).is_file() for c in m["checkpoints"])
+
+
+def test_recorder_notes_momentum_and_engine_uses_effective_lr(tmp_path):
+    from diffin_core.checkpoints import Recorder, read_manifest
+    from diffin_core.models import MLP
+    model = MLP(4, (3,), 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Recorder(tmp_path, model, opt, train_size=10, every=1) as rec:
+        rec.step()
+    m = read_manifest(tmp_path / "checkpoints/manifest.json")
+    assert m.momentum == pytest.approx(0.9) and m.optimizer == "SGD"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_score_writes_one_row_per_sample(tiny, method):
+    run = score(tiny, method, run=f"t-{method}")
+    df = pd.read_parquet(run / "scores.parquet")
+    meta = json.loads((run / "meta.json").read_text())
+    assert list(df.columns[:5]) == ["sample_id", "label", "influence", "self_influence", "label_issue"]
+    assert len(df) == 96 and df["sample_id"].tolist() == list(range(96))
+    assert np.isfinite(df["influence"]).all() and np.isfinite(df["label_issue"]).all()
+    assert df["influence"].std() > 0
+    has_self = METHODS[method].has_self_influence
+    assert df["self_influence"].notna().all() == has_self
+    assert meta["method"] == method and meta["seconds"] > 0 and meta["checkpoints"] >= 10
+    assert "torch" in meta["versions"] and meta["settings"]["lanczos_steps"] > 0
+
+
+def test_top_k_matches_the_influence_ranking(tiny):
+    project = Project(tiny)
+    score(project, "diffin", run="d")
+    infl = query_influence(project, "diffin", [4])
+    helpful, harmful = top_k(project, "d", [4], k=5)
+    assert helpful["sample_id"].tolist() == list(np.argsort(-infl, kind="stable")[:5])
+    assert harmful["sample_id"].tolist() == list(np.argsort(infl, kind="stable")[:5])
+    assert (helpful["influence"].diff().dropna() <= 0).all() and (harmful["influence"] < 0).all()
+    assert list((project.runs_dir / "d" / "topk").glob("*.npy"))       # cached
+    # the whole query set as the list reproduces the run's influence column
+    all_q = query_influence(project, "diffin", np.arange(len(project.query)))
+    assert np.allclose(all_q, project.scores("d")["influence"], rtol=1e-4, atol=1e-9)
+
+
+def test_helpful_samples_share_the_query_label(tiny):
+    project = Project(tiny)
+    helpful, harmful = top_k(project, "d", [0], k=8)
+    qlabel = int(project.query.y[0])
+    assert (helpful["label"] == qlabel).mean() > (harmful["label"] == qlabel).mean()
+
+
+def test_cli_score_and_top(tiny, capsys):
+    main(["score", str(tiny), "--method", "tracin", "--run", "cli"])
+    assert (tiny / "runs/cli/scores.parquet").is_file()
+    main(["top", str(tiny), "--run", "cli", "--query-index", "2", "--k", "3"])
+    out = capsys.readouterr().out
+    assert "most helpful" in out and "most harmful" in out
+    assert len([ln for ln in out.splitlines() if ln.strip() and ln.strip()[0].isdigit()]) == 6
+
+
+def test_device_auto_picks_cpu_here():
+    from diffin_core.methods import pick_device
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type in (expected, "mps")
