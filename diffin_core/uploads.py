@@ -259,6 +259,36 @@ def checkpoint_table(project_dir: str | Path) -> pd.DataFrame:
     return df.sort_values(["step", "file"], na_position="last").reset_index(drop=True)
 
 
+def fit_input(model_file: Path, data_file: Path, image_shape=None) -> tuple[list[int] | None, int]:
+    """(image shape or None for tabular, number of classes): the sample shape the model accepts.
+
+    Tries ``image_shape`` when given, else the data's own shape, then square 1- or 3-channel
+    images for flat rows (the MNIST case)."""
+    import torch
+    x = load_split(data_file).x[:2]
+    model = build_model_file(model_file, model_file.name).eval()
+    feats = int(np.prod(x.shape[1:]))
+    own = [1, *x.shape[1:]] if x.ndim == 3 else list(x.shape[1:]) if x.ndim == 4 else None
+    squares = []
+    for c in (1, 3):
+        side = int(round((feats / c) ** 0.5))
+        if c * side * side == feats:
+            squares.append([c, side, side])
+    tries = [list(image_shape)] if image_shape else [own] if own else [None, *squares]
+    for shape in tries:
+        try:
+            if shape and int(np.prod(shape)) != feats:
+                continue
+            with torch.no_grad():
+                out = model(torch.as_tensor(x.reshape(len(x), *(shape or [feats]))))
+            if out.ndim == 2:
+                return shape, int(out.shape[1])
+        except Exception:
+            continue
+    raise DiffinError(f"the model does not accept samples of shape {list(x.shape[1:])}"
+                      + ("" if image_shape else "; set the image shape C,H,W"), data_file.name)
+
+
 def missing_parts(project_dir: str | Path) -> list[str]:
     draft = read_draft(project_dir)
     need = [("model", "a model"), ("checkpoints", "checkpoints"), ("train", "train data"), ("query", "query data")]
@@ -281,13 +311,16 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
             return [f"{row.file}: fill in its step and learning rate in the table"]
         ckpts.append(Checkpoint(str(row.file), int(row.step), float(row.lr)))
     info = draft["train_info"]
-    kind = "image" if image_shape else info["kind"]
+    try:
+        shape, classes = fit_input(project_dir / draft["model"], project_dir / draft["train"], image_shape)
+    except DiffinError as e:
+        return [str(e)]
+    kind = "image" if shape else "tabular"
     lines = [f'[project]\nname = {json.dumps(name or project_dir.name)}\n',
-             "[model]\n" + (f'factory = "model.py:build"' if draft["model"] == "model.py" else 'program = "model.pt2"')
+             "[model]\n" + ('factory = "model.py:build"' if draft["model"] == "model.py" else 'program = "model.pt2"')
              + '\nloss = "cross_entropy"\n',
-             f'[data]\ntrain = "{draft["train"]}"\nquery = "{draft["query"]}"\nkind = "{kind}"']
-    shape = image_shape or info.get("image_shape")
-    if kind == "image":
+             f'[data]\ntrain = "{draft["train"]}"\nquery = "{draft["query"]}"\nkind = "{kind}"\nnum_classes = {classes}']
+    if shape:
         lines[-1] += f"\nimage_shape = {json.dumps([int(s) for s in shape])}"
     if draft.get("label_names"):
         lines[-1] += f"\nlabel_names = {json.dumps(draft['label_names'])}"
@@ -302,6 +335,8 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
         problems = Project(project_dir).validate()
     except DiffinError as e:
         problems = [str(e)]
+    except Exception as e:  # a user model can fail in many ways
+        problems = [f"{project_dir.name}: the project does not load ({type(e).__name__}: {e})"]
     if problems:
         for rel, old in backup.items():
             if old is None:

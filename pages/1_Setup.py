@@ -24,13 +24,14 @@ except DiffinError as e:
 st.caption(f"Project folder: `{folder}`")
 
 messages = st.session_state.setdefault("setup_messages", {})
-SPECS = [("model", "Model: model.py (with build()) or model.pt2 (torch.export)", ["py", "pt2"], False),
-         ("checkpoint", "Checkpoints: several .safetensors / .pt / .pth files, or one .zip", ["safetensors", "pt", "pth", "zip"], True),
-         ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png)", ["npz", "csv", "parquet", "zip"], False),
-         ("query", "Query data (the samples whose loss influence is measured): same formats", ["npz", "csv", "parquet", "zip"], False)]
+SPECS = [("model", "Model: model.py (with build()) or model.pt2 (torch.export)", False),
+         ("checkpoint", "Checkpoints: several .safetensors / .pt / .pth files, or one .zip", True),
+         ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png)", False),
+         ("query", "Query data (the samples whose loss influence is measured): same formats", False)]
 
-for role, label, types, multiple in SPECS:
-    got = st.file_uploader(label, type=types, accept_multiple_files=multiple, key=f"setup_{role}")
+for role, label, multiple in SPECS:
+    # no type= filter: the engine checks the kind itself and says what is wrong in one line
+    got = st.file_uploader(label, accept_multiple_files=multiple, key=f"setup_{role}")
     files = got if multiple else [got] if got is not None else []
     for f in files:
         token = f"{folder}|{role}|{getattr(f, 'file_id', '')}|{f.name}|{f.size}"
