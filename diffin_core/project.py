@@ -169,14 +169,18 @@ class Project:
             return int(self.config["data"]["num_classes"])
         if self.label_names:
             return len(self.label_names)
-        model = self.build_model().eval()
-        shape = self.image_shape or (self._feature_dim(),)
-        with torch.no_grad():
-            return int(model(torch.zeros((1, *shape))).shape[-1])
+        raw = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column,
+                         image_shape=self.image_shape)
+        return int(self._forward_one(self.build_model().eval(), raw).shape[-1])
 
-    def _feature_dim(self) -> int:
-        split = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column)
-        return int(np.prod(split.x.shape[1:]))
+    @staticmethod
+    def _forward_one(model: nn.Module, split: Split) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                return model(torch.as_tensor(split.x[:1]))
+        except Exception as e:
+            raise DiffinError(f"the model can't take samples of shape {list(split.x.shape[1:])} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:120]})", split.path) from None
 
     # --- data -------------------------------------------------------------------------------
     def _split(self, key: str) -> Split:
@@ -189,7 +193,18 @@ class Project:
 
     @functools.cached_property
     def query(self) -> Split:
-        return self._split("query")
+        q = self._split("query")
+        if q.x.shape[1:] != self.train.x.shape[1:]:
+            raise DiffinError(f"query samples have shape {list(q.x.shape[1:])} but train samples have "
+                              f"{list(self.train.x.shape[1:])}", q.path)
+        return q
+
+    def check_model_input(self, model: nn.Module) -> None:
+        """One forward pass on a training sample: the model must accept the data's shape."""
+        out = self._forward_one(model, self.train)
+        if out.ndim != 2 or out.shape[-1] != self.num_classes:
+            raise DiffinError(f"the model outputs shape {list(out.shape)}, expected [batch, {self.num_classes}] logits",
+                              self.config_path)
 
     # --- checkpoints ------------------------------------------------------------------------
     @functools.cached_property

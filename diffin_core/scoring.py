@@ -44,6 +44,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
 
 def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
     model = project.build_model()
+    project.check_model_input(model)
     states = project.checkpoint_states(model)
     m = project.manifest
     if len(project.query) == 0:
