@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from .models import eval_mode
+
 LOSSES = {"cross_entropy"}
 
 
@@ -20,7 +22,7 @@ class FunctionalModel:
     def __init__(self, model: nn.Module, loss: str = "cross_entropy"):
         if loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}")
-        self.model = model.eval()
+        self.model = eval_mode(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.shapes = [p.shape for _, p in named]

@@ -69,3 +69,11 @@ def build_mlp(in_features: int, num_classes: int, hidden=(32,)) -> MLP:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad)
+
+
+def eval_mode(model: nn.Module) -> nn.Module:
+    """``model.eval()``, tolerating torch.export programs (their modules refuse eval())."""
+    try:
+        return model.eval()
+    except NotImplementedError:
+        return model

@@ -28,6 +28,7 @@ from torch import nn
 from .checkpoints import Manifest, check_fits, read_manifest, read_state
 from .data import Split, load_split
 from .errors import DiffinError
+from .models import eval_mode
 
 SCHEMA = {
     "project": {"name": False, "description": False},
@@ -171,7 +172,7 @@ class Project:
             return len(self.label_names)
         raw = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column,
                          image_shape=self.image_shape)
-        return int(self._forward_one(self.build_model().eval(), raw).shape[-1])
+        return int(self._forward_one(eval_mode(self.build_model()), raw).shape[-1])
 
     @staticmethod
     def _forward_one(model: nn.Module, split: Split) -> torch.Tensor:
@@ -230,7 +231,7 @@ class Project:
     def final_model(self) -> nn.Module:
         model = self.build_model()
         model.load_state_dict(self.checkpoint_states(model)[-1])
-        return model.eval()
+        return eval_mode(model)
 
     def validate(self) -> list[str]:
         """Load everything once; return a list of one-line problems (empty when all is well)."""

@@ -89,3 +89,20 @@ def test_device_auto_picks_cpu_here():
     from diffin_core.methods import pick_device
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type in (expected, "mps")
+
+
+def test_exported_program_scores_like_the_factory(tiny, tmp_path):
+    """[model] program = "model.pt2" (torch.export, dynamic batch) gives the factory's scores."""
+    import shutil
+    from diffin_core.models import MLP
+    dest = tmp_path / "exported"
+    shutil.copytree(tiny, dest, ignore=shutil.ignore_patterns("runs"))
+    ep = torch.export.export(MLP(6, (8,), 3), (torch.zeros(2, 6),),
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    torch.export.save(ep, str(dest / "model.pt2"))
+    (dest / "model.py").unlink()
+    toml = (dest / "diffin.toml").read_text().replace('factory = "model.py:build"', 'program = "model.pt2"')
+    (dest / "diffin.toml").write_text(toml)
+    a = pd.read_parquet(score(dest, "tracin", run="x") / "scores.parquet")
+    b = pd.read_parquet(score(tiny, "tracin", run="y") / "scores.parquet")
+    assert np.allclose(a["influence"], b["influence"], rtol=1e-4, atol=1e-10)
