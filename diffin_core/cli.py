@@ -110,6 +110,114 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
     typer.echo(f"sample project ready: {dest}")
 
 
+# --- data-centric tasks (issue 4): clean, delete, coreset, verify, bench ------------------------
+def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], keep, reason: str, extra: dict) -> None:
+    from .export import export_subset
+    from .project import Project
+    project = Project(project_dir)
+    info = project.run(run)
+    train = project.train
+    fmt = fmt or {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".zip": "imagefolder"}.get(out.suffix.lower(), "npz")
+    export_subset(out, fmt, train.x, train.y, train.ids, keep, reason=reason,
+                  label_names=project.label_names, image_shape=project.image_shape,
+                  manifest_extra={"project": str(project.root), "run": info.name, "method": info.method, **extra})
+    typer.echo(f"kept {int(keep.sum())} of {len(keep)} samples ({len(keep) - int(keep.sum())} excluded): wrote {out}")
+
+
+def _run_scores(project_dir: Path, run: str):
+    from .project import Project
+    project = Project(project_dir)
+    scores = project.scores(run)
+    if len(scores) != len(project.train):
+        from .errors import DiffinError
+        raise DiffinError(f"run {run!r} has {len(scores)} scores but the train split has {len(project.train)} samples")
+    return scores
+
+
+@app.command("clean")
+def clean_cmd(project: Path = typer.Argument(..., help="project folder"),
+              run: str = typer.Option(..., help="a finished run"),
+              fraction: float = typer.Option(0.1, help="drop this fraction with the highest label_issue"),
+              out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
+              fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+    """Export the training split without the top FRACTION most likely mislabelled samples."""
+    from .tasks import cleaning_selection
+    flagged = cleaning_selection(_run_scores(project, run), fraction)
+    _subset_export(project, run, out, fmt, ~flagged, f"cleaning: dropped the top {fraction:g} by label_issue",
+                   {"fraction": fraction, "column": "label_issue"})
+
+
+@app.command("delete")
+def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
+               run: str = typer.Option(..., help="a finished run"),
+               k: int = typer.Option(50, help="drop the k most harmful samples (lowest influence)"),
+               out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
+               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+    """Export the training split without the K samples most harmful for the query set."""
+    from .tasks import drop_most_harmful
+    scores = _run_scores(project, run)
+    removed = drop_most_harmful(scores, k)
+    predicted = float(scores["influence"].to_numpy()[removed].sum())
+    typer.echo(f"predicted change of the mean query loss: {predicted:+.4g} nats")
+    _subset_export(project, run, out, fmt, ~removed, f"deletion: dropped the {k} most harmful (lowest influence)",
+                   {"k": k, "column": "influence", "predicted_query_loss_change": predicted})
+
+
+@app.command("coreset")
+def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
+                run: str = typer.Option(..., help="a finished run"),
+                fraction: float = typer.Option(0.5, help="keep this fraction of the training set"),
+                value: str = typer.Option("influence", help="score column to keep the highest of (or 'random')"),
+                balanced: bool = typer.Option(True, help="keep the same fraction of every class"),
+                out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
+                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+    """Export a coreset: the top FRACTION of samples by value, balanced across classes."""
+    from .tasks import coreset_selection
+    keep = coreset_selection(_run_scores(project, run), fraction, value=value, balanced=balanced)
+    _subset_export(project, run, out, fmt, keep, f"coreset: kept the top {fraction:g} by {value}"
+                   + (" per class" if balanced else ""), {"fraction": fraction, "column": value, "balanced": balanced})
+
+
+@app.command("verify")
+def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs [train] recipe)"),
+               run: str = typer.Option(..., help="a finished run"),
+               k: int = typer.Option(20, help="remove the k most harmful samples"),
+               seed: int = typer.Option(0, help="training seed for both retrains")):
+    """Retrain without the K most harmful samples; print predicted vs actual query-loss change."""
+    from .tasks import drop_most_harmful, verify_by_retraining
+    scores = _run_scores(project, run)
+    ids = scores["sample_id"].to_numpy()[drop_most_harmful(scores, k)]
+    bar = Bar()
+    try:
+        res = verify_by_retraining(project, ids, seed=seed, progress=bar, run=run)
+    finally:
+        bar.close()
+    b, a = res["before"], res["after"]
+    typer.echo(f"removed {res['n_removed']} samples (the most harmful by {res['method']})")
+    typer.echo(f"query loss      predicted change {res['predicted_loss_change']:+.4f}   "
+               f"actual change {res['actual_loss_change']:+.4f}   ({b['loss']:.4f} -> {a['loss']:.4f})")
+    typer.echo(f"query accuracy  actual change {res['actual_accuracy_change']:+.4f}   "
+               f"({b['accuracy']:.4f} -> {a['accuracy']:.4f})")
+    typer.echo(f"stored {res['path']}")
+
+
+@app.command("bench")
+def bench_cmd(quick: bool = typer.Option(False, "--quick", help="smoke version (a few minutes)"),
+              workers: int = typer.Option(2, help="parallel worker processes"),
+              out: Optional[Path] = typer.Option(None, help="results folder")):
+    """Regenerate the benchmark tables and plots (benchmarks/run.py)."""
+    import importlib.util
+    from .errors import DiffinError
+    src = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not src.is_file():
+        raise DiffinError("the benchmarks are not part of this installation (run from a source checkout)", src)
+    spec = importlib.util.spec_from_file_location("diffin_benchmarks_run", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = (["--quick"] if quick else []) + ["--workers", str(workers)] + (["--out", str(out)] if out else [])
+    raise typer.Exit(module.main(argv) or 0)
+
+
 def main(argv=None) -> None:
     try:
         app(args=argv, prog_name="diffin", standalone_mode=False)

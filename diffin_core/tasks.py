@@ -1,0 +1,287 @@
+"""The three data-centric tasks on top of a run's scores, their baselines, and what-if retraining.
+
+Selections (each returns a boolean mask over the rows of the scores table / arrays):
+
+    cleaning_selection(scores, fraction)   -> flagged: the top ``fraction`` by label_issue
+    drop_most_harmful(scores, k)           -> removed: the ``k`` lowest influence (most harmful)
+    coreset_selection(scores, fraction)    -> kept: the top ``fraction`` by a value column,
+                                              class-stratified (each class keeps ``fraction``
+                                              of its own samples, largest-remainder rounding)
+
+Coreset baselines computed from a scoring Context (its checkpoints and training split):
+
+    el2n_scores(ctx)        mean ||softmax(f(x)) - onehot(y)||_2 over the early checkpoints
+                            (those in the first ``early`` fraction of training, step 0 excluded)
+    forgetting_scores(ctx)  forgetting events counted at checkpoint resolution: transitions
+                            correct -> wrong between consecutive saved checkpoints; a sample never
+                            classified correctly at any checkpoint gets (checkpoints + 1)
+    moso_scores(ctx)        first-order moving-one-sample-out score (MoSo, Tan et al. 2023):
+                            sum_k (lr_k * segment_k / N) * < g_{D\\z}(theta_k), g_z(theta_k) >,
+                            g_{D\\z} = (N g_D - g_z) / (N - 1) the mean gradient of the other
+                            samples: how much the rest of the training loss went down thanks to z
+    (higher = more valuable, keep first, for all three)
+
+What-if: ``verify_by_retraining(project, remove_ids, seed, run=...)`` runs the project's
+``[train] recipe`` twice with the same seed, on all samples and without ``remove_ids``, and
+compares the actual change of the mean query loss with the influence prediction
+sum_{z removed} influence(z) (the product's sign convention: influence(z) = L_Q(without z) -
+L_Q(with z)). The result is stored atomically as runs/<run>/whatif/<hash>.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DiffinError
+
+
+# --- selections -------------------------------------------------------------------------------
+def _column(scores, name: str) -> np.ndarray:
+    if isinstance(scores, pd.DataFrame):
+        if name not in scores.columns:
+            raise DiffinError(f"the scores have no column {name!r}; columns: {list(scores.columns)}")
+        values = scores[name].to_numpy(dtype=np.float64)
+    else:
+        values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1:
+        raise DiffinError(f"scores must be one value per sample, got shape {values.shape}")
+    return values
+
+
+def _count(fraction: float, n: int, what: str) -> int:
+    if not 0.0 <= float(fraction) <= 1.0:
+        raise DiffinError(f"{what} must be between 0 and 1, got {fraction}")
+    return int(round(float(fraction) * n))
+
+
+def _top(values: np.ndarray, k: int, largest: bool = True) -> np.ndarray:
+    """Mask of the k largest (or smallest) values; NaN never chosen first; ties by row order."""
+    v = np.where(np.isnan(values), -np.inf if largest else np.inf, values)
+    order = np.argsort(-v if largest else v, kind="stable")
+    mask = np.zeros(len(v), dtype=bool)
+    mask[order[:max(0, min(k, len(v)))]] = True
+    return mask
+
+
+def cleaning_selection(scores, fraction: float, column: str = "label_issue") -> np.ndarray:
+    """Flag the top ``fraction`` of samples by label_issue (higher = more likely mislabelled)."""
+    values = _column(scores, column)
+    if isinstance(scores, pd.DataFrame) and np.isnan(values).all():
+        raise DiffinError(f"this run has no {column} scores")
+    return _top(values, _count(fraction, len(values), "fraction"), largest=True)
+
+
+def drop_most_harmful(scores, k: int, column: str = "influence") -> np.ndarray:
+    """Remove the ``k`` samples with the lowest influence (most harmful for the query set)."""
+    values = _column(scores, column)
+    k = int(k)
+    if k < 0:
+        raise DiffinError(f"k must be >= 0, got {k}")
+    if k > len(values):
+        raise DiffinError(f"k = {k} is more than the {len(values)} training samples")
+    return _top(values, k, largest=False)
+
+
+def coreset_selection(scores, fraction: float, value="influence", balanced: bool = True,
+                      labels: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """Keep the top ``fraction`` of samples by ``value`` (a column name or an array).
+
+    ``balanced``: every class keeps ``fraction`` of its own samples (largest-remainder rounding so
+    that the total is exactly round(fraction * N)); otherwise the global top. ``value="random"``
+    keeps a seeded random subset (the baseline)."""
+    n = len(scores) if labels is None else len(labels)
+    if isinstance(value, str) and value == "random":
+        values = np.random.default_rng(seed).random(n)
+    elif isinstance(value, str):
+        values = _column(scores, value)
+    else:
+        values = _column(value, "value")
+    if labels is None:
+        if not isinstance(scores, pd.DataFrame):
+            raise DiffinError("coreset_selection needs labels= when scores is not a table")
+        labels = scores["label"].to_numpy()
+    labels = np.asarray(labels)
+    if len(values) != len(labels):
+        raise DiffinError(f"{len(values)} values but {len(labels)} labels")
+    total = _count(fraction, len(values), "fraction")
+    if not balanced:
+        return _top(values, total)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * float(fraction)
+    quota = np.floor(exact).astype(int)
+    extra = total - quota.sum()
+    if extra > 0:
+        quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+    keep = np.zeros(len(values), dtype=bool)
+    for c, q in zip(classes, quota):
+        rows = np.flatnonzero(labels == c)
+        keep[rows[_top(values[rows], int(q))]] = True
+    return keep
+
+
+# --- coreset baselines ------------------------------------------------------------------------
+def _probs(ctx, k: int) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        for _sl, x, _y in ctx.chunks():
+            out.append(torch.softmax(ctx.fm.logits(ctx.thetas[k], x), -1).double().cpu())
+    return torch.cat(out).numpy()
+
+
+def el2n_scores(ctx, early: float = 0.25) -> np.ndarray:
+    """EL2N (Paul et al. 2021): ||p - onehot(y)||_2 averaged over the early checkpoints."""
+    total = max(ctx.steps[-1], 1)
+    ks = [k for k, s in enumerate(ctx.steps) if 0 < s <= early * total] or [min(1, ctx.m - 1)]
+    y = ctx.train.y
+    score = np.zeros(ctx.n)
+    for k in ks:
+        p = _probs(ctx, k)
+        p[np.arange(ctx.n), y] -= 1.0
+        score += np.linalg.norm(p, axis=1)
+    return score / len(ks)
+
+
+def forgetting_scores(ctx) -> np.ndarray:
+    """Forgetting events (Toneva et al. 2019) at checkpoint resolution (step 0 excluded)."""
+    ks = [k for k, s in enumerate(ctx.steps) if s > 0] or list(range(ctx.m))
+    correct = np.stack([_probs(ctx, k).argmax(1) == ctx.train.y for k in ks])   # (K, N)
+    forgets = (correct[:-1] & ~correct[1:]).sum(0).astype(np.float64)
+    forgets[~correct.any(0)] = len(ks) + 1.0
+    return forgets
+
+
+def moso_scores(ctx) -> np.ndarray:
+    """First-order MoSo: sum_k (lr_k seg_k / N) <(N g_D - g_z)/(N-1), g_z> at each checkpoint."""
+    n = ctx.n
+    score = torch.zeros(n, dtype=torch.float64)
+    coef = ctx.lrs * ctx.segments / n
+    for k in range(ctx.m):
+        if coef[k] <= 0:
+            continue
+        gd = ctx.mean_grad(k, ctx.train.x, ctx.train.y)
+        for sl, x, y in ctx.chunks():
+            g = ctx.fm.per_sample_grads(ctx.thetas[k], x, y)
+            dot = g @ gd
+            sq = (g * g).sum(-1)
+            score[sl] += float(coef[k]) * ((n * dot - sq) / max(n - 1, 1)).double().cpu()
+        ctx.progress(k + 1, ctx.m, "moso: checkpoints")
+    return score.numpy()
+
+
+# --- what-if: verify by retraining ------------------------------------------------------------
+def _final_state(checkpoint_dir: Path, project):
+    from .checkpoints import read_manifest, read_state
+    manifests = sorted(Path(checkpoint_dir).rglob("manifest.json"))
+    if not manifests:
+        raise DiffinError("the [train] recipe wrote no manifest.json into its checkpoint_dir",
+                          project.config_path)
+    m = read_manifest(manifests[0])
+    state, _ = read_state(Path(manifests[0]).parent / m.checkpoints[-1].file)
+    return state
+
+
+def query_metrics(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
+    """Mean cross-entropy (nats) and accuracy of ``model`` on (x, y)."""
+    model = model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(y), batch):
+            xb = torch.as_tensor(x[s:s + batch], dtype=torch.float32)
+            yb = torch.as_tensor(y[s:s + batch], dtype=torch.long)
+            logits = model(xb).float()
+            loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+    return {"loss": loss / max(len(y), 1), "accuracy": correct / max(len(y), 1)}
+
+
+def _retrain(project, recipe, keep: np.ndarray, seed: int) -> dict:
+    train = project.train
+    with tempfile.TemporaryDirectory(prefix="diffin-whatif-") as tmp:
+        try:
+            recipe(train.x[keep], train.y[keep], seed, Path(tmp))
+        except DiffinError:
+            raise
+        except Exception as e:
+            raise DiffinError(f"the [train] recipe raised {type(e).__name__}: {e}", project.config_path) from None
+        state = _final_state(Path(tmp), project)
+    model = project.build_model()
+    model.load_state_dict(state)
+    return query_metrics(model, project.query.x, project.query.y)
+
+
+def whatif_key(run: str, remove_ids, seed: int) -> str:
+    ids = ",".join(str(int(i)) for i in sorted(set(int(i) for i in remove_ids)))
+    return hashlib.sha1(f"{run}|{seed}|{ids}".encode()).hexdigest()[:16]
+
+
+def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run: str | None = None) -> dict:
+    """Retrain without ``remove_ids`` (sample ids) and compare with the influence prediction.
+
+    Runs the project's [train] recipe with ``seed`` on all training samples (the baseline, cached
+    in runs/<run>/whatif/baseline-<seed>-<data hash>.json) and without the removed ones, then
+    evaluates both final models on the query set. Returns (and stores in
+    runs/<run>/whatif/<hash>.json) the predicted and actual change of the mean query loss, the
+    before/after loss and accuracy, and the removed ids. ``run`` defaults to the newest run.
+    """
+    from .atomic import write_text
+    from .project import Project
+    project = project if isinstance(project, Project) else Project(project)
+    progress = progress or (lambda d, t, m: None)
+    if not project.recipe:
+        raise DiffinError("no [train] recipe in diffin.toml: add `[train] recipe = \"train.py:train\"` "
+                          "to verify by retraining", project.config_path)
+    runs = project.runs()
+    if not runs:
+        raise DiffinError("score the project first: there is no finished run", project.runs_dir)
+    info = project.run(run) if run else runs[0]
+    scores = project.scores(info.name)
+    ids = scores["sample_id"].to_numpy()
+    remove = np.asarray(sorted(set(int(i) for i in np.atleast_1d(remove_ids))), dtype=np.int64)
+    if len(remove) == 0:
+        raise DiffinError("choose at least one sample to remove")
+    unknown = np.setdiff1d(remove, ids)
+    if len(unknown):
+        raise DiffinError(f"sample id {int(unknown[0])} is not in the training set")
+    removed_mask = np.isin(ids, remove)
+    if removed_mask.all():
+        raise DiffinError("cannot remove every training sample")
+    train_ids = project.train.ids
+    if len(train_ids) != len(ids) or not np.array_equal(train_ids, ids):
+        raise DiffinError(f"run {info.name!r} was scored on a different train split", info.path)
+    predicted = float(np.nansum(scores["influence"].to_numpy()[removed_mask]))
+    recipe, _ = project.load_callable(project.recipe, "[train] recipe")
+    started = time.time()
+    whatif = info.path / "whatif"
+    data_hash = hashlib.sha1(np.ascontiguousarray(project.train.y).tobytes()
+                             + np.ascontiguousarray(project.train.x[:64]).tobytes()).hexdigest()[:10]
+    base_path = whatif / f"baseline-{int(seed)}-{data_hash}.json"
+    if base_path.is_file():
+        before = json.loads(base_path.read_text())
+    else:
+        progress(0, 2, "retraining on all samples (baseline)")
+        before = _retrain(project, recipe, np.ones(len(ids), dtype=bool), seed)
+        write_text(base_path, json.dumps(before))
+    progress(1, 2, f"retraining without {len(remove)} samples")
+    after = _retrain(project, recipe, ~removed_mask, seed)
+    progress(2, 2, "done")
+    result = {
+        "run": info.name, "method": info.method, "seed": int(seed),
+        "removed_ids": [int(i) for i in remove], "n_removed": int(len(remove)),
+        "predicted_loss_change": predicted,
+        "actual_loss_change": after["loss"] - before["loss"],
+        "actual_accuracy_change": after["accuracy"] - before["accuracy"],
+        "before": before, "after": after,
+        "query_size": int(len(project.query)), "seconds": round(time.time() - started, 2),
+        "created": time.time(),
+    }
+    key = whatif_key(info.name, remove, seed)
+    result["path"] = str(whatif / f"{key}.json")
+    write_text(whatif / f"{key}.json", json.dumps(result, indent=1))
+    return result

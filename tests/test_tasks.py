@@ -1,0 +1,229 @@
+"""The data-centric tasks: selections, coreset baselines, the CLI exports, verify-by-retraining."""
+from __future__ import annotations
+
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from diffin_core.errors import DiffinError
+from diffin_core.tasks import (cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores,
+                               forgetting_scores, moso_scores, verify_by_retraining)
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "mnist"
+
+
+def frame(n=200, seed=0, classes=4):
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"sample_id": np.arange(n) + 1000, "label": rng.integers(0, classes, n),
+                         "influence": rng.normal(size=n), "label_issue": rng.normal(size=n)})
+
+
+# --- selections ----------------------------------------------------------------------------------
+def test_cleaning_picks_highest_label_issue():
+    df = frame()
+    flagged = cleaning_selection(df, 0.1)
+    assert flagged.sum() == 20
+    assert df.label_issue[flagged].min() > df.label_issue[~flagged].max()
+
+
+def test_drop_k_picks_lowest_influence():
+    df = frame()
+    removed = drop_most_harmful(df, 7)
+    assert removed.sum() == 7
+    assert set(np.flatnonzero(removed)) == set(np.argsort(df.influence.to_numpy())[:7])
+    with pytest.raises(DiffinError):
+        drop_most_harmful(df, 10_000)
+    assert drop_most_harmful(df, 0).sum() == 0
+
+
+def test_nan_scores_are_never_selected_first():
+    v = np.array([np.nan, 1.0, -2.0, 3.0])
+    assert list(drop_most_harmful(v, 1)) == [False, False, True, False]
+    assert list(cleaning_selection(v, 0.25)) == [False, False, False, True]
+
+
+def test_balanced_coreset_is_balanced_and_keeps_the_top_per_class():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1, 2], [300, 100, 50])        # imbalanced classes
+    # class 0 has much larger values: an unbalanced top-k would take almost only class 0
+    values = rng.normal(size=len(labels)) + np.where(labels == 0, 10.0, 0.0)
+    df = pd.DataFrame({"label": labels, "influence": values})
+    keep = coreset_selection(df, 0.3)
+    assert keep.sum() == round(0.3 * len(labels))
+    for c, n in zip([0, 1, 2], [300, 100, 50]):
+        kept = keep[labels == c]
+        assert abs(kept.sum() - 0.3 * n) <= 1
+        vals = values[labels == c]
+        assert vals[kept].min() >= vals[~kept].max()     # the top of each class
+    unbalanced = coreset_selection(df, 0.3, balanced=False)
+    assert unbalanced[labels == 0].sum() == unbalanced.sum()
+    rand = coreset_selection(df, 0.5, value="random", seed=3)
+    assert rand.sum() == 225 and abs(rand[labels == 2].sum() - 25) <= 1
+    with pytest.raises(DiffinError):
+        coreset_selection(df, 1.5)
+
+
+# --- a tiny tabular project with a training recipe ----------------------------------------------
+TOML = """[project]
+name = "tiny digits"
+
+[model]
+factory = "model.py:build"
+
+[data]
+train = "data/train.npz"
+query = "data/query.npz"
+kind = "tabular"
+num_classes = 10
+
+[train]
+recipe = "train.py:train"
+"""
+MODEL = """from diffin_core.models import MLP
+
+
+def build():
+    return MLP(64, (16,), 10)
+"""
+TRAIN = """import numpy as np
+import torch
+from torch.nn import functional as F
+
+from diffin_core.checkpoints import Recorder
+from diffin_core.models import MLP
+
+
+def train(train_x, train_y, seed, checkpoint_dir):
+    torch.manual_seed(seed)
+    x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    model = MLP(64, (16,), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(seed)
+    with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=10, folder=".") as rec:
+        for _ in range(12):
+            for idx in torch.randperm(len(y), generator=gen).split(32):
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.step()
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_project(tmp_path_factory):
+    from sklearn.datasets import load_digits
+    from diffin_core.data import save_split
+    from diffin_core.project import Project
+    from diffin_core.sample import flip_labels
+    root = tmp_path_factory.mktemp("tiny")
+    d = load_digits()
+    x = (d.data / 16.0).astype(np.float32)
+    y = d.target.astype(np.int64)
+    perm = np.random.default_rng(0).permutation(len(y))
+    tr, q = perm[:300], perm[300:600]
+    noisy, _ = flip_labels(y[tr], 0.3, seed=0)
+    (root / "data").mkdir()
+    save_split(root / "data/train.npz", x[tr], noisy, true_y=y[tr])
+    save_split(root / "data/query.npz", x[q], y[q])
+    (root / "diffin.toml").write_text(TOML)
+    (root / "model.py").write_text(MODEL)
+    (root / "train.py").write_text(textwrap.dedent(TRAIN))
+    project = Project(root)
+    recipe, _ = project.load_callable(project.recipe, "recipe")
+    recipe(project.train.x, project.train.y, 0, root / "checkpoints")
+    from diffin_core.scoring import score
+    score(project, "diffin", run="diffin-1")
+    return root
+
+
+def test_coreset_baselines_have_one_score_per_sample(tiny_project):
+    from diffin_core.project import Project
+    from diffin_core.scoring import project_context
+    ctx = project_context(Project(tiny_project))
+    for fn in (el2n_scores, forgetting_scores, moso_scores):
+        s = fn(ctx)
+        assert s.shape == (ctx.n,) and np.isfinite(s).all()
+    flipped = Project(tiny_project).train
+    bad = flipped.y != flipped.true_y
+    assert el2n_scores(ctx)[bad].mean() > el2n_scores(ctx)[~bad].mean()   # noisy labels = high error
+
+
+def test_verify_by_retraining_stores_json_and_agrees_in_sign(tiny_project):
+    from diffin_core.project import Project
+    project = Project(tiny_project)
+    scores = project.scores("diffin-1")
+    harmful = scores.sample_id.to_numpy()[drop_most_harmful(scores, 40)]
+    res = verify_by_retraining(project, harmful, seed=0, run="diffin-1")
+    assert res["predicted_loss_change"] < 0            # the most harmful: removing them helps
+    assert res["actual_loss_change"] < 0
+    stored = json.loads(Path(res["path"]).read_text())
+    assert Path(res["path"]).parent == tiny_project / "runs" / "diffin-1" / "whatif"
+    assert stored["removed_ids"] == sorted(int(i) for i in harmful)
+    assert stored["predicted_loss_change"] == pytest.approx(res["predicted_loss_change"])
+    assert set(stored) >= {"before", "after", "actual_accuracy_change", "seed", "method"}
+    with pytest.raises(DiffinError):
+        verify_by_retraining(project, [10 ** 9], run="diffin-1")
+
+
+# --- the CLI on a copy of the sample project -----------------------------------------------------
+@pytest.fixture(scope="module")
+def sample_copy(tmp_path_factory):
+    if not (SAMPLE / "diffin.toml").is_file():
+        pytest.skip("sample project not built")
+    dest = tmp_path_factory.mktemp("cli") / "mnist"
+    shutil.copytree(SAMPLE, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+    from diffin_core.scoring import score
+    score(dest, "loss", run="loss-1")
+    return dest
+
+
+def _cli(args, capsys):
+    from diffin_core.cli import main
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        assert e.code in (0, None), capsys.readouterr()
+    return capsys.readouterr().out
+
+
+def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
+    scores = pd.read_parquet(sample_copy / "runs/loss-1/scores.parquet")
+    n = len(scores)
+    out = _cli(["clean", sample_copy, "--run", "loss-1", "--fraction", "0.1", "--out", tmp_path / "clean.npz"], capsys)
+    assert "wrote" in out
+    with np.load(tmp_path / "clean.npz") as z:
+        kept = set(z["ids"].tolist())
+    assert len(kept) == n - round(0.1 * n)
+    worst = scores.sample_id[scores.label_issue.idxmax()]
+    assert worst not in kept
+    manifest = json.loads((tmp_path / "clean.decisions.json").read_text())
+    assert manifest["run"] == "loss-1" and manifest["counts"]["exclude"] == round(0.1 * n)
+
+    out = _cli(["delete", sample_copy, "--run", "loss-1", "--k", "50", "--out", tmp_path / "del.csv"], capsys)
+    assert "predicted change" in out
+    table = pd.read_csv(tmp_path / "del.csv", usecols=["sample_id", "decision"])
+    dropped = set(table.sample_id[table.decision == "exclude"])
+    assert dropped == set(scores.nsmallest(50, "influence").sample_id)
+
+    _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.5", "--out", tmp_path / "core.npz"], capsys)
+    with np.load(tmp_path / "core.npz") as z:
+        y, ids = z["y"], z["ids"]
+    assert len(ids) == round(0.5 * n)
+    full = np.bincount(scores.label.to_numpy(), minlength=10)
+    assert np.all(np.abs(np.bincount(y, minlength=10) - 0.5 * full) <= 1)
+
+
+def test_cli_errors_are_one_line(sample_copy, tmp_path, capsys):
+    from diffin_core.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["delete", str(sample_copy), "--run", "nope", "--k", "5", "--out", str(tmp_path / "x.npz")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
