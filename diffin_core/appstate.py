@@ -78,3 +78,27 @@ def preferred_run(runs) -> str | None:
         if r.method == "diffin":
             return r.name
     return runs[0].name if runs else None
+
+
+LAST = ".diffin-last-project"
+
+
+def remember(workspace: str | Path, project_dir: str | Path) -> None:
+    """Note the last opened project, so a page opened by URL finds it."""
+    try:
+        (Path(workspace) / LAST).write_text(str(Path(project_dir).resolve()))
+    except OSError:
+        pass
+
+
+def last_project(workspace: str | Path) -> str | None:
+    """The last opened project of this workspace (if it still exists), else its only project."""
+    p = Path(workspace) / LAST
+    try:
+        last = p.read_text().strip() if p.is_file() else ""
+    except OSError:
+        last = ""
+    if last and (Path(last) / CONFIG_NAME).is_file():
+        return last
+    projects = list_projects(workspace)
+    return str(projects[0]) if len(projects) == 1 else None

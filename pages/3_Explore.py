@@ -87,7 +87,7 @@ with tab_map:
     else:
         state = ui.review_log(str(project.root)).state()
         df = scores.merge(coords, on="sample_id")
-        df["flag"] = df["sample_id"].map(state["action"]).fillna("undecided")
+        df["flag"] = df["sample_id"].map(state["action"]).astype(object).fillna("undecided")
         df["label_name"] = [ui.label_name(project, y) for y in df["label"]]
         color = st.selectbox("Colour by", ["influence", "self_influence", "label_issue", "label", "flag"],
                              key="explore_color")

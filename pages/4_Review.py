@@ -87,7 +87,7 @@ else:
         if "review_new_label" not in st.session_state:
             st.session_state["review_new_label"] = pred
         new = st.selectbox("Relabel to", labels, key="review_new_label", format_func=lambda y: ui.label_name(project, y))
-        b[2].button("Relabel", key="review_relabel", on_click=act, args=([sid], "relabel", int(new)),
+        b[2].button(f"Relabel to {ui.label_name(project, new)}", key="review_relabel", on_click=act, args=([sid], "relabel", int(new)),
                     width="stretch", type="primary")
 
     st.subheader("Bulk actions")

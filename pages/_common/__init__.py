@@ -43,11 +43,13 @@ def open_project(path: str | Path) -> Project:
 def set_project(path: str | Path) -> None:
     st.session_state["project_dir"] = str(Path(path).resolve())
     st.query_params["project"] = str(Path(path).resolve())
+    appstate.remember(workspace(), path)
 
 
 def current_project() -> Project | None:
     """The project this session opened (session state, else ?project=); shows why when none."""
-    path = st.session_state.get("project_dir") or st.query_params.get("project")
+    path = (st.session_state.get("project_dir") or st.query_params.get("project")
+            or appstate.last_project(workspace()))
     if not path:
         st.info("No project is open. Open one (or the sample project) on the Home page.")
         st.page_link("app.py", label="Go to Home", icon="🏠")
