@@ -159,6 +159,7 @@ class Recorder:
             for x, y in loader:
                 loss.backward(); optimizer.step(); rec.step()
 
+    ``train_size`` (recommended) lets the engine check the manifest against the data.
     Saves the initial weights (step 0), every ``every`` optimiser steps, and the final weights,
     as safetensors in <project>/checkpoints with manifest.json (step, lr of the next update,
     optimiser type and momentum). Diff-In assumes SGD-like updates theta -= lr * g: heavy-ball
@@ -167,12 +168,12 @@ class Recorder:
     """
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 train_size: int, every: int = 50, folder: str = "checkpoints"):
+                 train_size: int | None = None, every: int = 50, folder: str = "checkpoints"):
         self.dir = Path(project_dir) / folder
         self.model, self.optimizer, self.every = model, optimizer, max(1, int(every))
         group = optimizer.param_groups[0]
         momentum = group.get("momentum", 0.0) or 0.0
-        self.manifest = Manifest(int(train_size), [], type(optimizer).__name__, float(momentum))
+        self.manifest = Manifest(None if train_size is None else int(train_size), [], type(optimizer).__name__, float(momentum))
         self.global_step = 0
 
     def __enter__(self) -> "Recorder":
