@@ -112,9 +112,11 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     try:
         df.to_parquet(tmp / "scores.parquet", index=False)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        old = project.runs_dir / f".{run}.old-{int(started * 1000)}"
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)            # the previous run stays whole until the new one is in place
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
