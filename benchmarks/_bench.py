@@ -31,9 +31,9 @@ FULL = dict(
     epochs=6, batch=64, lr=0.3, ckpts=10,            # SmallCNN, SGD, cosine lr from 0.3
     cleaning_methods=["diffin", "tracin", "influence-function", "loss", "cleanlab"],
     deletion_methods=["diffin", "tracin", "influence-function", "grad-dot"],
-    deletion_ks=[0.01, 0.05, 0.10], loo_flipped=8, loo_clean=9,
+    deletion_ks=[0.01, 0.05, 0.10], loo_flipped=5, loo_clean=5,
     coreset_methods=["diffin", "tracin"], coreset_fractions=[0.3, 0.5, 0.7],
-    gt_samples={"digits-mlp": 30, "digits-logreg": 30, "mnist-cnn": 24},
+    gt_samples={"digits-mlp": 30, "digits-logreg": 30, "mnist-cnn": 20},
     gt_counts=[5, 10, 20],
     gt_methods=["diffin", "diffin-paper", "tracin", "grad-dot", "grad-cos", "influence-function"],
     gt_cnn=dict(n_train=500, n_query=200, epochs=8, batch=32, lr=0.4),

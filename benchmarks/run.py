@@ -38,20 +38,18 @@ def _run_job(job):
 
 
 def build_jobs(cfg, seeds, only):
+    """Seed-major order (every table gets seed 0 first), heaviest job of each seed first."""
     jobs = []
     want = set(only or TASKS)
-    if want & {"cleaning", "deletion"}:
-        for seed in seeds:
+    for seed in seeds:
+        if want & {"cleaning", "deletion"}:
             jobs.append(("cleaning_job", dict(noise=0.1, seed=seed, cfg=cfg, deletion="deletion" in want)))
-    if "ground_truth" in want:
-        for name in ("mnist-cnn", "digits-mlp", "digits-logreg"):
-            for seed in seeds:
+        if "ground_truth" in want:
+            for name in ("mnist-cnn", "digits-mlp", "digits-logreg"):
                 jobs.append(("gt_job", dict(name=name, seed=seed, cfg=cfg)))
-    if "coreset" in want:
-        for seed in seeds:
+        if "coreset" in want:
             jobs.append(("coreset_job", dict(seed=seed, cfg=cfg)))
-    if "cleaning" in want:
-        for seed in seeds:
+        if "cleaning" in want:
             jobs.append(("cleaning_job", dict(noise=0.2, seed=seed, cfg=cfg, deletion=False)))
     return jobs
 
@@ -163,6 +161,24 @@ def plots(tables, extras, out: Path):
         plt.close(fig)
 
 
+def write_results(rows, extras, out: Path):
+    """Aggregate the rows so far into the CSV tables and plots (called after every job)."""
+    tables = aggregate(rows)
+    if "deletion" in tables and "loo_pairs" in extras:    # pooled over the seeds
+        from scipy.stats import pearsonr, spearmanr
+        import pandas as pd
+        add = []
+        for m, (p, act) in extras["loo_pairs"].items():
+            s = f"single samples (LOO, {len(p)} pooled)"
+            add += [dict(method=m, setting=s, metric="pearson", mean=pearsonr(p, act)[0], std=0.0),
+                    dict(method=m, setting=s, metric="spearman", mean=spearmanr(p, act)[0], std=0.0)]
+        tables["deletion"] = pd.concat([tables["deletion"], pd.DataFrame(add)], ignore_index=True)
+    for task, table in tables.items():
+        table.to_csv(out / f"{task}.csv", index=False)
+    plots(tables, extras, out)
+    return tables
+
+
 def main(argv=None) -> int:
     import _bench
     ap = argparse.ArgumentParser(description="Regenerate the Diff-In benchmark report.")
@@ -190,19 +206,8 @@ def main(argv=None) -> int:
                     extras[key][m] = (p, act) if old is None else (np.concatenate([old[0], p]), np.concatenate([old[1], act]))
             desc = ", ".join(f"{k}={v}" for k, v in kwargs.items() if k != "cfg")
             print(f"[{time.time() - started:7.1f}s] {kind}({desc}) done in {secs:.1f}s", flush=True)
-    tables = aggregate(rows)
-    if "deletion" in tables and "loo_pairs" in extras:    # pooled over the seeds
-        from scipy.stats import pearsonr, spearmanr
-        import pandas as pd
-        add = []
-        for m, (p, act) in extras["loo_pairs"].items():
-            s = f"single samples (LOO, {len(p)} pooled)"
-            add += [dict(method=m, setting=s, metric="pearson", mean=pearsonr(p, act)[0], std=0.0),
-                    dict(method=m, setting=s, metric="spearman", mean=spearmanr(p, act)[0], std=0.0)]
-        tables["deletion"] = pd.concat([tables["deletion"], pd.DataFrame(add)], ignore_index=True)
-    for task, table in tables.items():
-        table.to_csv(out / f"{task}.csv", index=False)
-    plots(tables, extras, out)
+            write_results(rows, extras, out)
+    tables = write_results(rows, extras, out)
     print(f"\nfinished in {time.time() - started:.0f}s (seeds {seeds}, {'quick' if a.quick else 'full'})\n")
     show = {"cleaning": ["test_acc", "flipped_found", "auroc"],
             "deletion": ["query_loss", "test_loss", "test_acc", "spearman", "pearson"],

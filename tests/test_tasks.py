@@ -106,7 +106,7 @@ def train(train_x, train_y, seed, checkpoint_dir):
     model = MLP(64, (16,), 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     gen = torch.Generator().manual_seed(seed)
-    with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=10, folder=".") as rec:
+    with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=40, folder=".") as rec:
         for _ in range(12):
             for idx in torch.randperm(len(y), generator=gen).split(32):
                 opt.zero_grad()
