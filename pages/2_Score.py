@@ -24,7 +24,7 @@ st.caption(f"Project: **{project.name}** · {len(project.train):,} training samp
 
 DESCRIBE = {name: ((cls.__doc__ or "").strip().splitlines() or [""])[0] for name, cls in METHODS.items()}
 methods = st.multiselect("Methods", list(METHODS), default=["diffin"], key="score_methods",
-                         help="\n\n".join(f"**{k}**: {v}" for k, v in DESCRIBE.items()))
+                         help="\n\n".join(f"**{k}**: {v}" for k, v in DESCRIBE.items() if v))
 
 
 def _job(root: str, method: str):
