@@ -1,11 +1,6 @@
-"""Comparing two runs, and the score-based subsets the Export page offers.
-
-Ranks are compared on sample_id; ``coreset_mask``/``drop_harmful_mask`` are stand-ins until the
-engine's task module offers these selections.
-"""
+"""Comparing two runs: rank correlation and the samples they disagree on most (matched on sample_id)."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 
@@ -31,19 +26,3 @@ def disagreements(a: pd.DataFrame, b: pd.DataFrame, column: str = "label_issue",
     df["gap"] = (df["rank_a"] - df["rank_b"]).abs()
     return df.sort_values("gap", ascending=False, kind="stable").head(n).reset_index(drop=True)
 
-
-def coreset_mask(scores: pd.DataFrame, fraction: float) -> np.ndarray:
-    """Keep the most helpful ``fraction`` of samples (by influence), the same share per class."""
-    keep = np.zeros(len(scores), dtype=bool)
-    for _, idx in scores.groupby("label").indices.items():
-        n = int(round(fraction * len(idx)))
-        order = np.argsort(-scores["influence"].to_numpy()[idx], kind="stable")
-        keep[idx[order[:n]]] = True
-    return keep
-
-
-def drop_harmful_mask(scores: pd.DataFrame, k: int) -> np.ndarray:
-    """Keep all but the ``k`` samples with the lowest (most harmful) influence."""
-    keep = np.ones(len(scores), dtype=bool)
-    keep[np.argsort(scores["influence"].to_numpy(), kind="stable")[:max(int(k), 0)]] = False
-    return keep

@@ -7,7 +7,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, compare, export  # noqa: E402
+from diffin_core import appstate, export, tasks  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 st.set_page_config(page_title="diffin · Export", page_icon="📦", layout="wide")
@@ -60,7 +60,7 @@ if st.button("Write export", key="export_write", type="primary"):
             export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra, **common)
         else:
             sc = ui.scores(project, run).set_index("sample_id").loc[tr.ids].reset_index()
-            mask = compare.coreset_mask(sc, pct / 100) if source == "coreset" else compare.drop_harmful_mask(sc, k)
+            mask = tasks.coreset_selection(sc, pct / 100) if source == "coreset" else ~tasks.drop_most_harmful(sc, int(k))
             reason = f"coreset {pct}%" if source == "coreset" else f"drop {k} most harmful"
             export.export_subset(out, fmt, tr.x, tr.y, tr.ids, mask, reason=reason, manifest_extra=extra, **common)
         st.session_state["export_last"] = str(out)
