@@ -227,3 +227,9 @@ def test_cli_errors_are_one_line(sample_copy, tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_cli_verify_prints_predicted_and_actual(tiny_project, capsys):
+    out = _cli(["verify", tiny_project, "--run", "diffin-1", "--k", "10"], capsys)
+    assert "predicted change" in out and "actual change" in out
+    assert len(list((tiny_project / "runs/diffin-1/whatif").glob("*.json"))) >= 2
