@@ -297,3 +297,15 @@ def gt_job(name, seed, cfg):
                      row("ground_truth", m, s, "pearson", pearsonr(est, truth)[0], seed),
                      row("ground_truth", m, s, "seconds", secs, seed)]
     return rows, {}
+
+
+# --- worker entry points (importable by name from a spawned process, whatever the main module) ---
+def init_worker():
+    torch.set_num_threads(1)
+
+
+def run_job(job):
+    kind, kwargs = job
+    t = time.time()
+    rows, extra = globals()[kind](**kwargs)
+    return kind, kwargs, rows, extra, time.time() - t

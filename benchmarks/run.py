@@ -196,8 +196,8 @@ def main(argv=None) -> int:
     rows, extras = [], {}
     print(f"{len(jobs)} jobs on {a.workers} worker(s); results -> {out}", flush=True)
     ctx = mp.get_context("spawn")
-    with ctx.Pool(a.workers, initializer=_init_worker, maxtasksperchild=1) as pool:
-        for kind, kwargs, r, extra, secs in pool.imap_unordered(_run_job, jobs):
+    with ctx.Pool(a.workers, initializer=_bench.init_worker, maxtasksperchild=1) as pool:
+        for kind, kwargs, r, extra, secs in pool.imap_unordered(_bench.run_job, jobs):
             rows += r
             for key, val in extra.items():
                 for m, (p, act) in val.items():
