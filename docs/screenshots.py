@@ -1,0 +1,219 @@
+"""Regenerate docs/*.png: one screenshot per page of the sample project after scoring.
+
+    python docs/screenshots.py                       # a fresh temp workspace, ~3-4 min on CPU
+    python docs/screenshots.py --workspace DIR       # reuse DIR (runs and the map are kept)
+
+Steps: copy the sample project into the workspace, score it with "diffin" and "loss" (skipped for
+runs already there), compute the UMAP map of the diffin run, record a few review decisions
+through the engine (so Review/Export show progress), then serve the app with `streamlit run` on
+127.0.0.1 and photograph each page with Playwright on Debian's chromium (/usr/bin/chromium).
+The viewport is tall (Streamlit scrolls inside its own container) and each shot is cropped to the
+page's content; PNGs over 500 KB are re-encoded with a 256-colour palette. The page-link icons
+are emoji: install fonts-noto-color-emoji (apt) or they show as empty boxes.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+sys.path.insert(0, str(ROOT))
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+WIDTH, HEIGHT = 1400, 2000
+MAX_BYTES = 500_000
+
+
+def log(msg: str) -> None:
+    print(f"[screenshots] {msg}", flush=True)
+
+
+def prepare(workspace: Path) -> Path:
+    """The scored sample project (diffin + loss runs, the diffin map, a few decisions)."""
+    from diffin_core import appstate, maps
+    from diffin_core.project import Project
+    from diffin_core.review import ReviewLog
+    from diffin_core.scoring import score
+
+    project_dir = appstate.copy_sample(workspace)
+    for method in ("diffin", "loss"):
+        if not (project_dir / "runs" / f"{method}-1" / "scores.parquet").is_file():
+            t = time.time()
+            score(project_dir, method, run=f"{method}-1")
+            log(f"scored {method} in {time.time() - t:.0f} s")
+    project = Project(project_dir)
+    if maps.load(project, "diffin-1") is None:
+        t = time.time()
+        maps.compute(project, "diffin-1")
+        log(f"UMAP map in {time.time() - t:.0f} s")
+    with ReviewLog(project_dir) as rl:
+        if rl.state().empty:
+            sc = project.scores("diffin-1").sort_values("label_issue", ascending=False, kind="stable")
+            top = sc.head(8)
+            for i, r in enumerate(top.itertuples()):
+                if i == 5:
+                    rl.decide(int(r.sample_id), "keep", user="docs", run="diffin-1", method="diffin")
+                elif i == 6:
+                    rl.decide(int(r.sample_id), "relabel", new_label=int(r.pred), user="docs",
+                              run="diffin-1", method="diffin")
+                elif i < 5:
+                    rl.decide(int(r.sample_id), "exclude", user="docs", run="diffin-1", method="diffin")
+    appstate.remember(workspace, project_dir)
+    return project_dir
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(workspace: Path, logfile) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+           "--server.address", "127.0.0.1", "--server.port", str(port),
+           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+           "--", "--workspace", str(workspace)]
+    env = {**os.environ, "DIFFIN_WORKSPACE": str(workspace)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.read().strip() == b"ok":
+                    return proc, url
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("streamlit did not become healthy")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def settle(page, extra_ms: int = 600) -> None:
+    """Script run finished, images loaded, nothing still fading in."""
+    page.wait_for_selector(IDLE, timeout=120_000)
+    page.wait_for_function("() => [...document.images].every(i => i.complete)", timeout=60_000)
+    page.wait_for_timeout(extra_ms)
+    page.wait_for_selector(IDLE, timeout=120_000)
+
+
+def go(page, name: str, heading: str) -> None:
+    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"^\s*{name}\s*$")).click()
+    page.get_by_role("heading", name=heading).wait_for()
+    settle(page)
+
+
+def shot(page, name: str) -> Path:
+    """Screenshot cropped to the page content, kept under MAX_BYTES."""
+    from PIL import Image
+    page.mouse.move(WIDTH - 5, HEIGHT - 5)   # no hover highlight on the last clicked button
+    page.wait_for_timeout(300)
+    height = page.evaluate(
+        "() => { const m = document.querySelector(\"[data-testid='stMainBlockContainer']\");"
+        " return m ? Math.ceil(m.getBoundingClientRect().bottom) : 0 }")
+    height = max(600, min(HEIGHT, int(height) + 24))
+    png = page.screenshot(clip={"x": 0, "y": 0, "width": WIDTH, "height": height})
+    out = DOCS / f"{name}.png"
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, "PNG", optimize=True)
+    if buf.tell() > MAX_BYTES:
+        buf = io.BytesIO()
+        img.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(buf, "PNG", optimize=True)
+    out.write_bytes(buf.getvalue())
+    log(f"{out.relative_to(ROOT)}: {WIDTH}x{height}, {len(buf.getvalue()) // 1024} KB")
+    return out
+
+
+def photograph(url: str) -> list[Path]:
+    from playwright.sync_api import sync_playwright
+    out = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": WIDTH, "height": HEIGHT})
+            page.set_default_timeout(120_000)
+            page.goto(url + "/")
+            settle(page)
+            page.get_by_role("button", name="Try the sample project").click()
+            page.get_by_role("heading", name=re.compile("^Open: ")).wait_for()
+            settle(page)
+            out.append(shot(page, "home"))
+
+            go(page, "Setup", "Set up a project from uploads")
+            out.append(shot(page, "setup"))
+
+            go(page, "Score", "Score")
+            page.locator("[data-testid='stDataFrame']").first.wait_for()
+            settle(page)
+            out.append(shot(page, "score"))
+
+            go(page, "Explore", "Explore")
+            page.get_by_role("tab", name="Map").click()
+            chart = page.locator(".st-key-explore_map [data-testid='stPlotlyChart'], "
+                                 "[data-testid='stPlotlyChart']").first
+            chart.wait_for()
+            page.wait_for_function("() => !!document.querySelector('.js-plotly-plot .plot-container')")
+            settle(page, 1500)
+            out.append(shot(page, "explore"))
+
+            go(page, "Review", "Review suspects")
+            out.append(shot(page, "review"))
+
+            go(page, "Export", "Export")
+            page.get_by_role("button", name="Write export").click()
+            page.get_by_text(re.compile(r"^Wrote ")).wait_for()
+            settle(page)
+            out.append(shot(page, "export"))
+        finally:
+            browser.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workspace", type=Path, help="workspace to use (default: a fresh temp folder)")
+    args = ap.parse_args()
+    if not Path(CHROMIUM).is_file():
+        sys.exit(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with tempfile.TemporaryDirectory(prefix="diffin-shots-") as tmp:
+        ws = (args.workspace or Path(tmp) / "ws").resolve()
+        ws.mkdir(parents=True, exist_ok=True)
+        prepare(ws)
+        with open(Path(tmp) / "streamlit.log", "wb") as logfile:
+            proc, url = serve(ws, logfile)
+            try:
+                photograph(url)
+            finally:
+                stop(proc)
+
+
+if __name__ == "__main__":
+    main()

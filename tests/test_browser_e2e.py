@@ -1,0 +1,290 @@
+"""End to end in a real browser: serve the app with `streamlit run`, drive it with Playwright on
+Debian's chromium (/usr/bin/chromium, never `playwright install`).
+
+As a user: open the sample project, score it ("loss", the fast method), review 5 samples
+(3 excludes, 1 keep, 1 relabel), export the cleaned split as .npz, then check the file on disk
+against the review log: exactly the excluded samples are gone and the relabel is applied.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+SCORING_TIMEOUT_MS = 150_000   # "loss" on the 4,000 sample digits takes ~10 s on 2 CPU cores
+STEP_TIMEOUT_MS = 60_000
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).is_file(),
+                       reason=f"{CHROMIUM} is missing: `apt-get install -y chromium` (scripts/test.sh does it)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`streamlit run app.py` on 127.0.0.1:<free port> with its own workspace; always stopped."""
+
+    def __init__(self, workspace: Path, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "DIFFIN_WORKSPACE": str(workspace), "PYTHONUNBUFFERED": "1"}
+        cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.address", "127.0.0.1", "--server.port", str(self.port),
+               "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+               "--", "--workspace", str(workspace)]
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def wait_healthy(self, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"streamlit exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200 and r.read().strip() == b"ok":
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"streamlit was not healthy after {timeout:.0f} s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)   # its own session: the job worker goes too
+                self.proc.wait(timeout=15)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=15)
+        self._log.close()
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return ws
+
+
+@pytest.fixture
+def server(workspace, tmp_path):
+    srv = Server(workspace, tmp_path / "streamlit.log")
+    try:
+        srv.wait_healthy()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def page(server, request, tmp_path):
+    """A chromium page; on failure a screenshot and the server log land in tmp_path."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            pg = browser.new_page(viewport={"width": 1400, "height": 1100})
+            pg.set_default_timeout(STEP_TIMEOUT_MS)
+            failed_before = request.session.testsfailed
+            yield pg
+            if request.session.testsfailed > failed_before:
+                shot = tmp_path / "failure.png"
+                pg.screenshot(path=str(shot), full_page=True)
+                print(f"\nscreenshot: {shot}\nserver log (tail):\n{server.log()}")
+        finally:
+            browser.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def idle(page) -> None:
+    """Wait until the script run has finished (the app shows no "running" state)."""
+    page.wait_for_selector(IDLE, timeout=STEP_TIMEOUT_MS)
+
+
+def go(page, name: str) -> None:
+    """Open a page from the sidebar navigation (same session, like a user would)."""
+    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"^\s*{name}\s*$")).click()
+    page.get_by_role("heading", name=name if name != "Review" else "Review suspects").wait_for()
+    idle(page)
+
+
+def metric(page, label: str) -> str:
+    m = page.locator("[data-testid='stMetric']").filter(has=page.get_by_text(label, exact=True))
+    return m.locator("[data-testid='stMetricValue']").inner_text().strip()
+
+
+def wait_metric(page, label: str, value: str) -> None:
+    deadline = time.monotonic() + STEP_TIMEOUT_MS / 1000
+    while time.monotonic() < deadline:
+        try:
+            if metric(page, label) == value:
+                idle(page)
+                return
+        except Exception:  # noqa: BLE001 - the element is being redrawn
+            pass
+        page.wait_for_timeout(100)
+    raise AssertionError(f"metric {label!r} never showed {value!r} (last: {metric(page, label)!r})")
+
+
+def current_sample(page) -> int:
+    head = page.get_by_role("heading", name=re.compile(r"^Sample \d+")).first.inner_text()
+    return int(re.search(r"\d+", head).group())
+
+
+def given_label(page) -> str:
+    text = page.locator("[data-testid='stMarkdownContainer'] p", has_text="Given label:").first.inner_text()
+    return re.search(r"Given label:\s*(\S+)", text).group(1)
+
+
+def choose(page, key: str, option: str) -> None:
+    """Pick an option of the selectbox with widget key ``key``."""
+    page.locator(f".st-key-{key}").get_by_role("combobox").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+# --- the test --------------------------------------------------------------------------------
+
+def test_sample_project_score_review_export(page, server, workspace):
+    t0 = time.monotonic()
+    page.goto(server.url + "/")
+    idle(page)
+
+    # Home: one click opens the sample project (copied into the workspace).
+    page.get_by_role("button", name="Try the sample project").click()
+    page.get_by_role("heading", name=re.compile("^Open: ")).wait_for()
+    idle(page)
+    project = workspace / "mnist-sample"
+    assert (project / "diffin.toml").is_file()
+
+    # Score: replace the default method by "loss" (fast) and start; wait for "done" on the page.
+    go(page, "Score")
+    methods = page.locator(".st-key-score_methods")
+    remove = methods.get_by_role("button", name=re.compile("^Remove "))
+    remove.first.wait_for()                  # the default choice ("diffin", slow) is shown
+    while remove.count():
+        n = remove.count()
+        remove.first.click()
+        page.wait_for_function(
+            "([sel, n]) => document.querySelectorAll(sel).length < n",
+            arg=[".st-key-score_methods [data-tag] button", n])
+        idle(page)
+    box = methods.get_by_role("combobox")
+    box.click()
+    box.fill("loss")
+    page.get_by_role("option", name="loss", exact=True).click()
+    page.keyboard.press("Escape")
+    idle(page)
+    assert [t.strip() for t in methods.locator("[data-tag]").all_inner_texts()] == ["loss"]
+    page.get_by_role("button", name="Start scoring").click()
+    page.get_by_text(re.compile(r"^loss: done in")).wait_for(timeout=SCORING_TIMEOUT_MS)
+    page.locator("[data-testid='stDataFrame']").first.wait_for()   # the finished-runs table
+    idle(page)
+    runs = [p.name for p in (project / "runs").iterdir() if not p.name.startswith(".")]
+    assert runs == ["loss-1"], runs
+    scores = pd.read_parquet(project / "runs" / "loss-1" / "scores.parquet")
+    ranked = scores.sort_values("label_issue", ascending=False, kind="stable")["sample_id"].tolist()
+
+    # Review: 5 one-click decisions, each followed by the next sample of the queue.
+    go(page, "Review")
+    wait_metric(page, "Reviewed", "0")
+    plan = ["exclude", "exclude", "keep", "relabel", "exclude"]
+    done: dict[int, tuple[str, int | None]] = {}
+    for n, action in enumerate(plan, start=1):
+        sid = current_sample(page)
+        assert sid == ranked[n - 1], (n, sid, ranked[:6])   # the queue is ranked by label_issue
+        new = None
+        if action == "relabel":
+            given = int(scores.loc[scores["sample_id"] == sid, "label"].iloc[0])
+            assert given_label(page) == str(given)   # label names of the sample project are "0".."9"
+            new = next(y for y in range(10) if y != given)   # a label that really changes
+            choose(page, "review_new_label", str(new))
+            page.get_by_role("button", name=f"Relabel to {new}", exact=True).wait_for()
+            idle(page)
+            page.locator(".st-key-review_relabel").get_by_role("button").click()
+        else:
+            page.locator(f".st-key-review_{action}").get_by_role("button").click()
+        wait_metric(page, "Reviewed", str(n))
+        assert current_sample(page) != sid
+        done[sid] = (action, new)
+    assert metric(page, "Excluded") == "3" and metric(page, "Relabelled") == "1"
+    assert metric(page, "Remaining") == str(len(scores) - 5)
+
+    from diffin_core.review import ReviewLog
+    with ReviewLog(project) as log:
+        state = log.state()
+    assert {int(s): (a, None if pd.isna(lab) else int(lab)) for s, a, lab in
+            zip(state.index, state["action"], state["label"])} == done
+
+    # Export: the cleaned split (review decisions applied) as .npz.
+    go(page, "Export")
+    page.get_by_text("3 excluded, 1 relabelled, 1 kept", exact=False).wait_for()
+    page.get_by_role("radio", name=re.compile("^Cleaned split")).check()
+    idle(page)
+    fmt = page.locator(".st-key-export_format").get_by_role("combobox")
+    if fmt.input_value() != "npz":
+        choose(page, "export_format", "npz")
+        idle(page)
+    page.get_by_role("button", name="Write export").click()
+    page.get_by_text(re.compile(r"^Wrote ")).wait_for()
+    idle(page)
+    out = project / "exports" / "mnist-sample-clean-npz.npz"
+    assert out.is_file(), sorted(p.name for p in (project / "exports").iterdir())
+    assert page.get_by_role("button", name=f"Download {out.name}").is_visible()
+
+    # The file on disk: exactly the excluded samples are gone, the relabel is applied.
+    with np.load(project / "data" / "train.npz") as z:
+        train_y = z["y"].astype(np.int64)
+        train_x = z["x"]
+        train_ids = z["ids"].astype(np.int64) if "ids" in z.files else np.arange(len(train_y))
+    with np.load(out) as z:
+        x, y, ids = z["x"], z["y"], z["ids"]
+    excluded = {int(s) for s in state.index[state["action"] == "exclude"]}
+    assert len(excluded) == 3
+    assert set(ids.tolist()) == set(train_ids.tolist()) - excluded
+    assert len(ids) == len(train_ids) - 3 == len(y) == len(x)
+    row = {int(s): i for i, s in enumerate(train_ids)}
+    rows = np.array([row[int(s)] for s in ids])
+    expected = train_y[rows].copy()
+    for sid, (action, new) in done.items():
+        if action == "relabel":
+            i = int(np.flatnonzero(ids == sid)[0])
+            assert y[i] == new != train_y[row[sid]]
+            expected[i] = new
+    np.testing.assert_array_equal(y, expected)
+    flat = train_x[rows].reshape(len(rows), -1).astype(np.float32)
+    if train_x.dtype == np.uint8:
+        flat = flat / 255.0
+    np.testing.assert_allclose(x.reshape(len(x), -1), flat, atol=1e-6)
+    assert time.monotonic() - t0 < 240
