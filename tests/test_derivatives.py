@@ -85,3 +85,15 @@ def test_segments_cover_training_and_centre_on_checkpoints():
     assert list(seg) == [25, 50, 50, 25]
     assert segment_lengths([40, 80]).tolist() == [60, 20]
     assert segment_lengths([7]).tolist() == [7]
+
+
+def test_conjugate_gradient_solves_spd_and_stays_finite_on_indefinite():
+    from diffin_core.methods.influence_function import conjugate_gradient
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    b = torch.tensor(rng.normal(size=20))
+    spd = torch.tensor(q @ np.diag(np.linspace(0.5, 4, 20)) @ q.T)
+    assert torch.allclose(spd @ conjugate_gradient(lambda v: spd @ v, b, 100, tol=1e-10), b, atol=1e-6)
+    indefinite = torch.tensor(q @ np.diag(np.linspace(-3, 4, 20)) @ q.T)
+    x = conjugate_gradient(lambda v: indefinite @ v, b, 100)
+    assert torch.isfinite(x).all() and torch.dot(x, b) > 0

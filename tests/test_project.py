@@ -106,3 +106,18 @@ def test_exported_program_scores_like_the_factory(tiny, tmp_path):
     a = pd.read_parquet(score(dest, "tracin", run="x") / "scores.parquet")
     b = pd.read_parquet(score(tiny, "tracin", run="y") / "scores.parquet")
     assert np.allclose(a["influence"], b["influence"], rtol=1e-4, atol=1e-10)
+
+
+def test_influence_function_large_model_path_is_finite_and_agrees_with_explicit(tiny):
+    """Above explicit_max_params the CG/Lanczos path runs; it must stay finite on a
+    non-convex net and rank like the explicit solve."""
+    from scipy.stats import spearmanr
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.scoring import project_context, run_method
+    project = Project(tiny)
+    q = project.query
+    explicit = run_method(project_context(project, ScoreSettings()), "influence-function", q.x, q.y)
+    ctx = project_context(project, ScoreSettings(explicit_max_params=0, hessian_batch=96))
+    cg = run_method(ctx, "influence-function", q.x, q.y)
+    assert np.isfinite(cg["influence"]).all() and np.isfinite(cg["self_influence"]).all()
+    assert spearmanr(cg["influence"], explicit["influence"])[0] > 0.8

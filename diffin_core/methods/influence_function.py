@@ -18,13 +18,19 @@ from .first_order import rowdot
 
 
 def conjugate_gradient(matvec, b: torch.Tensor, iters: int, tol: float = 1e-6) -> torch.Tensor:
+    """Solve A x = b by CG. A non-convex net's damped Hessian can still be indefinite: on a
+    direction of non-positive curvature CG stops and returns its current iterate (Steihaug),
+    which keeps the solution finite and on the well-conditioned part of the spectrum."""
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs = torch.dot(r, r)
     for _ in range(iters):
         ap = matvec(p)
-        alpha = rs / torch.dot(p, ap).clamp_min(1e-30)
+        curvature = torch.dot(p, ap)
+        if not curvature > 0:
+            return x if torch.any(x != 0) else b      # first step already indefinite: grad-dot
+        alpha = rs / curvature
         x += alpha * p
         r -= alpha * ap
         rs_new = torch.dot(r, r)
