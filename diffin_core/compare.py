@@ -26,3 +26,21 @@ def disagreements(a: pd.DataFrame, b: pd.DataFrame, column: str = "label_issue",
     df["gap"] = (df["rank_a"] - df["rank_b"]).abs()
     return df.sort_values("gap", ascending=False, kind="stable").head(n).reset_index(drop=True)
 
+
+
+def histograms(values, groups, bins: int = 80) -> pd.DataFrame:
+    """Per-group counts over shared bins (columns group, centre, width, count); NaNs dropped.
+
+    Binned on the server so a page sends a few hundred numbers, not one per sample.
+    """
+    import numpy as np
+    values, groups = np.asarray(values, dtype=float), np.asarray(groups)
+    ok = np.isfinite(values)
+    if not ok.any():
+        return pd.DataFrame(columns=["group", "centre", "width", "count"])
+    edges = np.histogram_bin_edges(values[ok], bins=bins)
+    centre, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    frames = [pd.DataFrame({"group": g, "centre": centre, "width": width,
+                            "count": np.histogram(values[ok & (groups == g)], bins=edges)[0]})
+              for g in pd.unique(groups[ok])]
+    return pd.concat(frames, ignore_index=True)

@@ -176,7 +176,7 @@ def photograph(url: str) -> list[Path]:
             out.append(shot(page, "score"))
 
             go(page, "Explore", "Explore")
-            page.get_by_role("tab", name="Map").click()
+            page.get_by_text("Map", exact=True).first.click()
             chart = page.locator(".st-key-explore_map [data-testid='stPlotlyChart'], "
                                  "[data-testid='stPlotlyChart']").first
             chart.wait_for()

@@ -23,10 +23,13 @@ if run is None:
 scores = ui.scores(project, run)
 jm = ui.job_manager()
 st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")
-tab_top, tab_map, tab_hist, tab_cmp = st.tabs(["Top-k for a query", "Map", "Histograms", "Compare runs"])
+# Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
+VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs"]
+view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
+MAP_POINTS = 20_000
 
 # --- top-k ---------------------------------------------------------------------------------
-with tab_top:
+if view == VIEWS[0]:
     q = project.query
     c = st.columns([1, 1, 2])
     st.session_state.setdefault("explore_query", 0)
@@ -60,7 +63,7 @@ with tab_top:
             ui.sample_grid(project, harmful)
 
 # --- map -----------------------------------------------------------------------------------
-with tab_map:
+elif view == VIEWS[1]:
     coords = maps.load(project, run)
     job_id = st.session_state.get(f"explore_map_job_{run}")
     job = jm.get(job_id) if job_id else None
@@ -88,15 +91,26 @@ with tab_map:
         state = ui.review_log(str(project.root)).state()
         df = scores.merge(coords, on="sample_id")
         df["flag"] = df["sample_id"].map(state["action"]).astype(object).fillna("undecided")
-        df["label_name"] = [ui.label_name(project, y) for y in df["label"]]
+        names = dict(enumerate(project.label_names or []))
+        df["label_name"] = df["label"].map(lambda y: names.get(int(y), str(int(y))))
         color = st.selectbox("Colour by", ["influence", "self_influence", "label_issue", "label", "flag"],
                              key="explore_color")
-        if len(df) > 100_000:
-            df = df.sample(100_000, random_state=0)
+        if len(df) > MAP_POINTS:   # keep every decided and the most suspicious samples, sample the rest
+            keep = (df["flag"] != "undecided") | (df["label_issue"].rank(ascending=False) <= MAP_POINTS // 4)
+            rest = df[~keep].sample(max(0, MAP_POINTS - int(keep.sum())), random_state=0)
+            df = df[keep | df.index.isin(rest.index)]
+            st.caption(f"Showing {len(df):,} points: every reviewed sample, the most suspicious, and a random rest.")
+        numeric = color not in ("label", "flag")
+        extra = {}
+        if numeric:
+            lo, hi = np.nanpercentile(df[color], [1, 99]) if df[color].notna().any() else (0.0, 1.0)
+            extra = dict(color_continuous_scale="RdBu" if color == "influence" else "Viridis",
+                         range_color=(min(lo, -abs(hi)), max(hi, abs(lo))) if color == "influence" else (lo, hi))
         fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
-                         custom_data=["sample_id"], hover_data=["sample_id", "label", "pred", "label_issue"],
-                         render_mode="webgl", height=560, opacity=0.7)
-        fig.update_traces(marker={"size": 4})
+                         custom_data=["sample_id", "label", "pred", "label_issue"],
+                         render_mode="webgl", height=560, opacity=0.7, **extra)
+        fig.update_traces(marker={"size": 4}, hovertemplate="sample %{customdata[0]} · label %{customdata[1]} · "
+                          "pred %{customdata[2]} · label_issue %{customdata[3]:.3g}<extra></extra>")
         fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 20, "b": 0})
         event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("lasso", "points"))
         ids = ui.selected_ids(event)
@@ -108,17 +122,19 @@ with tab_map:
             st.caption("Draw a lasso around points to list those samples here.")
 
 # --- histograms ----------------------------------------------------------------------------
-with tab_hist:
+elif view == VIEWS[2]:
     cols = [c for c in ("influence", "self_influence", "label_issue", "loss") if scores[c].notna().any()]
     col = st.selectbox("Score", cols, key="explore_hist_col")
-    hist = scores.copy()
-    hist["given label"] = (np.where(hist["label"] == hist["true_label"], "correct", "flipped")
-                           if "true_label" in hist else "unknown")
-    st.plotly_chart(px.histogram(hist, x=col, color="given label", nbins=80, barmode="overlay", log_y=True),
-                    key="explore_hist")
+    group = (np.where(scores["label"] == scores["true_label"], "correct", "flipped")
+             if "true_label" in scores else np.full(len(scores), "unknown"))
+    bins = compare.histograms(scores[col].to_numpy(), group, bins=80)   # binned here: a few KB to the browser
+    fig = px.bar(bins, x="centre", y="count", color="group", barmode="overlay", log_y=True, opacity=0.6,
+                 labels={"centre": col, "group": "given label"})
+    fig.update_traces(width=float(bins["width"].iloc[0]) if len(bins) else None)
+    st.plotly_chart(fig, key="explore_hist")
 
 # --- compare -------------------------------------------------------------------------------
-with tab_cmp:
+else:
     names = [r.name for r in project.runs()]
     if len(names) < 2:
         st.info("Score with a second method to compare two runs.")

@@ -38,12 +38,26 @@ def test_map_from_cache_and_histograms(scored):
     pd.DataFrame({"sample_id": np.arange(n), "umap_x": np.random.rand(n), "umap_y": np.random.rand(n)}).to_parquet(
         scored / "runs/loss-1/umap.parquet")
     at = new_app(scored, "pages/3_Explore.py")
+    assert "explore_color" not in [s.key for s in at.selectbox]     # only the chosen view is drawn
+    at.radio(key="explore_view").set_value("Map").run()
     assert at.selectbox(key="explore_color").options == ["influence", "self_influence", "label_issue", "label", "flag"]
     for colour in ("label", "flag"):
         at.selectbox(key="explore_color").set_value(colour).run()
         assert not at.exception
     assert "Draw a lasso" in " ".join(texts(at.caption))
+    at.radio(key="explore_view").set_value("Histograms").run()
+    assert not at.exception
     assert "influence" in at.selectbox(key="explore_hist_col").options
+
+
+def test_histograms_bin_per_group_on_shared_edges():
+    from diffin_core.compare import histograms
+    values = np.array([0.0, 0.1, 0.2, 0.9, 1.0, np.nan])
+    groups = np.array(["a", "a", "b", "b", "b", "a"])
+    h = histograms(values, groups, bins=2)
+    assert set(h["group"]) == {"a", "b"} and len(h) == 4
+    assert h.groupby("group")["count"].sum().to_dict() == {"a": 2, "b": 3}
+    assert h[h.group == "b"]["count"].tolist() == [1, 2]
 
 
 def test_lasso_ids_decode_both_shapes():
@@ -62,6 +76,7 @@ def test_compare_two_runs(scored):
     meta["run"] = "loss-2"
     (other / "meta.json").write_text(json.dumps(meta))
     at = new_app(scored, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Compare runs").run()
     assert at.selectbox(key="explore_cmp_a").value != at.selectbox(key="explore_cmp_b").value
     r = float([m.value for m in at.metric if "Spearman" in m.label][0])
     a, b = pd.read_parquet(scored / "runs/loss-1/scores.parquet"), df
@@ -81,6 +96,7 @@ def test_compare_helpers():
 @pytest.mark.skipif(not os.environ.get("DIFFIN_SLOW"), reason="UMAP's first fit compiles for ~1 min; set DIFFIN_SLOW=1")
 def test_map_computed_in_background(scored, jobs):
     at = new_app(scored, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Map").run()
     at.button(key="explore_map_compute").click().run()
     job = jobs.list()[0]
     assert jobs.wait(job.id, timeout=600).status == "done"

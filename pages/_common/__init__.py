@@ -126,9 +126,9 @@ def review_log(root: str):
     return ReviewLog(root)
 
 
-@st.cache_data(max_entries=8, show_spinner=False)
+@st.cache_resource(max_entries=8, show_spinner=False)
 def positions(root: str, stamp: float) -> dict:
-    """sample_id -> row of the training split."""
+    """sample_id -> row of the training split (shared, never mutated: no per-call copy)."""
     ids = open_project(root).train.ids
     return {int(s): i for i, s in enumerate(ids)}
 
