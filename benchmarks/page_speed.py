@@ -23,9 +23,10 @@ Review holds 1,000 decisions (600 exclude, 200 relabel, 200 keep). Two modes per
             (script run + websocket + React render of the deltas; plotly's canvas drawing after
             that is not included). Each repeat comes from a different page.
 
-Explore is measured twice: as opened ("explore": every tab's content incl. the 50k-point map and
-histograms) and after "Find the most helpful and harmful" for query 0 ("explore+topk": the two
-image grids too). Results: benchmarks/results/page_speed.csv (page, mode, n_train, median_s,
+Explore is measured as opened ("explore": the top-k view), after "Find the most helpful and
+harmful" for query 0 ("explore+topk": the two image grids too), and for its Map and Histograms
+views ("explore+map", "explore+hist": from choosing the view until it is drawn; the map shows at
+most 20,000 of the 50,000 points). Results: benchmarks/results/page_speed.csv (page, mode, n_train, median_s,
 p90_s) and page_speed.png.
 """
 from __future__ import annotations
@@ -61,9 +62,13 @@ PAGES = {
     "score": ("pages/2_Score.py", "Score", "Score"),
     "explore": ("pages/3_Explore.py", "Explore", "Explore"),
     "explore+topk": ("pages/3_Explore.py", "Explore", "Explore"),
+    "explore+map": ("pages/3_Explore.py", "Explore", "Explore"),
+    "explore+hist": ("pages/3_Explore.py", "Explore", "Explore"),
     "review": ("pages/4_Review.py", "Review", "Review suspects"),
     "export": ("pages/5_Export.py", "Export", "Export"),
 }
+# Explore draws one view at a time; these are timed from choosing the view until it is drawn.
+VIEWS = {"explore+map": ("Map", "explore_map"), "explore+hist": ("Histograms", "explore_hist")}
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -199,6 +204,8 @@ def bench_apptest(workspace: Path, project: Path, repeats: int, n: int) -> list[
         if name == "explore+topk":
             at.button(key="explore_topk").click().run()
             assert at.session_state["explore_topk_for"] == ("diffin-1", 0)
+        if name in VIEWS:
+            at.radio(key="explore_view").set_value(VIEWS[name][0]).run()
         first = time.perf_counter() - t
         assert not at.exception, (name, at.exception)
         times = []
@@ -293,6 +300,13 @@ def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[
                     for _ in range(repeats):
                         visit(*other)
                         times.append(visit(link, title))
+                        if name in VIEWS:                      # then the view itself
+                            label, key = VIEWS[name]
+                            t = time.perf_counter()
+                            page.get_by_text(label, exact=True).first.click()
+                            page.locator(f".st-key-{key}").first.wait_for()
+                            page.wait_for_selector(IDLE)
+                            times[-1] = time.perf_counter() - t
                     if name == "explore+topk":
                         assert page.get_by_text("Most harmful", exact=False).count() > 0
                     med, p90 = stats(times)
