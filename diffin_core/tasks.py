@@ -216,6 +216,27 @@ def _retrain(project, recipe, keep: np.ndarray, seed: int) -> dict:
     return query_metrics(model, project.query.x, project.query.y)
 
 
+def predicted_loss_change(scores, remove_ids) -> float:
+    """Predicted change of the mean query loss (nats) if ``remove_ids`` were left out of
+    training: the sum of their influences (first-order additivity; > 0 = the loss would rise)."""
+    mask = np.isin(scores["sample_id"].to_numpy(), np.asarray(list(remove_ids), dtype=np.int64))
+    return float(np.nansum(scores["influence"].to_numpy()[mask]))
+
+
+def whatif_results(project, run: str) -> list[dict]:
+    """Stored verify-by-retraining results of a run, newest first."""
+    folder = project.run(run).path / "whatif"
+    out = []
+    for path in folder.glob("*.json") if folder.is_dir() else []:
+        if path.name.startswith("baseline-"):
+            continue
+        try:
+            out.append(json.loads(path.read_text()))
+        except (json.JSONDecodeError, OSError):
+            continue
+    return sorted(out, key=lambda r: r.get("created", 0), reverse=True)
+
+
 def whatif_key(run: str, remove_ids, seed: int) -> str:
     ids = ",".join(str(int(i)) for i in sorted(set(int(i) for i in remove_ids)))
     return hashlib.sha1(f"{run}|{seed}|{ids}".encode()).hexdigest()[:16]
@@ -255,7 +276,7 @@ def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run:
     train_ids = project.train.ids
     if len(train_ids) != len(ids) or not np.array_equal(train_ids, ids):
         raise DiffinError(f"run {info.name!r} was scored on a different train split", info.path)
-    predicted = float(np.nansum(scores["influence"].to_numpy()[removed_mask]))
+    predicted = predicted_loss_change(scores, remove)
     recipe, _ = project.load_callable(project.recipe, "[train] recipe")
     started = time.time()
     whatif = info.path / "whatif"

@@ -115,6 +115,8 @@ elif view == VIEWS[1]:
         event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("lasso", "points"))
         ids = ui.selected_ids(event)
         if ids:
+            st.session_state["explore_selected_ids"] = ids      # the What-if page can remove them
+        if ids:
             chosen = df[df["sample_id"].isin(ids)].sort_values("label_issue", ascending=False)
             st.markdown(f"**{len(chosen):,} selected** (the 48 most suspicious shown)")
             ui.sample_grid(project, chosen.head(48), score_col="label_issue")
