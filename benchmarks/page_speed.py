@@ -36,14 +36,10 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +47,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from served_app import CHROMIUM, CHROMIUM_ARGS, IDLE, Server  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 PROJECT = "mnist-50k"
 TARGET_S = 1.0
@@ -69,10 +67,6 @@ PAGES = {
 }
 # Explore draws one view at a time; these are timed from choosing the view until it is drawn.
 VIEWS = {"explore+map": ("Map", "explore_map"), "explore+hist": ("Histograms", "explore_hist")}
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 
 def log(msg: str) -> None:
@@ -227,36 +221,12 @@ def bench_apptest(workspace: Path, project: Path, repeats: int, n: int) -> list[
 
 # --- real browser ---------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[dict]:
     from playwright.sync_api import sync_playwright
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    logfile = open(Path(tempfile.gettempdir()) / f"page_speed_streamlit_{port}.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-         "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none", "--", "--workspace", str(workspace)],
-        cwd=ROOT, env={**os.environ, "DIFFIN_WORKSPACE": str(workspace)}, stdout=logfile,
-        stderr=subprocess.STDOUT, start_new_session=True)
     rows = []
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.read().strip() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start; see {logfile.name}")
-            time.sleep(0.25)
+    log_path = Path(tempfile.gettempdir()) / "page_speed_streamlit.log"
+    with Server(workspace, log_path) as srv:
+        url = srv.url
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             try:
@@ -315,15 +285,6 @@ def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[
                                  "median_s": round(med, 4), "p90_s": round(p90, 4)})
             finally:
                 browser.close()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        logfile.close()
     return rows
 
 

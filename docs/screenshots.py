@@ -15,25 +15,18 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from served_app import CHROMIUM, CHROMIUM_ARGS, IDLE, Server  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 WIDTH, HEIGHT = 1400, 2000
 MAX_BYTES = 500_000
 
@@ -74,46 +67,6 @@ def prepare(workspace: Path) -> Path:
                     rl.decide(int(r.sample_id), "exclude", user="docs", run="diffin-1", method="diffin")
     appstate.remember(workspace, project_dir)
     return project_dir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(workspace: Path, logfile) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port),
-           "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-           "--", "--workspace", str(workspace)]
-    env = {**os.environ, "DIFFIN_WORKSPACE": str(workspace)}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logfile, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"streamlit exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                if r.read().strip() == b"ok":
-                    return proc, url
-        except OSError:
-            pass
-        time.sleep(0.25)
-    raise RuntimeError("streamlit did not become healthy")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def settle(page, extra_ms: int = 600) -> None:
@@ -207,12 +160,8 @@ def main() -> None:
         ws = (args.workspace or Path(tmp) / "ws").resolve()
         ws.mkdir(parents=True, exist_ok=True)
         prepare(ws)
-        with open(Path(tmp) / "streamlit.log", "wb") as logfile:
-            proc, url = serve(ws, logfile)
-            try:
-                photograph(url)
-            finally:
-                stop(proc)
+        with Server(ws, Path(tmp) / "streamlit.log") as srv:
+            photograph(srv.url)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Home and Score pages: the sample project in one click, a scoring job seen to finish, cancel, failure."""
 from __future__ import annotations
 
-import pandas as pd
 from app_fixtures import jobs, new_app, scored, loss_run, table_with, texts, workspace  # noqa: F401
 
 

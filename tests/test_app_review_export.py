@@ -1,7 +1,6 @@
 """Review decisions persist into a fresh session; exports contain exactly the reviewed result."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import zipfile

@@ -1,5 +1,4 @@
 """Bad input: a one-line error naming the file and the problem, exit status 2, nothing on disk changed."""
-import collections
 import json
 import re
 import shutil

@@ -7,25 +7,16 @@ against the review log: exactly the excluded samples are gone and the relabel is
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
+from served_app import CHROMIUM, CHROMIUM_ARGS, IDLE, Server
+
 SCORING_TIMEOUT_MS = 150_000   # "loss" on the 4,000 sample digits takes ~10 s on 2 CPU cores
 STEP_TIMEOUT_MS = 60_000
 
@@ -34,60 +25,6 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).is_file(),
                        reason=f"{CHROMIUM} is missing: `apt-get install -y chromium` (scripts/test.sh does it)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`streamlit run app.py` on 127.0.0.1:<free port> with its own workspace; always stopped."""
-
-    def __init__(self, workspace: Path, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "DIFFIN_WORKSPACE": str(workspace), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-               "--server.address", "127.0.0.1", "--server.port", str(self.port),
-               "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
-               "--", "--workspace", str(workspace)]
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
-    def wait_healthy(self, timeout: float = 90.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"streamlit exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200 and r.read().strip() == b"ok":
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"streamlit was not healthy after {timeout:.0f} s:\n{self.log()}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)   # its own session: the job worker goes too
-                self.proc.wait(timeout=15)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=15)
-        self._log.close()
 
 
 @pytest.fixture
@@ -99,12 +36,8 @@ def workspace(tmp_path):
 
 @pytest.fixture
 def server(workspace, tmp_path):
-    srv = Server(workspace, tmp_path / "streamlit.log")
-    try:
-        srv.wait_healthy()
+    with Server(workspace, tmp_path / "streamlit.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ Lanczos view of H_B (a per-sample HVP with the full batch would cost N batch gra
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..lanczos import lanczos
