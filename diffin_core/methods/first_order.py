@@ -64,7 +64,6 @@ class GradCos(GradDot):
         g = ctx.fm.per_sample_grads(ctx.thetas[-1], x, y)
         norms = torch.linalg.vector_norm(g, dim=1)
         cos = (g @ gq) / (norms * torch.linalg.vector_norm(gq)).clamp_min(1e-30)
-        self._norms = norms
         return cos, (norms if need_self else None)
 
     def run(self, ctx, qx, qy, need_self=True):
