@@ -1,7 +1,9 @@
-"""The training-set map: UMAP of the final checkpoint's penultimate activations.
+"""The training-set map: UMAP of the final checkpoint's penultimate activations, or of its
+per-sample loss gradients randomly projected to 128 dimensions (TRAK-style, fixed seed).
 
-The 2-D coordinates are cached in runs/<run>/umap.parquet (sample_id, umap_x, umap_y); the first
-fit in a process compiles numba code (about a minute), so the app runs ``compute`` as a job.
+The 2-D coordinates are cached in runs/<run>/umap.parquet (activations) or
+runs/<run>/umap-gradients.parquet (sample_id, umap_x, umap_y); the first fit in a process
+compiles numba code (about a minute), so the app runs ``compute`` as a job.
 """
 from __future__ import annotations
 
@@ -15,40 +17,57 @@ from .atomic import atomic_path
 from .models import penultimate
 from .project import Project
 
-FILE = "umap.parquet"
+FILES = {"activations": "umap.parquet", "gradients": "umap-gradients.parquet"}
+PROJECTED_DIM = 128
 
 
-def cache_path(project: Project, run: str) -> Path:
-    return project.run(run).path / FILE
+def cache_path(project: Project, run: str, kind: str = "activations") -> Path:
+    return project.run(run).path / FILES[kind]
 
 
-def features(project: Project, batch: int = 1024, progress=None) -> np.ndarray:
-    """(N, D) penultimate activations of the final model over the training split."""
+def features(project: Project, kind: str = "activations", batch: int = 256, progress=None,
+             seed: int = 0) -> np.ndarray:
+    """(N, D) features of the training split at the final checkpoint: penultimate activations,
+    or per-sample gradients times a fixed Gaussian projection (P, 128) / sqrt(128), which keeps
+    gradient inner products in expectation (Johnson-Lindenstrauss)."""
+    if kind not in FILES:
+        raise ValueError(f"unknown map features {kind!r}; choose from {list(FILES)}")
     model = project.final_model()
-    x = project.train.x
+    x, y = project.train.x, project.train.y
+    if kind == "gradients":
+        from .functional import FunctionalModel
+        fm = FunctionalModel(model)
+        theta = fm.theta_of(model)
+        gen = torch.Generator().manual_seed(seed)
+        proj = torch.randn(fm.num_params, PROJECTED_DIM, generator=gen) / PROJECTED_DIM ** 0.5
     out = []
-    with torch.no_grad():
-        for start in range(0, len(x), batch):
-            out.append(penultimate(model, torch.as_tensor(x[start:start + batch])).numpy())
-            if progress:
-                progress(min(start + batch, len(x)), len(x), "features")
+    for start in range(0, len(x), batch):
+        xb = torch.as_tensor(x[start:start + batch])
+        if kind == "gradients":
+            g = fm.per_sample_grads(theta, xb, torch.as_tensor(y[start:start + batch]))
+            out.append((g @ proj).numpy())
+        else:
+            with torch.no_grad():
+                out.append(penultimate(model, xb).numpy())
+        if progress:
+            progress(min(start + batch, len(x)), len(x), f"features ({kind})")
     return np.concatenate(out).astype(np.float32)
 
 
-def load(project: Project, run: str) -> pd.DataFrame | None:
+def load(project: Project, run: str, kind: str = "activations") -> pd.DataFrame | None:
     """The cached map, or None when not computed yet."""
-    p = cache_path(project, run)
+    p = cache_path(project, run, kind)
     return pd.read_parquet(p) if p.is_file() else None
 
 
-def compute(project: Project, run: str, progress=None, seed: int = 0) -> Path:
-    """Fit UMAP on the features and write runs/<run>/umap.parquet atomically."""
+def compute(project: Project, run: str, progress=None, seed: int = 0, kind: str = "activations") -> Path:
+    """Fit UMAP on the features and write the run's map file atomically."""
     import umap
-    feats = features(project, progress=progress)
+    feats = features(project, kind, progress=progress, seed=seed)
     if progress:
         progress(len(feats), len(feats), "fitting UMAP (the first fit compiles for about a minute)")
     xy = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(feats)
     df = pd.DataFrame({"sample_id": project.train.ids, "umap_x": xy[:, 0], "umap_y": xy[:, 1]})
-    with atomic_path(cache_path(project, run)) as tmp:
+    with atomic_path(cache_path(project, run, kind)) as tmp:
         df.to_parquet(tmp, index=False)
-    return cache_path(project, run)
+    return cache_path(project, run, kind)

@@ -64,20 +64,23 @@ if view == VIEWS[0]:
 
 # --- map -----------------------------------------------------------------------------------
 elif view == VIEWS[1]:
-    coords = maps.load(project, run)
-    job_id = st.session_state.get(f"explore_map_job_{run}")
+    FEATURES = {"penultimate activations": "activations", "projected gradients": "gradients"}
+    kind = FEATURES[st.radio("Map features", list(FEATURES), horizontal=True, key="explore_map_features")]
+    coords = maps.load(project, run, kind)
+    job_id = st.session_state.get(f"explore_map_job_{run}_{kind}")
     job = jm.get(job_id) if job_id else None
     if coords is None:
-        st.write("The map is UMAP of the final model's penultimate activations, computed once per run in "
-                 "the background (the first fit in a server compiles for about a minute).")
+        st.write("The map is UMAP of the final model's penultimate activations or of its per-sample "
+                 "gradients (randomly projected to 128 dimensions), computed once per run in the "
+                 "background (the first fit in a server compiles for about a minute).")
         if job is None or job.status not in ("queued", "running"):
             if job is not None and job.status == "failed":
                 st.error(f"The map failed: {job.error}")
             if st.button("Compute the map", key="explore_map_compute"):
                 root = str(project.root)
-                st.session_state[f"explore_map_job_{run}"] = jm.submit(
-                    "umap", lambda p: str(maps.compute(ui.open_project(root), run, progress=p.update)),
-                    label=f"map of {run}", project_dir=root)
+                st.session_state[f"explore_map_job_{run}_{kind}"] = jm.submit(
+                    "umap", lambda p: str(maps.compute(ui.open_project(root), run, progress=p.update, kind=kind)),
+                    label=f"map of {run} ({kind})", project_dir=root)
                 st.rerun()
         else:
             @st.fragment(run_every=1.0)
