@@ -154,10 +154,10 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
                out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the K samples most harmful for the query set."""
-    from .tasks import drop_most_harmful
+    from .tasks import drop_most_harmful, predicted_loss_change
     scores = _run_scores(project, run)
     removed = drop_most_harmful(scores, k)
-    predicted = float(scores["influence"].to_numpy()[removed].sum())
+    predicted = predicted_loss_change(scores, scores["sample_id"].to_numpy()[removed])
     typer.echo(f"predicted change of the mean query loss: {predicted:+.4g} nats")
     _subset_export(project, run, out, fmt, ~removed, f"deletion: dropped the {k} most harmful (lowest influence)",
                    {"k": k, "column": "influence", "predicted_query_loss_change": predicted})

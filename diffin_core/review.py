@@ -115,26 +115,25 @@ class ReviewLog:
                            "WHERE sample_id = ? ORDER BY id DESC LIMIT 1", (sample_id,)).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
+    def _index(self, value, what: str) -> int:
+        """A non-negative integer (sample id or label), or a one-line DiffinError."""
+        try:
+            i = operator.index(value)
+        except TypeError:
+            raise DiffinError(f"{what} {value!r} is not an integer", self.path) from None
+        if i < 0:
+            raise DiffinError(f"{what} {i} is negative", self.path)
+        return i
+
     def _check(self, sample_id, action: str, new_label) -> tuple[int, int | None]:
         if action not in DECISIONS:
             raise DiffinError(f"unknown review action {action!r} (expected one of "
                               f"{', '.join(DECISIONS)})", self.path)
-        try:
-            sid = operator.index(sample_id)
-        except TypeError:
-            raise DiffinError(f"sample id {sample_id!r} is not an integer", self.path) from None
-        if sid < 0:
-            raise DiffinError(f"sample id {sid} is negative", self.path)
+        sid = self._index(sample_id, "sample id")
         if action == "relabel":
             if new_label is None:
                 raise DiffinError(f"relabel of sample {sid} needs a new label", self.path)
-            try:
-                lab = operator.index(new_label)
-            except TypeError:
-                raise DiffinError(f"label {new_label!r} is not an integer", self.path) from None
-            if lab < 0:
-                raise DiffinError(f"label {lab} is negative", self.path)
-            return sid, lab
+            return sid, self._index(new_label, "label")
         if new_label is not None:
             raise DiffinError(f"action {action!r} takes no new label", self.path)
         return sid, None
