@@ -12,11 +12,7 @@ import _common as ui  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
 from diffin_core.scoring import score  # noqa: E402
 
-st.set_page_config(page_title="diffin · Score", page_icon="⚡", layout="wide")
-st.title("Score")
-project = ui.current_project()
-if project is None:
-    st.stop()
+project = ui.page("Score", "⚡")
 jm = ui.job_manager()
 st.caption(f"Project: **{project.name}** · {len(project.train):,} training samples · "
            "jobs run one at a time in a background worker shared by every session; closing the tab "

@@ -8,18 +8,12 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, compare, maps  # noqa: E402
+from diffin_core import compare, maps  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 from diffin_core.scoring import top_k  # noqa: E402
 
-st.set_page_config(page_title="diffin · Explore", page_icon="🧭", layout="wide")
-st.title("Explore")
-project = ui.current_project()
-if project is None:
-    st.stop()
-run = ui.run_picker(project, key="explore_run", default=appstate.preferred_run(project.runs()))
-if run is None:
-    st.stop()
+project = ui.page("Explore", "🧭")
+run = ui.chosen_run(project, key="explore_run")
 scores = ui.scores(project, run)
 jm = ui.job_manager()
 st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")

@@ -10,15 +10,8 @@ import _common as ui  # noqa: E402
 from diffin_core import appstate  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
-st.set_page_config(page_title="diffin · Review", page_icon="✅", layout="wide")
-st.title("Review suspects")
-project = ui.current_project()
-if project is None:
-    st.stop()
-run = ui.run_picker(project, key="review_run", label="Queue ranked by the label_issue of run",
-                    default=appstate.preferred_run(project.runs()))
-if run is None:
-    st.stop()
+project = ui.page("Review", "✅", "Review suspects")
+run = ui.chosen_run(project, key="review_run", label="Queue ranked by the label_issue of run")
 method = project.run(run).method
 scores = ui.scores(project, run)
 log = ui.review_log(str(project.root))

@@ -10,11 +10,7 @@ import _common as ui  # noqa: E402
 from diffin_core import appstate, export, tasks  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
-st.set_page_config(page_title="diffin · Export", page_icon="📦", layout="wide")
-st.title("Export")
-project = ui.current_project()
-if project is None:
-    st.stop()
+project = ui.page("Export", "📦")
 runs = project.runs()
 log = ui.review_log(str(project.root))
 counts = log.counts(len(project.train))

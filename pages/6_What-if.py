@@ -7,16 +7,10 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, tasks  # noqa: E402
+from diffin_core import tasks  # noqa: E402
 
-st.set_page_config(page_title="diffin · What-if", page_icon="🧪", layout="wide")
-st.title("What-if: remove samples, predict, verify")
-project = ui.current_project()
-if project is None:
-    st.stop()
-run = ui.run_picker(project, key="whatif_run", default=appstate.preferred_run(project.runs()))
-if run is None:
-    st.stop()
+project = ui.page("What-if", "🧪", "What-if: remove samples, predict, verify")
+run = ui.chosen_run(project, key="whatif_run")
 scores = ui.scores(project, run)
 jm = ui.job_manager()
 

@@ -64,6 +64,24 @@ def current_project() -> Project | None:
     return project
 
 
+def page(name: str, icon: str, heading: str | None = None) -> Project:
+    """Every page's head: config, title, and the open project (the script stops when none)."""
+    st.set_page_config(page_title=f"diffin · {name}", page_icon=icon, layout="wide")
+    st.title(heading or name)
+    project = current_project()
+    if project is None:
+        st.stop()
+    return project
+
+
+def chosen_run(project: Project, key: str, label: str = "Run") -> str:
+    """The run picker, defaulting to the preferred run (a diffin run first); stops when none."""
+    run = run_picker(project, key=key, label=label, default=appstate.preferred_run(project.runs()))
+    if run is None:
+        st.stop()
+    return run
+
+
 @st.cache_data(max_entries=16, show_spinner=False)
 def _scores(path: str, run: str, stamp: float):
     return open_project(path).scores(run)
