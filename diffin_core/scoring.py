@@ -142,7 +142,11 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     project = project if isinstance(project, Project) else Project(project)
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
-    cache = info.path / "topk" / (("q" + "_".join(map(str, idx)))[:120] + ".npy")
+    key = "q" + "_".join(map(str, idx))
+    if len(key) > 100:                       # long query lists: a digest, never a truncation
+        import hashlib
+        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
+    cache = info.path / "topk" / f"{key}.npy"
     if cache.is_file():
         infl = np.load(cache)
     else:

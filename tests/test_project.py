@@ -121,3 +121,14 @@ def test_influence_function_large_model_path_is_finite_and_agrees_with_explicit(
     cg = run_method(ctx, "influence-function", q.x, q.y)
     assert np.isfinite(cg["influence"]).all() and np.isfinite(cg["self_influence"]).all()
     assert spearmanr(cg["influence"], explicit["influence"])[0] > 0.8
+
+
+def test_top_k_cache_tells_long_query_lists_apart(tiny):
+    project = Project(tiny)
+    score(project, "grad-dot", run="gd")
+    a, b = list(range(0, 29)), list(range(0, 28)) + [29]          # share a long common prefix
+    top_k(project, "gd", a, k=3)
+    top_k(project, "gd", b, k=3)
+    assert len(list((project.runs_dir / "gd" / "topk").glob("*.npy"))) == 2
+    cached = top_k(project, "gd", b, k=96)[0].sort_values("sample_id")["influence"].to_numpy()
+    assert np.allclose(cached, query_influence(project, "grad-dot", b), rtol=1e-5, atol=1e-12)
