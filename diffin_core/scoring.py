@@ -135,6 +135,16 @@ def query_influence(project: Project, method: str, query_indices, settings: Scor
     return run_method(ctx, method, q.x[idx], q.y[idx], need_self=False)["influence"]
 
 
+def topk_cache_path(project: Project, run: str, query_indices) -> Path:
+    """Where the per-query influence of ``run`` for these query samples is cached (.npy)."""
+    idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
+    key = "q" + "_".join(map(str, idx))
+    if len(key) > 100:                       # long query lists: a digest, never a truncation
+        import hashlib
+        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
+    return project.run(run).path / "topk" / f"{key}.npy"
+
+
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
           progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(most helpful, most harmful) training samples for the query samples, with the run's
@@ -142,11 +152,7 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     project = project if isinstance(project, Project) else Project(project)
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
-    key = "q" + "_".join(map(str, idx))
-    if len(key) > 100:                       # long query lists: a digest, never a truncation
-        import hashlib
-        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
-    cache = info.path / "topk" / f"{key}.npy"
+    cache = topk_cache_path(project, run, idx)
     if cache.is_file():
         infl = np.load(cache)
     else:

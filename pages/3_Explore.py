@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
 from diffin_core import compare, maps  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
-from diffin_core.scoring import top_k  # noqa: E402
+from diffin_core.scoring import top_k, topk_cache_path  # noqa: E402
 
 project = ui.page("Explore", "🧭")
 run = ui.chosen_run(project, key="explore_run")
@@ -45,9 +45,32 @@ if view == VIEWS[0]:
     if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
         st.session_state["explore_topk_for"] = (run, int(qi))
     if st.session_state.get("explore_topk_for") == (run, int(qi)):
+        if not topk_cache_path(project, run, [int(qi)]).is_file():
+            # A pass over the whole training set: run it in the shared background worker.
+            job_key = f"explore_topk_job_{run}_{int(qi)}"
+            info = jm.get(st.session_state.get(job_key, ""))
+            if info is None or info.status in ("cancelled",):
+                root, query = str(project.root), int(qi)
+
+                def job(progress):      # fills the on-disk cache the grid below reads
+                    top_k(ui.open_project(root), run, [query], 1, progress=progress.update)
+                st.session_state[job_key] = jm.submit("topk", job, label=f"top-k for query {query} ({run})",
+                                                      project_dir=root)
+                info = jm.get(st.session_state[job_key])
+            if info.status == "failed":
+                st.error(f"Top-k failed: {info.error}")
+            else:
+                @st.fragment(run_every=1.0)
+                def topk_progress():
+                    job = jm.get(st.session_state[job_key])
+                    if job is None or job.status not in ("queued", "running"):
+                        st.rerun()
+                    st.progress(job.fraction, text=f"Scoring the training set against query {int(qi)} "
+                                f"in the background (cached afterwards): {job.status} · {job.message}")
+                topk_progress()
+            st.stop()
         try:
-            with st.spinner("Scoring the training set against this query (cached afterwards)…"):
-                helpful, harmful = top_k(project, run, [int(qi)], int(k))
+            helpful, harmful = top_k(project, run, [int(qi)], int(k))
         except DiffinError as e:
             st.error(str(e))
         else:

@@ -15,11 +15,14 @@ import _common
 from diffin_core import compare
 
 
-def test_topk_grid_shows_label_score_prediction(scored):
+def test_topk_grid_shows_label_score_prediction(scored, jobs):
     at = new_app(scored, "pages/3_Explore.py")
     at.number_input(key="explore_query").set_value(5).run()
     at.slider(key="explore_k").set_value(4).run()
     at.button(key="explore_topk").click().run()
+    job = jobs.list()[0]                              # computed in the shared background worker
+    assert job.kind == "topk" and jobs.wait(job.id, timeout=120).status == "done", job.error
+    at.run()
     assert not at.error and not at.exception
     cards = [c for c in texts(at.caption) if c.startswith("#")]
     assert len(cards) == 8  # 4 helpful + 4 harmful
