@@ -132,3 +132,18 @@ def test_top_k_cache_tells_long_query_lists_apart(tiny):
     assert len(list((project.runs_dir / "gd" / "topk").glob("*.npy"))) == 2
     cached = top_k(project, "gd", b, k=96)[0].sort_values("sample_id")["influence"].to_numpy()
     assert np.allclose(cached, query_influence(project, "grad-dot", b), rtol=1e-5, atol=1e-12)
+
+
+def test_cli_demo_copies_the_sample_project_and_scores_it_once(tmp_path, capsys):
+    from diffin_core.sample import SAMPLE_DIR
+    main(["demo", "--workspace", str(tmp_path), "--method", "loss"])
+    dest = tmp_path / "mnist-sample"
+    df = pd.read_parquet(dest / "runs/loss/scores.parquet")
+    assert len(df) == 4000 and "true_label" in df
+    flipped = df["label"] != df["true_label"]
+    assert flipped.sum() == 400                                       # the sample project's 10% flips
+    from sklearn.metrics import roc_auc_score
+    assert roc_auc_score(flipped, df["label_issue"]) > 0.95
+    assert not (SAMPLE_DIR / "mnist" / "runs").exists()              # the shipped copy stays clean
+    main(["demo", "--workspace", str(tmp_path), "--method", "loss"])  # second call: nothing rescored
+    assert "already scored" in capsys.readouterr().out
