@@ -104,14 +104,17 @@ def plots(tables, extras, out: Path):
         hi = np.nanmax(part["mean"] + part["std"]) if len(part) else 1
         ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
 
+    def save(fig, path):
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
     if "cleaning" in tables:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         bars(axes[0], tables["cleaning"], "test_acc", "cleaning: test accuracy after dropping the top k%")
         bars(axes[1], tables["cleaning"], "flipped_found", "cleaning: fraction of flipped labels found")
         axes[0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "cleaning.png", dpi=110)
-        plt.close(fig)
+        save(fig, out / "cleaning.png")
     if "deletion" in tables:
         t = tables["deletion"]
         t = t[t.setting.str.startswith("k=")]
@@ -130,17 +133,13 @@ def plots(tables, extras, out: Path):
             axes[2].set_yscale("symlog", linthresh=1e-5)
             axes[2].set_title("single samples", fontsize=10)
             axes[2].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "deletion.png", dpi=110)
-        plt.close(fig)
+        save(fig, out / "deletion.png")
     if "coreset" in tables:
         t = tables["coreset"]
         fig, ax = plt.subplots(figsize=(8, 4))
         bars(ax, t[t.setting.str.startswith("keep")], "test_acc", "coreset: test accuracy (balanced, retrained)")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "coreset.png", dpi=110)
-        plt.close(fig)
+        save(fig, out / "coreset.png")
     if "ground_truth" in tables:
         t = tables["ground_truth"]
         t = t[t.metric == "spearman"]
@@ -156,9 +155,7 @@ def plots(tables, extras, out: Path):
             ax.set_xlabel("checkpoints")
             ax.axhline(0, lw=0.5, c="k")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "ground_truth.png", dpi=110)
-        plt.close(fig)
+        save(fig, out / "ground_truth.png")
 
 
 def write_results(rows, extras, out: Path):
