@@ -13,6 +13,11 @@ run, method, note (nullable strings), undoes (id of the reverted decision, undo 
 Concurrency: one connection per ``ReviewLog`` (``check_same_thread=False``) guarded by a lock,
 WAL journal, and ``BEGIN IMMEDIATE`` write transactions, so several Streamlit sessions, threads
 and processes can share one file.
+
+Stale clicks: the *version* of a sample is the id of its newest event (0 when it has none). A
+page reads ``versions(ids)`` when it draws a sample and passes them back as ``seen=``; inside the
+write transaction every write compares them with the log and, when another tab (or person)
+changed a sample meanwhile, writes nothing and raises ``ReviewConflict`` naming who and when.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import sqlite3
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import pandas as pd
 
@@ -60,6 +65,31 @@ _STATE = (f"WITH live AS ({_LIVE}) SELECT live.sample_id, live.action, live.new_
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _when(ts: str | None) -> str:
+    """An event's ISO timestamp as "2026-11-26 17:52:03 UTC"."""
+    return (ts or "?")[:19].replace("T", " ") + " UTC" if ts else "?"
+
+
+class ReviewConflict(DiffinError):
+    """A write refused because a sample changed after the page showed it; nothing was written.
+
+    ``changes``: one dict per changed sample (sample_id, action, user, ts, id) of its newest event.
+    """
+
+    def __init__(self, changes: list[dict], total: int, path):
+        self.changes = changes
+        c = changes[0]
+        what = "undid a decision" if c["action"] == "undo" else f"set it to {c['action']}"
+        first = f"sample {c['sample_id']} was changed by {c['user']} at {_when(c['ts'])} ({what})"
+        if total == 1:
+            msg = f"{first} after this page showed it; nothing was written. The page now shows the current state."
+        else:
+            msg = (f"{len(changes)} of the {total} selected samples changed after this page showed them "
+                   f"({first}{', ...' if len(changes) > 1 else ''}); nothing was written. "
+                   "The page now shows the current state.")
+        super().__init__(msg, path)
 
 
 class ReviewLog:
@@ -125,11 +155,34 @@ class ReviewLog:
             raise DiffinError(f"{what} {i} is negative", self.path)
         return i
 
+    @staticmethod
+    def _version(conn, sample_id: int) -> tuple[int, dict | None]:
+        """(newest event id of the sample or 0, that event as a dict or None)."""
+        row = conn.execute("SELECT id, sample_id, action, user, ts FROM events WHERE sample_id = ? "
+                           "ORDER BY id DESC LIMIT 1", (sample_id,)).fetchone()
+        if row is None:
+            return 0, None
+        return row[0], dict(zip(("id", "sample_id", "action", "user", "ts"), row))
+
+    def _check_seen(self, conn, sids: list[int], seen: Mapping[int, int] | None) -> None:
+        """Raise ReviewConflict (inside the write transaction) when a sample's version moved."""
+        if seen is None:
+            return
+        changes = []
+        for sid in sids:
+            version, event = self._version(conn, sid)
+            if version != int(seen.get(sid, 0) or 0):
+                changes.append(event or {"id": 0, "sample_id": sid, "action": "undo", "user": "?", "ts": None})
+        if changes:
+            raise ReviewConflict(changes, len(sids), self.path)
+
     def _check(self, sample_id, action: str, new_label) -> tuple[int, int | None]:
         if action not in DECISIONS:
             raise DiffinError(f"unknown review action {action!r} (expected one of "
                               f"{', '.join(DECISIONS)})", self.path)
         sid = self._index(sample_id, "sample id")
+        if isinstance(new_label, Mapping):
+            new_label = new_label.get(sid, new_label.get(sample_id))
         if action == "relabel":
             if new_label is None:
                 raise DiffinError(f"relabel of sample {sid} needs a new label", self.path)
@@ -141,21 +194,36 @@ class ReviewLog:
     # -- writes -------------------------------------------------------------------------
     def decide(self, sample_id: int, action: str, *, new_label: int | None = None,
                user: str = "local", run: str | None = None, method: str | None = None,
-               note: str | None = None) -> int:
-        """Record one decision; returns its event id."""
-        return self.decide_many([sample_id], action, new_label=new_label, user=user, run=run,
-                                method=method, note=note)[0]
+               note: str | None = None, seen: int | None = None,
+               given_label: int | None = None) -> int:
+        """Record one decision; returns its event id. ``seen``: the sample's version when the
+        page showed it (None: no check); ``given_label``: its label in the data (a relabel to
+        the label it already has is refused)."""
+        sid = self._index(sample_id, "sample id")
+        return self.decide_many([sid], action, new_label=new_label, user=user, run=run, method=method,
+                                note=note, seen=None if seen is None else {sid: seen},
+                                given_labels=None if given_label is None else {sid: given_label})[0]
 
-    def decide_many(self, sample_ids: Iterable[int], action: str, *, new_label: int | None = None,
+    def decide_many(self, sample_ids: Iterable[int], action: str, *,
+                    new_label: int | Mapping[int, int] | None = None,
                     user: str = "local", run: str | None = None, method: str | None = None,
-                    note: str | None = None) -> list[int]:
-        """Record the same decision for many samples in one transaction; returns event ids."""
+                    note: str | None = None, seen: Mapping[int, int] | None = None,
+                    given_labels: Mapping[int, int] | None = None) -> list[int]:
+        """Record a decision for many samples in one transaction (all or nothing); returns event
+        ids. ``new_label``: one label, or {sample_id: label} for per-sample relabels.
+        ``seen`` {sample_id: version} and ``given_labels`` {sample_id: label}: see ``decide``."""
         checked = [self._check(s, action, new_label) for s in sample_ids]
 
         def insert(conn):
+            self._check_seen(conn, [sid for sid, _ in checked], seen)
             ids, ts = [], _now()
             for sid, lab in checked:
                 prev_action, prev_label = self._current(conn, sid)
+                if action == "relabel":
+                    current = prev_label if prev_action == "relabel" else (given_labels or {}).get(sid)
+                    if current is not None and int(current) == lab:
+                        raise DiffinError(f"sample {sid} already has label {lab}: choose a different "
+                                          "label to relabel it; nothing was written", self.path)
                 cur = conn.execute(
                     "INSERT INTO events (ts, user, sample_id, action, new_label, prev_action, "
                     "prev_label, run, method, note) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -165,28 +233,59 @@ class ReviewLog:
 
         return self._write(insert) if checked else []
 
-    def undo(self, user: str | None = None) -> int | None:
-        """Revert the most recent not-yet-reverted decision (of ``user``, or of anyone).
+    def undo(self, user: str | None = None, *, expect: int | None = None) -> int | None:
+        """History undo: revert the most recent not-yet-reverted decision (of ``user``, or of
+        anyone), whatever sample it was on.
 
         Appends an "undo" event whose prev_action/prev_label are the restored state. Calling it
         again walks further back. Returns the affected sample id, or None if nothing is left.
+        ``expect``: the event id the page offered to undo; when the newest decision is another
+        one now (or its sample changed since), raises ReviewConflict and writes nothing.
         """
         def revert(conn):
             sql = f"SELECT id, sample_id, user FROM ({_LIVE})"
             row = conn.execute(sql + (" WHERE user = ?" if user is not None else "")
                                + " ORDER BY id DESC LIMIT 1",
                                (user,) if user is not None else ()).fetchone()
-            if row is None:
-                return None
-            event_id, sid, who = row
-            cur = conn.execute("INSERT INTO events (ts, user, sample_id, action, undoes) "
-                               "VALUES (?,?,?,'undo',?)", (_now(), user or who, sid, event_id))
-            restored = self._current(conn, sid)  # computed with the revert in place
-            conn.execute("UPDATE events SET prev_action = ?, prev_label = ? WHERE id = ?",
-                         (*restored, cur.lastrowid))
-            return sid
+            if expect is not None:
+                if row is None or row[0] != expect:
+                    sid = conn.execute("SELECT sample_id FROM events WHERE id = ?", (expect,)).fetchone()
+                    if sid is not None:
+                        self._check_seen(conn, [sid[0]], {sid[0]: expect})
+                    raise DiffinError("the decision this page offered to undo is no longer the latest; "
+                                      "nothing was written", self.path)
+                self._check_seen(conn, [row[1]], {row[1]: expect})
+            return self._revert(conn, row, user)
 
         return self._write(revert)
+
+    def undo_sample(self, sample_id: int, *, user: str = "local", seen: int | None = None) -> str | None:
+        """Per-sample undo: revert the decision now in force on ``sample_id`` (whoever made it).
+
+        Returns the reverted action, or None when the sample has no decision. ``seen``: the
+        sample's version when the page showed it (ReviewConflict when it moved)."""
+        sid = self._index(sample_id, "sample id")
+
+        def revert(conn):
+            self._check_seen(conn, [sid], None if seen is None else {sid: seen})
+            row = conn.execute(f"SELECT id, sample_id, user, action FROM ({_LIVE}) WHERE sample_id = ? "
+                               "ORDER BY id DESC LIMIT 1", (sid,)).fetchone()
+            self._revert(conn, row and row[:3], user)
+            return row and row[3]
+
+        return self._write(revert)
+
+    def _revert(self, conn, row, user) -> int | None:
+        """Append the undo event of decision ``row`` = (id, sample_id, user); returns sample id."""
+        if row is None:
+            return None
+        event_id, sid, who = row
+        cur = conn.execute("INSERT INTO events (ts, user, sample_id, action, undoes) "
+                           "VALUES (?,?,?,'undo',?)", (_now(), user or who, sid, event_id))
+        restored = self._current(conn, sid)  # computed with the revert in place
+        conn.execute("UPDATE events SET prev_action = ?, prev_label = ? WHERE id = ?",
+                     (*restored, cur.lastrowid))
+        return sid
 
     # -- reads --------------------------------------------------------------------------
     def state(self) -> pd.DataFrame:
@@ -196,6 +295,32 @@ class ReviewLog:
         df = df.rename(columns={"new_label": "label"}).set_index("sample_id")
         df["label"] = df["label"].astype("Int64")
         return df[["action", "label", "user", "ts"]]
+
+    def versions(self, sample_ids: Iterable[int]) -> dict[int, int]:
+        """{sample_id: version} (newest event id, 0 for a sample with no event): what a page
+        passes back as ``seen`` when the person acts on what it showed."""
+        ids = [int(s) for s in sample_ids]
+        if not ids:
+            return {}
+        out = dict.fromkeys(ids, 0)
+        with self._lock:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                rows = self._conn.execute(
+                    f"SELECT sample_id, MAX(id) FROM events WHERE sample_id IN ({','.join('?' * len(chunk))}) "
+                    "GROUP BY sample_id", chunk).fetchall()
+                out.update({int(s): int(v) for s, v in rows})
+        return out
+
+    def last_decision(self, user: str | None = None) -> dict | None:
+        """The decision ``undo(user)`` would revert now: {id, sample_id, action, new_label, user,
+        ts}, or None."""
+        sql = f"SELECT id, sample_id, action, new_label, user, ts FROM ({_LIVE})"
+        with self._lock:
+            row = self._conn.execute(sql + (" WHERE user = ?" if user is not None else "")
+                                     + " ORDER BY id DESC LIMIT 1",
+                                     (user,) if user is not None else ()).fetchone()
+        return None if row is None else dict(zip(("id", "sample_id", "action", "new_label", "user", "ts"), row))
 
     def history(self, sample_id: int | None = None) -> pd.DataFrame:
         """All events in order (or those of one sample), one row per event."""
@@ -212,6 +337,22 @@ class ReviewLog:
                 "excluded": int(actions.get("exclude", 0)),
                 "relabelled": int(actions.get("relabel", 0)),
                 "kept": int(actions.get("keep", 0))}
+
+    def quality(self, noisy_ids: set[int]) -> dict:
+        """Precision and recall of the reviewed set against the truly mislabelled ``noisy_ids``.
+
+        flagged = samples now excluded or relabelled; caught = flagged and noisy; noisy_reviewed
+        = noisy samples with any decision (a "keep" on one is a miss). precision = caught /
+        flagged, recall = caught / noisy_reviewed (None when the denominator is 0)."""
+        st = self.state()
+        noisy = {int(i) for i in noisy_ids}
+        reviewed = {int(s) for s in st.index}
+        flagged = {int(s) for s in st.index[st["action"].isin(["exclude", "relabel"])]}
+        caught, noisy_reviewed = len(flagged & noisy), len(reviewed & noisy)
+        return {"precision": caught / len(flagged) if flagged else None,
+                "recall": caught / noisy_reviewed if noisy_reviewed else None,
+                "flagged": len(flagged), "caught": caught, "noisy_reviewed": noisy_reviewed,
+                "missed": noisy_reviewed - caught}
 
     def precision(self, noisy_ids: set[int]) -> float | None:
         """Fraction of samples currently excluded or relabelled that are in ``noisy_ids``;

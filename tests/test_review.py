@@ -147,3 +147,122 @@ def test_bad_decisions_rejected(tmp_path, args, kw, msg):
         log.decide(*args, **kw)
     assert str(err.value).startswith(str(tmp_path / "review.sqlite"))
     assert log.history().empty
+
+
+# --- stale clicks from a second tab, relabel no-ops, scoped undo, precision/recall -------------
+
+from diffin_core.review import ReviewConflict  # noqa: E402
+
+
+def test_stale_click_from_a_second_tab_is_refused(tmp_path):
+    tab_a, tab_b = ReviewLog(tmp_path), ReviewLog(tmp_path)   # two tabs = two readers of one file
+    seen_a, seen_b = tab_a.versions([3073]), tab_b.versions([3073])
+    assert seen_a == seen_b == {3073: 0}
+    tab_a.decide(3073, "exclude", user="ann", seen=seen_a[3073])
+    with pytest.raises(ReviewConflict) as err:               # tab B still shows 3073 undecided
+        tab_b.decide(3073, "keep", user="bob", seen=seen_b[3073])
+    msg = str(err.value)
+    assert "sample 3073 was changed by ann at" in msg and "UTC" in msg and "exclude" in msg
+    assert "nothing was written" in msg and "\n" not in msg
+    assert err.value.changes[0]["user"] == "ann"
+    st = ReviewLog(tmp_path).state()
+    assert st.loc[3073, "action"] == "exclude" and st.loc[3073, "user"] == "ann"
+    assert len(ReviewLog(tmp_path).history(3073)) == 1
+    # after a redraw the tab sees the new version and its click goes through
+    tab_b.decide(3073, "keep", user="bob", seen=tab_b.versions([3073])[3073])
+    assert ReviewLog(tmp_path).state().loc[3073, "action"] == "keep"
+
+
+def test_stale_bulk_action_writes_nothing(tmp_path):
+    log = ReviewLog(tmp_path)
+    seen = log.versions([1, 2, 3, 4])
+    log.decide(3, "relabel", new_label=5, user="ann")        # another tab, meanwhile
+    with pytest.raises(ReviewConflict, match=r"1 of the 4 selected samples changed .*sample 3 was changed by ann"):
+        log.decide_many([1, 2, 3, 4], "exclude", user="bob", seen=seen)
+    assert list(log.state().index) == [3]
+    log.undo_sample(3, user="ann")                           # an undo is a change too
+    seen2 = {**seen, 3: seen[3]}
+    with pytest.raises(ReviewConflict, match="undid a decision|changed"):
+        log.decide_many([1, 2, 3, 4], "exclude", seen=seen2)
+    ids = log.decide_many([1, 2, 3, 4], "exclude", seen=log.versions([1, 2, 3, 4]))
+    assert len(ids) == 4
+
+
+def test_threads_racing_on_one_sample_one_wins(tmp_path):
+    seen = ReviewLog(tmp_path).versions([7])[7]
+    results = []
+
+    def click(action, user):
+        try:
+            ReviewLog(tmp_path).decide(7, action, user=user, seen=seen)
+            results.append(("ok", user))
+        except ReviewConflict:
+            results.append(("refused", user))
+
+    threads = [threading.Thread(target=click, args=(a, u)) for a, u in
+               [("keep", "ann"), ("exclude", "bob"), ("keep", "cy"), ("exclude", "dee")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r for r, _ in results) == ["ok", "refused", "refused", "refused"]
+    assert len(ReviewLog(tmp_path).history(7)) == 1
+
+
+def test_relabel_to_the_current_label_is_refused(tmp_path):
+    log = ReviewLog(tmp_path)
+    with pytest.raises(DiffinError, match="sample 3073 already has label 6"):
+        log.decide(3073, "relabel", new_label=6, given_label=6)
+    assert log.history().empty
+    log.decide(3073, "relabel", new_label=2, given_label=6)
+    with pytest.raises(DiffinError, match="already has label 2"):   # the relabel in force counts
+        log.decide(3073, "relabel", new_label=2, given_label=6)
+    log.decide(3073, "relabel", new_label=6, given_label=6)          # back to the given label: a change
+    with pytest.raises(DiffinError, match="already has label"):      # bulk: all or nothing
+        log.decide_many([1, 2], "relabel", new_label={1: 4, 2: 3}, given_labels={1: 0, 2: 3})
+    assert not {1, 2} & set(log.state().index)
+    log.decide_many([1, 2], "relabel", new_label={1: 4, 2: 5}, given_labels={1: 0, 2: 3})
+    assert list(log.state().loc[[1, 2], "label"]) == [4, 5]
+
+
+def test_undo_scopes_sample_and_history(tmp_path):
+    log = ReviewLog(tmp_path)
+    log.decide(1, "exclude", user="ann")
+    log.decide(2, "relabel", new_label=3, user="ann")
+    log.decide(1, "keep", user="bob")
+    # per sample: the card's undo reverts the decision in force on that sample only
+    assert log.undo_sample(1, user="ann") == "keep"
+    st = log.state()
+    assert st.loc[1, "action"] == "exclude" and st.loc[2, "action"] == "relabel"
+    assert log.undo_sample(5, user="ann") is None                  # nothing on sample 5
+    # history: the reviewer's newest decision on any sample, checked against what was offered
+    last = log.last_decision("ann")
+    assert (last["sample_id"], last["action"]) == (2, "relabel")
+    log.decide(2, "exclude", user="bob")                          # another tab changes sample 2
+    with pytest.raises(ReviewConflict, match="sample 2 was changed by bob"):
+        log.undo("ann", expect=last["id"])
+    assert log.state().loc[2, "action"] == "exclude"
+    log.decide(9, "keep", user="ann")
+    offered = log.last_decision("ann")
+    log.decide(8, "keep", user="ann")                              # newer decision in another tab
+    with pytest.raises(DiffinError, match="no longer the latest"):
+        log.undo("ann", expect=offered["id"])
+    assert log.undo("ann", expect=log.last_decision("ann")["id"]) == 8
+    seen = log.versions([9])[9]
+    log.decide(9, "exclude", user="bob")
+    with pytest.raises(ReviewConflict):                           # stale per-sample undo
+        log.undo_sample(9, user="ann", seen=seen)
+
+
+def test_precision_and_recall_count_keeps_on_mislabelled(tmp_path):
+    log = ReviewLog(tmp_path)
+    assert log.quality({1, 2}) == {"precision": None, "recall": None, "flagged": 0, "caught": 0,
+                                   "noisy_reviewed": 0, "missed": 0}
+    noisy = {1, 2, 3, 4}
+    log.decide_many([1, 2], "exclude")
+    log.decide(10, "relabel", new_label=1)       # a clean sample flagged: hurts precision
+    log.decide_many([3, 4], "keep")              # mislabelled samples kept: hurt recall
+    q = log.quality(noisy)
+    assert q["precision"] == pytest.approx(2 / 3) and q["recall"] == pytest.approx(2 / 4)
+    assert (q["flagged"], q["caught"], q["noisy_reviewed"], q["missed"]) == (3, 2, 4, 2)
+    assert log.precision(noisy) == pytest.approx(2 / 3)   # the old precision ignored the keeps
