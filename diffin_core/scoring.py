@@ -49,8 +49,12 @@ def project_context(project: Project, settings: ScoreSettings | None = None, pro
     m = project.manifest
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
-    return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
-                        project.train, settings, m.momentum, progress)
+    ctx = make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
+                       project.train, settings, m.momentum, progress)
+    if project.recipe:               # cleanlab-cv retrains with the project's [train] recipe
+        from .tasks import recipe_trainer
+        ctx.trainer = recipe_trainer(project)
+    return ctx
 
 
 def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:

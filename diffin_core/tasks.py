@@ -21,11 +21,13 @@ Coreset baselines computed from a scoring Context (its checkpoints and training 
                             samples: how much the rest of the training loss went down thanks to z
     (higher = more valuable, keep first, for all three)
 
-What-if: ``verify_by_retraining(project, remove_ids, seed, run=...)`` runs the project's
-``[train] recipe`` twice with the same seed, on all samples and without ``remove_ids``, and
-compares the actual change of the mean query loss with the influence prediction
-sum_{z removed} influence(z) (the product's sign convention: influence(z) = L_Q(without z) -
-L_Q(with z)). The result is stored atomically as runs/<run>/whatif/<hash>.json.
+What-if: ``verify_by_retraining(project, remove_ids, seeds=[0, 1, 2], run=...)`` runs the
+project's ``[train] recipe`` in pairs, on all samples and without ``remove_ids`` with the same
+seed, for every seed, and compares the mean +- std of the paired change of the mean query loss
+with the influence prediction sum_{z removed} influence(z) (the product's sign convention:
+influence(z) = L_Q(without z) - L_Q(with z)); ``noise_verdict`` says whether the prediction is
+inside the retrain noise (a 95% t-interval over the seeds). The result is stored atomically as
+runs/<run>/whatif/<hash>.json.
 """
 from __future__ import annotations
 
@@ -150,11 +152,8 @@ def el2n_scores(ctx, early: float = 0.25) -> np.ndarray:
 
 def forgetting_scores(ctx) -> np.ndarray:
     """Forgetting events (Toneva et al. 2019) at checkpoint resolution (step 0 excluded)."""
-    ks = [k for k, s in enumerate(ctx.steps) if s > 0] or list(range(ctx.m))
-    correct = np.stack([_probs(ctx, k).argmax(1) == ctx.train.y for k in ks])   # (K, N)
-    forgets = (correct[:-1] & ~correct[1:]).sum(0).astype(np.float64)
-    forgets[~correct.any(0)] = len(ks) + 1.0
-    return forgets
+    from .label_issue import checkpoint_logits, forgetting_counts
+    return forgetting_counts(checkpoint_logits(ctx).argmax(-1) == ctx.train.y[None, :])
 
 
 def moso_scores(ctx) -> np.ndarray:
@@ -201,18 +200,27 @@ def query_metrics(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: i
     return {"loss": loss / max(len(y), 1), "accuracy": correct / max(len(y), 1)}
 
 
-def _retrain(project, recipe, keep: np.ndarray, seed: int) -> dict:
-    train = project.train
-    with tempfile.TemporaryDirectory(prefix="diffin-whatif-") as tmp:
-        try:
-            recipe(train.x[keep], train.y[keep], seed, Path(tmp))
-        except DiffinError:
-            raise
-        except Exception as e:
-            raise DiffinError(f"the [train] recipe raised {type(e).__name__}: {e}", project.config_path) from None
-        state = _final_state(Path(tmp), project)
-    model = project.build_model()
-    model.load_state_dict(state)
+def recipe_trainer(project):
+    """``train(x, y, seed) -> model``: the project's [train] recipe run into a temporary
+    checkpoint folder, its final checkpoint loaded into a fresh ``project.build_model()``."""
+    def train(x, y, seed):
+        recipe, _ = project.load_callable(project.recipe, "[train] recipe")
+        with tempfile.TemporaryDirectory(prefix="diffin-retrain-") as tmp:
+            try:
+                recipe(x, y, seed, Path(tmp))
+            except DiffinError:
+                raise
+            except Exception as e:
+                raise DiffinError(f"the [train] recipe raised {type(e).__name__}: {e}", project.config_path) from None
+            state = _final_state(Path(tmp), project)
+        model = project.build_model()
+        model.load_state_dict(state)
+        return model
+    return train
+
+
+def _retrain(project, keep: np.ndarray, seed: int) -> dict:
+    model = recipe_trainer(project)(project.train.x[keep], project.train.y[keep], seed)
     return query_metrics(model, project.query.x, project.query.y)
 
 
@@ -237,24 +245,69 @@ def whatif_results(project, run: str) -> list[dict]:
     return sorted(out, key=lambda r: r.get("created", 0), reverse=True)
 
 
-def whatif_key(run: str, remove_ids, seed: int) -> str:
+def whatif_key(run: str, remove_ids, seeds) -> str:
     ids = ",".join(str(int(i)) for i in sorted(set(int(i) for i in remove_ids)))
-    return hashlib.sha1(f"{run}|{seed}|{ids}".encode()).hexdigest()[:16]
+    seeds = ",".join(str(int(s)) for s in np.atleast_1d(seeds))
+    return hashlib.sha1(f"{run}|{seeds}|{ids}".encode()).hexdigest()[:16]
 
 
-def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run: str | None = None) -> dict:
-    """Retrain without ``remove_ids`` (sample ids) and compare with the influence prediction.
+def noise_verdict(predicted: float, changes) -> dict:
+    """Is the prediction inside the retrain noise? ``changes``: the paired per-seed changes.
 
-    Runs the project's [train] recipe with ``seed`` on all training samples (the baseline, cached
-    in runs/<run>/whatif/baseline-<seed>-<data hash>.json) and without the removed ones, then
-    evaluates both final models on the query set. Returns (and stores in
-    runs/<run>/whatif/<hash>.json) the predicted and actual change of the mean query loss, the
-    before/after loss and accuracy, and the removed ids. ``run`` defaults to the newest run.
+    A 95% Student-t interval for the mean paired change, mean +- t_{0.975, n-1} * std / sqrt(n)
+    (sample std over seeds). Verdicts: "confirmed" (the interval excludes 0 and holds the
+    prediction), "inside noise" (it holds both 0 and the prediction: the retrain noise is
+    larger than the predicted effect, so retraining can neither confirm nor refute it),
+    "contradicted" (the prediction lies outside the interval). Returns the verdict, the
+    interval and a sentence saying it in words."""
+    from scipy.stats import t as student_t
+    d = np.asarray(changes, dtype=np.float64)
+    n = len(d)
+    mean = float(d.mean())
+    std = float(d.std(ddof=1)) if n > 1 else float("nan")
+    half = float(student_t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("inf")
+    lo, hi = mean - half, mean + half
+    inside = lo <= predicted <= hi
+    zero = lo <= 0.0 <= hi
+    measured = f"the measured change is {mean:+.4f} ± {std:.4f} nats (mean ± std over {n} paired seeds"
+    interval = f"95% interval [{lo:+.4f}, {hi:+.4f}])"
+    if n < 2:
+        verdict, text = "one seed", (f"One seed only: {measured}); the retrain noise is unknown, "
+                                     "run at least 3 seeds to judge the prediction.")
+    elif inside and not zero:
+        verdict, text = "confirmed", (f"Confirmed: the predicted change {predicted:+.4f} nats is inside the "
+                                      f"retrain noise and the effect is real: {measured}, {interval}.")
+    elif inside:
+        verdict, text = "inside noise", (f"The predicted change {predicted:+.4f} nats is inside the retrain "
+                                         f"noise, and so is 0: {measured}, {interval}. Retraining can "
+                                         "neither confirm nor refute an effect this small.")
+    else:
+        side = "larger" if abs(predicted) > max(abs(lo), abs(hi)) else "different"
+        verdict, text = "contradicted", (f"Not confirmed: the predicted change {predicted:+.4f} nats is outside "
+                                         f"the retrain noise ({side} than measured): {measured}, {interval}.")
+    return {"verdict": verdict, "verdict_text": text, "interval95": [lo, hi], "std": std, "mean": mean}
+
+
+def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run: str | None = None,
+                         seeds=None) -> dict:
+    """Paired retrains with and without ``remove_ids`` (sample ids) over several seeds, compared
+    with the influence prediction.
+
+    For each seed (default ``seed, seed + 1, seed + 2``) the project's [train] recipe runs on all
+    training samples (the baseline, cached in runs/<run>/whatif/baseline-<seed>-<data hash>.json)
+    and without the removed ones, with the same seed: the change of the mean query loss is
+    paired, so init and batch-order noise shared by the two runs cancels. Returns (and stores in
+    runs/<run>/whatif/<hash>.json) the predicted change, the per-seed changes, their mean and
+    std, ``before``/``after`` averaged over seeds, and ``noise_verdict``'s verdict in words.
+    ``run`` defaults to the newest run.
     """
     from .atomic import write_text
     from .project import Project
     project = project if isinstance(project, Project) else Project(project)
     progress = progress or (lambda d, t, m: None)
+    seeds = [int(seed) + i for i in range(3)] if seeds is None else [int(s) for s in np.atleast_1d(seeds)]
+    if not seeds:
+        raise DiffinError("choose at least one seed")
     if not project.recipe:
         raise DiffinError("no [train] recipe in diffin.toml: add `[train] recipe = \"train.py:train\"` "
                           "to verify by retraining", project.config_path)
@@ -277,32 +330,47 @@ def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run:
     if len(train_ids) != len(ids) or not np.array_equal(train_ids, ids):
         raise DiffinError(f"run {info.name!r} was scored on a different train split", info.path)
     predicted = predicted_loss_change(scores, remove)
-    recipe, _ = project.load_callable(project.recipe, "[train] recipe")
     started = time.time()
     whatif = info.path / "whatif"
     data_hash = hashlib.sha1(np.ascontiguousarray(project.train.y).tobytes()
                              + np.ascontiguousarray(project.train.x[:64]).tobytes()).hexdigest()[:10]
-    base_path = whatif / f"baseline-{int(seed)}-{data_hash}.json"
-    if base_path.is_file():
-        before = json.loads(base_path.read_text())
-    else:
-        progress(0, 2, "retraining on all samples (baseline)")
-        before = _retrain(project, recipe, np.ones(len(ids), dtype=bool), seed)
-        write_text(base_path, json.dumps(before))
-    progress(1, 2, f"retraining without {len(remove)} samples")
-    after = _retrain(project, recipe, ~removed_mask, seed)
-    progress(2, 2, "done")
+    total = 2 * len(seeds)
+    per_seed = []
+    for i, sd in enumerate(seeds):
+        base_path = whatif / f"baseline-{sd}-{data_hash}.json"
+        if base_path.is_file():
+            before = json.loads(base_path.read_text())
+        else:
+            progress(2 * i, total, f"seed {sd}: retraining on all samples (baseline)")
+            before = _retrain(project, np.ones(len(ids), dtype=bool), sd)
+            write_text(base_path, json.dumps(before))
+        progress(2 * i + 1, total, f"seed {sd}: retraining without {len(remove)} samples")
+        after = _retrain(project, ~removed_mask, sd)
+        per_seed.append({"seed": sd, "before": before, "after": after,
+                         "loss_change": after["loss"] - before["loss"],
+                         "accuracy_change": after["accuracy"] - before["accuracy"]})
+    progress(total, total, "done")
+    mean = lambda key, part: float(np.mean([r[part][key] for r in per_seed]))   # noqa: E731
+    before = {"loss": mean("loss", "before"), "accuracy": mean("accuracy", "before")}
+    after = {"loss": mean("loss", "after"), "accuracy": mean("accuracy", "after")}
+    changes = [r["loss_change"] for r in per_seed]
+    verdict = noise_verdict(predicted, changes)
     result = {
-        "run": info.name, "method": info.method, "seed": int(seed),
+        "run": info.name, "method": info.method, "seed": seeds[0], "seeds": seeds,
         "removed_ids": [int(i) for i in remove], "n_removed": int(len(remove)),
         "predicted_loss_change": predicted,
         "actual_loss_change": after["loss"] - before["loss"],
+        "actual_loss_change_std": verdict["std"],
         "actual_accuracy_change": after["accuracy"] - before["accuracy"],
+        "actual_accuracy_change_std": (float(np.std([r["accuracy_change"] for r in per_seed], ddof=1))
+                                       if len(seeds) > 1 else float("nan")),
+        "interval95": verdict["interval95"], "verdict": verdict["verdict"],
+        "verdict_text": verdict["verdict_text"], "per_seed": per_seed,
         "before": before, "after": after,
         "query_size": int(len(project.query)), "seconds": round(time.time() - started, 2),
         "created": time.time(),
     }
-    key = whatif_key(info.name, remove, seed)
+    key = whatif_key(info.name, remove, seeds)
     result["path"] = str(whatif / f"{key}.json")
     write_text(whatif / f"{key}.json", json.dumps(result, indent=1))
     return result

@@ -2,10 +2,11 @@
 from .base import Attributor, Context, ScoreSettings, pick_device, segment_lengths
 from .baselines import Cleanlab, Loss, Margin
 from .diffin import DiffIn, DiffInPaper
+from .dynamics import AUM, CleanlabCV, Forgetting, MeanLoss
 from .first_order import GradCos, GradDot, TracIn
 from .influence_function import InfluenceFunction
 
 METHODS = {cls.name: cls for cls in (DiffIn, DiffInPaper, TracIn, GradDot, GradCos, InfluenceFunction,
-                                     Loss, Margin, Cleanlab)}
+                                     Loss, Margin, Cleanlab, MeanLoss, AUM, Forgetting, CleanlabCV)}
 
 __all__ = ["METHODS", "Attributor", "Context", "ScoreSettings", "pick_device", "segment_lengths"]
