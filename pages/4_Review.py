@@ -1,4 +1,9 @@
-"""Review likely-mislabelled samples: keep, relabel, exclude, undo; every click is logged at once."""
+"""Review likely-mislabelled samples: keep, relabel, exclude, undo; every click is logged at once.
+
+Every button carries the versions of the samples this page showed (ReviewLog.versions); when
+another tab or person changed one meanwhile, the engine writes nothing and the page says who
+changed it and when. Widgets on the card are keyed by sample id, so nothing carries over.
+"""
 import os
 import sys
 from pathlib import Path
@@ -17,52 +22,91 @@ scores = ui.scores(project, run)
 log = ui.review_log(str(project.root))
 user = st.sidebar.text_input("Reviewer name", value=os.environ.get("USER", "reviewer"), key="review_user")
 labels = list(range(project.num_classes))
+given_of = dict(zip(scores["sample_id"].astype(int), scores["label"].astype(int)))
 
 
-def act(sample_ids, action, new_label=None):
-    """Button callback: write the decision(s), then the page redraws with the next sample."""
+def _report(fn, *args, **kw):
+    """Run one write; a refusal (stale page, no-op relabel, bad id) is shown once, above the card."""
     try:
-        log.decide_many([int(s) for s in sample_ids], action, new_label=new_label, user=user, run=run, method=method)
+        return fn(*args, **kw)
     except DiffinError as e:
         st.session_state["review_error"] = str(e)
-    for key in ("review_new_label", "review_bulk_ids", "review_top_n"):
+        return None
+
+
+def act(sample_ids, action, seen, new_label=None):
+    """Button callback: write the decision(s) if the samples are as this page showed them."""
+    ids = [int(s) for s in sample_ids]
+    done = _report(log.decide_many, ids, action, new_label=new_label, user=user, run=run, method=method,
+                   seen=seen, given_labels={s: given_of[s] for s in ids if s in given_of})
+    if done:
+        if len(ids) == 1:
+            st.session_state["review_last"] = ids[0]
+        st.session_state.pop("review_focus", None)
+    for key in ("review_bulk_ids", "review_top_n"):
         st.session_state.pop(key, None)
 
 
-def relabel_suggested(sample_ids, preds):
-    for s in sample_ids:
-        act([s], "relabel", int(preds[s]))
+def relabel_suggested(sample_ids, preds, seen):
+    change = [s for s in sample_ids if int(preds[s]) != given_of.get(int(s))]
+    if len(change) < len(sample_ids):
+        st.session_state["review_note"] = (f"Skipped {len(sample_ids) - len(change)} selected sample(s) whose "
+                                           "suggested label is already their label.")
+    if change:
+        act(change, "relabel", {s: seen[s] for s in change}, new_label={int(s): int(preds[s]) for s in change})
 
 
-def undo():
-    sid = log.undo(user=user)
-    st.session_state["review_note"] = f"Undid the last decision on sample {sid}." if sid is not None else "Nothing to undo."
-    st.session_state.pop("review_new_label", None)
+def undo_sample(sid, seen):
+    reverted = _report(log.undo_sample, sid, user=user, seen=seen)
+    if reverted is not None:
+        st.session_state["review_note"] = f"Undid the {reverted} decision on sample {sid}."
+        st.session_state["review_focus"] = int(sid)
+    elif "review_error" not in st.session_state:
+        st.session_state["review_note"] = f"Sample {sid} has no decision to undo."
+
+
+def undo_history(expect):
+    sid = _report(log.undo, user=user, expect=expect)
+    if sid is not None:
+        st.session_state["review_note"] = f"Undid your latest decision (sample {sid})."
+        st.session_state["review_focus"] = int(sid)
 
 
 state = log.state()
 counts = log.counts(len(scores))
-c = st.columns(5)
+noisy = appstate.noisy_ids(scores)
+c = st.columns(7 if noisy is not None else 5)
 c[0].metric("Reviewed", counts["reviewed"])
 c[1].metric("Remaining", counts["remaining"])
 c[2].metric("Excluded", counts["excluded"])
 c[3].metric("Relabelled", counts["relabelled"])
-noisy = appstate.noisy_ids(scores)
+c[4].metric("Kept", counts["kept"])
 if noisy is not None:
-    prec = log.precision(noisy)
-    c[4].metric("Precision (truly mislabelled)", "–" if prec is None else f"{prec:.0%}",
-                help="Share of excluded or relabelled samples whose label really was wrong (known for the sample project).")
+    q = log.quality(noisy)
+    c[5].metric("Precision", "–" if q["precision"] is None else f"{q['precision']:.0%}",
+                help=f"Of the {q['flagged']} samples you excluded or relabelled, the share whose label really "
+                     "was wrong (the sample project knows the true labels).")
+    c[6].metric("Recall", "–" if q["recall"] is None else f"{q['recall']:.0%}",
+                help=f"Of the {q['noisy_reviewed']} truly mislabelled samples you reviewed, the share you excluded "
+                     f"or relabelled; {q['missed']} were kept.")
 
 for key in ("review_error", "review_note"):
     if key in st.session_state:
         (st.error if key == "review_error" else st.info)(st.session_state.pop(key))
 
 queue = scores[~scores["sample_id"].isin(state.index)].sort_values("label_issue", ascending=False, kind="stable")
-if queue.empty:
+rows = scores.set_index("sample_id", drop=False)
+focus = st.session_state.get("review_focus")
+if focus is not None and int(focus) not in rows.index:
+    focus = None
+if queue.empty and focus is None:
     st.success("Every sample has a decision.")
 else:
-    cur = queue.iloc[0]
+    cur = rows.loc[int(focus)] if focus is not None else queue.iloc[0]
     sid, given, pred = int(cur["sample_id"]), int(cur["label"]), int(cur["pred"])
+    seen = log.versions([sid])[sid]
+    decided = state.loc[sid] if sid in state.index else None
+    current = int(decided["label"]) if decided is not None and decided["action"] == "relabel" else given
     st.subheader(f"Sample {sid}")
     left, right = st.columns([1, 2])
     with left:
@@ -71,35 +115,70 @@ else:
         st.markdown(f"**Given label:** {ui.label_name(project, given)}  \n"
                     f"**Suggested label (model's prediction):** {ui.label_name(project, pred)} "
                     f"({cur['confidence']:.0%} confident)")
+        if decided is not None:
+            what = decided["action"] + (f" to {ui.label_name(project, decided['label'])}"
+                                        if decided["action"] == "relabel" else "")
+            st.markdown(f"**Current decision:** {what} (by {decided['user']}, {str(decided['ts'])[:19].replace('T', ' ')} UTC)")
         st.caption(f"label_issue {cur['label_issue']:.4g} · influence {cur['influence']:.4g} · "
                    f"self-influence {cur['self_influence']:.4g} · loss {cur['loss']:.4g}  ({method})")
-        b = st.columns(4)
-        b[0].button("Keep", key="review_keep", on_click=act, args=([sid], "keep"), width="stretch")
-        b[1].button("Exclude", key="review_exclude", on_click=act, args=([sid], "exclude"), width="stretch")
-        b[3].button("Undo", key="review_undo", on_click=undo, width="stretch")
-        if "review_new_label" not in st.session_state:
-            st.session_state["review_new_label"] = pred
-        new = st.selectbox("Relabel to", labels, key="review_new_label", format_func=lambda y: ui.label_name(project, y))
-        b[2].button(f"Relabel to {ui.label_name(project, new)}", key="review_relabel", on_click=act, args=([sid], "relabel", int(new)),
-                    width="stretch", type="primary")
+        b = st.columns(3)
+        b[0].button("Keep", key="review_keep", on_click=act, args=([sid], "keep", {sid: seen}), width="stretch")
+        b[1].button("Exclude", key="review_exclude", on_click=act, args=([sid], "exclude", {sid: seen}),
+                    width="stretch")
+        options = [y for y in labels if y != current]          # never offer the label it already has
+        new = st.selectbox("Relabel to", options, key=f"review_new_label_{sid}",
+                           index=options.index(pred) if pred in options else 0,
+                           format_func=lambda y: ui.label_name(project, y))
+        b[2].button(f"Relabel to {ui.label_name(project, new)}", key="review_relabel", on_click=act,
+                    args=([sid], "relabel", {sid: seen}, int(new)), width="stretch", type="primary")
+        if decided is not None:
+            st.button(f"Undo the decision on sample {sid}", key="review_undo_sample", icon=":material/undo:",
+                      on_click=undo_sample, args=(sid, seen))
+        last = st.session_state.get("review_last")
+        if last is not None and int(last) != sid and int(last) in state.index:
+            st.button(f"Undo the decision on sample {last} ({state.loc[int(last), 'action']}, your previous card)",
+                      key="review_undo_sample_last", icon=":material/undo:", on_click=undo_sample,
+                      args=(int(last), log.versions([int(last)])[int(last)]),
+                      help="Reverts the decision in force on that sample only.")
+    with st.expander("Open a sample by id (to see or change its decision)"):
+        pick = st.number_input("Sample id", min_value=0, value=None, step=1, key="review_open_id")
+        if pick is not None and st.button("Show it on the card", key="review_open"):
+            if int(pick) in rows.index:
+                st.session_state["review_focus"] = int(pick)
+                st.rerun()
+            st.error(f"No sample {int(pick)} in this run.")
+        if focus is not None and st.button("Back to the queue", key="review_back"):
+            st.session_state.pop("review_focus", None)
+            st.rerun()
 
     st.subheader("Bulk actions")
     page = queue.head(200)[["sample_id", "label", "pred", "confidence", "label_issue"]].reset_index(drop=True)
+    page_seen = log.versions(page["sample_id"].tolist())   # what this page shows; checked on click
     picked = st.dataframe(page, key="review_table", on_select="rerun", selection_mode="multi-row", hide_index=True)
-    rows = list(getattr(picked, "selection", {}).get("rows", [])) if picked else []
-    chosen = set(int(page.loc[r, "sample_id"]) for r in rows)
+    sel = list(getattr(picked, "selection", {}).get("rows", [])) if picked else []
+    chosen = set(int(page.loc[r, "sample_id"]) for r in sel)
     extra = st.multiselect("…or pick sample ids", page["sample_id"].tolist(), key="review_bulk_ids")
     chosen |= set(int(s) for s in extra)
     top_n = st.number_input("…or the top N of the queue", min_value=0, max_value=len(page), value=0, key="review_top_n")
     chosen |= set(int(s) for s in page["sample_id"].head(int(top_n)))
     ids = sorted(chosen)
+    seen_ids = {s: page_seen.get(s, 0) for s in ids}
     st.caption(f"{len(ids)} selected")
     bb = st.columns(3)
-    bb[0].button("Keep selected", key="review_bulk_keep", on_click=act, args=(ids, "keep"), disabled=not ids)
-    bb[1].button("Exclude selected", key="review_bulk_exclude", on_click=act, args=(ids, "exclude"), disabled=not ids)
+    bb[0].button("Keep selected", key="review_bulk_keep", on_click=act, args=(ids, "keep", seen_ids), disabled=not ids)
+    bb[1].button("Exclude selected", key="review_bulk_exclude", on_click=act, args=(ids, "exclude", seen_ids),
+                 disabled=not ids)
     preds = dict(zip(page["sample_id"], page["pred"]))
     bb[2].button("Relabel selected to their suggested label", key="review_bulk_relabel", disabled=not ids,
-                 on_click=relabel_suggested, args=(ids, preds))
+                 on_click=relabel_suggested, args=(ids, preds, seen_ids))
 
-with st.expander("Decision history (newest first)"):
+st.subheader("Decision history")
+mine = log.last_decision(user)
+if mine is not None:
+    st.button(f"History undo: revert your latest decision (sample {mine['sample_id']}, {mine['action']})",
+              key="review_undo", icon=":material/history:", on_click=undo_history, args=(mine["id"],),
+              help=f"Reverts the newest decision by {user} on any sample; press again to walk further back.")
+else:
+    st.caption(f"No decision by {user} to undo.")
+with st.expander("All events (newest first)"):
     st.dataframe(log.history().iloc[::-1].head(200), hide_index=True, key="review_history")

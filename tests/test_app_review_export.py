@@ -30,22 +30,23 @@ def test_review_actions_persist_into_a_fresh_session(scored):
     assert metrics(at)["Remaining"] == "4000"
     at.button(key="review_exclude").click().run()
     assert current_sample(at) == ranked[1]  # the next sample appears at once
-    at.selectbox(key="review_new_label").set_value(7).run()
+    new_label = next(y for y in (7, 8) if y != int(scores.set_index("sample_id").loc[ranked[1], "label"]))
+    at.selectbox(key=f"review_new_label_{ranked[1]}").set_value(new_label).run()
     at.button(key="review_relabel").click().run()
     at.button(key="review_keep").click().run()
     assert current_sample(at) == ranked[3]
     m = metrics(at)
     assert (m["Reviewed"], m["Excluded"], m["Relabelled"], m["Remaining"]) == ("3", "1", "1", "3997")
-    assert "Precision (truly mislabelled)" in m
+    assert "Precision" in m and "Recall" in m
 
     fresh = new_app(scored, "pages/4_Review.py")  # a second tab / a reload
     assert current_sample(fresh) == ranked[3]
     assert metrics(fresh)["Reviewed"] == "3"
     state = ReviewLog(scored).state()
     assert state.loc[ranked[0], "action"] == "exclude"
-    assert state.loc[ranked[1], "action"] == "relabel" and state.loc[ranked[1], "label"] == 7
+    assert state.loc[ranked[1], "action"] == "relabel" and state.loc[ranked[1], "label"] == new_label
     assert state.loc[ranked[2], "action"] == "keep"
-    fresh.button(key="review_undo").click().run()  # undo walks back the log
+    fresh.button(key="review_undo").click().run()  # the history undo walks back the log
     assert current_sample(fresh) == ranked[2]
     assert ranked[2] not in ReviewLog(scored).state().index
     assert len(ReviewLog(scored).history()) == 4
@@ -60,7 +61,7 @@ def test_bulk_exclude_and_precision(scored):
     state = ReviewLog(scored).state()
     assert sorted(state.index) == sorted(top["sample_id"]) and set(state["action"]) == {"exclude"}
     truly = (top["label"] != top["true_label"]).mean()
-    assert metrics(at)["Precision (truly mislabelled)"] == f"{truly:.0%}"
+    assert metrics(at)["Precision"] == f"{truly:.0%}" and metrics(at)["Recall"] == "100%"
     assert at.number_input(key="review_top_n").value == 0  # the selection is cleared after acting
 
 
@@ -138,3 +139,89 @@ def test_task_exports(scored):
     assert abs(len(y) - 800) <= 10
     for label, n in pd.Series(y).value_counts().items():
         assert abs(n - round(0.2 * counts[label])) <= 1
+
+
+def _ranked(scored):
+    scores = pd.read_parquet(scored / "runs/loss-1/scores.parquet")
+    return scores.set_index("sample_id", drop=False), scores.sort_values(
+        "label_issue", ascending=False, kind="stable")["sample_id"].tolist()
+
+
+def _as(at, user):
+    at.text_input(key="review_user").set_value(user).run()
+    return at
+
+
+def test_two_tabs_on_one_sample_the_stale_click_is_refused(scored):
+    rows, ranked = _ranked(scored)
+    tab_a = _as(new_app(scored, "pages/4_Review.py"), "ann")
+    tab_b = _as(new_app(scored, "pages/4_Review.py"), "bob")
+    assert current_sample(tab_a) == current_sample(tab_b) == ranked[0]
+    tab_a.button(key="review_exclude").click().run()
+    assert metrics(tab_a)["Excluded"] == "1"
+    tab_b.button(key="review_keep").click().run()          # tab B still showed ranked[0] undecided
+    errors = texts(tab_b.error)
+    assert len(errors) == 1, errors
+    assert f"sample {ranked[0]} was changed by ann at" in errors[0] and "nothing was written" in errors[0]
+    state = ReviewLog(scored).state()
+    assert state.loc[ranked[0], "action"] == "exclude" and state.loc[ranked[0], "user"] == "ann"
+    assert len(ReviewLog(scored).history()) == 1
+    assert metrics(tab_b)["Excluded"] == "1" and current_sample(tab_b) == ranked[1]  # redrawn as it is now
+
+    # bulk: tab B selects the top 3; tab A decides one of them meanwhile; B's bulk click is refused
+    tab_b.number_input(key="review_top_n").set_value(3).run()
+    tab_a.run()
+    tab_a.button(key="review_keep").click().run()           # ranked[1]
+    tab_b.button(key="review_bulk_exclude").click().run()
+    errors = texts(tab_b.error)
+    assert len(errors) == 1 and "1 of the 3 selected samples changed" in errors[0], errors
+    assert f"sample {ranked[1]} was changed by ann" in errors[0]
+    state = ReviewLog(scored).state()
+    assert list(state.index) == sorted(ranked[:2]) and state.loc[ranked[1], "action"] == "keep"
+    # once redrawn, the same bulk action goes through
+    tab_b.number_input(key="review_top_n").set_value(2).run()
+    tab_b.button(key="review_bulk_exclude").click().run()
+    assert not tab_b.error
+    assert set(ReviewLog(scored).state().index) == set(ranked[:4])
+
+
+def test_relabel_dropdown_is_keyed_by_sample_and_never_offers_the_given_label(scored):
+    rows, ranked = _ranked(scored)
+    at = new_app(scored, "pages/4_Review.py")
+    first, second = ranked[0], ranked[1]
+    given2 = int(rows.loc[second, "label"])
+    # the issue's case: on the first card, pick the label the NEXT sample already has
+    box = at.selectbox(key=f"review_new_label_{first}")
+    if given2 in box.options or str(given2) in box.options:
+        box.set_value(given2).run()
+    at.button(key="review_exclude").click().run()
+    assert current_sample(at) == second
+    box = at.selectbox(key=f"review_new_label_{second}")
+    assert str(given2) not in [str(o) for o in box.options]
+    pred2 = int(rows.loc[second, "pred"])
+    assert box.value == (pred2 if pred2 != given2 else box.options and int(box.options[0]))
+    assert at.button(key="review_relabel").label != f"Relabel to {given2}"
+    at.button(key="review_relabel").click().run()
+    state = ReviewLog(scored).state()
+    assert state.loc[second, "action"] == "relabel" and int(state.loc[second, "label"]) != given2
+
+
+def test_undo_on_a_sample_versus_history_undo(scored):
+    rows, ranked = _ranked(scored)
+    at = _as(new_app(scored, "pages/4_Review.py"), "ann")
+    at.button(key="review_exclude").click().run()            # ranked[0]
+    at.button(key="review_keep").click().run()               # ranked[1]
+    # the card names the sample its undo button acts on
+    assert at.button(key="review_undo_sample_last").label.startswith(f"Undo the decision on sample {ranked[1]}")
+    assert at.button(key="review_undo").label.endswith(f"(sample {ranked[1]}, keep)")
+    ReviewLog(scored).decide(ranked[5], "exclude", user="bob")   # another reviewer, elsewhere
+    at.run()
+    at.button(key="review_undo_sample_last").click().run()   # per sample: ranked[1] only
+    state = ReviewLog(scored).state()
+    assert ranked[1] not in state.index and {ranked[0], ranked[5]} <= set(state.index)
+    assert current_sample(at) == ranked[1]                   # the undone sample is back on the card
+    assert "review_undo_sample" not in [b.key for b in at.button]
+    at.button(key="review_undo").click().run()               # history: ann's newest left = ranked[0]
+    state = ReviewLog(scored).state()
+    assert list(state.index) == [ranked[5]]                  # bob's decision untouched
+    assert current_sample(at) == ranked[0]
