@@ -1,6 +1,6 @@
 """The ``diffin`` command line. Errors print as one line (no traceback) and exit with status 2.
 
-    diffin score PROJECT --method diffin [--run NAME] [--device auto]
+    diffin score PROJECT --method diffin [--run NAME] [--device auto] [--ray [ADDRESS]]
     diffin top PROJECT --run NAME --query-index 3 [--k 10]
     diffin demo [--workspace ./workspace]
     diffin methods
@@ -38,11 +38,15 @@ class Bar:
         self.bar.close()
 
 
-def _score(project, method: str, run: Optional[str], device: str) -> Path:
+def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None) -> Path:
     from .methods import ScoreSettings
     from .scoring import score
     bar = Bar()
     try:
+        if ray is not None:
+            from .distributed import score_on_ray
+            return score_on_ray(project, method, run, ScoreSettings(device=device),
+                                address=None if ray == "local" else ray, progress=bar)
         return score(project, method, run, ScoreSettings(device=device), progress=bar)
     finally:
         bar.close()
@@ -52,10 +56,13 @@ def _score(project, method: str, run: Optional[str], device: str) -> Path:
 def score_cmd(project: Path = typer.Argument(..., help="project folder (holds diffin.toml)"),
               method: List[str] = typer.Option(["diffin"], "--method", "-m", help="estimator; repeat for several"),
               run: Optional[str] = typer.Option(None, help="run name (default: METHOD-N)"),
-              device: str = typer.Option("auto", help="auto picks cuda, then mps, then cpu")):
+              device: str = typer.Option("auto", help="auto picks cuda, then mps, then cpu"),
+              ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
+                                                help="shard over Ray: --ray alone starts a local instance; "
+                                                     "'auto' or host:6379 joins a cluster (README)")):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json."""
     for m in method:
-        out = _score(project, m, run if len(method) == 1 else None, device)
+        out = _score(project, m, run if len(method) == 1 else None, device, ray)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
 
 
@@ -218,9 +225,18 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="smoke version (
     raise typer.Exit(module.main(argv) or 0)
 
 
+def _bare_ray(argv: list[str]) -> list[str]:
+    """``--ray`` given without an address (last, or before another option) means "local"."""
+    out = list(argv)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i] == "--ray" and (i + 1 == len(out) or out[i + 1].startswith("-")):
+            out.insert(i + 1, "local")
+    return out
+
+
 def main(argv=None) -> None:
     try:
-        app(args=argv, prog_name="diffin", standalone_mode=False)
+        app(args=_bare_ray(sys.argv[1:] if argv is None else argv), prog_name="diffin", standalone_mode=False)
     except DiffinError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

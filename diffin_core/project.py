@@ -5,6 +5,9 @@
     [data]         train = "data/train.npz"   query = "data/query.npz"
                    kind = "image" | "tabular"   image_shape = [1, 28, 28]
                    label_names = [...]          label_column = "label"   num_classes = 10
+                   stream = "auto" | true | false   image_column = "image"   resize = false
+                   max_pixels = 50000000        # train/query may also be a folder (x.npy + y.npy,
+                                                # or <class>/<image> sub-folders): see data.py
     [checkpoints]  manifest = "checkpoints/manifest.json"
     [train]        recipe = "train.py:train"    # optional: (train_x, train_y, seed, checkpoint_dir) -> None
 
@@ -33,7 +36,8 @@ SCHEMA = {
     "project": {"name": False, "description": False},
     "model": {"factory": False, "program": False, "loss": False},
     "data": {"train": True, "query": True, "kind": False, "image_shape": False, "label_names": False,
-             "label_column": False, "num_classes": False},
+             "label_column": False, "num_classes": False, "stream": False, "image_column": False,
+             "resize": False, "max_pixels": False},
     "checkpoints": {"manifest": False},
     "train": {"recipe": False},
 }
@@ -67,7 +71,35 @@ def check_config(raw: dict, path) -> dict:
         raise DiffinError(f"[data] kind must be \"image\" or \"tabular\", not {kind!r}", path)
     if kind == "image" and "image_shape" not in raw["data"]:
         raise DiffinError("missing key 'image_shape' in [data] (needed for kind = \"image\")", path)
+    check_data_keys(raw["data"], path)
     return raw
+
+
+def check_data_keys(data: dict, path) -> None:
+    """Types and values of the [data] keys that pick and decode the sources (data.py)."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    shape = data.get("image_shape")
+    if shape is not None and (not isinstance(shape, list) or not 1 <= len(shape) <= 3
+                              or not all(positive_int(s) for s in shape)):
+        raise DiffinError(f"[data] image_shape must be a list of 1 to 3 positive integers like [3, 32, 32], "
+                          f"not {shape!r}", path)
+    if data.get("stream", "auto") not in (True, False, "auto"):
+        raise DiffinError(f"[data] stream must be true, false or \"auto\", not {data['stream']!r}", path)
+    col = data.get("image_column")
+    if col is not None and (not isinstance(col, str) or not col):
+        raise DiffinError(f"[data] image_column must be a column name (a non-empty string), not {col!r}", path)
+    if col is not None and (shape is None or len(shape) != 3):
+        raise DiffinError("[data] image_column needs image_shape = [C, H, W] (the decoded size)", path)
+    if col is not None and shape[0] not in (1, 3, 4):
+        raise DiffinError(f"[data] image_shape channels must be 1, 3 or 4 to decode images, not {shape[0]}", path)
+    if not isinstance(data.get("resize", False), bool):
+        raise DiffinError(f"[data] resize must be true or false, not {data['resize']!r}", path)
+    if "max_pixels" in data and not positive_int(data["max_pixels"]):
+        raise DiffinError(f"[data] max_pixels must be a positive integer, not {data['max_pixels']!r}", path)
+    for key in ("train", "query"):
+        if key in data and (not isinstance(data[key], str) or not data[key]):
+            raise DiffinError(f"[data] {key} must be a path (a non-empty string), not {data[key]!r}", path)
 
 
 @dataclass(frozen=True)
@@ -170,7 +202,7 @@ class Project:
         if self.label_names:
             return len(self.label_names)
         raw = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column,
-                         image_shape=self.image_shape)
+                         image_shape=self.image_shape, **{**self.source_options, "stream": True})
         return int(self._forward_one(eval_mode(self.build_model()), raw).shape[-1])
 
     @staticmethod
@@ -183,9 +215,21 @@ class Project:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})", split.path) from None
 
     # --- data -------------------------------------------------------------------------------
+    @property
+    def source_options(self) -> dict:
+        """load_split keyword arguments from the [data] keys that pick and decode sources."""
+        d = self.config["data"]
+        opts = {k: d[k] for k in ("stream", "image_column", "resize", "max_pixels") if k in d}
+        if self.label_names:
+            opts["classes"] = [str(n) for n in self.label_names]
+        return opts
+
     def _split(self, key: str) -> Split:
+        opts = self.source_options
+        if key == "query" and "classes" not in opts and self.train.classes is not None:
+            opts["classes"] = self.train.classes     # image folders: the train split's class order
         return load_split(self.path(self.config["data"][key]), label_column=self.label_column,
-                          image_shape=self.image_shape, num_classes=self.num_classes)
+                          image_shape=self.image_shape, num_classes=self.num_classes, **opts)
 
     @functools.cached_property
     def train(self) -> Split:

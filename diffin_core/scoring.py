@@ -110,19 +110,18 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                                "diffin": "0.1.0"},
     }
+    return write_run(project, run, df, meta, started)
+
+
+def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
+    """Write runs/<run>/scores.parquet + meta.json: a temp folder renamed into place, so the run
+    appears only when complete (local and Ray runs both end here)."""
+    meta.setdefault("versions", {"torch": torch.__version__, "python": platform.python_version(), "diffin": "0.1.0"})
+    from .atomic import staged_dir
     final = project.runs_dir / run
-    tmp = project.runs_dir / f".{run}.tmp-{int(started * 1000)}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(final) as tmp:      # runs/<run> swaps whole to the new version (never missing)
         df.to_parquet(tmp / "scores.parquet", index=False)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        old = project.runs_dir / f".{run}.old-{int(started * 1000)}"
-        if final.exists():
-            final.rename(old)            # the previous run stays whole until the new one is in place
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
