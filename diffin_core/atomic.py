@@ -1,12 +1,17 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target.
+"""Atomic writes: a temporary file (or folder) in the same folder, then a rename over the target.
 
 A crash or an error half-way leaves the old file (or no file) in place, never a partial one.
+Folders (a run) are published as a link to a version folder swapped with ``os.replace``; see
+``replace_dir`` and ``recover_dirs``.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -44,3 +49,173 @@ def write_bytes(target: str | Path, data: bytes) -> Path:
 
 def write_text(target: str | Path, text: str) -> Path:
     return write_bytes(target, text.encode("utf-8"))
+
+
+# --- folders: runs/<run> published whole, replaced without a moment of "no run" ----------------
+#
+# A published folder ``<parent>/<name>`` is a symbolic link to a hidden version folder
+# ``.<name>.v-<pid>-<ns>`` beside it. A new version is written into ``.<name>.tmp-<pid>-<ns>``,
+# renamed to a version, and a fresh link is swapped in with ``os.replace`` (atomic on POSIX):
+# readers always see the old version or the new one, never none. Every hidden helper carries
+# the writer's pid, so ``recover_dirs`` (on start) can tell a crashed writer's leftovers from a
+# live writer's work: it removes dead writers' temp folders, links and unused versions, and
+# when a kill left ``<name>`` missing, points it at the newest complete version.
+
+_HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|v|link|old)-(?P<stamp>[0-9]+(?:-[0-9]+)?)(?:-legacy)?$")
+LEGACY_STALE_S = 15 * 60      # helpers without a pid (older diffin) are leftovers after this
+
+
+def _stamp() -> str:
+    return f"{os.getpid()}-{time.time_ns()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _age_key(path: Path) -> tuple[int, int]:
+    """Creation order of a helper: the ns in its name, else its mtime (ns); on a tie a moved-
+    aside "-legacy" folder counts as older than the version that replaced it."""
+    m = _HIDDEN.match(path.name)
+    newer = 0 if path.name.endswith("-legacy") else 1
+    if m and "-" in m["stamp"]:
+        return int(m["stamp"].split("-")[1]), newer
+    return path.lstat().st_mtime_ns, newer
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden temp folder beside ``final``; on success publish it as ``final``
+    (``replace_dir``); on any exception remove it and leave ``final`` as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{_stamp()}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def replace_dir(src: str | Path, final: str | Path) -> Path:
+    """Make ``final`` name the complete folder ``src`` (moved, not copied); the previous
+    content of ``final`` (a version link or, from older diffin, a real folder) is removed after
+    the swap. At no moment is ``final`` missing, except in the one-time move of a pre-existing
+    real folder, which ``recover_dirs`` repairs."""
+    src, final = Path(src), Path(final)
+    parent, stamp = final.parent, _stamp()
+    version = parent / f".{final.name}.v-{stamp}"
+    os.rename(src, version)
+    old = None
+    if final.is_symlink():
+        old = parent / os.readlink(final)
+    elif final.exists():               # a real folder (written before versions existed)
+        old = parent / f".{final.name}.v-{stamp}-legacy"
+        os.rename(final, old)          # crash window: repaired by recover_dirs (newest version)
+    link = parent / f".{final.name}.link-{stamp}"
+    try:
+        os.symlink(version.name, link, target_is_directory=True)
+    except (OSError, NotImplementedError):   # no symlinks here: plain rename, repaired on start
+        if final.exists():
+            os.rename(final, parent / f".{final.name}.old-{stamp}")
+            old = parent / f".{final.name}.old-{stamp}"
+        os.rename(version, final)
+    else:
+        os.replace(link, final)
+    if old is not None and old.resolve() != version.resolve():
+        _remove(old)
+    return final
+
+
+def recover_dirs(parent: str | Path) -> list[str]:
+    """Repair ``parent`` after a crash mid-write (safe while live writers work: only a dead
+    process's helpers are touched). Returns what it did, one line per action."""
+    parent = Path(parent)
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    done, versions = [], {}
+    now = time.time()
+    for p in entries:
+        m = _HIDDEN.match(p.name)
+        if not m:
+            continue
+        stamp = m["stamp"]
+        pid = int(stamp.split("-")[0]) if "-" in stamp else None
+        if pid is not None and _pid_alive(pid):
+            # a live writer's version not linked any more (its swap is instants long): old after a minute
+            if not (m["kind"] == "v" and time.time_ns() - _age_key(p)[0] > 60e9 and (parent / m["name"]).exists()
+                    and (parent / m["name"]).resolve() != p.resolve()):
+                continue
+        if pid is None:                # older diffin: no pid in the name; wait until clearly stale
+            try:
+                if now - p.lstat().st_mtime < LEGACY_STALE_S:
+                    continue
+            except OSError:
+                continue
+        if m["kind"] in ("v", "old"):
+            versions.setdefault(m["name"], []).append(p)
+        else:                          # a dead writer's temp folder or link
+            _remove(p)
+            done.append(f"removed leftover {p.name}")
+    for name, found in versions.items():
+        final = parent / name
+        if not final.exists():                     # missing (or a dangling link): a kill mid-swap
+            newest = max(found, key=_age_key)
+            if final.is_symlink():
+                final.unlink()
+            if newest.name.startswith(f".{name}.v-") and not newest.name.endswith("-legacy"):
+                link = parent / f".{name}.link-{_stamp()}"
+                os.symlink(newest.name, link, target_is_directory=True)
+                os.replace(link, final)
+            else:
+                os.rename(newest, final)
+            done.append(f"restored {name} from {newest.name}")
+        used = final.resolve()
+        for p in found:
+            if (p.exists() or p.is_symlink()) and p.resolve() != used:
+                _remove(p)
+                done.append(f"removed unused {p.name}")
+    return done
+
+
+def clean_staging(workspace: str | Path, prefix: str = ".diffin-upload-") -> list[str]:
+    """Remove upload staging folders ``<prefix><pid>-...`` left by dead processes (and, from
+    older diffin without a pid, those older than ``LEGACY_STALE_S``). Returns the names removed."""
+    out, now = [], time.time()
+    try:
+        entries = [p for p in Path(workspace).iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return out
+    for p in entries:
+        m = re.match(r"^([0-9]+)-", p.name[len(prefix):])
+        if m:
+            if _pid_alive(int(m[1])):
+                continue
+        else:
+            try:
+                if now - p.lstat().st_mtime < LEGACY_STALE_S:
+                    continue
+            except OSError:
+                continue
+        _remove(p)
+        out.append(p.name)
+    return out

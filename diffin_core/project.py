@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib.util
 import json
-import sys
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import Manifest, check_fits, read_manifest, read_state
+from .checkpoints import Manifest, check_fits, check_step, complete_state, read_manifest, read_state
 from .data import Split, load_split
 from .errors import DiffinError
 from .models import eval_mode
@@ -162,13 +160,10 @@ class Project:
         if not src.is_file():
             raise DiffinError(f"{what} file not found", src)
         name = f"diffin_user_{abs(hash(str(src)))}"
+        from .usercode import load_source
         try:
-            module_spec = importlib.util.spec_from_file_location(name, src)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            module_spec.loader.exec_module(module)
+            module = load_source(src, name)  # from source: no __pycache__ in the project folder
         except Exception as e:
-            sys.modules.pop(name, None)
             raise DiffinError(f"importing it raised {type(e).__name__}: {e}", src) from None
         if not callable(getattr(module, fn, None)):
             raise DiffinError(f"defines no function {fn!r}", src)
@@ -207,12 +202,16 @@ class Project:
 
     @staticmethod
     def _forward_one(model: nn.Module, split: Split) -> torch.Tensor:
+        training = getattr(model, "training", False)
         try:
             with torch.no_grad():
-                return model(torch.as_tensor(split.x[:1]))
+                return eval_mode(model)(torch.as_tensor(split.x[:1]))   # eval: BatchNorm can't train on 1 sample
         except Exception as e:
             raise DiffinError(f"the model can't take samples of shape {list(split.x.shape[1:])} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})", split.path) from None
+        finally:
+            if training:
+                model.train()
 
     # --- data -------------------------------------------------------------------------------
     @property
@@ -266,9 +265,10 @@ class Project:
         out = []
         for c in self.manifest.checkpoints:
             src = self.manifest_path.parent / c.file
-            state, _ = read_state(src)
+            state, meta = read_state(src)
+            check_step(meta, c, src)
             check_fits(model, state, src)
-            out.append(state)
+            out.append(complete_state(model, state))
         return out
 
     def final_model(self) -> nn.Module:
@@ -288,8 +288,12 @@ class Project:
 
     # --- runs -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
+        from .atomic import recover_dirs
+        recover_dirs(self.runs_dir)     # a run replacement killed half-way: repaired, leftovers removed
         out = []
         for meta_path in sorted(self.runs_dir.glob("*/meta.json")):
+            if meta_path.parent.name.startswith("."):   # temp folders, versions: never runs
+                continue
             try:
                 meta = json.loads(meta_path.read_text())
             except (json.JSONDecodeError, OSError):

@@ -13,6 +13,7 @@ import json
 import platform
 import shutil
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,40 +22,79 @@ import pandas as pd
 import torch
 
 from .data import Split
+from .checkpoints import load_exp_avg_sq, load_step_lrs
 from .errors import DiffinError
 from .functional import FunctionalModel
-from .methods import METHODS, Context, ScoreSettings, pick_device, segment_lengths
+from .methods import METHODS, Context, ScoreSettings, pick_device
 from .project import Project
+from .recipe import Recipe, RecipeWarning, adam_scale, interpolated_lrs, owned_bounds
 
 
 def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
-                 progress=None, dtype=torch.float32) -> Context:
-    """A scoring context from in-memory parts (the project path and the tests both use it)."""
+                 progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
+                 step_lrs=None, exp_avg_sq=None, files=None) -> Context:
+    """A scoring context from in-memory parts (the project path and the tests both use it).
+
+    states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
+    every checkpoint is evaluated with its own). lrs: each checkpoint's lr; ``step_lrs`` (T,) the
+    lr of every optimiser step (default: interpolated from ``lrs``). ``recipe`` defaults to SGD
+    with ``momentum``. ``exp_avg_sq``: per checkpoint (v (P,) in parameter order, Adam step
+    count) or None, giving Adam's frozen preconditioner D.
+    """
     settings = settings or ScoreSettings()
+    recipe = recipe or Recipe(momentum=float(momentum))
     device = pick_device(settings.device)
     fm = FunctionalModel(model.to(dtype=dtype))
     fm.to(device)
     thetas = [fm.flatten({k: v.to(device=device, dtype=dtype) for k, v in s.items()}) for s in states]
-    fm.buffers = {k: v.to(device=device) for k, v in states[-1].items() if k in fm.buffers}
-    eff = np.asarray(lrs, dtype=np.float64) / max(1e-12, 1.0 - momentum)
-    return Context(fm, thetas, list(steps), eff, segment_lengths(steps), train, settings, device,
-                   progress or (lambda d, t, m: None))
+    buffers = None
+    if fm.buffers:
+        buffers = [{k: v.to(device=device, dtype=fm.buffers[k].dtype) for k, v in s.items() if k in fm.buffers}
+                   for s in states]
+        fm.buffers = {**fm.buffers, **buffers[-1]}
+    step_lrs = (interpolated_lrs(steps, lrs) if step_lrs is None
+                else np.asarray(step_lrs, dtype=np.float64)[:max(int(steps[-1]), 1)])
+    bounds = owned_bounds(steps, len(step_lrs) if int(steps[-1]) == 0 else int(steps[-1]))
+    seg = np.diff(bounds).astype(np.float64)
+    sums = np.array([step_lrs[bounds[k]:bounds[k + 1]].sum() for k in range(len(steps))])
+    eff = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * recipe.momentum_gain()
+    precond = None
+    if exp_avg_sq is not None and recipe.adam:
+        precond = [None if e is None else
+                   torch.as_tensor(adam_scale(e[0].double().cpu().numpy(), e[1], recipe.betas[1], recipe.eps),
+                                   dtype=dtype, device=device) for e in exp_avg_sq]
+    return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
+                   progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
+                   buffers=buffers, precond=precond, files=files)
 
 
 def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
+    """The scoring context of a project: its model, checkpoints and recorded recipe. What the
+    manifest does not record is approximated and named in one RecipeWarning line."""
     model = project.build_model()
     project.check_model_input(model)
     states = project.checkpoint_states(model)
     m = project.manifest
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
-    ctx = make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
-                       project.train, settings, m.momentum, progress)
-    if project.recipe:               # cleanlab-cv retrains with the project's [train] recipe
-        from .tasks import recipe_trainer
-        ctx.trainer = recipe_trainer(project)
-    return ctx
+    recipe = Recipe.from_manifest(m.recipe_dict())
+    step_lrs = load_step_lrs(m)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    eas = [load_exp_avg_sq(m, c, names) for c in m.checkpoints] if recipe.adam else None
+    approx = list(recipe.approximations)
+    if step_lrs is None:
+        approx.append("the lr inside each segment (no per-step lrs: interpolated between checkpoints)")
+    if recipe.adam and (eas is None or any(e is None for e in eas)):
+        approx.append("Adam's preconditioner (no exp_avg_sq recorded: modelled as SGD with the same lr)")
+        recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
+        eas = None
+    recipe.approximations = approx
+    if approx:
+        warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
+    return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
+                        project.train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
+                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints])
 
 
 def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:

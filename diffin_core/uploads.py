@@ -143,7 +143,9 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj) -> str:
     suffix = Path(name).suffix.lower()
     if suffix not in SUFFIXES[role]:
         raise DiffinError(f"wrong kind of file here: expected {WHAT[role]}", name)
-    staging = Path(tempfile.mkdtemp(prefix=".diffin-upload-", dir=project_dir.parent))
+    project_dir.parent.mkdir(parents=True, exist_ok=True)
+    # the pid in the name lets atomic.clean_staging tell a crashed upload's leftovers from a live one
+    staging = Path(tempfile.mkdtemp(prefix=f".diffin-upload-{os.getpid()}-", dir=project_dir.parent))
     try:
         tmp = staging / name
         with open(tmp, "wb") as out:

@@ -151,3 +151,144 @@ def test_unknown_method_and_missing_project(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["score", str(tmp_path), "--method", "tracin"])
     assert "diffin.toml" in capsys.readouterr().err
+
+
+# --- replacing a run: a kill at any point leaves a whole run (old or new), and no leftovers -----
+
+import json as _json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from diffin_core.atomic import clean_staging, recover_dirs, replace_dir, staged_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+KILLER = r"""
+import importlib.util, os, sys, json
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1] + "/diffin_core/atomic.py")
+atomic = importlib.util.module_from_spec(spec)   # stdlib only: no torch import, a fast child
+spec.loader.exec_module(atomic)
+final, kill_at = sys.argv[2], int(sys.argv[3])
+calls = [0]
+def wrap(fn):
+    def inner(*a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os._exit(137)                     # a kill: no finally, no cleanup
+        return fn(*a, **k)
+    return inner
+atomic.os.rename, atomic.os.symlink, atomic.os.replace = wrap(os.rename), wrap(os.symlink), wrap(os.replace)
+real_remove = atomic._remove
+atomic._remove = lambda p: os._exit(137) if kill_at == 99 else real_remove(p)
+with atomic.staged_dir(final) as tmp:
+    (tmp / "scores.parquet").write_bytes(b"new" * 1000)
+    if kill_at == 0:
+        os._exit(137)                         # killed during the parquet write
+    (tmp / "meta.json").write_text(json.dumps({"v": "new"}))
+"""
+
+
+def _write_run(runs, version, legacy):
+    final = runs / "r"
+    if legacy:                                  # a run written by older diffin: a real folder
+        final.mkdir(parents=True)
+        (final / "scores.parquet").write_bytes(version.encode() * 1000)
+        (final / "meta.json").write_text(_json.dumps({"v": version}))
+    else:
+        with staged_dir(final) as tmp:
+            (tmp / "scores.parquet").write_bytes(version.encode() * 1000)
+            (tmp / "meta.json").write_text(_json.dumps({"v": version}))
+    return final
+
+
+def _whole(final):
+    meta = _json.loads((final / "meta.json").read_text())["v"]
+    assert (final / "scores.parquet").read_bytes() == meta.encode() * 1000
+    return meta
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["versioned", "legacy-folder"])
+@pytest.mark.parametrize("kill_at", [0, 1, 2, 3, 4, 99])
+def test_kill_during_run_replacement_never_leaves_no_run(tmp_path, legacy, kill_at):
+    runs = tmp_path / "runs"
+    final = _write_run(runs, "old", legacy)
+    for p in runs.iterdir():                       # the old version was written a while ago
+        if ".v-" in p.name:
+            pid, ns = p.name.split(".v-")[1].split("-")[:2]
+            p.rename(p.with_name(f".r.v-{pid}-{int(ns) - 120 * 10**9}"))
+            final.unlink()
+            final.symlink_to(p.with_name(f".r.v-{pid}-{int(ns) - 120 * 10**9}").name)
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(REPO), str(final), str(kill_at)], timeout=60)
+    window = legacy and kill_at in (3, 4)      # killed before call k: after the old folder moved aside
+    if window:
+        # the one window, in the one-time move of an old real folder: repaired on start
+        assert proc.returncode == 137 and not final.exists()
+    elif proc.returncode == 137:
+        assert _whole(final) in ("old", "new")     # readers see a whole run at every moment
+    recover_dirs(runs)                             # "on start"
+    swapped = proc.returncode == 0 or kill_at > (4 if legacy else 3) or window
+    assert _whole(final) == ("new" if swapped else "old")
+    assert [p.name for p in runs.iterdir() if not (p.is_symlink() and p.name == "r")
+            and p.resolve() != final.resolve()] in ([], ["r"])
+    assert len(list(runs.iterdir())) == (2 if final.is_symlink() else 1)   # r (+ its version)
+
+
+def test_recovery_leaves_a_live_writer_alone(tmp_path):
+    runs = tmp_path / "runs"
+    final = _write_run(runs, "old", legacy=False)
+    with staged_dir(final) as tmp:                 # this process is mid-write
+        (tmp / "meta.json").write_text("{}")
+        assert recover_dirs(runs) == []
+        assert tmp.is_dir()
+    assert _json.loads((final / "meta.json").read_text()) == {}
+    assert sorted(p.name.split(".v-")[0] for p in runs.iterdir()) == [".r", "r"]
+
+
+def test_replace_dir_swaps_and_removes_the_old_version(tmp_path):
+    runs = tmp_path / "runs"
+    final = _write_run(runs, "one", legacy=True)
+    for v in ("two", "three"):
+        src = tmp_path / f"src-{v}"
+        src.mkdir()
+        (src / "scores.parquet").write_bytes(v.encode() * 1000)
+        (src / "meta.json").write_text(_json.dumps({"v": v}))
+        replace_dir(src, final)
+        assert _whole(final) == v and final.is_symlink()
+        assert len(list(runs.iterdir())) == 2
+
+
+def test_hidden_folders_and_leftovers_are_not_runs(proj):
+    from diffin_core.project import Project
+    from diffin_core.scoring import score
+    score(proj, "grad-dot", run="g")
+    runs = proj / "runs"
+    dead = 2 ** 22 + 12345                          # no such pid
+    for name in (f".g.tmp-{dead}-1", f".h.tmp-{dead}-2", ".hidden"):
+        (runs / name).mkdir()
+        (runs / name / "meta.json").write_text('{"method": "x"}')
+        (runs / name / "scores.parquet").write_bytes(b"")
+    old = runs / ".g.tmp-1700000000000"             # older diffin's name (no pid), clearly stale
+    old.mkdir()
+    os.utime(old, (1, 1))
+    assert [r.name for r in Project(proj).runs()] == ["g"]
+    left = sorted(p.name for p in runs.iterdir() if not p.name.startswith(".g.v-"))
+    assert left == [".hidden", "g"]                 # dead writers' leftovers gone; others kept, unlisted
+    score(proj, "grad-dot", run="g")                # a second score of the same name: replaced whole
+    assert [r.name for r in Project(proj).runs()] == ["g"]
+    assert len([p for p in runs.iterdir() if p.name.startswith(".g.v-")]) == 1
+
+
+def test_upload_staging_left_by_a_dead_process_is_cleaned(tmp_path):
+    dead = 2 ** 22 + 12346
+    (tmp_path / f".diffin-upload-{dead}-abc").mkdir()
+    (tmp_path / f".diffin-upload-{dead}-abc" / "model.py").write_text("x")
+    (tmp_path / f".diffin-upload-{os.getpid()}-live").mkdir()   # an upload in progress here
+    stale = tmp_path / ".diffin-upload-old123"                   # older diffin's name
+    stale.mkdir()
+    os.utime(stale, (1, 1))
+    fresh = tmp_path / ".diffin-upload-new456"
+    fresh.mkdir()
+    assert sorted(clean_staging(tmp_path)) == [f".diffin-upload-{dead}-abc", ".diffin-upload-old123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".diffin-upload-new456",
+                                                                 f".diffin-upload-{os.getpid()}-live"])
