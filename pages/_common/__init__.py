@@ -25,6 +25,8 @@ def job_manager() -> JobManager:
 def workspace() -> Path:
     if "workspace" not in st.session_state:
         st.session_state["workspace"] = str(appstate.workspace_dir(sys.argv[1:]))
+        from diffin_core.atomic import clean_staging
+        clean_staging(st.session_state["workspace"])   # uploads a crash left half-done (dead pids only)
     return Path(st.session_state["workspace"])
 
 
