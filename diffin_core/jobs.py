@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 _BOOT = uuid.uuid4().hex  # tells this process apart from an earlier one that had the same pid
 _ACTIVE = ("queued", "running")
 INTERRUPTED = "interrupted (the server stopped)"
+_STEP = re.compile(r"(\d+)\s*/\s*(\d+)")  # "checkpoint 3/12" in a progress message
 
 
 class JobCancelled(Exception):
@@ -47,14 +49,23 @@ class JobInfo:
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
+    step: int = 0                  # a phase before the counted items: steps done of ``steps``
+    steps: int | None = None       # (each done == 0 message "... k/m" is one step of m)
+    counting_since: float | None = None  # last time done was 0: the items phase starts there
 
     @property
     def rate(self) -> float:
-        """Items per second since the job started (0.0 before)."""
-        if self.started is None:
+        """Items per second since counting started (the last update with done == 0, else the start)."""
+        t0 = self.counting_since or self.started
+        if t0 is None:
             return 0.0
-        elapsed = (self.finished or time.time()) - self.started
+        elapsed = (self.finished or time.time()) - t0
         return self.done / elapsed if elapsed > 0 else 0.0
+
+    @property
+    def in_phase(self) -> bool:
+        """True while a k/m phase (e.g. propagating the query through checkpoints) runs, before items count."""
+        return self.status == "running" and self.done == 0 and bool(self.steps)
 
     @property
     def eta_s(self) -> float | None:
@@ -68,6 +79,8 @@ class JobInfo:
         """0..1 share done (1.0 once done, 0.0 when the total is unknown)."""
         if self.status == "done":
             return 1.0
+        if self.in_phase:
+            return min(max(self.step / self.steps, 0.0), 1.0)
         return min(max(self.done / self.total, 0.0), 1.0) if self.total else 0.0
 
     @classmethod
@@ -111,6 +124,15 @@ class Progress:
                 info.total = int(total)
             if message:
                 info.message = " ".join(str(message).split())
+            if info.done == 0:
+                info.counting_since = time.time()
+                k_of_m = _STEP.search(str(message)) if message else None
+                if k_of_m and int(k_of_m[2]) > 0:  # one message per step; k may count down
+                    m = int(k_of_m[2])
+                    info.step = min(info.step + 1, m) if info.steps == m else 1
+                    info.steps = m
+                elif message:
+                    info.step, info.steps = 0, None
             if time.time() - self._job.last_write >= 0.5:  # at most ~2 writes/s
                 self._m._save(self._job)
         self.check()
@@ -138,6 +160,19 @@ class JobManager:
             self._save(job)  # before the worker can see it, so "queued" never lands after "running"
         self._queue.put(job)
         return job.info.id
+
+    def submit_child(self, kind: str, target: str, args: tuple = (), kwargs: dict | None = None, *,
+                     label: str = "", project_dir: str | os.PathLike | None = None,
+                     timeout: float | None = None, with_progress: bool = True) -> str:
+        """Queue ``target(*args, progress=..., **kwargs)`` (``"module:function"``) to run in a
+        child process (usercode.run): cancel kills it, a crash fails only this job."""
+        from . import usercode
+
+        def fn(progress: Progress):
+            return usercode.run(target, *args, progress=progress.update if with_progress else None,
+                                cancelled=lambda: progress.cancelled, timeout=timeout, what=label or kind,
+                                **(kwargs or {}))
+        return self.submit(kind, fn, label=label, project_dir=project_dir)
 
     def get(self, job_id: str) -> JobInfo | None:
         with self._cv:
@@ -244,6 +279,14 @@ class JobManager:
                        json.dumps(d, indent=1, default=str))
         except OSError as exc:
             log.warning("job %s: could not write its status: %s", job.info.id, exc)
+
+
+def display_order(infos: list[JobInfo]) -> list[JobInfo]:
+    """Jobs as a page lists them: the running one, then the queued in the order they will run,
+    then the finished, most recent first."""
+    rank = {"running": 0, "queued": 1}
+    return sorted(infos, key=lambda i: (rank.get(i.status, 2),
+                                        i.created if i.status == "queued" else -(i.finished or i.created)))
 
 
 def _owner_gone(owner: Any) -> bool:

@@ -226,3 +226,57 @@ def test_reset_cancels_and_clears(jm):
     gate.set()
     c = jm.submit("score", lambda p: "next")
     assert jm.wait(c, 5).result == "next"
+
+
+def test_checkpoint_phase_is_real_progress(jm):
+    """diffin's query phase reports "checkpoint k/m" with done = 0: shown as k of m, not 0/N."""
+    gates = [threading.Event() for _ in range(3)]
+
+    def fn(p):
+        p.update(0, 4000, "diffin: preparing query vectors")
+        for i, k in enumerate((12, 11, 10)):  # the engine propagates backwards: 12/12, 11/12, ...
+            p.update(0, 4000, f"diffin: propagated the query through checkpoint {k}/12")
+            gates[i].wait(5)
+        p.update(1000, 4000, "diffin: scoring training samples")
+        return "ok"
+
+    jid = jm.submit("score", fn)
+    _until(lambda: jm.get(jid).step == 1)
+    info = jm.get(jid)
+    assert info.in_phase and (info.step, info.steps) == (1, 12) and info.fraction == pytest.approx(1 / 12)
+    assert info.eta_s is None  # no sample rate yet
+    gates[0].set()
+    _until(lambda: jm.get(jid).step == 2)
+    assert jm.get(jid).fraction == pytest.approx(2 / 12)
+    gates[1].set()
+    gates[2].set()
+    info = jm.wait(jid, 5)
+    assert info.status == "done" and not info.in_phase
+    # the items phase counts its rate from the end of the query phase, not from the start
+    assert info.counting_since is not None and info.counting_since >= info.started
+
+
+def test_phase_then_items_fraction():
+    now = time.time()
+    info = JobInfo(id="p", kind="score", status="running", done=0, total=4000, step=3, steps=12, started=now - 5)
+    assert info.in_phase and info.fraction == 0.25
+    info.done = 1000
+    assert not info.in_phase and info.fraction == 0.25  # now 1000/4000 of the items
+    info.counting_since = now - 1
+    assert info.rate == pytest.approx(1000, rel=0.05)  # 1000 items in the 1 s since counting began
+
+
+def test_display_order_running_first_then_queue_order():
+    mk = lambda i, s, c, f=None: JobInfo(id=i, kind="score", status=s, created=c, finished=f)  # noqa: E731
+    infos = [mk("q2", "queued", 5), mk("q1", "queued", 4), mk("r", "running", 3),
+             mk("old", "done", 1, 2), mk("new", "failed", 2, 3.5)]
+    assert [i.id for i in jobs.display_order(infos)] == ["r", "q1", "q2", "new", "old"]
+
+
+def test_submit_child_runs_in_another_process(jm):
+    jid = jm.submit_child("probe", "os:getpid", with_progress=False)
+    info = jm.wait(jid, 60)
+    assert info.status == "done" and isinstance(info.result, int) and info.result != os.getpid()
+    bad = jm.wait(jm.submit_child("probe", "os:_exit", (3,), label="exits", with_progress=False), 60)
+    assert bad.status == "failed" and bad.error == "exits crashed (exit code 3)"
+    assert jm.wait(jm.submit("after", lambda p: "next"), 5).result == "next"

@@ -1,0 +1,255 @@
+"""Run user code (model.py, train.py recipes, scoring that imports them) in a child process.
+
+A user's model.py can hang, call ``os._exit``, or segfault. None of that may take the server
+down, so every call that imports user code from the app goes through ``run``: a child started
+with multiprocessing's *spawn* context (never fork: the server has threads and maybe CUDA)
+runs ``"module:function"(*args, **kwargs)`` and the calling thread supervises it:
+
+- progress: the child's ``progress(done, total, message)`` calls arrive through a queue and are
+  handed to the caller's callback (throttled to ~20/s, every new message passes);
+- cancel: ``cancelled()`` true -> the child is killed, ``JobCancelled`` is raised;
+- time limit: past ``timeout`` seconds the child is killed and a DiffinError says so;
+- crash: an exception becomes a DiffinError with its one line; a dead child (``os._exit``,
+  a signal) becomes a DiffinError with the exit code and the last error line it printed
+  (its stderr goes to a log file; faulthandler writes "Fatal Python error: ..." there).
+
+The child never writes ``__pycache__`` (``sys.dont_write_bytecode``), and ``load_source``
+imports a user file without writing bytecode next to it in any process.
+Starting a child costs about 2-3 s (a fresh interpreter importing torch).
+"""
+from __future__ import annotations
+
+import faulthandler
+import importlib
+import importlib.util
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import DiffinError
+from .jobs import JobCancelled
+
+SPAWN = multiprocessing.get_context("spawn")
+# Setup's model checks: how long importing and building a model may take (seconds).
+MODEL_TIMEOUT_S = float(os.environ.get("DIFFIN_MODEL_TIMEOUT", "120"))
+_NOISE = ("Current thread", "Thread 0x", "Extension modules", "Traceback", "File ", "Stack (most recent")
+
+
+def load_source(path: str | Path, name: str) -> types.ModuleType:
+    """Import a .py file as module ``name`` from its source; never writes ``__pycache__``.
+
+    The module is registered in ``sys.modules`` while it runs (dataclasses and pickling need
+    that); on an exception it is removed again and the exception propagates."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+# --- the child side --------------------------------------------------------------------------
+class _ChildProgress:
+    """The ``progress(done, total, message)`` callback inside the child: sends to the parent."""
+
+    def __init__(self, q):
+        self.q, self.last, self.last_msg = q, 0.0, None
+
+    def __call__(self, done, total=None, message: str = "") -> None:
+        now = time.monotonic()
+        final = total is not None and int(done) >= int(total)
+        if message != self.last_msg or final or now - self.last >= 0.05:
+            self.q.put(("progress", int(done), None if total is None else int(total), str(message)))
+            self.last, self.last_msg = now, message
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, DiffinError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split())
+
+
+def _child(target: str, args: tuple, kwargs: dict, q, log_path: str, with_progress: bool) -> None:
+    sys.dont_write_bytecode = True
+    log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+    os.dup2(log.fileno(), 2)  # C-level and Python stderr both land in the log
+    sys.stderr = log
+    faulthandler.enable(file=log)
+    try:
+        module, fn = target.split(":")
+        call = getattr(importlib.import_module(module), fn)
+        if with_progress:
+            kwargs = dict(kwargs, progress=_ChildProgress(q))
+        q.put(("done", call(*args, **kwargs)))
+    except BaseException as e:  # SystemExit and KeyboardInterrupt from user code too
+        traceback.print_exc(file=log)
+        q.put(("error", _one_line(e)))
+    finally:
+        log.flush()
+
+
+# --- the parent side -------------------------------------------------------------------------
+def last_error_line(text: str) -> str:
+    """The line of a crash log that says what went wrong (not a stack frame)."""
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and not ln[:1].isspace() and not ln.startswith(_NOISE)]
+    for ln in reversed(lines):
+        if ln.startswith("Fatal Python error"):
+            return ln
+    return lines[-1] if lines else ""
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def run(target: str, *args, progress: Callable | None = None, cancelled: Callable[[], bool] | None = None,
+        timeout: float | None = None, what: str = "user code", **kwargs) -> Any:
+    """``target(*args, **kwargs)`` (target = ``"package.module:function"``) in a spawned child.
+
+    With ``progress`` the target gets a ``progress=`` keyword and its calls are forwarded here.
+    Returns the target's (picklable) result. Raises JobCancelled when ``cancelled()`` turns
+    true, DiffinError on an exception, a crash or the time limit. The child is gone on return.
+    """
+    fd, log_path = tempfile.mkstemp(prefix="diffin-child-", suffix=".log")
+    os.close(fd)
+    q = SPAWN.Queue()
+    proc = SPAWN.Process(target=_child, args=(target, args, kwargs, q, log_path, progress is not None),
+                         name=f"diffin-{what}", daemon=True)
+    start = time.monotonic()
+    proc.start()
+    try:
+        dead_polls = 0
+        while True:
+            try:
+                msg = q.get(timeout=0.05)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                if msg[0] == "progress":
+                    progress(*msg[1:])  # Progress.update raises JobCancelled when cancelled
+                    continue
+                if msg[0] == "done":
+                    proc.join(10)
+                    return msg[1]
+                raise DiffinError(msg[1])
+            if cancelled is not None and cancelled():
+                raise JobCancelled()
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise DiffinError(f"{what} did not finish within {timeout:g} s and was stopped")
+            if not proc.is_alive():
+                dead_polls += 1  # what it sent just before dying may still be in the pipe
+                if dead_polls < 5:
+                    continue
+                last = last_error_line(Path(log_path).read_text(encoding="utf-8", errors="replace"))
+                raise DiffinError(f"{what} crashed ({_exit_text(proc.exitcode)})" + (f": {last}" if last else ""))
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join(10)
+        q.close()
+        q.cancel_join_thread()
+        try:
+            os.unlink(log_path)
+        except OSError:
+            pass
+
+
+# --- what the app runs in a child --------------------------------------------------------------
+def describe_model(project_dir: str) -> str:
+    """(child) Build the project's model, check one training sample goes through; a summary line."""
+    from .project import Project
+    project = Project(project_dir)
+    model = project.build_model()
+    project.check_model_input(model)
+    params = sum(p.numel() for p in model.parameters())
+    return f"{type(model).__name__}, {params:,} parameters, {project.num_classes} classes"
+
+
+def validate_project(project_dir: str) -> list[str]:
+    """(child) ``Project.validate()``: one line per problem, empty when the project loads."""
+    from .project import Project
+    return Project(project_dir).validate()
+
+
+def check_project(project_dir: str | Path, timeout: float | None = None) -> list[str]:
+    """The project's problems, found by loading it (model included) in a child with a time limit."""
+    try:
+        return run("diffin_core.usercode:validate_project", str(project_dir),
+                   timeout=timeout or MODEL_TIMEOUT_S, what="loading the project (model.py)")
+    except DiffinError as e:
+        return [str(e)]
+
+
+def _store_upload_from_file(project_dir: str, role: str, name: str, path: str) -> str:
+    """(child) uploads.store_upload on a spooled file; its staging folders are noted next to the
+    spooled file so the parent removes them if this child is killed or crashes."""
+    from . import uploads
+    note = Path(path).parent / "staging.txt"
+    real = tempfile.mkdtemp
+
+    def mkdtemp(*a, **kw):
+        made = real(*a, **kw)
+        with open(note, "a", encoding="utf-8") as f:
+            f.write(made + "\n")
+        return made
+    uploads.tempfile = types.SimpleNamespace(mkdtemp=mkdtemp)  # this child only
+    with open(path, "rb") as f:
+        return uploads.store_upload(project_dir, role, name, f)
+
+
+def _model_is_code(project_dir: Path) -> bool:
+    from .uploads import read_draft
+    return read_draft(project_dir).get("model") == "model.py"
+
+
+def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout: float | None = None) -> str:
+    """``uploads.store_upload`` with the model's import and build in a child (a time limit,
+    crashes reported). Data uploads, and checkpoints when no model.py is set, stay in-process."""
+    project_dir = Path(project_dir)
+    if role not in ("model", "checkpoint") or (role == "checkpoint" and not _model_is_code(project_dir)):
+        from . import uploads
+        return uploads.store_upload(project_dir, role, name, fileobj)
+    project_dir.parent.mkdir(parents=True, exist_ok=True)
+    spool = Path(tempfile.mkdtemp(prefix=f".diffin-upload-{os.getpid()}-", dir=project_dir.parent))
+    try:
+        tmp = spool / Path(str(name)).name
+        with open(tmp, "wb") as out:
+            if hasattr(fileobj, "seek"):
+                fileobj.seek(0)
+            shutil.copyfileobj(fileobj, out, 1 << 20)
+        return run("diffin_core.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
+                   timeout=timeout or MODEL_TIMEOUT_S, what=f"checking {Path(str(name)).name}")
+    finally:
+        note = spool / "staging.txt"
+        for left in (note.read_text(encoding="utf-8").split() if note.is_file() else []):
+            shutil.rmtree(left, ignore_errors=True)  # a killed child's staging
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def finish(project_dir: str | Path, table, image_shape=None, name: str | None = None,
+           timeout: float | None = None) -> list[str]:
+    """``uploads.finish`` (which builds the model to check the project loads) in a child."""
+    try:
+        return run("diffin_core.uploads:finish", str(project_dir), table, image_shape, name,
+                   timeout=timeout or MODEL_TIMEOUT_S, what="checking the project (model.py)")
+    except DiffinError as e:
+        return [str(e)]

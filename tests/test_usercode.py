@@ -1,0 +1,161 @@
+"""User code runs in a spawned child: a hang is cancelled, a crash fails only its job, Setup's
+model check has a time limit, nothing writes __pycache__, and the same JobManager keeps serving."""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from diffin_core import usercode
+from diffin_core.errors import DiffinError
+from diffin_core.jobs import JobManager
+from helpers import MODEL_PY, make_tiny_project
+
+HANGS = "import time\nwhile True:\n    time.sleep(0.1)\n"
+EXITS = ("import os, sys\nfrom diffin_core.models import MLP\n\n\ndef build():\n"
+         "    print('model.py: no GPU driver found', file=sys.stderr, flush=True)\n    os._exit(3)\n")
+RAISES = "def build():\n    raise ValueError('weights file missing')\n"
+SEGFAULTS = "import ctypes\n\n\ndef build():\n    return ctypes.string_at(0)\n"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_tiny_project(tmp_path_factory.mktemp("tiny") / "proj")
+    shutil.rmtree(root / "__pycache__", ignore_errors=True)  # written by the fixture's own import
+    return root
+
+
+@pytest.fixture
+def jm():
+    m = JobManager()
+    yield m
+    m.reset()
+
+
+def _variant(tiny: Path, tmp_path: Path, model_py: str) -> Path:
+    root = tmp_path / "bad"
+    shutil.copytree(tiny, root, ignore=shutil.ignore_patterns("runs"))
+    (root / "model.py").write_text(model_py)
+    return root
+
+
+def _score(jm, root, method="loss", label=None):
+    return jm.submit_child("score", "diffin_core.scoring:score", (str(root), method),
+                           label=label or method, project_dir=root)
+
+
+def _no_children():
+    end = time.time() + 10
+    while multiprocessing.active_children():
+        assert time.time() < end, f"child processes left: {multiprocessing.active_children()}"
+        time.sleep(0.05)
+
+
+def _until(cond, timeout=60.0):
+    end = time.time() + timeout
+    while not cond():
+        assert time.time() < end, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_scoring_job_in_child_succeeds_with_progress(jm, tiny, tmp_path):
+    root = tmp_path / "good"
+    shutil.copytree(tiny, root)
+    seen = []
+    out = usercode.run("diffin_core.scoring:score", str(root), "diffin",
+                       progress=lambda d, t, m: seen.append((d, t, m)))
+    assert Path(out) == root / "runs" / "diffin-1" and (Path(out) / "scores.parquet").is_file()
+    phase = [m for d, t, m in seen if d == 0 and "checkpoint" in m]
+    assert len(phase) >= 2, seen  # the query phase reports each checkpoint from the child
+    assert seen[-1][0] == seen[-1][1] == 96  # and the items phase ends at N
+    jid = _score(jm, root)
+    info = jm.wait(jid, 120)
+    assert info.status == "done" and Path(info.result) == root / "runs" / "loss-1", info.error
+    assert info.fraction == 1.0 and info.total == 96
+    assert not list(root.rglob("__pycache__")), "importing model.py wrote bytecode into the project"
+    _no_children()
+
+
+def test_never_returning_model_is_cancelled_and_the_queue_moves_on(jm, tiny, tmp_path):
+    hang = _variant(tiny, tmp_path, HANGS)
+    good = tmp_path / "other-project"
+    shutil.copytree(tiny, good)
+    stuck = _score(jm, hang, label="hangs")
+    after = _score(jm, good, label="other project")  # queued behind the stuck job
+    _until(lambda: jm.get(stuck).status == "running")
+    time.sleep(4)  # the child has imported torch and sits in model.py's loop
+    assert jm.get(stuck).status == "running" and jm.get(after).status == "queued"
+    t0 = time.time()
+    assert jm.cancel(stuck)
+    assert jm.wait(stuck, 5).status == "cancelled"
+    assert time.time() - t0 < 3
+    info = jm.wait(after, 120)
+    assert info.status == "done", info.error
+    assert (good / "runs" / "loss-1" / "scores.parquet").is_file()
+    assert not (hang / "runs" / "loss-1").exists()
+    _no_children()
+
+
+@pytest.mark.parametrize("model_py, expect", [
+    (EXITS, ["crashed (exit code 3)", "model.py: no GPU driver found"]),
+    (RAISES, ["build() raised ValueError: weights file missing", "model.py"]),
+    (SEGFAULTS, ["crashed (killed by signal SIGSEGV)", "Fatal Python error: Segmentation fault"]),
+])
+def test_crash_fails_only_its_job(jm, tiny, tmp_path, model_py, expect):
+    bad = _variant(tiny, tmp_path, model_py)
+    jid = _score(jm, bad, label="crashes")
+    info = jm.wait(jid, 120)
+    assert info.status == "failed"
+    for part in expect:
+        assert part in info.error, info.error
+    assert "\n" not in info.error and "Traceback" not in info.error
+    good = tmp_path / "good"
+    shutil.copytree(tiny, good)
+    nxt = jm.wait(_score(jm, good), 120)  # this process and its worker still serve
+    assert nxt.status == "done", nxt.error
+    _no_children()
+
+
+def test_setup_model_check_has_a_time_limit(tmp_path):
+    folder = tmp_path / "ws" / "new-project"
+    folder.mkdir(parents=True)
+    t0 = time.time()
+    with pytest.raises(DiffinError, match="did not finish within 4 s"):
+        usercode.store_upload(folder, "model", "model.py", io.BytesIO(HANGS.encode()), timeout=4)
+    assert time.time() - t0 < 12
+    assert not (folder / "model.py").exists()
+    with pytest.raises(DiffinError, match=r"crashed \(exit code 3\): model.py: no GPU driver found"):
+        usercode.store_upload(folder, "model", "model.py", io.BytesIO(EXITS.encode()), timeout=60)
+    msg = usercode.store_upload(folder, "model", "model.py", io.BytesIO(MODEL_PY.encode()), timeout=60)
+    assert msg.startswith("model.py: model OK (MLP")
+    assert (folder / "model.py").read_text() == MODEL_PY
+    assert not list(folder.parent.rglob("__pycache__")) and not list(folder.parent.glob(".diffin-upload-*"))
+    _no_children()
+
+
+def test_project_check_in_child(tiny, tmp_path):
+    assert usercode.check_project(tiny) == []
+    hang = _variant(tiny, tmp_path, HANGS)
+    problems = usercode.check_project(hang, timeout=4)
+    assert len(problems) == 1 and "did not finish within 4 s" in problems[0]
+    assert not list(tiny.rglob("__pycache__"))
+
+
+def test_in_process_import_writes_no_bytecode(tiny):
+    from diffin_core.project import Project
+    model = Project(tiny).build_model()
+    assert type(model).__name__ == "MLP"
+    assert not list(tiny.rglob("__pycache__"))
+
+
+def test_last_error_line():
+    log = ("Fatal Python error: Segmentation fault\n\nCurrent thread 0x00007f (most recent call first):\n"
+           "  File \"model.py\", line 5 in build\n\nExtension modules: numpy (total: 1)\n")
+    assert usercode.last_error_line(log) == "Fatal Python error: Segmentation fault"
+    tb = "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'w'\n"
+    assert usercode.last_error_line(tb) == "KeyError: 'w'"
+    assert usercode.last_error_line("") == ""
