@@ -71,6 +71,8 @@ def decode_image(data: bytes | str | Path, shape: tuple[int, int, int], where: s
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DiffinError(f"{at}image refused as a decompression bomb ({e})", where) from None
+    except Image.UnidentifiedImageError:
+        raise DiffinError(f"{at}not a readable image (unrecognised or corrupt image data)", where) from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
         raise DiffinError(f"{at}not a readable image ({type(e).__name__}: {str(e)[:80]})", where) from None
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
