@@ -3,9 +3,12 @@
 Every member goes through the same checks before a byte is written or decoded: no path that
 escapes the destination (``..``, absolute paths, drive letters, symlinks), no encrypted
 members, at most ``max_files`` members, declared uncompressed total at most
-``max_total_bytes`` (bytes), no member over 1 MB with compression ratio above ``max_ratio``,
-and while streaming, no member yielding more bytes than it declares (headers are not trusted).
-Any refusal is a ``DiffinError`` naming the zip file.
+``max_total_bytes`` (bytes) and at most ``max_ratio`` times the zip's own size (the
+1,000 x 1 MB of zeros in 1.1 MB case), no member over 1 MB with compression ratio above
+``max_ratio``, and while streaming, no member yielding more bytes than it declares (headers
+are not trusted). Images are measured from their headers before they are decoded: at most
+``max_image_pixels`` (width x height) each and ``max_decoded_bytes`` for the decoded float32
+array. Any refusal is a ``DiffinError`` naming the zip file.
 """
 from __future__ import annotations
 
@@ -26,7 +29,9 @@ from diffin_core.errors import DiffinError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 _CHUNK = 1 << 20
-_RATIO_MIN_SIZE = 1 << 20  # the ratio limit applies to members above 1 MB
+_RATIO_MIN_SIZE = 1 << 20  # the ratio limits apply to members (and archives) above 1 MB
+MAX_IMAGE_PIXELS = 4096 * 4096      # per image (width x height), checked before decoding
+MAX_DECODED_BYTES = 2 << 30         # the decoded float32 (N, C, H, W) array of an ImageFolder zip
 # zipfile/zlib errors that mean "corrupt or unsupported archive".
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError,
                NotImplementedError, RuntimeError, ValueError)
@@ -82,6 +87,9 @@ def _open_checked(zip_path: Path, limits: _Limits) -> tuple[zipfile.ZipFile, lis
                     and info.file_size > limits.max_ratio * max(info.compress_size, 1)):
                 raise DiffinError(f"zip bomb: member {info.filename!r} has compression ratio "
                                   f"above {limits.max_ratio}", zip_path)
+        if total > _RATIO_MIN_SIZE and total > limits.max_ratio * size:
+            raise DiffinError(f"zip bomb: {len(infos)} members expand to {total:,} bytes from a "
+                              f"{size:,}-byte zip (ratio above {limits.max_ratio:g})", zip_path)
     except BaseException:
         zf.close()
         raise
@@ -143,15 +151,18 @@ def safe_extract(zip_path: str | Path, dest_dir: str | Path, *,
 
 
 def read_imagefolder_zip(zip_path: str | Path, *, max_total_bytes: int = 2_000_000_000,
-                         max_files: int = 200_000, max_ratio: float = 200
+                         max_files: int = 200_000, max_ratio: float = 200,
+                         max_image_pixels: int = MAX_IMAGE_PIXELS,
+                         max_decoded_bytes: int = MAX_DECODED_BYTES
                          ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Read an ImageFolder zip (``class/img.png|jpg|jpeg|bmp``, optionally under one top folder).
 
     Returns x float32 (N, C, H, W) in [0, 1], y int64 (N,) class indices, label_names (classes
     sorted by name) and files (member names, in row order). C is 3 if any image is colour,
     else 1. ``__MACOSX/``, dotfiles and non-image files are ignored. Members are read in
-    memory through the same checks as ``safe_extract``; decoded pixels also count against
-    ``max_total_bytes``.
+    memory through the same checks as ``safe_extract``. Each image's size is read from its
+    header before decoding: over ``max_image_pixels`` (width x height), or a decoded float32
+    total over ``max_decoded_bytes``, is refused without decoding it.
     """
     from PIL import Image
 
@@ -170,21 +181,26 @@ def read_imagefolder_zip(zip_path: str | Path, *, max_total_bytes: int = 2_000_0
                           zip_path)
     images.sort(key=lambda ip: ip[1])
     label_names = sorted({p[0] for _, p in images})
-    arrays, budget, pixels, size = [], [max_total_bytes], max_total_bytes, None
+    arrays, budget, size, colour = [], [max_total_bytes], None, False
     with zf:
         for info, parts in images:
             data = b"".join(_stream(zf, info, zip_path, budget))
             try:
-                img = Image.open(io.BytesIO(data))
+                img = Image.open(io.BytesIO(data))          # reads the header only
+                w, h = img.size
+                if w * h > max_image_pixels:
+                    raise DiffinError(f"image {info.filename!r} is {w}x{h} = {w * h:,} pixels, above the "
+                                      f"limit of {max_image_pixels:,} per image (not decoded)", zip_path)
                 if size is not None and img.size != size:
                     raise DiffinError(f"image {info.filename!r} is {img.size[0]}x{img.size[1]}, "
                                       f"others are {size[0]}x{size[1]}", zip_path)
                 size = img.size
                 mode = "L" if Image.getmodebase(img.mode) == "L" else "RGB"
-                pixels -= img.size[0] * img.size[1] * len(mode)
-                if pixels < 0:
-                    raise DiffinError("decoded images exceed the size limit of "
-                                      f"{max_total_bytes} bytes", zip_path)
+                colour |= mode == "RGB"
+                decoded = (len(arrays) + 1) * w * h * (3 if colour else 1) * 4   # float32 result
+                if decoded > max_decoded_bytes:
+                    raise DiffinError(f"decoded images exceed the size limit of {max_decoded_bytes:,} bytes "
+                                      f"at {info.filename!r} (not decoded)", zip_path)
                 arr = np.asarray(img.convert(mode), dtype=np.uint8)
             except DiffinError:
                 raise

@@ -182,7 +182,63 @@ def test_imagefolder_uses_the_same_safety_checks(tmp_path):
     z = make_zip(tmp_path / "bomb.zip", {"a/1.png": ok, "a/zeros.bin": bytes(5_000_000)})
     with pytest.raises(DiffinError, match="compression ratio"):
         read_imagefolder_zip(z)
-    big = png(np.zeros((1000, 1000), np.uint8))  # ~1 KB file, 1 MB of pixels
+    big = png(np.zeros((1000, 1000), np.uint8))  # ~1 KB file, 4 MB decoded as float32
     z = make_zip(tmp_path / "px.zip", {"a/1.png": big})
     with pytest.raises(DiffinError, match="decoded images exceed"):
-        read_imagefolder_zip(z, max_total_bytes=100_000)
+        read_imagefolder_zip(z, max_decoded_bytes=100_000)
+
+
+# ---- the issue's two bombs: refused before a byte is written or a pixel decoded ----------------
+
+def bomb_zip(path, members=1000, size=1 << 20):
+    """1,000 members of 1 MB of zeros in a 1.1 MB zip, written without compressing 1 GB."""
+    import zlib
+    raw = bytes(size)
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    data = c.compress(raw) + c.flush()
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(members):
+            zi = zipfile.ZipInfo(f"ckpt_{i:04d}.safetensors", (2020, 1, 1, 0, 0, 0))
+            zi.compress_type, zi.file_size, zi.compress_size = zipfile.ZIP_DEFLATED, size, len(data)
+            zi.CRC = zlib.crc32(raw)
+            zi.header_offset = zf.fp.tell()
+            zf.fp.write(zi.FileHeader())
+            zf.fp.write(data)
+            zf.filelist.append(zi)
+            zf.NameToInfo[zi.filename] = zi
+        zf.start_dir = zf.fp.tell()
+    return path
+
+
+def test_thousand_small_zero_members_refused_before_writing(tmp_path, monkeypatch):
+    z = bomb_zip(tmp_path / "ckpts.zip")
+    assert z.stat().st_size < 1_200_000 and len(zipfile.ZipFile(z).infolist()) == 1000
+    opened = []
+    monkeypatch.setattr(zipfile.ZipFile, "open", lambda self, *a, **k: opened.append(a) or 1 / 0)
+    assert_refused(z, tmp_path / "out", r"zip bomb: 1000 members expand to 1,048,576,000 bytes "
+                                        r"from a 1,1\d\d,\d\d\d-byte zip")
+    assert opened == []                                   # refused from the headers alone
+    with pytest.raises(DiffinError, match="zip bomb"):
+        read_imagefolder_zip(z)
+    monkeypatch.undo()
+    assert_refused(z, tmp_path / "out", "too many members", max_files=999, max_ratio=10**9)
+    assert_refused(z, tmp_path / "out", "uncompressed size", max_total_bytes=10**9, max_ratio=10**9)
+
+
+def test_blank_6000px_pngs_refused_before_decoding(tmp_path, monkeypatch):
+    blank = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(blank, format="PNG")
+    blank = blank.getvalue()
+    z = make_zip(tmp_path / "imgs.zip", {f"{c}/{i}.png": blank for c in ("a", "b") for i in (1, 2)})
+    assert z.stat().st_size < 300_000
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1) or 1 / 0)
+    monkeypatch.setattr(Image.Image, "load", lambda self, *a, **k: decoded.append(1) or 1 / 0)
+    with pytest.raises(DiffinError, match=r"'a/1.png' is 6000x6000 = 36,000,000 pixels, above the limit of "
+                                          r"16,777,216 per image \(not decoded\)") as err:
+        read_imagefolder_zip(z)
+    assert str(err.value).startswith(f"{z}: ") and decoded == []
+    # with the per-image cap raised, the total decoded size stops it, still before decoding
+    with pytest.raises(DiffinError, match="decoded images exceed the size limit of 100,000,000 bytes at 'a/1.png'"):
+        read_imagefolder_zip(z, max_image_pixels=10**8, max_decoded_bytes=100_000_000)
+    assert decoded == []
