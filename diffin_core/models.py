@@ -1,4 +1,5 @@
-"""Small reference models: the sample project's CNN and an MLP for tabular or tiny image data."""
+"""Reference models: the sample project's CNN, an MLP for tabular or tiny image data, and a
+CIFAR-style ResNet-18 (11.2M parameters, BatchNorm) for the scale benchmark."""
 from __future__ import annotations
 
 import math
@@ -46,6 +47,49 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + BatchNorm layers with a (projected when the shape changes) skip."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.skip = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for 32x32 images (CIFAR layout: 3x3 stem, no max-pool), no torchvision.
+
+    11.17M parameters for 3 input channels and 10 classes; BatchNorm throughout, so its
+    buffers (running mean/var) are part of every checkpoint. Input (B, C, 32, 32) float;
+    output (B, num_classes) logits.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
+        blocks, cin = [], w
+        for i, cout in enumerate((w, 2 * w, 4 * w, 8 * w)):
+            stride = 1 if i == 0 else 2
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(x))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
 def penultimate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Activations feeding the last nn.Linear of ``model`` (B, D): the features of the UMAP map."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -65,6 +109,10 @@ def build_cnn(image_shape=(1, 28, 28), num_classes: int = 10) -> SmallCNN:
 
 def build_mlp(in_features: int, num_classes: int, hidden=(32,)) -> MLP:
     return MLP(in_features, tuple(hidden), num_classes)
+
+
+def build_resnet18(image_shape=(3, 32, 32), num_classes: int = 10, width: int = 64) -> ResNet18:
+    return ResNet18(image_shape[0], num_classes, width)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,141 @@
+"""The memory budget: how many training samples, per-sample gradients and checkpoints may be live.
+
+Every size here is in bytes; P = trainable parameters, float32 unless said. The engine never
+holds anything of size N x P or m x P: the training set is read chunk by chunk, per-sample
+gradients exist only for ``grad_chunk`` rows at a time, and at most ``cached_checkpoints``
+parameter vectors (and query-side plan entries) stay in memory; the rest are re-read from disk.
+
+    plan = plan_memory(P, activation_bytes, method="diffin", need_self=True, budget=4 * 2**30)
+    plan.grad_chunk   # rows of per-sample gradients per chunk (self-influence path)
+    plan.jvp_chunk    # rows per chunk when only directional derivatives (jvp) are needed
+
+The cost model (measured on CPU, ResNet-18 and the small CNN; see benchmarks/scale.py):
+a per-sample-gradient row costs ``GRAD_ROWS[method]`` P-vectors (the gradient and the
+method's per-row temporaries) plus ``PSG_ACTIVATION`` times one sample's forward activations;
+a jvp row costs ``JVP_ACTIVATION`` times the activations (primal and tangent, nothing of size P).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .errors import DiffinError
+
+# P-sized rows live per training sample on the per-sample-gradient path (g_z and temporaries).
+GRAD_ROWS = {"diffin": 4, "diffin-paper": 4, "tracin": 2, "grad-dot": 2, "grad-cos": 3,
+             "influence-function": 3}
+DEFAULT_GRAD_ROWS = 3
+PSG_ACTIVATION = 6.0     # vmap(grad) keeps the forward activations plus their gradients
+JVP_ACTIVATION = 4.0     # primal + tangent activations and the op temporaries
+FIXED_VECTORS = 6        # model weights, theta, g_Q / carried query vector, temporaries (P each)
+MIN_BUDGET = 64 * 2**20
+
+
+def parse_bytes(text: str | int | float | None) -> int:
+    """'4GB', '512M', '1.5GiB', 2e9 -> bytes; None, 0, '' or 'auto' -> 0 (auto)."""
+    if text is None or text == "" or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return 0
+    if isinstance(text, (int, float)):
+        return max(0, int(text))
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not m:
+        raise DiffinError(f"memory budget {text!r} is not a size like 4GB, 512MB or 2000000000")
+    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def free_memory(device: torch.device | str = "cpu") -> int:
+    """Free bytes on the device: CUDA free VRAM, else the OS's MemAvailable (or 4 GiB if unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 * 2**30
+
+
+def default_budget(device: torch.device | str = "cpu") -> int:
+    """Half of the free RAM on CPU, 80% of the free VRAM on CUDA."""
+    device = torch.device(device)
+    return int(free_memory(device) * (0.8 if device.type == "cuda" else 0.5))
+
+
+def activation_bytes(model: nn.Module, sample: torch.Tensor) -> int:
+    """Bytes of every module's output for ONE sample (a forward probe with hooks, no grad)."""
+    total = [0]
+
+    def hook(_m, _inp, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel() * out.element_size()
+
+    floor = sample[:1].numel() * sample.element_size()
+    try:
+        leaves = [m for m in model.modules() if not list(m.children())]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+    except (RuntimeError, NotImplementedError):       # e.g. a torch.export program
+        return 64 * floor
+    try:
+        with torch.no_grad():
+            model(sample[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total[0], floor)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Chunk sizes chosen for one scoring run (saved in meta.json)."""
+    budget: int               # bytes the run may use for the engine's tensors
+    num_params: int
+    grad_chunk: int           # training rows per chunk on the per-sample-gradient path
+    jvp_chunk: int            # training rows per chunk on the jvp / forward-only path
+    cached_checkpoints: int   # parameter vectors (and plan entries) kept in memory at once
+    row_bytes_grad: int       # estimated bytes per row, per-sample-gradient path
+    row_bytes_jvp: int        # estimated bytes per row, jvp path
+
+    def chunk(self, need_self: bool) -> int:
+        return self.grad_chunk if need_self else self.jvp_chunk
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = True,
+                budget: int = 0, batch_size: int = 256, checkpoints: int = 1, plan_vectors: int = 1,
+                device: torch.device | str = "cpu", dtype_bytes: int = 4) -> MemoryPlan:
+    """Chunk sizes that keep the engine's live tensors under ``budget`` bytes (0 = auto).
+
+    ``plan_vectors`` = P-sized query-side vectors one checkpoint's plan entry holds (diffin:
+    w_k plus its Ritz vectors). ``batch_size`` caps both chunks (the user's --batch-size).
+    Raises a DiffinError when even one row does not fit.
+    """
+    budget = int(budget) or default_budget(device)
+    budget = max(budget, MIN_BUDGET)
+    p_bytes = num_params * dtype_bytes
+    per_ckpt = p_bytes * (1 + plan_vectors)                  # theta_k + its plan entry
+    fixed = FIXED_VECTORS * p_bytes + per_ckpt               # at least one checkpoint resident
+    row_grad = GRAD_ROWS.get(method, DEFAULT_GRAD_ROWS) * p_bytes + int(PSG_ACTIVATION * act_bytes)
+    row_jvp = int(JVP_ACTIVATION * act_bytes) + 64
+    room = budget - fixed
+    if room < row_jvp or (need_self and room < row_grad):
+        need = fixed + (row_grad if need_self else row_jvp)
+        raise DiffinError(f"memory budget {budget / 2**20:.0f} MB is too small for a model of "
+                          f"{num_params:,} parameters: it needs at least {math.ceil(need / 2**20)} MB")
+    # rows first (half the room), then as many extra checkpoints as the rest allows
+    grad_chunk = max(1, min(batch_size, (room // 2 if need_self else room) // row_grad))
+    jvp_chunk = max(1, min(batch_size, (room // 2) // row_jvp))
+    used = (grad_chunk * row_grad) if need_self else (jvp_chunk * row_jvp)
+    extra = (room - used) // per_ckpt
+    cached = int(max(1, min(checkpoints, 1 + extra)))
+    return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp))
