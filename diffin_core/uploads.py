@@ -109,7 +109,8 @@ def check_data(path: Path, label: str) -> dict:
     except DiffinError as e:
         raise DiffinError(e.problem, label) from None
     x = split.x
-    info = {"n": len(split), "num_labels": int(split.y.max()) + 1}
+    info = {"n": len(split), "num_labels": int(split.y.max()) + 1, "min_label": int(split.y.min()),
+            "sample_shape": [int(d) for d in x.shape[1:]]}
     if x.ndim == 4:
         info.update(kind="image", image_shape=list(x.shape[1:]))
     elif x.ndim == 3:
@@ -117,6 +118,36 @@ def check_data(path: Path, label: str) -> dict:
     else:
         info.update(kind="tabular", features=int(np.prod(x.shape[1:])))
     return info
+
+
+def _model_classes(project_dir: Path, model_file: Path | None = None, data_file: Path | None = None,
+                   image_shape=None) -> int | None:
+    """How many classes the model outputs, from one forward pass on the data; None when the
+    model or the data is not there yet or they don't fit (Create says why later)."""
+    draft = read_draft(project_dir)
+    if model_file is None and draft.get("model") and (project_dir / draft["model"]).is_file():
+        model_file = project_dir / draft["model"]
+    if data_file is None:
+        data_file = next((project_dir / draft[r] for r in ("train", "query")
+                          if draft.get(r) and (project_dir / draft[r]).is_file()), None)
+    if model_file is None or data_file is None:
+        return None
+    try:
+        return fit_input(model_file, data_file, image_shape)[1]
+    except DiffinError:
+        return None
+
+
+def _check_fits_data(project_dir: Path, role: str, info: dict, label: str, classes: int | None) -> None:
+    """At upload time: labels in 0..classes-1 and the same sample shape as the other split."""
+    if classes is not None and (info["num_labels"] > classes or info.get("min_label", 0) < 0):
+        bad = info["num_labels"] - 1 if info["num_labels"] > classes else info["min_label"]
+        raise DiffinError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})", label)
+    other = {"train": "query", "query": "train"}.get(role)
+    theirs = read_draft(project_dir).get(f"{other}_info", {}).get("sample_shape")
+    if other and theirs is not None and info["sample_shape"] != theirs:
+        raise DiffinError(f"{role} samples have shape {info['sample_shape']} but the {other} data has {theirs}",
+                          label)
 
 
 def _current_model(project_dir: Path):
@@ -176,6 +207,13 @@ def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
     for f in draft.get("checkpoints", {}):  # say so now if the checkpoints don't fit
         check_checkpoint(project_dir / "checkpoints" / f, f"{name} vs {f}", model)
         break
+    for role in ("train", "query"):  # and now if the data's labels don't fit its outputs
+        if draft.get(role) and (project_dir / draft[role]).is_file():
+            classes = _model_classes(project_dir, model_file=tmp, data_file=project_dir / draft[role])
+            info = draft.get(f"{role}_info", {})
+            if classes is not None and info.get("num_labels", 0) > classes:
+                raise DiffinError(f"the model has {classes} outputs but the {role} data has label "
+                                  f"{info['num_labels'] - 1} (labels must be 0..{classes - 1})", name)
     _place(project_dir, tmp, target)
     other = project_dir / ("model.pt2" if target == "model.py" else "model.py")
     other.unlink(missing_ok=True)
@@ -237,6 +275,7 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
             np.savez_compressed(fh, x=x, y=y)
         tmp, extra = npz, {"label_names": label_names}
     info = check_data(tmp, name)
+    _check_fits_data(project_dir, role, info, name, _model_classes(project_dir, data_file=tmp))
     rel = f"data/{role}{tmp.suffix.lower()}"
     _place(project_dir, tmp, rel)
     old = draft.get(role)
@@ -339,6 +378,7 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
         problems = [str(e)]
     except Exception as e:  # a user model can fail in many ways
         problems = [f"{project_dir.name}: the project does not load ({type(e).__name__}: {e})"]
+    problems = list(dict.fromkeys(problems))   # train, query and manifest can fail on the same file
     if problems:
         for rel, old in backup.items():
             if old is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -93,7 +94,41 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 
 CKPT = (SRC / "checkpoints" / CKPTS[-1]).read_bytes()
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _bomb_zip() -> bytes:
+    """The issue's zip: 1,000 members of 1 MB of zeros, 1.1 MB compressed."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_safezip import bomb_zip
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        return bomb_zip(Path(d) / "b.zip").read_bytes()
+
+
+def _blank_pngs_zip() -> bytes:
+    """The issue's ImageFolder zip: four blank 6000x6000 PNGs (0.14 MB)."""
+    from PIL import Image
+    img = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(img, format="PNG")
+    return _zip({f"{c}/{i}.png": img.getvalue() for c in ("cat", "dog") for i in (1, 2)})
+
+
+TRAIN = np.load(SRC / "data/train.npz")
+BAD_LABELS = dict(x=TRAIN["x"][:50], y=np.where(np.arange(50) == 7, 12, TRAIN["y"][:50]))
 BAD = {
+    "1,000 x 1 MB zeros zip": ("checkpoint", ("ckpts.zip", _bomb_zip(), "application/zip"),
+                               "zip bomb: 1000 members expand to 1,048,576,000 bytes"),
+    "blank 6000x6000 PNGs": ("train", ("images.zip", _blank_pngs_zip(), "application/zip"),
+                             "6000x6000 = 36,000,000 pixels, above the limit"),
+    "label out of range": ("train", ("train.npz", _npz(**BAD_LABELS), "application/octet-stream"),
+                           "label 12 is out of range: the model has 10 classes (0..9)"),
     "wrong kind": ("checkpoint", ("train.npz", (SRC / "data/train.npz").read_bytes(), "application/octet-stream"),
                    "wrong kind of file"),
     "truncated checkpoint": ("checkpoint", ("ckpt.safetensors", CKPT[: len(CKPT) // 2], "application/octet-stream"),
@@ -127,3 +162,43 @@ def test_bad_upload_shows_message_and_changes_nothing(workspace, case):
     # the app keeps working: a good file after the bad one is accepted
     upload(at, "query", ("query.npz", (SRC / "data/query.npz").read_bytes(), "application/octet-stream"))
     assert any("query data OK" in s for s in texts(at.success))
+
+
+def test_query_shape_mismatch_caught_at_upload_once(workspace):
+    at = new_app(page="pages/1_Setup.py")
+    folder = workspace / "my-project"
+    upload(at, "model", ("model.py", MODEL_PY, "text/x-python"))
+    upload(at, "train", ("train.npz", (SRC / "data/train.npz").read_bytes(), "application/octet-stream"))
+    before = snapshot(folder)
+    q = np.load(SRC / "data/query.npz")
+    upload(at, "query", ("query.npz", _npz(x=q["x"][:, :100], y=q["y"]), "application/octet-stream"))
+    at.run()                                             # a rerun does not repeat it
+    errors = texts(at.error)
+    assert errors == [f"query.npz: query samples have shape [100] but the train data has [784]"], errors
+    assert snapshot(folder) == before and "query" not in uploads.read_draft(folder)
+
+
+def test_model_with_too_few_outputs_for_the_labels_refused(workspace):
+    at = new_app(page="pages/1_Setup.py")
+    upload(at, "train", ("train.npz", (SRC / "data/train.npz").read_bytes(), "application/octet-stream"))
+    small = MODEL_PY.replace(b"10", b"5") if b"10" in MODEL_PY else None
+    if small is None:
+        pytest.skip("the sample model.py does not spell its 10 outputs")
+    upload(at, "model", ("model.py", small, "text/x-python"))
+    errors = texts(at.error)
+    assert len(errors) == 1 and "the model has 5 outputs but the train data has label 9" in errors[0], errors
+
+
+def test_create_reports_each_problem_once(workspace):
+    folder = workspace / "p"
+    for role, name, data in [("model", "model.py", MODEL_PY),
+                             ("train", "train.npz", (SRC / "data/train.npz").read_bytes()),
+                             ("query", "query.npz", (SRC / "data/query.npz").read_bytes())]:
+        uploads.store_upload(folder, role, name, io.BytesIO(data))
+    uploads.store_upload(folder, "checkpoint", CKPTS[-1], io.BytesIO(CKPT))
+    d = dict(np.load(folder / "data/train.npz"))           # broken after its upload check
+    d["y"][3] = 11
+    np.savez(folder / "data/train.npz", **d)
+    table = uploads.checkpoint_table(folder)
+    problems = uploads.finish(folder, table)
+    assert len(problems) == 1 and "label 11 is out of range" in problems[0], problems
