@@ -24,10 +24,12 @@ class Bar:
     """tqdm progress bar driven by the engine's progress(done, total, message) callback."""
 
     def __init__(self):
-        from tqdm import tqdm
-        self.bar = tqdm(total=0, unit="sample", dynamic_ncols=True, file=sys.stderr)
+        self.bar = None  # made at the first report: no empty bar before the work starts
 
     def __call__(self, done: int, total: int, message: str = "") -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total or 0, unit="sample", dynamic_ncols=True, file=sys.stderr)
         if total and self.bar.total != total:
             self.bar.reset(total=total)
         self.bar.set_description(message[:60], refresh=False)
@@ -35,10 +37,12 @@ class Bar:
         self.bar.refresh()
 
     def close(self):
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None) -> Path:
+def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
+           features: bool = True) -> Path:
     from .methods import ScoreSettings
     from .scoring import score
     bar = Bar()
@@ -47,7 +51,7 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
             from .distributed import score_on_ray
             return score_on_ray(project, method, run, ScoreSettings(device=device),
                                 address=None if ray == "local" else ray, progress=bar)
-        return score(project, method, run, ScoreSettings(device=device), progress=bar)
+        return score(project, method, run, ScoreSettings(device=device), progress=bar, features=features)
     finally:
         bar.close()
 
@@ -59,36 +63,56 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               device: str = typer.Option("auto", help="auto picks cuda, then mps, then cpu"),
               ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                                 help="shard over Ray: --ray alone starts a local instance; "
-                                                     "'auto' or host:6379 joins a cluster (README)")):
-    """Score every training sample; writes runs/<run>/scores.parquet and meta.json."""
+                                                     "'auto' or host:6379 joins a cluster (README)"),
+              no_features: bool = typer.Option(False, "--no-features",
+                                               help="skip the feature pass (then `diffin top` takes the exact path)")):
+    """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
+    diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
     for m in method:
-        out = _score(project, m, run if len(method) == 1 else None, device, ray)
+        out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
 
 
 @app.command("top")
 def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., help="a finished run"),
             query_index: List[int] = typer.Option(..., "--query-index", "-q", help="query sample index; repeat for a set"),
-            k: int = typer.Option(10, help="how many of each")):
+            k: int = typer.Option(10, help="how many of each"),
+            exact: bool = typer.Option(False, "--exact", help="the exact path even when the run has a feature store")):
     """Print the most helpful and most harmful training samples for query sample(s)."""
     from .scoring import top_k
     bar = Bar()
     try:
-        helpful, harmful = top_k(project, run, query_index, k, progress=bar)
+        helpful, harmful = top_k(project, run, query_index, k, progress=bar, exact=exact)
     finally:
         bar.close()
+    typer.echo(f"({helpful.attrs.get('path', 'exact path')})")
     for title, table in (("most helpful (removing them raises the query loss)", helpful),
                          ("most harmful (removing them lowers the query loss)", harmful)):
         typer.echo(f"\n{title}:")
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
 
 
+@app.command("features")
+def features_cmd(project: Path = typer.Argument(..., help="project folder"),
+                 run: str = typer.Option(..., help="a finished diffin run"),
+                 dim: int = typer.Option(1024, help="projection dimension d"),
+                 rank: int = typer.Option(32, help="stored Hessian eigenpairs per checkpoint")):
+    """(Re)build a run's feature store (part of `diffin score` unless --no-features)."""
+    from .features import FeatureSettings, build_for_run
+    from .project import Project
+    bar = Bar()
+    try:
+        out = build_for_run(Project(project), run, FeatureSettings(dim=dim, view_rank=rank), progress=bar)
+    finally:
+        bar.close()
+    typer.echo(f"wrote {out}")
+
+
 @app.command("methods")
 def methods_cmd():
-    """List the estimators."""
-    from .methods import METHODS
-    for name, cls in METHODS.items():
-        typer.echo(f"{name:20s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    """List the estimators: full description, and whether the numbers are calibrated loss changes."""
+    from .methodinfo import describe_all
+    typer.echo(describe_all())
 
 
 @app.command("demo")
@@ -102,10 +126,13 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
     if not (src / "diffin.toml").is_file():
         typer.echo("building the sample project (about 10 s)...")
         build_sample_project(src)
-    dest = workspace / "mnist-sample"
+    dest = (workspace / "mnist-sample").resolve()
     if not (dest / "diffin.toml").is_file():
         workspace.mkdir(parents=True, exist_ok=True)
         shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+        typer.echo(f"copied the sample project to {dest}")
+    else:
+        typer.echo(f"sample project: {dest}")
     project = Project(dest)
     done = {r.method for r in project.runs()}
     for m in method:
@@ -114,7 +141,8 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
             continue
         out = _score(project, m, m, device)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
-    typer.echo(f"sample project ready: {dest}")
+    typer.echo(f"sample project ready: {dest}\n"
+               f"open it in the app: streamlit run app.py -- --workspace {dest.parent}")
 
 
 # --- data-centric tasks (issue 4): clean, delete, coreset, verify, bench ------------------------
