@@ -237,7 +237,7 @@ def load_split(path: str | Path, *, label_column: str = "label", image_shape=Non
     if shape is not None and int(np.prod(feature_shape)) != int(np.prod(shape)):
         raise DiffinError(f"each sample has shape {feature_shape}, which does not fit image_shape {list(shape)}", path)
     if lazy:
-        x = RowArray(x, str(path), shape or feature_shape)
+        x = RowArray(x, getattr(x, "path", str(path)), shape or feature_shape)   # errors name x.npy
         if stream is False or (stream == "auto" and x.nbytes <= STREAM_ABOVE_BYTES):
             x = np.asarray(x)                      # float32, finite-checked chunk by chunk
     else:

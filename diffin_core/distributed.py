@@ -5,10 +5,9 @@ The training set is sharded over plain Ray tasks; the query side is computed onc
 1. plan    one task opens the project, builds the scoring context on the full training split
            and runs the method's query-side ``prepare`` (query gradients, Ritz views...). Its
            result stays in Ray's object store (moved to the CPU); only references travel.
-2. shards  one task per row range [a, b) (a multiple of ``batch_size``, so every chunk is the
-           one a local run would score): it opens the project again, reads only its rows
-           (``Split.iter_chunks``, streamed sources read nothing else) and scores them with the
-           plan. Tasks ask for one GPU each when the cluster has GPUs (``device = "auto"`` then
+2. shards  one task per row range [a, b) (a multiple of ``batch_size``): it opens the project
+           again, reads only its rows (``Split.iter_chunks``; streamed sources read nothing
+           else) and scores them with the plan through the engine's ``runner.score_rows``. Tasks ask for one GPU each when the cluster has GPUs (``device = "auto"`` then
            picks cuda inside the task), else one CPU.
 3. driver  concatenates the shards in row order, applies the method's ``label_issue`` to the
            whole set, and writes ``runs/<run>/scores.parquet`` + ``meta.json`` as a local run
@@ -55,29 +54,6 @@ def to_device(obj, device):
     return obj
 
 
-def score_rows(attributor: Attributor, ctx, state, start: int, stop: int, need_self: bool = True,
-               workers: int = 0) -> dict[str, np.ndarray]:
-    """Scores of training rows [start, stop) with a prepared ``state``, chunk by chunk as
-    ``Attributor.run`` does: {"influence" (b,), "self_influence" (b,) or absent, "probs" (b, C)
-    when need_self}, float64 numpy."""
-    infl, selfs, probs = [], [], []
-    for _, x, y in ctx.train.iter_chunks(ctx.settings.batch_size, start, stop, workers):
-        x, y = ctx.tensors(x, y)
-        i, s = attributor.chunk(ctx, state, x, y, need_self)
-        infl.append(i.double().cpu())
-        if s is not None:
-            selfs.append(s.double().cpu())
-        if need_self:
-            with torch.no_grad():
-                probs.append(torch.softmax(ctx.fm.logits(ctx.thetas[-1], x), -1).double().cpu())
-    out = {"influence": torch.cat(infl).numpy() if infl else np.zeros(0)}
-    if selfs:
-        out["self_influence"] = torch.cat(selfs).numpy()
-    if need_self and probs:
-        out["probs"] = torch.cat(probs).numpy()
-    return out
-
-
 def _context(root: str, settings: dict):
     from .project import Project
     from .scoring import project_context
@@ -92,6 +68,7 @@ def _plan(root: str, method: str, settings: dict):
 
 
 def _shard(root: str, method: str, settings: dict, plan, start: int, stop: int):
+    from .runner import score_rows
     _, ctx = _context(root, settings)
     return score_rows(METHODS[method](), ctx, to_device(plan, ctx.device), start, stop)
 
@@ -161,6 +138,9 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     p = np.concatenate([p["probs"] for p in parts])
     has_self = all("self_influence" in q for q in parts)
     self_infl = np.concatenate([q["self_influence"] for q in parts]) if has_self else None
+    if self_infl is not None and self_infl.ndim == 2:          # (N, m): each checkpoint's share
+        out["self_by_checkpoint"] = self_infl.astype(np.float32)
+        self_infl = self_infl.sum(1)
     out["self_influence"] = self_infl if self_infl is not None else np.full(n, np.nan)
     out["label_issue"] = np.asarray(attributor.label_issue(self_infl, p, project.train.y), dtype=np.float64)
     out["probs"] = p

@@ -1,0 +1,87 @@
+"""diffin score --ray: a local 2-CPU Ray cluster scores like a single process, shard by shard."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray): the --ray path is untested")
+
+from diffin_core.cli import main                                    # noqa: E402
+from diffin_core.distributed import score_on_ray, shard_bounds       # noqa: E402
+from diffin_core.errors import DiffinError                           # noqa: E402
+from diffin_core.methods import ScoreSettings                        # noqa: E402
+from diffin_core.scoring import score                                # noqa: E402
+
+from helpers import make_tiny_project                                # noqa: E402
+
+SETTINGS = ScoreSettings(batch_size=16, hessian_batch=32)           # 96 rows: 6 chunks, 3 shards
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny project with its train split as a memory-mapped .npy folder, streamed."""
+    root = make_tiny_project(tmp_path_factory.mktemp("ray") / "tiny")
+    with np.load(root / "data/train.npz") as z:
+        (root / "data/train").mkdir()
+        np.save(root / "data/train/x.npy", z["x"])
+        np.save(root / "data/train/y.npy", z["y"])
+    toml = (root / "diffin.toml").read_text().replace('train = "data/train.npz"', 'train = "data/train"\nstream = true')
+    (root / "diffin.toml").write_text(toml)
+    return root
+
+
+def test_shard_bounds_cover_the_rows_on_chunk_boundaries():
+    assert shard_bounds(96, 3, 16) == [(0, 32), (32, 64), (64, 96)]
+    assert shard_bounds(100, 4, 16) == [(0, 32), (32, 64), (64, 96), (96, 100)]
+    assert shard_bounds(10, 8, 256) == [(0, 10)]
+    for n, k, b in [(1000, 7, 64), (5, 2, 1), (257, 2, 256)]:
+        bounds = shard_bounds(n, k, b)
+        assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) <= k
+        assert all(a % b == 0 and a < e for a, e in bounds)
+        assert all(e == a2 for (_, e), (a2, _) in zip(bounds, bounds[1:]))
+
+
+@pytest.mark.parametrize("method", ["tracin", "diffin"])
+def test_ray_matches_single_process(cluster, tiny, method):
+    local = pd.read_parquet(score(tiny, method, run=f"{method}-local", settings=SETTINGS) / "scores.parquet")
+    run = score_on_ray(tiny, method, run=f"{method}-ray", settings=SETTINGS, shards=3)
+    sharded = pd.read_parquet(run / "scores.parquet")
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["ray"]["shards"] == 3 and meta["train_size"] == 96 and meta["method"] == method
+    assert list(sharded.columns) == list(local.columns)
+    np.testing.assert_array_equal(sharded["sample_id"], local["sample_id"])
+    for col in ("influence", "self_influence", "label_issue", "confidence", "loss", "pred"):
+        np.testing.assert_allclose(sharded[col], local[col], rtol=1e-6, atol=1e-10, err_msg=col)
+    assert local["influence"].std() > 0 and np.isfinite(sharded["self_influence"]).all()
+
+
+def test_cli_ray_flag_without_address(cluster, tiny, capsys):
+    main(["score", str(tiny), "-m", "tracin", "--run", "cli-ray", "--ray"])
+    assert "wrote" in capsys.readouterr().out
+    meta = json.loads((tiny / "runs/cli-ray/meta.json").read_text())
+    assert meta["ray"]["address"] == "local"
+    local = pd.read_parquet(score(tiny, "tracin", run="cli-local") / "scores.parquet")
+    np.testing.assert_allclose(pd.read_parquet(tiny / "runs/cli-ray/scores.parquet")["influence"],
+                               local["influence"], rtol=1e-6, atol=1e-10)
+
+
+def test_error_inside_a_shard_is_one_line(cluster, tiny, tmp_path):
+    import shutil
+    root = tmp_path / "nan"
+    shutil.copytree(tiny, root, ignore=shutil.ignore_patterns("runs"))
+    x = np.load(root / "data/train/x.npy")
+    x[70, 2] = np.nan                                           # row 70: in the last shard only
+    np.save(root / "data/train/x.npy", x)
+    with pytest.raises(DiffinError) as e:
+        score_on_ray(root, "tracin", run="nan", settings=SETTINGS, shards=3)
+    msg = str(e.value)
+    assert "\n" not in msg and "x.npy" in msg and "NaN" in msg and "row 70" in msg, msg
+    assert not (root / "runs/nan").exists()
