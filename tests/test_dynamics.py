@@ -1,0 +1,174 @@
+"""Training-dynamics peers (mean loss, AUM, forgetting, cleanlab-cv) and the trajectory
+leave-one-out label_issue: known answers on hand-made trajectories, ground truth on a tiny model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from diffin_core.errors import DiffinError
+from diffin_core.label_issue import (accumulated_self, area_under_margin, first_order_self_by_target,
+                                     forgetting_counts, label_issue_from_trajectory, mean_loss, margins,
+                                     steps_before, trajectory_loo_loss)
+from diffin_core.methods import METHODS, ScoreSettings
+from diffin_core.methods.dynamics import out_of_sample_probs
+from diffin_core.scoring import make_context, run_method
+
+
+# --- hand-made trajectories with known answers ---------------------------------------------------
+def test_aum_is_the_mean_margin_of_the_logits():
+    # 3 checkpoints, 2 samples, 3 classes; sample 0 labelled 0, sample 1 labelled 2
+    logits = np.array([[[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]],
+                       [[4.0, 1.0, 2.0], [0.0, 1.0, 1.5]],
+                       [[0.0, 1.0, 0.5], [5.0, 0.0, 6.0]]])
+    y = np.array([0, 2])
+    assert margins(logits, y).tolist() == [[1.0, -2.0], [2.0, 0.5], [-1.0, 1.0]]
+    assert area_under_margin(logits, y).tolist() == pytest.approx([2.0 / 3, -0.5 / 3])
+    assert METHODS["aum"]().score(logits, y).tolist() == pytest.approx([-2.0 / 3, 0.5 / 3])
+
+
+def test_forgetting_counts_events_and_ranks_never_learned_first():
+    correct = np.array([[1, 0, 1, 0],
+                        [0, 0, 1, 1],
+                        [1, 0, 1, 0],
+                        [0, 0, 1, 1]], dtype=bool)      # (K=4 checkpoints, N=4 samples)
+    # sample 0: right, wrong, right, wrong = 2 events; sample 1 never right = K + 1;
+    # sample 2 always right = 0; sample 3: wrong, right, wrong, right = 1 event
+    assert forgetting_counts(correct).tolist() == [2.0, 5.0, 0.0, 1.0]
+
+
+def test_mean_loss_is_the_average_cross_entropy():
+    logits = np.log(np.array([[[0.5, 0.5]], [[0.25, 0.75]]]))   # 2 checkpoints, 1 sample
+    assert mean_loss(logits, np.array([0]))[0] == pytest.approx((np.log(2) + np.log(4)) / 2)
+
+
+def test_steps_before_weights():
+    w = steps_before([0, 10, 20, 40], [5.0, 10.0, 15.0, 10.0])
+    # j < k fully before step k; j = k: the half-interval before it over the segment's steps
+    assert w[0, 1] == w[1, 2] == w[0, 3] == 1.0 and w[2, 1] == 0.0 and w[3, 2] == 0.0
+    assert w[1, 1] == pytest.approx(5 / 10) and w[2, 2] == pytest.approx(5 / 15) and w[3, 3] == pytest.approx(1.0)
+    assert w[0, 0] == 0.0
+
+
+def test_trajectory_term_separates_samples_with_the_same_losses():
+    """Two samples with identical loss curves (a memorised flip and a clean sample both fitted):
+    only the accumulated self-influence tells them apart; zeroed, the rule ties them."""
+    losses = np.array([[2.0, 1.0, 0.1], [2.0, 1.0, 0.1]])
+    sbc = np.array([[0.0, 1.5, 0.9], [0.0, 0.1, 0.05]])     # per-checkpoint self-influence
+    steps, seg = [0, 10, 20], np.array([5.0, 10.0, 5.0])
+    up_to = accumulated_self(sbc, steps, seg)
+    score = trajectory_loo_loss(losses, up_to, seg, ks=[1, 2])
+    assert score[0] > score[1] + 0.5
+    zero = trajectory_loo_loss(losses, np.zeros_like(up_to), seg, ks=[1, 2])
+    assert zero[0] == zero[1]
+    # time-average with the segments as weights: (10 * (1 + I_1) + 5 * (0.1 + I_2)) / 15
+    assert score[0] == pytest.approx((10 * (1.0 + 0.75) + 5 * (0.1 + 1.5 + 0.9)) / 15)
+
+
+# --- a tiny trained model ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_run():
+    """Logistic regression on 150 digits, 20% flips, plain SGD saved every 5 steps (float64)."""
+    from diffin_core.functional import FunctionalModel
+    from diffin_core.models import MLP
+    from diffin_core.truth import batch_order, digits_case, train_sgd
+    train, query = digits_case(noise=0.2, n_train=150, seed=3)
+    torch.manual_seed(0)
+    model = MLP(64, (), 10).double()
+    fm = FunctionalModel(model)
+    batches = batch_order(len(train), 15, 8, seed=0)
+    lrs = [0.5] * len(batches)
+    x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(train.y)
+    traj = train_sgd(fm, fm.theta_of(model), x, y, batches, lrs, save_every=5)
+    steps = sorted(traj.saved)
+    states = [{k: v.detach() for k, v in fm.unflatten(traj.saved[s]).items()} for s in steps]
+    ck_lrs = [0.5] * len(steps)
+    return dict(train=train, query=query, fm=fm, traj=traj, steps=steps, states=states, lrs=ck_lrs, x=x, y=y)
+
+
+def _ctx(r):
+    from diffin_core.models import MLP
+    return make_context(MLP(64, (), 10), r["states"], r["steps"], r["lrs"], r["train"],
+                        ScoreSettings(device="cpu"), dtype=torch.float64)
+
+
+def test_first_order_self_influence_matches_leave_one_out_along_the_trajectory(digits_run):
+    """I_k(z) against the truth: retrain without z (same batches) and measure how much higher
+    z's own loss is at checkpoint k."""
+    from diffin_core.truth import train_sgd
+    r = digits_run
+    ctx = _ctx(r)
+    est = first_order_self_by_target(ctx)                        # (N, m)
+    k = len(r["steps"]) // 2                                     # a mid-training checkpoint
+    upto = r["steps"][k]
+    samples = np.random.default_rng(0).choice(len(r["y"]), 12, replace=False)
+    truth = []
+    for z in samples:
+        t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
+                      r["traj"].lrs[:upto], drop=int(z), save_every=None)
+        xz, yz = r["x"][z:z + 1], r["y"][z:z + 1]
+        truth.append(float(r["fm"].mean_loss(t.saved[upto], xz, yz) - r["fm"].mean_loss(r["traj"].saved[upto], xz, yz)))
+    assert np.all(est[:, 1:] > -1e-9)                             # training on z lowers its own loss
+    assert spearmanr(est[samples, k], truth)[0] > 0.8
+
+
+def test_label_issue_from_trajectory_finds_flips_and_uses_the_self_term(digits_run):
+    r = digits_run
+    ctx = _ctx(r)
+    flipped = r["train"].y != r["train"].true_y
+    li = label_issue_from_trajectory(ctx)
+    assert roc_auc_score(flipped, li) > 0.9
+    sbc = np.random.default_rng(1).random((ctx.n, ctx.m))
+    with_sbc = label_issue_from_trajectory(ctx, self_by_checkpoint=sbc)
+    without = label_issue_from_trajectory(ctx, self_by_checkpoint=np.zeros_like(sbc))
+    assert not np.allclose(with_sbc, without)                   # the trajectory term is used
+    assert np.allclose(with_sbc - without, accumulated_self(sbc, ctx.steps, ctx.segments)[:, 1:] @
+                       (ctx.segments[1:] / ctx.segments[1:].sum()))
+
+
+@pytest.mark.parametrize("method", ["mean-loss", "aum", "forgetting"])
+def test_dynamics_methods_score_every_sample(digits_run, method):
+    r = digits_run
+    out = run_method(_ctx(r), method, r["query"].x, r["query"].y)
+    flipped = r["train"].y != r["train"].true_y
+    li = out["label_issue"]
+    assert li.shape == (len(flipped),) and np.isfinite(li).all()
+    assert np.isnan(out["self_influence"]).all()
+    assert roc_auc_score(flipped, li) > (0.7 if method == "forgetting" else 0.9), method
+
+
+def test_cleanlab_cv_uses_out_of_sample_models_only(digits_run):
+    from diffin_core.models import MLP
+    r = digits_run
+    x, y = r["train"].x, r["train"].y
+    seen = []
+
+    def trainer(xs, ys, seed):
+        seen.append({tuple(row) for row in np.round(xs, 6)})
+        torch.manual_seed(seed)
+        m = MLP(64, (), 10)
+        opt = torch.optim.SGD(m.parameters(), lr=0.5)
+        xt, yt = torch.as_tensor(xs), torch.as_tensor(ys)
+        for _ in range(60):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(xt), yt).backward()
+            opt.step()
+        return m
+
+    probs = out_of_sample_probs(trainer, x, y, folds=3, seed=0)
+    assert len(seen) == 3 and probs.shape == (len(y), 10)
+    assert np.allclose(probs.sum(1), 1.0)
+    assert sum(tuple(row) in s for s in seen for row in np.round(x[:20], 6)) == 2 * 20   # each in 2 of 3 folds
+    ctx = _ctx(r)
+    ctx.trainer = trainer
+    li = run_method(ctx, "cleanlab-cv", r["query"].x, r["query"].y)["label_issue"]
+    flipped = y != r["train"].true_y
+    assert roc_auc_score(flipped, li) > 0.9
+
+
+def test_cleanlab_cv_needs_a_recipe(digits_run):
+    r = digits_run
+    with pytest.raises(DiffinError, match="recipe"):
+        run_method(_ctx(r), "cleanlab-cv", r["query"].x, r["query"].y)
