@@ -288,6 +288,17 @@ def test_query_folder_uses_the_train_classes(base, tmp_path):
     (root / "diffin.toml").write_text(_toml("data/train").replace("data/query.npz", "data/query"))
     q = Project(root).query
     assert set(q.y.tolist()) == {int(ty.max())}
+    # label_names fix the class order: folder "d" gets index label_names.index("d")
+    names = [str(d) for d in range(9, -1, -1)]
+    toml = _toml("data/train").replace("data/query.npz", "data/query") + f"\n"
+    (root / "diffin.toml").write_text(toml.replace("image_shape", f"label_names = {names}\nimage_shape"))
+    p = Project(root)
+    np.testing.assert_array_equal(p.train.y, 9 - ty)
+    assert set(p.query.y.tolist()) == {9 - int(ty.max())}
+    (root / "data/train/extra").mkdir()
+    with pytest.raises(DiffinError) as e:
+        Project(root).train
+    _one_line(e.value, str(root / "data/train"), "class folder 'extra' is not one of the classes")
 
 
 @pytest.mark.parametrize("line, words", [
