@@ -10,11 +10,20 @@ The engine. It imports no Streamlit; the app (app.py, pages/) and the CLI are vi
 
 Sign convention: influence(z, Q) = L_Q(theta_T without z) - L_Q(theta_T); > 0 helpful.
 """
-from .checkpoints import Recorder
 from .errors import DiffinError
-from .methods import METHODS, ScoreSettings
-from .project import Project
-from .scoring import query_influence, score, top_k
+
+# The rest loads on first use (PEP 562), so `diffin` starts without importing torch and a
+# Ctrl-C during that import reaches the CLI's handler (one line, exit 130).
+_LAZY = {"Recorder": "checkpoints", "METHODS": "methods", "ScoreSettings": "methods", "Project": "project",
+         "query_influence": "scoring", "score": "scoring", "top_k": "scoring"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Recorder", "DiffinError", "METHODS", "ScoreSettings", "Project", "score", "top_k", "query_influence"]
 __version__ = "0.1.0"

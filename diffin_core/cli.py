@@ -264,13 +264,12 @@ def _bare_ray(argv: list[str]) -> list[str]:
 
 def main(argv=None) -> None:
     try:
-        app(args=_bare_ray(sys.argv[1:] if argv is None else argv), prog_name="diffin", standalone_mode=False)
+        rc = app(args=_bare_ray(sys.argv[1:] if argv is None else argv), prog_name="diffin", standalone_mode=False)
     except DiffinError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        rc = 130
     except Exception as e:  # click usage errors
         import click
         if isinstance(e, click.exceptions.ClickException):
@@ -279,6 +278,12 @@ def main(argv=None) -> None:
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         raise
+    # standalone_mode=False: typer turns Ctrl-C into a returned 130 and typer.Exit(n) into n
+    if rc == 130:
+        typer.echo("\nerror: interrupted (Ctrl-C)", err=True)
+        sys.exit(130)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":

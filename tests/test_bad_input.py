@@ -292,3 +292,36 @@ def test_upload_staging_left_by_a_dead_process_is_cleaned(tmp_path):
     assert sorted(clean_staging(tmp_path)) == [f".diffin-upload-{dead}-abc", ".diffin-upload-old123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".diffin-upload-new456",
                                                                  f".diffin-upload-{os.getpid()}-live"])
+
+
+# --- Ctrl-C on `diffin score`: exit 130 with one line, nothing written ----------------------------
+
+import signal  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+
+@pytest.mark.parametrize("when", ["importing", "scoring"])
+def test_ctrl_c_on_score_exits_130_with_one_line(proj, when):
+    cmd = [sys.executable, "-c", "from diffin_core.cli import main; main()", "score", str(proj), "--method", "diffin"]
+    # a shell started in the background ignores SIGINT and its children inherit that: restore it
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    err = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), b"")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    if when == "importing":
+        time.sleep(0.8)                              # inside the command, importing torch
+    else:
+        while b"%|" not in b"".join(err) and time.monotonic() < deadline:   # the engine is running
+            time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=10)
+    text = b"".join(err).decode()
+    lines = [ln for ln in text.replace("\r", "\n").splitlines() if ln.strip() and "%|" not in ln
+             and not ln.startswith("diffin: ")]
+    assert lines == ["error: interrupted (Ctrl-C)"], text[-2000:]
+    assert "Traceback" not in text
+    assert not (proj / "runs").exists() or [p.name for p in (proj / "runs").iterdir()] == []
