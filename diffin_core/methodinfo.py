@@ -81,3 +81,44 @@ def describe_all(width: int = 100) -> str:
             out += textwrap.wrap(text, width, initial_indent="    ", subsequent_indent="    ",
                                  break_on_hyphens=False, break_long_words=False)
     return "\n".join(out)
+
+
+# --- a run's settings, for people: only those the method reads ------------------------------------
+GENERAL = ("batch_size", "memory_budget")  # every method chunks the training set
+SETTINGS_USED = {
+    "diffin": ("hessian_batch", "lanczos_steps", "hvp", "eps", "seed"),
+    "diffin-paper": ("paper_batch", "lanczos_steps", "eps", "seed"),
+    "influence-function": ("damping", "explicit_max_params", "cg_iters"),
+    "cleanlab-cv": ("seed",),
+    **{m: () for m in ("tracin", "tracin-adam", "grad-dot", "grad-cos", "loss", "margin", "cleanlab",
+                       "mean-loss", "aum", "forgetting")},
+}
+LABELS = {"batch_size": "batch", "memory_budget": "memory budget", "hessian_batch": "Hessian batch",
+          "lanczos_steps": "Lanczos steps", "hvp": "HVP", "eps": "eps", "seed": "seed",
+          "paper_batch": "batch B", "damping": "damping", "explicit_max_params": "explicit Hessian up to",
+          "cg_iters": "CG iterations"}
+_HVP = {"fd": "finite differences", "exact": "exact (forward-over-reverse)"}
+
+
+def settings_text(method: str, settings: dict) -> str:
+    """The settings a run of ``method`` used, readable: "batch 256 · Hessian batch 256 · ...".
+    Unknown methods show every setting; the device is not a setting here."""
+    used = SETTINGS_USED.get(method)
+    keys = [k for k in settings if k != "device"] if used is None else [*GENERAL, *used]
+    parts = []
+    for k in keys:
+        if k not in settings or settings[k] is None:
+            continue
+        v = settings[k]
+        if k == "hvp":
+            v = _HVP.get(v, v)
+        elif k == "explicit_max_params":
+            v = f"{v:,} params"
+        elif k == "memory_budget":
+            v = f"{v / 2**30:.3g} GiB" if isinstance(v, (int, float)) and v > 0 else "auto" if not v else v
+        elif isinstance(v, float):
+            v = f"{v:g}"
+        elif isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v:,}"
+        parts.append(f"{LABELS.get(k, k.replace('_', ' '))} {v}")
+    return " · ".join(parts) or "defaults"

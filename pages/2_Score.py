@@ -1,5 +1,4 @@
 """Score the open project in the background: choose methods, watch progress, cancel."""
-import json
 import sys
 import time
 from pathlib import Path
@@ -9,57 +8,68 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
+from diffin_core import methodinfo  # noqa: E402
+from diffin_core.jobs import display_order  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
-from diffin_core.scoring import score  # noqa: E402
 
-project = ui.page("Score", "⚡")
+project = ui.page("Score")
 jm = ui.job_manager()
 st.caption(f"Project: **{project.name}** · {len(project.train):,} training samples · "
-           "jobs run one at a time in a background worker shared by every session; closing the tab "
-           "does not stop them.")
+           "jobs run one at a time in a background worker shared by every session, each in its own "
+           "process (your model.py cannot take the app down); closing the tab does not stop them.")
 
-DESCRIBE = {name: ((cls.__doc__ or "").strip().splitlines() or [""])[0] for name, cls in METHODS.items()}
 methods = st.multiselect("Methods", list(METHODS), default=["diffin"], key="score_methods",
-                         help="\n\n".join(f"**{k}**: {v}" for k, v in DESCRIBE.items() if v))
-
-
-def _job(root: str, method: str):
-    return lambda progress: str(score(root, method, progress=progress.update))
-
+                         help="\n\n".join(f"**{k}** ({methodinfo.info(k).scale}): {methodinfo.description(k, c)}"
+                                          for k, c in METHODS.items()))
+for m in methods:
+    i = methodinfo.info(m)
+    note = ("its influence is a change of the mean query loss in nats: values add up"
+            if i.calibrated else "compare its influence within this run only (the size is not a loss change)")
+    st.caption(f"**{m}** · {i.scale}: {note} ({i.evidence}).")
 
 if st.button("Start scoring", key="score_start", type="primary", disabled=not methods):
-    ids = [jm.submit("score", _job(str(project.root), m), label=m, project_dir=project.root) for m in methods]
+    root = str(project.root)
+    ids = [jm.submit_child("score", "diffin_core.scoring:score", (root, m), label=m, project_dir=root)
+           for m in methods]
     ui.add_job_ids(ids)
-    st.session_state["score_watch"] = True
 
 history = [j for j in jm.load_history(project.root) if j.kind == "score"]
 mine = set(ui.job_ids())
 active = [j for j in history if j.status in ("queued", "running")]
 
 
+def _progress_text(info) -> str:
+    if info.status == "queued":
+        return f"{info.label}: queued"
+    if info.in_phase:  # e.g. diffin carrying the query back through the checkpoints
+        return f"{info.label}: {info.message} · step {info.step} of {info.steps}"
+    if not info.done:
+        return f"{info.label}: {info.message or 'starting'}"
+    eta = f" · about {ui.fmt_seconds(info.eta_s)} left" if info.eta_s is not None else ""
+    return f"{info.label}: {info.message} · {info.done:,}/{info.total or 0:,} samples · {info.rate:,.0f}/s{eta}"
+
+
 @st.fragment(run_every=1.0 if active else None)
 def progress_panel():
     recent = time.time() - 300  # jobs that ended in the last 5 minutes show in every tab
-    jobs = [jm.get(j.id) or j for j in history
-            if j.id in mine or j.status in ("queued", "running") or (j.finished or 0) > recent][:8]
+    jobs = display_order([jm.get(j.id) or j for j in history
+                          if j.id in mine or j.status in ("queued", "running") or (j.finished or 0) > recent])[:8]
     still = False
     for info in jobs:
         if info.status in ("queued", "running"):
             still = True
-            rate = f"{info.rate:,.0f} samples/s" if info.rate else "starting"
-            eta = f"ETA {ui.fmt_seconds(info.eta_s)}" if info.eta_s is not None else ""
-            text = f"{info.label}: {info.status} · {info.done:,}/{info.total or 0:,} · {rate} · {eta} · {info.message}"
             cols = st.columns([5, 1])
-            cols[0].progress(info.fraction, text=text)
-            if cols[1].button("Cancel", key=f"score_cancel_{info.id}"):
+            cols[0].progress(info.fraction, text=_progress_text(info))
+            if cols[1].button("Cancel", key=f"score_cancel_{info.id}", icon=":material/cancel:"):
                 jm.cancel(info.id)
                 ui.add_job_ids([info.id])
         elif info.status == "failed":
-            st.error(f"{info.label}: scoring failed: {info.error}")
+            st.error(f"{info.label}: scoring failed: {info.error}", icon=":material/error:")
         elif info.status == "cancelled":
-            st.warning(f"{info.label}: cancelled")
+            st.warning(f"{info.label}: cancelled", icon=":material/cancel:")
         elif info.status == "done":
-            st.success(f"{info.label}: done in {ui.fmt_seconds((info.finished or 0) - (info.started or 0))}")
+            st.success(f"{info.label}: done in {ui.fmt_seconds((info.finished or 0) - (info.started or 0))}",
+                       icon=":material/check_circle:")
     if active and not still:
         st.rerun()  # a job ended: redraw the whole page (runs list, no more ticking)
 
@@ -69,12 +79,13 @@ progress_panel()
 st.subheader("Finished runs")
 runs = project.runs()
 if not runs:
-    st.write("None yet.")
+    st.write("None yet. A run is named after its method: diffin-1, then diffin-2, …")
 else:
-    rows = [{"run": r.name, "method": r.method, "seconds": r.meta.get("seconds"), "device": r.meta.get("device"),
+    rows = [{"run": r.name, "method": r.method, "scale": methodinfo.info(r.method).scale,
+             "took": ui.fmt_seconds(r.meta.get("seconds")), "device": r.meta.get("device"),
              "checkpoints": r.meta.get("checkpoints"), "train size": r.meta.get("train_size"),
              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("finished", 0))),
-             "settings": json.dumps(r.meta.get("settings", {}))} for r in runs]
+             "settings": methodinfo.settings_text(r.method, r.meta.get("settings", {}))} for r in runs]
     st.dataframe(pd.DataFrame(rows), key="score_runs", hide_index=True, width="stretch")
-    st.page_link("pages/3_Explore.py", label="Next: explore", icon="🧭")
-    st.page_link("pages/4_Review.py", label="Next: review suspects", icon="✅")
+    ui.page_link("pages/3_Explore.py", "Next: explore")
+    ui.page_link("pages/4_Review.py", "Next: review suspects")

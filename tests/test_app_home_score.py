@@ -1,12 +1,22 @@
-"""Home and Score pages: the sample project in one click, a scoring job seen to finish, cancel, failure."""
+"""Home and Score pages: the sample project in one click, a scoring job seen to finish, cancel, failure;
+navigation names Home; next-step links; runs table; job order; named selections in What-if."""
 from __future__ import annotations
 
-from app_fixtures import jobs, new_app, scored, loss_run, table_with, texts, workspace  # noqa: F401
+import time
+from pathlib import Path
+
+from app_fixtures import ROOT, jobs, new_app, scored, loss_run, table_with, texts, workspace  # noqa: F401
+
+
+def links(at) -> list[tuple[str, str]]:
+    """(label, target page title) of every st.page_link on the page."""
+    return [(p.proto.label, p.proto.page) for p in at.get("page_link")]
 
 
 def test_home_sample_project_one_click(workspace):
     at = new_app()
     assert "No projects" in " ".join(m.value for m in at.markdown)
+    assert links(at) == [("…or set up a new project from uploads", "Setup")]  # nothing to score yet
     at.button(key="home_sample").click().run()
     assert not at.exception
     assert (workspace / "mnist-sample" / "diffin.toml").is_file()
@@ -14,6 +24,49 @@ def test_home_sample_project_one_click(workspace):
     assert at.session_state["project_dir"] == str(workspace / "mnist-sample")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Training samples"] == "4,000" and metrics["Checkpoints"] == "12"
+    # right after the copy the list has it (it said "No projects" in the same run before)
+    assert "No projects" not in " ".join(m.value for m in at.markdown)
+    assert at.selectbox(key="home_project").value == "mnist-sample"
+    assert ("Next: score it", "Score") in links(at)
+    assert not list((workspace / "mnist-sample").rglob("__pycache__"))  # checked in a child, no bytecode
+
+
+def test_home_next_steps_once_runs_exist(scored):
+    at = new_app(scored)
+    assert {m.label: m.value for m in at.metric}["Finished runs"] == "1"
+    labels = [label for label, _ in links(at)]
+    assert "Next: score it" not in labels
+    assert ("Next: explore the scores", "Explore") in links(at) and ("Next: review the suspects", "Review") in links(at)
+
+
+def test_home_reports_a_broken_model_without_running_it_in_the_server(scored):
+    (scored / "model.py").write_text("import os\nos._exit(3)\n")  # would end the server in-process
+    at = new_app(scored)
+    assert not at.exception
+    errors = " ".join(texts(at.error))
+    assert "crashed (exit code 3)" in errors
+    again = new_app()  # the server (this process) still serves a new session
+    assert again.selectbox(key="home_project").options == ["mnist-sample"]
+
+
+def test_navigation_names_every_page_with_material_icons():
+    import _common as ui
+    registered = {p for p, _ in ui.PAGES}
+    on_disk = {f"pages/{f.name}" for f in (ROOT / "pages").glob("*.py")}
+    assert registered == on_disk  # st.navigation stops discovery: a page left out would vanish
+    assert ui.PAGES[0] == ("pages/home.py", "Home")
+    assert all(ui.ICONS[t].startswith(":material/") for _, t in ui.PAGES)
+    src = (ROOT / "app.py").read_text()
+    assert "st.navigation(" in src and "st.Page(" in src
+    at = new_app()
+    assert at.title[0].value.startswith("diffin:")  # app.py runs Home by default
+    for path, title in ui.PAGES[1:]:
+        at.switch_page(path).run()
+        assert not at.exception, (path, at.exception)
+    emoji = [f.name for f in [ROOT / "app.py", ROOT / "pages" / "home.py", ROOT / "pages" / "2_Score.py",
+                              ROOT / "pages" / "_common" / "__init__.py"]
+             if any(ord(c) > 0x2600 and c not in "→…“”·Δ←" for c in f.read_text())]
+    assert emoji == []  # icons in the files this test owns are material icons, not emoji
 
 
 def test_workspace_from_cli_flag(tmp_path):
@@ -39,7 +92,8 @@ def test_scoring_job_runs_to_the_end(workspace, jobs):
     assert any("loss: done" in s for s in texts(at.success))
     runs = table_with(at, "run")
     assert list(runs["run"]) == ["loss-1"] and runs.loc[0, "method"] == "loss"
-    assert runs.loc[0, "seconds"] > 0
+    assert runs.loc[0, "took"].endswith(" s") and runs.loc[0, "scale"] == "ranking only"
+    assert runs.loc[0, "settings"] == "batch 256"  # only what "loss" reads, not Hessian or CG knobs
     assert (workspace / "mnist-sample" / "runs" / "loss-1" / "scores.parquet").is_file()
     assert len(at.get("progress")) == 0
 
@@ -71,3 +125,40 @@ def test_failed_job_shows_plain_error(scored, jobs):
     errors = " ".join(texts(at.error))
     assert "scoring failed" in errors and "ckpt_000504.safetensors" in errors and "Traceback" not in errors
     assert [r for r in table_with(at, "run")["run"]] == ["loss-1"]
+
+
+def test_running_job_listed_above_the_queued(scored, jobs):
+    at = new_app(scored, "pages/2_Score.py")
+    at.multiselect(key="score_methods").set_value(["loss", "margin", "grad-dot"]).run()
+    at.button(key="score_start").click().run()
+    order = {i.label: i.id for i in jobs.list()}
+    end = time.time() + 60
+    while jobs.get(order["loss"]).status != "running":
+        assert time.time() < end
+        time.sleep(0.05)
+    at.run()
+    shown = [p.proto.text.split(":")[0] for p in at.get("progress")]
+    assert shown == ["loss", "margin", "grad-dot"]  # running, then the queue in the order it runs
+    assert "margin: queued" in [p.proto.text for p in at.get("progress")]
+    for jid in order.values():
+        jobs.cancel(jid)
+
+
+def test_score_page_says_which_numbers_are_calibrated(scored):
+    at = new_app(scored, "pages/2_Score.py")
+    at.multiselect(key="score_methods").set_value(["diffin", "tracin"]).run()
+    caps = " ".join(texts(at.caption))
+    assert "**diffin** · calibrated: Δ query loss (nats)" in caps and "1.08-1.37" in caps
+    assert "**tracin** · ranking only" in caps and "63-80x" in caps
+
+
+def test_whatif_uses_a_named_selection(scored):
+    from diffin_core import selections
+    at = new_app(scored, "pages/6_What-if.py")
+    at.radio(key="whatif_source").set_value("a saved selection (Explore's lasso)").run()
+    assert "No saved selections yet" in " ".join(texts(at.info))
+    assert ("Go to Explore", "Explore") in links(at)
+    selections.save(scored, "odd sevens", [5, 3, 9], "test")
+    at.run()
+    assert at.selectbox(key="whatif_selection").value == "odd sevens"
+    assert {m.label: m.value for m in at.metric}["Samples to remove"] == "3"

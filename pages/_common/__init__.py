@@ -16,6 +16,22 @@ from diffin_core.jobs import JobManager
 from diffin_core.project import Project
 
 
+# The app's pages in sidebar order (app.py hands them to st.navigation). Icons are Streamlit's
+# material icons: emoji render as empty boxes in Chromium without an emoji font (Debian's).
+PAGES = [("pages/home.py", "Home"), ("pages/1_Setup.py", "Setup"), ("pages/2_Score.py", "Score"),
+         ("pages/3_Explore.py", "Explore"), ("pages/4_Review.py", "Review"), ("pages/5_Export.py", "Export"),
+         ("pages/6_What-if.py", "What-if")]
+ICONS = {"Home": ":material/home:", "Setup": ":material/upload_file:", "Score": ":material/bolt:",
+         "Explore": ":material/explore:", "Review": ":material/fact_check:", "Export": ":material/download:",
+         "What-if": ":material/science:"}
+_TITLE = dict(PAGES)
+
+
+def page_link(path: str, label: str) -> None:
+    """A link to one of the app's pages, with that page's icon."""
+    st.page_link(path, label=label, icon=ICONS.get(_TITLE.get(path, ""), ":material/arrow_forward:"))
+
+
 @st.cache_resource
 def job_manager() -> JobManager:
     """The one background worker shared by every session of this server."""
@@ -54,7 +70,7 @@ def current_project() -> Project | None:
             or appstate.last_project(workspace()))
     if not path:
         st.info("No project is open. Open one (or the sample project) on the Home page.")
-        st.page_link("app.py", label="Go to Home", icon="🏠")
+        page_link("pages/home.py", "Go to Home")
         return None
     try:
         project = open_project(path)
@@ -66,9 +82,9 @@ def current_project() -> Project | None:
     return project
 
 
-def page(name: str, icon: str, heading: str | None = None) -> Project:
+def page(name: str, icon: str = "", heading: str | None = None) -> Project:
     """Every page's head: config, title, and the open project (the script stops when none)."""
-    st.set_page_config(page_title=f"diffin · {name}", page_icon=icon, layout="wide")
+    st.set_page_config(page_title=f"diffin · {name}", page_icon=ICONS.get(name, ":material/search:"), layout="wide")
     st.title(heading or name)
     project = current_project()
     if project is None:
@@ -99,7 +115,7 @@ def run_picker(project: Project, key: str, label: str = "Run", default: str | No
     runs = project.runs()
     if not runs:
         st.info("No finished runs yet: score the project on the Score page first.")
-        st.page_link("pages/2_Score.py", label="Go to Score", icon="⚡")
+        page_link("pages/2_Score.py", "Go to Score")
         return None
     names = [r.name for r in runs]
     index = names.index(default) if default in names else 0
@@ -123,6 +139,33 @@ def label_name(project: Project, y) -> str:
     return names[y] if names and 0 <= y < len(names) else str(y)
 
 
+@st.cache_data(max_entries=32, show_spinner="Loading the project (its model.py runs in a separate process)…")
+def _problems(root: str, stamp: tuple) -> list[str]:
+    from diffin_core.usercode import check_project
+    return check_project(root)
+
+
+def project_problems(project: Project) -> list[str]:
+    """``project.validate()`` run in a child process (user code cannot hang or crash the
+    server), cached until diffin.toml, the model, the manifest or the data files change."""
+    files = [project.config_path, project.manifest_path,
+             *(project.root / v for k, v in project.config["model"].items() if k in ("factory", "program")
+               for v in [v.split(":")[0]]),
+             *(project.root / project.config["data"][k] for k in ("train", "query"))]
+    stamp = tuple(f.stat().st_mtime if f.exists() else None for f in files)
+    return _problems(str(project.root), stamp)
+
+
+def next_steps(project: Project, runs) -> None:
+    """Home's "what now": score it when there is no run yet, else explore and review."""
+    if not runs:
+        page_link("pages/2_Score.py", "Next: score it")
+        return
+    page_link("pages/3_Explore.py", "Next: explore the scores")
+    page_link("pages/4_Review.py", "Next: review the suspects")
+    page_link("pages/2_Score.py", "Score with another method")
+
+
 def job_ids() -> list[str]:
     raw = st.query_params.get("jobs", "")
     return [j for j in raw.split(",") if j]
@@ -133,10 +176,17 @@ def add_job_ids(ids: list[str]) -> None:
 
 
 def fmt_seconds(s: float | None) -> str:
+    """A duration for people: 0.4 s, 12 s, 3 min 05 s, 1 h 02 min."""
     if s is None:
         return "?"
+    if s < 10:
+        return f"{s:.1f} s"
     s = int(round(s))
-    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 @st.cache_resource(max_entries=8)
@@ -199,5 +249,42 @@ def sample_grid(project: Project, table, columns: int = 8, score_col: str = "inf
             sid = int(r["sample_id"])
             with col:
                 st.image(image(x[row_of(project, sid)]), width="stretch")
-                st.caption(f"#{sid} · label {label_name(project, r['label'])} · pred {label_name(project, r['pred'])}"
+                true = (f" (true {label_name(project, r['true_label'])})"      # when the data knows it
+                        if "true_label" in r and r["true_label"] == r["true_label"] else "")
+                st.caption(f"#{sid} · label {label_name(project, r['label'])}{true} · pred {label_name(project, r['pred'])}"
                            f" · {score_col} {r[score_col]:+.3g}")
+
+
+def save_selection(project: Project, ids: list[int], source: str, key: str = "selection") -> None:
+    """A name box and a Save button that keep ``ids`` as a named selection in the project
+    (selections.json), for What-if and for after a reload."""
+    from diffin_core import selections
+    c = st.columns([3, 1])
+    name = c[0].text_input("Save this selection as", key=f"{key}_name", placeholder="e.g. odd cluster of 7s",
+                           label_visibility="collapsed")
+    if c[1].button(f"Save selection ({len(ids):,})", key=f"{key}_save", icon=":material/bookmark_add:"):
+        try:
+            stored = selections.save(project.root, name, ids, source)
+        except DiffinError as e:
+            st.error(str(e))
+        else:
+            st.success(f"Saved {len(set(ids)):,} samples as “{stored}”: the What-if page can remove them.")
+
+
+def pick_selection(project: Project, key: str) -> list[int]:
+    """A picker over the project's named selections; says how to make one when there is none."""
+    from diffin_core import selections
+    try:
+        saved = selections.load(project.root)
+    except DiffinError as e:
+        st.error(str(e))
+        return []
+    if not saved:
+        st.info("No saved selections yet. On the Explore page, open the map, draw a lasso around "
+                "samples, name the selection and press Save selection.")
+        page_link("pages/3_Explore.py", "Go to Explore")
+        return []
+    name = st.selectbox("Selection", list(saved), key=key,
+                        format_func=lambda n: f"{n} ({len(saved[n]['ids']):,} samples"
+                                              + (f", {saved[n]['source']}" if saved[n]["source"] else "") + ")")
+    return list(saved[name]["ids"])

@@ -1,0 +1,74 @@
+"""Home: open a project or the sample project; what to do next."""
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as ui  # noqa: E402
+from diffin_core import appstate  # noqa: E402
+from diffin_core.errors import DiffinError  # noqa: E402
+
+st.title("diffin: which training samples helped, hurt, or carry the wrong label?")
+st.markdown(
+    "Bring a PyTorch classifier's **checkpoints** and **data**. diffin scores every training "
+    "sample's influence on the query loss (Diff-In: positive = helpful, negative = harmful) and "
+    "how likely its label is wrong, lets you **review** the suspects one click at a time, and "
+    "**exports** a cleaned split. Pages: Setup → Score → Explore → Review → Export.")
+
+ws = ui.workspace()
+st.caption(f"Workspace: `{ws}` (set with `DIFFIN_WORKSPACE` or `streamlit run app.py -- --workspace DIR`)")
+
+
+def _open_sample() -> None:  # a callback: runs before the page draws, so the list below has it
+    try:
+        ui.set_project(appstate.copy_sample(ws))
+        st.session_state.pop("home_project", None)  # the picker follows the opened project
+    except DiffinError as e:
+        st.session_state["home_error"] = str(e)
+
+
+def _open_chosen() -> None:
+    ui.set_project(ws / st.session_state["home_project"])
+
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Open a project")
+    projects = appstate.list_projects(ws)
+    if projects:
+        names = [p.name for p in projects]
+        current = Path(st.session_state.get("project_dir", "")).name
+        st.selectbox("Project folder", names, key="home_project",
+                     index=names.index(current) if current in names else 0)
+        st.button("Open", key="home_open", type="primary", on_click=_open_chosen)
+    else:
+        st.write("No projects in the workspace yet.")
+    ui.page_link("pages/1_Setup.py", "…or set up a new project from uploads")
+with right:
+    st.subheader("Try the sample project")
+    st.write("MNIST, 4,000 training digits with 10% of labels flipped on purpose, and a small CNN "
+             "with 12 SGD checkpoints (MNIST: LeCun, Cortes & Burges).")
+    st.button("Try the sample project", key="home_sample", type="primary", on_click=_open_sample)
+    if "home_error" in st.session_state:
+        st.error(st.session_state.pop("home_error"))
+
+if st.session_state.get("project_dir"):
+    try:
+        project = ui.open_project(st.session_state["project_dir"])
+    except DiffinError as e:
+        st.error(str(e))
+    else:
+        st.divider()
+        st.subheader(f"Open: {project.name}")
+        problems = ui.project_problems(project)
+        for p in problems:
+            st.error(p)
+        if not problems:
+            runs = project.runs()
+            c = st.columns(4)
+            c[0].metric("Training samples", f"{len(project.train):,}")
+            c[1].metric("Query samples", f"{len(project.query):,}")
+            c[2].metric("Checkpoints", len(project.manifest.checkpoints))
+            c[3].metric("Finished runs", len(runs))
+            ui.next_steps(project, runs)
