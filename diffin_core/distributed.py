@@ -1,17 +1,21 @@
 """Scoring on a Ray cluster: ``diffin score PROJECT --ray [ADDRESS]``.
 
-The training set is sharded over plain Ray tasks; the query side is computed once:
+The training set is sharded over Ray tasks; the query side is computed once:
 
 1. plan    one task opens the project, builds the scoring context on the full training split
-           and runs the method's query-side ``prepare`` (query gradients, Ritz views...). Its
-           result stays in Ray's object store (moved to the CPU); only references travel.
-2. shards  one task per row range [a, b) (a multiple of ``batch_size``): it opens the project
-           again, reads only its rows (``Split.iter_chunks``; streamed sources read nothing
-           else) and scores them with the plan through the engine's ``runner.score_rows``. Tasks ask for one GPU each when the cluster has GPUs (``device = "auto"`` then
-           picks cuda inside the task), else one CPU.
+           and runs the method's query-side ``prepare`` (query gradients, Ritz views...). The
+           plan, moved to the CPU, stays in Ray's object store; only its reference travels.
+2. shards  one task per row range [a, b) (multiples of ``batch_size``, about four per slot):
+           it reads only those rows (``Split.iter_chunks``; streamed sources read nothing
+           else) and scores them with the engine's ``runner.score_rows``. Tasks take one GPU
+           each when the cluster has GPUs (``device = "auto"`` then picks cuda inside the
+           task), else one CPU. A worker process keeps its context and the fetched plan
+           between tasks (``Scorer``), so the checkpoints are loaded once per worker, as an
+           actor would, while Ray still balances shards over whichever workers are free.
 3. driver  concatenates the shards in row order, applies the method's ``label_issue`` to the
-           whole set, and writes ``runs/<run>/scores.parquet`` + ``meta.json`` as a local run
-           does (meta adds ``"ray": {"address", "shards", "gpus"}``).
+           whole set, and writes ``runs/<run>/scores.parquet`` + ``meta.json`` through
+           ``scoring.write_run``, as a local run does (meta adds ``"ray": {"address", "shards",
+           "slots", "gpus"}``).
 
 Every node must see the project folder at the same absolute path (NFS or similar) and have
 diffin (and the project's Python dependencies) installed. ``address``: None starts (or reuses)
@@ -21,6 +25,7 @@ a local Ray instance; ``"auto"`` joins the cluster this machine belongs to (``ra
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -61,16 +66,50 @@ def _context(root: str, settings: dict):
     return project, project_context(project, ScoreSettings(**settings))
 
 
-def _plan(root: str, method: str, settings: dict):
-    project, ctx = _context(root, settings)
-    q = project.query
-    return to_device(METHODS[method]().prepare(ctx, q.x, q.y), "cpu")
+class Scorer:
+    """What a Ray worker process keeps between tasks: the project and its scoring context
+    (model, checkpoints), built once, and the last plan, fetched from the object store once."""
+
+    def __init__(self, root: str, settings: dict):
+        self.project, self.ctx = _context(root, settings)
+        self.plan_id, self.plan_value = None, None
+
+    def plan(self, method: str):
+        """The method's query plan on the full training split, tensors on the CPU."""
+        q = self.project.query
+        return to_device(METHODS[method]().prepare(self.ctx, q.x, q.y), "cpu")
+
+    def score(self, method: str, boxed_plan: list, start: int, stop: int) -> dict:
+        """runner.score_rows on rows [start, stop); ``boxed_plan`` = [ObjectRef of the plan]."""
+        import ray
+        from .runner import score_rows
+        ref = boxed_plan[0]
+        if self.plan_id != ref.hex():
+            self.plan_value, self.plan_id = to_device(ray.get(ref), self.ctx.device), ref.hex()
+        return score_rows(METHODS[method](), self.ctx, self.plan_value, start, stop)
 
 
-def _shard(root: str, method: str, settings: dict, plan, start: int, stop: int):
-    from .runner import score_rows
-    _, ctx = _context(root, settings)
-    return score_rows(METHODS[method](), ctx, to_device(plan, ctx.device), start, stop)
+_SCORERS: dict = {}     # per worker process, one entry: (root, settings, file stamps) -> Scorer
+
+
+def _scorer(root: str, settings: dict) -> Scorer:
+    from .project import Project
+    project = Project(root)
+    stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0
+                  for p in (project.config_path, project.manifest_path))
+    key = (root, json.dumps(settings, sort_keys=True), stamp)
+    if key not in _SCORERS:
+        _SCORERS.clear()
+        _SCORERS[key] = Scorer(root, settings)
+    return _SCORERS[key]
+
+
+def _plan_task(root: str, settings: dict, method: str):
+    return _scorer(root, settings).plan(method)
+
+
+def _score_task(root: str, settings: dict, method: str, boxed_plan: list, start: int, stop: int) -> dict:
+    return _scorer(root, settings).score(method, boxed_plan, start, stop)
 
 
 def shard_bounds(n: int, shards: int, batch: int) -> list[tuple[int, int]]:
@@ -107,32 +146,15 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise DiffinError(f"cannot reach the Ray cluster at {address or 'a new local instance'} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    workers = gpus or int(ray.cluster_resources().get("CPU", 1))
-    opts = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    root, cfg = str(project.root), settings.to_dict()
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     n = len(project.train)
-    bounds = shard_bounds(n, shards or 2 * workers, settings.batch_size)
-
-    progress(0, n, f"{method}: preparing query vectors on Ray")
-    plan = ray.remote(_plan).options(**opts).remote(root, method, cfg)
-    task = ray.remote(_shard).options(**opts)
-    pending = {task.remote(root, method, cfg, plan, a, b): i for i, (a, b) in enumerate(bounds)}
-    parts, done = [None] * len(bounds), 0
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i = pending.pop(ready[0])
-            parts[i] = ray.get(ready[0])
-            done += bounds[i][1] - bounds[i][0]
-            progress(done, n, f"{method}: scoring training samples on Ray ({len(bounds)} shards)")
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        for ref in pending:
-            ray.cancel(ref)
-        if isinstance(cause, DiffinError):
-            raise DiffinError(cause.problem, cause.path) from None
-        raise
+    root, cfg = str(project.root), settings.to_dict()
+    slots = gpus or max(1, int(resources.get("CPU", 1)))
+    bounds = shard_bounds(n, shards or 4 * slots, settings.batch_size)
+    # max_calls=0: GPU workers too stay alive between tasks, keeping their context and plan
+    opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
+    parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress)
 
     out = {"influence": np.concatenate([p["influence"] for p in parts])}
     p = np.concatenate([p["probs"] for p in parts])
@@ -151,6 +173,44 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         "checkpoints": len(project.manifest.checkpoints), "train_size": n, "query_size": len(project.query),
         "num_params": int(sum(t.numel() for t in model.parameters())),
         "seconds": round(time.time() - started, 3), "finished": time.time(),
-        "ray": {"address": address or "local", "shards": len(bounds), "gpus": gpus},
+        "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
     }
     return write_run(project, run, df, meta, started)
+
+
+def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: int, progress) -> list[dict]:
+    """The plan task, then every shard as a task (Ray spreads them over the free slots);
+    results in row order. A DiffinError inside a task is raised here as itself."""
+    progress(0, n, f"{method}: preparing query vectors on Ray")
+    plan = ray.remote(_plan_task).options(**opts).remote(root, cfg, method)
+    task = ray.remote(_score_task).options(**opts)
+    running = {task.remote(root, cfg, method, [plan], a, b): i for i, (a, b) in enumerate(bounds)}
+    parts: list = [None] * len(bounds)
+    done = 0
+    try:
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1)
+            i = running.pop(ready[0])
+            parts[i] = ray.get(ready[0])
+            done += bounds[i][1] - bounds[i][0]
+            progress(done, n, f"{method}: scored {done} of {n} rows on Ray ({len(bounds)} shards)")
+    except ray.exceptions.RayError as e:
+        for ref in running:
+            ray.cancel(ref)
+        cause = _diffin_cause(e)
+        if cause is not None:
+            raise DiffinError(cause.problem, cause.path) from None
+        raise
+    return parts
+
+
+def _diffin_cause(err) -> DiffinError | None:
+    """The DiffinError behind a (possibly nested) Ray task error, if one is."""
+    for _ in range(8):
+        cause = getattr(err, "cause", None)
+        if cause is None:
+            return err if isinstance(err, DiffinError) else None
+        if isinstance(cause, DiffinError) and getattr(cause, "cause", None) is None:
+            return cause
+        err = cause
+    return None

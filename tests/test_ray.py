@@ -55,7 +55,8 @@ def test_ray_matches_single_process(cluster, tiny, method):
     run = score_on_ray(tiny, method, run=f"{method}-ray", settings=SETTINGS, shards=3)
     sharded = pd.read_parquet(run / "scores.parquet")
     meta = json.loads((run / "meta.json").read_text())
-    assert meta["ray"]["shards"] == 3 and meta["train_size"] == 96 and meta["method"] == method
+    assert meta["ray"]["shards"] == 3 and meta["ray"]["slots"] == 2 and meta["train_size"] == 96
+    assert meta["method"] == method
     assert list(sharded.columns) == list(local.columns)
     np.testing.assert_array_equal(sharded["sample_id"], local["sample_id"])
     for col in ("influence", "self_influence", "label_issue", "confidence", "loss", "pred"):
