@@ -374,3 +374,26 @@ def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run:
     result["path"] = str(whatif / f"{key}.json")
     write_text(whatif / f"{key}.json", json.dumps(result, indent=1))
     return result
+
+
+def whatif_table(results: list[dict]) -> pd.DataFrame:
+    """One row per stored verification: predicted vs the paired mean ± std over seeds."""
+    rows = []
+    for r in results:
+        seeds = r.get("seeds", [r.get("seed")])
+        rows.append({"removed": r["n_removed"], "predicted Δ loss": r["predicted_loss_change"],
+                     "actual Δ loss (mean)": r["actual_loss_change"],
+                     "actual Δ loss (std)": r.get("actual_loss_change_std", float("nan")),
+                     "seeds": len(seeds), "verdict": r.get("verdict", "one seed"),
+                     "actual Δ accuracy": r["actual_accuracy_change"], "seconds": r["seconds"]})
+    return pd.DataFrame(rows)
+
+
+def per_seed_table(result: dict) -> pd.DataFrame:
+    """The paired retrains of one verification: one row per seed, with and without the selection."""
+    per = result.get("per_seed") or [{"seed": result.get("seed"), "before": result["before"],
+                                      "after": result["after"], "loss_change": result["actual_loss_change"],
+                                      "accuracy_change": result["actual_accuracy_change"]}]
+    return pd.DataFrame([{"seed": p["seed"], "loss with all": p["before"]["loss"],
+                          "loss without": p["after"]["loss"], "Δ loss": p["loss_change"],
+                          "Δ accuracy": p["accuracy_change"]} for p in per])

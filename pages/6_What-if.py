@@ -1,20 +1,20 @@
-"""What-if: choose samples to remove, see the predicted change of the query loss, verify by retraining."""
+"""What-if: choose samples to remove, see the predicted change of the query loss, verify by paired retraining."""
 import sys
 from pathlib import Path
 
-import pandas as pd
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import tasks  # noqa: E402
+from diffin_core import lds, tasks  # noqa: E402
 
 project = ui.page("What-if", "🧪", "What-if: remove samples, predict, verify")
 run = ui.chosen_run(project, key="whatif_run")
 scores = ui.scores(project, run)
 jm = ui.job_manager()
+method = project.run(run).method
 
-SOURCES = ["the k most harmful", "the samples excluded in review", "the map's lasso selection (Explore)"]
+SOURCES = ["the k most harmful", "the samples excluded in review", "a saved selection (Explore's lasso)"]
 source = st.radio("Remove", SOURCES, key="whatif_source", horizontal=True)
 if source == SOURCES[0]:
     k = st.number_input("k", 1, max(1, len(scores) - 1), min(20, len(scores) - 1), key="whatif_k")
@@ -23,7 +23,7 @@ elif source == SOURCES[1]:
     state = ui.review_log(str(project.root)).state()
     ids = state.index[state["action"] == "exclude"].tolist()
 else:
-    ids = list(st.session_state.get("explore_selected_ids", []))
+    ids = ui.pick_selection(project, key="whatif_selection")  # named selections (selections.json)
 
 predicted = tasks.predicted_loss_change(scores, ids)
 c = st.columns(3)
@@ -32,18 +32,30 @@ c[1].metric("Predicted change of the mean query loss", f"{predicted:+.4f} nats",
             help="Sum of the removed samples' influence (influence = query loss without z minus with z).")
 c[2].metric("Direction", "query loss falls" if predicted < 0 else "query loss rises" if predicted > 0 else "no change")
 
+known = lds.known_lds(method, project.root)
+if known:
+    st.caption(f"How far to trust {method}'s predictions: linear datamodeling score (LDS, Spearman between "
+               "predicted and retrained query-loss change over random 50% subsets; 1 = perfect) "
+               + "; ".join(f"{r['lds_mean']:.2f} ± {r['lds_std']:.2f} on {r['model']} ({r['source']})" for r in known) + ".")
+else:
+    st.caption(f"No linear datamodeling score is known for {method}.")
+
 if not project.recipe:
     st.info("Add `[train] recipe = \"train.py:train\"` to diffin.toml to verify predictions by retraining.")
 else:
     job_id = st.session_state.get("whatif_job")
     job = jm.get(job_id) if job_id else None
     busy = job is not None and job.status in ("queued", "running")
+    n_seeds = st.number_input("Seeds (paired retrains with and without the selection)", 1, 10, 3, key="whatif_seeds",
+                              help="Each seed trains twice with the same init and batch order, once with and once "
+                                   "without the selection; 3 or more seeds show whether the change is above the "
+                                   "retrain noise.")
     if st.button("Verify by retraining", key="whatif_verify", type="primary", disabled=busy or not ids):
-        root, chosen = str(project.root), list(ids)
+        root, chosen, seeds = str(project.root), list(ids), list(range(int(n_seeds)))
         st.session_state["whatif_job"] = jm.submit(
-            "whatif", lambda p: tasks.verify_by_retraining(ui.open_project(root), chosen, run=run,
+            "whatif", lambda p: tasks.verify_by_retraining(ui.open_project(root), chosen, run=run, seeds=seeds,
                                                            progress=p.update),
-            label=f"verify: remove {len(chosen)} from {run}", project_dir=root)
+            label=f"verify: remove {len(chosen)} from {run}, {len(seeds)} seeds", project_dir=root)
         st.rerun()
 
     @st.fragment(run_every=1.0 if busy else None)
@@ -61,10 +73,10 @@ else:
 
 results = tasks.whatif_results(project, run)
 if results:
-    st.subheader("Predicted vs actual (retrained with the project's recipe)")
-    table = pd.DataFrame([{
-        "removed": r["n_removed"], "predicted Δ loss": r["predicted_loss_change"],
-        "actual Δ loss": r["actual_loss_change"], "actual Δ accuracy": r["actual_accuracy_change"],
-        "loss before": r["before"]["loss"], "loss after": r["after"]["loss"],
-        "seconds": r["seconds"], "seed": r["seed"]} for r in results])
-    st.dataframe(table, key="whatif_results", hide_index=True, width="stretch")
+    latest = results[0]
+    st.subheader(f"Latest verification: {latest['n_removed']} removed, {len(latest.get('seeds', [0]))} paired seeds")
+    show = {"confirmed": st.success, "inside noise": st.info}.get(latest.get("verdict"), st.warning)
+    show(latest.get("verdict_text", "One seed only: the retrain noise is unknown."))
+    st.dataframe(tasks.per_seed_table(latest), key="whatif_per_seed", hide_index=True, width="stretch")
+    st.subheader("All verifications (predicted vs paired retrains)")
+    st.dataframe(tasks.whatif_table(results), key="whatif_results", hide_index=True, width="stretch")

@@ -233,3 +233,19 @@ def test_cli_verify_prints_predicted_and_actual(tiny_project, capsys):
     out = _cli(["verify", tiny_project, "--run", "diffin-1", "--k", "10"], capsys)
     assert "predicted change" in out and "actual change" in out
     assert len(list((tiny_project / "runs/diffin-1/whatif").glob("*.json"))) >= 2
+
+
+def test_noise_verdict_says_whether_the_prediction_is_inside_the_retrain_noise():
+    from diffin_core.tasks import noise_verdict
+    # paired changes clearly below 0, the prediction among them: confirmed
+    v = noise_verdict(-0.05, [-0.048, -0.052, -0.050])
+    assert v["verdict"] == "confirmed" and v["interval95"][1] < 0 and "Confirmed" in v["verdict_text"]
+    # the case: -0.038 predicted, +0.075 / -0.148 / +0.113 measured: noise dwarfs it
+    v = noise_verdict(-0.038, [0.075, -0.148, 0.113])
+    assert v["verdict"] == "inside noise" and v["interval95"][0] < -0.038 < v["interval95"][1]
+    assert v["std"] == pytest.approx(np.std([0.075, -0.148, 0.113], ddof=1))
+    assert "neither confirm nor refute" in v["verdict_text"]
+    # a prediction far from a tight measurement: contradicted
+    v = noise_verdict(-0.5, [-0.048, -0.052, -0.050])
+    assert v["verdict"] == "contradicted" and "outside" in v["verdict_text"]
+    assert noise_verdict(-0.1, [-0.2])["verdict"] == "one seed"
