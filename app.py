@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "pages"))
 import _common as ui  # noqa: E402
 
 st.set_page_config(page_title="diffin", page_icon=ui.ICONS["Home"], layout="wide")
+ui.autoscore()  # DIFFIN_AUTOSCORE (scripts/run.sh): score the sample project in the background
 pages = [st.Page(path, title=title, icon=ui.ICONS[title], default=(title == "Home"))
          for path, title in ui.PAGES]
 st.navigation(pages).run()

@@ -53,9 +53,11 @@ with right:
     if "home_error" in st.session_state:
         st.error(st.session_state.pop("home_error"))
 
-if st.session_state.get("project_dir"):
+opened = (st.session_state.get("project_dir") or st.query_params.get("project")
+          or appstate.last_project(ws))  # the workspace's only project opens by itself
+if opened:
     try:
-        project = ui.open_project(st.session_state["project_dir"])
+        project = ui.open_project(opened)
     except DiffinError as e:
         st.error(str(e))
     else:

@@ -162,3 +162,20 @@ def test_whatif_uses_a_named_selection(scored):
     at.run()
     assert at.selectbox(key="whatif_selection").value == "odd sevens"
     assert {m.label: m.value for m in at.metric}["Samples to remove"] == "3"
+
+
+def test_autoscore_serves_first_and_scores_in_the_background(workspace, jobs, monkeypatch):
+    from diffin_core.project import Project
+    monkeypatch.setenv("DIFFIN_AUTOSCORE", "loss")  # scripts/run.sh sets diffin,tracin,loss
+    at = new_app()
+    assert not at.exception
+    queued = jobs.list()
+    assert [j.label for j in queued] == ["loss"]
+    assert queued[0].project_dir == str((workspace / "mnist-sample").resolve())
+    # the page is drawn while the job runs; the sample project, the only one, is open by itself
+    assert any("Scoring in the background" in i for i in texts(at.info))
+    assert ("Watch it on the Score page", "Score") in links(at)
+    assert jobs.wait(queued[0].id, timeout=180).status == "done"
+    new_app()  # another session of the same server does not queue the work again
+    assert len(jobs.list()) == 1
+    assert [r.name for r in Project(workspace / "mnist-sample").runs()] == ["loss-1"]

@@ -4,6 +4,7 @@ Not a page (Streamlit only turns pages/*.py into pages). Everything heavy lives 
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -156,8 +157,37 @@ def project_problems(project: Project) -> list[str]:
     return _problems(str(project.root), stamp)
 
 
+@st.cache_resource(show_spinner=False)
+def _autoscore(workspace: str, methods: str) -> list[str]:
+    """Once per server and workspace: copy the sample project and queue its scoring."""
+    dest = appstate.copy_sample(workspace)
+    done = {r.method for r in Project(dest).runs()}
+    jm = job_manager()
+    return [jm.submit_child("score", "diffin_core.scoring:score", (str(dest), m), label=m, project_dir=dest)
+            for m in dict.fromkeys(methods.split(",")) if m and m not in done]
+
+
+def autoscore() -> None:
+    """With ``DIFFIN_AUTOSCORE="diffin,tracin,loss"`` (scripts/run.sh sets it) the server copies
+    the sample project into the workspace and scores it in the background job while it already
+    serves; methods with a finished run are skipped."""
+    methods = os.environ.get("DIFFIN_AUTOSCORE", "").replace(" ", "")
+    if methods:
+        try:
+            _autoscore(str(workspace()), methods)
+        except DiffinError as e:
+            st.error(str(e))
+
+
 def next_steps(project: Project, runs) -> None:
     """Home's "what now": score it when there is no run yet, else explore and review."""
+    active = [j for j in job_manager().active(project.root) if j.kind == "score"]
+    if active:
+        st.info("Scoring in the background: " + ", ".join(f"{j.label} ({j.status})" for j in active)
+                + ". The pages fill in as runs finish.", icon=":material/hourglass_top:")
+        page_link("pages/2_Score.py", "Watch it on the Score page")
+        if not runs:
+            return
     if not runs:
         page_link("pages/2_Score.py", "Next: score it")
         return
