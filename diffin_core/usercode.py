@@ -23,12 +23,14 @@ import faulthandler
 import importlib
 import importlib.util
 import multiprocessing
+import multiprocessing.spawn as mp_spawn
 import os
 import queue
 import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -39,6 +41,23 @@ from .errors import DiffinError
 from .jobs import JobCancelled
 
 SPAWN = multiprocessing.get_context("spawn")
+_BARE = threading.local()  # set while run() starts a child: see _preparation_data
+
+
+def _preparation_data(name, _original=mp_spawn.get_preparation_data):
+    """multiprocessing's spawn data without the parent's __main__ for our children.
+
+    A spawned child normally re-runs the parent's main module. In a Streamlit server that module
+    is the app script itself (Streamlit installs it as ``__main__``), so the child would run
+    app.py. Our children import only ``target``'s module; other spawns are left as they were."""
+    data = _original(name)
+    if getattr(_BARE, "on", False):
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+    return data
+
+
+mp_spawn.get_preparation_data = _preparation_data
 # Setup's model checks: how long importing and building a model may take (seconds).
 MODEL_TIMEOUT_S = float(os.environ.get("DIFFIN_MODEL_TIMEOUT", "120"))
 _NOISE = ("Current thread", "Thread 0x", "Extension modules", "Traceback", "File ", "Stack (most recent")
@@ -135,7 +154,11 @@ def run(target: str, *args, progress: Callable | None = None, cancelled: Callabl
     proc = SPAWN.Process(target=_child, args=(target, args, kwargs, q, log_path, progress is not None),
                          name=f"diffin-{what}", daemon=True)
     start = time.monotonic()
-    proc.start()
+    _BARE.on = True
+    try:
+        proc.start()
+    finally:
+        _BARE.on = False
     try:
         dead_polls = 0
         while True:

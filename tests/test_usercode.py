@@ -159,3 +159,18 @@ def test_last_error_line():
     tb = "Traceback (most recent call last):\n  File \"x.py\", line 1\nKeyError: 'w'\n"
     assert usercode.last_error_line(tb) == "KeyError: 'w'"
     assert usercode.last_error_line("") == ""
+
+
+def test_child_does_not_rerun_the_main_script(tmp_path, monkeypatch):
+    """In a Streamlit server ``__main__`` is app.py: a spawned child must not run it again."""
+    import sys
+    import types
+    marker = tmp_path / "ran"
+    script = tmp_path / "app_like.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    fake.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    pid = usercode.run("os:getpid")
+    assert isinstance(pid, int) and not marker.exists()
