@@ -7,7 +7,8 @@ The training set is sharded over Ray tasks; the query side is computed once:
            plan, moved to the CPU, stays in Ray's object store; only its reference travels.
 2. shards  one task per row range [a, b) (multiples of ``batch_size``, about four per slot):
            it reads only those rows (``Split.iter_chunks``; streamed sources read nothing
-           else) and scores them with the engine's ``runner.score_rows``. Tasks take one GPU
+           else) and scores them with the engine's ``runner.score_rows``, in chunks of the
+           engine's memory plan (``runner.memory_plan``). Tasks take one GPU
            each when the cluster has GPUs (``device = "auto"`` then picks cuda inside the
            task), else one CPU. A worker process keeps its context and the fetched plan
            between tasks (``Scorer``), so the checkpoints are loaded once per worker, as an
@@ -80,13 +81,15 @@ class Scorer:
         return to_device(METHODS[method]().prepare(self.ctx, q.x, q.y), "cpu")
 
     def score(self, method: str, boxed_plan: list, start: int, stop: int) -> dict:
-        """runner.score_rows on rows [start, stop); ``boxed_plan`` = [ObjectRef of the plan]."""
+        """runner.score_rows on rows [start, stop) in chunks sized by the engine's memory plan;
+        ``boxed_plan`` = [ObjectRef of the plan]."""
         import ray
-        from .runner import score_rows
+        from .runner import memory_plan, score_rows
         ref = boxed_plan[0]
         if self.plan_id != ref.hex():
             self.plan_value, self.plan_id = to_device(ray.get(ref), self.ctx.device), ref.hex()
-        return score_rows(METHODS[method](), self.ctx, self.plan_value, start, stop)
+            self.chunk = memory_plan(METHODS[method](), self.ctx, True).chunk(True)
+        return score_rows(METHODS[method](), self.ctx, self.plan_value, start, stop, True, self.chunk)
 
 
 _SCORERS: dict = {}     # per worker process, one entry: (root, settings, file stamps) -> Scorer
