@@ -24,7 +24,8 @@ either a numpy array or, streamed, a ``sources.RowArray`` that reads only the ro
 ``STREAM_ABOVE_BYTES`` (1 GiB); ``true`` streams every source that can be (a compressed .npz,
 a csv and a tabular parquet are always read into memory); ``false`` reads everything.
 Engine code walks a split with ``split.iter_chunks(size, start, stop, workers)`` (a torch
-DataLoader whose workers decode chunks in parallel) and shards it with ``split.rows(a, b)``.
+DataLoader whose workers decode chunks in parallel; ``[data] workers`` sets the default) and
+shards it with ``split.rows(a, b)``.
 Image decoding: ``[data] image_shape`` (C, H, W) sets channels and size, ``resize`` allows other
 sizes, ``max_pixels`` caps width x height per image (decompression bombs); see sources.py.
 """
@@ -50,6 +51,7 @@ class Split:
     true_y: np.ndarray | None = None
     path: str = ""
     classes: list[str] | None = None      # image folders: class names in label order
+    workers: int = 0                      # iter_chunks' default DataLoader workers ([data] workers)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -64,14 +66,15 @@ class Split:
         sl = slice(start, stop)
         x = self.x.rows(start, stop) if self.streamed else self.x[sl]
         return Split(x, self.y[sl], self.ids[sl], None if self.true_y is None else self.true_y[sl],
-                     self.path, self.classes)
+                     self.path, self.classes, self.workers)
 
-    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None, workers: int = 0):
+    def iter_chunks(self, size: int, start: int = 0, stop: int | None = None, workers: int | None = None):
         """Yield (chunk_start, x float32 (b, ...), y int64 (b,)) over rows [start, stop) in order,
         b <= size, through a torch DataLoader; ``workers`` > 0 reads/decodes chunks in that many
-        worker processes (prefetching two chunks each). A DiffinError raised while reading
+        worker processes (prefetching two chunks each); None = the split's ``workers``. A DiffinError raised while reading
         (a corrupt image...) is re-raised here as the same one-line error."""
         from torch.utils.data import DataLoader
+        workers = self.workers if workers is None else workers
         stop = len(self) if stop is None else min(int(stop), len(self))
         size = max(1, int(size))
         loader = DataLoader(_Chunks(self, range(int(start), stop, size), size, stop), batch_size=None,
@@ -188,7 +191,7 @@ def _read_table(path: Path, label_column: str):
 def load_split(path: str | Path, *, label_column: str = "label", image_shape=None,
                num_classes: int | None = None, allow_empty: bool = False, stream: bool | str = "auto",
                image_column: str | None = None, resize: bool = False, max_pixels: int = MAX_PIXELS,
-               classes: list[str] | None = None) -> Split:
+               classes: list[str] | None = None, workers: int = 0) -> Split:
     """Read and check one split; ``image_shape`` (C, H, W) reshapes flat image rows and sets the
     decoded size of encoded images. ``stream``, ``image_column``, ``resize``, ``max_pixels``:
     the ``[data]`` keys (module docstring); ``classes`` fixes an image folder's class order."""
@@ -255,7 +258,7 @@ def load_split(path: str | Path, *, label_column: str = "label", image_shape=Non
         raise DiffinError("ids must be unique and one per sample", path)
     if true_y is not None:
         true_y = _labels(true_y, path)
-    return Split(x, y, ids, true_y, str(path), names)
+    return Split(x, y, ids, true_y, str(path), names, int(workers))
 
 
 def save_split(path: str | Path, x: np.ndarray, y: np.ndarray, ids=None, true_y=None) -> Path:

@@ -6,7 +6,8 @@
                    kind = "image" | "tabular"   image_shape = [1, 28, 28]
                    label_names = [...]          label_column = "label"   num_classes = 10
                    stream = "auto" | true | false   image_column = "image"   resize = false
-                   max_pixels = 50000000        # train/query may also be a folder (x.npy + y.npy,
+                   max_pixels = 50000000        workers = 0   # DataLoader processes reading chunks
+                                                # train/query may also be a folder (x.npy + y.npy,
                                                 # or <class>/<image> sub-folders): see data.py
     [checkpoints]  manifest = "checkpoints/manifest.json"
     [train]        recipe = "train.py:train"    # optional: (train_x, train_y, seed, checkpoint_dir) -> None
@@ -35,7 +36,7 @@ SCHEMA = {
     "model": {"factory": False, "program": False, "loss": False},
     "data": {"train": True, "query": True, "kind": False, "image_shape": False, "label_names": False,
              "label_column": False, "num_classes": False, "stream": False, "image_column": False,
-             "resize": False, "max_pixels": False},
+             "resize": False, "max_pixels": False, "workers": False},
     "checkpoints": {"manifest": False},
     "train": {"recipe": False},
 }
@@ -95,6 +96,10 @@ def check_data_keys(data: dict, path) -> None:
         raise DiffinError(f"[data] resize must be true or false, not {data['resize']!r}", path)
     if "max_pixels" in data and not positive_int(data["max_pixels"]):
         raise DiffinError(f"[data] max_pixels must be a positive integer, not {data['max_pixels']!r}", path)
+    workers = data.get("workers", 0)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise DiffinError(f"[data] workers must be a whole number >= 0 (DataLoader worker processes), "
+                          f"not {workers!r}", path)
     for key in ("train", "query"):
         if key in data and (not isinstance(data[key], str) or not data[key]):
             raise DiffinError(f"[data] {key} must be a path (a non-empty string), not {data[key]!r}", path)
@@ -211,14 +216,17 @@ class Project:
                               f"({type(e).__name__}: {str(e).splitlines()[0][:120]})", split.path) from None
         finally:
             if training:
-                model.train()
+                try:
+                    model.train()
+                except NotImplementedError:      # torch.export programs refuse train()/eval()
+                    pass
 
     # --- data -------------------------------------------------------------------------------
     @property
     def source_options(self) -> dict:
         """load_split keyword arguments from the [data] keys that pick and decode sources."""
         d = self.config["data"]
-        opts = {k: d[k] for k in ("stream", "image_column", "resize", "max_pixels") if k in d}
+        opts = {k: d[k] for k in ("stream", "image_column", "resize", "max_pixels", "workers") if k in d}
         if self.label_names:
             opts["classes"] = [str(n) for n in self.label_names]
         return opts

@@ -175,8 +175,11 @@ def test_memmapped_npy_equals_in_memory(base, variants, tmp_path):
 
 def test_chunks_through_dataloader_workers(variants, base):
     _, tx, _ = base
-    split = Project(variants["folder"]).train
-    got = list(split.iter_chunks(10, workers=2))
+    root = _variant(base, "workers", "data/train", "stream = true\nworkers = 2\n")
+    shutil.copytree(variants["folder"] / "data/train", root / "data/train")
+    split = Project(root).train
+    assert split.workers == 2 and split.rows(0, 10).workers == 2
+    got = list(split.iter_chunks(10))                             # the project's 2 workers
     assert [c[0] for c in got] == list(range(0, N_TRAIN, 10))
     np.testing.assert_array_equal(np.concatenate([c[1] for c in got]), tx.astype(np.float32) / 255)
 
@@ -306,6 +309,7 @@ def test_query_folder_uses_the_train_classes(base, tmp_path):
     ("max_pixels = 0", "max_pixels must be a positive integer"),
     ("resize = 1", "resize must be true or false"),
     ("image_column = 3", "image_column must be a column name"),
+    ("workers = -1", "workers must be a whole number >= 0"),
 ])
 def test_bad_data_keys_name_diffin_toml(base, line, words):
     root = _variant(base, "badkey", "data/train.npz", line + "\n")
