@@ -4,14 +4,27 @@ manifest.json: {"train_size": N, "optimizer": "SGD", "momentum": 0.0,
                 "checkpoints": [{"file": "ckpt_000.safetensors", "step": 40, "lr": 0.1}, ...]}
 step = the global optimiser step at which the weights were saved; lr = the learning rate of the
 update taken from those weights. The last checkpoint (highest step) is the model being explained.
+
+Optional keys (written by the Recorder; manifests without them still score, approximated, with
+one warning line):
+  top level   "dampening", "nesterov", "weight_decay", "decoupled_weight_decay" (bool),
+              "betas" [b1, b2], "eps", "amsgrad"       the optimiser's hyper-parameters
+              "step_lrs": "step_lrs.npy"                 float64 (T,): the lr of every optimiser
+                                                         step s = 0..T-1 (any schedule, exact)
+  checkpoint  "exp_avg_sq": "ckpt_000040.exp_avg_sq.safetensors"   Adam/AdamW: the optimiser's
+              second moments (one tensor per parameter name; metadata "step" = Adam's step count
+              for bias correction, "checkpoint_step" = the checkpoint's step). For the step-0
+              checkpoint it holds the state after the first step (the D of that step).
 """
 from __future__ import annotations
 
 import json
 import pickle
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -22,11 +35,22 @@ from .errors import DiffinError
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
+RECIPE_KEYS = {"dampening": float, "nesterov": bool, "weight_decay": float, "decoupled_weight_decay": bool,
+               "betas": list, "eps": float, "amsgrad": bool}
+
+
 @dataclass
 class Checkpoint:
     file: str
     step: int
     lr: float
+    exp_avg_sq: str | None = None     # Adam's second moments beside the checkpoint (optional)
+
+    def to_dict(self) -> dict:
+        out = {"file": self.file, "step": self.step, "lr": self.lr}
+        if self.exp_avg_sq:
+            out["exp_avg_sq"] = self.exp_avg_sq
+        return out
 
 
 @dataclass
@@ -36,11 +60,20 @@ class Manifest:
     optimizer: str = "SGD"
     momentum: float = 0.0
     path: str = ""
+    extra: dict = field(default_factory=dict)     # the optional recipe keys present (RECIPE_KEYS)
+    step_lrs: str | None = None                   # side file with every step's lr
 
     def to_json(self) -> str:
-        return json.dumps({"train_size": self.train_size, "optimizer": self.optimizer,
-                           "momentum": self.momentum,
-                           "checkpoints": [c.__dict__ for c in self.checkpoints]}, indent=1)
+        out = {"train_size": self.train_size, "optimizer": self.optimizer, "momentum": self.momentum,
+               **self.extra}
+        if self.step_lrs:
+            out["step_lrs"] = self.step_lrs
+        out["checkpoints"] = [c.to_dict() for c in self.checkpoints]
+        return json.dumps(out, indent=1)
+
+    def recipe_dict(self) -> dict:
+        """The top-level keys a Recipe is read from (recipe.Recipe.from_manifest)."""
+        return {"optimizer": self.optimizer, "momentum": self.momentum, **self.extra}
 
 
 def read_manifest(path: str | Path) -> Manifest:
@@ -66,13 +99,38 @@ def read_manifest(path: str | Path) -> Manifest:
             raise DiffinError(f"checkpoint {i} has a non-numeric step or lr", path) from None
         if step < 0 or not lr >= 0:
             raise DiffinError(f"checkpoint {i} needs step >= 0 and lr >= 0", path)
-        ckpts.append(Checkpoint(str(c["file"]), step, lr))
+        eas = c.get("exp_avg_sq")
+        if eas is not None and (not isinstance(eas, str) or not eas):
+            raise DiffinError(f"checkpoint {i} has an 'exp_avg_sq' that is not a file name", path)
+        ckpts.append(Checkpoint(str(c["file"]), step, lr, eas))
     steps = [c.step for c in ckpts]
     if len(set(steps)) != len(steps):
         raise DiffinError("two checkpoints share a step", path)
     ckpts.sort(key=lambda c: c.step)
-    return Manifest(raw.get("train_size"), ckpts, str(raw.get("optimizer", "SGD")),
-                    float(raw.get("momentum", 0.0) or 0.0), str(path))
+    extra = {}
+    for key, kind in RECIPE_KEYS.items():
+        if key not in raw:
+            continue
+        v = raw[key]
+        ok = (isinstance(v, bool) if kind is bool else
+              isinstance(v, list) and len(v) == 2 and all(_number(b) for b in v) if kind is list else _number(v))
+        if not ok:
+            raise DiffinError(f"{key!r} must be {'true/false' if kind is bool else 'two numbers' if kind is list else 'a number'}, "
+                              f"not {v!r}", path)
+        extra[key] = v
+    step_lrs = raw.get("step_lrs")
+    if step_lrs is not None and (not isinstance(step_lrs, str) or not step_lrs):
+        raise DiffinError("'step_lrs' must be the name of a .npy file beside the manifest", path)
+    try:
+        momentum = float(raw.get("momentum", 0.0) or 0.0)
+    except (TypeError, ValueError):
+        raise DiffinError(f"'momentum' must be a number, not {raw.get('momentum')!r}", path) from None
+    return Manifest(raw.get("train_size"), ckpts, str(raw.get("optimizer", "SGD")), momentum, str(path),
+                    extra, step_lrs)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
 
 
 def write_manifest(path: str | Path, manifest: Manifest) -> None:
@@ -130,19 +188,92 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 def check_fits(model: nn.Module, state: dict[str, torch.Tensor], path) -> None:
     """Raise a one-line DiffinError when ``state`` does not fit ``model`` exactly."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    extra = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state and not k.endswith(OPTIONAL_BUFFER)]
+    extra = [k for k in state if k not in expected and not k.endswith(OPTIONAL_BUFFER)]
     if missing:
         raise DiffinError(f"tensors don't fit the model: missing {missing[0]!r}"
                           + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""), path)
     if extra:
         raise DiffinError(f"tensors don't fit the model: unexpected {extra[0]!r}", path)
     for k, v in expected.items():
+        if k not in state:
+            continue
         if tuple(state[k].shape) != tuple(v.shape):
             raise DiffinError(f"tensors don't fit the model: {k!r} has shape {list(state[k].shape)}, "
                               f"the model expects {list(v.shape)}", path)
         if not torch.isfinite(state[k].float()).all():
             raise DiffinError(f"tensor {k!r} contains NaN or infinite values", path)
+
+
+OPTIONAL_BUFFER = "num_batches_tracked"    # BatchNorm's counter: some exporters drop it, some add it
+
+
+def complete_state(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with BatchNorm's num_batches_tracked filled from the model when missing and
+    dropped when the model has none (only momentum=None BatchNorm reads it)."""
+    expected = model.state_dict()
+    out = {k: v for k, v in state.items() if k in expected}
+    for k, v in expected.items():
+        if k not in out and k.endswith(OPTIONAL_BUFFER):
+            out[k] = v.detach().clone()
+    return out
+
+
+def check_step(meta: dict, c: Checkpoint, path) -> None:
+    """Refuse a checkpoint whose own saved step contradicts the manifest (swapped files)."""
+    if "step" not in meta:
+        return
+    try:
+        saved = int(float(meta["step"]))
+    except (TypeError, ValueError):
+        return
+    if saved != c.step:
+        raise DiffinError(f"the file was saved at step {saved} but the manifest says step {c.step} "
+                          "(swapped or renamed checkpoint files?)", path)
+
+
+def load_step_lrs(manifest: Manifest) -> np.ndarray | None:
+    """The lr of every optimiser step (T,) float64 from the manifest's side file, or None."""
+    if not manifest.step_lrs:
+        return None
+    src = Path(manifest.path).parent / manifest.step_lrs
+    if not src.is_file():
+        raise DiffinError("the per-step lr file named by the manifest's 'step_lrs' is missing", src)
+    try:
+        lrs = np.load(src, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DiffinError(f"not a readable .npy array ({str(e).splitlines()[0][:80]})", src) from None
+    last = manifest.checkpoints[-1].step
+    if lrs.ndim != 1 or not np.issubdtype(lrs.dtype, np.number):
+        raise DiffinError(f"needs a 1-D array of learning rates, got shape {list(lrs.shape)}", src)
+    if len(lrs) < last:
+        raise DiffinError(f"holds {len(lrs)} step lrs but the manifest's last checkpoint is at step {last}", src)
+    lrs = lrs[:last].astype(np.float64)
+    if not (np.isfinite(lrs).all() and (lrs >= 0).all()):
+        raise DiffinError("step lrs must be finite and >= 0", src)
+    return lrs
+
+
+def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str]) -> tuple[torch.Tensor, int] | None:
+    """(flat exp_avg_sq (P,) in ``names`` order, Adam's step count) of one checkpoint, or None.
+
+    Refused with one line when the file's checkpoint_step contradicts the manifest."""
+    if not c.exp_avg_sq:
+        return None
+    src = Path(manifest.path).parent / c.exp_avg_sq
+    state, meta = read_state(src)
+    if "checkpoint_step" in meta and int(float(meta["checkpoint_step"])) != c.step:
+        raise DiffinError(f"the optimiser state was saved for step {meta['checkpoint_step']} but the manifest "
+                          f"says step {c.step} (swapped files?)", src)
+    parts = []
+    for n in names:
+        if n not in state:
+            raise DiffinError(f"no second moments for parameter {n!r}", src)
+        parts.append(state[n].reshape(-1).double())
+    v = torch.cat(parts)
+    if not (torch.isfinite(v).all() and (v >= 0).all()):
+        raise DiffinError("exp_avg_sq must be finite and >= 0", src)
+    return v, int(float(meta.get("step", max(c.step, 1))))
 
 
 def save_state(path: str | Path, model: nn.Module, metadata: dict | None = None) -> None:
@@ -157,24 +288,37 @@ class Recorder:
 
         with Recorder(project_dir, model, optimizer, train_size=len(ds), every=50) as rec:
             for x, y in loader:
-                loss.backward(); optimizer.step(); rec.step()
+                loss.backward(); optimizer.step(); scheduler.step(); rec.step()
 
     ``train_size`` (recommended) lets the engine check the manifest against the data.
     Saves the initial weights (step 0), every ``every`` optimiser steps, and the final weights,
-    as safetensors in <project>/checkpoints with manifest.json (step, lr of the next update,
-    optimiser type and momentum). Diff-In assumes SGD-like updates theta -= lr * g: heavy-ball
-    momentum beta is accounted for by an effective lr of lr/(1-beta); Adam's per-coordinate
-    preconditioning is not modelled, so scores become a ranking heuristic (still signed).
+    as safetensors in <project>/checkpoints with manifest.json: each checkpoint's step and lr,
+    the optimiser's type and hyper-parameters (momentum, dampening, nesterov, weight decay,
+    betas, eps), the lr of every optimiser step (step_lrs.npy, read by a step pre-hook, so the
+    order of scheduler.step() and rec.step() does not matter) and, for Adam/AdamW, exp_avg_sq
+    beside each checkpoint. The engine models all of these exactly (see propagate.py).
     """
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  train_size: int | None = None, every: int = 50, folder: str = "checkpoints"):
+        from .recipe import Recipe
         self.dir = Path(project_dir) / folder
         self.model, self.optimizer, self.every = model, optimizer, max(1, int(every))
-        group = optimizer.param_groups[0]
-        momentum = group.get("momentum", 0.0) or 0.0
-        self.manifest = Manifest(None if train_size is None else int(train_size), [], type(optimizer).__name__, float(momentum))
+        recipe = Recipe.from_optimizer(optimizer)
+        extra = {k: v for k, v in recipe.to_manifest().items() if k not in ("optimizer", "momentum")}
+        if optimizer.param_groups[0].get("amsgrad"):
+            extra["amsgrad"] = True
+        self.manifest = Manifest(None if train_size is None else int(train_size), [], recipe.optimizer,
+                                 recipe.momentum, extra=extra, step_lrs="step_lrs.npy")
+        self.adam = recipe.adam
         self.global_step = 0
+        self.lrs: list[float] = []
+        self._pending_first: Checkpoint | None = None
+        self._hook = (optimizer.register_step_pre_hook(self._record_lr)
+                      if hasattr(optimizer, "register_step_pre_hook") else None)
+
+    def _record_lr(self, optimizer, *_):
+        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def __enter__(self) -> "Recorder":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +328,12 @@ class Recorder:
     def step(self) -> None:
         """Call once after every optimizer.step()."""
         self.global_step += 1
+        if self._hook is None:
+            self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
+        if self._pending_first is not None:            # step 0's D is the one of the first step
+            self._save_exp_avg_sq(self._pending_first)
+            self._pending_first = None
+            self._write_manifest()
         if self.global_step % self.every == 0:
             self.save()
 
@@ -193,10 +343,44 @@ class Recorder:
         lr = float(self.optimizer.param_groups[0]["lr"])
         name = f"ckpt_{self.global_step:06d}.safetensors"
         save_state(self.dir / name, self.model, {"step": self.global_step, "lr": lr})
-        self.manifest.checkpoints.append(Checkpoint(name, self.global_step, lr))
+        c = Checkpoint(name, self.global_step, lr)
+        self.manifest.checkpoints.append(c)
+        if self.adam:
+            if self.global_step == 0:
+                self._pending_first = c
+            else:
+                self._save_exp_avg_sq(c)
+        self._write_manifest()
+
+    def _save_exp_avg_sq(self, c: Checkpoint) -> None:
+        """Adam's second moments now, beside checkpoint c (zeros for parameters without state)."""
+        from safetensors.torch import save_file
+        tensors, step = {}, 0
+        for n, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            st = self.optimizer.state.get(p, {})
+            v = st.get("exp_avg_sq")
+            tensors[n] = (torch.zeros_like(p) if v is None else v).detach().float().cpu().contiguous()
+            if "step" in st:
+                step = max(step, int(float(st["step"])))
+        c.exp_avg_sq = c.file.replace(".safetensors", ".exp_avg_sq.safetensors")
+        with atomic_path(self.dir / c.exp_avg_sq) as tmp:
+            save_file(tensors, str(tmp), metadata={"step": str(step), "checkpoint_step": str(c.step)})
+
+    def _write_manifest(self) -> None:
+        if len(self.lrs) == self.global_step:
+            with atomic_path(self.dir / "step_lrs.npy") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, np.asarray(self.lrs, dtype=np.float64))
+            self.manifest.step_lrs = "step_lrs.npy"
+        else:                                   # optimiser steps and rec.step() calls disagree
+            self.manifest.step_lrs = None
         write_manifest(self.dir / "manifest.json", self.manifest)
 
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.save()
+        if self._hook is not None:
+            self._hook.remove()
         return False

@@ -3,8 +3,16 @@
 All derivatives come from torch.func. Shapes: ``theta`` is (P,) (the trainable parameters,
 flattened in ``named_parameters`` order); a batch is ``x`` (B, ...) and integer labels ``y`` (B,).
 Losses are per-sample cross-entropy in nats; batch losses are means over the batch.
+Buffers (BatchNorm running statistics) are fixed per checkpoint: ``with_buffers`` gives the
+same model bound to one checkpoint's buffers; the model always runs in eval mode.
+
+Finite-difference HVPs run with TF32 off (``no_tf32``): TF32's ~1e-3 relative precision is
+coarser than the finite-difference step and would turn the difference into noise.
 """
 from __future__ import annotations
+
+import contextlib
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +22,21 @@ from torch.func import functional_call, grad, jvp, vmap
 from .models import eval_mode
 
 LOSSES = {"cross_entropy"}
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 matmuls and convolutions inside (CUDA's TF32 off); the flags are restored."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 class FunctionalModel:
@@ -41,6 +64,15 @@ class FunctionalModel:
 
     def theta_of(self, model: nn.Module) -> torch.Tensor:
         return self.flatten(dict(model.named_parameters())).detach().clone()
+
+    def with_buffers(self, buffers: dict[str, torch.Tensor] | None) -> "FunctionalModel":
+        """The same model bound to other buffers (one checkpoint's BatchNorm statistics);
+        keys missing from ``buffers`` keep this model's values. Cheap: shares the module."""
+        if not buffers:
+            return self
+        other = copy.copy(self)
+        other.buffers = {k: buffers.get(k, v) for k, v in self.buffers.items()}
+        return other
 
     def to(self, device, dtype=None) -> "FunctionalModel":
         self.model.to(device=device, dtype=dtype)
@@ -79,14 +111,16 @@ class FunctionalModel:
         """Hessian-vector product by a forward difference of gradients (Diff-In, paper Eq. 6).
 
         H v ~ (g(theta + h v) - g(theta)) / h with h chosen so that ||h v|| = eps.
-        One extra gradient per product when ``base_grad`` = g(theta) is passed in.
+        One extra gradient per product when ``base_grad`` = g(theta) is passed in (compute it
+        inside ``no_tf32()`` too). TF32 is off for both gradients.
         """
         norm = torch.linalg.vector_norm(v)
         if norm == 0:
             return torch.zeros_like(v)
         h = eps / norm
-        g0 = self.batch_grad(theta, x, y) if base_grad is None else base_grad
-        return (self.batch_grad(theta + h * v, x, y) - g0) / h
+        with no_tf32():
+            g0 = self.batch_grad(theta, x, y) if base_grad is None else base_grad
+            return (self.batch_grad(theta + h * v, x, y) - g0) / h
 
     def hvp_exact(self, theta, x, y, v) -> torch.Tensor:
         """Exact Hessian-vector product (forward-over-reverse), for tests and the CG solver."""

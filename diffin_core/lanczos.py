@@ -5,11 +5,14 @@
 with Ritz values Theta (r,) and orthonormal Ritz vectors Y (P, r). For x equal to the start
 vector this is the standard Krylov approximation of f(H) x (exact for polynomials of degree < r);
 for other vectors it treats the unexplored complement as zero curvature.
+
+Several start vectors (momentum carries a second adjoint vector) give the union of their Krylov
+spaces; the Ritz pairs are then the Rayleigh-Ritz pairs of H on that union.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -28,30 +31,51 @@ class SpectralView:
         return f0 * x + inside
 
 
-def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor, steps: int) -> SpectralView:
-    """Run ``steps`` Lanczos iterations from ``start`` (P,) with full re-orthogonalisation."""
-    p = start.numel()
-    steps = max(1, min(steps, p))
-    q = start / torch.linalg.vector_norm(start)
-    basis = [q]
-    alphas, betas = [], []
-    for j in range(steps):
-        w = matvec(basis[j])
-        alpha = torch.dot(w, basis[j])
-        alphas.append(alpha)
+def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor | Sequence[torch.Tensor],
+            steps: int | Sequence[int]) -> SpectralView:
+    """Run ``steps`` Lanczos iterations from ``start`` (P,) with full re-orthogonalisation.
+
+    ``start`` may be a list of start vectors with one step count each (``steps`` a list): the
+    Krylov space of each is appended to the basis (zero or already-spanned starts are skipped).
+    The projected matrix Q^T H Q is accumulated column by column, so it stays exact for the union.
+    """
+    starts = [start] if isinstance(start, torch.Tensor) and start.ndim == 1 else list(start)
+    counts = [steps] * len(starts) if isinstance(steps, int) else list(steps)
+    p = starts[0].numel()
+    basis: list[torch.Tensor] = []
+    cols: list[torch.Tensor] = []                     # cols[j] = Q[:, :j+1]^T H q_j
+    for s, n_steps in zip(starts, counts):
+        q = _orthonormal(s, basis)
+        for _ in range(max(1, min(int(n_steps), p - len(basis)))):
+            if q is None:
+                break
+            basis.append(q)
+            w = matvec(q)
+            Q = torch.stack(basis, dim=1)
+            cols.append(Q.T @ w)
+            q = _orthonormal(w, basis)
+    if not basis:
+        raise ValueError("lanczos needs a non-zero start vector")
+    k = len(basis)
+    T = torch.zeros(k, k, dtype=torch.float64)
+    for j, c in enumerate(cols):
+        T[: j + 1, j] = c.detach().double().cpu()
+    T = torch.triu(T) + torch.triu(T, 1).T                        # symmetric by construction
+    values, S = torch.linalg.eigh(T)                               # on the CPU in float64 (MPS has none)
+    Q = torch.stack(basis, dim=1)
+    return SpectralView(values.to(device=Q.device, dtype=Q.dtype), Q @ S.to(device=Q.device, dtype=Q.dtype))
+
+
+def _orthonormal(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor | None:
+    """w orthogonalised twice against the basis and normalised; None when nothing is left."""
+    norm0 = torch.linalg.vector_norm(w)
+    if not norm0 > 0:
+        return None
+    if basis:
         Q = torch.stack(basis, dim=1)
         w = w - Q @ (Q.T @ w)
         w = w - Q @ (Q.T @ w)                         # twice is enough in float32
-        beta = torch.linalg.vector_norm(w)
-        if j == steps - 1 or beta <= 1e-10 * max(1.0, abs(float(alpha))):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    k = len(alphas)
-    T = torch.diag(torch.stack(alphas))
-    if k > 1:
-        off = torch.stack(betas[: k - 1])
-        T = T + torch.diag(off, 1) + torch.diag(off, -1)
-    values, S = torch.linalg.eigh(T.double())
-    Q = torch.stack(basis[:k], dim=1)
-    return SpectralView(values.to(start.dtype), Q @ S.to(start.dtype))
+    norm = torch.linalg.vector_norm(w)
+    if not norm > 1e-6 * norm0:
+        return None
+    return w / norm

@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from .data import Split
-from .checkpoints import load_exp_avg_sq, load_step_lrs
+from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_exp_avg_sq, load_step_lrs,
+                          read_state)
 from .errors import DiffinError
 from .functional import FunctionalModel
 from .methods import METHODS, Context, ScoreSettings, pick_device
@@ -70,14 +71,27 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
 
 
 def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
-    """The scoring context of a project: its model, checkpoints and recorded recipe. What the
-    manifest does not record is approximated and named in one RecipeWarning line."""
+    """The scoring context of a project: its model, checkpoints and recorded recipe."""
     model = project.build_model()
     project.check_model_input(model)
     states = project.checkpoint_states(model)
-    m = project.manifest
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
+    return manifest_context(model, project.manifest, project.train, settings, progress, states)
+
+
+def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings: ScoreSettings | None = None,
+                     progress=None, states: list[dict] | None = None) -> Context:
+    """A context from a checkpoint manifest and its files (states: already loaded, or read here).
+    What the manifest does not record is approximated and named in one RecipeWarning line."""
+    if states is None:
+        states = []
+        for c in m.checkpoints:
+            src = Path(m.path).parent / c.file
+            state, meta = read_state(src)
+            check_step(meta, c, src)
+            check_fits(model, state, src)
+            states.append(complete_state(model, state))
     recipe = Recipe.from_manifest(m.recipe_dict())
     step_lrs = load_step_lrs(m)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -93,7 +107,7 @@ def project_context(project: Project, settings: ScoreSettings | None = None, pro
     if approx:
         warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
-                        project.train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
+                        train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
                         exp_avg_sq=eas, files=[c.file for c in m.checkpoints])
 
 
@@ -126,10 +140,12 @@ def next_run_name(project: Project, method: str) -> str:
 
 
 def score(project: Project | str | Path, method: str, run: str | None = None,
-          settings: ScoreSettings | None = None, progress=None) -> Path:
+          settings: ScoreSettings | None = None, progress=None, features: bool = True) -> Path:
     """Score every training sample on the mean query loss; returns the run folder.
 
     The run folder appears only when complete (written to a temp folder, then renamed).
+    ``features``: then the feature pass (features.py) for methods it serves, written atomically
+    to runs/<run>/features/, after which any query's top-k takes a fraction of a second.
     """
     project = project if isinstance(project, Project) else Project(project)
     settings = settings or ScoreSettings()
@@ -150,7 +166,12 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                                "diffin": "0.1.0"},
     }
-    return write_run(project, run, df, meta, started)
+    final = write_run(project, run, df, meta, started)
+    from . import features as feature_store
+    if features and method in feature_store.METHODS:
+        feature_store.build(ctx, q, final / feature_store.DIRNAME, progress=progress,
+                            num_classes=project.num_classes)
+    return final
 
 
 def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
@@ -189,14 +210,21 @@ def topk_cache_path(project: Project, run: str, query_indices) -> Path:
 
 
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
-          progress=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+          progress=None, exact: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(most helpful, most harmful) training samples for the query samples, with the run's
-    method and settings. Cached in runs/<run>/topk/ by query indices."""
+    method and settings. From the run's feature store when it has one (fast path, unless
+    ``exact``), else exact and cached in runs/<run>/topk/ by query indices. Both tables carry
+    ``attrs["path"]``: which path produced them."""
     project = project if isinstance(project, Project) else Project(project)
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
     cache = topk_cache_path(project, run, idx)
-    if cache.is_file():
+    from .features import fast_query_influence
+    fast = None if (exact or cache.is_file()) else fast_query_influence(project, run, idx)
+    path = "exact path (cached)" if cache.is_file() else "exact path"
+    if fast is not None:
+        infl, path = fast
+    elif cache.is_file():
         infl = np.load(cache)
     else:
         settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
@@ -210,4 +238,5 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     order = np.argsort(-infl, kind="stable")
     helpful = table.iloc[order[:k]].reset_index(drop=True)
     harmful = table.iloc[order[::-1][:k]].reset_index(drop=True)
+    helpful.attrs["path"] = harmful.attrs["path"] = path
     return helpful, harmful

@@ -94,3 +94,131 @@ def digits_case(noise: float = 0.1, n_train: int = 1200, seed: int = 0, dtype=to
     train = Split(x[tr], y_noisy, np.arange(n_train), y[tr])
     query = Split(x[q], y[q], np.arange(len(q)))
     return train, query
+
+
+# --- real recipes: torch's own optimisers, schedulers and BatchNorm, recorded by the Recorder ---
+@dataclass
+class TorchRecipe:
+    """A training recipe run with torch's own classes (float64 for ground truth).
+
+    model_fn() -> a fresh model (always the same initial weights: seed inside); optimizer_fn(params)
+    -> torch.optim optimiser; scheduler_fn(optimizer, total_steps) -> lr scheduler or None.
+    """
+    name: str
+    model_fn: object
+    optimizer_fn: object
+    scheduler_fn: object = None
+
+
+def warmup_cosine(optimizer, total: int, warmup_frac: float = 0.1):
+    """Linear warm-up from 10% then cosine to 0 (torch.optim.lr_scheduler.SequentialLR)."""
+    from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+    w = max(1, int(warmup_frac * total))
+    return SequentialLR(optimizer, [LinearLR(optimizer, 0.1, 1.0, total_iters=w),
+                                    CosineAnnealingLR(optimizer, T_max=max(1, total - w))], milestones=[w])
+
+
+def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: list[np.ndarray],
+                drop: int | None = None, record_dir=None, every: int = 1):
+    """Train with the recipe over the given batch order; ``drop`` = a training index removed from
+    every batch that holds it (the batch loss keeps its denominator, so without BatchNorm this
+    equals weighting the sample 0; with BatchNorm it also leaves the batch statistics).
+    With ``record_dir`` the run is recorded by the Recorder every ``every`` steps. Returns the
+    trained model (eval mode)."""
+    import torch.nn.functional as F
+    from .checkpoints import Recorder
+    model = recipe.model_fn()
+    model.train()
+    opt = recipe.optimizer_fn(model.parameters())
+    sched = recipe.scheduler_fn(opt, len(batches)) if recipe.scheduler_fn else None
+    rec = Recorder(record_dir, model, opt, train_size=len(y), every=every) if record_dir else None
+    if rec:
+        rec.__enter__()
+    for idx in batches:
+        keep = idx if drop is None else idx[idx != drop]
+        opt.zero_grad()
+        t = torch.as_tensor(keep)
+        loss = F.cross_entropy(model(x[t]), y[t], reduction="sum") / len(idx)
+        loss.backward()
+        opt.step()
+        if sched:
+            sched.step()
+        if rec:
+            rec.step()
+    if rec:
+        rec.__exit__(None, None, None)
+    return model.eval()
+
+
+def leave_one_out_torch(recipe: TorchRecipe, x, y, qx, qy, batches, samples) -> np.ndarray:
+    """truth(z) = L_Q(theta_T without z) - L_Q(theta_T) for each z, retraining with the recipe
+    (eval-mode query loss: the final model's own BatchNorm statistics)."""
+    import torch.nn.functional as F
+
+    def query_loss(model):
+        with torch.no_grad():
+            return float(F.cross_entropy(model(qx), qy))
+    base = query_loss(train_torch(recipe, x, y, batches))
+    return np.asarray([query_loss(train_torch(recipe, x, y, batches, drop=int(z))) - base for z in samples])
+
+
+def self_loo_torch(recipe: TorchRecipe, x, y, batches, samples) -> np.ndarray:
+    """True self-influence L_z(theta without z) - L_z(theta) for each z (nats)."""
+    import torch.nn.functional as F
+
+    def loss_of(model, z):
+        with torch.no_grad():
+            return float(F.cross_entropy(model(x[z:z + 1]), y[z:z + 1]))
+    full = train_torch(recipe, x, y, batches)
+    return np.asarray([loss_of(train_torch(recipe, x, y, batches, drop=int(z)), int(z)) - loss_of(full, int(z))
+                       for z in samples])
+
+
+def digits_mlp(batchnorm: bool = False, seed: int = 0, dtype=torch.float64):
+    """model_fn for the recipe cases: digits MLP 64-32-10 (tanh), optionally with BatchNorm1d."""
+    from torch import nn
+
+    def build():
+        torch.manual_seed(seed)
+        hidden = [nn.Linear(64, 32)] + ([nn.BatchNorm1d(32)] if batchnorm else []) + [nn.Tanh()]
+        return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(32, 10)).to(dtype)
+    return build
+
+
+def standard_recipes() -> dict[str, TorchRecipe]:
+    """The recipes of the ground-truth tests and benchmarks/recipes.py (torch's own classes)."""
+    from torch.optim import SGD, AdamW
+    from torch.optim.lr_scheduler import CosineAnnealingLR, StepLR
+    return {
+        "sgd-momentum-wd": TorchRecipe("sgd-momentum-wd", digits_mlp(),
+                                       lambda p: SGD(p, lr=0.05, momentum=0.9, weight_decay=5e-3),
+                                       lambda o, t: CosineAnnealingLR(o, T_max=t)),
+        "nesterov": TorchRecipe("nesterov", digits_mlp(),
+                                lambda p: SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4),
+                                lambda o, t: StepLR(o, step_size=max(1, t // 3), gamma=0.3)),
+        "adamw-warmup-cosine": TorchRecipe("adamw-warmup-cosine", digits_mlp(),
+                                           lambda p: AdamW(p, lr=3e-3, weight_decay=0.05), warmup_cosine),
+        "batchnorm-sgd-momentum": TorchRecipe("batchnorm-sgd-momentum", digits_mlp(batchnorm=True),
+                                              lambda p: SGD(p, lr=0.05, momentum=0.9)),
+    }
+
+
+def recipe_case(name: str, record_dir, n_train: int = 800, epochs: int = 8, batch: int = 32,
+                samples: int = 40, every: int = 10, self_samples: int = 0, seed: int = 0) -> dict:
+    """A ground-truth case: digits (10% flipped labels), the named recipe recorded by the Recorder
+    into ``record_dir``, and the float64 trajectory leave-one-out of ``samples`` training samples
+    on the mean query loss (plus, with ``self_samples``, true self-influence of that many)."""
+    recipe = standard_recipes()[name]
+    train, query = digits_case(noise=0.1, n_train=n_train, seed=seed)
+    x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(train.y)
+    qx, qy = torch.as_tensor(query.x, dtype=torch.float64), torch.as_tensor(query.y)
+    batches = batch_order(n_train, batch, epochs, seed=seed)
+    train_torch(recipe, x, y, batches, record_dir=record_dir, every=every)
+    rng = np.random.default_rng(seed + 1)
+    idx = rng.choice(n_train, samples, replace=False)
+    out = dict(recipe=recipe, train=train, query=query, samples=idx,
+               truth=leave_one_out_torch(recipe, x, y, qx, qy, batches, idx))
+    if self_samples:
+        sidx = rng.choice(n_train, self_samples, replace=False)
+        out.update(self_samples=sidx, self_truth=self_loo_torch(recipe, x, y, batches, sidx))
+    return out

@@ -3,10 +3,10 @@ from .base import Attributor, Context, ScoreSettings, pick_device, segment_lengt
 from .baselines import Cleanlab, Loss, Margin
 from .diffin import DiffIn, DiffInPaper
 from .dynamics import AUM, CleanlabCV, Forgetting, MeanLoss
-from .first_order import GradCos, GradDot, TracIn
+from .first_order import GradCos, GradDot, TracIn, TracInAdam
 from .influence_function import InfluenceFunction
 
-METHODS = {cls.name: cls for cls in (DiffIn, DiffInPaper, TracIn, GradDot, GradCos, InfluenceFunction,
+METHODS = {cls.name: cls for cls in (DiffIn, DiffInPaper, TracIn, TracInAdam, GradDot, GradCos, InfluenceFunction,
                                      Loss, Margin, Cleanlab, MeanLoss, AUM, Forgetting, CleanlabCV)}
 
 __all__ = ["METHODS", "Attributor", "Context", "ScoreSettings", "pick_device", "segment_lengths"]

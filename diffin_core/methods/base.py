@@ -9,13 +9,14 @@ Q = {z}; label_issue: higher = more likely mislabelled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, asdict
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..data import Split
 from ..functional import FunctionalModel
+from ..recipe import Recipe
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -67,16 +68,44 @@ def segment_lengths(steps: list[int]) -> np.ndarray:
 
 @dataclass
 class Context:
-    """What an estimator sees: the model as a function, the checkpoints, the training split."""
+    """What an estimator sees: the model as a function, the checkpoints, the training split.
+
+    Per-checkpoint data are indexable sequences, read only as ``seq[k]`` (they may be lazy):
+    ``thetas[k]`` (P,) trainable parameters, ``buffers[k]`` that checkpoint's buffers (BatchNorm
+    running statistics; None = the model's own), ``precond[k]`` Adam's D = 1/(sqrt(v_hat)+eps)
+    (P,) frozen at that checkpoint (None = not Adam / not recorded). Use ``fm_at(k)`` for the
+    model bound to checkpoint k's buffers.
+    """
     fm: FunctionalModel
-    thetas: list[torch.Tensor]            # (P,) per checkpoint, on ``device``, step order
+    thetas: Sequence[torch.Tensor]        # (P,) per checkpoint, on ``device``, step order
     steps: list[int]
-    lrs: np.ndarray                       # effective learning rate per checkpoint (momentum-adjusted)
-    segments: np.ndarray                  # steps owned by each checkpoint
+    lrs: np.ndarray                       # mean effective lr of each checkpoint's owned steps
+                                          # (momentum-adjusted: lr (1-dampening)/(1-beta) for SGD)
+    segments: np.ndarray                  # steps owned by each checkpoint (= diff(bounds))
     train: Split
     settings: ScoreSettings
     device: torch.device
     progress: ProgressFn = field(default=lambda d, t, m: None)
+    recipe: Recipe = field(default_factory=Recipe)
+    step_lrs: np.ndarray | None = None    # (T,) lr of every optimiser step (float64)
+    bounds: np.ndarray | None = None      # (m+1,) checkpoint k owns steps bounds[k] <= s < bounds[k+1]
+    buffers: Sequence[dict | None] | None = None
+    precond: Sequence[torch.Tensor | None] | None = None
+    files: Sequence[str] | None = None    # checkpoint file names, for messages
+
+    def fm_at(self, k: int) -> FunctionalModel:
+        """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
+        return self.fm if self.buffers is None else self.fm.with_buffers(self.buffers[k])
+
+    def label(self, k: int) -> str:
+        """'checkpoint 3/10 (step 200, ckpt_000200.safetensors)' for one-line messages."""
+        name = f", {self.files[k]}" if self.files is not None else ""
+        return f"checkpoint {k + 1}/{self.m} (step {self.steps[k]}{name})"
+
+    @property
+    def acc_dtype(self) -> torch.dtype:
+        """Accumulation dtype for sums over checkpoints: float64, float32 on MPS (no float64)."""
+        return torch.float32 if self.device.type == "mps" else torch.float64
 
     @property
     def n(self) -> int:
@@ -84,7 +113,7 @@ class Context:
 
     @property
     def m(self) -> int:
-        return len(self.thetas)
+        return len(self.steps)
 
     def tensors(self, x: np.ndarray, y: np.ndarray):
         return (torch.as_tensor(x, device=self.device, dtype=self.thetas[0].dtype),
@@ -103,7 +132,7 @@ class Context:
         total = torch.zeros_like(self.thetas[k])
         for start in range(0, len(y), self.settings.batch_size):
             xb, yb = self.tensors(x[start:start + self.settings.batch_size], y[start:start + self.settings.batch_size])
-            total += self.fm.batch_grad(self.thetas[k], xb, yb) * len(yb)
+            total += self.fm_at(k).batch_grad(self.thetas[k], xb, yb) * len(yb)
         return total / max(len(y), 1)
 
     def sample_batch(self, size: int, k: int, salt: int = 0):
@@ -130,7 +159,10 @@ class Attributor:
         raise NotImplementedError
 
     def chunk(self, ctx: Context, state, x, y, need_self: bool):
-        """Scores of one training chunk: (influence (b,), self_influence (b,) or None)."""
+        """Scores of one training chunk: (influence (b,), self_influence (b,) or None).
+
+        Self-influence may come as (b, m): each checkpoint's contribution; ``run`` then sums it
+        and also returns it as "self_by_checkpoint" (N, m) float32."""
         raise NotImplementedError
 
     def label_issue(self, self_influence: np.ndarray | None, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -139,7 +171,8 @@ class Attributor:
 
     # --- driven by the base class -----------------------------------------------------------
     def run(self, ctx: Context, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict[str, np.ndarray]:
-        """Score every training sample; returns arrays of length N keyed by column name."""
+        """Score every training sample; returns arrays of length N keyed by column name
+        (plus "self_by_checkpoint" (N, m) when the method reports per-checkpoint self-influence)."""
         ctx.progress(0, ctx.n, f"{self.name}: preparing query vectors")
         state = self.prepare(ctx, qx, qy)
         infl, selfs, probs = [], [], []
@@ -151,13 +184,16 @@ class Attributor:
                 selfs.append(s.double().cpu())
             if need_self:
                 with torch.no_grad():
-                    probs.append(torch.softmax(ctx.fm.logits(ctx.thetas[-1], x), -1).double().cpu())
+                    probs.append(torch.softmax(ctx.fm_at(ctx.m - 1).logits(ctx.thetas[ctx.m - 1], x), -1).double().cpu())
             done += len(y)
             ctx.progress(done, ctx.n, f"{self.name}: scoring training samples")
         out = {"influence": torch.cat(infl).numpy()}
         if need_self:
             p = torch.cat(probs).numpy()
             self_infl = torch.cat(selfs).numpy() if selfs else None
+            if self_infl is not None and self_infl.ndim == 2:
+                out["self_by_checkpoint"] = self_infl.astype(np.float32)
+                self_infl = self_infl.sum(1)
             out["self_influence"] = self_infl if self_infl is not None else np.full(ctx.n, np.nan)
             out["label_issue"] = np.asarray(self.label_issue(self_infl, p, ctx.train.y), dtype=np.float64)
             out["probs"] = p

@@ -1,4 +1,4 @@
-"""First-order estimators: TracIn (checkpoint sum), grad-dot and grad-cos (final checkpoint)."""
+"""First-order estimators: TracIn (checkpoint sum), its Adam-aware peer, grad-dot and grad-cos."""
 from __future__ import annotations
 
 import numpy as np
@@ -12,31 +12,58 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 class TracIn(Attributor):
-    """tracin(z, Q) = sum_k (lr_k * segment_k / N) <g_Q, g_z> at checkpoint k.
+    """tracin(z, Q) = sum_k (lr_k * segment_k / N) <g_Q, g_z> at checkpoint k (its own buffers);
+    lr_k * segment_k = the summed (momentum-adjusted) lrs of the steps checkpoint k stands for.
 
-    Self-influence: the same with g_Q = g_z (sum of weighted squared gradient norms);
-    label_issue: the estimated leave-one-out loss (final loss + self-influence).
+    Self-influence: the same with g_Q = g_z (sum of weighted squared gradient norms), reported
+    per checkpoint; label_issue: the estimated leave-one-out loss (final loss + self-influence).
     """
     name = "tracin"
 
+    def preconditioner(self, ctx: Context, k: int) -> torch.Tensor | None:
+        return None
+
     def prepare(self, ctx: Context, qx, qy):
         coef = ctx.lrs * ctx.segments / ctx.n
-        return [(k, float(coef[k]), ctx.mean_grad(k, qx, qy)) for k in range(ctx.m) if coef[k] > 0]
+        plan = []
+        for k in range(ctx.m):
+            if coef[k] > 0:
+                d = self.preconditioner(ctx, k)
+                gq = ctx.mean_grad(k, qx, qy)
+                plan.append((k, float(coef[k]), gq if d is None else d * gq, d))
+        return plan
 
     def chunk(self, ctx, state, x, y, need_self):
-        infl = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
+        infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
         selfs = torch.zeros_like(infl) if need_self else None
-        for k, c, gq in state:
+        for k, c, gq, d in state:
+            fm = ctx.fm_at(k)
             if need_self:
-                g = ctx.fm.per_sample_grads(ctx.thetas[k], x, y)
-                infl += c * (g @ gq)
-                selfs += c * rowdot(g, g)
+                g = fm.per_sample_grads(ctx.thetas[k], x, y)
+                infl[:, k] = c * (g @ gq).to(infl.dtype)
+                selfs[:, k] = c * rowdot(g, g if d is None else d * g).to(infl.dtype)
             else:
-                infl += c * ctx.fm.directional(ctx.thetas[k], x, y, gq)
-        return infl, selfs
+                infl[:, k] = c * fm.directional(ctx.thetas[k], x, y, gq).to(infl.dtype)
+        from ..propagate import check_finite
+        check_finite(ctx, infl, "influence")
+        if need_self:
+            check_finite(ctx, selfs, "self-influence")
+        return infl.sum(1), selfs
 
     def label_issue(self, self_influence, probs, y):
         return loo_loss(self_influence, probs, y)
+
+
+class TracInAdam(TracIn):
+    """Adam-aware TracIn (LESS-style, Xia et al. 2024): sum_k (lr_k segment_k / N) <g_Q, D_k g_z>
+    with D_k = 1/(sqrt(v_hat) + eps) from checkpoint k's recorded exp_avg_sq: the step Adam
+    takes along g_z. Without a recorded preconditioner (SGD runs) D = I: plain TracIn."""
+    name = "tracin-adam"
+
+    def preconditioner(self, ctx: Context, k: int) -> torch.Tensor | None:
+        if ctx.precond is None or not ctx.recipe.adam:
+            return None
+        return ctx.precond[k]
 
 
 class GradDot(Attributor):
@@ -47,10 +74,10 @@ class GradDot(Attributor):
         return ctx.mean_grad(ctx.m - 1, qx, qy)
 
     def chunk(self, ctx, gq, x, y, need_self):
-        theta = ctx.thetas[-1]
+        theta, fm = ctx.thetas[ctx.m - 1], ctx.fm_at(ctx.m - 1)
         if not need_self:
-            return ctx.fm.directional(theta, x, y, gq), None
-        g = ctx.fm.per_sample_grads(theta, x, y)
+            return fm.directional(theta, x, y, gq), None
+        g = fm.per_sample_grads(theta, x, y)
         return g @ gq, rowdot(g, g)
 
 
@@ -61,7 +88,7 @@ class GradCos(GradDot):
     has_self_influence = False
 
     def chunk(self, ctx, gq, x, y, need_self):
-        g = ctx.fm.per_sample_grads(ctx.thetas[-1], x, y)
+        g = ctx.fm_at(ctx.m - 1).per_sample_grads(ctx.thetas[ctx.m - 1], x, y)
         norms = torch.linalg.vector_norm(g, dim=1)
         cos = (g @ gq) / (norms * torch.linalg.vector_norm(gq)).clamp_min(1e-30)
         return cos, (norms if need_self else None)

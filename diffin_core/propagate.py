@@ -1,0 +1,226 @@
+"""Carrying a query back through training, one checkpoint segment at a time (Diff-In's core).
+
+Linearise training around the recorded trajectory. Removing z changes each step's gradient by
+-e with e = g_z / N (expected over batches). Per step s (lr eta_s) the state (x, mu) - the
+weight change and the momentum-buffer change - evolves per eigenvalue l of the segment's
+symmetric operator M as (torch's update order; z = l x - e):
+    mu' = beta mu + c z                      x' = rho x - eta (alpha z + gamma mu')
+    A(l) = [[rho - kappa l, -eta gamma beta], [c l, beta]],   injection e [kappa, -c],
+    kappa = eta (alpha + gamma c).
+  plain SGD        beta = 0, c = 1 (alpha = 0, gamma = 1)
+  heavy ball       beta = momentum, c = 1 - dampening (1 at step 0: torch's first buffer = g)
+  Nesterov         as heavy ball with alpha = 1, gamma = beta
+  coupled wd       l -> l + lambda (M = H + lambda I)
+  decoupled wd     rho = 1 - eta lambda (AdamW; 1 otherwise)
+  Adam/AdamW       D = 1/(sqrt(v_hat) + eps) frozen per checkpoint from the recorded exp_avg_sq;
+                   in x = D^-1/2 delta, y = D^1/2 mu the step is heavy ball with beta = beta1,
+                   c = 1 - beta1, eta -> eta / (1 - beta1^(s+1)) and M = D^1/2 H D^1/2 (+ lambda D
+                   when coupled): a symmetric operator whose matvec is an HVP along D^1/2 v.
+The adjoint (u, v) of (x, mu) starts at (g_Q(theta_T), 0) and goes back by U_s = A_s^T U_{s+1};
+influence(z) = sum_s <U_{s+1}, injection_s>. Within a segment the operator is fixed, so on each
+Ritz value the segment is a 2x2 product over the segment's own lrs (exact, any schedule, lr = 0
+steps included): W(l) (2,) sums the injections' weights, C(l) (2, 2) carries (u, v) to the
+segment's start. Eigenvalues are clipped to [0, 1/kappa_s] per step (every step contracting).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DiffinError
+from .functional import no_tf32
+from .lanczos import SpectralView, lanczos
+from .recipe import Recipe, bias_correction1
+
+ViewFn = Callable[[int, Sequence[torch.Tensor]], SpectralView]
+
+
+def step_constants(recipe: Recipe) -> tuple[float, float, float, float]:
+    """(beta, c, alpha, gamma) of the 2x2 step (see module doc)."""
+    if recipe.adam:
+        b1 = recipe.betas[0]
+        return b1, 1.0 - b1, 0.0, 1.0
+    if recipe.optimizer == "SGD" and recipe.momentum > 0:
+        beta = recipe.momentum
+        return (beta, 1.0 - recipe.dampening) + ((1.0, beta) if recipe.nesterov else (0.0, 1.0))
+    return 0.0, 1.0, 0.0, 1.0
+
+
+def has_momentum(recipe: Recipe) -> bool:
+    return step_constants(recipe)[0] > 0
+
+
+def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, recipe: Recipe):
+    """Per-eigenvalue maps of one segment, evaluated on ``values`` (r,) and on 0 (the complement).
+
+    lrs (n,): the lr of each step of the segment, in order, the first being global step
+    ``first_step``. Returns W (r+1, 2) and C (r+1, 2, 2) in float64 (see module doc).
+    """
+    beta, c, alpha, gamma = step_constants(recipe)
+    l = np.concatenate([np.maximum(np.asarray(values, dtype=np.float64), 0.0), [0.0]])
+    lam = recipe.weight_decay
+    if lam and not recipe.decoupled and not recipe.adam:
+        l = l + lam                                     # coupled: H + lambda I (Adam: in the matvec)
+    lrs = np.asarray(lrs, dtype=np.float64)
+    idx = first_step + np.arange(len(lrs))
+    eta = lrs * bias_correction1(idx, recipe.betas[0]) if recipe.adam else lrs
+    rho = 1.0 - lrs * lam if (lam and recipe.decoupled) else np.ones_like(lrs)
+    one, zero = np.ones_like(l), np.zeros_like(l)
+    t11, t12, t21, t22 = one, zero, zero, one            # U_{s+1} = T U_end
+    w1, w2 = zero.copy(), zero.copy()
+    for j in range(len(lrs) - 1, -1, -1):
+        cs = 1.0 if (idx[j] == 0 and beta > 0 and not recipe.adam) else c
+        kappa = eta[j] * (alpha + gamma * cs)
+        ls = np.minimum(l, 1.0 / kappa) if kappa > 0 else l
+        a11, a12, a21, a22 = rho[j] - kappa * ls, -eta[j] * gamma * beta, cs * ls, beta
+        w1 = w1 + kappa * t11 - cs * t21
+        w2 = w2 + kappa * t12 - cs * t22
+        t11, t12, t21, t22 = a11 * t11 + a21 * t21, a11 * t12 + a21 * t22, a12 * t11 + a22 * t21, a12 * t12 + a22 * t22
+    W = np.stack([w1, w2], -1)
+    C = np.stack([np.stack([t11, t12], -1), np.stack([t21, t22], -1)], -2)
+    return W, C
+
+
+@dataclass
+class SegmentOp:
+    """One checkpoint's segment as operators on adjoints in the symmetrised space.
+
+    f(M) x = f(0) x + Y (f(Theta) - f(0)) Y^T x on the Lanczos view (complement: curvature 0).
+    """
+    view: SpectralView
+    W: torch.Tensor                 # (r+1, 2), last row = the complement
+    C: torch.Tensor                 # (r+1, 2, 2)
+    scale: torch.Tensor | None      # S = D^1/2 (P,) for Adam, else None
+
+    def _f(self, fu: torch.Tensor, fv: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None):
+        Y = self.view.vectors
+        out, proj = fu[-1] * u, (u @ Y) * (fu[:-1] - fu[-1])
+        if v is not None:
+            out, proj = out + fv[-1] * v, proj + (v @ Y) * (fv[:-1] - fv[-1])
+        return out + proj @ Y.T
+
+    def rows(self, u: torch.Tensor, v: torch.Tensor | None):
+        """Adjoints at the segment's end (delta space, (P,) or (B, P)) -> (w, u, v) where
+        influence += <w, g_z>/N and (u, v) are the adjoints at the segment's start."""
+        S = self.scale
+        if S is not None:
+            u, v = u * S, (None if v is None else v / S)
+        w = self._f(self.W[:, 0], self.W[:, 1], u, v)
+        nu = self._f(self.C[:, 0, 0], self.C[:, 0, 1], u, v)
+        nv = None if v is None else self._f(self.C[:, 1, 0], self.C[:, 1, 1], u, v)
+        if S is not None:
+            w, nu, nv = w * S, nu / S, (None if nv is None else nv * S)
+        return w, nu, nv
+
+
+@dataclass
+class PlanItem:
+    """One checkpoint of a query's plan: influence(z) += coef * <w, g_z(theta_k)>."""
+    k: int
+    coef: float                     # 1 / N
+    w: torch.Tensor                 # (P,) delta space
+    op: SegmentOp                   # the segment, for self-influence (propagate rows with op.rows)
+
+
+def preconditioner_scale(ctx, k: int) -> torch.Tensor | None:
+    """S = D^1/2 at checkpoint k for Adam recipes with a recorded exp_avg_sq, else None."""
+    if not ctx.recipe.adam or ctx.precond is None:
+        return None
+    d = ctx.precond[k]
+    return None if d is None else d.sqrt()
+
+
+def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
+    """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and the batch
+    gradient. M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay).
+    Finite differences by default (TF32 off); a non-finite product raises a one-line DiffinError
+    naming the checkpoint."""
+    x, y = batch
+    fm, theta = ctx.fm_at(k), ctx.thetas[k]
+    with no_tf32():
+        g0 = fm.batch_grad(theta, x, y)
+    if ctx.settings.hvp == "exact":
+        hv = lambda v: fm.hvp_exact(theta, x, y, v)                                     # noqa: E731
+    else:
+        hv = lambda v: fm.hvp_fd(theta, x, y, v, base_grad=g0, eps=ctx.settings.eps)     # noqa: E731
+    S = preconditioner_scale(ctx, k) if scaled else None
+    lam = ctx.recipe.weight_decay if (S is not None and not ctx.recipe.decoupled) else 0.0
+
+    def matvec(v):
+        with no_tf32():
+            out = hv(v) if S is None else S * hv(S * v) + lam * (S * S) * v
+        if not torch.isfinite(out).all():
+            raise DiffinError(f"non-finite Hessian-vector product at {ctx.label(k)}: the weights or "
+                              "the data overflow there (try --hvp exact or float64)")
+        return out
+    return matvec, g0
+
+
+def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True):
+    """(Lanczos view of M_k, g0). ``starts``: one (P,) vector or a list (the first gets
+    ``steps`` = settings.lanczos_steps iterations, each further one half as many)."""
+    steps = steps or ctx.settings.lanczos_steps
+    starts = [starts] if isinstance(starts, torch.Tensor) else list(starts)
+    matvec, g0 = hessian_matvec(ctx, k, batch, scaled)
+    counts = [steps] + [max(2, steps // 2)] * (len(starts) - 1)
+    return lanczos(matvec, starts, counts), g0
+
+
+def random_start(ctx, k: int, salt: int = 0) -> torch.Tensor:
+    """A seeded random start vector (P,) for checkpoint k: same settings, same vector."""
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([ctx.settings.seed, k, salt, 7]).integers(2**62)))
+    return torch.randn(ctx.fm.num_params, generator=gen, dtype=torch.float64).to(
+        device=ctx.device, dtype=ctx.thetas[k].dtype)
+
+
+def check_finite(ctx, per_checkpoint: torch.Tensor, what: str) -> None:
+    """Raise a one-line DiffinError naming the first checkpoint whose column (b, m) is not finite."""
+    bad = ~torch.isfinite(per_checkpoint)
+    if bool(bad.any()):
+        k = int(bad.any(0).nonzero()[0, 0]) if per_checkpoint.ndim == 2 else ctx.m - 1
+        raise DiffinError(f"non-finite {what} at {ctx.label(k)}: refusing to write NaN scores")
+
+
+def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[PlanItem]:
+    """The query plan: the query gradient ``u`` (P,) = g_Q(theta_T) carried back through every
+    checkpoint's segment, latest checkpoint first.
+
+    Returns one PlanItem per checkpoint that owns at least one step: influence(z) =
+    sum_items coef * <w, g_z(theta_k)> (k = item.k, gradient at that checkpoint with its own
+    buffers). Self-influence propagates each sample's own g_z(theta_T) with ``item.op.rows``
+    through the same items, in the same order (see DiffIn.chunk).
+
+    ``view_fn(k, starts) -> SpectralView`` replaces the per-query Lanczos run: it must view the
+    segment operator of ``hessian_matvec(ctx, k, ...)`` (the symmetrised D^1/2 H D^1/2 for Adam);
+    ``starts`` are the query's adjoints in that space ((P,) tensors), which a precomputed,
+    query-independent view may ignore. Without it the view is Lanczos from those starts on
+    ``settings.hessian_batch`` samples (seeded per checkpoint).
+    """
+    momentum = has_momentum(ctx.recipe)
+    u = u.clone()
+    v = torch.zeros_like(u) if momentum else None
+    plan: list[PlanItem] = []
+    for k in reversed(range(ctx.m)):
+        lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
+        if hi <= lo:
+            continue
+        S = preconditioner_scale(ctx, k)
+        starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
+        if not any(bool(torch.any(s != 0)) for s in starts):
+            starts = [random_start(ctx, k)]
+        if view_fn is not None:
+            view = view_fn(k, starts)
+        else:
+            view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.settings.hessian_batch, k))
+        W, C = segment_coefficients(view.values.double().cpu().numpy(), ctx.step_lrs[lo:hi], lo, ctx.recipe)
+        dev, dt = view.vectors.device, view.vectors.dtype
+        op = SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S)
+        w, u, v = op.rows(u, v)
+        if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
+            raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
+        plan.append(PlanItem(k, 1.0 / ctx.n, w, op))
+        ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
+    return plan
