@@ -55,6 +55,7 @@ class CleanlabCV(_Detector):
     cross-validation, retraining the project's [train] recipe once per fold."""
     name = "cleanlab-cv"
     folds = 5
+    needs_recipe = True          # scoring needs the project's [train] recipe (ctx.trainer)
 
     def run(self, ctx, qx, qy, need_self=True):
         out = super().run(ctx, qx, qy, need_self)
