@@ -71,8 +71,8 @@ class Split:
     def iter_chunks(self, size: int, start: int = 0, stop: int | None = None, workers: int | None = None):
         """Yield (chunk_start, x float32 (b, ...), y int64 (b,)) over rows [start, stop) in order,
         b <= size, through a torch DataLoader; ``workers`` > 0 reads/decodes chunks in that many
-        worker processes (prefetching two chunks each); None = the split's ``workers``. A DiffinError raised while reading
-        (a corrupt image...) is re-raised here as the same one-line error."""
+        worker processes (prefetching two chunks each); None = the split's ``workers``. A
+        DiffinError raised while reading (a corrupt image...) is re-raised here, one line."""
         from torch.utils.data import DataLoader
         workers = self.workers if workers is None else workers
         stop = len(self) if stop is None else min(int(stop), len(self))

@@ -91,6 +91,10 @@ class ArraySource:
     def __init__(self, path: str | Path, offset: int, dtype: np.dtype, shape: tuple, fortran: bool = False):
         self.path, self.offset, self.dtype, self.shape, self.fortran = str(path), int(offset), np.dtype(dtype), tuple(shape), fortran
         self._map = None
+        need = self.offset + int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        if os.path.getsize(self.path) < need:
+            raise DiffinError(f"the array is truncated: its header says {self.shape} {self.dtype} "
+                              f"({need:,} bytes) but the file has {os.path.getsize(self.path):,}", path)
 
     @property
     def sample_shape(self) -> tuple:
