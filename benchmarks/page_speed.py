@@ -246,7 +246,7 @@ def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[
                     page.evaluate(
                         """([link]) => {
                             const a = [...document.querySelectorAll("[data-testid='stSidebarNav'] a")]
-                                .find(e => e.innerText.trim() === link);
+                                .find(e => e.innerText.trim().split("\n").pop().trim() === link);  // after the icon
                             window.__t0 = performance.now(); window.__t1 = null; a.click(); }""", [link])
                     page.wait_for_function(
                         """([title]) => {

@@ -8,8 +8,8 @@ runs already there), compute the UMAP map of the diffin run, record a few review
 through the engine (so Review/Export show progress), then serve the app with `streamlit run` on
 127.0.0.1 and photograph each page with Playwright on Debian's chromium (/usr/bin/chromium).
 The viewport is tall (Streamlit scrolls inside its own container) and each shot is cropped to the
-page's content; PNGs over 500 KB are re-encoded with a 256-colour palette. The page-link icons
-are emoji: install fonts-noto-color-emoji (apt) or they show as empty boxes.
+page's content; PNGs over 500 KB are re-encoded with a 256-colour palette. Icons are Streamlit's
+material icons (a web font served by the app), so no emoji font is needed.
 """
 from __future__ import annotations
 
@@ -77,9 +77,11 @@ def settle(page, extra_ms: int = 600) -> None:
     page.wait_for_selector(IDLE, timeout=120_000)
 
 
-def go(page, name: str, heading: str) -> None:
-    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"^\s*{name}\s*$")).click()
-    page.get_by_role("heading", name=heading).wait_for()
+def go(page, name: str, heading) -> None:
+    """Click the sidebar's link to page ``name`` (st.navigation titles) and wait for its heading."""
+    # a material icon's text (its ligature name, e.g. "bolt") comes before the title
+    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"{re.escape(name)}\s*$")).first.click()
+    page.get_by_role("heading", name=heading).first.wait_for()
     settle(page)
 
 
@@ -145,6 +147,9 @@ def photograph(url: str) -> list[Path]:
             page.get_by_text(re.compile(r"^Wrote ")).wait_for()
             settle(page)
             out.append(shot(page, "export"))
+
+            go(page, "What-if", re.compile("^What-if"))
+            out.append(shot(page, "whatif"))
         finally:
             browser.close()
     return out

@@ -52,9 +52,8 @@ else:
                                    "retrain noise.")
     if st.button("Verify by retraining", key="whatif_verify", type="primary", disabled=busy or not ids):
         root, chosen, seeds = str(project.root), list(ids), list(range(int(n_seeds)))
-        st.session_state["whatif_job"] = jm.submit(
-            "whatif", lambda p: tasks.verify_by_retraining(ui.open_project(root), chosen, run=run, seeds=seeds,
-                                                           progress=p.update),
+        st.session_state["whatif_job"] = jm.submit_child(  # train.py runs in a child process
+            "whatif", "diffin_core.tasks:verify_by_retraining", (root, chosen), {"run": run, "seeds": seeds},
             label=f"verify: remove {len(chosen)} from {run}, {len(seeds)} seeds", project_dir=root)
         st.rerun()
 
