@@ -6,4 +6,4 @@
 source "$(dirname "$0")/_env.sh"
 export DIFFIN_AUTOSCORE="${DIFFIN_AUTOSCORE-diffin,tracin,loss}"
 exec streamlit run app.py --server.headless true --server.address "${DIFFIN_ADDRESS:-127.0.0.1}" \
-  --server.port "${DIFFIN_PORT:-8501}" --browser.gatherUsageStats false -- --workspace "${DIFFIN_WORKSPACE:-workspace}"
+  --server.port "${DIFFIN_PORT:-8501}" --browser.gatherUsageStats false --server.fileWatcherType none -- --workspace "${DIFFIN_WORKSPACE:-workspace}"
