@@ -10,7 +10,9 @@ loaded whole; the data source streams it), labels y.npy, 200 query samples, chec
 written by the Recorder from a few SGD steps (momentum 0.9, weight decay 5e-4).
 
 Paths (the ``path`` column):
-  score      ``scoring.score`` as ``diffin score`` runs it: influence + self-influence + label_issue
+  score      ``scoring.score`` as ``diffin score --no-features`` runs it: influence +
+             self-influence + label_issue (the feature pass, features.py, is measured in
+             benchmarks/explore.py)
   influence  ``scoring.query_influence``: influence on one query set only (jvp, the top-k path)
   inference  a plain forward pass over the same checkpoints and training set, same batch size
 
@@ -32,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["N", "params", "method", "path", "device", "samples_per_s", "peak_rss_mb", "wall_s",
-           "peak_gpu_mb", "batch", "budget_mb", "threads", "model", "checkpoints"]
+           "peak_gpu_mb", "batch", "budget_mb", "threads", "model", "checkpoints", "hessian_batch"]
 
 MODEL_PY = '''from diffin_core.models import SmallCNN, build_resnet18
 
@@ -90,7 +92,7 @@ def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int
     x = np.load(root / "data" / "train" / "x.npy", mmap_mode="r")
     y = np.load(root / "data" / "train" / "y.npy")
     rng = np.random.default_rng(seed + 1)
-    qi = rng.choice(n, 200, replace=False)
+    qi = rng.choice(n, min(200, n), replace=False)
     np.savez(root / "data" / "query.npz", x=np.asarray(x[np.sort(qi)]), y=y[np.sort(qi)])
     (root / "model.py").write_text(MODEL_PY.format(factory=FACTORIES[model]))
     (root / "diffin.toml").write_text(TOML)
@@ -121,7 +123,7 @@ def child(case: dict) -> dict:
     from diffin_core.project import Project
     from diffin_core.scoring import query_influence, score
     project = Project(case["project"])
-    s = ScoreSettings(device=case["device"], batch_size=case["batch"])
+    s = ScoreSettings(device=case["device"], batch_size=case["batch"], hessian_batch=case["hessian_batch"])
     if hasattr(s, "memory_budget"):
         s.memory_budget = int(case["budget_mb"]) * 2**20
     if torch.cuda.is_available():
@@ -129,7 +131,7 @@ def child(case: dict) -> dict:
     started = time.perf_counter()
     meta = {}
     if case["path"] == "score":
-        out = score(project, case["method"], run=f"bench-{case['method']}", settings=s)
+        out = score(project, case["method"], run=f"bench-{case['method']}", settings=s, features=False)
         meta = json.loads((out / "meta.json").read_text())
     elif case["path"] == "influence":
         query_influence(project, case["method"], np.arange(min(10, len(project.query))), s)
@@ -148,7 +150,7 @@ def child(case: dict) -> dict:
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0,
             "batch": meta.get("memory", {}).get("grad_chunk", case["batch"]) if meta else case["batch"],
             "budget_mb": case["budget_mb"], "threads": case["threads"], "model": case["model"],
-            "checkpoints": len(project.manifest.checkpoints)}
+            "checkpoints": len(project.manifest.checkpoints), "hessian_batch": case["hessian_batch"]}
 
 
 def inference(project, settings) -> None:
@@ -170,10 +172,13 @@ def inference(project, settings) -> None:
 # --- the driver -----------------------------------------------------------------------------------
 def cases(args) -> list[dict]:
     out = []
-    base = {"device": args.device, "threads": args.threads, "budget_mb": args.budget_mb}
+    base = {"device": args.device, "threads": args.threads, "budget_mb": args.budget_mb,
+            "hessian_batch": args.hessian_batch}
     if "cnn" in args.cases:
         for n in args.sizes:
-            for path in ("score", "inference"):
+            for path in args.cnn_paths:
+                if path == "score" and n > args.score_max_n:
+                    continue
                 out.append({**base, "model": "cnn", "n": n, "method": "diffin", "path": path, "batch": args.batch})
     if "resnet" in args.cases:
         for method, path in (("diffin", "score"), ("tracin", "score"), ("diffin", "inference")):
@@ -262,11 +267,15 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="cnn,resnet", help="comma list of cnn, resnet, gpu")
     ap.add_argument("--sizes", default="10000,100000,1000000", help="N of the small-CNN rows")
     ap.add_argument("--batch", type=int, default=512, help="--batch-size of the small-CNN rows")
+    ap.add_argument("--cnn-paths", default="score,influence,inference", help="paths of the small-CNN rows")
+    ap.add_argument("--score-max-n", type=int, default=100_000,
+                    help="small-CNN score path only up to this N (self-influence needs per-sample gradients)")
     ap.add_argument("--resnet-n", type=int, default=1000)
     ap.add_argument("--resnet-batch", type=int, default=64)
     ap.add_argument("--gpu-n", type=int, default=100_000)
     ap.add_argument("--gpu-batch", type=int, default=256)
     ap.add_argument("--budget-mb", type=int, default=3000, help="--memory-budget of every case (MB)")
+    ap.add_argument("--hessian-batch", type=int, default=256, help="diffin's Hessian batch (ScoreSettings)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per case")
     ap.add_argument("--work", default="/tmp/diffin_scale", help="where the synthetic projects live")
@@ -277,6 +286,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     args.cases = args.cases.split(",")
+    args.cnn_paths = args.cnn_paths.split(",")
     args.sizes = [int(v) for v in args.sizes.split(",") if v]
     rows = [r for c in cases(args) if (r := run_case(c, Path(args.work), args.timeout)) is not None]
     if rows:

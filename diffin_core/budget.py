@@ -33,6 +33,8 @@ PSG_ACTIVATION = 6.0     # vmap(grad) keeps the forward activations plus their g
 JVP_ACTIVATION = 4.0     # primal + tangent activations and the op temporaries
 FIXED_VECTORS = 6        # model weights, theta, g_Q / carried query vector, temporaries (P each)
 MIN_BUDGET = 64 * 2**20
+BATCH_ROWS = 64          # rows per slice of a batch gradient / HVP (fixed, so that the budget does
+                         # not change finite-difference HVPs' rounding); fewer only when it must
 
 
 def parse_bytes(text: str | int | float | None) -> int:
@@ -103,6 +105,7 @@ class MemoryPlan:
     cached_checkpoints: int   # parameter vectors (and plan entries) kept in memory at once
     row_bytes_grad: int       # estimated bytes per row, per-sample-gradient path
     row_bytes_jvp: int        # estimated bytes per row, jvp path
+    batch_rows: int = BATCH_ROWS  # rows per slice of batch gradients / HVPs (query, Hessian batch)
 
     def chunk(self, need_self: bool) -> int:
         return self.grad_chunk if need_self else self.jvp_chunk
@@ -138,4 +141,6 @@ def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = 
     used = (grad_chunk * row_grad) if need_self else (jvp_chunk * row_jvp)
     extra = (room - used) // per_ckpt
     cached = int(max(1, min(checkpoints, 1 + extra)))
-    return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp))
+    batch_rows = int(max(1, min(BATCH_ROWS, (room // 2) // row_jvp)))
+    return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp),
+                      batch_rows)

@@ -41,19 +41,37 @@ class Bar:
             self.bar.close()
 
 
-def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
-           features: bool = True) -> Path:
+def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None):
+    """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64)."""
+    from .budget import parse_bytes
     from .methods import ScoreSettings
+    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget))
+    if batch_size is not None:
+        if batch_size < 1:
+            from .errors import DiffinError
+            raise DiffinError(f"--batch-size must be at least 1, not {batch_size}")
+        s.batch_size = int(batch_size)
+    return s
+
+
+def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
+           features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None) -> Path:
     from .scoring import score
+    settings = _settings(device, memory_budget, batch_size)
     bar = Bar()
     try:
         if ray is not None:
             from .distributed import score_on_ray
-            return score_on_ray(project, method, run, ScoreSettings(device=device),
+            return score_on_ray(project, method, run, settings,
                                 address=None if ray == "local" else ray, progress=bar)
-        return score(project, method, run, ScoreSettings(device=device), progress=bar, features=features)
+        return score(project, method, run, settings, progress=bar, features=features)
     finally:
         bar.close()
+
+
+MEMORY_HELP = ("memory the engine may use, e.g. 4GB or 512MB (default: half the free RAM, 80%% of the "
+               "free VRAM); sets the chunk sizes, not the scores")
+BATCH_HELP = "at most this many training samples per chunk (default 256; the memory budget may use fewer)"
 
 
 @app.command("score")
@@ -65,11 +83,15 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                                                 help="shard over Ray: --ray alone starts a local instance; "
                                                      "'auto' or host:6379 joins a cluster (README)"),
               no_features: bool = typer.Option(False, "--no-features",
-                                               help="skip the feature pass (then `diffin top` takes the exact path)")):
+                                               help="skip the feature pass (then `diffin top` takes the exact path)"),
+              memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE",
+                                                          help=MEMORY_HELP),
+              batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
     for m in method:
-        out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features)
+        out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
+                     memory_budget=memory_budget, batch_size=batch_size)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
 
 
@@ -77,12 +99,17 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
 def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., help="a finished run"),
             query_index: List[int] = typer.Option(..., "--query-index", "-q", help="query sample index; repeat for a set"),
             k: int = typer.Option(10, help="how many of each"),
-            exact: bool = typer.Option(False, "--exact", help="the exact path even when the run has a feature store")):
+            exact: bool = typer.Option(False, "--exact", help="the exact path even when the run has a feature store"),
+            memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help=MEMORY_HELP),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Print the most helpful and most harmful training samples for query sample(s)."""
     from .scoring import top_k
+    over = _settings("auto", memory_budget, batch_size)
     bar = Bar()
     try:
-        helpful, harmful = top_k(project, run, query_index, k, progress=bar, exact=exact)
+        helpful, harmful = top_k(project, run, query_index, k, progress=bar, exact=exact,
+                                 memory_budget=over.memory_budget if memory_budget else None,
+                                 batch_size=batch_size)
     finally:
         bar.close()
     typer.echo(f"({helpful.attrs.get('path', 'exact path')})")
@@ -147,7 +174,7 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
 
 # --- data-centric tasks (issue 4): clean, delete, coreset, verify, bench ------------------------
 def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], keep, reason: str, extra: dict) -> None:
-    from .export import export_subset
+    from .export import export_subset, project_source
     from .project import Project
     project = Project(project_dir)
     info = project.run(run)
@@ -155,6 +182,7 @@ def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], k
     fmt = fmt or {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".zip": "imagefolder"}.get(out.suffix.lower(), "npz")
     export_subset(out, fmt, train.x, train.y, train.ids, keep, reason=reason,
                   label_names=project.label_names, image_shape=project.image_shape,
+                  source=project_source(project),       # the input's own arrays and dtypes
                   manifest_extra={"project": str(project.root), "run": info.name, "method": info.method, **extra})
     typer.echo(f"kept {int(keep.sum())} of {len(keep)} samples ({len(keep) - int(keep.sum())} excluded): wrote {out}")
 

@@ -52,6 +52,8 @@ class FunctionalModel:
         self.sizes = [p.numel() for _, p in named]
         self.num_params = sum(self.sizes)
         self.buffers = dict(model.named_buffers())
+        self.max_rows: int | None = None   # batch gradients / HVPs of more rows run in slices of this
+                                           # many (same result: the mean is linear); set by the budget
 
     # --- parameters -------------------------------------------------------------------------
     def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,9 +93,20 @@ class FunctionalModel:
         return self.losses(theta, x, y).mean()
 
     # --- first order ------------------------------------------------------------------------
+    def _sliced(self, fn, x, y) -> torch.Tensor:
+        """mean over the batch of fn(x_slice, y_slice) (a per-slice mean), ``max_rows`` at a time."""
+        n, step = len(y), self.max_rows or len(y)
+        if n <= step:
+            return fn(x, y)
+        total = None
+        for a in range(0, n, step):
+            part = fn(x[a:a + step], y[a:a + step]) * (min(n, a + step) - a)
+            total = part if total is None else total.add_(part)
+        return total / n
+
     def batch_grad(self, theta, x, y) -> torch.Tensor:
         """Gradient of the batch-mean loss (P,)."""
-        return grad(self.mean_loss)(theta, x, y).detach()
+        return self._sliced(lambda xs, ys: grad(self.mean_loss)(theta, xs, ys).detach(), x, y)
 
     def per_sample_grads(self, theta, x, y) -> torch.Tensor:
         """Per-sample gradients (B, P) via vmap(grad)."""
@@ -124,5 +137,7 @@ class FunctionalModel:
 
     def hvp_exact(self, theta, x, y, v) -> torch.Tensor:
         """Exact Hessian-vector product (forward-over-reverse), for tests and the CG solver."""
-        _, hv = jvp(grad(lambda t: self.mean_loss(t, x, y)), (theta,), (v,))
-        return hv.detach()
+        def one(xs, ys):
+            _, hv = jvp(grad(lambda t: self.mean_loss(t, xs, ys)), (theta,), (v,))
+            return hv.detach()
+        return self._sliced(one, x, y)

@@ -199,28 +199,42 @@ def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[Plan
     query-independent view may ignore. Without it the view is Lanczos from those starts on
     ``settings.hessian_batch`` samples (seeded per checkpoint).
     """
-    momentum = has_momentum(ctx.recipe)
-    u = u.clone()
-    v = torch.zeros_like(u) if momentum else None
+    carry = plan_start(ctx, u)
     plan: list[PlanItem] = []
-    for k in reversed(range(ctx.m)):
-        lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
-        if hi <= lo:
-            continue
-        S = preconditioner_scale(ctx, k)
-        starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
-        if not any(bool(torch.any(s != 0)) for s in starts):
-            starts = [random_start(ctx, k)]
-        if view_fn is not None:
-            view = view_fn(k, starts)
-        else:
-            view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.settings.hessian_batch, k))
-        W, C = segment_coefficients(view.values.double().cpu().numpy(), ctx.step_lrs[lo:hi], lo, ctx.recipe)
-        dev, dt = view.vectors.device, view.vectors.dtype
-        op = SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S)
-        w, u, v = op.rows(u, v)
-        if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
-            raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
-        plan.append(PlanItem(k, 1.0 / ctx.n, w, op))
-        ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
+    for i in range(ctx.m):
+        item, carry = plan_step(ctx, i, carry, view_fn)
+        if item is not None:
+            plan.append(item)
     return plan
+
+
+def plan_start(ctx, u: torch.Tensor):
+    """The carried adjoints before the latest checkpoint: (u, v), v = None without momentum."""
+    return u.clone(), (torch.zeros_like(u) if has_momentum(ctx.recipe) else None)
+
+
+def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
+    """Step i of build_plan (checkpoint k = m-1-i): (PlanItem or None, carry for step i+1).
+    One checkpoint's Lanczos view and vectors; runner saves each step's item and carry, so a
+    killed job resumes at the next checkpoint."""
+    u, v = carry
+    k = ctx.m - 1 - i
+    lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
+    if hi <= lo:
+        return None, (u, v)
+    S = preconditioner_scale(ctx, k)
+    starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
+    if not any(bool(torch.any(s != 0)) for s in starts):
+        starts = [random_start(ctx, k)]
+    if view_fn is not None:
+        view = view_fn(k, starts)
+    else:
+        view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.settings.hessian_batch, k))
+    W, C = segment_coefficients(view.values.double().cpu().numpy(), ctx.step_lrs[lo:hi], lo, ctx.recipe)
+    dev, dt = view.vectors.device, view.vectors.dtype
+    op = SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S)
+    w, u, v = op.rows(u, v)
+    if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
+        raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
+    ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
+    return PlanItem(k, 1.0 / ctx.n, w, op), (u, v)

@@ -83,8 +83,9 @@ def prepare(method, ctx, qx, qy, stages: Stages, mem: MemoryPlan | None = None):
 
 
 def _prepare_stepwise(method, ctx, qx, qy, stages: Stages, mem):
-    """prepare_start(ctx, qx, qy) -> carry; prepare_step(ctx, i, carry) -> (entry or None, carry)
-    for i in range(method.plan_steps(ctx)); entries saved as made, resumed from the last one."""
+    """prepare_start(ctx, qx, qy) -> carry; prepare_step(ctx, i, carry, qx, qy) -> (entry or None,
+    carry) for i in range(method.plan_steps(ctx)); each entry and carry saved as made, and a
+    resumed job starts at the first step not saved."""
     steps = method.plan_steps(ctx)
     entries: list = []
     saved = stages.saved_plan_entries() if stages.enabled else 0
@@ -96,7 +97,7 @@ def _prepare_stepwise(method, ctx, qx, qy, stages: Stages, mem):
         carry = method.prepare_start(ctx, qx, qy)
     storable = stages.enabled
     for i in range(saved, steps):
-        entry, carry = method.prepare_step(ctx, i, carry)
+        entry, carry = method.prepare_step(ctx, i, carry, qx, qy)
         if storable:
             storable = stages.save_plan_entry(i, entry, carry)
         if not storable or _fits(mem, steps):
@@ -207,6 +208,9 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
     """
     stages = stages or Stages(None, StageSettings(method.name, {}, "", ""))
     mem = mem or memory_plan(method, ctx, need_self)
+    if hasattr(ctx, "memory"):
+        ctx.memory = mem                                  # Context.chunks / mean_grad use it
+    ctx.fm.max_rows = mem.batch_rows                      # batch gradients / HVPs sliced to fit
     if isinstance(ctx.thetas, CheckpointStore):
         ctx.thetas.keep = mem.cached_checkpoints
     ctx.progress(0, ctx.n, f"{method.name}: preparing query vectors")

@@ -22,6 +22,8 @@ import pandas as pd
 import torch
 
 from .data import Split
+from .stages import Stages, StageSettings, array_digest
+from .store import CheckpointStore, Lazy, StateFiles
 from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_exp_avg_sq, load_step_lrs,
                           read_state)
 from .errors import DiffinError
@@ -48,11 +50,17 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     device = pick_device(settings.device)
     fm = FunctionalModel(model.to(dtype=dtype))
     fm.to(device)
-    thetas = [fm.flatten({k: v.to(device=device, dtype=dtype) for k, v in s.items()}) for s in states]
+    lazy = isinstance(states, StateFiles)
+    if lazy:        # streamed: theta_k read from its file when used (runner sets how many stay)
+        thetas = CheckpointStore.from_files(fm.flatten, states, fm.names, device, dtype, keep=1)
+    else:
+        thetas = [fm.flatten({k: v.to(device=device, dtype=dtype) for k, v in s.items()}) for s in states]
     buffers = None
     if fm.buffers:
-        buffers = [{k: v.to(device=device, dtype=fm.buffers[k].dtype) for k, v in s.items() if k in fm.buffers}
-                   for s in states]
+        names = list(fm.buffers)
+        buffers = [{k: v.to(device=device, dtype=fm.buffers[k].dtype)
+                    for k, v in (states.load(i, names) if lazy else states[i]).items() if k in fm.buffers}
+                   for i in range(len(states))]       # small (BatchNorm statistics): all kept
         fm.buffers = {**fm.buffers, **buffers[-1]}
     step_lrs = (interpolated_lrs(steps, lrs) if step_lrs is None
                 else np.asarray(step_lrs, dtype=np.float64)[:max(int(steps[-1]), 1)])
@@ -62,19 +70,48 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     eff = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * recipe.momentum_gain()
     precond = None
     if exp_avg_sq is not None and recipe.adam:
-        precond = [None if e is None else
-                   torch.as_tensor(adam_scale(e[0].double().cpu().numpy(), e[1], recipe.betas[1], recipe.eps),
-                                   dtype=dtype, device=device) for e in exp_avg_sq]
+        def scale(k):
+            e = exp_avg_sq[k]
+            return None if e is None else torch.as_tensor(
+                adam_scale(e[0].double().cpu().numpy(), e[1], recipe.betas[1], recipe.eps), dtype=dtype, device=device)
+        precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
                    buffers=buffers, precond=precond, files=files)
+
+
+def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
+    """A manifest's checkpoints, each checked against the model (one file in memory at a
+    time), as a StateFiles sequence the scoring context reads lazily."""
+    paths = []
+    for c in m.checkpoints:
+        src = Path(m.path).parent / c.file
+        state, meta = read_state(src)
+        check_step(meta, c, src)
+        check_fits(model, state, src)
+        del state
+        paths.append(src)
+    return StateFiles(paths, prepare=lambda st: complete_state(model, st))
+
+
+def stage_settings(project: Project, method: str, settings: ScoreSettings, qx, qy, need_self: bool) -> StageSettings:
+    """What decides a scoring job's saved stages: method, result-changing settings, the query,
+    the training split and the checkpoint files (size, mtime)."""
+    fields = {k: v for k, v in settings.to_dict().items() if k not in ("batch_size", "memory_budget", "device")}
+    train = project.train
+    ckpts = []
+    for c in project.manifest.checkpoints:
+        st = (project.manifest_path.parent / c.file).stat()
+        ckpts.append([c.file, st.st_size, st.st_mtime_ns, c.step, c.lr])
+    return StageSettings(method, fields, array_digest(np.asarray(qx), qy), array_digest(train.ids, train.y),
+                         ckpts, need_self)
 
 
 def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
     """The scoring context of a project: its model, checkpoints and recorded recipe."""
     model = project.build_model()
     project.check_model_input(model)
-    states = project.checkpoint_states(model)
+    states = checkpoint_files(model, project.manifest)      # checked one by one, read lazily
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
     return manifest_context(model, project.manifest, project.train, settings, progress, states)
@@ -85,21 +122,15 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     """A context from a checkpoint manifest and its files (states: already loaded, or read here).
     What the manifest does not record is approximated and named in one RecipeWarning line."""
     if states is None:
-        states = []
-        for c in m.checkpoints:
-            src = Path(m.path).parent / c.file
-            state, meta = read_state(src)
-            check_step(meta, c, src)
-            check_fits(model, state, src)
-            states.append(complete_state(model, state))
+        states = checkpoint_files(model, m)
     recipe = Recipe.from_manifest(m.recipe_dict())
     step_lrs = load_step_lrs(m)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    eas = [load_exp_avg_sq(m, c, names) for c in m.checkpoints] if recipe.adam else None
+    eas = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names)) if recipe.adam else None
     approx = list(recipe.approximations)
     if step_lrs is None:
         approx.append("the lr inside each segment (no per-step lrs: interpolated between checkpoints)")
-    if recipe.adam and (eas is None or any(e is None for e in eas)):
+    if recipe.adam and (eas is None or any(not c.exp_avg_sq for c in m.checkpoints)):
         approx.append("Adam's preconditioner (no exp_avg_sq recorded: modelled as SGD with the same lr)")
         recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
         eas = None
@@ -157,7 +188,11 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     started = time.time()
     ctx = project_context(project, settings, progress)
     q = project.query
-    out = run_method(ctx, method, q.x, q.y)
+    qx = np.asarray(q.x)
+    # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
+    # a killed job with the same settings resumes from them (stages.py)
+    ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
+    out = run_method(ctx, method, qx, q.y)
     df = scores_frame(project.train, out)
     meta = {
         "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
@@ -165,13 +200,28 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "num_params": ctx.fm.num_params, "seconds": round(time.time() - started, 3),
         "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                                "diffin": "0.1.0"},
+        "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
     }
     final = write_run(project, run, df, meta, started)
+    ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     from . import features as feature_store
+    if features and method in feature_store.METHODS and not feature_pass_fits(ctx, feature_store):
+        features = False
+        if progress:
+            progress(ctx.n, ctx.n, "features: skipped (its Hessian views exceed the memory budget; "
+                     "`diffin top` takes the exact path)")
     if features and method in feature_store.METHODS:
         feature_store.build(ctx, q, final / feature_store.DIRNAME, progress=progress,
                             num_classes=project.num_classes)
     return final
+
+
+def feature_pass_fits(ctx: Context, feature_store) -> bool:
+    """The feature pass holds view_rank Ritz vectors of P floats per checkpoint: only when
+    they take at most half the memory budget."""
+    mem = ctx.memory
+    need = ctx.m * feature_store.FeatureSettings().view_rank * ctx.fm.num_params * 4
+    return mem is None or need <= mem.budget // 2
 
 
 def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
@@ -210,7 +260,8 @@ def topk_cache_path(project: Project, run: str, query_indices) -> Path:
 
 
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
-          progress=None, exact: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+          progress=None, exact: bool = False, memory_budget: int | None = None,
+          batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(most helpful, most harmful) training samples for the query samples, with the run's
     method and settings. From the run's feature store when it has one (fast path, unless
     ``exact``), else exact and cached in runs/<run>/topk/ by query indices. Both tables carry
@@ -228,6 +279,10 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
         infl = np.load(cache)
     else:
         settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
+        if memory_budget is not None:           # chunking only: the scores stay the run's
+            settings.memory_budget = int(memory_budget)
+        if batch_size is not None:
+            settings.batch_size = int(batch_size)
         infl = query_influence(project, info.method, idx, settings, progress)
         from .atomic import atomic_path
         with atomic_path(cache) as tmp:

@@ -3,7 +3,7 @@
     runs/.stages/<method>-<job digest>/
         settings.json              StageSettings of the job; a change wipes the folder
         plan/000.safetensors       query-side vectors of plan entry 0 (+ .json: its scalars)
-        plan/000.carry.safetensors the query vector carried to the next checkpoint (diffin)
+        plan/000_carry.*           the query vector carried to the next checkpoint (diffin)
         scores/ckpt_000.npz        influence-only walk: checkpoint 0's contribution (N,)
         scores/rows_0_4096.npz     row-range walk: influence, self_influence, probs of rows [0, 4096)
 
@@ -178,8 +178,7 @@ class Stages:
         if self.root is None:
             return False
         try:
-            if carry is not None:
-                save_item(self.root / "plan" / f"{i:03d}.carry", carry)
+            save_item(self.root / "plan" / f"{i:03d}_carry", carry)
             save_item(self.root / "plan" / f"{i:03d}", entry)
         except NotStorable:
             return False
@@ -201,7 +200,7 @@ class Stages:
         if self.root is None:
             return 0
         i = 0
-        while has_item(self.root / "plan" / f"{i:03d}") and has_item(self.root / "plan" / f"{i:03d}.carry"):
+        while has_item(self.root / "plan" / f"{i:03d}") and has_item(self.root / "plan" / f"{i:03d}_carry"):
             i += 1
         return i
 
@@ -209,7 +208,7 @@ class Stages:
         return LazyPlan([self.root / "plan" / f"{i:03d}" for i in range(entries)], device, keep)
 
     def load_carry(self, i: int, device):
-        return load_item(self.root / "plan" / f"{i:03d}.carry", device)
+        return load_item(self.root / "plan" / f"{i:03d}_carry", device)
 
     # score pieces --------------------------------------------------------------------------
     def save_scores(self, name: str, arrays: dict[str, np.ndarray]) -> None:

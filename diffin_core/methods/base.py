@@ -24,7 +24,8 @@ ProgressFn = Callable[[int, int, str], None]
 @dataclass
 class ScoreSettings:
     """Every knob of every estimator, saved into runs/<run>/meta.json."""
-    batch_size: int = 256          # training samples per chunk (per-sample gradients live per chunk)
+    batch_size: int = 256          # at most this many training samples per chunk (the memory
+                                   # budget may choose fewer; per-sample gradients live per chunk)
     hessian_batch: int = 256       # samples in the fixed batch whose Hessian Diff-In propagates through
     lanczos_steps: int = 10        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
     eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
@@ -37,6 +38,8 @@ class ScoreSettings:
     cg_iters: int = 100
     seed: int = 0
     device: str = "auto"
+    memory_budget: int = 0         # bytes the engine's tensors may use (0 = auto: half the free RAM,
+                                   # 80% of the free VRAM); sets the chunks (budget.py), not the scores
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +95,8 @@ class Context:
     buffers: Sequence[dict | None] | None = None
     precond: Sequence[torch.Tensor | None] | None = None
     files: Sequence[str] | None = None    # checkpoint file names, for messages
+    memory: object | None = None          # budget.MemoryPlan of the running method (set by runner.run)
+    stages: object | None = None          # stages.Stages: where a resumable job saves its stages
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
@@ -115,24 +120,40 @@ class Context:
     def m(self) -> int:
         return len(self.steps)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (read without loading a checkpoint from a lazy store)."""
+        return getattr(self.thetas, "dtype", None) or self.thetas[0].dtype
+
     def tensors(self, x: np.ndarray, y: np.ndarray):
-        return (torch.as_tensor(x, device=self.device, dtype=self.thetas[0].dtype),
-                torch.as_tensor(y, device=self.device, dtype=torch.long))
+        return (torch.as_tensor(np.asarray(x), dtype=self.dtype).to(self.device),
+                torch.as_tensor(np.asarray(y), dtype=torch.long).to(self.device))
+
+    def chunk_rows(self, need_self: bool = False) -> int:
+        """Rows per chunk: the memory plan's (per-sample-gradient or jvp path), else batch_size."""
+        return self.memory.chunk(need_self) if self.memory is not None else self.settings.batch_size
 
     def chunks(self, split: Split | None = None, size: int | None = None):
-        """(slice, x, y) over a split, moved to the device one chunk at a time."""
+        """(slice, x, y) over a split, read (streamed sources: only these rows, through a
+        DataLoader) and moved to the device one chunk at a time."""
         split = split or self.train
-        size = size or self.settings.batch_size
+        size = size or self.chunk_rows()
+        if hasattr(split, "iter_chunks"):
+            for start, x, y in split.iter_chunks(size):
+                yield (slice(start, start + len(y)), *self.tensors(x, y))
+            return
         for start in range(0, len(split), size):
             sl = slice(start, min(start + size, len(split)))
             yield (sl, *self.tensors(split.x[sl], split.y[sl]))
 
     def mean_grad(self, k: int, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         """Gradient of the mean loss over all of (x, y) at checkpoint k, chunked (P,)."""
-        total = torch.zeros_like(self.thetas[k])
-        for start in range(0, len(y), self.settings.batch_size):
-            xb, yb = self.tensors(x[start:start + self.settings.batch_size], y[start:start + self.settings.batch_size])
-            total += self.fm_at(k).batch_grad(self.thetas[k], xb, yb) * len(yb)
+        theta, fm = self.thetas[k], self.fm_at(k)
+        step = self.memory.batch_rows if self.memory is not None else self.settings.batch_size
+        total = torch.zeros_like(theta)
+        for start in range(0, len(y), step):
+            xb, yb = self.tensors(x[start:start + step], y[start:start + step])
+            total += fm.batch_grad(theta, xb, yb) * len(yb)
         return total / max(len(y), 1)
 
     def sample_batch(self, size: int, k: int, salt: int = 0):
@@ -172,29 +193,10 @@ class Attributor:
     # --- driven by the base class -----------------------------------------------------------
     def run(self, ctx: Context, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict[str, np.ndarray]:
         """Score every training sample; returns arrays of length N keyed by column name
-        (plus "self_by_checkpoint" (N, m) when the method reports per-checkpoint self-influence)."""
-        ctx.progress(0, ctx.n, f"{self.name}: preparing query vectors")
-        state = self.prepare(ctx, qx, qy)
-        infl, selfs, probs = [], [], []
-        done = 0
-        for sl, x, y in ctx.chunks():
-            i, s = self.chunk(ctx, state, x, y, need_self)
-            infl.append(i.double().cpu())
-            if s is not None:
-                selfs.append(s.double().cpu())
-            if need_self:
-                with torch.no_grad():
-                    probs.append(torch.softmax(ctx.fm_at(ctx.m - 1).logits(ctx.thetas[ctx.m - 1], x), -1).double().cpu())
-            done += len(y)
-            ctx.progress(done, ctx.n, f"{self.name}: scoring training samples")
-        out = {"influence": torch.cat(infl).numpy()}
-        if need_self:
-            p = torch.cat(probs).numpy()
-            self_infl = torch.cat(selfs).numpy() if selfs else None
-            if self_infl is not None and self_infl.ndim == 2:
-                out["self_by_checkpoint"] = self_infl.astype(np.float32)
-                self_infl = self_infl.sum(1)
-            out["self_influence"] = self_infl if self_infl is not None else np.full(ctx.n, np.nan)
-            out["label_issue"] = np.asarray(self.label_issue(self_infl, p, ctx.train.y), dtype=np.float64)
-            out["probs"] = p
-        return out
+        (plus "self_by_checkpoint" (N, m) when the method reports per-checkpoint self-influence).
+
+        runner.run does the walk in bounded memory: the query plan first (saved per checkpoint
+        in ``ctx.stages`` when set), then checkpoint by checkpoint (influence only) or row range
+        by row range (with self-influence), chunk sizes from the memory budget."""
+        from ..runner import run
+        return run(self, ctx, qx, qy, need_self, ctx.stages)

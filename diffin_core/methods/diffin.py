@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import no_tf32
-from ..propagate import build_plan, check_finite, has_momentum, hessian_view, random_start
+from ..propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
 from .base import Attributor, Context, loo_loss
 from .first_order import rowdot
 
@@ -59,6 +59,16 @@ class DiffIn(Attributor):
     def prepare(self, ctx: Context, qx, qy):
         return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy))   # latest checkpoint first
 
+    # the same plan one checkpoint at a time (runner.py saves each step: resumable, streamed)
+    def plan_steps(self, ctx: Context) -> int:
+        return ctx.m
+
+    def prepare_start(self, ctx: Context, qx, qy):
+        return plan_start(ctx, ctx.mean_grad(ctx.m - 1, qx, qy))
+
+    def prepare_step(self, ctx: Context, i: int, carry, qx=None, qy=None):
+        return plan_step(ctx, i, carry)
+
     def chunk(self, ctx, plan, x, y, need_self):
         infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
         if not need_self:
@@ -82,6 +92,15 @@ class DiffIn(Attributor):
 
     def label_issue(self, self_influence, probs, y):
         return loo_loss(self_influence, probs, y)
+
+    def run(self, ctx, qx, qy, need_self=True):
+        """label_issue = the estimated leave-one-out loss at the checkpoint with the lowest query
+        loss (label_issue.early_stopped_loo_loss: one more self-influence pass up to it)."""
+        out = super().run(ctx, qx, qy, need_self)
+        if need_self:
+            from ..label_issue import early_stopped_loo_loss
+            out["label_issue"], _k = early_stopped_loo_loss(self, ctx, qx, qy, out)
+        return out
 
 
 class DiffInPaper(Attributor):

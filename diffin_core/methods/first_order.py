@@ -33,6 +33,21 @@ class TracIn(Attributor):
                 plan.append((k, float(coef[k]), gq if d is None else d * gq, d))
         return plan
 
+    # the same plan one checkpoint at a time (runner.py saves each entry as it is made)
+    def plan_steps(self, ctx: Context) -> int:
+        return ctx.m
+
+    def prepare_start(self, ctx: Context, qx, qy):
+        return None
+
+    def prepare_step(self, ctx: Context, k: int, carry, qx, qy):
+        coef = float(ctx.lrs[k] * ctx.segments[k] / ctx.n)
+        if coef <= 0:
+            return None, None
+        d = self.preconditioner(ctx, k)
+        gq = ctx.mean_grad(k, qx, qy)
+        return (k, coef, gq if d is None else d * gq, d), None
+
     def chunk(self, ctx, state, x, y, need_self):
         infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
         selfs = torch.zeros_like(infl) if need_self else None
