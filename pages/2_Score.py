@@ -27,9 +27,19 @@ for m in methods:
             if i.calibrated else "compare its influence within this run only (the size is not a loss change)")
     st.caption(f"**{m}** · {i.scale}: {note} ({i.evidence}).")
 
+mem_col, batch_col = st.columns(2)
+budget_mb = mem_col.number_input("Memory budget (MB, 0 = auto)", min_value=0, value=0, step=512, key="score_budget",
+                                 help="Memory the engine may use; it sets the chunk sizes, not the scores. "
+                                      "Auto: half the free RAM, or 80% of the free GPU memory.")
+batch = batch_col.number_input("Batch size (max samples per chunk)", min_value=1, value=256, step=32,
+                               key="score_batch", help="The memory budget may choose fewer.")
+
 if st.button("Start scoring", key="score_start", type="primary", disabled=not methods):
+    from diffin_core.methods import ScoreSettings
     root = str(project.root)
-    ids = [jm.submit_child("score", "diffin_core.scoring:score", (root, m), label=m, project_dir=root)
+    settings = ScoreSettings(batch_size=int(batch), memory_budget=int(budget_mb) * 2**20)
+    ids = [jm.submit_child("score", "diffin_core.scoring:score", (root, m), {"settings": settings},
+                           label=m, project_dir=root)
            for m in methods]
     ui.add_job_ids(ids)
 
@@ -39,14 +49,15 @@ active = [j for j in history if j.status in ("queued", "running")]
 
 
 def _progress_text(info) -> str:
+    message = info.message.removeprefix(f"{info.label}: ")  # the engine names the method too
     if info.status == "queued":
         return f"{info.label}: queued"
     if info.in_phase:  # e.g. diffin carrying the query back through the checkpoints
-        return f"{info.label}: {info.message} · step {info.step} of {info.steps}"
+        return f"{info.label}: query phase · {info.step} of {info.steps} checkpoints done"
     if not info.done:
-        return f"{info.label}: {info.message or 'starting'}"
+        return f"{info.label}: {message or 'starting'}"
     eta = f" · about {ui.fmt_seconds(info.eta_s)} left" if info.eta_s is not None else ""
-    return f"{info.label}: {info.message} · {info.done:,}/{info.total or 0:,} samples · {info.rate:,.0f}/s{eta}"
+    return f"{info.label}: {message} · {info.done:,}/{info.total or 0:,} samples · {info.rate:,.0f}/s{eta}"
 
 
 @st.fragment(run_every=1.0 if active else None)

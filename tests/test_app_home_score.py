@@ -179,3 +179,24 @@ def test_autoscore_serves_first_and_scores_in_the_background(workspace, jobs, mo
     new_app()  # another session of the same server does not queue the work again
     assert len(jobs.list()) == 1
     assert [r.name for r in Project(workspace / "mnist-sample").runs()] == ["loss-1"]
+
+
+def test_score_page_shows_the_checkpoint_phase_as_progress(scored, jobs):
+    import threading
+    gate = threading.Event()
+
+    def fake_diffin(p):  # what the engine reports while it carries the query back
+        for k in (12, 11, 10):
+            p.update(0, 4000, f"diffin: propagated the query through checkpoint {k}/12")
+        gate.wait(30)
+
+    jid = jobs.submit("score", fake_diffin, label="diffin", project_dir=scored)
+    end = time.time() + 10
+    while jobs.get(jid).step != 3:
+        assert time.time() < end
+        time.sleep(0.02)
+    at = new_app(scored, "pages/2_Score.py")
+    bars = at.get("progress")
+    assert [b.proto.text for b in bars] == ["diffin: query phase · 3 of 12 checkpoints done"]
+    assert bars[0].proto.value == 25  # 3/12, not 0/4,000
+    gate.set()
