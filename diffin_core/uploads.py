@@ -29,6 +29,7 @@ from .atomic import atomic_path, write_text
 from .checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, Manifest, check_fits, read_state
 from .data import load_split
 from .errors import DiffinError
+from .export import IMAGES_SUFFIX
 
 DRAFT = ".setup.json"
 ROLES = ("model", "checkpoint", "train", "query")
@@ -120,22 +121,21 @@ def check_data(path: Path, label: str) -> dict:
     return info
 
 
-def _model_classes(project_dir: Path, model_file: Path | None = None, data_file: Path | None = None,
-                   image_shape=None) -> int | None:
-    """How many classes the model outputs, from one forward pass on the data; None when the
-    model or the data is not there yet or they don't fit (Create says why later)."""
+def _model_outputs(model, model_file: Path, project_dir: Path) -> int | None:
+    """How many classes the model outputs: one forward pass on uploaded data when there is
+    some, else the out_features of its last nn.Linear; None when neither tells. Called where
+    the model is built (a child process in the app), so data uploads never import user code:
+    they read the number from the draft."""
+    from torch import nn
     draft = read_draft(project_dir)
-    if model_file is None and draft.get("model") and (project_dir / draft["model"]).is_file():
-        model_file = project_dir / draft["model"]
-    if data_file is None:
-        data_file = next((project_dir / draft[r] for r in ("train", "query")
-                          if draft.get(r) and (project_dir / draft[r]).is_file()), None)
-    if model_file is None or data_file is None:
-        return None
-    try:
-        return fit_input(model_file, data_file, image_shape)[1]
-    except DiffinError:
-        return None
+    for role in ("train", "query"):
+        if draft.get(role) and (project_dir / draft[role]).is_file():
+            try:
+                return fit_input(model_file, project_dir / draft[role])[1]
+            except DiffinError:
+                return None
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(last[-1].out_features) if last else None
 
 
 def _check_fits_data(project_dir: Path, role: str, info: dict, label: str, classes: int | None) -> None:
@@ -207,17 +207,17 @@ def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
     for f in draft.get("checkpoints", {}):  # say so now if the checkpoints don't fit
         check_checkpoint(project_dir / "checkpoints" / f, f"{name} vs {f}", model)
         break
+    outputs = _model_outputs(model, tmp, project_dir)
     for role in ("train", "query"):  # and now if the data's labels don't fit its outputs
-        if draft.get(role) and (project_dir / draft[role]).is_file():
-            classes = _model_classes(project_dir, model_file=tmp, data_file=project_dir / draft[role])
-            info = draft.get(f"{role}_info", {})
-            if classes is not None and info.get("num_labels", 0) > classes:
-                raise DiffinError(f"the model has {classes} outputs but the {role} data has label "
-                                  f"{info['num_labels'] - 1} (labels must be 0..{classes - 1})", name)
+        info = draft.get(f"{role}_info", {})
+        if draft.get(role) and outputs is not None and info.get("num_labels", 0) > outputs:
+            raise DiffinError(f"the model has {outputs} outputs but the {role} data has label "
+                              f"{info['num_labels'] - 1} (labels must be 0..{outputs - 1})", name)
     _place(project_dir, tmp, target)
     other = project_dir / ("model.pt2" if target == "model.py" else "model.py")
     other.unlink(missing_ok=True)
     draft["model"] = target
+    draft["model_outputs"] = outputs
     _write_draft(project_dir, draft)
     params = sum(p.numel() for p in model.parameters())
     return f"{name}: model OK ({type(model).__name__}, {params:,} parameters)"
@@ -259,7 +259,7 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
     if tmp.suffix.lower() == ".zip":
         from .safezip import read_imagefolder_zip
         try:
-            x, y, label_names, _files = read_imagefolder_zip(tmp)
+            x, y, label_names, files = read_imagefolder_zip(tmp)
         except DiffinError as e:
             raise DiffinError(e.problem, name) from None
         known = draft.get("label_names")
@@ -271,12 +271,20 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
             y = np.array([index[label_names[i]] for i in y], dtype=np.int64)
             label_names = known
         npz = staging / f"{role}.npz"
-        with atomic_path(npz) as t, open(t, "wb") as fh:
-            np.savez_compressed(fh, x=x, y=y)
-        tmp, extra = npz, {"label_names": label_names}
+        with atomic_path(npz) as t, open(t, "wb") as fh:   # files: each row's image in the zip
+            np.savez_compressed(fh, x=x, y=y, files=np.array(files, dtype=str))
+        images, tmp, extra = tmp, npz, {"label_names": label_names}
+    else:
+        images = None
     info = check_data(tmp, name)
-    _check_fits_data(project_dir, role, info, name, _model_classes(project_dir, data_file=tmp))
+    _check_fits_data(project_dir, role, info, name, draft.get("model_outputs") if draft.get("model") else None)
     rel = f"data/{role}{tmp.suffix.lower()}"
+    # the original ImageFolder zip stays beside the npz, so an export can copy its files as they were
+    kept = project_dir / "data" / f"{role}{IMAGES_SUFFIX}"
+    if images is not None:
+        _place(project_dir, images, f"data/{role}{IMAGES_SUFFIX}")
+    else:
+        kept.unlink(missing_ok=True)
     _place(project_dir, tmp, rel)
     old = draft.get(role)
     if old and old != rel:

@@ -6,10 +6,10 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, uploads  # noqa: E402
+from diffin_core import appstate, uploads, usercode  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
-st.set_page_config(page_title="diffin · Setup", page_icon="📤", layout="wide")
+st.set_page_config(page_title="diffin · Setup", page_icon=":material/upload_file:", layout="wide")
 st.title("Set up a project from uploads")
 st.write("Each file is checked as it arrives and written straight into the project folder; "
          "a file that fails its check is not kept.")
@@ -37,11 +37,11 @@ for role, label, multiple in SPECS:
         token = f"{folder}|{role}|{getattr(f, 'file_id', '')}|{f.name}|{f.size}"
         if token not in messages:
             try:
-                messages[token] = ("ok", uploads.store_upload(folder, role, f.name, f))
+                messages[token] = ("ok", usercode.store_upload(folder, role, f.name, f))  # model code: a child
             except DiffinError as e:
                 messages[token] = ("error", str(e))
         kind, text = messages[token]
-        (st.success if kind == "ok" else st.error)(text, icon="✅" if kind == "ok" else "⚠️")
+        (st.success if kind == "ok" else st.error)(text, icon=":material/check_circle:" if kind == "ok" else ":material/warning:")
 
 st.subheader("Checkpoint steps and learning rates")
 table = uploads.checkpoint_table(folder)
@@ -67,10 +67,10 @@ missing = uploads.missing_parts(folder)
 if missing:
     st.info(f"Still needed: {', '.join(missing)}.")
 if st.button("Create project", key="setup_finish", type="primary", disabled=bool(missing)):
-    problems = uploads.finish(folder, edited, image_shape=shape)
+    problems = usercode.finish(folder, edited, image_shape=shape)   # builds the model in a child
     for p in problems:
         st.error(p)
     if not problems:
         ui.set_project(folder)
         st.success(f"Project ready and opened: {folder.name}")
-        st.page_link("pages/2_Score.py", label="Next: score it", icon="⚡")
+        ui.page_link("pages/2_Score.py", "Next: score it")

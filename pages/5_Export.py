@@ -21,9 +21,17 @@ SOURCES = {"review": "Cleaned split: review decisions applied (excluded removed,
            "coreset": "Task: prune to a coreset of X% (most helpful samples, balanced across classes)",
            "drop": "Task: drop the k most harmful samples"}
 source = st.radio("What to export", list(SOURCES), format_func=SOURCES.get, key="export_source")
+data_src = export.project_source(project)          # None: a folder source, written from the arrays
+own = data_src.format if data_src else None
 formats = list(export.FORMATS) if project.kind == "image" else ["npz", "csv", "parquet"]
+if own in formats:                                 # the input's own format first: a faithful copy
+    formats.remove(own)
+    formats.insert(0, own)
 fmt = st.selectbox("Format", formats, key="export_format",
-                   help="npz: kept rows only · csv/parquet: every row with a decision column · imagefolder: a zip of class/id.png")
+                   format_func=lambda f: f"{f} (same as the input: byte-faithful)" if f == own else f"{f} (converted)",
+                   help="Kept rows only; relabels written into the label; every decision in the .decisions.json "
+                        "beside it. The input's own format keeps its arrays, dtypes, shapes, ids and column order; "
+                        "other formats convert the stored values (uint8 stays 0-255).")
 run = None
 if runs:
     run = ui.run_picker(project, key="export_run", label="Scores from run",
@@ -51,7 +59,7 @@ if st.button("Write export", key="export_write", type="primary"):
             info = project.run(run)
             extra.update(run=run, method=info.method, settings=info.meta.get("settings", {}),
                          scores={c: sc[c].tolist() for c in ("sample_id", "label_issue", "influence") if c in sc})
-        common = dict(label_names=project.label_names, image_shape=project.image_shape)
+        common = dict(label_names=project.label_names, image_shape=project.image_shape, source=data_src)
         if source == "review":
             export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra, **common)
         else:

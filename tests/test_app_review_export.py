@@ -97,7 +97,11 @@ def test_export_npz_has_decisions_applied(scored):
     assert y[ids.tolist().index(relabelled)] == new_label
     train = np.load(scored / "data/train.npz")
     keep = np.setdiff1d(np.arange(4000), excluded)
-    assert np.allclose(x.reshape(len(x), -1), train["x"][keep].reshape(len(keep), -1) / 255.0)
+    assert x.dtype == train["x"].dtype == np.uint8 and x.shape == (3995, 784)   # as stored, not float (N,1,28,28)
+    np.testing.assert_array_equal(x, train["x"][keep])
+    np.testing.assert_array_equal(z_true := np.load(scored / "exports" / "mnist-sample-clean-npz.npz")["true_y"],
+                                  train["true_y"][keep])
+    assert len(z_true) == 3995
     manifest = json.loads((scored / "exports" / "mnist-sample-clean-npz.decisions.json").read_text())
     assert manifest["run"] == "loss-1" and manifest["counts"]["exclude"] == 5
     assert {s["sample_id"] for s in manifest["samples"] if s["decision"] == "exclude"} == set(excluded)
@@ -225,3 +229,15 @@ def test_undo_on_a_sample_versus_history_undo(scored):
     state = ReviewLog(scored).state()
     assert list(state.index) == [ranked[5]]                  # bob's decision untouched
     assert current_sample(at) == ranked[0]
+
+
+def test_export_without_decisions_equals_the_input(scored):
+    at = new_app(scored, "pages/5_Export.py")
+    assert at.selectbox(key="export_format").value == "npz"       # the input's own format first
+    at.button(key="export_write").click().run()
+    assert not at.error, texts(at.error)
+    with np.load(scored / "data/train.npz") as a, np.load(scored / "exports/mnist-sample-clean-npz.npz") as b:
+        assert a.files == b.files
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            np.testing.assert_array_equal(a[k], b[k])

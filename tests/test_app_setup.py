@@ -149,9 +149,9 @@ BAD = {
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_upload_shows_message_and_changes_nothing(workspace, case):
-    at = new_app(page="pages/1_Setup.py")
     folder = workspace / "my-project"
-    upload(at, "model", ("model.py", MODEL_PY, "text/x-python"))  # a project that already has a model
+    uploads.store_upload(folder, "model", "model.py", io.BytesIO(MODEL_PY))  # a project that already has a model
+    at = new_app(page="pages/1_Setup.py")
     before, ws_before = snapshot(folder), sorted(p.name for p in workspace.iterdir())
     role, file, expected = BAD[case]
     upload(at, role, file if role != "checkpoint" else [file])

@@ -155,3 +155,170 @@ def test_bad_inputs(tmp_path, data):
         ex.export_split(tmp_path / "c.zip", "imagefolder", x, y, ids, state,
                         label_names=["a", "b"], manifest_extra={})
     assert list(tmp_path.iterdir()) == [tmp_path / "proj"]
+
+
+# --- faithful exports: the input's own arrays, dtypes, shapes, ids and column order -------------
+
+from diffin_core.data import load_split  # noqa: E402
+
+
+def _state(tmp_path, decisions):
+    log = ReviewLog(tmp_path / "log")
+    for sid, action, lab in decisions:
+        log.decide(sid, action, new_label=lab)
+    return log.state()
+
+
+def _export_source(tmp_path, src, fmt, decisions, name="out", **kw):
+    split = load_split(src)
+    state = _state(tmp_path / name, decisions)
+    out = tmp_path / f"{name}.{ {'imagefolder': 'zip'}.get(fmt, fmt)}"
+    return ex.export_split(out, fmt, split.x, split.y, split.ids, state, manifest_extra={},
+                           source=ex.Source(src), **kw), split
+
+
+@pytest.fixture
+def mnist_like(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 784), dtype=np.uint8)
+    y = rng.integers(0, 10, 40).astype(np.int64)
+    true_y = y.copy()
+    true_y[:4] = (y[:4] + 1) % 10
+    src = tmp_path / "train.npz"
+    np.savez_compressed(src, x=x, y=y, true_y=true_y)
+    return src
+
+
+def test_npz_without_decisions_equals_the_input(tmp_path, mnist_like):
+    out, _ = _export_source(tmp_path, mnist_like, "npz", [])
+    with np.load(mnist_like) as a, np.load(out) as b:
+        assert a.files == b.files == ["x", "y", "true_y"]
+        for k in a.files:
+            assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape
+            np.testing.assert_array_equal(a[k], b[k])
+    with zipfile.ZipFile(out) as zf:        # compressed, like the input
+        assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+    man = json.loads(ex.manifest_path(out).read_text())
+    assert man["faithful"] is True and man["source"] == str(mnist_like)
+
+
+def test_npz_with_decisions_keeps_dtypes_and_every_row_array(tmp_path, mnist_like):
+    out, split = _export_source(tmp_path, mnist_like, "npz", [(3, "exclude", None), (5, "relabel", 9),
+                                                               (6, "keep", None)])
+    with np.load(mnist_like) as a, np.load(out) as b:
+        assert b.files == ["x", "y", "true_y", "ids"]
+        keep = np.ones(40, bool)
+        keep[3] = False
+        assert b["x"].dtype == np.uint8 and b["x"].shape == (39, 784)   # not float32 (N, 1, 28, 28)
+        np.testing.assert_array_equal(b["x"], a["x"][keep])
+        np.testing.assert_array_equal(b["true_y"], a["true_y"][keep])
+        expected = a["y"].copy()
+        expected[5] = 9
+        np.testing.assert_array_equal(b["y"], expected[keep])
+        assert b["y"].dtype == a["y"].dtype
+        np.testing.assert_array_equal(b["ids"], np.arange(40)[keep])
+    again = load_split(out)                     # the export reads back with the same ids
+    assert list(again.ids) == [i for i in range(40) if i != 3]
+
+
+CSV = ("sample_id,feat_b,label,feat_a,note\n"
+       "10,0.5,1,7,3\n"
+       "11,1.25,0,8,4\n"
+       "12,2e-3,2,9,5\n"
+       "13,3.0,1,10,6\n")
+
+
+def test_csv_without_decisions_is_byte_identical(tmp_path):
+    src = tmp_path / "train.csv"
+    src.write_bytes(CSV.encode())
+    out, _ = _export_source(tmp_path, src, "csv", [])
+    assert out.read_bytes() == src.read_bytes()
+    crlf = tmp_path / "crlf.csv"                 # Windows line ends stay too
+    crlf.write_bytes(CSV.replace("\n", "\r\n").encode())
+    out, _ = _export_source(tmp_path, crlf, "csv", [], name="crlf-out")
+    assert out.read_bytes() == crlf.read_bytes()
+
+
+def test_csv_with_decisions_changes_only_those_rows(tmp_path):
+    src = tmp_path / "train.csv"
+    src.write_bytes(CSV.encode())
+    out, _ = _export_source(tmp_path, src, "csv", [(11, "exclude", None), (12, "relabel", 0)])
+    lines = CSV.splitlines(keepends=True)
+    assert out.read_text().splitlines(keepends=True) == [lines[0], lines[1], "12,2e-3,0,9,5\n", lines[4]]
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["sample_id", "feat_b", "label", "feat_a", "note"]
+
+
+def test_csv_with_quoted_fields_round_trips_the_values(tmp_path):
+    src = tmp_path / "q.csv"
+    src.write_text('label,"v w",x\n1,"2",3\n0,"4",5\n')
+    out, _ = _export_source(tmp_path, src, "csv", [], name="q-out")
+    assert pd.read_csv(out).equals(pd.read_csv(src))
+    out, _ = _export_source(tmp_path, src, "csv", [(0, "relabel", 0)], name="q-rel")
+    got = pd.read_csv(out)
+    assert list(got["label"]) == [0, 0] and list(got.columns) == ["label", "v w", "x"]
+    assert list(got["v w"]) == [2, 4]
+
+
+def test_parquet_without_decisions_equals_the_input(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"sample_id": pa.array([5, 6, 7], pa.int32()), "z": pa.array([1.5, 2.5, 3.5], pa.float32()),
+                      "label": pa.array([0, 1, 1], pa.int16()), "a": pa.array([9, 8, 7], pa.uint8())},
+                     metadata={b"owner": b"me"})
+    src = tmp_path / "train.parquet"
+    pq.write_table(table, src)
+    out, _ = _export_source(tmp_path, src, "parquet", [])
+    assert pq.read_table(out).equals(pq.read_table(src), check_metadata=True)
+    out, _ = _export_source(tmp_path, src, "parquet", [(6, "exclude", None), (7, "relabel", 0)], name="p2")
+    got = pq.read_table(out)
+    assert got.schema.equals(table.schema, check_metadata=True)
+    assert got.column("sample_id").to_pylist() == [5, 7] and got.column("label").to_pylist() == [0, 0]
+    assert got.column("z").to_pylist() == [1.5, 3.5]
+
+
+def test_imagefolder_upload_exported_by_copying_its_files(tmp_path):
+    from diffin_core import uploads
+    rng = np.random.default_rng(2)
+    members = {}
+    for cls in ("cat", "dog"):
+        for i in range(3):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buf, format="PNG")
+            members[f"pets/{cls}/img{i}.png"] = buf.getvalue()
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as zf:
+        for k, v in members.items():
+            zf.writestr(k, v)
+    proj = tmp_path / "proj"
+    uploads.store_upload(proj, "train", "pets.zip", io.BytesIO(zbuf.getvalue()))
+    src = proj / "data" / "train.npz"
+    assert (proj / "data" / "train.images.zip").is_file() and ex.Source(src).format == "imagefolder"
+    split = load_split(src)
+    files = list(np.load(src)["files"])
+    cat1 = files.index("pets/cat/img1.png")
+    dog0 = files.index("pets/dog/img0.png")
+    state = _state(tmp_path, [(int(split.ids[cat1]), "exclude", None), (int(split.ids[dog0]), "relabel", 0)])
+    out = ex.export_split(tmp_path / "clean.zip", "imagefolder", split.x, split.y, split.ids, state,
+                          label_names=["cat", "dog"], manifest_extra={}, source=ex.Source(src))
+    with zipfile.ZipFile(out) as zf:
+        names = sorted(zf.namelist())
+        moved = f"cat/{int(split.ids[dog0])}-img0.png"       # dog/img0 relabelled to cat; the name was taken
+        assert names == sorted(["cat/img0.png", "cat/img2.png", moved, "dog/img1.png", "dog/img2.png"])
+        assert zf.read(moved) == members["pets/dog/img0.png"]  # the same file, byte for byte
+        assert zf.read("cat/img0.png") == members["pets/cat/img0.png"]
+        assert zf.read("dog/img2.png") == members["pets/dog/img2.png"]   # byte for byte
+
+
+def test_converting_keeps_the_stored_dtype(tmp_path, mnist_like):
+    out, _ = _export_source(tmp_path, mnist_like, "csv", [(0, "exclude", None)])
+    df = pd.read_csv(out)
+    assert len(df) == 40 and list(df.columns[:4]) == ["sample_id", "label", "original_label", "decision"]
+    assert df["decision"][0] == "exclude" and (df["decision"][1:] == "undecided").all()
+    with np.load(mnist_like) as z:
+        np.testing.assert_array_equal(df.iloc[:, 4:].to_numpy(), z["x"])   # 0-255 integers, not 0-1
+    out, _ = _export_source(tmp_path, mnist_like, "imagefolder", [], name="img", image_shape=(1, 28, 28))
+    with zipfile.ZipFile(out) as zf, np.load(mnist_like) as z:
+        img = np.asarray(Image.open(io.BytesIO(zf.read(zf.namelist()[0]))))
+        sid = int(zf.namelist()[0].split("/")[1].split(".")[0])
+        np.testing.assert_array_equal(img, z["x"][sid].reshape(28, 28))
