@@ -1,35 +1,31 @@
 """Label issues from the whole training trajectory.
 
 A network that fits its training labels, flips included, ends with a low loss on a memorised
-wrong label, so the final loss says little. What does not fade is the loss the sample would
-have had if it had never been trained on (its leave-one-out loss): the rest of the data keeps
-contradicting a wrong label at every point of training. The rule here is therefore
+wrong label, so the final loss says little. What the product wants is the loss a sample would
+have had if it had never been trained on (its leave-one-out, LOO, loss): a wrong label is one
+that the rest of the data does not predict. The LOO loss depends on *which* model predicts, and
+the best judge of a label is the model that predicts held-out labels best. The rule:
 
-    trajectory LOO loss(z) = time-average over the saved checkpoints k (step > 0) of
-                             [ loss_k(z) + I_k(z) ]                                 (nats)
+    label_issue(z) = loss_{k*}(z) + self_influence_{k*}(z)                            (nats)
+    k* = argmin_k  mean query loss at checkpoint k      (over the saved checkpoints, step > 0;
+                                                         ties -> the later checkpoint)
 
-    loss_k(z) = cross-entropy of z's given label at checkpoint k,
-    I_k(z)    = the self-influence accumulated up to checkpoint k: how much lower z's loss at
-                checkpoint k is because z was trained on (>= 0 for a descent step),
+i.e. Diff-In's estimated LOO loss of z for the model at the checkpoint that generalises best
+(early stopping on the project's query set, which is the held-out data the product already
+has): the self-influence is Diff-In's, propagated through every checkpoint up to k*
+(``truncate_context`` + the method's own run). When the model does not overfit the query set,
+k* is the final checkpoint and the rule is the plain estimated LOO loss at the end. No weights
+are learned and nothing is fitted to label-error benchmarks; the query set never sees the
+training labels. Why not the final checkpoint: after memorisation the final model's loss on a
+flipped label is ~0 and a first- or second-order self-influence cannot recover the large,
+non-linear LOO effect; before memorisation the rest of the data still contradicts the flip.
 
-the time-average weighting checkpoint k by the training steps it stands for (``segments``).
-It is the held-out loss of z averaged over training: no learned weights, no benchmark tuning,
-and each term is an estimate of a leave-one-out quantity in nats. At the final checkpoint the
-bracket is the product's estimated leave-one-out loss (final loss + self-influence); the mean
-loss over checkpoints is the same average with I_k = 0.
-
-I_k comes from Diff-In's per-checkpoint self-influence when the engine gives it
-(``self_by_checkpoint`` (N, m): checkpoint j's contribution to z's self-influence on the final
-loss; I_k = the contributions of the steps before step k), otherwise from the first-order
-trajectory estimate
-
-    I_k(z) = < g_z(theta_k), sum_j w_jk (lr_j seg_j / N) g_z(theta_j) >
-
-(the displacement that training on z caused up to step k, seen by z's own gradient at k;
-w_jk = the fraction of checkpoint j's steps that lie before step k).
-
-Also here: the trajectory statistics of the training-dynamics peers (mean loss, AUM,
-forgetting counts), as plain functions of the per-checkpoint logits.
+Also here, used by the benchmark's ablations and the peers:
+  * the time-averaged trajectory LOO loss, mean over checkpoints of loss_k + I_k with I_k the
+    self-influence accumulated up to checkpoint k (first-order estimate, or from a method's
+    per-checkpoint contributions ``self_by_checkpoint``) - tried first, weaker on the
+    memorisation benchmark (benchmarks/README.md);
+  * the trajectory statistics of the training-dynamics peers (mean loss, AUM, forgetting).
 """
 from __future__ import annotations
 
@@ -157,3 +153,102 @@ def label_issue_from_trajectory(ctx, self_by_checkpoint: np.ndarray | None = Non
         up_to = first_order_self_by_target(ctx)
     seg = np.asarray(ctx.segments, dtype=np.float64)
     return trajectory_loo_loss(losses, up_to, seg, [k for k in ks if seg[k] > 0])
+
+
+# --- the product's rule: the estimated LOO loss at the best-generalising checkpoint -------------
+class _Prefix:
+    """The first ``count`` items of a (possibly lazy) per-checkpoint sequence."""
+
+    def __init__(self, seq, count: int):
+        self.seq, self.count = seq, int(count)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(self.count))]
+        k = int(k)
+        if k < 0:
+            k += self.count
+        if not 0 <= k < self.count:
+            raise IndexError(k)
+        return self.seq[k]
+
+    def __iter__(self):
+        return (self.seq[k] for k in range(self.count))
+
+    def __getattr__(self, name):          # e.g. a lazy store's dtype
+        return getattr(self.seq, name)
+
+
+def truncate_context(ctx, k: int):
+    """A scoring context whose trajectory ends at checkpoint ``k`` (that checkpoint is the model
+    being explained): the checkpoints 0..k, their owned steps recomputed so that the last owns the
+    half-interval before step_k, effective lrs from the per-step lrs when the context has them."""
+    import dataclasses
+    from .methods.base import segment_lengths
+    k = int(k)
+    steps = list(ctx.steps[:k + 1])
+    names = {f.name for f in dataclasses.fields(ctx)}
+    change = {"thetas": _Prefix(ctx.thetas, k + 1), "steps": steps}
+    seg = segment_lengths(steps)
+    lrs = np.asarray(ctx.lrs[:k + 1], dtype=np.float64)
+    if "bounds" in names and getattr(ctx, "bounds", None) is not None:
+        from .recipe import owned_bounds
+        bounds = owned_bounds(steps, max(int(steps[-1]), 1))
+        seg = np.diff(bounds).astype(np.float64)
+        change["bounds"] = bounds
+        step_lrs = getattr(ctx, "step_lrs", None)
+        if step_lrs is not None:
+            step_lrs = np.asarray(step_lrs, dtype=np.float64)[:max(int(steps[-1]), 1)]
+            change["step_lrs"] = step_lrs
+            sums = np.array([step_lrs[bounds[j]:bounds[j + 1]].sum() for j in range(len(steps))])
+            gain = ctx.recipe.momentum_gain() if hasattr(getattr(ctx, "recipe", None), "momentum_gain") else 1.0
+            lrs = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * gain
+    change["segments"] = seg
+    change["lrs"] = lrs
+    for name in ("buffers", "precond", "files"):
+        if name in names and getattr(ctx, name) is not None:
+            change[name] = _Prefix(getattr(ctx, name), k + 1)
+    for name in ("memory", "stages"):
+        if name in names:
+            change[name] = None
+    return dataclasses.replace(ctx, **change)
+
+
+def query_loss_by_checkpoint(ctx, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
+    """Mean query loss (nats) at every checkpoint (m,)."""
+    out = np.zeros(ctx.m)
+    with torch.no_grad():
+        for k in range(ctx.m):
+            fm = ctx.fm_at(k) if hasattr(ctx, "fm_at") else ctx.fm
+            total = 0.0
+            for s in range(0, len(qy), 512):
+                x, y = ctx.tensors(qx[s:s + 512], qy[s:s + 512])
+                total += float(fm.losses(ctx.thetas[k], x, y).double().sum())
+            out[k] = total / max(len(qy), 1)
+    return out
+
+
+def best_checkpoint(query_losses, steps) -> int:
+    """k* = the checkpoint (step > 0) with the lowest mean query loss; ties -> the later one."""
+    ks = trajectory_checkpoints(steps)
+    q = np.asarray(query_losses, dtype=np.float64)
+    best = min(q[k] for k in ks)
+    return max(k for k in ks if q[k] == best)
+
+
+def early_stopped_loo_loss(method, ctx, qx, qy, out: dict) -> tuple[np.ndarray, int]:
+    """(label_issue (N,), k*): ``method``'s estimated LOO loss (loss + self-influence) for the
+    model at the checkpoint with the lowest query loss. ``out``: the method's run on the full
+    trajectory (reused when k* is the last checkpoint). Costs one more self-influence pass over
+    checkpoints 0..k* when k* is earlier."""
+    from .methods.base import Attributor, loo_loss
+    k = best_checkpoint(query_loss_by_checkpoint(ctx, qx, qy), ctx.steps)
+    if k == ctx.m - 1:
+        return loo_loss(out["self_influence"], out["probs"], np.asarray(ctx.train.y)), k
+    ctx.progress(0, ctx.n, f"{method.name}: label issues at {ctx.label(k) if hasattr(ctx, 'label') else k}"
+                 " (the lowest query loss)")
+    sub = Attributor.run(method, truncate_context(ctx, k), qx, qy, need_self=True)
+    return loo_loss(sub["self_influence"], sub["probs"], np.asarray(ctx.train.y)), k

@@ -172,3 +172,51 @@ def test_cleanlab_cv_needs_a_recipe(digits_run):
     r = digits_run
     with pytest.raises(DiffinError, match="recipe"):
         run_method(_ctx(r), "cleanlab-cv", r["query"].x, r["query"].y)
+
+
+# --- the product's rule: estimated LOO loss at the checkpoint with the lowest query loss ----------
+def test_best_checkpoint_is_the_lowest_query_loss_after_step_0():
+    from diffin_core.label_issue import best_checkpoint
+    assert best_checkpoint([2.0, 0.4, 0.6, 0.9], [0, 10, 20, 30]) == 1
+    assert best_checkpoint([2.0, 0.5, 0.7, 0.5], [0, 10, 20, 30]) == 3        # ties: the later
+    assert best_checkpoint([0.1, 0.5, 0.6], [0, 10, 20]) == 1                 # step 0 never
+
+
+def test_truncated_context_equals_a_run_that_ended_there(digits_run):
+    from diffin_core.label_issue import truncate_context
+    from diffin_core.models import MLP
+    r = digits_run
+    ctx = _ctx(r)
+    k = 6
+    short = make_context(MLP(64, (), 10), r["states"][:k + 1], r["steps"][:k + 1], r["lrs"][:k + 1],
+                         r["train"], ScoreSettings(device="cpu"), dtype=torch.float64)
+    cut = truncate_context(ctx, k)
+    assert cut.m == k + 1 and list(cut.steps) == r["steps"][:k + 1]
+    assert np.allclose(cut.segments, short.segments) and np.allclose(cut.lrs, short.lrs)
+    for method in ("diffin", "tracin"):
+        a = run_method(cut, method, r["query"].x, r["query"].y)
+        b = run_method(short, method, r["query"].x, r["query"].y)
+        assert np.allclose(a["influence"], b["influence"]) and np.allclose(a["self_influence"], b["self_influence"])
+
+
+def test_diffin_label_issue_is_the_loo_loss_where_the_query_loss_is_lowest(digits_run):
+    """On a run whose query loss rises after an early minimum, diffin's label_issue is the loss
+    plus Diff-In's self-influence at that checkpoint; zeroing the self-influence changes it."""
+    from diffin_core.label_issue import best_checkpoint, losses_from_logits, query_loss_by_checkpoint
+    from diffin_core.label_issue import checkpoint_logits, truncate_context
+    from diffin_core.methods.base import Attributor
+    r = digits_run
+    ctx = _ctx(r)
+    # a query set that the model gets worse on: the training set's own flipped samples
+    flipped = r["train"].y != r["train"].true_y
+    qx, qy = r["train"].x[flipped], r["train"].true_y[flipped]
+    q = query_loss_by_checkpoint(ctx, qx, qy)
+    k = best_checkpoint(q, ctx.steps)
+    assert 0 < k < ctx.m - 1, q                                          # an early minimum
+    li = run_method(ctx, "diffin", qx, qy)["label_issue"]
+    cut = truncate_context(ctx, k)
+    sub = Attributor.run(METHODS["diffin"](), cut, qx, qy, need_self=True)
+    loss_k = losses_from_logits(checkpoint_logits(ctx, [k]), r["train"].y)[0]
+    assert np.allclose(li, loss_k + sub["self_influence"])
+    assert sub["self_influence"].std() > 0.01 * loss_k.std()            # the self term is not zero
+    assert roc_auc_score(flipped, li) > 0.9
