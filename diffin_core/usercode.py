@@ -63,6 +63,10 @@ MODEL_TIMEOUT_S = float(os.environ.get("DIFFIN_MODEL_TIMEOUT", "120"))
 _NOISE = ("Current thread", "Thread 0x", "Extension modules", "Traceback", "File ", "Stack (most recent")
 
 
+class ChildFailed(DiffinError):
+    """The child was stopped at its time limit, or died (a signal, ``os._exit``)."""
+
+
 def load_source(path: str | Path, name: str) -> types.ModuleType:
     """Import a .py file as module ``name`` from its source; never writes ``__pycache__``.
 
@@ -177,13 +181,13 @@ def run(target: str, *args, progress: Callable | None = None, cancelled: Callabl
             if cancelled is not None and cancelled():
                 raise JobCancelled()
             if timeout is not None and time.monotonic() - start > timeout:
-                raise DiffinError(f"{what} did not finish within {timeout:g} s and was stopped")
+                raise ChildFailed(f"{what} did not finish within {timeout:g} s and was stopped")
             if not proc.is_alive():
                 dead_polls += 1  # what it sent just before dying may still be in the pipe
                 if dead_polls < 5:
                     continue
                 last = last_error_line(Path(log_path).read_text(encoding="utf-8", errors="replace"))
-                raise DiffinError(f"{what} crashed ({_exit_text(proc.exitcode)})" + (f": {last}" if last else ""))
+                raise ChildFailed(f"{what} crashed ({_exit_text(proc.exitcode)})" + (f": {last}" if last else ""))
     finally:
         if proc.is_alive():
             proc.kill()
@@ -259,8 +263,11 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
             if hasattr(fileobj, "seek"):
                 fileobj.seek(0)
             shutil.copyfileobj(fileobj, out, 1 << 20)
-        return run("diffin_core.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
-                   timeout=timeout or MODEL_TIMEOUT_S, what=f"checking {Path(str(name)).name}")
+        try:
+            return run("diffin_core.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
+                       timeout=timeout or MODEL_TIMEOUT_S, what="the model check")
+        except ChildFailed as e:
+            raise DiffinError(e.problem, Path(str(name)).name) from None
     finally:
         note = spool / "staging.txt"
         for left in (note.read_text(encoding="utf-8").split() if note.is_file() else []):

@@ -124,11 +124,11 @@ def test_setup_model_check_has_a_time_limit(tmp_path):
     folder = tmp_path / "ws" / "new-project"
     folder.mkdir(parents=True)
     t0 = time.time()
-    with pytest.raises(DiffinError, match="did not finish within 4 s"):
+    with pytest.raises(DiffinError, match=r"^model.py: the model check did not finish within 4 s and was stopped$"):
         usercode.store_upload(folder, "model", "model.py", io.BytesIO(HANGS.encode()), timeout=4)
     assert time.time() - t0 < 12
     assert not (folder / "model.py").exists()
-    with pytest.raises(DiffinError, match=r"crashed \(exit code 3\): model.py: no GPU driver found"):
+    with pytest.raises(DiffinError, match=r"^model.py: the model check crashed \(exit code 3\): model.py: no GPU driver found$"):
         usercode.store_upload(folder, "model", "model.py", io.BytesIO(EXITS.encode()), timeout=60)
     msg = usercode.store_upload(folder, "model", "model.py", io.BytesIO(MODEL_PY.encode()), timeout=60)
     assert msg.startswith("model.py: model OK (MLP")
@@ -174,3 +174,25 @@ def test_child_does_not_rerun_the_main_script(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "__main__", fake)
     pid = usercode.run("os:getpid")
     assert isinstance(pid, int) and not marker.exists()
+
+
+def test_setup_page_model_that_never_returns_times_out(tmp_path, monkeypatch):
+    """AppTest: Setup's model check stops a hanging model.py and says so; the app keeps serving."""
+    from app_fixtures import job_manager, new_app
+    monkeypatch.setenv("DIFFIN_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.setattr(usercode, "MODEL_TIMEOUT_S", 4.0)
+    job_manager().reset()
+    at = new_app(page="pages/1_Setup.py")
+    at.text_input(key="setup_name").set_value("hangs").run()
+    t0 = time.time()
+    at.file_uploader(key="setup_model").set_value(("model.py", HANGS.encode(), "text/x-python")).run()
+    assert time.time() - t0 < 30
+    assert [e.value for e in at.error] == ["model.py: the model check did not finish within 4 s and was stopped"]
+    assert not (tmp_path / "ws" / "hangs" / "model.py").exists()
+    monkeypatch.setattr(usercode, "MODEL_TIMEOUT_S", 120.0)  # a child's start alone can take 4 s here
+    at.file_uploader(key="setup_model").set_value(("model_v2.py", EXITS.encode(), "text/x-python")).run()
+    assert [e.value for e in at.error] == [
+        "model_v2.py: the model check crashed (exit code 3): model.py: no GPU driver found"]
+    home = new_app()  # this process (the server) is alive and serves a new session
+    assert not home.exception and home.title[0].value.startswith("diffin:")
+    _no_children()
