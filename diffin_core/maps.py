@@ -1,5 +1,6 @@
-"""The training-set map: UMAP of the final checkpoint's penultimate activations, or of its
-per-sample loss gradients randomly projected to 128 dimensions (TRAK-style, fixed seed).
+"""The training-set map: UMAP of the run's stored influence features (features.py: each sample's
+projected effective gradient, no second gradient pass), of the final checkpoint's penultimate
+activations, or of its per-sample loss gradients randomly projected to 128 dimensions.
 
 The 2-D coordinates are cached in runs/<run>/umap.parquet (activations) or
 runs/<run>/umap-gradients.parquet (sample_id, umap_x, umap_y); the first fit in a process
@@ -17,7 +18,8 @@ from .atomic import atomic_path
 from .models import penultimate
 from .project import Project
 
-FILES = {"activations": "umap.parquet", "gradients": "umap-gradients.parquet"}
+FILES = {"activations": "umap.parquet", "gradients": "umap-gradients.parquet", "stored": "umap-stored.parquet"}
+PCA_DIM = 50                 # stored features (d = 1024) are reduced to this before UMAP
 PROJECTED_DIM = 128
 
 
@@ -54,6 +56,22 @@ def features(project: Project, kind: str = "activations", batch: int = 256, prog
     return np.concatenate(out).astype(np.float32)
 
 
+def stored_features(project: Project, run: str) -> np.ndarray:
+    """(N, PCA_DIM) float32 from the run's feature store: the projected effective gradients,
+    unit rows (direction of influence, not its size), reduced by PCA. No gradient is computed."""
+    from .errors import DiffinError
+    from .features import FeatureStore
+    store = FeatureStore.open(project, run)
+    if store is None:
+        raise DiffinError(f"run {run!r} has no feature store (built by `diffin score` for diffin runs)",
+                          project.run(run).path)
+    x = torch.from_numpy(np.asarray(store.train, dtype=np.float32))
+    x = x - x.mean(0)
+    q = min(PCA_DIM, *x.shape)
+    u, s, _ = torch.pca_lowrank(x, q=q, center=False, niter=3)
+    return (u * s).numpy().astype(np.float32)
+
+
 def load(project: Project, run: str, kind: str = "activations") -> pd.DataFrame | None:
     """The cached map, or None when not computed yet."""
     p = cache_path(project, run, kind)
@@ -63,7 +81,7 @@ def load(project: Project, run: str, kind: str = "activations") -> pd.DataFrame 
 def compute(project: Project, run: str, progress=None, seed: int = 0, kind: str = "activations") -> Path:
     """Fit UMAP on the features and write the run's map file atomically."""
     import umap
-    feats = features(project, kind, progress=progress, seed=seed)
+    feats = stored_features(project, run) if kind == "stored" else features(project, kind, progress=progress, seed=seed)
     if progress:
         progress(len(feats), len(feats), "fitting UMAP (the first fit compiles for about a minute)")
     xy = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(feats)

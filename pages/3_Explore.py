@@ -8,6 +8,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
+from _common import influence_views as iv  # noqa: E402
 from diffin_core import compare, maps  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 from diffin_core.scoring import top_k, topk_cache_path  # noqa: E402
@@ -18,7 +19,7 @@ scores = ui.scores(project, run)
 jm = ui.job_manager()
 st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")
 # Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
-VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs"]
+VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs", "Training sample", "Class heatmap"]
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
 MAP_POINTS = 20_000
 
@@ -44,18 +45,20 @@ if view == VIEWS[0]:
                                args=("explore_query", i))
     if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
         st.session_state["explore_topk_for"] = (run, int(qi))
+    fast = iv.store(project, run) is not None          # the run's feature store: answers at once
+    if fast and st.session_state.get("explore_topk_for") != (run, int(qi)):
+        st.caption("This run has a feature store: the grid comes from the fast path, in well under a second.")
     if st.session_state.get("explore_topk_for") == (run, int(qi)):
-        if not topk_cache_path(project, run, [int(qi)]).is_file():
+        if not fast and not topk_cache_path(project, run, [int(qi)]).is_file():
             # A pass over the whole training set: run it in the shared background worker.
             job_key = f"explore_topk_job_{run}_{int(qi)}"
             info = jm.get(st.session_state.get(job_key, ""))
             if info is None or info.status in ("cancelled",):
                 root, query = str(project.root), int(qi)
 
-                def job(progress):      # fills the on-disk cache the grid below reads
-                    top_k(ui.open_project(root), run, [query], 1, progress=progress.update)
-                st.session_state[job_key] = jm.submit("topk", job, label=f"top-k for query {query} ({run})",
-                                                      project_dir=root)
+                # fills the on-disk cache the grid below reads; model.py runs in a child process
+                st.session_state[job_key] = jm.submit_child("topk", "diffin_core.scoring:top_k", (root, run, [query], 1),
+                                                            label=f"top-k for query {query} ({run})", project_dir=root)
                 info = jm.get(st.session_state[job_key])
             if info.status == "failed":
                 st.error(f"Top-k failed: {info.error}")
@@ -74,20 +77,29 @@ if view == VIEWS[0]:
         except DiffinError as e:
             st.error(str(e))
         else:
+            path = helpful.attrs.get("path", "exact path")
+            if "true_label" in scores:                   # captions show the true label when known
+                truth = scores.set_index("sample_id")["true_label"]
+                helpful, harmful = (t.assign(true_label=truth.loc[t["sample_id"]].to_numpy()) for t in (helpful, harmful))
+            st.caption(f"Produced by the {path}.")
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
             ui.sample_grid(project, helpful)
             st.markdown("**Most harmful** (removing them would lower this query's loss)")
             ui.sample_grid(project, harmful)
+            st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 
 # --- map -----------------------------------------------------------------------------------
 elif view == VIEWS[1]:
     FEATURES = {"penultimate activations": "activations", "projected gradients": "gradients"}
+    if iv.store(project, run) is not None:     # the feature pass's features: no gradient pass at all
+        FEATURES = {"stored influence features": "stored", **FEATURES}
     kind = FEATURES[st.radio("Map features", list(FEATURES), horizontal=True, key="explore_map_features")]
     coords = maps.load(project, run, kind)
     job_id = st.session_state.get(f"explore_map_job_{run}_{kind}")
     job = jm.get(job_id) if job_id else None
     if coords is None:
-        st.write("The map is UMAP of the final model's penultimate activations or of its per-sample "
+        st.write("The map is UMAP of the run's stored influence features (from the feature pass, no "
+                 "gradient computed), of the final model's penultimate activations, or of its per-sample "
                  "gradients (randomly projected to 128 dimensions), computed once per run in the "
                  "background (the first fit in a server compiles for about a minute).")
         if job is None or job.status not in ("queued", "running"):
@@ -120,18 +132,30 @@ elif view == VIEWS[1]:
             rest = df[~keep].sample(max(0, MAP_POINTS - int(keep.sum())), random_state=0)
             df = df[keep | df.index.isin(rest.index)]
             st.caption(f"Showing {len(df):,} points: every reviewed sample, the most suspicious, and a random rest.")
+        df = df.assign(_reviewed=df["flag"] != "undecided").sort_values("_reviewed", kind="stable")  # reviewed drawn last: on top
         numeric = color not in ("label", "flag")
         extra = {}
         if numeric:
             lo, hi = np.nanpercentile(df[color], [1, 99]) if df[color].notna().any() else (0.0, 1.0)
             extra = dict(color_continuous_scale="RdBu" if color == "influence" else "Viridis",
                          range_color=(min(lo, -abs(hi)), max(hi, abs(lo))) if color == "influence" else (lo, hi))
+            lo_c, hi_c = extra["range_color"]
+            words = {"influence": ("harmful", "helpful"), "label_issue": ("likely fine", "likely mislabelled"),
+                     "self_influence": ("generalised", "memorised")}.get(color, ("low", "high"))
+            colorbar = {"title": color, "tickvals": [lo_c, hi_c], "ticktext": [f"{words[0]} ({lo_c:.2g})", f"{words[1]} ({hi_c:.2g})"]}
+        view_mode = (st.radio("Map mode", ["Select (lasso)", "Preview (thumbnails on hover)"], horizontal=True,
+                              key="explore_map_mode") if project.kind == "image" else "Select (lasso)")
+        if view_mode.startswith("Preview"):
+            iv.hover_map(project, df, color, numeric, extra, colorbar if numeric else None)
+            st.stop()
         fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
                          custom_data=["sample_id", "label", "pred", "label_issue"],
                          render_mode="webgl", height=560, opacity=0.7, **extra)
         fig.update_traces(marker={"size": 4}, hovertemplate="sample %{customdata[0]} · label %{customdata[1]} · "
                           "pred %{customdata[2]} · label_issue %{customdata[3]:.3g}<extra></extra>")
         fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 20, "b": 0})
+        if numeric:
+            fig.update_layout(coloraxis_colorbar=colorbar)
         event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("lasso", "points"))
         ids = ui.selected_ids(event)
         if ids:
@@ -140,6 +164,7 @@ elif view == VIEWS[1]:
             chosen = df[df["sample_id"].isin(ids)].sort_values("label_issue", ascending=False)
             st.markdown(f"**{len(chosen):,} selected** (the 48 most suspicious shown)")
             ui.sample_grid(project, chosen.head(48), score_col="label_issue")
+            ui.save_selection(project, chosen["sample_id"].tolist(), f"Explore lasso, run {run}", key="explore_sel")
         else:
             st.caption("Draw a lasso around points to list those samples here.")
 
@@ -150,13 +175,25 @@ elif view == VIEWS[2]:
     group = (np.where(scores["label"] == scores["true_label"], "correct", "flipped")
              if "true_label" in scores else np.full(len(scores), "unknown"))
     bins = compare.histograms(scores[col].to_numpy(), group, bins=80)   # binned here: a few KB to the browser
-    fig = px.bar(bins, x="centre", y="count", color="group", barmode="overlay", log_y=True, opacity=0.6,
-                 labels={"centre": col, "group": "given label"})
+    fig = px.bar(bins, x="centre", y="count", color="group", barmode="overlay", opacity=0.65,
+                 color_discrete_map={"correct": "#4c72b0", "flipped": "#e8a33d", "unknown": "#4c72b0"},
+                 labels={"centre": col, "group": "given label", "count": "samples"})
     fig.update_traces(width=float(bins["width"].iloc[0]) if len(bins) else None)
+    # log count axis with plain tick labels at 1, 10, 100, ... (not 2, 5, 1k-style clutter)
+    fig.update_yaxes(type="log", dtick=1, tickformat=",d", title="samples (log scale)")
+    ends = {"influence": ("← harmful", "helpful →"), "self_influence": ("", "memorised →"),
+            "label_issue": ("", "more likely mislabelled →"), "loss": ("", "higher loss →")}[col]
+    if col == "influence":
+        fig.add_vline(x=0, line_color="#555", line_width=1)
+    for text, x, anchor in ((ends[0], 0.0, "left"), (ends[1], 1.0, "right")):
+        if text:
+            fig.add_annotation(text=text, xref="paper", yref="paper", x=x, y=-0.16, showarrow=False,
+                               xanchor=anchor, font={"size": 13, "color": iv.HARMFUL if "harm" in text else iv.HELPFUL})
+    fig.update_layout(margin={"b": 70})
     st.plotly_chart(fig, key="explore_hist")
 
 # --- compare -------------------------------------------------------------------------------
-else:
+elif view == VIEWS[3]:
     names = [r.name for r in project.runs()]
     if len(names) < 2:
         st.info("Score with a second method to compare two runs.")
@@ -170,3 +207,25 @@ else:
         st.metric(f"Spearman rank correlation of {column}", "undefined" if r is None else f"{r:.3f}")
         st.markdown("**Samples the two runs disagree on most** (percentile ranks)")
         st.dataframe(compare.disagreements(sa, sb, column, n=20), hide_index=True, key="explore_cmp_table")
+
+# --- one training sample: whom it helps and harms, and when in training ---------------------
+elif view == VIEWS[4]:
+    ids = scores["sample_id"]
+    default = (st.session_state.get("explore_last_topk") or [int(scores.sort_values("label_issue").iloc[-1]["sample_id"])])[0]
+    st.session_state.setdefault("explore_sample", int(default))
+    c = st.columns([1, 3])
+    sid = int(c[0].number_input("Training sample id", int(ids.min()), int(ids.max()), key="explore_sample"))
+    if sid not in ui.positions(str(project.root), (project.root / "diffin.toml").stat().st_mtime):
+        st.error(f"No training sample has id {sid}.")
+    else:
+        with c[0]:
+            ui.show_sample(project, sid, width=120)
+            r = scores.set_index("sample_id").loc[sid]
+            st.caption(f"label {ui.label_name(project, r['label'])} · pred {ui.label_name(project, r['pred'])}"
+                       + (f" · true {ui.label_name(project, r['true_label'])}" if "true_label" in r else ""))
+        with c[1]:
+            iv.reverse_view(project, run, sid, key="explore_rev")
+
+# --- class by class --------------------------------------------------------------------------
+else:
+    iv.class_heatmap(project, run, key="explore_cls")

@@ -1,0 +1,378 @@
+"""The feature store: one pass per run after which any query's Diff-In top-k is a few small products.
+
+Diff-In scores a training sample z on a query set Q as (methods/diffin.py)
+    influence(z, Q) = sum_k c_k <w_k, g_z(theta_k)>,   c_k = lr_k / N,
+    w_k = phi_k(H_k) u_k,  u_{k-1} = a_k(H_k) u_k,  u_last = g_Q(theta_T).
+Every operator is linear in the query gradient u = g_Q and symmetric, so the sum folds into one
+query-independent vector per training sample, its *effective gradient*
+    e_z = sum_k c_k a_last(H_last) ... a_{k+1}(H_{k+1}) phi_k(H_k) g_z(theta_k),
+    influence(z, Q) = <e_z, g_Q(theta_T)>,
+built forward in time, e <- a_k(H_k) e + c_k phi_k(H_k) g_z(theta_k). phi and a act through
+query-independent Lanczos views of each checkpoint's Hessian (``view_rank`` matvecs from a seeded
+random start, on the same fixed batch the exact path uses), stored once, so no query ever needs an
+HVP. The store keeps, under runs/<run>/features/:
+
+    train.npy        (N, d) float16  unit rows of R e_z / sqrt(d)      (Projector, TRAK-style)
+    train_norm.npy   (N,)   float32  their lengths (influence units: nats per unit of g_Q)
+    query.npy        (Nq, d) float16 unit rows of R g_q(theta_T) / sqrt(d), per query sample
+    query_norm.npy   (Nq,)  float32
+    class_sums.npy   (C, d) float32  sum of projected e_z per given training label
+    views.safetensors               Ritz values_k (r,) and vectors_k (P, r) per checkpoint
+    meta.json                        settings, per-checkpoint coefficients, timings, size
+
+A query set's top-k is then one mean of query rows and one (N, d) matrix-vector product; the
+top ``rerank`` candidates on each side are rescored in full parameter space (one forward-mode
+pass per checkpoint on those samples, still no HVP). Sign: influence > 0 helpful, < 0 harmful.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .errors import DiffinError
+from .lanczos import SpectralView, lanczos
+from .projector import Projector
+
+DIRNAME = "features"
+VERSION = 1
+METHODS = ("diffin",)          # runs whose exact path this store approximates
+
+
+@dataclass
+class FeatureSettings:
+    """Settings of the feature pass, saved in features/meta.json."""
+    dim: int = 1024            # projection dimension d (see benchmarks/explore.py for the choice)
+    view_rank: int = 32        # Lanczos steps (Ritz pairs) of each checkpoint's stored Hessian view
+    chunk_size: int = 256      # training samples per chunk (per-sample gradients live per chunk)
+    seed: int = 0              # projection and Lanczos start vectors
+    rerank: int = 50           # candidates per side rescored in full parameter space (0: none)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# --- the propagation, shared by the pass and the queries -------------------------------------
+
+def hessian_views(ctx, rank: int, seed: int = 0, progress=None) -> dict[int, SpectralView]:
+    """Query-independent Lanczos view of each checkpoint's segment operator (the exact path's
+    fixed batch, HVP kind and preconditioning), ``rank`` matvecs from a seeded random start."""
+    from .propagate import hessian_view, random_start
+    views = {}
+    for k in range(ctx.m):
+        if ctx.bounds is not None and ctx.bounds[k + 1] <= ctx.bounds[k]:
+            continue                                   # owns no step: not in any plan
+        start = random_start(ctx, k, salt=1000 + seed)
+        views[k], _ = hessian_view(ctx, k, start, ctx.sample_batch(ctx.settings.hessian_batch, k), steps=int(rank))
+        if progress:
+            progress(0, ctx.n, f"features: Hessian view of checkpoint {k + 1}/{ctx.m}")
+    return views
+
+
+def propagate(ctx, views: dict[int, SpectralView], u: torch.Tensor):
+    """The engine's query plan (propagate.build_plan) through the stored views: no HVP.
+    Items (k, coef, w, op), latest checkpoint first; influence(z) = sum coef <w, g_z(theta_k)>."""
+    from .propagate import build_plan
+    return build_plan(ctx, u, view_fn=lambda k, starts: views[k])
+
+
+def segment_ops(ctx, views: dict[int, SpectralView]):
+    """The plan's per-checkpoint operators, in step order. They depend on the views, the recipe
+    and the lrs only (not on the query), so one probe plan gives them."""
+    from .propagate import random_start
+    return list(reversed(propagate(ctx, views, random_start(ctx, ctx.m - 1, salt=2000))))
+
+
+def effective_grads(ctx, items, x: torch.Tensor, y: torch.Tensor, on_grads=None) -> torch.Tensor:
+    """e_z (B, P) for a chunk: the adjoint of the query plan run forward in time, so that
+    <e_z, g_Q> = sum_k coef_k <w_k(g_Q), g_z(theta_k)> for every query gradient g_Q.
+    Per segment op (w = S W(M) (S u, v/S), (u, v) <- S^-1 C (S u, v/S) in propagate.SegmentOp):
+        e_u <- S [C00 e_u/S + C10 S e_v + coef W0 S g],  e_v <- S^-1 [C01 e_u/S + C11 S e_v + coef W1 S g].
+    ``items`` from ``segment_ops``; ``on_grads(k, g)`` sees each per-sample gradient (B, P)."""
+    from .propagate import has_momentum
+    momentum = has_momentum(ctx.recipe)          # without it the plan carries no v adjoint
+    eu = ev = None
+    for it in items:
+        op, S = it.op, it.op.scale
+        g = ctx.fm_at(it.k).per_sample_grads(ctx.thetas[it.k], x, y)
+        if on_grads is not None:
+            on_grads(it.k, g)
+        gs = g if S is None else g * S
+        nu = it.coef * op._f(op.W[:, 0], None, gs, None)
+        nv = it.coef * op._f(op.W[:, 1], None, gs, None) if momentum else None
+        if eu is not None:
+            a = eu if S is None else eu / S
+            b = None if ev is None else (ev if S is None else ev * S)
+            nu = nu + op._f(op.C[:, 0, 0], op.C[:, 1, 0], a, b)
+            nv = nv + op._f(op.C[:, 0, 1], op.C[:, 1, 1], a, b) if momentum else None
+        eu, ev = (nu, nv) if S is None else (nu * S, None if nv is None else nv / S)
+    return eu if eu is not None else torch.zeros(len(y), ctx.fm.num_params, device=ctx.device)
+
+
+def check_fold(folded: torch.Tensor, direct: torch.Tensor) -> None:
+    """The folded features must reproduce the per-query plan (a guard against a recipe whose
+    propagation the fold does not mirror): relative error below 1e-3."""
+    err = float(torch.linalg.vector_norm(folded.double() - direct) / torch.linalg.vector_norm(direct).clamp_min(1e-30))
+    if not err < 1e-3:
+        raise DiffinError(f"feature pass: the folded features disagree with the query plan "
+                          f"(relative error {err:.2g}); use `--no-features` (exact path) for this run")
+
+
+def _unit_rows(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    norm = torch.linalg.vector_norm(f, dim=1)
+    unit = f / norm.clamp_min(1e-30)[:, None]
+    return unit.cpu().numpy().astype(np.float16), norm.cpu().numpy().astype(np.float32)
+
+
+# --- the pass --------------------------------------------------------------------------------
+
+def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progress=None,
+          on_grads=None, num_classes: int | None = None) -> dict:
+    """Write the store for ``ctx`` (training split) and the ``query`` split into ``out`` (a new
+    folder: written as out.tmp-*, renamed when complete). Returns its meta."""
+    from .atomic import write_text
+    from safetensors.torch import save_file
+    settings = settings or FeatureSettings()
+    progress = progress or (lambda d, t, m: None)
+    out = Path(out)
+    started = time.time()
+    tmp = out.parent / f".{out.name}.tmp-{int(started * 1000)}"
+    tmp.mkdir(parents=True)
+    try:
+        views = hessian_views(ctx, settings.view_rank, settings.seed, progress)
+        t_views = time.time() - started
+        save_file({f"{kind}_{k}": (v.values if kind == "values" else v.vectors).contiguous().cpu().float()
+                   for k, v in views.items() for kind in ("values", "vectors")}, str(tmp / "views.safetensors"))
+        items = segment_ops(ctx, views)
+        probe = items[-1].w if items else None          # check the fold on the first chunk (below)
+        proj = Projector(ctx.fm.num_params, settings.dim, settings.seed, device=ctx.device)
+        n, d = ctx.n, settings.dim
+        train = np.lib.format.open_memmap(tmp / "train.npy", mode="w+", dtype=np.float16, shape=(n, d))
+        norms = np.zeros(n, dtype=np.float32)
+        labels = np.asarray(ctx.train.y, dtype=np.int64)
+        c = int(num_classes or (labels.max() + 1 if n else 0))
+        sums = np.zeros((c, d), dtype=np.float64)
+        for sl, x, y in ctx.chunks(size=settings.chunk_size):
+            direct = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
+
+            def hook(k, g, sl=sl, direct=direct, first=sl.start == 0):
+                if on_grads is not None:
+                    on_grads(k, sl, g)
+                if first and probe is not None:
+                    direct.add_(plan_w[k][0] * (g @ plan_w[k][1]).double())
+            if sl.start == 0 and probe is not None:
+                plan_w = {it.k: (it.coef, it.w) for it in propagate(ctx, views, probe)}
+            e = effective_grads(ctx, items, x, y, hook)
+            if sl.start == 0 and probe is not None:
+                check_fold(e @ probe, direct)
+            f = proj(e)
+            train[sl], norms[sl] = _unit_rows(f)
+            np.add.at(sums, labels[sl], f.double().cpu().numpy())
+            progress(sl.stop, n, "features: projected effective gradients")
+        train.flush()
+        del train
+        np.save(tmp / "train_norm.npy", norms)
+        np.save(tmp / "class_sums.npy", sums.astype(np.float32))
+        q_rows, q_norm = [], []
+        for sl, x, y in ctx.chunks(query, size=settings.chunk_size):
+            last = ctx.m - 1
+            qf = proj(ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y))
+            r, nn_ = _unit_rows(qf)
+            q_rows.append(r)
+            q_norm.append(nn_)
+        d_ = settings.dim
+        np.save(tmp / "query.npy", np.concatenate(q_rows) if q_rows else np.zeros((0, d_), np.float16))
+        np.save(tmp / "query_norm.npy", np.concatenate(q_norm) if q_norm else np.zeros(0, np.float32))
+        size = sum(p.stat().st_size for p in tmp.iterdir())
+        meta = {"version": VERSION, "settings": settings.to_dict(), "n_train": n, "n_query": len(query),
+                "num_params": ctx.fm.num_params, "num_classes": c,
+                "checkpoints": [{"k": it.k, "step": int(ctx.steps[it.k]), "coef": float(it.coef),
+                                 "lr": float(ctx.lrs[it.k]), "segment": float(ctx.segments[it.k])} for it in items],
+                "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
+                "views_s": round(t_views, 3), "seconds": round(time.time() - started, 3),
+                "store_mb": round(size / 2 ** 20, 3), "finished": time.time()}
+        write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def build_for_run(project, run: str, settings: FeatureSettings | None = None, progress=None) -> Path:
+    """The feature pass for an existing diffin run (same score settings as the run)."""
+    from .methods import ScoreSettings
+    from .scoring import project_context
+    info = project.run(run)
+    if info.method not in METHODS:
+        raise DiffinError(f"run {run!r} used {info.method!r}: the feature store approximates "
+                          f"{', '.join(METHODS)} runs only", info.path)
+    ctx = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})), progress)
+    out = info.path / DIRNAME
+    build(ctx, project.query, out, settings, progress, num_classes=project.num_classes)
+    return out
+
+
+# --- the store -------------------------------------------------------------------------------
+
+class FeatureStore:
+    """A run's stored features (memory-mapped; opening costs milliseconds)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+            self.train = np.load(self.path / "train.npy", mmap_mode="r")
+            self.train_norm = np.load(self.path / "train_norm.npy")
+            self.query = np.load(self.path / "query.npy")
+            self.query_norm = np.load(self.path / "query_norm.npy")
+            self.class_sums = np.load(self.path / "class_sums.npy")
+        except (OSError, ValueError, KeyError) as e:
+            raise DiffinError(f"the feature store is unreadable ({e}); rebuild it with `diffin features`",
+                              self.path) from e
+        self.dim = int(self.meta["settings"]["dim"])
+        self._views = None
+
+    @classmethod
+    def open(cls, project, run: str) -> "FeatureStore | None":
+        p = project.run(run).path / DIRNAME
+        if not (p / "meta.json").is_file():
+            return None
+        store = cls(p)
+        if store.meta["n_train"] != len(project.train) or store.meta["n_query"] != len(project.query):
+            return None       # the data changed since the pass: not this data's features
+        return store
+
+    @property
+    def views(self) -> dict[int, SpectralView]:
+        if self._views is None:
+            from safetensors.torch import load_file
+            t = load_file(str(self.path / "views.safetensors"))
+            self._views = {c["k"]: SpectralView(t[f"values_{c['k']}"], t[f"vectors_{c['k']}"])
+                           for c in self.meta["checkpoints"]}
+        return self._views
+
+    def label(self) -> str:
+        s = self.meta["settings"]
+        return (f"fast path: projected features (d = {self.dim}, {s['view_rank']} stored Hessian "
+                f"eigenpairs per checkpoint" + (f", top {s['rerank']} per side rescored exactly)" if s["rerank"] else ")"))
+
+    # --- products --------------------------------------------------------------------------
+    def query_rows(self, idx) -> np.ndarray:
+        """Projected per-query gradients (len(idx), d) float32, in influence units."""
+        idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
+        return self.query[idx].astype(np.float32) * self.query_norm[idx, None]
+
+    def train_rows(self, rows) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        return self.train[rows].astype(np.float32) * self.train_norm[rows, None]
+
+    def influence(self, vectors: np.ndarray, chunk: int = 16384) -> np.ndarray:
+        """Projected influence of every training sample on each projected query vector:
+        vectors (d,) or (B, d) -> (N,) or (N, B) float64."""
+        v = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+        one = v.dim() == 1
+        v = v.reshape(-1, self.dim).T.contiguous()
+        out = np.empty((len(self.train_norm), v.shape[1]), dtype=np.float64)
+        for s in range(0, len(out), chunk):
+            block = torch.from_numpy(np.array(self.train[s:s + chunk])).float()
+            out[s:s + chunk] = (block @ v).double().numpy()
+        out *= self.train_norm[:, None]
+        return out[:, 0] if one else out
+
+    def query_influence(self, idx) -> np.ndarray:
+        """(N,) projected influence on the mean loss of the query samples ``idx``."""
+        return self.influence(self.query_rows(idx).mean(0))
+
+    def reverse(self, row: int) -> np.ndarray:
+        """(Nq,) influence of training row ``row`` on each query sample's loss (projected)."""
+        return (self.query.astype(np.float32) @ self.train_rows(row)[0]).astype(np.float64) * self.query_norm
+
+    def class_matrix(self, query_labels: np.ndarray) -> np.ndarray:
+        """(C_train, C_query) total influence of each given training class on the mean loss of the
+        query samples of each class (sum over the class's samples; > 0 helpful). NaN where a
+        query class is absent."""
+        ql = np.asarray(query_labels, dtype=np.int64)
+        c = max(self.class_sums.shape[0], int(ql.max()) + 1 if len(ql) else 0)
+        q = self.query.astype(np.float32) * self.query_norm[:, None]
+        means = np.full((c, self.dim), np.nan, dtype=np.float64)
+        for b in np.unique(ql):
+            means[b] = q[ql == b].mean(0)
+        sums = np.zeros((c, self.dim))
+        sums[: self.class_sums.shape[0]] = self.class_sums
+        return sums @ means.T
+
+
+# --- queries that need the model (no HVPs) ----------------------------------------------------
+
+_CTX: dict = {}
+
+
+def _context(project, run: str):
+    """The run's scoring context, cached per (project, run, manifest) for repeated queries."""
+    from .methods import ScoreSettings
+    from .scoring import project_context
+    man = project.manifest_path
+    key = (str(project.root), run, man.stat().st_mtime if man.exists() else 0)
+    if key not in _CTX:
+        _CTX.clear()
+        info = project.run(run)
+        _CTX[key] = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})))
+    return _CTX[key]
+
+
+def exact_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
+    """Influence of training rows on the query set's mean loss in full parameter space through
+    the stored views: sum_k c_k <g_z(theta_k), w_k> by forward-mode passes (B,)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    u = ctx.mean_grad(ctx.m - 1, qx, qy)
+    x, y = ctx.tensors(ctx.train.x[rows], ctx.train.y[rows])
+    total = torch.zeros(len(rows), dtype=torch.float64, device=ctx.device)
+    for it in propagate(ctx, store.views, u):
+        total += it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).double()
+    return total.cpu().numpy()
+
+
+def checkpoint_contributions(ctx, store: FeatureStore, row: int, qx, qy) -> pd.DataFrame:
+    """Per-checkpoint terms c_k <g_z(theta_k), w_k> of one training row on the query set's mean
+    loss (step order; their sum is the sample's influence through the stored views)."""
+    u = ctx.mean_grad(ctx.m - 1, qx, qy)
+    x, y = ctx.tensors(ctx.train.x[row:row + 1], ctx.train.y[row:row + 1])
+    recs = []
+    for it in propagate(ctx, store.views, u):
+        g = ctx.fm_at(it.k).per_sample_grads(ctx.thetas[it.k], x, y)[0]
+        recs.append({"checkpoint": it.k, "step": int(ctx.steps[it.k]),
+                     "contribution": float(it.coef * torch.dot(g, it.w))})
+    return pd.DataFrame(recs[::-1])
+
+
+def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
+                         store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
+    """(influence (N,), path label) from the run's store, or None when the run has none.
+    The top ``rerank`` candidates on each side are rescored in full parameter space."""
+    store = store or FeatureStore.open(project, run)
+    if store is None:
+        return None
+    idx = np.atleast_1d(np.asarray(query_indices, dtype=np.int64))
+    nq = store.meta["n_query"]
+    if len(idx) == 0:
+        raise DiffinError("choose at least one query sample")
+    if idx.min() < 0 or idx.max() >= nq:
+        raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
+    infl = store.query_influence(idx)
+    r = store.meta["settings"]["rerank"] if rerank is None else int(rerank)
+    if r > 0 and len(infl):
+        order = np.argsort(infl, kind="stable")
+        cand = np.unique(np.concatenate([order[:r], order[::-1][:r]]))
+        ctx = _context(project, run)
+        q = project.query
+        infl = infl.copy()
+        infl[cand] = exact_rows(ctx, store, q.x[idx], q.y[idx], cand)
+    return infl, store.label()

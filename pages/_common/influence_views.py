@@ -1,0 +1,248 @@
+"""Influence views drawn from a run's feature store (diffin_core/features.py): the reverse view of
+one training sample (the query samples it helps and harms most, and its per-checkpoint
+contributions) and the class-by-class heatmap. Thin: every number comes from diffin_core.
+Sign: influence > 0 helpful (removing the sample raises the query loss), < 0 harmful.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+import _common as ui
+from diffin_core import features
+
+HELPFUL, HARMFUL = "#2166ac", "#b2182b"       # the RdBu ends: blue helpful, red harmful
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _store(path: str, stamp: float):
+    return features.FeatureStore(path)
+
+
+def store(project, run: str):
+    """The run's FeatureStore (cached until rebuilt), or None."""
+    p = project.run(run).path / features.DIRNAME / "meta.json"
+    if not p.is_file():
+        return None
+    s = features.FeatureStore.open(project, run)
+    return None if s is None else _store(str(p.parent), p.stat().st_mtime)
+
+
+def no_store_note(project, run: str) -> None:
+    st.info(f"Run {run!r} has no feature store: it is built by `diffin score` for diffin runs "
+            f"(or `diffin features {project.root} --run {run}`).")
+
+
+def query_grid(project, idx, values, columns: int = 8) -> None:
+    """Query samples with their label and influence value."""
+    q = project.query
+    for start in range(0, len(idx), columns):
+        cols = st.columns(columns)
+        for col, i, v in zip(cols, idx[start:start + columns], values[start:start + columns]):
+            with col:
+                if project.kind == "image":
+                    st.image(ui.image(q.x[int(i)]), width="stretch")
+                st.caption(f"query #{int(i)} · label {ui.label_name(project, q.y[int(i)])} · influence {v:+.3g}")
+
+
+def reverse_table(project, run: str, sample_id: int, k: int = 8):
+    """(helped, harmed): the query samples one training sample helps / harms most (projected)."""
+    s = store(project, run)
+    infl = s.reverse(ui.row_of(project, sample_id))
+    order = np.argsort(-infl, kind="stable")
+    return order[:k], infl[order[:k]], order[::-1][:k], infl[order[::-1][:k]]
+
+
+def contributions(project, run: str, sample_id: int, query_indices=None) -> pd.DataFrame:
+    """Per-checkpoint contributions of one training sample (whole query set by default)."""
+    s = store(project, run)
+    ctx = features._context(project, run)
+    q = project.query
+    idx = np.arange(len(q)) if query_indices is None else np.atleast_1d(query_indices)
+    return features.checkpoint_contributions(ctx, s, ui.row_of(project, sample_id), q.x[idx], q.y[idx])
+
+
+def contributions_figure(df: pd.DataFrame, title: str) -> go.Figure:
+    colours = [HELPFUL if v >= 0 else HARMFUL for v in df["contribution"]]
+    fig = go.Figure(go.Bar(x=df["step"], y=df["contribution"], marker_color=colours,
+                           customdata=df["checkpoint"],
+                           hovertemplate="step %{x} (checkpoint %{customdata})<br>contribution %{y:.3g}<extra></extra>"))
+    fig.add_hline(y=0, line_color="#555", line_width=1)
+    fig.update_layout(title=title, height=300, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                      xaxis_title="training step (checkpoint)",
+                      yaxis_title="contribution (↑ helpful · ↓ harmful)")
+    return fig
+
+
+def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_indices=None) -> None:
+    """The reverse view of one training sample + its per-checkpoint plot."""
+    s = store(project, run)
+    if s is None:
+        no_store_note(project, run)
+        return
+    helped, hv, harmed, mv = reverse_table(project, run, sample_id, k)
+    st.markdown(f"**Query samples training sample {sample_id} helps most** (removing it would raise their loss)")
+    query_grid(project, helped, hv)
+    st.markdown(f"**Query samples it harms most** (removing it would lower their loss)")
+    query_grid(project, harmed, mv)
+    which = "the whole query set" if query_indices is None else f"query {', '.join(map(str, np.atleast_1d(query_indices)))}"
+    df = contributions(project, run, sample_id, query_indices)
+    total = float(df["contribution"].sum())
+    st.plotly_chart(contributions_figure(df, f"When in training sample {sample_id} mattered for {which}"),
+                    key=f"{key}_checkpoints")
+    peak = df.iloc[int(np.argmax(np.abs(df["contribution"].to_numpy())))]
+    st.caption(f"Per-checkpoint contributions sum to {total:+.4g} ({'helpful' if total >= 0 else 'harmful'}); "
+               f"largest at step {int(peak['step'])} ({peak['contribution']:+.3g}). {s.label()}.")
+
+
+def class_matrix(project, run: str) -> pd.DataFrame:
+    """Heatmap values: rows = given training class, columns = query class."""
+    s = store(project, run)
+    m = s.class_matrix(project.query.y)
+    names = [ui.label_name(project, c) for c in range(m.shape[0])]
+    return pd.DataFrame(m, index=names[: m.shape[0]], columns=[ui.label_name(project, c) for c in range(m.shape[1])])
+
+
+def heatmap_figure(df: pd.DataFrame) -> go.Figure:
+    z = df.to_numpy()
+    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"query {c}" for c in df.columns], y=[f"train {r}" for r in df.index],
+        colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
+        colorbar={"title": "influence", "tickvals": [-lim, 0, lim], "ticktext": ["harmful", "0", "helpful"]},
+        hovertemplate="training class %{y} on %{x}: %{z:.3g}<extra></extra>"))
+    fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10},
+                      xaxis_title="query class (mean loss of its query samples)",
+                      yaxis_title="given training class (sum over its samples)")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def cell_samples(project, run: str, train_class: int, query_class: int, k: int = 8):
+    """Training samples of ``train_class`` ranked by influence on the query samples of
+    ``query_class`` (projected): (helpful table, harmful table)."""
+    s = store(project, run)
+    q = project.query
+    qi = np.nonzero(q.y == query_class)[0]
+    rows = np.nonzero(project.train.y == train_class)[0]
+    if len(qi) == 0 or len(rows) == 0:
+        empty = pd.DataFrame(columns=["sample_id", "label", "pred", "influence"])
+        return empty, empty
+    vec = s.query_rows(qi).mean(0)
+    infl = s.train_rows(rows) @ vec
+    scores = ui.scores(project, run).set_index("sample_id")
+    ids = project.train.ids[rows]
+    table = pd.DataFrame({"sample_id": ids, "label": project.train.y[rows],
+                          "pred": scores.loc[ids, "pred"].to_numpy(), "influence": infl.astype(np.float64)})
+    if "true_label" in scores:
+        table["true_label"] = scores.loc[ids, "true_label"].to_numpy()
+    order = np.argsort(-infl, kind="stable")
+    return table.iloc[order[:k]].reset_index(drop=True), table.iloc[order[::-1][:k]].reset_index(drop=True)
+
+
+def class_heatmap(project, run: str, key: str) -> None:
+    """The class-by-class heatmap; a clicked cell (or the two selectboxes) lists its samples."""
+    s = store(project, run)
+    if s is None:
+        no_store_note(project, run)
+        return
+    df = class_matrix(project, run)
+    st.caption("Each cell: how much the training samples given class a (row) together help (> 0) or "
+               "harm (< 0) the mean loss of the query samples of class b (column); from the stored features.")
+    event = st.plotly_chart(heatmap_figure(df), key=f"{key}_heatmap", on_select="rerun", selection_mode="points")
+    classes = list(range(len(df.index)))
+    qclasses = list(range(len(df.columns)))
+    rows = {f"train {n}": i for i, n in enumerate(df.index)}
+    cols = {f"query {n}": j for j, n in enumerate(df.columns)}
+    try:                                     # a clicked cell picks the two classes below
+        pt = event["selection"]["points"][0]
+        cell = (rows[str(pt["y"])], cols[str(pt["x"])])
+    except (KeyError, IndexError, TypeError):
+        cell = None
+    if cell is not None and cell != st.session_state.get(f"{key}_clicked"):
+        st.session_state[f"{key}_clicked"] = cell
+        st.session_state[f"{key}_train_class"], st.session_state[f"{key}_query_class"] = cell
+    c = st.columns(2)
+    a = c[0].selectbox("Training class (row)", classes, key=f"{key}_train_class",
+                       format_func=lambda y: ui.label_name(project, y))
+    b = c[1].selectbox("Query class (column)", qclasses, key=f"{key}_query_class",
+                       format_func=lambda y: ui.label_name(project, y))
+    st.markdown(f"Cell ({ui.label_name(project, a)}, {ui.label_name(project, b)}): "
+                f"**{df.iloc[a, b]:+.4g}**")
+    helpful, harmful = cell_samples(project, run, a, b)
+    st.markdown(f"**Training samples labelled {ui.label_name(project, a)} that help query class "
+                f"{ui.label_name(project, b)} most**")
+    ui.sample_grid(project, helpful)
+    st.markdown(f"**…and that harm it most**")
+    ui.sample_grid(project, harmful)
+
+
+# --- the map with image thumbnails on hover ----------------------------------------------------
+
+HOVER_POINTS = 3000          # points in the preview map (each carries a ~300-byte PNG thumbnail)
+
+
+def _thumb(x) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(ui.image(x)).save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def hover_map(project, df: pd.DataFrame, color: str, numeric: bool, extra: dict, colorbar: dict | None) -> None:
+    """The map drawn in the page's own plotly.js (a component), where hovering a point shows the
+    sample's picture: reviewed samples and the most suspicious first when over HOVER_POINTS."""
+    import json
+
+    import plotly.express as px
+    import streamlit.components.v1 as components
+    if len(df) > HOVER_POINTS:
+        keep = df["_reviewed"] | (df["label_issue"].rank(ascending=False) <= HOVER_POINTS // 2)
+        rest = df[~keep].sample(max(0, HOVER_POINTS - int(keep.sum())), random_state=0)
+        df = df[keep | df.index.isin(rest.index)].head(HOVER_POINTS)
+        st.caption(f"Preview of {len(df):,} points (reviewed, most suspicious, a random rest).")
+    df = df.assign(_i=np.arange(len(df)))
+    x = project.train.x
+    thumbs = [_thumb(x[ui.row_of(project, s)]) for s in df["sample_id"]]
+    fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
+                     custom_data=["sample_id", "_i", "label", "pred"], render_mode="webgl", height=560,
+                     opacity=0.75, **extra)
+    fig.update_traces(marker={"size": 5}, hovertemplate="sample %{customdata[0]} · label %{customdata[2]} · "
+                      "pred %{customdata[3]}<extra></extra>")
+    fig.update_layout(margin={"l": 0, "r": 0, "t": 20, "b": 0})
+    if colorbar:
+        fig.update_layout(coloraxis_colorbar=colorbar)
+    html = fig.to_html(include_plotlyjs=True, full_html=True, div_id="diffin-map", config={"displaylogo": False})
+    script = """
+<div id="thumb" style="position:fixed;display:none;pointer-events:none;z-index:10;background:#fff;
+     border:1px solid #888;padding:3px;font:11px sans-serif"><img id="thumb-img" width="84"
+     style="image-rendering:pixelated;display:block"><span id="thumb-cap"></span></div>
+<script>
+const THUMBS = %s;
+window.addEventListener("load", () => {
+  const gd = document.getElementById("diffin-map"), box = document.getElementById("thumb");
+  gd.on("plotly_hover", (e) => {
+    const p = e.points[0], i = p.customdata[1];
+    document.getElementById("thumb-img").src = THUMBS[i];
+    document.getElementById("thumb-cap").textContent = "#" + p.customdata[0];
+    box.style.left = (e.event.clientX + 14) + "px"; box.style.top = (e.event.clientY + 14) + "px";
+    box.style.display = "block";
+  });
+  gd.on("plotly_unhover", () => { box.style.display = "none"; });
+});
+</script>""" % json.dumps(thumbs)
+    components.html(html.replace("</body>", script + "</body>"), height=580)
+    st.caption("Hover a point to see its picture. Switch to Select (lasso) to list a region's samples.")
+
+
+def review_card_section(project, run: str, sid: int) -> None:
+    """On the Review card: a toggle that opens the sample's reverse view (runs with a store)."""
+    if store(project, run) is None:
+        return
+    if st.toggle("Whom this sample helps and harms, and when in training it mattered", key="review_influence"):
+        reverse_view(project, run, sid, key="review_rev", k=6)
