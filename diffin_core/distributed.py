@@ -13,10 +13,15 @@ The training set is sharded over Ray tasks; the query side is computed once:
            task), else one CPU. A worker process keeps its context and the fetched plan
            between tasks (``Scorer``), so the checkpoints are loaded once per worker, as an
            actor would, while Ray still balances shards over whichever workers are free.
-3. driver  concatenates the shards in row order, applies the method's ``label_issue`` to the
+3. driver  saves each shard's scores as it arrives in the run's resumable stages
+           (``runs/.stages/``, as a local run's row ranges; the plan task saves the plan there
+           too), so a killed run resumes with only the missing shards; then concatenates the
+           shards in row order, applies the method's ``label_issue`` to the
            whole set, and writes ``runs/<run>/scores.parquet`` + ``meta.json`` through
            ``scoring.write_run``, as a local run does (meta adds ``"ray": {"address", "shards",
-           "slots", "gpus"}``).
+           "slots", "gpus"}``). A method whose ``run`` post-processes the pass (diffin's
+           early-stopped label_issue, training dynamics, cleanlab-cv) still does so, on the
+           driver: its ``run`` is called on a class whose base run returns the gathered shards.
 
 Every node must see the project folder at the same absolute path (NFS or similar) and have
 diffin (and the project's Python dependencies) installed. ``address``: None starts (or reuses)
@@ -73,23 +78,45 @@ class Scorer:
 
     def __init__(self, root: str, settings: dict):
         self.project, self.ctx = _context(root, settings)
-        self.plan_id, self.plan_value = None, None
+        self.plan_id, self.plan_value, self.mem = None, None, {}
+
+    def _configure(self, method: Attributor):
+        """The context set up as ``runner.run`` sets it before a run (memory plan, batch-gradient
+        slicing, cached checkpoints): the same rounding as a local run, hence the same scores."""
+        from .runner import memory_plan
+        from .store import CheckpointStore
+        if method.name not in self.mem:
+            self.mem[method.name] = memory_plan(method, self.ctx, True)
+        mem = self.mem[method.name]
+        if hasattr(self.ctx, "memory"):
+            self.ctx.memory = mem
+        self.ctx.fm.max_rows = mem.batch_rows
+        if isinstance(self.ctx.thetas, CheckpointStore):
+            self.ctx.thetas.keep = mem.cached_checkpoints
+        return mem
 
     def plan(self, method: str):
-        """The method's query plan on the full training split, tensors on the CPU."""
+        """The method's query plan on the full training split, tensors on the CPU; through the
+        engine's resumable plan stage (runs/.stages/ of the shared project folder). Kept whole
+        (mem=None): the plan travels through the object store, not as lazy files."""
+        from .runner import prepare
+        m = METHODS[method]()
+        self._configure(m)
         q = self.project.query
-        return to_device(METHODS[method]().prepare(self.ctx, q.x, q.y), "cpu")
+        plan = prepare(m, self.ctx, np.asarray(q.x), q.y, _stages(self.project, method, self.ctx.settings))
+        return to_device(plan, "cpu")
 
     def score(self, method: str, boxed_plan: list, start: int, stop: int) -> dict:
-        """runner.score_rows on rows [start, stop) in chunks sized by the engine's memory plan;
+        """runner.score_rows on rows [start, stop) in chunks of the engine's memory plan;
         ``boxed_plan`` = [ObjectRef of the plan]."""
         import ray
-        from .runner import memory_plan, score_rows
+        from .runner import score_rows
+        m = METHODS[method]()
+        mem = self._configure(m)
         ref = boxed_plan[0]
         if self.plan_id != ref.hex():
             self.plan_value, self.plan_id = to_device(ray.get(ref), self.ctx.device), ref.hex()
-            self.chunk = memory_plan(METHODS[method](), self.ctx, True).chunk(True)
-        return score_rows(METHODS[method](), self.ctx, self.plan_value, start, stop, True, self.chunk)
+        return score_rows(m, self.ctx, self.plan_value, start, stop, True, mem.chunk(True))
 
 
 _SCORERS: dict = {}     # per worker process, one entry: (root, settings, file stamps) -> Scorer
@@ -105,6 +132,14 @@ def _scorer(root: str, settings: dict) -> Scorer:
         _SCORERS.clear()
         _SCORERS[key] = Scorer(root, settings)
     return _SCORERS[key]
+
+
+def _stages(project, method: str, settings: ScoreSettings):
+    """The run's resumable stages: the same folder a local run with these settings uses."""
+    from .scoring import stage_settings
+    from .stages import Stages
+    q = project.query
+    return Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, np.asarray(q.x), q.y, True))
 
 
 def _plan_task(root: str, settings: dict, method: str):
@@ -134,10 +169,10 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     settings = settings or ScoreSettings()
     if method not in METHODS:
         raise DiffinError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    attributor = METHODS[method]()
-    if type(attributor).run is not Attributor.run:
-        raise DiffinError(f"method {method!r} post-processes a whole run and is not sharded on Ray yet; "
-                          f"score it without --ray")
+    cls = METHODS[method]
+    if cls.chunk is Attributor.chunk or cls.prepare is Attributor.prepare:
+        raise DiffinError(f"method {method!r} does not score the training set row by row (no prepare/chunk), "
+                          f"so it is not sharded on Ray; score it without --ray")
     run = run or next_run_name(project, method)
     if "/" in run or run.startswith("."):
         raise DiffinError(f"run name {run!r} must be a plain folder name")
@@ -157,18 +192,16 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     bounds = shard_bounds(n, shards or 4 * slots, settings.batch_size)
     # max_calls=0: GPU workers too stay alive between tasks, keeping their context and plan
     opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
-    parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress)
+    stages = _stages(project, method, settings)
+    parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
 
-    out = {"influence": np.concatenate([p["influence"] for p in parts])}
-    p = np.concatenate([p["probs"] for p in parts])
-    has_self = all("self_influence" in q for q in parts)
-    self_infl = np.concatenate([q["self_influence"] for q in parts]) if has_self else None
-    if self_infl is not None and self_infl.ndim == 2:          # (N, m): each checkpoint's share
-        out["self_by_checkpoint"] = self_infl.astype(np.float32)
-        self_infl = self_infl.sum(1)
-    out["self_influence"] = self_infl if self_infl is not None else np.full(n, np.nan)
-    out["label_issue"] = np.asarray(attributor.label_issue(self_infl, p, project.train.y), dtype=np.float64)
-    out["probs"] = p
+    out = gather(cls(), parts, project.train.y)
+    if cls.run is not Attributor.run:
+        # the method post-processes its run (diffin: label_issue at the checkpoint with the lowest
+        # query loss): its own ``run`` does it on the driver, around the gathered shards
+        from .scoring import project_context
+        q = project.query
+        out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
     df = scores_frame(project.train, out)
     model = project.build_model()
     meta = {
@@ -178,32 +211,75 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         "seconds": round(time.time() - started, 3), "finished": time.time(),
         "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
     }
-    return write_run(project, run, df, meta, started)
+    final = write_run(project, run, df, meta, started)
+    stages.remove()                      # complete: the resumable stages are not needed
+    return final
 
 
-def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: int, progress) -> list[dict]:
-    """The plan task, then every shard as a task (Ray spreads them over the free slots);
-    results in row order. A DiffinError inside a task is raised here as itself."""
-    progress(0, n, f"{method}: preparing query vectors on Ray")
+def gather(method: Attributor, parts: list[dict], y) -> dict[str, np.ndarray]:
+    """The shards' row-range results as one run's output, as ``Attributor.run`` returns it:
+    influence, self_influence (summed over checkpoints; "self_by_checkpoint" (N, m) kept),
+    label_issue by the method's rule, probs."""
+    out = {"influence": np.concatenate([p["influence"] for p in parts])}
+    probs = np.concatenate([p["probs"] for p in parts])
+    self_infl = (np.concatenate([p["self_influence"] for p in parts])
+                 if all("self_influence" in p for p in parts) else None)
+    if self_infl is not None and self_infl.ndim == 2:          # (N, m): each checkpoint's share
+        out["self_by_checkpoint"] = self_infl.astype(np.float32)
+        self_infl = self_infl.sum(1)
+    out["self_influence"] = self_infl if self_infl is not None else np.full(len(probs), np.nan)
+    out["label_issue"] = np.asarray(method.label_issue(self_infl, probs, np.asarray(y)), dtype=np.float64)
+    out["probs"] = probs
+    return out
+
+
+class _Gathered(Attributor):
+    """Placed after a method class in a new class's MRO, so that the method's ``run`` override
+    finds the gathered shards where it calls ``super().run``."""
+    gathered: dict = {}
+
+    def run(self, ctx, qx, qy, need_self: bool = True):
+        return self.gathered
+
+
+def _around(cls, out: dict) -> Attributor:
+    """An instance of ``cls`` whose base run returns ``out`` (its own post-processing runs)."""
+    return type(f"Gathered{cls.__name__}", (cls, _Gathered), {"gathered": out})()
+
+
+def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: int, progress,
+                stages) -> list[dict]:
+    """The plan task, then every shard not already in ``stages`` as a task (Ray spreads them
+    over the free slots); each result is saved as it arrives (``rows_a_b``), so a killed run
+    resumes with the missing shards. Results in row order. A DiffinError inside a task is
+    raised here as itself."""
+    parts: list = [stages.load_scores(f"rows_{a}_{b}") for a, b in bounds]
+    done = sum(b - a for (a, b), part in zip(bounds, parts) if part is not None)
+    if done:
+        progress(done, n, f"{method}: resumed: {done} of {n} rows already scored")
+    todo = [i for i, part in enumerate(parts) if part is None]
+    if not todo:
+        return parts
+    progress(done, n, f"{method}: preparing query vectors on Ray")
     plan = ray.remote(_plan_task).options(**opts).remote(root, cfg, method)
     task = ray.remote(_score_task).options(**opts)
-    running = {task.remote(root, cfg, method, [plan], a, b): i for i, (a, b) in enumerate(bounds)}
-    parts: list = [None] * len(bounds)
-    done = 0
+    running = {task.remote(root, cfg, method, [plan], *bounds[i]): i for i in todo}
     try:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
             i = running.pop(ready[0])
             parts[i] = ray.get(ready[0])
+            stages.save_scores(f"rows_{bounds[i][0]}_{bounds[i][1]}", parts[i])
             done += bounds[i][1] - bounds[i][0]
             progress(done, n, f"{method}: scored {done} of {n} rows on Ray ({len(bounds)} shards)")
     except ray.exceptions.RayError as e:
-        for ref in running:
-            ray.cancel(ref)
         cause = _diffin_cause(e)
         if cause is not None:
             raise DiffinError(cause.problem, cause.path) from None
         raise
+    finally:
+        for ref in running:              # an error or an interrupt: stop what is still queued
+            ray.cancel(ref)
     return parts
 
 

@@ -86,3 +86,25 @@ def test_error_inside_a_shard_is_one_line(cluster, tiny, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and "x.npy" in msg and "NaN" in msg and "row 70" in msg, msg
     assert not (root / "runs/nan").exists()
+
+
+def test_killed_ray_run_resumes_with_the_missing_shards(cluster, tiny):
+    seen = []
+
+    def stop_after_first_shard(done, total, message):
+        seen.append(message)
+        if "scored" in message:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        score_on_ray(tiny, "diffin", run="killed", settings=SETTINGS, shards=3, progress=stop_after_first_shard)
+    assert not (tiny / "runs/killed").exists()
+    messages = []
+    run = score_on_ray(tiny, "diffin", run="killed", settings=SETTINGS, shards=3,
+                       progress=lambda d, t, m: messages.append((d, m)))
+    resumed = [d for d, m in messages if "resumed" in m]
+    assert resumed and resumed[0] in (32, 64), messages         # at least the first shard was kept
+    local = pd.read_parquet(score(tiny, "diffin", run="killed-local", settings=SETTINGS) / "scores.parquet")
+    got = pd.read_parquet(run / "scores.parquet")
+    for col in ("influence", "self_influence", "label_issue"):
+        np.testing.assert_allclose(got[col], local[col], rtol=1e-6, atol=1e-10, err_msg=col)
+    assert not any((tiny / "runs/.stages").glob("diffin-*/scores/*")) if (tiny / "runs/.stages").exists() else True
