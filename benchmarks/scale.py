@@ -192,20 +192,23 @@ def cases(args) -> list[dict]:
 
 
 def run_case(case: dict, work: Path, timeout: float) -> dict | None:
-    case = {**case, "project": str(make_project(work, case["model"], case["n"]))}
+    case = {**case, "project": case.get("project") or str(make_project(work, case["model"], case["n"]))}
     env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"]), "MKL_NUM_THREADS": str(case["threads"])}
     cmd = [sys.executable, __file__, "--child", json.dumps(case)]
-    print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']} {case['device']} ...", flush=True)
+    print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']} {case['device']} started", flush=True)
     try:
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        print(f"[scale]   timed out after {timeout:.0f} s", flush=True)
+        print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']}: timed out after {timeout:.0f} s",
+              flush=True)
         return None
     if res.returncode != 0:
-        print(f"[scale]   failed:\n{res.stderr[-2000:]}", flush=True)
+        print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']} failed:\n{res.stderr[-2000:]}",
+              flush=True)
         return None
     row = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"[scale]   {row['samples_per_s']} samples/s, peak RSS {row['peak_rss_mb']} MB, {row['wall_s']} s", flush=True)
+    print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']} {case['device']}: "
+          f"{row['samples_per_s']} samples/s, peak RSS {row['peak_rss_mb']} MB, {row['wall_s']} s", flush=True)
     return row
 
 
@@ -278,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian-batch", type=int, default=256, help="diffin's Hessian batch (ScoreSettings)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per case")
+    ap.add_argument("--jobs", type=int, default=1, help="cases run at the same time (each with --threads)")
+    ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints of every synthetic project")
     ap.add_argument("--work", default="/tmp/diffin_scale", help="where the synthetic projects live")
     ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("--fresh", action="store_true", help="drop the rows already in scale.csv")
@@ -288,7 +293,16 @@ def main(argv=None) -> int:
     args.cases = args.cases.split(",")
     args.cnn_paths = args.cnn_paths.split(",")
     args.sizes = [int(v) for v in args.sizes.split(",") if v]
-    rows = [r for c in cases(args) if (r := run_case(c, Path(args.work), args.timeout)) is not None]
+    todo = cases(args)
+    for c in todo:                       # build every project first (serially: they share the disk)
+        c["project"] = str(make_project(Path(args.work), c["model"], c["n"], args.checkpoints))
+    if args.jobs > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(args.jobs) as pool:
+            found = list(pool.map(lambda c: run_case(c, Path(args.work), args.timeout), todo))
+    else:
+        found = [run_case(c, Path(args.work), args.timeout) for c in todo]
+    rows = [r for r in found if r is not None]
     if rows:
         write_outputs(rows, Path(args.out), args.fresh)
     return 0

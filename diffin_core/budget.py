@@ -26,12 +26,13 @@ from torch import nn
 from .errors import DiffinError
 
 # P-sized rows live per training sample on the per-sample-gradient path (g_z and temporaries).
-GRAD_ROWS = {"diffin": 4, "diffin-paper": 4, "tracin": 2, "grad-dot": 2, "grad-cos": 3,
-             "influence-function": 3}
-DEFAULT_GRAD_ROWS = 3
+# (counted in DiffIn.chunk: g_final, g_k, the carried u and v, w, the next u and v, temporaries)
+GRAD_ROWS = {"diffin": 10, "diffin-paper": 6, "tracin": 3, "tracin-adam": 4, "grad-dot": 3,
+             "grad-cos": 3, "influence-function": 4}
+DEFAULT_GRAD_ROWS = 6
 PSG_ACTIVATION = 6.0     # vmap(grad) keeps the forward activations plus their gradients
 JVP_ACTIVATION = 4.0     # primal + tangent activations and the op temporaries
-FIXED_VECTORS = 6        # model weights, theta, g_Q / carried query vector, temporaries (P each)
+FIXED_VECTORS = 6        # model weights, the carried query vectors, HVP temporaries (P each)
 MIN_BUDGET = 64 * 2**20
 BATCH_ROWS = 64          # rows per slice of a batch gradient / HVP (fixed, so that the budget does
                          # not change finite-difference HVPs' rounding); fewer only when it must
@@ -105,6 +106,8 @@ class MemoryPlan:
     cached_checkpoints: int   # parameter vectors (and plan entries) kept in memory at once
     row_bytes_grad: int       # estimated bytes per row, per-sample-gradient path
     row_bytes_jvp: int        # estimated bytes per row, jvp path
+    fixed_bytes: int = 0      # estimated bytes besides the rows and the cached checkpoints
+    checkpoint_bytes: int = 0  # estimated bytes per cached checkpoint (theta_k + its plan entry)
     batch_rows: int = BATCH_ROWS  # rows per slice of batch gradients / HVPs (query, Hessian batch)
 
     def chunk(self, need_self: bool) -> int:
@@ -120,14 +123,16 @@ def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = 
     """Chunk sizes that keep the engine's live tensors under ``budget`` bytes (0 = auto).
 
     ``plan_vectors`` = P-sized query-side vectors one checkpoint's plan entry holds (diffin:
-    w_k plus its Ritz vectors). ``batch_size`` caps both chunks (the user's --batch-size).
-    Raises a DiffinError when even one row does not fit.
+    w_k plus its Ritz vectors; also the Lanczos workspace while it is made). ``batch_size`` caps
+    both chunks (the user's --batch-size). Raises a DiffinError when even one row does not fit.
+    Guarantee (tests/test_scale.py): fixed_bytes + cached_checkpoints * checkpoint_bytes +
+    chunk * row bytes <= budget for either path.
     """
     budget = int(budget) or default_budget(device)
     budget = max(budget, MIN_BUDGET)
     p_bytes = num_params * dtype_bytes
     per_ckpt = p_bytes * (1 + plan_vectors)                  # theta_k + its plan entry
-    fixed = FIXED_VECTORS * p_bytes + per_ckpt               # at least one checkpoint resident
+    fixed = (FIXED_VECTORS + plan_vectors) * p_bytes + per_ckpt   # + Lanczos workspace, one checkpoint
     row_grad = GRAD_ROWS.get(method, DEFAULT_GRAD_ROWS) * p_bytes + int(PSG_ACTIVATION * act_bytes)
     row_jvp = int(JVP_ACTIVATION * act_bytes) + 64
     room = budget - fixed
@@ -135,12 +140,12 @@ def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = 
         need = fixed + (row_grad if need_self else row_jvp)
         raise DiffinError(f"memory budget {budget / 2**20:.0f} MB is too small for a model of "
                           f"{num_params:,} parameters: it needs at least {math.ceil(need / 2**20)} MB")
-    # rows first (half the room), then as many extra checkpoints as the rest allows
-    grad_chunk = max(1, min(batch_size, (room // 2 if need_self else room) // row_grad))
-    jvp_chunk = max(1, min(batch_size, (room // 2) // row_jvp))
-    used = (grad_chunk * row_grad) if need_self else (jvp_chunk * row_jvp)
+    # rows first, then as many extra checkpoints as the rest allows (re-reading one costs a file read)
+    grad_chunk = max(1, min(batch_size, room // row_grad))
+    jvp_chunk = max(1, min(batch_size, room // row_jvp))
+    used = max(grad_chunk * row_grad if need_self else 0, jvp_chunk * row_jvp)
     extra = (room - used) // per_ckpt
     cached = int(max(1, min(checkpoints, 1 + extra)))
     batch_rows = int(max(1, min(BATCH_ROWS, (room // 2) // row_jvp)))
     return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp),
-                      batch_rows)
+                      fixed_bytes=int(fixed - per_ckpt), checkpoint_bytes=int(per_ckpt), batch_rows=batch_rows)

@@ -51,8 +51,7 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor 
                 break
             basis.append(q)
             w = matvec(q)
-            Q = torch.stack(basis, dim=1)
-            cols.append(Q.T @ w)
+            cols.append(_dots(basis, w))              # Q^T w without stacking Q (a (P, k) copy)
             q = _orthonormal(w, basis)
     if not basis:
         raise ValueError("lanczos needs a non-zero start vector")
@@ -62,8 +61,18 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor 
         T[: j + 1, j] = c.detach().double().cpu()
     T = torch.triu(T) + torch.triu(T, 1).T                        # symmetric by construction
     values, S = torch.linalg.eigh(T)                               # on the CPU in float64 (MPS has none)
-    Q = torch.stack(basis, dim=1)
-    return SpectralView(values.to(device=Q.device, dtype=Q.dtype), Q @ S.to(device=Q.device, dtype=Q.dtype))
+    q0 = basis[0]
+    S = S.to(device=q0.device, dtype=q0.dtype)
+    vectors = torch.zeros(p, k, dtype=q0.dtype, device=q0.device)
+    for j in range(k):                                             # Q @ S, freeing Q as it goes
+        vectors.addr_(basis[j], S[j])
+        basis[j] = None
+    return SpectralView(values.to(device=q0.device, dtype=q0.dtype), vectors)
+
+
+def _dots(basis: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """(k,) inner products of w with each basis vector (= Q^T w, without forming Q)."""
+    return torch.stack([torch.dot(b, w) for b in basis])
 
 
 def _orthonormal(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor | None:
@@ -72,9 +81,10 @@ def _orthonormal(w: torch.Tensor, basis: list[torch.Tensor]) -> torch.Tensor | N
     if not norm0 > 0:
         return None
     if basis:
-        Q = torch.stack(basis, dim=1)
-        w = w - Q @ (Q.T @ w)
-        w = w - Q @ (Q.T @ w)                         # twice is enough in float32
+        w = w.clone()
+        for _ in range(2):                            # classical Gram-Schmidt, twice is enough in float32
+            for b, c in zip(basis, _dots(basis, w).tolist()):
+                w.add_(b, alpha=-c)
     norm = torch.linalg.vector_norm(w)
     if not norm > 1e-6 * norm0:
         return None

@@ -43,7 +43,9 @@ def plan_vectors(method, ctx) -> int:
     """P-sized vectors one plan entry holds (diffin: w_k and its Ritz vectors)."""
     name = getattr(method, "name", "")
     r = int(getattr(ctx.settings, "lanczos_steps", 10))
-    return {"diffin": r + 1, "diffin-paper": r + 3, "influence-function": r + 1}.get(name, 1)
+    # diffin: w_k and the Ritz vectors of two starts (u: r steps, momentum's v: r/2 more)
+    return {"diffin": r + r // 2 + 2, "diffin-paper": r + 4, "influence-function": r + 5,
+            "tracin-adam": 2}.get(name, 1)
 
 
 def memory_plan(method, ctx, need_self: bool) -> MemoryPlan:

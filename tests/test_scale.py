@@ -132,9 +132,12 @@ def test_chunk_sizes_respect_the_budget_at_any_size():
                 except DiffinError as e:
                     assert "too small" in str(e)
                     continue
-                live = (6 + 1 + 11 * mem.cached_checkpoints) * 4 * p + mem.grad_chunk * mem.row_bytes_grad
-                assert live <= budget, (p, method, budget, mem)
-                assert mem.grad_chunk * GRAD_ROWS[method] * 4 * p <= budget
+                live = mem.fixed_bytes + mem.cached_checkpoints * mem.checkpoint_bytes
+                assert live + mem.grad_chunk * mem.row_bytes_grad <= budget, (p, method, budget, mem)
+                assert live + mem.jvp_chunk * mem.row_bytes_jvp <= budget
+                # the counted parts: every resident checkpoint's theta and plan entry, the rows
+                assert mem.checkpoint_bytes == 12 * 4 * p and mem.fixed_bytes >= (6 + 11) * 4 * p
+                assert mem.row_bytes_grad >= GRAD_ROWS[method] * 4 * p + 6 * 3_000_000
     with pytest.raises(DiffinError, match="too small"):
         plan_memory(100_000_000, 1000, "diffin", True, budget=2**30, plan_vectors=11)
     assert parse_bytes("4GB") == 4 * 2**30 and parse_bytes("512m") == 512 * 2**20 and parse_bytes("auto") == 0
