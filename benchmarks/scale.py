@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["N", "params", "method", "path", "device", "samples_per_s", "peak_rss_mb", "wall_s",
-           "peak_gpu_mb", "batch", "budget_mb", "threads", "model", "checkpoints", "hessian_batch"]
+           "peak_gpu_mb", "batch", "budget_mb", "threads", "model", "checkpoints", "hessian_batch", "plan_s"]
 
 MODEL_PY = '''from diffin_core.models import SmallCNN, build_resnet18
 
@@ -150,7 +150,8 @@ def child(case: dict) -> dict:
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0,
             "batch": meta.get("memory", {}).get("grad_chunk", case["batch"]) if meta else case["batch"],
             "budget_mb": case["budget_mb"], "threads": case["threads"], "model": case["model"],
-            "checkpoints": len(project.manifest.checkpoints), "hessian_batch": case["hessian_batch"]}
+            "checkpoints": len(project.manifest.checkpoints), "hessian_batch": case["hessian_batch"],
+            "plan_s": (meta.get("timings") or {}).get("plan_s", 0.0) if meta else 0.0}
 
 
 def inference(project, settings) -> None:
@@ -184,10 +185,11 @@ def cases(args) -> list[dict]:
         for method, path in (("diffin", "score"), ("tracin", "score"), ("diffin", "inference")):
             out.append({**base, "model": "resnet18", "n": args.resnet_n, "method": method, "path": path,
                         "batch": args.resnet_batch})
-    if "gpu" in args.cases:
-        for method, path in (("diffin", "score"), ("diffin", "influence"), ("diffin", "inference")):
-            out.append({**base, "device": "cuda", "model": "resnet18", "n": args.gpu_n, "method": method,
-                        "path": path, "batch": args.gpu_batch})
+    if "gpu" in args.cases:           # first: they hardly compete with the CPU cases for cores
+        gpu = [{**base, "device": "cuda", "threads": 1, "budget_mb": args.gpu_budget_mb, "model": "resnet18",
+                "n": args.gpu_n, "method": method, "path": path, "batch": args.gpu_batch}
+               for method, path in (("diffin", "score"), ("diffin", "inference"), ("diffin", "influence"))]
+        out = gpu + out
     return out
 
 
@@ -226,7 +228,6 @@ def write_outputs(rows: list[dict], out: Path, fresh: bool) -> None:
     df.to_csv(csv, index=False)
     (out / "scale.md").write_text(table(df))
     plot(df, out / "scale.png")
-    print(table(df))
 
 
 def table(df) -> str:
@@ -277,6 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resnet-batch", type=int, default=64)
     ap.add_argument("--gpu-n", type=int, default=100_000)
     ap.add_argument("--gpu-batch", type=int, default=256)
+    ap.add_argument("--gpu-budget-mb", type=int, default=0, help="GPU cases' memory budget (0 = auto: 80%% of free VRAM)")
     ap.add_argument("--budget-mb", type=int, default=3000, help="--memory-budget of every case (MB)")
     ap.add_argument("--hessian-batch", type=int, default=256, help="diffin's Hessian batch (ScoreSettings)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -296,15 +298,25 @@ def main(argv=None) -> int:
     todo = cases(args)
     for c in todo:                       # build every project first (serially: they share the disk)
         c["project"] = str(make_project(Path(args.work), c["model"], c["n"], args.checkpoints))
+    import threading
+    rows, lock = [], threading.Lock()
+
+    def one(c):
+        row = run_case(c, Path(args.work), args.timeout)
+        if row is not None:
+            with lock:                   # results written after every case: a cut-short run keeps them
+                rows.append(row)
+                write_outputs(rows, Path(args.out), args.fresh)
+
     if args.jobs > 1:
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(args.jobs) as pool:
-            found = list(pool.map(lambda c: run_case(c, Path(args.work), args.timeout), todo))
+            list(pool.map(one, todo))
     else:
-        found = [run_case(c, Path(args.work), args.timeout) for c in todo]
-    rows = [r for r in found if r is not None]
+        for c in todo:
+            one(c)
     if rows:
-        write_outputs(rows, Path(args.out), args.fresh)
+        print(table(__import__("pandas").read_csv(Path(args.out) / "scale.csv")))
     return 0
 
 

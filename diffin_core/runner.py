@@ -26,6 +26,7 @@ budget, shard or resume order gives the same numbers up to float rounding.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -216,7 +217,9 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
     if isinstance(ctx.thetas, CheckpointStore):
         ctx.thetas.keep = mem.cached_checkpoints
     ctx.progress(0, ctx.n, f"{method.name}: preparing query vectors")
+    started = time.perf_counter()
     state = prepare(method, ctx, qx, qy, stages, mem)
+    ctx.timings = {"plan_s": round(time.perf_counter() - started, 3)}     # meta.json: where time went
     n = ctx.n
     if not need_self and per_checkpoint(method, state):
         infl = np.zeros(n)
@@ -228,6 +231,7 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
                 stages.save_scores(f"ckpt_{i:03d}", part)
             infl += part["influence"]
             ctx.progress((i + 1) * n, total * n, f"{method.name}: checkpoint {i + 1}/{total} scored")
+        ctx.timings["scores_s"] = round(time.perf_counter() - started - ctx.timings["plan_s"], 3)
         return {"influence": infl}
     size = mem.chunk(need_self)
     shard = size * SHARD_CHUNKS
@@ -240,6 +244,7 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
             stages.save_scores(f"rows_{a}_{b}", part)
         parts.append(part)
         ctx.progress(b, n, f"{method.name}: rows {a}-{b} scored")
+    ctx.timings["scores_s"] = round(time.perf_counter() - started - ctx.timings["plan_s"], 3)
     out = {"influence": np.concatenate([p["influence"] for p in parts])}
     if need_self:
         p = np.concatenate([q["probs"] for q in parts])

@@ -201,6 +201,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
                                                "diffin": "0.1.0"},
         "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
+        "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
     }
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
