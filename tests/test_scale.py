@@ -212,3 +212,48 @@ def test_resnet18_has_11m_parameters_and_batchnorm():
     assert count_parameters(model) > 10_000_000
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert model.eval()(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_project_score_killed_halfway_resumes_from_its_stages(tmp_path):
+    """scoring.score on a project folder: killed after the plan's 2nd checkpoint, rerun with the
+    same settings; the rerun resumes (no plan step redone before it) and matches a clean run."""
+    from helpers import make_tiny_project
+    from diffin_core.project import Project
+    from diffin_core.scoring import score
+    root = make_tiny_project(tmp_path / "p", n=60)
+    settings = ScoreSettings(batch_size=16, lanczos_steps=4, hessian_batch=32, memory_budget=256 * 2**20)
+    clean = Project(root).scores(score(root, "diffin", run="clean", settings=settings, features=False).name)
+
+    def killer(done, total, message):
+        if "query plan: checkpoint 2/" in message:
+            raise Killed(message)
+    with pytest.raises(Killed):
+        score(root, "diffin", run="again", settings=settings, progress=killer, features=False)
+    stages = list((root / "runs" / ".stages").iterdir())
+    assert len(stages) == 1 and (stages[0] / "plan" / "001.json").is_file()
+    messages = []
+    out = score(root, "diffin", run="again", settings=settings, progress=lambda d, t, m: messages.append(m),
+                features=False)
+    assert any("resumed the query plan after 2" in m for m in messages)
+    assert not any("query plan: checkpoint 1/" in m for m in messages)
+    again = Project(root).scores(out.name)
+    for col in ("influence", "self_influence", "label_issue"):
+        close(again[col].to_numpy(), clean[col].to_numpy())
+    assert not list((root / "runs" / ".stages").iterdir())          # removed once the run is written
+    meta = Project(root).run("again").meta
+    assert meta["memory"]["budget"] == 256 * 2**20 and meta["memory"]["grad_chunk"] <= 16
+
+
+def test_cli_memory_budget_and_batch_size(tmp_path, capsys):
+    from helpers import make_tiny_project
+    from diffin_core.cli import main
+    from diffin_core.project import Project
+    root = make_tiny_project(tmp_path / "p", n=40)
+    main(["score", str(root), "-m", "tracin", "--run", "t", "--memory-budget", "300MB", "--batch-size", "7",
+          "--no-features"])
+    meta = Project(root).run("t").meta
+    assert meta["settings"]["memory_budget"] == 300 * 2**20 and meta["settings"]["batch_size"] == 7
+    assert meta["memory"]["grad_chunk"] == 7
+    with pytest.raises(SystemExit) as e:
+        main(["score", str(root), "-m", "tracin", "--memory-budget", "lots"])
+    assert e.value.code == 2 and "not a size like 4GB" in capsys.readouterr().err
