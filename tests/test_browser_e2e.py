@@ -2,8 +2,10 @@
 Debian's chromium (/usr/bin/chromium, never `playwright install`).
 
 As a user: open the sample project, score it ("loss", the fast method), review 5 samples
-(3 excludes, 1 keep, 1 relabel), export the cleaned split as .npz, then check the file on disk
-against the review log: exactly the excluded samples are gone and the relabel is applied.
+(3 excludes, 1 keep, 1 relabel); open a second tab on the same sample, exclude it in the first
+tab and check the second tab's stale Keep is refused with who changed it and when; export the
+cleaned split as .npz, then check the file on disk against the review log and the input: exactly
+the excluded samples are gone, the relabel is applied, every other array is byte-faithful.
 """
 from __future__ import annotations
 
@@ -68,7 +70,8 @@ def idle(page) -> None:
 
 def go(page, name: str) -> None:
     """Open a page from the sidebar navigation (same session, like a user would)."""
-    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"^\s*{name}\s*$")).click()
+    # the link's text is the material icon's ligature name, then the title: "boltScore"
+    page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(rf"{re.escape(name)}\s*$")).first.click()
     page.get_by_role("heading", name=name if name != "Review" else "Review suspects").wait_for()
     idle(page)
 
@@ -162,7 +165,7 @@ def test_sample_project_score_review_export(page, server, workspace):
             given = int(scores.loc[scores["sample_id"] == sid, "label"].iloc[0])
             assert given_label(page) == str(given)   # label names of the sample project are "0".."9"
             new = next(y for y in range(10) if y != given)   # a label that really changes
-            choose(page, "review_new_label", str(new))
+            choose(page, f"review_new_label_{sid}", str(new))   # keyed by sample: nothing carries over
             page.get_by_role("button", name=f"Relabel to {new}", exact=True).wait_for()
             idle(page)
             page.locator(".st-key-review_relabel").get_by_role("button").click()
@@ -174,39 +177,65 @@ def test_sample_project_score_review_export(page, server, workspace):
     assert metric(page, "Excluded") == "3" and metric(page, "Relabelled") == "1"
     assert metric(page, "Remaining") == str(len(scores) - 5)
 
+    # Two tabs on one sample: tab B still shows it when tab A excludes it; B's Keep is refused
+    # with who changed it and when, and nothing is written.
+    tab_b = page.context.browser.new_page(viewport={"width": 1400, "height": 1100})   # a second tab
+    tab_b.set_default_timeout(STEP_TIMEOUT_MS)
+    tab_b.goto(server.url + "/")
+    idle(tab_b)
+    go(tab_b, "Review")
+    wait_metric(tab_b, "Reviewed", "5")
+    shared = current_sample(page)
+    assert current_sample(tab_b) == shared == ranked[5]
+    page.locator(".st-key-review_exclude").get_by_role("button").click()
+    wait_metric(page, "Reviewed", "6")
+    tab_b.bring_to_front()
+    tab_b.locator(".st-key-review_keep").get_by_role("button").click()
+    alert = tab_b.locator("[data-testid='stAlert']", has_text=f"sample {shared} was changed by")
+    alert.wait_for()
+    assert "nothing was written" in alert.inner_text() and " UTC " in alert.inner_text()
+    idle(tab_b)
+    assert metric(tab_b, "Excluded") == "4" and current_sample(tab_b) == ranked[6]   # redrawn as it is
+    tab_b.close()
+    page.bring_to_front()
+    done[shared] = ("exclude", None)
+
     from diffin_core.review import ReviewLog
     with ReviewLog(project) as log:
         state = log.state()
+        assert len(log.history(shared)) == 1          # the stale Keep wrote nothing
     assert {int(s): (a, None if pd.isna(lab) else int(lab)) for s, a, lab in
             zip(state.index, state["action"], state["label"])} == done
 
     # Export: the cleaned split (review decisions applied) as .npz.
     go(page, "Export")
-    page.get_by_text("3 excluded, 1 relabelled, 1 kept", exact=False).wait_for()
+    page.get_by_text("4 excluded, 1 relabelled, 1 kept", exact=False).wait_for()
     page.get_by_role("radio", name=re.compile("^Cleaned split")).check()
     idle(page)
     fmt = page.locator(".st-key-export_format").get_by_role("combobox")
-    if fmt.input_value() != "npz":
-        choose(page, "export_format", "npz")
-        idle(page)
+    # the input's own format comes first and says so
+    assert fmt.input_value() == "npz (same as the input: byte-faithful)", fmt.input_value()
     page.get_by_role("button", name="Write export").click()
     page.get_by_text(re.compile(r"^Wrote ")).wait_for()
     idle(page)
     out = project / "exports" / "mnist-sample-clean-npz.npz"
     assert out.is_file(), sorted(p.name for p in (project / "exports").iterdir())
-    assert page.get_by_role("button", name=f"Download {out.name}").is_visible()
+    page.get_by_role("button", name=f"Download {out.name}").wait_for()   # drawn once its data is ready
 
-    # The file on disk: exactly the excluded samples are gone, the relabel is applied.
+    # The file on disk: exactly the excluded samples are gone, the relabel is applied, and
+    # everything else is the input's own arrays byte for byte (dtype, shape, values).
     with np.load(project / "data" / "train.npz") as z:
-        train_y = z["y"].astype(np.int64)
-        train_x = z["x"]
-        train_ids = z["ids"].astype(np.int64) if "ids" in z.files else np.arange(len(train_y))
+        source = {k: z[k] for k in z.files}
     with np.load(out) as z:
-        x, y, ids = z["x"], z["y"], z["ids"]
+        exported = {k: z[k] for k in z.files}
+    train_y = source["y"].astype(np.int64)
+    train_x = source["x"]
+    train_ids = source["ids"].astype(np.int64) if "ids" in source else np.arange(len(train_y))
+    x, y, ids = exported["x"], exported["y"], exported["ids"]
     excluded = {int(s) for s in state.index[state["action"] == "exclude"]}
-    assert len(excluded) == 3
+    assert len(excluded) == 4
     assert set(ids.tolist()) == set(train_ids.tolist()) - excluded
-    assert len(ids) == len(train_ids) - 3 == len(y) == len(x)
+    assert len(ids) == len(train_ids) - 4 == len(y) == len(x)
     row = {int(s): i for i, s in enumerate(train_ids)}
     rows = np.array([row[int(s)] for s in ids])
     expected = train_y[rows].copy()
@@ -216,8 +245,11 @@ def test_sample_project_score_review_export(page, server, workspace):
             assert y[i] == new != train_y[row[sid]]
             expected[i] = new
     np.testing.assert_array_equal(y, expected)
-    flat = train_x[rows].reshape(len(rows), -1).astype(np.float32)
-    if train_x.dtype == np.uint8:
-        flat = flat / 255.0
-    np.testing.assert_allclose(x.reshape(len(x), -1), flat, atol=1e-6)
+    assert list(exported)[:len(source)] == list(source)          # same arrays, same order
+    for k, a in source.items():
+        b = exported[k]
+        assert b.dtype == a.dtype and b.shape[1:] == a.shape[1:], (k, a.dtype, b.dtype, a.shape, b.shape)
+        if k != "y":
+            np.testing.assert_array_equal(b, a[rows])             # uint8 (N, 784) stays uint8 (N, 784)
+    assert x.dtype == train_x.dtype and x.shape == (len(rows), *train_x.shape[1:])
     assert time.monotonic() - t0 < 240
