@@ -311,7 +311,7 @@ def test_query_folder_uses_the_train_classes(base, tmp_path):
     assert set(q.y.tolist()) == {int(ty.max())}
     # label_names fix the class order: folder "d" gets index label_names.index("d")
     names = [str(d) for d in range(9, -1, -1)]
-    toml = _toml("data/train").replace("data/query.npz", "data/query") + f"\n"
+    toml = _toml("data/train").replace("data/query.npz", "data/query")
     (root / "diffin.toml").write_text(toml.replace("image_shape", f"label_names = {names}\nimage_shape"))
     p = Project(root)
     np.testing.assert_array_equal(p.train.y, 9 - ty)
