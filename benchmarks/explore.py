@@ -178,7 +178,7 @@ def bench(n: int, dims: list[int], ranks: list[int], nq: int, rerank: int, ws: P
 
         def on_grads(k, sl, g):
             if k in C:
-                exact[sl] += C[k] * (g @ W[k]).double().numpy()
+                exact[sl] += C[k] * (g @ W[k]).double().cpu().numpy()
         settings = F.FeatureSettings(dim=full, view_rank=r, chunk_size=chunk, rerank=rerank)
         t = time.time()
         last = [0.0]
@@ -213,8 +213,55 @@ def bench(n: int, dims: list[int], ranks: list[int], nq: int, rerank: int, ws: P
                    "exact_plan_s": round(exact_prep_s, 2)}
             log(f"  d={d}: {row}")
             rows.append(row)
-        shutil.rmtree(run / "features-full")
     return rows
+
+
+def timing_only(n: int, src_n: int, dims: list[int], nq: int, ws: Path, model: str) -> list[dict]:
+    """query_ms at N = n on a store whose rows are the N = src_n store's rows tiled (same shape and
+    dtype as a real one; the exactness columns stay empty: the pass at n was not run here)."""
+    from diffin_core import features as F
+    from diffin_core.project import Project
+    src = ws / f"mnist-{model}-{src_n}" / "runs" / "diffin-1" / "features-full"
+    if not src.is_dir():
+        src = src.parent / "features"          # the largest d of that run
+    project = Project(build_project(ws, n, model))
+    run = fake_run(project)
+    full = json.loads((src / "meta.json").read_text())["settings"]["dim"]
+    tmp = run / "features-full"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train.npy", "train_norm.npy"))
+    rows = np.load(src / "train.npy", mmap_mode="r")
+    pick = np.arange(n) % len(rows)
+    out = np.lib.format.open_memmap(tmp / "train.npy", mode="w+", dtype=np.float16, shape=(n, rows.shape[1]))
+    for s in range(0, n, 20000):
+        out[s:s + 20000] = rows[pick[s:s + 20000]]
+    out.flush()
+    del out
+    np.save(tmp / "train_norm.npy", np.load(src / "train_norm.npy")[pick])
+    meta = json.loads((tmp / "meta.json").read_text())
+    meta["n_train"] = n
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    queries = np.random.default_rng(1).choice(len(project.query), nq, replace=False)
+    res = []
+    for d in dims:
+        store_with_dim(tmp, run / "features", d, full)
+        store = F.FeatureStore(run / "features")
+        F._CTX.clear()
+        F.fast_query_influence(project, run.name, [int(queries[0])], store=store)
+        times = []
+        for qi in queries:
+            t0 = time.perf_counter()
+            F.fast_query_influence(project, run.name, [int(qi)], store=store)
+            times.append((time.perf_counter() - t0) * 1000)
+        row = {"model": model, "N": n, "d": d, "view_rank": meta["settings"]["view_rank"],
+               "rerank": meta["settings"]["rerank"], "queries": nq, "query_ms": round(statistics.median(times), 1),
+               "topk_overlap": np.nan, "topk_overlap_projected_only": np.nan, "spearman_vs_exact": np.nan,
+               "feature_pass_s": np.nan, "store_mb": store.meta["store_mb"], "exact_plan_s": np.nan,
+               "note": f"timing only: store rows tiled from N={src_n}"}
+        log(f"  timing-only N={n} d={d}: {row['query_ms']} ms")
+        res.append(row)
+    return res
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -256,15 +303,20 @@ def main():
                     help="mlp: MLP 784-32-10 retrained on the sample digits (default; CPU-sized); "
                          "cnn: the sample project's own SmallCNN")
     ap.add_argument("--out", type=Path, default=RESULTS / "explore.csv")
+    ap.add_argument("--tile-from", type=int, help="timing only: tile the store of this N (same workspace)")
+    ap.add_argument("--append", type=Path, help="keep the rows of this CSV (e.g. the --out of a previous run)")
     args = ap.parse_args()
     torch.manual_seed(0)
     log(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="diffin-explore-") as tmp:
         ws = (args.workspace or Path(tmp)).resolve()
         ws.mkdir(parents=True, exist_ok=True)
-        rows = []
+        rows = [] if args.append is None else pd.read_csv(args.append).to_dict("records")
         for n in args.n:
-            rows += bench(n, sorted(args.dims), args.ranks, args.queries, args.rerank, ws, args.chunk, args.model)
+            if args.tile_from:
+                rows += timing_only(n, args.tile_from, sorted(args.dims), args.queries, ws, args.model)
+            else:
+                rows += bench(n, sorted(args.dims), args.ranks, args.queries, args.rerank, ws, args.chunk, args.model)
             df = pd.DataFrame(rows)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(args.out, index=False)

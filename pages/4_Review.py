@@ -140,6 +140,8 @@ else:
                       key="review_undo_sample_last", icon=":material/undo:", on_click=undo_sample,
                       args=(int(last), log.versions([int(last)])[int(last)]),
                       help="Reverts the decision in force on that sample only.")
+    from _common import influence_views as iv        # issue 8: whom it helps and harms, and when
+    iv.review_card_section(project, run, sid)
     with st.expander("Open a sample by id (to see or change its decision)"):
         pick = st.number_input("Sample id", min_value=0, value=None, step=1, key="review_open_id")
         if pick is not None and st.button("Show it on the card", key="review_open"):

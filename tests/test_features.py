@@ -160,12 +160,12 @@ def test_stale_or_broken_store(tmp_path):
 
 def test_projector_is_seeded_blockwise_and_keeps_inner_products():
     g = torch.randn(6, 1000)
-    whole = Projector(1000, 512, seed=3)
+    whole = Projector(1000, 512, seed=3, block=64)                     # R built once and cached
     blocks = Projector(1000, 512, seed=3, block=64, cache_mb=0)        # never materialised
-    assert blocks._whole is None
+    assert blocks._whole is None and whole._whole is not None
     np.testing.assert_allclose(whole(g).numpy(), blocks(g).numpy(), rtol=1e-5, atol=1e-5)
     assert not torch.equal(Projector(1000, 512, seed=4)(g), whole(g))
-    f = Projector(1000, 4096, seed=0)(g)
+    f = Projector(1000, 4096, seed=0)(g)                             # R is defined by (seed, block)
     exact, approx = (g @ g.T).numpy(), (f @ f.T).numpy()
     assert np.abs(approx - exact).max() < 0.15 * np.abs(exact).max()
     small = prefix(f, 4096, 1024)                                    # a 1024-dim projection too

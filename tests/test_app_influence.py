@@ -1,0 +1,119 @@
+"""AppTest: the views drawn from a run's feature store, checked against the engine's numbers.
+Explore's fast top-k (no background job), the reverse view of a training sample with its
+per-checkpoint plot (Explore and the Review card), and the class-by-class heatmap."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
+
+from diffin_core import features as F
+from diffin_core.project import Project
+from diffin_core.scoring import score
+
+from helpers import make_tiny_project
+
+
+@pytest.fixture
+def tiny(workspace):
+    """The tiny 3-class project scored with diffin (its feature store written by `score`)."""
+    root = make_tiny_project(workspace / "tiny")
+    score(root, "diffin", run="diffin-1")
+    assert (root / "runs/diffin-1/features/meta.json").is_file()
+    return root
+
+
+def charts(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def arr(v) -> np.ndarray:
+    """A plotly JSON array: a list, or typed {"dtype", "bdata"[, "shape"]} (base64)."""
+    if isinstance(v, dict) and "bdata" in v:
+        import base64
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(n) for n in str(v["shape"]).split(",")]) if "shape" in v else a
+    return np.asarray(v, dtype=float)
+
+
+def test_fast_topk_needs_no_job(tiny, jobs):
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(4).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    assert not at.exception and jobs.list() == []              # answered in the script run
+    assert any(t.startswith("Produced by the fast path") for t in texts(at.caption))
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    project = Project(tiny)
+    infl, _ = F.fast_query_influence(project, "diffin-1", [4])
+    order = np.argsort(-infl, kind="stable")
+    assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
+    assert tables[1]["sample_id"].tolist() == project.train.ids[order[::-1][:5]].tolist()
+    np.testing.assert_allclose(tables[0]["influence"], infl[order[:5]], rtol=1e-9)
+
+
+def test_reverse_view_and_checkpoint_plot(tiny):
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Training sample").run()
+    at.number_input(key="explore_sample").set_value(11).run()
+    assert not at.exception
+    rev = store.reverse(11)
+    order = np.argsort(-rev, kind="stable")
+    cards = [t for t in texts(at.caption) if t.startswith("query #")]
+    shown = [int(t.split()[1][1:]) for t in cards]
+    values = [float(t.rsplit("influence ", 1)[1]) for t in cards]
+    assert shown[:8] == order[:8].tolist() and shown[8:16] == order[::-1][:8].tolist()
+    np.testing.assert_allclose(values[:8], rev[order[:8]], rtol=2e-3)
+    assert values[:8] == sorted(values[:8], reverse=True) and min(values[:8]) >= max(values[8:16])
+    # the per-checkpoint plot: one bar per checkpoint, the engine's contributions, in step order
+    ctx = F._context(project, "diffin-1")
+    q = project.query
+    parts = F.checkpoint_contributions(ctx, store, 11, q.x, q.y)
+    bars = [c for c in charts(at) if c["data"][0].get("type") == "bar"][0]["data"][0]
+    assert arr(bars["x"]).tolist() == parts["step"].tolist()
+    np.testing.assert_allclose(arr(bars["y"]), parts["contribution"], rtol=1e-6)
+    total = [t for t in texts(at.caption) if t.startswith("Per-checkpoint contributions sum to")][0]
+    assert float(total.split("sum to ")[1].split()[0]) == pytest.approx(parts["contribution"].sum(), rel=1e-3)
+
+
+def test_class_heatmap_and_its_cells(tiny):
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Class heatmap").run()
+    assert not at.exception
+    heat = [c for c in charts(at) if c["data"][0].get("type") == "heatmap"][0]["data"][0]
+    m = store.class_matrix(project.query.y)
+    np.testing.assert_allclose(arr(heat["z"]), m, rtol=1e-6)
+    # a cell (train class 2 on query class 0) lists its training samples ranked by that influence
+    at.selectbox(key="explore_cls_train_class").set_value(2).run()
+    at.selectbox(key="explore_cls_query_class").set_value(0).run()
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    rows = np.nonzero(project.train.y == 2)[0]
+    infl = store.query_influence(np.nonzero(project.query.y == 0)[0])[rows]
+    order = np.argsort(-infl, kind="stable")
+    assert tables[0]["sample_id"].tolist() == project.train.ids[rows[order[:8]]].tolist()
+    assert (tables[0]["label"] == 2).all() and tables[0]["influence"].is_monotonic_decreasing
+    np.testing.assert_allclose(tables[0]["influence"], infl[order[:8]], rtol=1e-4)
+    assert tables[1]["influence"].is_monotonic_increasing
+    cell = [t.value for t in at.markdown if t.value.startswith("Cell (")][0]
+    assert float(cell.split("**")[1]) == pytest.approx(m[2, 0], rel=1e-3)
+
+
+def test_review_card_shows_the_reverse_view(tiny):
+    at = new_app(tiny, "pages/4_Review.py")
+    assert not at.get("plotly_chart")
+    at.toggle(key="review_influence").set_value(True).run()
+    assert not at.exception
+    sid = int([h.value for h in at.subheader if h.value.startswith("Sample ")][0].split()[1])
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    parts = F.checkpoint_contributions(F._context(project, "diffin-1"), store, sid, project.query.x, project.query.y)
+    bars = [c for c in charts(at) if c["data"][0].get("type") == "bar"][0]["data"][0]
+    np.testing.assert_allclose(arr(bars["y"]), parts["contribution"], rtol=1e-6)
+    cards = [t for t in texts(at.caption) if t.startswith("query #")]
+    assert len(cards) == 12 and int(cards[0].split()[1][1:]) == int(np.argmax(store.reverse(sid)))
