@@ -50,7 +50,8 @@ class FeatureSettings:
     """Settings of the feature pass, saved in features/meta.json."""
     dim: int = 1024            # projection dimension d (see benchmarks/explore.py for the choice)
     view_rank: int = 32        # Lanczos steps (Ritz pairs) of each checkpoint's stored Hessian view
-    chunk_size: int = 256      # training samples per chunk (per-sample gradients live per chunk)
+    chunk_size: int = 0        # training rows per chunk; 0: the run's memory plan (per-sample-
+                               # gradient rows, budget.py), or 256 without one
     seed: int = 0              # projection and Lanczos start vectors
     rerank: int = 50           # candidates per side rescored in full parameter space (0: none)
 
@@ -158,7 +159,8 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         labels = np.asarray(ctx.train.y, dtype=np.int64)
         c = int(num_classes or (labels.max() + 1 if n else 0))
         sums = np.zeros((c, d), dtype=np.float64)
-        for sl, x, y in ctx.chunks(size=settings.chunk_size):
+        rows = settings.chunk_size or (ctx.chunk_rows(True) if getattr(ctx, "memory", None) is not None else 256)
+        for sl, x, y in ctx.chunks(size=rows):
             direct = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
 
             def hook(k, g, sl=sl, direct=direct, first=sl.start == 0):
@@ -180,7 +182,7 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         np.save(tmp / "train_norm.npy", norms)
         np.save(tmp / "class_sums.npy", sums.astype(np.float32))
         q_rows, q_norm = [], []
-        for sl, x, y in ctx.chunks(query, size=settings.chunk_size):
+        for sl, x, y in ctx.chunks(query, size=rows):
             last = ctx.m - 1
             qf = proj(ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y))
             r, nn_ = _unit_rows(qf)
@@ -259,10 +261,11 @@ class FeatureStore:
                            for c in self.meta["checkpoints"]}
         return self._views
 
-    def label(self) -> str:
+    def label(self, rerank: int | None = None) -> str:
         s = self.meta["settings"]
+        r = s["rerank"] if rerank is None else rerank
         return (f"fast path: projected features (d = {self.dim}, {s['view_rank']} stored Hessian "
-                f"eigenpairs per checkpoint" + (f", top {s['rerank']} per side rescored exactly)" if s["rerank"] else ")"))
+                f"eigenpairs per checkpoint" + (f", top {r} per side rescored in full)" if r else ")"))
 
     # --- products --------------------------------------------------------------------------
     def query_rows(self, idx) -> np.ndarray:
@@ -353,6 +356,36 @@ def checkpoint_contributions(ctx, store: FeatureStore, row: int, qx, qy) -> pd.D
     return pd.DataFrame(recs[::-1])
 
 
+def contributions_path(project, run: str, sample_id: int, query_indices=None) -> Path:
+    """Where one sample's per-checkpoint contributions are cached (JSON, under the store)."""
+    key = "all" if query_indices is None else "q" + "_".join(map(str, sorted(set(int(i) for i in np.atleast_1d(query_indices)))))
+    if len(key) > 100:
+        import hashlib
+        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
+    return project.run(run).path / DIRNAME / "contributions" / f"{int(sample_id)}-{key}.json"
+
+
+def contributions_for(root: str, run: str, sample_id: int, query_indices=None, progress=None) -> str:
+    """Compute and cache (atomically) one training sample's per-checkpoint contributions on the
+    mean loss of the query samples (all when None). Runs the model: the app calls it in a child
+    process (usercode). Returns the cache path."""
+    from .atomic import write_text
+    from .project import Project
+    project = Project(root)
+    store = FeatureStore.open(project, run)
+    if store is None:
+        raise DiffinError(f"run {run!r} has no feature store", project.run(run).path)
+    rows = {int(s): i for i, s in enumerate(project.train.ids)}
+    if int(sample_id) not in rows:
+        raise DiffinError(f"no training sample has id {sample_id}", project.train.path)
+    q = project.query
+    idx = np.arange(len(q)) if query_indices is None else np.atleast_1d(np.asarray(query_indices, dtype=np.int64))
+    df = checkpoint_contributions(_context(project, run), store, rows[int(sample_id)], q.x[idx], q.y[idx])
+    out = contributions_path(project, run, sample_id, query_indices)
+    write_text(out, df.to_json(orient="records"))
+    return str(out)
+
+
 def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
                          store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
     """(influence (N,), path label) from the run's store, or None when the run has none.
@@ -375,4 +408,4 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
         q = project.query
         infl = infl.copy()
         infl[cand] = exact_rows(ctx, store, q.x[idx], q.y[idx], cand)
-    return infl, store.label()
+    return infl, store.label(r)

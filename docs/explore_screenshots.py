@@ -1,6 +1,6 @@
 """Screenshots of the feature-store views for the README (issue 8), from a real browser.
 
-    python docs/explore_screenshots.py          # writes docs/explore-*.png (~3-5 min on 2 CPUs)
+    python docs/explore_screenshots.py [WORKSPACE]   # writes docs/explore-*.png (~3-5 min on 2 CPUs)
 
 The sample project with a diffin run whose feature store is built for real (see
 tests/test_browser_explore.py for the same set-up): the fast top-k grid, a training sample's
@@ -25,7 +25,9 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ws = tbe.build_workspace(tmp / "ws")
+        given = Path(sys.argv[1]) if len(sys.argv) > 1 else None      # reuse a built workspace
+        ws = given if given and (given / "mnist-sample/runs/diffin-1/features").is_dir() else \
+            tbe.build_workspace(given or tmp / "ws")
         with Server(ws, tmp / "log.txt") as srv, sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -73,7 +73,8 @@ if view == VIEWS[0]:
                 topk_progress()
             st.stop()
         try:
-            helpful, harmful = top_k(project, run, [int(qi)], int(k))
+            # from the store alone (rerank=0): no model code runs in the server process
+            helpful, harmful = top_k(project, run, [int(qi)], int(k), rerank=0 if fast else None)
         except DiffinError as e:
             st.error(str(e))
         else:

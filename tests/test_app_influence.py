@@ -54,13 +54,23 @@ def test_fast_topk_needs_no_job(tiny, jobs):
     np.testing.assert_allclose(tables[0]["influence"], infl[order[:5]], rtol=1e-9)
 
 
-def test_reverse_view_and_checkpoint_plot(tiny):
+def wait_jobs(at, jobs):
+    """The per-checkpoint contributions run in the worker's child process: wait, then redraw."""
+    for job in jobs.list():
+        assert job.kind == "contributions"
+        assert jobs.wait(job.id, timeout=300).status == "done", jobs.get(job.id).error
+    at.run()
+    assert not at.exception
+
+
+def test_reverse_view_and_checkpoint_plot(tiny, jobs):
     project = Project(tiny)
     store = F.FeatureStore.open(project, "diffin-1")
     at = new_app(tiny, "pages/3_Explore.py")
     at.radio(key="explore_view").set_value("Training sample").run()
     at.number_input(key="explore_sample").set_value(11).run()
-    assert not at.exception
+    assert not at.exception and len(jobs.list()) == 1
+    wait_jobs(at, jobs)
     rev = store.reverse(11)
     order = np.argsort(-rev, kind="stable")
     cards = [t for t in texts(at.caption) if t.startswith("query #")]
@@ -104,11 +114,11 @@ def test_class_heatmap_and_its_cells(tiny):
     assert float(cell.split("**")[1]) == pytest.approx(m[2, 0], rel=1e-3)
 
 
-def test_review_card_shows_the_reverse_view(tiny):
+def test_review_card_shows_the_reverse_view(tiny, jobs):
     at = new_app(tiny, "pages/4_Review.py")
     assert not at.get("plotly_chart")
     at.toggle(key="review_influence").set_value(True).run()
-    assert not at.exception
+    wait_jobs(at, jobs)
     sid = int([h.value for h in at.subheader if h.value.startswith("Sample ")][0].split()[1])
     project = Project(tiny)
     store = F.FeatureStore.open(project, "diffin-1")

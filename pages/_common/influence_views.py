@@ -55,13 +55,36 @@ def reverse_table(project, run: str, sample_id: int, k: int = 8):
     return order[:k], infl[order[:k]], order[::-1][:k], infl[order[::-1][:k]]
 
 
-def contributions(project, run: str, sample_id: int, query_indices=None) -> pd.DataFrame:
-    """Per-checkpoint contributions of one training sample (whole query set by default)."""
-    s = store(project, run)
-    ctx = features._context(project, run)
-    q = project.query
-    idx = np.arange(len(q)) if query_indices is None else np.atleast_1d(query_indices)
-    return features.checkpoint_contributions(ctx, s, ui.row_of(project, sample_id), q.x[idx], q.y[idx])
+def contributions(project, run: str, sample_id: int, query_indices=None, key: str = "iv") -> pd.DataFrame | None:
+    """Per-checkpoint contributions of one training sample (whole query set by default): from
+    their cache, else computed once in the background worker's child process (the model's code
+    never runs in the server) while a progress bar shows; None until then."""
+    path = features.contributions_path(project, run, sample_id, query_indices)
+    if path.is_file():
+        return pd.read_json(path, orient="records")
+    jm = ui.job_manager()
+    jkey = f"{key}_job_{run}_{int(sample_id)}_{path.stem}"
+    info = jm.get(st.session_state.get(jkey, ""))
+    if info is None or info.status == "cancelled":
+        qi = None if query_indices is None else [int(i) for i in np.atleast_1d(query_indices)]
+        st.session_state[jkey] = jm.submit_child(
+            "contributions", "diffin_core.features:contributions_for", (str(project.root), run, int(sample_id), qi),
+            label=f"per-checkpoint contributions of sample {int(sample_id)} ({run})", project_dir=str(project.root),
+            with_progress=False)
+        info = jm.get(st.session_state[jkey])
+    if info.status == "failed":
+        st.error(f"Per-checkpoint contributions failed: {info.error}")
+        return None
+
+    @st.fragment(run_every=1.0)
+    def wait():
+        job = jm.get(st.session_state[jkey])
+        if job is None or job.status not in ("queued", "running"):
+            st.rerun()
+        st.progress(0.5 if job.status == "running" else 0.0,
+                    text=f"Per-checkpoint contributions of sample {int(sample_id)} (background, cached): {job.status}")
+    wait()
+    return None
 
 
 def contributions_figure(df: pd.DataFrame, title: str) -> go.Figure:
@@ -88,7 +111,9 @@ def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_
     st.markdown(f"**Query samples it harms most** (removing it would lower their loss)")
     query_grid(project, harmed, mv)
     which = "the whole query set" if query_indices is None else f"query {', '.join(map(str, np.atleast_1d(query_indices)))}"
-    df = contributions(project, run, sample_id, query_indices)
+    df = contributions(project, run, sample_id, query_indices, key=key)
+    if df is None:
+        return
     total = float(df["contribution"].sum())
     st.plotly_chart(contributions_figure(df, f"When in training sample {sample_id} mattered for {which}"),
                     key=f"{key}_checkpoints")
