@@ -261,18 +261,19 @@ def topk_cache_path(project: Project, run: str, query_indices) -> Path:
 
 
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
-          progress=None, exact: bool = False, memory_budget: int | None = None,
+          progress=None, exact: bool = False, memory_budget: int | None = None, rerank: int | None = None,
           batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(most helpful, most harmful) training samples for the query samples, with the run's
     method and settings. From the run's feature store when it has one (fast path, unless
-    ``exact``), else exact and cached in runs/<run>/topk/ by query indices. Both tables carry
+    ``exact``; ``rerank=0``: from the store alone, no model code run), else exact and cached in
+    runs/<run>/topk/ by query indices. Both tables carry
     ``attrs["path"]``: which path produced them."""
     project = project if isinstance(project, Project) else Project(project)
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
     cache = topk_cache_path(project, run, idx)
     from .features import fast_query_influence
-    fast = None if (exact or cache.is_file()) else fast_query_influence(project, run, idx)
+    fast = None if (exact or cache.is_file()) else fast_query_influence(project, run, idx, rerank=rerank)
     path = "exact path (cached)" if cache.is_file() else "exact path"
     if fast is not None:
         infl, path = fast
