@@ -65,10 +65,20 @@ def to_device(obj, device):
     return obj
 
 
-def _context(root: str, settings: dict):
+def _open(root: str):
+    """The project, opened on a Ray node."""
     from .project import Project
+    try:
+        return Project(root)
+    except DiffinError as e:           # the driver opened it: this node does not see the same folder
+        import platform
+        raise DiffinError(f"{e.problem} on Ray node {platform.node()} (every node must see the project "
+                          f"folder at the same path)", e.path) from None
+
+
+def _context(root: str, settings: dict):
     from .scoring import project_context
-    project = Project(root)
+    project = _open(root)
     return project, project_context(project, ScoreSettings(**settings))
 
 
@@ -123,8 +133,7 @@ _SCORERS: dict = {}     # per worker process, one entry: (root, settings, file s
 
 
 def _scorer(root: str, settings: dict) -> Scorer:
-    from .project import Project
-    project = Project(root)
+    project = _open(root)
     stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0
                   for p in (project.config_path, project.manifest_path))
     key = (root, json.dumps(settings, sort_keys=True), stamp)

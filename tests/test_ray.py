@@ -108,3 +108,14 @@ def test_killed_ray_run_resumes_with_the_missing_shards(cluster, tiny):
     for col in ("influence", "self_influence", "label_issue"):
         np.testing.assert_allclose(got[col], local[col], rtol=1e-6, atol=1e-10, err_msg=col)
     assert not any((tiny / "runs/.stages").glob("diffin-*/scores/*")) if (tiny / "runs/.stages").exists() else True
+
+
+def test_node_without_the_project_folder_is_named(cluster, tmp_path):
+    from diffin_core.distributed import _run_shards
+    from diffin_core.stages import Stages, StageSettings
+    missing = tmp_path / "not-shared"                           # what a node without the share sees
+    with pytest.raises(DiffinError) as e:
+        _run_shards(ray, {"num_cpus": 1}, str(missing), SETTINGS.to_dict(), "tracin", [(0, 16)], 16,
+                    lambda d, t, m: None, Stages(None, StageSettings("tracin", {}, "", "")))
+    msg = str(e.value)
+    assert "\n" not in msg and str(missing) in msg and "every node must see the project folder" in msg, msg
