@@ -5,7 +5,8 @@
 regenerates sample_data/mnist/ from sample_data/mnist_5k.npz: 4,000 train and 1,000 query
 samples, 400 train labels flipped to another class (seed 0; the clean labels are kept in
 train.npz as ``true_y`` so the app and tests can show recall), and a small CNN trained with
-SGD whose 11 checkpoints (every 50 steps) and learning rates are in the manifest.
+SGD, lr cosine-decayed from 0.3 to 0.003, whose 12 checkpoints (every 50 steps and the last)
+and learning rates are in the manifest.
 """
 from __future__ import annotations
 
@@ -51,22 +52,28 @@ def build():
 '''
 
 TRAIN_PY = '''"""The sample project's training recipe: (train_x, train_y, seed, checkpoint_dir) -> None."""
+import math
+
 import torch
 from torch.nn import functional as F
 
 from diffin_core.checkpoints import Recorder
 from diffin_core.models import SmallCNN
 
-EPOCHS, BATCH, LR, EVERY = 8, 64, 0.3, 50
+EPOCHS, BATCH, LR, FLOOR, EVERY = 8, 64, 0.3, 0.01, 50
 
 
 def train(train_x, train_y, seed, checkpoint_dir):
-    """Plain SGD (lr 0.3, batch 64, 8 epochs); checkpoints every 50 steps into checkpoint_dir."""
+    """SGD, batch 64, 8 epochs, lr cosine-decayed from 0.3 to 0.003 (a stable end, so that
+    leave-one-out effects are reproducible); checkpoints every 50 steps into checkpoint_dir."""
     torch.manual_seed(seed)
     x = torch.as_tensor(train_x, dtype=torch.float32).reshape(-1, 1, 28, 28)
     y = torch.as_tensor(train_y, dtype=torch.long)
     model = SmallCNN(1, 10, 28)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
+    total = EPOCHS * math.ceil(len(y) / BATCH)
+    cosine = lambda t: FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * min(t, total) / total))  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     gen = torch.Generator().manual_seed(seed)
     with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=EVERY, folder=".") as rec:
         for _ in range(EPOCHS):
@@ -74,6 +81,7 @@ def train(train_x, train_y, seed, checkpoint_dir):
                 opt.zero_grad()
                 F.cross_entropy(model(x[idx]), y[idx]).backward()
                 opt.step()
+                sched.step()
                 rec.step()
 '''
 
