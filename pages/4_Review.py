@@ -72,23 +72,38 @@ def undo_history(expect):
         st.session_state["review_focus"] = int(sid)
 
 
-state = log.state()
-counts = log.counts(len(scores))
 noisy = appstate.noisy_ids(scores)
-c = st.columns(7 if noisy is not None else 5)
-c[0].metric("Reviewed", counts["reviewed"])
-c[1].metric("Remaining", counts["remaining"])
-c[2].metric("Excluded", counts["excluded"])
-c[3].metric("Relabelled", counts["relabelled"])
-c[4].metric("Kept", counts["kept"])
-if noisy is not None:
-    q = log.quality(noisy)
-    c[5].metric("Precision", "–" if q["precision"] is None else f"{q['precision']:.0%}",
-                help=f"Of the {q['flagged']} samples you excluded or relabelled, the share whose label really "
-                     "was wrong (the sample project knows the true labels).")
-    c[6].metric("Recall", "–" if q["recall"] is None else f"{q['recall']:.0%}",
-                help=f"Of the {q['noisy_reviewed']} truly mislabelled samples you reviewed, the share you excluded "
-                     f"or relabelled; {q['missed']} were kept.")
+
+
+@st.fragment(run_every="5s")
+def live(sid, seen):
+    """Counts, precision/recall and a stale-card warning, redrawn every 5 s: another tab's or
+    reviewer's decisions show up without a reload."""
+    counts = log.counts(len(scores))
+    c = st.columns(7 if noisy is not None else 5)
+    c[0].metric("Reviewed", counts["reviewed"])
+    c[1].metric("Remaining", counts["remaining"])
+    c[2].metric("Excluded", counts["excluded"])
+    c[3].metric("Relabelled", counts["relabelled"])
+    c[4].metric("Kept", counts["kept"])
+    if noisy is not None:
+        q = log.quality(noisy)
+        c[5].metric("Precision", "–" if q["precision"] is None else f"{q['precision']:.0%}",
+                    help=f"Of the {q['flagged']} samples you excluded or relabelled, the share whose label really "
+                         "was wrong (the sample project knows the true labels).")
+        c[6].metric("Recall", "–" if q["recall"] is None else f"{q['recall']:.0%}",
+                    help=f"Of the {q['noisy_reviewed']} truly mislabelled samples you reviewed, the share you excluded "
+                         f"or relabelled; {q['missed']} were kept.")
+    if sid is not None and log.versions([sid])[sid] != seen:
+        ev = log.history(sid).iloc[-1]
+        st.warning(f"Sample {sid} was changed by {ev['user']} at {str(ev['ts'])[:19].replace('T', ' ')} UTC "
+                   f"({ev['action']}) in another tab: the card below is out of date and its buttons will be refused.")
+        if st.button("Show the current state", key="review_refresh"):
+            st.rerun(scope="app")
+
+
+state = log.state()
+head = st.container()
 
 for key in ("review_error", "review_note"):
     if key in st.session_state:
@@ -100,11 +115,15 @@ focus = st.session_state.get("review_focus")
 if focus is not None and int(focus) not in rows.index:
     focus = None
 if queue.empty and focus is None:
+    with head:
+        live(None, None)
     st.success("Every sample has a decision.")
 else:
     cur = rows.loc[int(focus)] if focus is not None else queue.iloc[0]
     sid, given, pred = int(cur["sample_id"]), int(cur["label"]), int(cur["pred"])
     seen = log.versions([sid])[sid]
+    with head:
+        live(sid, seen)
     decided = state.loc[sid] if sid in state.index else None
     current = int(decided["label"]) if decided is not None and decided["action"] == "relabel" else given
     st.subheader(f"Sample {sid}")
