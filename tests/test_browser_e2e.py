@@ -190,10 +190,13 @@ def test_sample_project_score_review_export(page, server, workspace):
     page.locator(".st-key-review_exclude").get_by_role("button").click()
     wait_metric(page, "Reviewed", "6")
     tab_b.bring_to_front()
-    tab_b.locator(".st-key-review_keep").get_by_role("button").click()
-    alert = tab_b.locator("[data-testid='stAlert']", has_text=f"sample {shared} was changed by")
+    # without a reload, tab B's counts catch up and its card says it is out of date (every 5 s)
+    tab_b.locator("[data-testid='stAlert']", has_text="in another tab").wait_for(timeout=30_000)
+    wait_metric(tab_b, "Excluded", "4")
+    tab_b.locator(".st-key-review_keep").get_by_role("button").click()   # the stale card's Keep
+    alert = tab_b.locator("[data-testid='stAlert']", has_text="nothing was written")
     alert.wait_for()
-    assert "nothing was written" in alert.inner_text() and " UTC " in alert.inner_text()
+    assert f"sample {shared} was changed by" in alert.inner_text() and " UTC " in alert.inner_text()
     idle(tab_b)
     assert metric(tab_b, "Excluded") == "4" and current_sample(tab_b) == ranked[6]   # redrawn as it is
     tab_b.close()
