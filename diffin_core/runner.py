@@ -150,7 +150,7 @@ def _dtype(ctx) -> torch.dtype:
     return ctx.thetas.dtype if isinstance(ctx.thetas, CheckpointStore) else ctx.thetas[0].dtype
 
 
-def _chunks(ctx, start: int, stop: int, size: int, workers: int = 0):
+def _chunks(ctx, start: int, stop: int, size: int, workers: int | None = None):
     """(x, y) tensors on the device over rows [start, stop) in chunks of ``size``."""
     split, dtype = ctx.train, _dtype(ctx)
 
@@ -167,7 +167,8 @@ def _chunks(ctx, start: int, stop: int, size: int, workers: int = 0):
 
 
 def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True,
-               chunk: int | None = None, workers: int = 0, progress_base: int | None = None) -> dict[str, np.ndarray]:
+               chunk: int | None = None, workers: int | None = None,   # None: the split's [data] workers
+               progress_base: int | None = None) -> dict[str, np.ndarray]:
     """Scores of training rows [start, stop) with a prepared plan ``state``.
 
     Returns float64 numpy arrays of length stop - start: "influence", and when ``need_self``
