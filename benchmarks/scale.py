@@ -18,7 +18,8 @@ Paths (the ``path`` column):
 
 Writes benchmarks/results/scale.csv (N, params, method, path, device, samples_per_s,
 peak_rss_mb, wall_s, peak_gpu_mb, batch, budget_mb, threads), scale.png and scale.md (the
-README table). Rows of other devices already in scale.csv are kept (``--fresh`` drops them).
+README table, also written into README.md between its scale-table markers). Rows of other
+devices already in scale.csv are kept (``--fresh`` drops them).
 """
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int
     net.train()
     with Recorder(root, net, opt, train_size=n, every=every) as rec:
         for s in range(every * (checkpoints - 1)):
-            idx = np.sort(rng.choice(min(n, 4096), batch, replace=False))
+            idx = np.sort(rng.choice(min(n, 4096), min(batch, n), replace=False))
             xb = torch.as_tensor(np.asarray(x[idx], dtype=np.float32) / 255.0)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(xb), torch.as_tensor(y[idx])).backward()
@@ -190,10 +191,20 @@ def cases(args) -> list[dict]:
                 "n": args.gpu_n, "method": method, "path": path, "batch": args.gpu_batch}
                for method, path in (("diffin", "score"), ("diffin", "inference"), ("diffin", "influence"))]
         out = gpu + out
-    return out
+    # most telling first (a --deadline cuts the tail): ResNet scores, then the biggest N
+    rank = {"score": 0, "influence": 0, "inference": 1}
+    return sorted(out, key=lambda c: (c["device"] != "cuda", c["path"] == "inference" and c["model"] == "resnet18",
+                                      c["model"] != "resnet18", rank[c["path"]], -c["n"]))
+
+
+DEADLINE = [float("inf")]           # time.time() after which no case starts and running ones stop
 
 
 def run_case(case: dict, work: Path, timeout: float) -> dict | None:
+    timeout = min(timeout, DEADLINE[0] - time.time())
+    if timeout <= 5:
+        print(f"[scale] {case['model']} N={case['n']} {case['method']} {case['path']}: skipped (--deadline)", flush=True)
+        return None
     case = {**case, "project": case.get("project") or str(make_project(work, case["model"], case["n"]))}
     env = {**os.environ, "OMP_NUM_THREADS": str(case["threads"]), "MKL_NUM_THREADS": str(case["threads"])}
     cmd = [sys.executable, __file__, "--child", json.dumps(case)]
@@ -228,17 +239,25 @@ def write_outputs(rows: list[dict], out: Path, fresh: bool) -> None:
     df.to_csv(csv, index=False)
     (out / "scale.md").write_text(table(df))
     plot(df, out / "scale.png")
+    readme = ROOT / "README.md"
+    if out.resolve() == RESULTS.resolve() and readme.is_file():      # the README table, between its markers
+        text = readme.read_text()
+        begin, end = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
+        if begin in text and end in text:
+            head, rest = text.split(begin, 1)
+            readme.write_text(head + begin + "\n" + table(df) + rest[rest.index(end):])
 
 
 def table(df) -> str:
     """The README table, with diffin's throughput as a fraction of plain inference's."""
-    lines = ["| model | params | N | device | method | path | samples/s | peak RSS MB | wall s | vs inference |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | params | N | device | method | path | samples/s | peak RSS MB | wall s | query side s | vs inference |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
         ref = df[(df.model == r.model) & (df.N == r.N) & (df.device == r.device) & (df.path == "inference")]
         ratio = f"{r.samples_per_s / ref.samples_per_s.iloc[0]:.3f}" if len(ref) and r.path != "inference" else ""
+        plan = f"{r.plan_s:,.1f}" if r.path == "score" and r.plan_s == r.plan_s else ""
         lines.append(f"| {r.model} | {r.params / 1e6:.2f}M | {r.N:,} | {r.device} | {r.method} | {r.path} | "
-                     f"{r.samples_per_s:,.0f} | {r.peak_rss_mb:,.0f} | {r.wall_s:,.1f} | {ratio} |")
+                     f"{r.samples_per_s:,.3g} | {r.peak_rss_mb:,.0f} | {r.wall_s:,.1f} | {plan} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -283,7 +302,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hessian-batch", type=int, default=256, help="diffin's Hessian batch (ScoreSettings)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per case")
-    ap.add_argument("--jobs", type=int, default=1, help="cases run at the same time (each with --threads)")
+    ap.add_argument("--jobs", type=int, default=1, help="CPU cases run at the same time (each with --threads)")
+    ap.add_argument("--deadline", type=float, default=0, help="seconds after the projects are built when "
+                    "running cases are stopped and no new one starts (0 = none)")
     ap.add_argument("--checkpoints", type=int, default=3, help="checkpoints of every synthetic project")
     ap.add_argument("--work", default="/tmp/diffin_scale", help="where the synthetic projects live")
     ap.add_argument("--out", default=str(RESULTS))
@@ -300,6 +321,8 @@ def main(argv=None) -> int:
         c["project"] = str(make_project(Path(args.work), c["model"], c["n"], args.checkpoints))
     import threading
     rows, lock = [], threading.Lock()
+    if args.deadline:
+        DEADLINE[0] = time.time() + args.deadline
 
     def one(c):
         row = run_case(c, Path(args.work), args.timeout)
@@ -308,13 +331,15 @@ def main(argv=None) -> int:
                 rows.append(row)
                 write_outputs(rows, Path(args.out), args.fresh)
 
-    if args.jobs > 1:
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(one, todo))
-    else:
-        for c in todo:
-            one(c)
+    # GPU cases one after another in their own thread; CPU cases ``--jobs`` at a time, in order
+    # (diffin and tracin on the ResNet start together: their wall times compare like for like)
+    import concurrent.futures as cf
+    gpu = [c for c in todo if c["device"] == "cuda"]
+    cpu = [c for c in todo if c["device"] != "cuda"]
+    with cf.ThreadPoolExecutor(1) as gpool, cf.ThreadPoolExecutor(max(1, args.jobs)) as cpool:
+        futures = [gpool.submit(lambda cs=gpu: [one(c) for c in cs])] + [cpool.submit(one, c) for c in cpu]
+        for f in futures:
+            f.result()
     if rows:
         print(table(__import__("pandas").read_csv(Path(args.out) / "scale.csv")))
     return 0

@@ -72,7 +72,7 @@ def prepare(method, ctx, qx, qy, stages: Stages, mem: MemoryPlan | None = None):
     keep = mem.cached_checkpoints if mem else 1
     done = stages.plan_done()
     if done is not None:
-        plan = stages.lazy_plan(done, ctx.device, keep)
+        plan = _NonEmpty(stages.lazy_plan(done, ctx.device, keep))
         return plan if not _fits(mem, done) else list(plan)
     if hasattr(method, "prepare_step"):
         return _prepare_stepwise(method, ctx, qx, qy, stages, mem)
@@ -109,11 +109,11 @@ def _prepare_stepwise(method, ctx, qx, qy, stages: Stages, mem):
     if storable:
         stages.mark_plan_done(steps)
         if not _fits(mem, steps):
-            return _skip_none(stages.lazy_plan(steps, ctx.device, mem.cached_checkpoints))
+            return _NonEmpty(stages.lazy_plan(steps, ctx.device, mem.cached_checkpoints))
     return [e for e in entries if e is not None]
 
 
-class _skip_none(Sequence):
+class _NonEmpty(Sequence):
     """A lazy plan without its empty (None) entries (checkpoints with nothing to add)."""
 
     def __init__(self, plan: LazyPlan):
