@@ -107,8 +107,8 @@ def settings_text(method: str, settings: dict) -> str:
     keys = [k for k in settings if k != "device"] if used is None else [*GENERAL, *used]
     parts = []
     for k in keys:
-        if k not in settings or settings[k] is None:
-            continue
+        if k not in settings or settings[k] is None or (k == "memory_budget" and not settings[k]):
+            continue                     # an auto memory budget (0) is no choice: not shown
         v = settings[k]
         if k == "hvp":
             v = _HVP.get(v, v)
