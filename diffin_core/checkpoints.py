@@ -9,6 +9,8 @@ Optional keys (written by the Recorder; manifests without them still score, appr
 one warning line):
   top level   "dampening", "nesterov", "weight_decay", "decoupled_weight_decay" (bool),
               "betas" [b1, b2], "eps", "amsgrad"       the optimiser's hyper-parameters
+              "batch_size"                               samples per step (the first training
+                                                         forward's batch, read by a forward hook)
               "step_lrs": "step_lrs.npy"                 float64 (T,): the lr of every optimiser
                                                          step s = 0..T-1 (any schedule, exact)
   checkpoint  "exp_avg_sq": "ckpt_000040.exp_avg_sq.safetensors"   Adam/AdamW: the optimiser's
@@ -36,7 +38,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 RECIPE_KEYS = {"dampening": float, "nesterov": bool, "weight_decay": float, "decoupled_weight_decay": bool,
-               "betas": list, "eps": float, "amsgrad": bool}
+               "betas": list, "eps": float, "amsgrad": bool, "batch_size": float}
 
 
 @dataclass
@@ -316,6 +318,12 @@ class Recorder:
         self._pending_first: Checkpoint | None = None
         self._hook = (optimizer.register_step_pre_hook(self._record_lr)
                       if hasattr(optimizer, "register_step_pre_hook") else None)
+        self._batch_hook = model.register_forward_pre_hook(self._record_batch)
+
+    def _record_batch(self, module, args):
+        if module.training and args and isinstance(args[0], torch.Tensor) and args[0].ndim > 0:
+            self.manifest.extra["batch_size"] = int(args[0].shape[0])
+            self._batch_hook.remove()
 
     def _record_lr(self, optimizer, *_):
         self.lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -383,4 +391,5 @@ class Recorder:
             self.save()
         if self._hook is not None:
             self._hook.remove()
+        self._batch_hook.remove()
         return False

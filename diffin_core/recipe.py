@@ -32,6 +32,7 @@ class Recipe:
     decoupled: bool = False            # True: theta *= 1 - lr*lambda (AdamW); False: g += lambda*theta
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    batch_size: int | None = None      # training batch size (recorded; informational)
     approximations: list[str] = field(default_factory=list)
 
     @property
@@ -44,6 +45,8 @@ class Recipe:
                "decoupled_weight_decay": self.decoupled}
         if self.adam:
             out.update(betas=list(self.betas), eps=self.eps)
+        if self.batch_size:
+            out["batch_size"] = int(self.batch_size)
         else:
             out.update(dampening=self.dampening, nesterov=self.nesterov)
         return out
@@ -82,7 +85,8 @@ class Recipe:
         betas = raw.get("betas") or (0.9, 0.999)
         return cls(name, float(raw.get("momentum", 0.0) or 0.0), float(raw.get("dampening", 0.0) or 0.0),
                    bool(raw.get("nesterov", False)), float(raw.get("weight_decay", 0.0) or 0.0), decoupled,
-                   (float(betas[0]), float(betas[1])), float(raw.get("eps", 1e-8)), approx)
+                   (float(betas[0]), float(betas[1])), float(raw.get("eps", 1e-8)),
+                   int(raw["batch_size"]) if raw.get("batch_size") else None, approx)
 
     def momentum_gain(self) -> float:
         """Long-run lr multiplier of the momentum buffer (1/(1-beta) for SGD, 1 for Adam)."""

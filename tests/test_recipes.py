@@ -1,0 +1,265 @@
+"""Real training recipes against true trajectory leave-one-out (float64, torch's own optimisers).
+
+Each recipe trains a digits MLP (10% flipped labels) with torch.optim classes and schedulers,
+recorded by the Recorder; diffin scores from the recorded folder (float32) at 5 and 20
+checkpoints and is compared with retraining without each sample. Plus: the segment maps are
+exact on a quadratic, self-influence and label issues, determinism, old manifests, refusals.
+"""
+import json
+import shutil
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from sklearn.metrics import roc_auc_score
+
+from diffin_core.checkpoints import read_manifest, read_state, save_state
+from diffin_core.errors import DiffinError
+from diffin_core.lanczos import lanczos
+from diffin_core.methods import ScoreSettings
+from diffin_core.propagate import SegmentOp, segment_coefficients, step_constants
+from diffin_core.recipe import Recipe, RecipeWarning, bias_correction1
+from diffin_core.scoring import make_context, manifest_context, run_method
+from diffin_core.truth import recipe_case, standard_recipes
+
+N_TRAIN, EPOCHS, SAMPLES, EVERY = 400, 6, 24, 4
+PEER = {"adamw-warmup-cosine": "tracin-adam"}
+TARGET = {"batchnorm-sgd-momentum": 0.8}
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    out = {}
+    for name in standard_recipes():
+        out[name] = recipe_case(name, root / name, n_train=N_TRAIN, epochs=EPOCHS, samples=SAMPLES, every=EVERY,
+                                self_samples=30 if name == "sgd-momentum-wd" else 0)
+        out[name]["dir"] = root / name / "checkpoints"
+    return out
+
+
+def subset(case, count):
+    m = read_manifest(case["dir"] / "manifest.json")
+    idx = sorted({int(round(i)) for i in np.linspace(0, len(m.checkpoints) - 1, count)})
+    return replace(m, checkpoints=[m.checkpoints[i] for i in idx])
+
+
+_CACHE: dict = {}
+
+
+def estimate(case, method, count, settings=None, need_self=False):
+    key = (case["recipe"].name, method, count, need_self)
+    if settings is None and key in _CACHE:
+        return _CACHE[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)          # the Recorder records everything
+        ctx = manifest_context(case["recipe"].model_fn(), subset(case, count), case["train"], settings or ScoreSettings())
+    out = run_method(ctx, method, case["query"].x, case["query"].y, need_self=need_self)
+    if settings is None:
+        _CACHE[key] = out
+    return out
+
+
+def rho(case, method, count):
+    return spearmanr(estimate(case, method, count)["influence"][case["samples"]], case["truth"])[0]
+
+
+# --- exactness of the segment maps -------------------------------------------------------------
+@pytest.mark.parametrize("recipe", [Recipe(), Recipe(weight_decay=0.1), Recipe(momentum=0.9),
+                                    Recipe(momentum=0.9, dampening=0.2, weight_decay=0.05),
+                                    Recipe(momentum=0.9, nesterov=True, weight_decay=0.05),
+                                    Recipe("AdamW", weight_decay=0.1, decoupled=True), Recipe("Adam", weight_decay=0.1)],
+                         ids=["sgd", "sgd-wd", "momentum", "momentum-dampening-wd", "nesterov-wd", "adamw", "adam-wd"])
+def test_segment_maps_equal_the_linear_recursion_on_a_quadratic(recipe):
+    """A quadratic loss with a fixed preconditioner: the per-Ritz-value 2x2 products (full Lanczos)
+    reproduce torch's update order step by step, with a cosine schedule ending at lr 0."""
+    rng = np.random.default_rng(0)
+    p = 12
+    q, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    H = q @ np.diag(np.linspace(0.05, 3, p)) @ q.T
+    D = np.exp(rng.normal(size=p)) if recipe.adam else np.ones(p)
+    gq, e = rng.normal(size=p), rng.normal(size=p)
+    lrs = 0.1 * (0.5 + 0.5 * np.cos(np.linspace(0, np.pi, 37)))
+    beta, _c, _a, _g = step_constants(recipe)
+    lam = recipe.weight_decay
+    d, mu = np.zeros(p), np.zeros(p)
+    for s, eta in enumerate(lrs):                    # torch.optim's order, on the removal's delta
+        g = H @ d + (0.0 if recipe.decoupled else lam * d) - e
+        if recipe.adam:
+            d = d * (1 - eta * lam) if recipe.decoupled else d
+            mu = recipe.betas[0] * mu + (1 - recipe.betas[0]) * g
+            d = d - eta * bias_correction1(s, recipe.betas[0]) * D * mu
+        else:
+            mu = g.copy() if s == 0 else beta * mu + (1 - recipe.dampening) * g
+            d = d - eta * ((g + beta * mu) if recipe.nesterov else (mu if beta > 0 else g))
+    S = np.sqrt(D)
+    M = S[:, None] * H * S[None, :] + (0.0 if (recipe.decoupled or not recipe.adam) else lam * np.diag(D))
+    Mt, St = torch.tensor(M), torch.tensor(S)
+    view = lanczos(lambda v: Mt @ v, torch.tensor(gq) * St, p)
+    W, C = segment_coefficients(view.values.numpy(), lrs, 0, recipe)
+    op = SegmentOp(view, torch.tensor(W), torch.tensor(C), St if recipe.adam else None)
+    w, _, _ = op.rows(torch.tensor(gq), torch.zeros(p, dtype=torch.float64) if beta > 0 else None)
+    assert float(w @ torch.tensor(e)) == pytest.approx(float(gq @ d), rel=1e-9)
+
+
+# --- ground truth per recipe ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_truth_is_not_degenerate(cases):
+    for name, case in cases.items():
+        t = case["truth"]
+        assert np.std(t) > 0.2 * np.abs(t).mean() and np.isfinite(t).all(), name      # a ranking to recover
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [5, 20])
+@pytest.mark.parametrize("name", ["sgd-momentum-wd", "nesterov"])
+def test_diffin_meets_the_truth_on_sgd_recipes(cases, name, count):
+    d, t = rho(cases[name], "diffin", count), rho(cases[name], "tracin", count)
+    assert d >= 0.9 and d > t, (d, t)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("count", [5, 20])
+def test_adamw_warmup_cosine_agrees_with_the_truth(cases, count):
+    """AdamW is scored with its recorded preconditioner and agrees clearly with the truth; the
+    issue's targets are not met (xfail below): see propagate.py on Adam's second moment."""
+    assert rho(cases["adamw-warmup-cosine"], "diffin", count) >= 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 7 target (>= 0.9 and above Adam-aware TracIn) not met for AdamW: "
+                          "measured 0.31/0.58 vs 0.46/0.59 here, 0.62/0.67 vs -0.05/0.48 in "
+                          "benchmarks/recipes.py; v frozen (retraining with frozen v: 0.79)", strict=False)
+@pytest.mark.parametrize("count", [5, 20])
+def test_adamw_reaches_the_issue_target(cases, count):
+    case = cases["adamw-warmup-cosine"]
+    d, t = rho(case, "diffin", count), rho(case, "tracin-adam", count)
+    assert d >= 0.9 and d > t, (d, t)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="issue 7 target 0.8 for BatchNorm not met: eval-mode linearisation of "
+                          "batch-statistics training (measured 0.2-0.6)", strict=False)
+@pytest.mark.parametrize("count", [5, 20])
+def test_batchnorm_reaches_the_issue_target(cases, count):
+    case = cases["batchnorm-sgd-momentum"]
+    d, t = rho(case, "diffin", count), rho(case, "tracin", count)
+    assert d >= 0.8 and d > t, (d, t)
+
+
+@pytest.mark.slow
+def test_batchnorm_scores_with_each_checkpoints_own_statistics(cases):
+    """A BatchNorm1d MLP scores (it was refused before) and every checkpoint is evaluated with
+    its own running statistics, not the final model's."""
+    case = cases["batchnorm-sgd-momentum"]
+    ctx = manifest_context(case["recipe"].model_fn(), subset(case, 5), case["train"], ScoreSettings())
+    means = [ctx.buffers[k]["2.running_mean"] for k in range(ctx.m)]
+    assert not torch.equal(means[0], means[-1])
+    x = torch.as_tensor(case["train"].x[:8])
+    assert not torch.allclose(ctx.fm_at(0).logits(ctx.thetas[0], x), ctx.fm.logits(ctx.thetas[0], x))
+    est = run_method(ctx, "diffin", case["query"].x, case["query"].y, need_self=False)["influence"]
+    assert np.isfinite(est).all() and spearmanr(est[case["samples"]], case["truth"])[0] > 0
+
+
+@pytest.mark.slow
+def test_self_influence_matches_true_leave_one_out_self_loss(cases):
+    case = cases["sgd-momentum-wd"]
+    out = estimate(case, "diffin", 20, need_self=True)
+    s = spearmanr(out["self_influence"][case["self_samples"]], case["self_truth"])[0]
+    assert s >= 0.9, s
+    assert out["self_by_checkpoint"].shape == (N_TRAIN, 20)
+    assert np.allclose(out["self_by_checkpoint"].sum(1), out["self_influence"], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_self_influence_finds_flipped_labels_and_zeros_or_noise_would_not(cases):
+    case = cases["sgd-momentum-wd"]
+    flipped = case["train"].y != case["train"].true_y
+    s = estimate(case, "diffin", 20, need_self=True)["self_influence"]
+    auc = roc_auc_score(flipped, s)
+    noise = np.random.default_rng(0).normal(size=len(s)) * s.std()
+    assert auc >= 0.85, auc
+    assert roc_auc_score(flipped, np.zeros_like(s)) < 0.85 - 0.3      # the same check fails on zeros
+    assert roc_auc_score(flipped, noise) < 0.85 - 0.2                  # and on noise
+
+
+@pytest.mark.slow
+def test_same_settings_give_identical_scores(cases):
+    case = cases["nesterov"]
+    for method in ("diffin", "diffin-paper", "tracin"):
+        a = estimate(case, method, 5, ScoreSettings(seed=3), need_self=True)
+        b = estimate(case, method, 5, ScoreSettings(seed=3), need_self=True)
+        assert np.array_equal(a["influence"], b["influence"]) and np.array_equal(a["self_influence"], b["self_influence"])
+
+
+# --- manifests: old, contradicting; numerics ----------------------------------------------------
+@pytest.mark.slow
+def test_manifest_without_recipe_keys_scores_with_one_warning_line(cases, tmp_path):
+    case = cases["sgd-momentum-wd"]
+    folder = tmp_path / "old"
+    shutil.copytree(case["dir"], folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    old = {"train_size": raw["train_size"], "optimizer": "SGD", "momentum": raw["momentum"],
+           "checkpoints": [{k: c[k] for k in ("file", "step", "lr")} for c in raw["checkpoints"]]}
+    (folder / "manifest.json").write_text(json.dumps(old))
+    with pytest.warns(RecipeWarning) as caught:
+        ctx = manifest_context(case["recipe"].model_fn(), read_manifest(folder / "manifest.json"), case["train"])
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    assert len(msgs) == 1 and "\n" not in msgs[0]
+    assert "weight decay" in msgs[0] and "per-step lrs" in msgs[0]
+    est = run_method(ctx, "diffin", case["query"].x, case["query"].y, need_self=False)["influence"]
+    assert np.isfinite(est).all() and spearmanr(est[case["samples"]], case["truth"])[0] > 0.5
+
+
+@pytest.mark.slow
+def test_swapped_checkpoint_files_are_refused(cases, tmp_path):
+    case = cases["nesterov"]
+    folder = tmp_path / "swapped"
+    shutil.copytree(case["dir"], folder)
+    raw = json.loads((folder / "manifest.json").read_text())
+    a, b = raw["checkpoints"][1], raw["checkpoints"][2]
+    a["file"], b["file"] = b["file"], a["file"]
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DiffinError) as err:
+        manifest_context(case["recipe"].model_fn(), read_manifest(folder / "manifest.json"), case["train"])
+    assert "manifest says step" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_non_finite_hessian_product_names_the_checkpoint(cases):
+    case = cases["sgd-momentum-wd"]
+    m = subset(case, 5)
+    model = case["recipe"].model_fn()
+    states = [read_state(case["dir"] / c.file)[0] for c in m.checkpoints]
+    states[2] = {k: (torch.full_like(v, 3e38) if k == "3.weight" else v) for k, v in states[2].items()}
+    ctx = make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
+                       case["train"], recipe=Recipe(momentum=0.9))
+    with pytest.raises(DiffinError) as err:
+        run_method(ctx, "diffin", case["query"].x, case["query"].y)
+    assert "non-finite" in str(err.value) and f"checkpoint 3/5 (step {m.checkpoints[2].step}" in str(err.value)
+
+
+def test_batchnorm_state_dicts_load_with_or_without_num_batches_tracked(tmp_path):
+    from torch import nn
+
+    from diffin_core.checkpoints import check_fits, complete_state
+    from diffin_core.project import Project
+    from diffin_core.data import Split
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    model.train()
+    out = Project._forward_one(model, Split(np.random.rand(5, 4).astype(np.float32), np.zeros(5, np.int64), np.arange(5)))
+    assert out.shape == (1, 3) and model.training                 # eval for one sample, mode restored
+    full = model.state_dict()
+    without = {k: v for k, v in full.items() if not k.endswith("num_batches_tracked")}
+    for state in (full, without):
+        check_fits(model, state, tmp_path / "x")
+        fresh = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+        fresh.load_state_dict(complete_state(fresh, state))
+    plain = nn.Sequential(nn.Linear(4, 3))
+    check_fits(plain, {**plain.state_dict(), "bn.num_batches_tracked": torch.tensor(3)}, tmp_path / "y")
+    save_state(tmp_path / "bn.safetensors", model, {"step": 7})
+    state, meta = read_state(tmp_path / "bn.safetensors")
+    assert meta["step"] == "7" and "1.num_batches_tracked" in state
