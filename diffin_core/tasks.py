@@ -128,6 +128,49 @@ def coreset_selection(scores, fraction: float, value="influence", balanced: bool
     return keep
 
 
+def ccs_selection(values, fraction: float, labels, prune_low: float = 0.0, bins: int = 50,
+                  seed: int = 0) -> np.ndarray:
+    """Coverage-centric coreset selection (CCS, Zheng et al. 2023) over a value score, per class.
+
+    In each class (quota = its share of round(fraction * N), largest-remainder rounding as in
+    ``coreset_selection``): drop the ``prune_low`` fraction with the lowest value, split the rest
+    into ``bins`` equal-width strata of the value, and fill the quota from the smallest stratum
+    up, each stratum taking at most an equal share of what is left (seeded random within a
+    stratum). The subset covers the whole range of the score instead of its top."""
+    values = _column(values, "value")
+    labels = np.asarray(labels)
+    if len(values) != len(labels):
+        raise DiffinError(f"{len(values)} values but {len(labels)} labels")
+    total = _count(fraction, len(values), "fraction")
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts * float(fraction)
+    quota = np.floor(exact).astype(int)
+    extra = total - quota.sum()
+    if extra > 0:
+        quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(values), dtype=bool)
+    for c, q in zip(classes, quota):
+        rows = np.flatnonzero(labels == c)
+        v = np.nan_to_num(values[rows], nan=-np.inf)
+        order = np.argsort(v, kind="stable")
+        cut = min(int(round(prune_low * len(rows))), len(rows) - int(q))
+        pool = rows[order[cut:]]
+        pv = values[pool]
+        edges = np.linspace(np.nanmin(pv), np.nanmax(pv) + 1e-12, bins + 1) if len(pool) else np.zeros(2)
+        strata = [pool[(pv >= lo) & (pv < hi)] for lo, hi in zip(edges[:-1], edges[1:])]
+        strata = sorted([s for s in strata if len(s)], key=len)
+        left = int(q)
+        for i, s in enumerate(strata):
+            take = min(len(s), left // (len(strata) - i))
+            keep[rng.choice(s, take, replace=False)] = True
+            left -= take
+        if left > 0:                       # rounding leftovers: random from what is not kept yet
+            rest = pool[~keep[pool]]
+            keep[rng.choice(rest, left, replace=False)] = True
+    return keep
+
+
 # --- coreset baselines ------------------------------------------------------------------------
 def _probs(ctx, k: int) -> np.ndarray:
     out = []

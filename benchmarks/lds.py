@@ -1,0 +1,201 @@
+"""Linear datamodeling score (LDS) of every influence estimator on two models.
+
+    nice -n 10 python benchmarks/lds.py            # ~10-15 min on 2 shared CPU cores
+    python benchmarks/lds.py --quick               # smoke: 1 seed, 10 subsets -> results/quick/
+
+LDS as TRAK and dattri define it (diffin_core/lds.py): 50 random subsets keeping 50% of the
+training set; each is retrained from scratch with the run's recipe and seed; for each query
+sample, Spearman between the predicted change of its loss (the summed influence of the left-out
+half) and the retrained loss; averaged over the query samples. Per seed (0, 1, 2: data flips,
+init, batch order and subsets), then mean ± std over the seeds.
+
+Models (small training budgets so that 50 retrains x 3 seeds fit a tiny CPU):
+  digits-mlp  tanh MLP 64-32-10, sklearn digits, 1,200 train (10% flipped), batch 32, 10 epochs,
+              cosine lr from 0.2, 10 checkpoints; 10 query samples
+  mnist-cnn   the sample project's SmallCNN, 400 MNIST train digits (10% flipped), batch 32,
+              6 epochs, cosine lr from 0.3 (to 0), 6 checkpoints; 5 query samples
+Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.lds's
+TRAK-style projected estimator, 1,024 dims, the last 3 checkpoints).
+Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seconds) and lds.png.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+for p in (HERE, HERE.parent):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+METHODS = ["diffin", "tracin", "influence-function", "trak"]
+CASES = {
+    "digits-mlp": dict(batch=32, epochs=10, lr=0.2, ckpts=10, queries=10),
+    "mnist-cnn": dict(n_train=400, batch=32, epochs=6, lr=0.3, ckpts=6, queries=5),
+}
+FULL = dict(seeds=[0, 1, 2], subsets=50)
+QUICK = dict(seeds=[0], subsets=10)
+
+
+def case_data(name, seed):
+    """(model_fn, x, y, qx, qy): the training split (10% flipped labels) and query samples."""
+    from diffin_core.models import MLP, SmallCNN
+    from diffin_core.truth import digits_case
+    c = CASES[name]
+    if name == "digits-mlp":
+        train, query = digits_case(noise=0.1, n_train=1200, seed=seed)
+        x, y, qx, qy = train.x, train.y, query.x, query.y
+        model_fn = lambda: MLP(64, (32,), 10)          # noqa: E731
+    else:
+        from diffin_core.sample import RAW, flip_labels
+        with np.load(RAW) as d:
+            xa, ya = d["X"].astype(np.float32).reshape(-1, 1, 28, 28) / 255.0, d["y"].astype(np.int64)
+        perm = np.random.default_rng(1234 + seed).permutation(len(ya))
+        tr, q = perm[:c["n_train"]], perm[c["n_train"]:c["n_train"] + 500]
+        y, _ = flip_labels(ya[tr], 0.1, seed=300 + seed)
+        x, qx, qy = xa[tr], xa[q], ya[q]
+        model_fn = lambda: SmallCNN(1, 10, 28)         # noqa: E731
+    pick = np.random.default_rng(seed + 17).choice(len(qy), c["queries"], replace=False)
+    return model_fn, x, y, qx[pick], qy[pick]
+
+
+def train(model_fn, x, y, seed, c, keep_states=True):
+    """SGD with cosine lr, batch order and init fixed by ``seed``: (model, states, steps, lrs)."""
+    import torch
+    import torch.nn.functional as F
+    from diffin_core.truth import batch_order, cosine_lrs
+    torch.manual_seed(seed)
+    model = model_fn()
+    batches = batch_order(len(y), c["batch"], c["epochs"], seed)
+    lrs = cosine_lrs(c["lr"], len(batches))
+    total = len(batches)
+    save = sorted({int(round(s)) for s in np.linspace(0, total, c["ckpts"])}) if keep_states else [total]
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    opt = torch.optim.SGD(model.parameters(), lr=c["lr"])
+    states, steps, ck_lrs = [], [], []
+    for s in range(total + 1):
+        if s in save:
+            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            steps.append(s)
+            ck_lrs.append(lrs[min(s, total - 1)])
+        if s == total:
+            break
+        idx = torch.as_tensor(batches[s])
+        opt.param_groups[0]["lr"] = lrs[s]
+        opt.zero_grad()
+        F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+        opt.step()
+    return model.eval(), states, steps, ck_lrs
+
+
+def per_query_losses(model, qx, qy):
+    import torch
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(torch.as_tensor(qx)), torch.as_tensor(qy),
+                                                 reduction="none").double().numpy()
+
+
+def job(name, seed, cfg):
+    if cfg.get("queries"):                      # spawned workers re-import CASES
+        CASES[name]["queries"] = cfg["queries"]
+    from diffin_core.data import Split
+    from diffin_core.lds import lds, per_query_influence, predicted_changes, random_subsets, trak_influence
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.scoring import make_context
+    c = CASES[name]
+    model_fn, x, y, qx, qy = case_data(name, seed)
+    _, states, steps, lrs = train(model_fn, x, y, seed, c)
+    split = Split(x, y, np.arange(len(y)))
+    masks = random_subsets(len(y), cfg["subsets"], 0.5, seed=1000 + seed)
+    t = time.time()
+    actual = np.stack([per_query_losses(train(model_fn, x[m], y[m], seed, c, keep_states=False)[0], qx, qy)
+                       for m in masks])                                               # (M, Q)
+    retrain_s = time.time() - t
+    rows = []
+    for method in METHODS:
+        t = time.time()
+        ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu"))
+        infl = trak_influence(ctx, qx, qy) if method == "trak" else per_query_influence(ctx, method, qx, qy)
+        secs = time.time() - t
+        score, _per = lds(predicted_changes(infl, masks), actual)
+        rows.append({"method": method, "model": name, "seed": seed, "subsets": len(masks), "lds": score,
+                     "seconds": secs, "retrain_seconds": retrain_s})
+    return rows
+
+
+def _init():
+    import torch
+    torch.set_num_threads(1)
+
+
+def _run(args):
+    t = time.time()
+    return args, job(*args), time.time() - t
+
+
+def summarise(rows):
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    g = df.groupby(["method", "model", "subsets"], sort=False)
+    return g.agg(lds_mean=("lds", "mean"), lds_std=("lds", lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0),
+                 seeds=("seed", "count"), seconds=("seconds", "mean")).reset_index()
+
+
+def plot(table, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = list(dict.fromkeys(table.model))
+    methods = list(dict.fromkeys(table.method))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        r = table[table.method == m].set_index("model").reindex(models)
+        ax.bar(np.arange(len(models)) + i * w, r["lds_mean"], w, yerr=r["lds_std"], label=m, capsize=2)
+    ax.set_xticks(np.arange(len(models)) + 0.4 - w / 2)
+    ax.set_xticklabels(models)
+    ax.axhline(0, lw=0.5, c="k")
+    ax.set_ylabel("LDS (mean Spearman over query samples)")
+    ax.set_title(f"linear datamodeling score, {int(table.subsets.iloc[0])} random 50% subsets, mean ± std over seeds",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--models", nargs="*", default=list(CASES))
+    ap.add_argument("--queries", type=int, default=None, help="query samples per case (default: CASES)")
+    ap.add_argument("--name", default="lds", help="output file stem (results/<name>.csv/png)")
+    a = ap.parse_args(argv)
+    cfg = QUICK if a.quick else FULL
+    out = HERE / "results" / ("quick" if a.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    if a.queries:
+        for name in a.models:
+            CASES[name]["queries"] = a.queries
+        cfg = dict(cfg, queries=a.queries)
+    jobs = [(name, seed, cfg) for name in a.models for seed in cfg["seeds"]]
+    rows, started = [], time.time()
+    with mp.get_context("spawn").Pool(a.workers, initializer=_init, maxtasksperchild=1) as pool:
+        for args, r, secs in pool.imap_unordered(_run, jobs):
+            rows += r
+            print(f"[{time.time() - started:6.0f}s] {args[0]} seed {args[1]} done in {secs:.0f}s: "
+                  + ", ".join(f"{x['method']} {x['lds']:.3f}" for x in r), flush=True)
+            table = summarise(rows)
+            table.to_csv(out / f"{a.name}.csv", index=False)
+            plot(table, out / f"{a.name}.png")
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
