@@ -7,6 +7,11 @@ Selections (each returns a boolean mask over the rows of the scores table / arra
     coreset_selection(scores, fraction)    -> kept: the top ``fraction`` by a value column,
                                               class-stratified (each class keeps ``fraction``
                                               of its own samples, largest-remainder rounding)
+    ccs_selection(values, fraction, labels, prune_low=0.1)
+                                           -> kept: coverage-centric sampling over the value
+                                              after dropping its lowest 10% per class (Diff-In's
+                                              coreset rule in benchmarks/coreset.py: it beat the
+                                              top-by-influence rule at keep 30% and 50%)
 
 Coreset baselines computed from a scoring Context (its checkpoints and training split):
 
