@@ -146,8 +146,15 @@ def replace_dir(src: str | Path, final: str | Path) -> Path:
 
 def recover_dirs(parent: str | Path) -> list[str]:
     """Repair ``parent`` after a crash mid-write (safe while live writers work: only a dead
-    process's helpers are touched). Returns what it did, one line per action."""
-    parent = Path(parent)
+    process's helpers are touched). Returns what it did, one line per action. A folder it
+    cannot write (read-only project) is left as it is."""
+    try:
+        return _recover(Path(parent))
+    except OSError:
+        return []
+
+
+def _recover(parent: Path) -> list[str]:
     try:
         entries = list(parent.iterdir())
     except OSError:
