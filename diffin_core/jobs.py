@@ -51,6 +51,7 @@ class JobInfo:
     finished: float | None = None
     step: int = 0                  # a phase before the counted items: steps done of ``steps``
     steps: int | None = None       # (each done == 0 message "... k/m" is one step of m)
+    phase: str = ""                # that message with k/m blanked: a new text starts a new phase
     counting_since: float | None = None  # last time done was 0: the items phase starts there
 
     @property
@@ -128,11 +129,11 @@ class Progress:
                 info.counting_since = time.time()
                 k_of_m = _STEP.search(str(message)) if message else None
                 if k_of_m and int(k_of_m[2]) > 0:  # one message per step; k may count down
-                    m = int(k_of_m[2])
-                    info.step = min(info.step + 1, m) if info.steps == m else 1
-                    info.steps = m
+                    m, phase = int(k_of_m[2]), _STEP.sub("#", info.message)
+                    info.step = min(info.step + 1, m) if (info.steps, info.phase) == (m, phase) else 1
+                    info.steps, info.phase = m, phase
                 elif message:
-                    info.step, info.steps = 0, None
+                    info.step, info.steps, info.phase = 0, None, ""
             if time.time() - self._job.last_write >= 0.5:  # at most ~2 writes/s
                 self._m._save(self._job)
         self.check()

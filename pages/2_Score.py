@@ -1,4 +1,5 @@
 """Score the open project in the background: choose methods, watch progress, cancel."""
+import re
 import sys
 import time
 from pathlib import Path
@@ -53,7 +54,8 @@ def _progress_text(info) -> str:
     if info.status == "queued":
         return f"{info.label}: queued"
     if info.in_phase:  # e.g. diffin carrying the query back through the checkpoints
-        return f"{info.label}: query phase · {info.step} of {info.steps} checkpoints done"
+        what = re.sub(r"\s*\d+\s*/\s*\d+", "", message).strip()  # "checkpoint 7/12" counts down: show steps done
+        return f"{info.label}: {what} ({info.step} of {info.steps} done)"
     if not info.done:
         return f"{info.label}: {message or 'starting'}"
     eta = f" · about {ui.fmt_seconds(info.eta_s)} left" if info.eta_s is not None else ""

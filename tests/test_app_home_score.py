@@ -197,6 +197,6 @@ def test_score_page_shows_the_checkpoint_phase_as_progress(scored, jobs):
         time.sleep(0.02)
     at = new_app(scored, "pages/2_Score.py")
     bars = at.get("progress")
-    assert [b.proto.text for b in bars] == ["diffin: query phase · 3 of 12 checkpoints done"]
+    assert [b.proto.text for b in bars] == ["diffin: propagated the query through checkpoint (3 of 12 done)"]
     assert bars[0].proto.value == 25  # 3/12, not 0/4,000
     gate.set()

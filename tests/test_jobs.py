@@ -230,7 +230,7 @@ def test_reset_cancels_and_clears(jm):
 
 def test_checkpoint_phase_is_real_progress(jm):
     """diffin's query phase reports "checkpoint k/m" with done = 0: shown as k of m, not 0/N."""
-    gates = [threading.Event() for _ in range(3)]
+    gates, phases = [threading.Event() for _ in range(3)], []
 
     def fn(p):
         p.update(0, 4000, "diffin: preparing query vectors")
@@ -238,6 +238,9 @@ def test_checkpoint_phase_is_real_progress(jm):
             p.update(0, 4000, f"diffin: propagated the query through checkpoint {k}/12")
             gates[i].wait(5)
         p.update(1000, 4000, "diffin: scoring training samples")
+        for k in (1, 2):  # a later phase with its own k/m messages starts again at 1
+            p.update(0, 4000, f"features: Hessian view of checkpoint {k}/12")
+            phases.append((jm.get(jid).step, jm.get(jid).steps))
         return "ok"
 
     jid = jm.submit("score", fn)
@@ -252,6 +255,7 @@ def test_checkpoint_phase_is_real_progress(jm):
     gates[2].set()
     info = jm.wait(jid, 5)
     assert info.status == "done" and not info.in_phase
+    assert phases == [(1, 12), (2, 12)]
     # the items phase counts its rate from the end of the query phase, not from the start
     assert info.counting_since is not None and info.counting_since >= info.started
 
