@@ -13,7 +13,9 @@ def links(at) -> list[tuple[str, str]]:
     return [(p.proto.label, p.proto.page) for p in at.get("page_link")]
 
 
-def test_home_sample_project_one_click(workspace):
+def test_home_sample_project_one_click(workspace, monkeypatch):
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)  # so the __pycache__ check means something
+    monkeypatch.setattr(__import__("sys"), "dont_write_bytecode", False)
     at = new_app()
     assert "No projects" in " ".join(m.value for m in at.markdown)
     assert links(at) == [("…or set up a new project from uploads", "Setup")]  # nothing to score yet

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,14 @@ EXITS = ("import os, sys\nfrom diffin_core.models import MLP\n\n\ndef build():\n
          "    print('model.py: no GPU driver found', file=sys.stderr, flush=True)\n    os._exit(3)\n")
 RAISES = "def build():\n    raise ValueError('weights file missing')\n"
 SEGFAULTS = "import ctypes\n\n\ndef build():\n    return ctypes.string_at(0)\n"
+
+
+@pytest.fixture(autouse=True)
+def bytecode_allowed(monkeypatch):
+    """Python may write bytecode here and in the children (some shells set PYTHONDONTWRITEBYTECODE,
+    which would make the no-__pycache__ checks pass for the wrong reason)."""
+    monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +152,15 @@ def test_project_check_in_child(tiny, tmp_path):
     assert not list(tiny.rglob("__pycache__"))
 
 
-def test_in_process_import_writes_no_bytecode(tiny):
+def test_in_process_import_writes_no_bytecode(tiny, tmp_path):
+    import importlib.util
     from diffin_core.project import Project
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / "model.py").write_text(MODEL_PY)
+    spec = importlib.util.spec_from_file_location("control_model", control / "model.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert list(control.glob("__pycache__/*.pyc"))  # a plain import does write bytecode here
     model = Project(tiny).build_model()
     assert type(model).__name__ == "MLP"
     assert not list(tiny.rglob("__pycache__"))
