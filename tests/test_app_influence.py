@@ -47,7 +47,7 @@ def test_fast_topk_needs_no_job(tiny, jobs):
     assert any(t.startswith("Produced by the fast path") for t in texts(at.caption))
     tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
     project = Project(tiny)
-    infl, _ = F.fast_query_influence(project, "diffin-1", [4])
+    infl, _ = F.fast_query_influence(project, "diffin-1", [4], rerank=0)     # the app: the store alone
     order = np.argsort(-infl, kind="stable")
     assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
     assert tables[1]["sample_id"].tolist() == project.train.ids[order[::-1][:5]].tolist()
@@ -69,7 +69,7 @@ def test_reverse_view_and_checkpoint_plot(tiny, jobs):
     at = new_app(tiny, "pages/3_Explore.py")
     at.radio(key="explore_view").set_value("Training sample").run()
     at.number_input(key="explore_sample").set_value(11).run()
-    assert not at.exception and len(jobs.list()) == 1
+    assert not at.exception and any("sample 11 " in j.label for j in jobs.list())   # computed in the worker
     wait_jobs(at, jobs)
     rev = store.reverse(11)
     order = np.argsort(-rev, kind="stable")
