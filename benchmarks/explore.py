@@ -249,17 +249,21 @@ def timing_only(n: int, src_n: int, dims: list[int], nq: int, ws: Path, model: s
         store = F.FeatureStore(run / "features")
         F._CTX.clear()
         F.fast_query_influence(project, run.name, [int(queries[0])], store=store)
-        times = []
+        times, alone = [], []
         for qi in queries:
             t0 = time.perf_counter()
             F.fast_query_influence(project, run.name, [int(qi)], store=store)
             times.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            F.fast_query_influence(project, run.name, [int(qi) + 1], store=store, rerank=0)   # the app's path
+            alone.append((time.perf_counter() - t0) * 1000)
         row = {"model": model, "N": n, "d": d, "view_rank": meta["settings"]["view_rank"],
                "rerank": meta["settings"]["rerank"], "queries": nq, "query_ms": round(statistics.median(times), 1),
+               "query_ms_store_only": round(statistics.median(alone), 1),
                "topk_overlap": np.nan, "topk_overlap_projected_only": np.nan, "spearman_vs_exact": np.nan,
                "feature_pass_s": np.nan, "store_mb": store.meta["store_mb"], "exact_plan_s": np.nan,
                "note": f"timing only: store rows tiled from N={src_n}"}
-        log(f"  timing-only N={n} d={d}: {row['query_ms']} ms")
+        log(f"  timing-only N={n} d={d}: {row['query_ms']} ms, store alone {row['query_ms_store_only']} ms")
         res.append(row)
     return res
 

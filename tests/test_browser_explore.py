@@ -10,6 +10,7 @@ and a different query timed from the click to the grid's last caption with the s
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -28,6 +29,9 @@ GRID_BUDGET_S = 2.0
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+    given = os.environ.get("DIFFIN_EXPLORE_WS")          # a workspace build_workspace already made
+    if given and (Path(given) / "mnist-sample/runs/diffin-1/features/meta.json").is_file():
+        return Path(given)
     return build_workspace(tmp_path_factory.mktemp("ws"))
 
 
