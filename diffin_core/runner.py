@@ -26,8 +26,11 @@ budget, shard or resume order gives the same numbers up to float rounding.
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -208,10 +211,23 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
 
     Returns {"influence" (N,)} and, when ``need_self``, "self_influence" (N,) (NaN when the
     method has none), "label_issue" (N,) and "probs" (N, C), float64, plus "self_by_checkpoint"
-    (N, m) float32 when the method reports self-influence per checkpoint.
+    (N, m) float32 when the method reports self-influence per checkpoint. Without a stage folder
+    a plan larger than the budget's cached checkpoints spills to a temporary one (deleted after).
     """
     stages = stages or Stages(None, StageSettings(method.name, {}, "", ""))
     mem = mem or memory_plan(method, ctx, need_self)
+    spill = None
+    if not stages.enabled and mem.cached_checkpoints < len(ctx.thetas) and hasattr(method, "prepare_step"):
+        spill = Path(tempfile.mkdtemp(prefix="diffin-plan-"))
+        stages = Stages(spill, StageSettings(method.name, {}, "", "", need_self=need_self))
+    try:
+        return _run(method, ctx, qx, qy, need_self, stages, mem)
+    finally:
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)
+
+
+def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) -> dict[str, np.ndarray]:
     if hasattr(ctx, "memory"):
         ctx.memory = mem                                  # Context.chunks / mean_grad use it
     ctx.fm.max_rows = mem.batch_rows                      # batch gradients / HVPs sliced to fit

@@ -257,3 +257,59 @@ def test_cli_memory_budget_and_batch_size(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["score", str(root), "-m", "tracin", "--memory-budget", "lots"])
     assert e.value.code == 2 and "not a size like 4GB" in capsys.readouterr().err
+
+
+MEMORY_SCRIPT = r'''
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from diffin_core import runner
+from diffin_core.data import Split
+from diffin_core.methods import METHODS, ScoreSettings
+from diffin_core.models import MLP
+from diffin_core.scoring import make_context
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+method, budget = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = MLP(512, (2048, 512), 10)                       # 2.1M parameters: 8.4 MB per P-vector
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(96, 512)).astype(np.float32), rng.integers(0, 10, 96)
+states = []
+for k in range(3):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    states.append({k: v.clone() for k, v in model.state_dict().items()})
+ctx = make_context(model, states, [0, 10, 20], [0.1] * 3, Split(x, y, np.arange(96)),
+                   ScoreSettings(batch_size=96, memory_budget=budget, hessian_batch=64))
+open("/proc/self/clear_refs", "w").write("5")           # peak (VmHWM) := current RSS
+base = rss("VmRSS:")
+runner.run(METHODS[method](), ctx, x[:8], y[:8], True)
+print(json.dumps({"peak": rss("VmHWM:") - base, "grad_chunk": ctx.memory.grad_chunk}))
+'''
+
+
+@pytest.mark.parametrize("method,budget_mb", [("diffin", 700), ("tracin", 500)])
+def test_measured_peak_memory_stays_under_the_budget(tmp_path, method, budget_mb):
+    """Peak resident memory of a whole scoring run (plan + every chunk) above what was resident
+    before it, on a 2.1M-parameter model whose every P-vector is 8.4 MB: within the budget."""
+    import json
+    import os
+    import subprocess
+    import sys
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT)
+    budget = budget_mb * 2**20
+    res = subprocess.run([sys.executable, str(script), method, str(budget)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["grad_chunk"] >= 1
+    assert got["peak"] <= budget, f"{method}: peak {got['peak'] / 2**20:.0f} MB over a {budget_mb} MB budget"
