@@ -148,6 +148,6 @@ def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = 
     used = max(grad_chunk * row_grad if need_self else 0, jvp_chunk * row_jvp)
     extra = (room - used) // per_ckpt
     cached = int(max(1, min(checkpoints, 1 + extra)))
-    batch_rows = int(max(1, min(BATCH_ROWS, (room // 2) // row_jvp)))
+    batch_rows = int(max(1, min(BATCH_ROWS, room // row_jvp)))   # never live with per-sample rows
     return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp),
                       fixed_bytes=int(fixed - per_ckpt), checkpoint_bytes=int(per_ckpt), batch_rows=batch_rows)
