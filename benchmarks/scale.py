@@ -189,11 +189,13 @@ def cases(args) -> list[dict]:
     if "gpu" in args.cases:           # first: they hardly compete with the CPU cases for cores
         gpu = [{**base, "device": "cuda", "threads": 1, "budget_mb": args.gpu_budget_mb, "model": "resnet18",
                 "n": args.gpu_n, "method": method, "path": path, "batch": args.gpu_batch}
-               for method, path in (("diffin", "score"), ("diffin", "inference"), ("diffin", "influence"))]
-        out = gpu + out
-    # most telling first (a --deadline cuts the tail): ResNet scores, then the biggest N
+               for method, path in (run.split(":") for run in args.gpu_runs.split(","))]
+    else:
+        gpu = []
+    # most telling first (a --deadline cuts the tail): ResNet scores, then the biggest N; the GPU
+    # cases keep the order --gpu-runs gives them
     rank = {"score": 0, "influence": 0, "inference": 1}
-    return sorted(out, key=lambda c: (c["device"] != "cuda", c["path"] == "inference" and c["model"] == "resnet18",
+    return gpu + sorted(out, key=lambda c: (c["device"] != "cuda", c["path"] == "inference" and c["model"] == "resnet18",
                                       c["model"] != "resnet18", rank[c["path"]], -c["n"]))
 
 
@@ -297,6 +299,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resnet-batch", type=int, default=64)
     ap.add_argument("--gpu-n", type=int, default=100_000)
     ap.add_argument("--gpu-batch", type=int, default=256)
+    ap.add_argument("--gpu-runs", default="diffin:score,diffin:inference,diffin:influence",
+                    help="the GPU cases in order, as method:path (path: score, influence, inference)")
     ap.add_argument("--gpu-budget-mb", type=int, default=0, help="GPU cases' memory budget (0 = auto: 80%% of free VRAM)")
     ap.add_argument("--budget-mb", type=int, default=3000, help="--memory-budget of every case (MB)")
     ap.add_argument("--hessian-batch", type=int, default=256, help="diffin's Hessian batch (ScoreSettings)")

@@ -26,17 +26,27 @@ LOSSES = {"cross_entropy"}
 
 @contextlib.contextmanager
 def no_tf32():
-    """Full float32 matmuls and convolutions inside (CUDA's TF32 off); the flags are restored."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    """Full float32 matmuls and convolutions inside (CUDA's TF32 off); the flags are restored.
+
+    Only the ``allow_tf32`` flags are touched: torch >= 2.9 raises when code reads
+    ``get_float32_matmul_precision`` after a mix of its legacy and new precision APIs (seen on an
+    H100 with torch 2.11), and a user's training script may have set either.
+    """
+    saved = []
+    for backend in (torch.backends.cuda.matmul, torch.backends.cudnn):
+        try:
+            saved.append((backend, backend.allow_tf32))
+            backend.allow_tf32 = False
+        except (RuntimeError, AttributeError):
+            pass
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+        for backend, value in reversed(saved):
+            try:
+                backend.allow_tf32 = value
+            except (RuntimeError, AttributeError):
+                pass
 
 
 class FunctionalModel:

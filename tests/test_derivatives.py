@@ -97,3 +97,21 @@ def test_conjugate_gradient_solves_spd_and_stays_finite_on_indefinite():
     indefinite = torch.tensor(q @ np.diag(np.linspace(-3, 4, 20)) @ q.T)
     x = conjugate_gradient(lambda v: indefinite @ v, b, 100)
     assert torch.isfinite(x).all() and torch.dot(x, b) > 0
+
+
+def test_no_tf32_turns_both_flags_off_and_restores_them():
+    """The FD-HVP guard: TF32 off inside (matmul and cuDNN), the caller's flags back after,
+    whichever values the caller had set (touching only the allow_tf32 flags, see no_tf32)."""
+    from diffin_core.functional import no_tf32
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for value in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = value
+            torch.backends.cudnn.allow_tf32 = value
+            with no_tf32():
+                assert torch.backends.cuda.matmul.allow_tf32 is False
+                assert torch.backends.cudnn.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is value
+            assert torch.backends.cudnn.allow_tf32 is value
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
