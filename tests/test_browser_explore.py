@@ -63,7 +63,7 @@ def test_new_query_grid_within_2s(workspace, tmp_path):
             page.set_default_timeout(120_000)
             page.goto(srv.url + f"/?project={workspace / 'mnist-sample'}")
             page.wait_for_selector(IDLE)
-            page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(r"^\s*Explore\s*$")).click()
+            page.locator("[data-testid='stSidebarNav'] a", has_text=re.compile(r"Explore\s*$")).first.click()  # "exploreExplore": icon ligature, title
             page.get_by_role("heading", name="Explore").wait_for()
             page.wait_for_selector(IDLE)
 
