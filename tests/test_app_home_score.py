@@ -3,7 +3,6 @@ navigation names Home; next-step links; runs table; job order; named selections 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from app_fixtures import ROOT, jobs, new_app, scored, loss_run, table_with, texts, workspace  # noqa: F401
 
