@@ -55,11 +55,8 @@ def main() -> None:
                                 ("Histograms", "histogram")):
                 page.get_by_text(label, exact=True).first.click()
                 page.wait_for_selector(IDLE)
-                if name == "heatmap":
-                    for key, option in (("explore_cls_train_class", "7"), ("explore_cls_query_class", "1")):
-                        page.locator(f".st-key-{key}").get_by_role("combobox").click()
-                        page.get_by_role("option", name=option, exact=True).click()
-                        page.wait_for_selector(IDLE)
+                if name == "reverse":                      # the per-checkpoint plot (worker's child)
+                    page.locator(".st-key-explore_rev_checkpoints").first.wait_for(timeout=300_000)
                 shot(name)
             browser.close()
 
