@@ -69,7 +69,15 @@ def test_top_k_matches_the_influence_ranking(tiny):
     assert helpful["sample_id"].tolist() == list(np.argsort(-infl, kind="stable")[:5])
     assert harmful["sample_id"].tolist() == list(np.argsort(infl, kind="stable")[:5])
     assert (helpful["influence"].diff().dropna() <= 0).all() and (harmful["influence"] < 0).all()
-    assert list((project.runs_dir / "d" / "topk").glob("*.npy"))       # cached
+    assert helpful.attrs["path"] != "exact path"                        # the run's feature store answered
+    assert not list((project.runs_dir / "d" / "topk").glob("*.npy"))   # ... so nothing was recomputed
+    ex_helpful, ex_harmful = top_k(project, "d", [4], k=5, exact=True)
+    assert ex_helpful.attrs["path"] == "exact path"
+    assert ex_helpful["sample_id"].tolist() == list(np.argsort(-infl, kind="stable")[:5])
+    assert ex_harmful["sample_id"].tolist() == list(np.argsort(infl, kind="stable")[:5])
+    assert list((project.runs_dir / "d" / "topk").glob("*.npy"))       # the exact path is cached
+    again, _ = top_k(project, "d", [4], k=5)
+    assert again.attrs["path"] == "exact path (cached)"
     # the whole query set as the list reproduces the run's influence column
     all_q = query_influence(project, "diffin", np.arange(len(project.query)))
     assert np.allclose(all_q, project.scores("d")["influence"], rtol=1e-4, atol=1e-9)
