@@ -77,14 +77,22 @@ def train_cnn(x, y, seed, cfg, weights=None):
     Returns (model, states, steps, lrs) with ``cfg['ckpts']`` evenly spaced checkpoints."""
     torch.manual_seed(seed)
     model = SmallCNN(1, 10, 28)
+    return train_sgd(model, x, y, seed, cfg, torch.ones(len(y)) if weights is None else weights)
+
+
+def train_sgd(model, x, y, seed, cfg, weights=None, keep_states=True):
+    """Plain SGD with a cosine lr from cfg['lr'] over cfg['epochs'] epochs of cfg['batch'], batch
+    order fixed by ``seed`` (the caller seeds the init). ``weights`` (N,) scale each sample's loss
+    (batch mean keeps its denominator); None = the plain mean. Returns (model, states, steps, lrs)
+    with cfg['ckpts'] evenly spaced checkpoints (only the final one unless ``keep_states``)."""
     n = len(y)
     batches = batch_order(n, cfg["batch"], cfg["epochs"], seed)
     lrs = cosine_lrs(cfg["lr"], len(batches))
     total = len(batches)
-    save = sorted({int(round(s)) for s in np.linspace(0, total, cfg["ckpts"])})
+    save = sorted({int(round(s)) for s in np.linspace(0, total, cfg["ckpts"])}) if keep_states else [total]
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y)
-    wt = torch.ones(n) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+    wt = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
     states, steps, ck_lrs = [], [], []
     for s in range(total + 1):
@@ -97,7 +105,10 @@ def train_cnn(x, y, seed, cfg, weights=None):
         idx = torch.as_tensor(batches[s])
         opt.param_groups[0]["lr"] = lrs[s]
         opt.zero_grad()
-        (F.cross_entropy(model(xt[idx]), yt[idx], reduction="none") * wt[idx]).sum().div(len(idx)).backward()
+        if wt is None:
+            F.cross_entropy(model(xt[idx]), yt[idx]).backward()
+        else:
+            (F.cross_entropy(model(xt[idx]), yt[idx], reduction="none") * wt[idx]).sum().div(len(idx)).backward()
         opt.step()
     return model.eval(), states, steps, ck_lrs
 

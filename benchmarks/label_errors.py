@@ -53,31 +53,10 @@ def data(cfg):
 def train(x, y, seed, cfg, keep_states=True):
     """The memorisation recipe: (model, states, steps, lrs) with cfg['ckpts'] checkpoints."""
     import torch
-    import torch.nn.functional as F
     from diffin_core.models import MLP
-    from diffin_core.truth import batch_order, cosine_lrs
+    from _bench import train_sgd
     torch.manual_seed(seed)
-    model = MLP(784, cfg["hidden"], 10)
-    batches = batch_order(len(y), cfg["batch"], cfg["epochs"], seed)
-    lrs = cosine_lrs(cfg["lr"], len(batches))
-    total = len(batches)
-    save = sorted({int(round(s)) for s in np.linspace(0, total, cfg["ckpts"])}) if keep_states else [total]
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
-    states, steps, ck_lrs = [], [], []
-    for s in range(total + 1):
-        if s in save:
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            steps.append(s)
-            ck_lrs.append(lrs[min(s, total - 1)])
-        if s == total:
-            break
-        idx = torch.as_tensor(batches[s])
-        opt.param_groups[0]["lr"] = lrs[s]
-        opt.zero_grad()
-        F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-        opt.step()
-    return model.eval(), states, steps, ck_lrs
+    return train_sgd(MLP(784, cfg["hidden"], 10), x, y, seed, cfg, keep_states=keep_states)
 
 
 def job(noise, seed, cfg):

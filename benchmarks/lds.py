@@ -67,30 +67,9 @@ def case_data(name, seed):
 def train(model_fn, x, y, seed, c, keep_states=True):
     """SGD with cosine lr, batch order and init fixed by ``seed``: (model, states, steps, lrs)."""
     import torch
-    import torch.nn.functional as F
-    from diffin_core.truth import batch_order, cosine_lrs
+    from _bench import train_sgd
     torch.manual_seed(seed)
-    model = model_fn()
-    batches = batch_order(len(y), c["batch"], c["epochs"], seed)
-    lrs = cosine_lrs(c["lr"], len(batches))
-    total = len(batches)
-    save = sorted({int(round(s)) for s in np.linspace(0, total, c["ckpts"])}) if keep_states else [total]
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    opt = torch.optim.SGD(model.parameters(), lr=c["lr"])
-    states, steps, ck_lrs = [], [], []
-    for s in range(total + 1):
-        if s in save:
-            states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-            steps.append(s)
-            ck_lrs.append(lrs[min(s, total - 1)])
-        if s == total:
-            break
-        idx = torch.as_tensor(batches[s])
-        opt.param_groups[0]["lr"] = lrs[s]
-        opt.zero_grad()
-        F.cross_entropy(model(xt[idx]), yt[idx]).backward()
-        opt.step()
-    return model.eval(), states, steps, ck_lrs
+    return train_sgd(model_fn(), x, y, seed, c, keep_states=keep_states)
 
 
 def per_query_losses(model, qx, qy):
