@@ -4,7 +4,7 @@
     python benchmarks/scale.py --device cuda --cases gpu         # the GPU row (ResNet-18, N = 100k)
     python benchmarks/scale.py --cases cnn --sizes 10000,100000  # a subset
 
-Every case runs in a fresh subprocess (so ru_maxrss is that case's peak resident memory) on a
+Every case runs in a fresh subprocess (VmHWM is that case's peak resident memory) on a
 real project folder: synthetic 3x32x32 images stored as a memory-mapped uint8 x.npy (never
 loaded whole; the data source streams it), labels y.npy, 200 query samples, checkpoints
 written by the Recorder from a few SGD steps (momentum 0.9, weight decay 5e-4).
@@ -58,6 +58,19 @@ num_classes = 10
 [checkpoints]
 manifest = "checkpoints/manifest.json"
 """
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM from /proc (Linux), which starts afresh at
+    exec. ru_maxrss does not: Linux carries the parent's peak across fork + exec, so every case
+    used to report at least the (large) driver's RSS."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- the project ----------------------------------------------------------------------------------
@@ -146,7 +159,7 @@ def child(case: dict) -> dict:
     return {"N": n, "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "method": case["method"] if case["path"] != "inference" else "forward",
             "path": case["path"], "device": case["device"], "samples_per_s": round(n / wall, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "wall_s": round(wall, 2),
             "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if torch.cuda.is_available() else 0.0,
             "batch": meta.get("memory", {}).get("grad_chunk", case["batch"]) if meta else case["batch"],
