@@ -120,17 +120,24 @@ def coreset_selection(scores, fraction: float, value="influence", balanced: bool
     total = _count(fraction, len(values), "fraction")
     if not balanced:
         return _top(values, total)
+    classes, quota = _class_quotas(labels, fraction, total)
+    keep = np.zeros(len(values), dtype=bool)
+    for c, q in zip(classes, quota):
+        rows = np.flatnonzero(labels == c)
+        keep[rows[_top(values[rows], int(q))]] = True
+    return keep
+
+
+def _class_quotas(labels: np.ndarray, fraction: float, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, quota): each class's share of ``total`` kept samples, its count times
+    ``fraction`` rounded by largest remainder so that the quotas sum to ``total``."""
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * float(fraction)
     quota = np.floor(exact).astype(int)
     extra = total - quota.sum()
     if extra > 0:
         quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
-    keep = np.zeros(len(values), dtype=bool)
-    for c, q in zip(classes, quota):
-        rows = np.flatnonzero(labels == c)
-        keep[rows[_top(values[rows], int(q))]] = True
-    return keep
+    return classes, quota
 
 
 def ccs_selection(values, fraction: float, labels, prune_low: float = 0.0, bins: int = 50,
@@ -147,12 +154,7 @@ def ccs_selection(values, fraction: float, labels, prune_low: float = 0.0, bins:
     if len(values) != len(labels):
         raise DiffinError(f"{len(values)} values but {len(labels)} labels")
     total = _count(fraction, len(values), "fraction")
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts * float(fraction)
-    quota = np.floor(exact).astype(int)
-    extra = total - quota.sum()
-    if extra > 0:
-        quota[np.argsort(-(exact - quota), kind="stable")[:extra]] += 1
+    classes, quota = _class_quotas(labels, fraction, total)
     rng = np.random.default_rng(seed)
     keep = np.zeros(len(values), dtype=bool)
     for c, q in zip(classes, quota):
