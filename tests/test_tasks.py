@@ -249,3 +249,20 @@ def test_noise_verdict_says_whether_the_prediction_is_inside_the_retrain_noise()
     v = noise_verdict(-0.5, [-0.048, -0.052, -0.050])
     assert v["verdict"] == "contradicted" and "outside" in v["verdict_text"]
     assert noise_verdict(-0.1, [-0.2])["verdict"] == "one seed"
+
+
+def test_ccs_selection_keeps_class_quotas_drops_the_lowest_and_covers_the_range():
+    from diffin_core.tasks import ccs_selection
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), [100, 60, 40])
+    values = rng.normal(size=200)
+    keep = ccs_selection(values, 0.3, labels, prune_low=0.1, seed=1)
+    assert keep.sum() == 60
+    assert [int(keep[labels == c].sum()) for c in range(3)] == [30, 18, 12]
+    for c in range(3):                      # the lowest 10% of each class are never kept
+        rows = np.flatnonzero(labels == c)
+        low = rows[np.argsort(values[rows])[: int(0.1 * len(rows))]]
+        assert not keep[low].any()
+    kept = values[keep]                     # coverage: not just the top of the score
+    assert kept.min() < np.median(values) < kept.max()
+    assert np.array_equal(keep, ccs_selection(values, 0.3, labels, prune_low=0.1, seed=1))
