@@ -47,13 +47,13 @@ CHOSEN = {0.3: "diffin-ccs-prune", 0.5: "diffin-ccs-prune", 0.7: "diffin-ccs-pru
 
 
 def select(rule, frac, labels, infl, selfs, seed):
-    from diffin_core.tasks import ccs_selection, coreset_selection
+    from diffin_core.tasks import CCS_PRUNE_LOW, ccs_selection, coreset_selection
     if rule == "diffin-top":
         return coreset_selection(None, frac, value=infl, labels=labels)
     if rule == "diffin-ccs":
         return ccs_selection(infl, frac, labels, seed=seed)
     if rule == "diffin-ccs-prune":
-        return ccs_selection(infl, frac, labels, prune_low=0.1, seed=seed)
+        return ccs_selection(infl, frac, labels, prune_low=CCS_PRUNE_LOW, seed=seed)
     if rule == "diffin-sorscher":
         return coreset_selection(None, frac, value=-selfs if frac < 0.5 else selfs, labels=labels)
     raise ValueError(rule)

@@ -230,15 +230,27 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
 def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
                 run: str = typer.Option(..., help="a finished run"),
                 fraction: float = typer.Option(0.5, help="keep this fraction of the training set"),
-                value: str = typer.Option("influence", help="score column to keep the highest of (or 'random')"),
-                balanced: bool = typer.Option(True, help="keep the same fraction of every class"),
+                rule: str = typer.Option("ccs", help="ccs: coverage-centric sampling over the value, its lowest "
+                                                     "10% per class pruned (the benchmarked rule); top: the "
+                                                     "highest value per class; random"),
+                value: str = typer.Option("influence", help="score column the rule reads ('random' = rule random)"),
+                balanced: bool = typer.Option(True, help="rule top only: keep the same fraction of every class"),
+                seed: int = typer.Option(0, help="seed of ccs's draw within a stratum and of random"),
                 out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
                 fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
-    """Export a coreset: the top FRACTION of samples by value, balanced across classes."""
-    from .tasks import coreset_selection
-    keep = coreset_selection(_run_scores(project, run), fraction, value=value, balanced=balanced)
-    _subset_export(project, run, out, fmt, keep, f"coreset: kept the top {fraction:g} by {value}"
-                   + (" per class" if balanced else ""), {"fraction": fraction, "column": value, "balanced": balanced})
+    """Export a coreset of FRACTION of the samples, class-balanced: by default coverage-centric
+    sampling (CCS) over the run's influence (tasks.coreset_keep)."""
+    from .tasks import coreset_keep, coreset_selection
+    scores = _run_scores(project, run)
+    rule = "random" if value == "random" else rule
+    if rule == "top" and not balanced:
+        keep = coreset_selection(scores, fraction, value=value, balanced=False)
+    else:
+        keep = coreset_keep(scores, fraction, rule=rule, value=value, seed=seed)
+    how = {"ccs": f"coverage-centric sampling over {value} (lowest 10% per class pruned)",
+           "top": f"the top by {value}" + (" per class" if balanced else ""), "random": "a random subset per class"}
+    _subset_export(project, run, out, fmt, keep, f"coreset: kept {fraction:g} by {how.get(rule, rule)}",
+                   {"fraction": fraction, "rule": rule, "column": value, "balanced": balanced, "seed": seed})
 
 
 @app.command("verify")

@@ -12,6 +12,8 @@ Selections (each returns a boolean mask over the rows of the scores table / arra
                                               after dropping its lowest 10% per class (Diff-In's
                                               coreset rule in benchmarks/coreset.py: it beat the
                                               top-by-influence rule at keep 30% and 50%)
+    coreset_keep(scores, fraction)         -> kept: the product's coreset (CLI and Export page):
+                                              ccs_selection over influence by default
 
 Coreset baselines computed from a scoring Context (its checkpoints and training split):
 
@@ -177,6 +179,32 @@ def ccs_selection(values, fraction: float, labels, prune_low: float = 0.0, bins:
             keep[rng.choice(rest, left, replace=False)] = True
     return keep
 
+
+CORESET_RULES = ("ccs", "top", "random")
+
+
+def coreset_keep(scores, fraction: float, rule: str = "ccs", value: str = "influence",
+                 labels: np.ndarray | None = None, seed: int = 0) -> np.ndarray:
+    """The product's coreset (CLI ``diffin coreset`` and the Export page): kept mask (N,).
+
+    ``rule="ccs"`` (default): ``ccs_selection`` over the ``value`` column with the 10% lowest per
+    class pruned, the rule benchmarks/coreset.py chose (CHOSEN there) and measured against its
+    peers; ``"top"``: the class-balanced top by value (``coreset_selection``); ``"random"``: a
+    seeded class-balanced random subset. Labels default to the table's ``label`` column."""
+    if rule not in CORESET_RULES:
+        raise DiffinError(f"unknown coreset rule {rule!r}; choose one of {', '.join(CORESET_RULES)}")
+    if labels is None:
+        if not isinstance(scores, pd.DataFrame) or "label" not in scores.columns:
+            raise DiffinError("coreset_keep needs labels= when the scores have no 'label' column")
+        labels = scores["label"].to_numpy()
+    if rule == "random":
+        return coreset_selection(scores, fraction, value="random", labels=labels, seed=seed)
+    if rule == "top":
+        return coreset_selection(scores, fraction, value=value, labels=labels)
+    return ccs_selection(_column(scores, value), fraction, labels, prune_low=CCS_PRUNE_LOW, seed=seed)
+
+
+CCS_PRUNE_LOW = 0.1     # the lowest-value share per class that ccs drops first (benchmarks/coreset.py)
 
 # --- coreset baselines ------------------------------------------------------------------------
 def _probs(ctx, k: int) -> np.ndarray:

@@ -18,7 +18,7 @@ st.caption(f"{counts['reviewed']:,} decisions so far: {counts['excluded']:,} exc
            f"{counts['relabelled']:,} relabelled, {counts['kept']:,} kept.")
 
 SOURCES = {"review": "Cleaned split: review decisions applied (excluded removed, relabels applied)",
-           "coreset": "Task: prune to a coreset of X% (most helpful samples, balanced across classes)",
+           "coreset": "Task: prune to a coreset of X% (coverage-centric sampling over influence, balanced across classes)",
            "drop": "Task: drop the k most harmful samples"}
 source = st.radio("What to export", list(SOURCES), format_func=SOURCES.get, key="export_source")
 data_src = export.project_source(project)          # None: a folder source, written from the arrays
@@ -64,7 +64,7 @@ if st.button("Write export", key="export_write", type="primary"):
             export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra, **common)
         else:
             sc = ui.scores(project, run).set_index("sample_id").loc[tr.ids].reset_index()
-            mask = tasks.coreset_selection(sc, pct / 100) if source == "coreset" else ~tasks.drop_most_harmful(sc, int(k))
+            mask = tasks.coreset_keep(sc, pct / 100) if source == "coreset" else ~tasks.drop_most_harmful(sc, int(k))
             reason = f"coreset {pct}%" if source == "coreset" else f"drop {k} most harmful"
             export.export_subset(out, fmt, tr.x, tr.y, tr.ids, mask, reason=reason, manifest_extra=extra, **common)
         st.session_state["export_last"] = str(out)

@@ -143,6 +143,11 @@ def test_task_exports(scored):
     assert abs(len(y) - 800) <= 10
     for label, n in pd.Series(y).value_counts().items():
         assert abs(n - round(0.2 * counts[label])) <= 1
+    from diffin_core.tasks import ccs_selection            # the benchmarked rule, as the CLI's
+    with np.load(scored / "exports" / "mnist-sample-coreset-npz.npz") as z:
+        kept = set(z["ids"].tolist())
+    expect = ccs_selection(scores.influence.to_numpy(), 0.2, scores.label.to_numpy(), prune_low=0.1, seed=0)
+    assert kept == set(scores.sample_id[expect])
 
 
 def _ranked(scored):

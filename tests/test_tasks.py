@@ -218,6 +218,22 @@ def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
     assert len(ids) == round(0.5 * n)
     full = np.bincount(scores.label.to_numpy(), minlength=10)
     assert np.all(np.abs(np.bincount(y, minlength=10) - 0.5 * full) <= 1)
+    # the default rule is the benchmarked one: exactly ccs_selection's kept set over influence
+    from diffin_core.tasks import ccs_selection
+    expect = ccs_selection(scores.influence.to_numpy(), 0.5, scores.label.to_numpy(), prune_low=0.1, seed=0)
+    assert set(ids.tolist()) == set(scores.sample_id[expect])
+    top = coreset_selection(scores, 0.5)
+    assert set(ids.tolist()) != set(scores.sample_id[top])          # not the old top-by-value rule
+    _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.3", "--seed", "4", "--out",
+          tmp_path / "core4.npz"], capsys)
+    with np.load(tmp_path / "core4.npz") as z:
+        ids4 = set(z["ids"].tolist())
+    expect4 = ccs_selection(scores.influence.to_numpy(), 0.3, scores.label.to_numpy(), prune_low=0.1, seed=4)
+    assert ids4 == set(scores.sample_id[expect4])
+    _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.5", "--rule", "top", "--out",
+          tmp_path / "top.npz"], capsys)
+    with np.load(tmp_path / "top.npz") as z:
+        assert set(z["ids"].tolist()) == set(scores.sample_id[top])
 
 
 def test_cli_errors_are_one_line(sample_copy, tmp_path, capsys):
