@@ -320,3 +320,20 @@ def run_job(job):
     t = time.time()
     rows, extra = globals()[kind](**kwargs)
     return kind, kwargs, rows, extra, time.time() - t
+
+
+def _timed(item):
+    job, args = item
+    t = time.time()
+    return args, job(*args), time.time() - t
+
+
+def pool_map(job, jobs, workers: int = 2):
+    """Run ``job(*args)`` for every args tuple in ``jobs`` in spawned worker processes (one torch
+    thread each, a fresh process per job); yields (args, job's result, seconds) as they finish.
+    ``job`` must be importable by name in the workers (a module-level function of the script)."""
+    import multiprocessing as mp
+    jobs = list(jobs)
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(jobs))), initializer=init_worker,
+                                      maxtasksperchild=1) as pool:
+        yield from pool.imap_unordered(_timed, [(job, args) for args in jobs])

@@ -27,7 +27,6 @@ that choice and is what ``diffin`` means in coreset.csv.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -103,17 +102,8 @@ def job(seed, rules, peers):
     return rows
 
 
-def _init():
-    import torch
-    torch.set_num_threads(1)
-
-
-def _run(args):
-    t = time.time()
-    return args, job(*args), time.time() - t
-
-
 def main(argv=None):
+    from _bench import pool_map
     from run import aggregate, markdown, plots
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", action="store_true", help="dev seed 9, every candidate rule")
@@ -127,14 +117,13 @@ def main(argv=None):
         jobs = [(seed, ["diffin", "diffin-top"], PEERS) for seed in (0, 1, 2)]
         name = "coreset"
     rows, started = [], time.time()
-    with mp.get_context("spawn").Pool(min(a.workers, len(jobs)), initializer=_init, maxtasksperchild=1) as pool:
-        for args, r, secs in pool.imap_unordered(_run, jobs):
-            rows += r
-            print(f"[{time.time() - started:6.0f}s] seed {args[0]} done in {secs:.0f}s", flush=True)
-            table = aggregate(rows)["coreset"]
-            table.to_csv(out / f"{name}.csv", index=False)
-            if not a.study:
-                plots({"coreset": table}, {}, out)
+    for args, r, secs in pool_map(job, jobs, a.workers):
+        rows += r
+        print(f"[{time.time() - started:6.0f}s] seed {args[0]} done in {secs:.0f}s", flush=True)
+        table = aggregate(rows)["coreset"]
+        table.to_csv(out / f"{name}.csv", index=False)
+        if not a.study:
+            plots({"coreset": table}, {}, out)
     print(markdown(table, "test_acc"))
     print(markdown(table, "score_seconds"))
 

@@ -22,7 +22,6 @@ Writes results/label_errors.csv (method, setting, metric, mean, std over seeds) 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -117,16 +116,6 @@ def job(noise, seed, cfg):
     return rows
 
 
-def _init():
-    import torch
-    torch.set_num_threads(1)
-
-
-def _run(args):
-    t = time.time()
-    return args, job(*args), time.time() - t
-
-
 def plot(table, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -152,6 +141,7 @@ def plot(table, path):
 
 
 def main(argv=None):
+    from _bench import pool_map
     from run import aggregate, markdown
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -162,13 +152,12 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(noise, seed, cfg) for seed in cfg["seeds"] for noise in cfg["noises"]]
     rows, started = [], time.time()
-    with mp.get_context("spawn").Pool(a.workers, initializer=_init, maxtasksperchild=1) as pool:
-        for args, r, secs in pool.imap_unordered(_run, jobs):
-            rows += r
-            print(f"[{time.time() - started:6.0f}s] noise {args[0]} seed {args[1]} done in {secs:.0f}s", flush=True)
-            table = aggregate(rows)["label_errors"]
-            table.to_csv(out / "label_errors.csv", index=False)
-            plot(table, out / "label_errors.png")
+    for args, r, secs in pool_map(job, jobs, a.workers):
+        rows += r
+        print(f"[{time.time() - started:6.0f}s] noise {args[0]} seed {args[1]} done in {secs:.0f}s", flush=True)
+        table = aggregate(rows)["label_errors"]
+        table.to_csv(out / "label_errors.csv", index=False)
+        plot(table, out / "label_errors.png")
     for metric in ("auroc", "recall_at_k", "fit_all_labels", "fit_flipped_labels", "seconds"):
         print(f"### {metric}\n\n{markdown(table, metric)}\n")
 

@@ -21,7 +21,6 @@ Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seconds) and 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -107,16 +106,6 @@ def job(name, seed, cfg):
     return rows
 
 
-def _init():
-    import torch
-    torch.set_num_threads(1)
-
-
-def _run(args):
-    t = time.time()
-    return args, job(*args), time.time() - t
-
-
 def summarise(rows):
     import pandas as pd
     df = pd.DataFrame(rows)
@@ -149,6 +138,7 @@ def plot(table, path):
 
 
 def main(argv=None):
+    from _bench import pool_map
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
@@ -165,14 +155,13 @@ def main(argv=None):
         cfg = dict(cfg, queries=a.queries)
     jobs = [(name, seed, cfg) for name in a.models for seed in cfg["seeds"]]
     rows, started = [], time.time()
-    with mp.get_context("spawn").Pool(a.workers, initializer=_init, maxtasksperchild=1) as pool:
-        for args, r, secs in pool.imap_unordered(_run, jobs):
-            rows += r
-            print(f"[{time.time() - started:6.0f}s] {args[0]} seed {args[1]} done in {secs:.0f}s: "
-                  + ", ".join(f"{x['method']} {x['lds']:.3f}" for x in r), flush=True)
-            table = summarise(rows)
-            table.to_csv(out / f"{a.name}.csv", index=False)
-            plot(table, out / f"{a.name}.png")
+    for args, r, secs in pool_map(job, jobs, a.workers):
+        rows += r
+        print(f"[{time.time() - started:6.0f}s] {args[0]} seed {args[1]} done in {secs:.0f}s: "
+              + ", ".join(f"{x['method']} {x['lds']:.3f}" for x in r), flush=True)
+        table = summarise(rows)
+        table.to_csv(out / f"{a.name}.csv", index=False)
+        plot(table, out / f"{a.name}.png")
     print(table.to_string(index=False))
 
 
