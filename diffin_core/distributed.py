@@ -182,6 +182,9 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     if cls.chunk is Attributor.chunk or cls.prepare is Attributor.prepare:
         raise DiffinError(f"method {method!r} does not score the training set row by row (no prepare/chunk), "
                           f"so it is not sharded on Ray; score it without --ray")
+    if getattr(cls, "needs_recipe", False) and not project.recipe:
+        raise DiffinError(f"{method} retrains the model on the driver: add "
+                          "`[train] recipe = \"train.py:train\"` to diffin.toml", project.config_path)
     run = run or next_run_name(project, method)
     if "/" in run or run.startswith("."):
         raise DiffinError(f"run name {run!r} must be a plain folder name")

@@ -114,7 +114,11 @@ def project_context(project: Project, settings: ScoreSettings | None = None, pro
     states = checkpoint_files(model, project.manifest)      # checked one by one, read lazily
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
-    return manifest_context(model, project.manifest, project.train, settings, progress, states)
+    ctx = manifest_context(model, project.manifest, project.train, settings, progress, states)
+    if project.recipe:              # cleanlab-cv retrains the project's [train] recipe per fold
+        from .tasks import recipe_trainer
+        ctx.trainer = recipe_trainer(project)
+    return ctx
 
 
 def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings: ScoreSettings | None = None,

@@ -119,3 +119,60 @@ def test_node_without_the_project_folder_is_named(cluster, tmp_path):
                     lambda d, t, m: None, Stages(None, StageSettings("tracin", {}, "", "")))
     msg = str(e.value)
     assert "\n" not in msg and str(missing) in msg and "every node must see the project folder" in msg, msg
+
+
+# --- methods whose run post-processes the pass: the same label_issue on Ray as in one process ----
+TINY_TRAIN = '''import numpy as np
+import torch
+from torch.nn import functional as F
+
+from diffin_core.checkpoints import Recorder
+from diffin_core.models import MLP
+
+
+def train(train_x, train_y, seed, checkpoint_dir):
+    torch.manual_seed(seed)
+    x = torch.as_tensor(np.asarray(train_x), dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(train_y), dtype=torch.long)
+    model = MLP(6, (8,), 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(seed)
+    with Recorder(checkpoint_dir, model, opt, train_size=len(y), every=4, folder=".") as rec:
+        for _ in range(4):
+            for idx in torch.randperm(len(y), generator=gen).split(16):
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.step()
+'''
+
+
+@pytest.mark.parametrize("method", ["mean-loss", "aum", "forgetting"])
+def test_ray_training_dynamics_label_issue_matches_single_process(cluster, tiny, method):
+    local = pd.read_parquet(score(tiny, method, run=f"{method}-local", settings=SETTINGS) / "scores.parquet")
+    sharded = pd.read_parquet(score_on_ray(tiny, method, run=f"{method}-ray", settings=SETTINGS, shards=3)
+                              / "scores.parquet")
+    assert local["label_issue"].std() > 0                      # trajectory statistics, not a constant
+    for col in ("influence", "label_issue"):
+        np.testing.assert_allclose(sharded[col], local[col], rtol=1e-6, atol=1e-10, err_msg=col)
+
+
+def test_ray_cleanlab_cv_without_a_recipe_refuses_in_one_line(cluster, tiny):
+    with pytest.raises(DiffinError) as e:
+        score_on_ray(tiny, "cleanlab-cv", run="cv-norecipe", settings=SETTINGS, shards=3)
+    msg = str(e.value)
+    assert "\n" not in msg and "[train] recipe" in msg and "diffin.toml" in msg, msg
+    assert not (tiny / "runs/cv-norecipe").exists()
+
+
+def test_ray_cleanlab_cv_retrains_the_recipe_like_a_local_run(cluster, tiny, tmp_path):
+    import shutil
+    root = tmp_path / "recipe"
+    shutil.copytree(tiny, root, ignore=shutil.ignore_patterns("runs"))
+    (root / "train.py").write_text(TINY_TRAIN)
+    (root / "diffin.toml").write_text((root / "diffin.toml").read_text() + '\n[train]\nrecipe = "train.py:train"\n')
+    local = pd.read_parquet(score(root, "cleanlab-cv", run="cv-local", settings=SETTINGS) / "scores.parquet")
+    sharded = pd.read_parquet(score_on_ray(root, "cleanlab-cv", run="cv-ray", settings=SETTINGS, shards=3)
+                              / "scores.parquet")
+    assert local["label_issue"].std() > 0
+    np.testing.assert_allclose(sharded["label_issue"], local["label_issue"], rtol=1e-6, atol=1e-10)
