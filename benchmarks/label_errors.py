@@ -58,11 +58,13 @@ def train(x, y, seed, cfg, keep_states=True):
     return train_sgd(MLP(784, cfg["hidden"], 10), x, y, seed, cfg, keep_states=keep_states)
 
 
-def job(noise, seed, cfg):
+def job(noise, seed, cfg, methods=None):
     import torch
     from sklearn.metrics import roc_auc_score
     from diffin_core.data import Split
-    from diffin_core.label_issue import best_checkpoint, checkpoint_logits, losses_from_logits, query_loss_by_checkpoint
+    from diffin_core.label_issue import (best_checkpoint, checkpoint_logits, early_stopped_loo_loss, losses_from_logits,
+                                         query_loss_by_checkpoint, trajectory_mean_loo_loss)
+    from diffin_core.methods import METHODS as METHOD_CLASSES
     from diffin_core.methods import ScoreSettings
     from diffin_core.models import MLP
     from diffin_core.sample import flip_labels
@@ -97,7 +99,7 @@ def job(noise, seed, cfg):
         add(method, "recall_at_k", bad[np.argsort(-score, kind="stable")[:k]].mean())
         add(method, "seconds", secs)
 
-    for m in METHODS:
+    for m in methods or METHODS:
         t = time.time()
         try:
             out = run_method(ctx_(), m, xq, yq)
@@ -113,6 +115,16 @@ def job(noise, seed, cfg):
             k_best = best_checkpoint(query_loss_by_checkpoint(c, xq, yq), c.steps)
             add("(model)", "best_checkpoint_step", c.steps[k_best])
             report("loss at best checkpoint", losses_from_logits(checkpoint_logits(c, [k_best]), noisy)[0], 0.0)
+            # the two candidate rules (label_issue.py), whichever the product does not use
+            t = time.time()
+            c = ctx_()
+            if getattr(METHOD_CLASSES["diffin"], "label_rule", "") != "trajectory":
+                report("diffin mean LOO loss over checkpoints", trajectory_mean_loo_loss(
+                    METHOD_CLASSES["diffin"](), c, xq, yq), time.time() - t)
+            else:
+                out_c = run_method(c, "diffin", xq, yq)
+                report("diffin LOO loss at best checkpoint", early_stopped_loo_loss(
+                    METHOD_CLASSES["diffin"](), ctx_(), xq, yq, out_c)[0], time.time() - t)
     return rows
 
 
@@ -146,18 +158,24 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--study", action="store_true",
+                    help="dev seed 9, diffin and its candidate rules only -> results/label_errors_study.csv")
     a = ap.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     out = HERE / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(noise, seed, cfg) for seed in cfg["seeds"] for noise in cfg["noises"]]
+    methods, name = None, "label_errors"
+    if a.study:
+        cfg, methods, name = dict(cfg, seeds=[9]), ["diffin", "mean-loss"], "label_errors_study"
+    jobs = [(noise, seed, cfg, methods) for seed in cfg["seeds"] for noise in cfg["noises"]]
     rows, started = [], time.time()
     for args, r, secs in pool_map(job, jobs, a.workers):
         rows += r
         print(f"[{time.time() - started:6.0f}s] noise {args[0]} seed {args[1]} done in {secs:.0f}s", flush=True)
         table = aggregate(rows)["label_errors"]
-        table.to_csv(out / "label_errors.csv", index=False)
-        plot(table, out / "label_errors.png")
+        table.to_csv(out / f"{name}.csv", index=False)
+        if not a.study:
+            plot(table, out / f"{name}.png")
     for metric in ("auroc", "recall_at_k", "fit_all_labels", "fit_flipped_labels", "seconds"):
         print(f"### {metric}\n\n{markdown(table, metric)}\n")
 

@@ -36,7 +36,10 @@ INFO = {i.name: i for i in [
                "Diff-In (arXiv 2508.14648): sums the change of the influence over the training "
                "steps, each step to second order, by carrying the query gradient back through "
                "every saved checkpoint with Hessian-vector products (Lanczos); a sample's "
-               "influence estimates how the final mean query loss would change without it."),
+               "influence estimates how the final mean query loss would change without it. Its "
+               "label_issue is the sample's estimated leave-one-out loss (its loss plus its Diff-In "
+               "self-influence, nats) for the model at the saved checkpoint with the lowest query "
+               "loss: a memorised wrong label has a low loss but a high leave-one-out loss."),
     MethodInfo("diffin-paper", False, _NOT_MEASURED,
                "Diff-In as written in the paper: one random batch per checkpoint and a finite-"
                "difference Hessian-vector product along the query direction; cheaper, noisier."),

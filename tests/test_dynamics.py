@@ -220,3 +220,51 @@ def test_diffin_label_issue_is_the_loo_loss_where_the_query_loss_is_lowest(digit
     assert np.allclose(li, loss_k + sub["self_influence"])
     assert sub["self_influence"].std() > 0.01 * loss_k.std()            # the self term is not zero
     assert roc_auc_score(flipped, li) > 0.9
+
+
+# --- Diff-In's self-influence of the model at every checkpoint (trajectory_mean_loo_loss) -----------
+def _si_at(ctx, plan, k):
+    from diffin_core.label_issue import mean_self_influence
+    w = np.zeros(ctx.m)
+    w[k] = 1.0
+    return np.concatenate([mean_self_influence(ctx, plan, x, y, w).numpy() for _sl, x, y in ctx.chunks()])
+
+
+def test_self_influence_at_each_checkpoint_matches_leave_one_out_there(digits_run):
+    """SI_k (z's gradient at checkpoint k carried back through k..0) is the final self-influence
+    at the last checkpoint exactly, and at a mid-training checkpoint it ranks the true
+    trajectory leave-one-out rise of z's own loss there (retrain without z up to step_k)."""
+    from diffin_core.truth import train_sgd
+    r = digits_run
+    ctx = _ctx(r)
+    method = METHODS["diffin"]()
+    out = run_method(ctx, "diffin", r["query"].x, r["query"].y)
+    plan = method.prepare(ctx, r["query"].x, r["query"].y)
+    assert np.allclose(_si_at(ctx, plan, ctx.m - 1), out["self_influence"], rtol=1e-9, atol=1e-12)
+    k = len(r["steps"]) // 2
+    upto = r["steps"][k]
+    est = _si_at(ctx, plan, k)
+    samples = np.random.default_rng(0).choice(len(r["y"]), 12, replace=False)
+    truth = []
+    for z in samples:
+        t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
+                      r["traj"].lrs[:upto], drop=int(z), save_every=None)
+        xz, yz = r["x"][z:z + 1], r["y"][z:z + 1]
+        truth.append(float(r["fm"].mean_loss(t.saved[upto], xz, yz) - r["fm"].mean_loss(r["traj"].saved[upto], xz, yz)))
+    assert spearmanr(est[samples], truth)[0] > 0.8, (est[samples], truth)
+    assert not np.allclose(est, out["self_influence"])              # a different model's self-influence
+
+
+def test_trajectory_mean_loo_loss_is_the_mean_of_loss_plus_self_influence(digits_run):
+    from diffin_core.label_issue import checkpoint_logits, losses_from_logits, trajectory_mean_loo_loss
+    r = digits_run
+    ctx = _ctx(r)
+    method = METHODS["diffin"]()
+    li = trajectory_mean_loo_loss(method, ctx, r["query"].x, r["query"].y)
+    plan = method.prepare(ctx, r["query"].x, r["query"].y)
+    ks = [k for k, s in enumerate(ctx.steps) if s > 0]
+    losses = losses_from_logits(checkpoint_logits(ctx, ks), r["train"].y)
+    expect = np.mean([losses[i] + _si_at(ctx, plan, k) for i, k in enumerate(ks)], 0)
+    assert np.allclose(li, expect, rtol=1e-8, atol=1e-10)
+    flipped = r["train"].y != r["train"].true_y
+    assert roc_auc_score(flipped, li) > 0.9

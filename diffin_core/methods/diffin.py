@@ -18,7 +18,9 @@ unconditionally stable (Ritz values clipped so every step contracts). The traini
 scored by one dot product per checkpoint and sample. Self-influence (Q = {z}) propagates each
 sample's own final gradient back through the same low-rank views (the unexplored complement
 counts as zero curvature), per checkpoint ("self_by_checkpoint"); label_issue is the estimated
-leave-one-out loss, final loss + self-influence (nats).
+leave-one-out loss, loss + self-influence (nats), for the model at the checkpoint with the lowest
+query loss (label_issue.early_stopped_loo_loss; the final checkpoint when the model does not
+overfit the query set).
 
 ``diffin-paper``: the published checkpoint estimator (Eq. 9; Eq. 12 for self-influence) with
 one random batch B of 128 per checkpoint, mapped to the product's sign (the published term
