@@ -119,6 +119,46 @@ def adam_scale(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: float) -> n
     return 1.0 / (np.sqrt(np.asarray(exp_avg_sq, dtype=np.float64) / bc) + eps)
 
 
+def segment_adam_scale(anchors, k: int, lo: int, hi: int, step_lrs, beta2: float, eps: float) -> np.ndarray:
+    """Adam's D over the steps checkpoint k owns: the lr-weighted mean of D_s = 1/(sqrt(v_hat_s)+eps).
+
+    anchors: per checkpoint (exp_avg_sq (P,), Adam's step count t) or None, in step order; the
+    update of global step s uses v after t = s + 1 updates. v between two recorded anchors
+    (t_a, v_a), (t_b, v_b) is the EMA of a constant squared gradient (exact for stationary g^2):
+        v_t = beta2^(t-t_a) v_a + (1 - beta2^(t-t_a)) / (1 - beta2^(t_b-t_a)) (v_b - beta2^(t_b-t_a) v_a)
+    and beyond the last anchor v_hat stays. Returns D (P,) float64 for steps lo <= s < hi.
+
+    Why: one checkpoint's own v_hat stands for every step it owns; the step-0 checkpoint's is
+    one batch's g^2 (Adam's first step), whose near-zero coordinates give D ~ 1/eps although
+    later steps see larger v_hat. D is convex in v_hat, so the mean over the segment matters.
+    """
+    own = anchors[k]
+    v_k, t_k = np.asarray(own[0], dtype=np.float64), int(own[1])
+    pts = [(int(a[1]), np.asarray(a[0], dtype=np.float64)) for j in (k - 1, k + 1)
+           if 0 <= j < len(anchors) and (a := anchors[j]) is not None and int(a[1]) != t_k]
+    pts = sorted(pts + [(t_k, v_k)], key=lambda p: p[0])
+    lrs = np.asarray(step_lrs, dtype=np.float64)[lo:hi]
+    if hi <= lo:
+        return adam_scale(v_k, t_k, beta2, eps)
+    weights = lrs if lrs.sum() > 0 else np.ones_like(lrs)
+    total = np.zeros_like(v_k)
+    for s, w in zip(range(lo, hi), weights):
+        if w == 0:
+            continue
+        t = s + 1
+        if t <= pts[0][0]:
+            v_hat = pts[0][1] / (1.0 - beta2 ** max(pts[0][0], 1))
+        elif t >= pts[-1][0]:
+            v_hat = pts[-1][1] / (1.0 - beta2 ** pts[-1][0])
+        else:
+            (ta, va), (tb, vb) = next((pts[i], pts[i + 1]) for i in range(len(pts) - 1) if pts[i][0] <= t <= pts[i + 1][0])
+            da, db = beta2 ** (t - ta), beta2 ** (tb - ta)
+            inc = np.maximum(vb - db * va, 0.0)
+            v_hat = (da * va + (1.0 - da) / max(1.0 - db, 1e-300) * inc) / (1.0 - beta2 ** t)
+        total += w / (np.sqrt(v_hat) + eps)
+    return total / weights.sum()
+
+
 def bias_correction1(step_index: np.ndarray, beta1: float) -> np.ndarray:
     """1 / (1 - beta1^(s+1)) for 0-based step indices (Adam's first-moment correction)."""
     return 1.0 / (1.0 - beta1 ** (np.asarray(step_index, dtype=np.float64) + 1.0))

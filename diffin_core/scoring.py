@@ -30,7 +30,7 @@ from .errors import DiffinError
 from .functional import FunctionalModel
 from .methods import METHODS, Context, ScoreSettings, pick_device
 from .project import Project
-from .recipe import Recipe, RecipeWarning, adam_scale, interpolated_lrs, owned_bounds
+from .recipe import Recipe, RecipeWarning, interpolated_lrs, owned_bounds, segment_adam_scale
 
 
 def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
@@ -70,10 +70,12 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     eff = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * recipe.momentum_gain()
     precond = None
     if exp_avg_sq is not None and recipe.adam:
-        def scale(k):
-            e = exp_avg_sq[k]
-            return None if e is None else torch.as_tensor(
-                adam_scale(e[0].double().cpu().numpy(), e[1], recipe.betas[1], recipe.eps), dtype=dtype, device=device)
+        def scale(k):      # D over checkpoint k's owned steps, from its and its neighbours' exp_avg_sq
+            near = [exp_avg_sq[j] if abs(j - k) <= 1 else None for j in range(len(exp_avg_sq))]
+            near = [None if e is None else (e[0].double().cpu().numpy(), e[1]) for e in near]
+            return None if near[k] is None else torch.as_tensor(segment_adam_scale(
+                near, k, int(bounds[k]), int(bounds[k + 1]), step_lrs, recipe.betas[1], recipe.eps),
+                dtype=dtype, device=device)
         precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
