@@ -23,7 +23,8 @@ from diffin_core.sample import RAW, flip_labels
 from diffin_core.scoring import make_context, run_method
 from diffin_core.tasks import (cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores,
                                forgetting_scores, moso_scores, query_metrics)
-from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out, train_sgd
+from diffin_core import truth as gt
+from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out
 
 # --- configuration -------------------------------------------------------------------------------
 FULL = dict(
@@ -289,7 +290,7 @@ def gt_job(name, seed, cfg):
     y = torch.as_tensor(train.y)
     qxt, qyt = torch.as_tensor(qx, dtype=torch.float64), torch.as_tensor(qy)
     t = time.time()
-    traj = train_sgd(fm, theta0, x, y, batches, lrs, save_every=1)
+    traj = gt.train_sgd(fm, theta0, x, y, batches, lrs, save_every=1)
     rng = np.random.default_rng(seed + 5)
     samples = rng.choice(len(train), cfg["gt_samples"][name], replace=False)
     truth = leave_one_out(fm, traj, x, y, qxt, qyt, samples)
