@@ -26,14 +26,16 @@ segment's start. Eigenvalues are clipped to [0, 1/kappa_s] per step (every step 
 
 Not modelled: Adam's second moment v responds to the removal too (v' = beta2 v + (1-beta2) g^2).
 Measured on the digits AdamW benchmark (800 samples, 200 steps, float64, every step stored,
-exact per-step Hessians; seeds 0 / 1): the full linearisation in (theta, m, v) with z in the
+exact per-step Hessians; seeds 0 / 1; benchmarks/adam_study.py -> results/adam_study.csv): the full linearisation in (theta, m, v) with z in the
 batches it was really in agrees with true leave-one-out at Spearman 0.995 / 0.994, with v frozen
 0.85 / 0.85. The v term is -2 (1-beta2) g_B(s) * g_z / B at each step s whose batch held z, and
 what it carries is the gradient of *that batch*: replacing it by the full-data gradient gives
-0.81 (seed 0). A checkpoint estimator knows neither the batch nor when z was in it: it injects
+0.79 / 0.84. A checkpoint estimator knows neither the batch nor when z was in it: it injects
 g_z / N at every step (expected membership). With expected membership the per-step reference
 reaches 0.83 / 0.71 with v frozen, and linearising v with the full-data gradient (g_B at a
-checkpoint) *lowers* it to -0.12 / 0.41 (0.78 / 0.76 with each step's realised batch gradient).
+checkpoint) *lowers* it to -0.09 / 0.41 (0.78 / 0.76 with each step's realised batch gradient).
+(The checkpoint estimator, Ritz values clipped, reaches 0.84 / 0.84 at 5 checkpoints: these
+per-step references are not bounds, but the v channel without the batch lowered every one.)
 So v is left frozen; recording each step's sample ids would be the way to model it.
 """
 from __future__ import annotations
