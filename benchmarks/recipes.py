@@ -5,7 +5,8 @@ labels, batch 32) with torch's own optimiser and scheduler in float64, recorded 
 every 10 steps; estimators score from the recorded folder in float32 at 5 and 20 checkpoints.
 Truth: retraining without each of SAMPLES training samples (trajectory leave-one-out, float64).
 
-    python benchmarks/recipes.py [--quick]   -> benchmarks/results/recipes.csv + recipes.png
+    python benchmarks/recipes.py [--quick] [--seed S]   -> benchmarks/results/recipes.csv + recipes.png
+    (another data/batch/sample seed S != 0 writes under benchmarks/results/seed<S>/)
 
 CSV columns: method, recipe, checkpoints, spearman, pearson, seconds (scoring time).
 """
@@ -32,13 +33,14 @@ from diffin_core.truth import recipe_case, standard_recipes  # noqa: E402
 METHODS = ("diffin", "tracin", "tracin-adam")
 
 
-def main(quick: bool = False, out: Path = HERE / "results") -> pd.DataFrame:
+def main(quick: bool = False, out: Path = HERE / "results", seed: int = 0) -> pd.DataFrame:
     n_train, epochs, samples = (400, 4, 12) if quick else (800, 8, 40)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in standard_recipes():
             t0 = time.time()
-            case = recipe_case(name, Path(tmp) / name, n_train=n_train, epochs=epochs, samples=samples, every=10)
+            case = recipe_case(name, Path(tmp) / name, n_train=n_train, epochs=epochs, samples=samples, every=10,
+                               seed=seed)
             print(f"{name}: truth in {time.time() - t0:.0f}s", flush=True)
             m = read_manifest(Path(tmp) / name / "checkpoints" / "manifest.json")
             for count in (5, 20):
@@ -54,7 +56,7 @@ def main(quick: bool = False, out: Path = HERE / "results") -> pd.DataFrame:
                                      seconds=time.time() - t0))
                     print(rows[-1], flush=True)
     df = pd.DataFrame(rows)
-    folder = out / "quick" if quick else out
+    folder = (out / "quick" if quick else out) / (f"seed{seed}" if seed else "")
     folder.mkdir(parents=True, exist_ok=True)
     df.to_csv(folder / "recipes.csv", index=False, float_format="%.4f")
     plot(df, folder / "recipes.png")
@@ -87,4 +89,6 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    print(main(ap.parse_args().quick).to_string())
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(main(args.quick, seed=args.seed).to_string())
