@@ -51,7 +51,7 @@ def checkpoint_logits(ctx, ks=None) -> np.ndarray:
     out = []
     with torch.no_grad():
         for k in ks:
-            rows = [ctx.fm.logits(ctx.thetas[k], x).double().cpu() for _sl, x, _y in ctx.chunks()]
+            rows = [ctx.fm_at(k).logits(ctx.thetas[k], x).double().cpu() for _sl, x, _y in ctx.chunks()]
             out.append(torch.cat(rows).numpy())
     return np.stack(out)
 
@@ -118,7 +118,7 @@ def first_order_self_by_target(ctx) -> np.ndarray:
     for sl, x, y in ctx.chunks():
         before = None                                      # sum_{j<k} c_j g_j
         for k in range(ctx.m):
-            g = ctx.fm.per_sample_grads(ctx.thetas[k], x, y)
+            g = ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
             disp = g * float(c[k] * w[k, k]) if before is None else before + g * float(c[k] * w[k, k])
             out[sl, k] = (g * disp).sum(-1).double().cpu().numpy()
             before = g * float(c[k]) if before is None else before + g * float(c[k])

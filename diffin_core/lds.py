@@ -79,9 +79,10 @@ def trak_influence(ctx, qx: np.ndarray, qy: np.ndarray, dim: int = 1024, last: i
     ks = list(range(max(0, ctx.m - last), ctx.m))
     qxt, qyt = ctx.tensors(qx, qy)
     for k in ks:
-        feats = torch.cat([(ctx.fm.per_sample_grads(ctx.thetas[k], x, y) @ proj).double().cpu()
+        fm = ctx.fm_at(k)                        # checkpoint k's own BatchNorm statistics
+        feats = torch.cat([(fm.per_sample_grads(ctx.thetas[k], x, y) @ proj).double().cpu()
                            for _sl, x, y in ctx.chunks()])                               # (N, dim)
-        fq = (ctx.fm.per_sample_grads(ctx.thetas[k], qxt, qyt) @ proj).double().cpu()     # (Q, dim)
+        fq = (fm.per_sample_grads(ctx.thetas[k], qxt, qyt) @ proj).double().cpu()     # (Q, dim)
         kernel = feats.T @ feats / ctx.n
         lam = damping * float(torch.trace(kernel)) / dim
         sol = torch.linalg.solve(kernel + lam * torch.eye(dim, dtype=kernel.dtype), fq.T)  # (dim, Q)

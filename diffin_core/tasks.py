@@ -211,7 +211,7 @@ def _probs(ctx, k: int) -> np.ndarray:
     out = []
     with torch.no_grad():
         for _sl, x, _y in ctx.chunks():
-            out.append(torch.softmax(ctx.fm.logits(ctx.thetas[k], x), -1).double().cpu())
+            out.append(torch.softmax(ctx.fm_at(k).logits(ctx.thetas[k], x), -1).double().cpu())
     return torch.cat(out).numpy()
 
 
@@ -244,7 +244,7 @@ def moso_scores(ctx) -> np.ndarray:
             continue
         gd = ctx.mean_grad(k, ctx.train.x, ctx.train.y)
         for sl, x, y in ctx.chunks():
-            g = ctx.fm.per_sample_grads(ctx.thetas[k], x, y)
+            g = ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
             dot = g @ gd
             sq = (g * g).sum(-1)
             score[sl] += float(coef[k]) * ((n * dot - sq) / max(n - 1, 1)).double().cpu()

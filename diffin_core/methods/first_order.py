@@ -11,9 +11,34 @@ def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
+def checkpoint_weights(ctx: Context) -> np.ndarray:
+    """TracIn's weight of each checkpoint (m,): the final weight change per unit gradient summed
+    over the steps it owns, curvature (and weight decay) ignored. With SGD momentum (heavy ball,
+    Nesterov, dampening) this is momentum's impulse response in torch's update order, truncated
+    at the end of training (a gradient taken 3 steps before the end moves the weights by about
+    3 lr, not lr/(1-beta)); without momentum, or for Adam, it is the summed lr (ctx.lrs * segments)."""
+    from dataclasses import replace
+
+    from ..propagate import has_momentum, segment_coefficients
+    recipe = ctx.recipe
+    if ctx.step_lrs is None or ctx.bounds is None or recipe.adam or not has_momentum(recipe):
+        return np.asarray(ctx.lrs) * np.asarray(ctx.segments)
+    free = replace(recipe, weight_decay=0.0)
+    out, u, v = np.zeros(ctx.m), 1.0, 0.0          # adjoints of (weights, momentum buffer) at the end
+    for k in range(ctx.m - 1, -1, -1):
+        lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
+        if hi <= lo:
+            continue
+        W, C = segment_coefficients(np.zeros(0), ctx.step_lrs[lo:hi], lo, free)   # curvature 0 only
+        out[k] = W[-1, 0] * u + W[-1, 1] * v
+        u, v = C[-1, 0, 0] * u + C[-1, 0, 1] * v, C[-1, 1, 0] * u + C[-1, 1, 1] * v
+    return out
+
+
 class TracIn(Attributor):
-    """tracin(z, Q) = sum_k (lr_k * segment_k / N) <g_Q, g_z> at checkpoint k (its own buffers);
-    lr_k * segment_k = the summed (momentum-adjusted) lrs of the steps checkpoint k stands for.
+    """tracin(z, Q) = sum_k (c_k / N) <g_Q, g_z> at checkpoint k (its own buffers); c_k =
+    checkpoint_weights: the summed lrs of the steps checkpoint k stands for, with SGD momentum's
+    exact impulse response (not the long-run lr/(1-beta), wrong at the end of training).
 
     Self-influence: the same with g_Q = g_z (sum of weighted squared gradient norms), reported
     per checkpoint; label_issue: the estimated leave-one-out loss (final loss + self-influence).
@@ -24,7 +49,7 @@ class TracIn(Attributor):
         return None
 
     def prepare(self, ctx: Context, qx, qy):
-        coef = ctx.lrs * ctx.segments / ctx.n
+        coef = checkpoint_weights(ctx) / ctx.n
         plan = []
         for k in range(ctx.m):
             if coef[k] > 0:
@@ -41,7 +66,7 @@ class TracIn(Attributor):
         return None
 
     def prepare_step(self, ctx: Context, k: int, carry, qx, qy):
-        coef = float(ctx.lrs[k] * ctx.segments[k] / ctx.n)
+        coef = float(checkpoint_weights(ctx)[k] / ctx.n)
         if coef <= 0:
             return None, None
         d = self.preconditioner(ctx, k)
