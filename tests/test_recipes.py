@@ -167,13 +167,27 @@ def test_adamw_reaches_the_issue_target(cases, count):
     assert d >= 0.9 and d > t, (d, t)
 
 
+@pytest.fixture(scope="module")
+def bn_case(tmp_path_factory):
+    """The BatchNorm recipe at the benchmark's size (800 samples, 8 epochs, 40 truths): at the
+    module's small size (400 samples, 6 epochs, 24 truths) even the exact derivative of the
+    truth, averaged over batch membership (what any estimator without the batch order can
+    know), reaches only Spearman 0.73 against it (measured), below the target."""
+    root = tmp_path_factory.mktemp("bn")
+    case = recipe_case("batchnorm-sgd-momentum", root, n_train=800, epochs=8, samples=40, every=10)
+    case["dir"] = root / "checkpoints"
+    return case
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(reason="issue 7 target 0.8 for BatchNorm not met: eval-mode linearisation of "
-                          "batch-statistics training (measured 0.2-0.6)", strict=False)
+@pytest.mark.xfail(reason="issue 7 BatchNorm target met on this case (0.90/0.96 vs TracIn 0.20/0.39 at 5/20 "
+                          "checkpoints) but not robustly: on 120 truths of the same run 0.77/0.85, and the "
+                          "BatchNorm2d CNN 0.74/0.86 (40 truths), 0.83/0.89 (120)", strict=False)
 @pytest.mark.parametrize("count", [5, 20])
-def test_batchnorm_reaches_the_issue_target(cases, count):
-    case = cases["batchnorm-sgd-momentum"]
-    d, t = rho(case, "diffin", count), rho(case, "tracin", count)
+def test_batchnorm_reaches_the_issue_target(bn_case, count):
+    """BatchNorm1d MLP, torch SGD + momentum 0.9, cosine schedule: every checkpoint scored in
+    eval mode with its own running statistics, vs float64 trajectory leave-one-out."""
+    d, t = rho(bn_case, "diffin", count), rho(bn_case, "tracin", count)
     assert d >= 0.8 and d > t, (d, t)
 
 
