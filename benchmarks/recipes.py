@@ -1,12 +1,13 @@
 """Real training recipes: Diff-In vs TracIn (and Adam-aware TracIn) against true leave-one-out.
 
 Each recipe of diffin_core.truth.standard_recipes trains a digits MLP 64-32-10 (10% flipped
-labels, batch 32) with torch's own optimiser and scheduler in float64, recorded by the Recorder
-every 10 steps; estimators score from the recorded folder in float32 at 5 and 20 checkpoints.
+labels, batch 32; plus a BatchNorm2d CNN on the 8x8 digits) with torch's own optimiser and
+scheduler in float64, recorded by the Recorder every 10 steps; estimators score from the recorded folder in float32 at 5 and 20 checkpoints.
 Truth: retraining without each of SAMPLES training samples (trajectory leave-one-out, float64).
 
-    python benchmarks/recipes.py [--quick] [--seed S]   -> benchmarks/results/recipes.csv + recipes.png
-    (another data/batch/sample seed S != 0 writes under benchmarks/results/seed<S>/)
+    python benchmarks/recipes.py [--quick] [--seed S] [--only batchnorm]   -> benchmarks/results/recipes.csv + .png
+    (another data/batch/sample seed S != 0 writes under benchmarks/results/seed<S>/; --only reruns
+    the recipes whose name contains it and replaces just their rows in the CSV)
 
 CSV columns: method, recipe, checkpoints, spearman, pearson, seconds (scoring time).
 """
@@ -28,18 +29,28 @@ sys.path.insert(0, str(HERE.parent))
 from diffin_core.checkpoints import read_manifest  # noqa: E402
 from diffin_core.methods import ScoreSettings  # noqa: E402
 from diffin_core.scoring import manifest_context, run_method  # noqa: E402
-from diffin_core.truth import recipe_case, standard_recipes  # noqa: E402
+from diffin_core.truth import batchnorm_cnn_recipe, recipe_case, standard_recipes  # noqa: E402
 
 METHODS = ("diffin", "tracin", "tracin-adam")
 
 
-def main(quick: bool = False, out: Path = HERE / "results", seed: int = 0) -> pd.DataFrame:
+def recipes() -> dict:
+    """The standard recipes plus a BatchNorm2d CNN (SGD + momentum, cosine)."""
+    cnn = batchnorm_cnn_recipe()
+    return {**standard_recipes(), cnn.name: cnn}
+
+
+def main(quick: bool = False, out: Path = HERE / "results", seed: int = 0, only: str | None = None) -> pd.DataFrame:
+    """``only``: a substring of recipe names; only those are rerun and their rows replaced in the
+    existing CSV (the other rows kept)."""
     n_train, epochs, samples = (400, 4, 12) if quick else (800, 8, 40)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in standard_recipes():
+        for name, recipe in recipes().items():
+            if only and only not in name:
+                continue
             t0 = time.time()
-            case = recipe_case(name, Path(tmp) / name, n_train=n_train, epochs=epochs, samples=samples, every=10,
+            case = recipe_case(recipe, Path(tmp) / name, n_train=n_train, epochs=epochs, samples=samples, every=10,
                                seed=seed)
             print(f"{name}: truth in {time.time() - t0:.0f}s", flush=True)
             m = read_manifest(Path(tmp) / name / "checkpoints" / "manifest.json")
@@ -58,6 +69,11 @@ def main(quick: bool = False, out: Path = HERE / "results", seed: int = 0) -> pd
     df = pd.DataFrame(rows)
     folder = (out / "quick" if quick else out) / (f"seed{seed}" if seed else "")
     folder.mkdir(parents=True, exist_ok=True)
+    if only and (folder / "recipes.csv").is_file():
+        old = pd.read_csv(folder / "recipes.csv")
+        order = list(dict.fromkeys(list(old.recipe) + list(df.recipe)))
+        df = pd.concat([old[~old.recipe.isin(df.recipe)], df])
+        df = df.assign(_o=df.recipe.map(order.index)).sort_values("_o", kind="stable").drop(columns="_o")
     df.to_csv(folder / "recipes.csv", index=False, float_format="%.4f")
     plot(df, folder / "recipes.png")
     return df
@@ -90,5 +106,6 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only", help="rerun only recipes whose name contains this; other CSV rows kept")
     args = ap.parse_args()
-    print(main(args.quick, seed=args.seed).to_string())
+    print(main(args.quick, seed=args.seed, only=args.only).to_string())
