@@ -119,12 +119,14 @@ def adam_scale(exp_avg_sq: np.ndarray, step: int, beta2: float, eps: float) -> n
     return 1.0 / (np.sqrt(np.asarray(exp_avg_sq, dtype=np.float64) / bc) + eps)
 
 
-def segment_adam_scale(anchors, k: int, lo: int, hi: int, step_lrs, beta2: float, eps: float) -> np.ndarray:
+def segment_adam_scale(anchors, k: int, lo: int, hi: int, step_lrs, beta2: float, eps: float,
+                       offset: int = 0) -> np.ndarray:
     """Adam's D over the steps checkpoint k owns: the lr-weighted mean of D_s = 1/(sqrt(v_hat_s)+eps).
 
     anchors: per checkpoint (exp_avg_sq (P,), Adam's step count t) or None, in step order; the
-    update of global step s uses v after t = s + 1 updates. v between two recorded anchors
-    (t_a, v_a), (t_b, v_b) is the EMA of a constant squared gradient (exact for stationary g^2):
+    update of global step s uses v after t = s + 1 + offset updates (offset: Adam steps taken
+    before the recording started). v between two recorded anchors (t_a, v_a), (t_b, v_b) is
+    the EMA of a constant squared gradient (exact for stationary g^2):
         v_t = beta2^(t-t_a) v_a + (1 - beta2^(t-t_a)) / (1 - beta2^(t_b-t_a)) (v_b - beta2^(t_b-t_a) v_a)
     and beyond the last anchor v_hat stays. Returns D (P,) float64 for steps lo <= s < hi.
 
@@ -145,7 +147,7 @@ def segment_adam_scale(anchors, k: int, lo: int, hi: int, step_lrs, beta2: float
     for s, w in zip(range(lo, hi), weights):
         if w == 0:
             continue
-        t = s + 1
+        t = s + 1 + int(offset)
         if t <= pts[0][0]:
             v_hat = pts[0][1] / (1.0 - beta2 ** max(pts[0][0], 1))
         elif t >= pts[-1][0]:

@@ -74,7 +74,8 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
             near = [exp_avg_sq[j] if abs(j - k) <= 1 else None for j in range(len(exp_avg_sq))]
             near = [None if e is None else (e[0].double().cpu().numpy(), e[1]) for e in near]
             return None if near[k] is None else torch.as_tensor(segment_adam_scale(
-                near, k, int(bounds[k]), int(bounds[k + 1]), step_lrs, recipe.betas[1], recipe.eps),
+                near, k, int(bounds[k]), int(bounds[k + 1]), step_lrs, recipe.betas[1], recipe.eps,
+                offset=max(int(near[k][1]) - max(int(steps[k]), 1), 0)),
                 dtype=dtype, device=device)
         precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,

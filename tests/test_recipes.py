@@ -128,6 +128,16 @@ def test_segment_preconditioner_follows_adams_second_moment_through_the_segment(
         assert np.allclose(got[exact_after_first], want[exact_after_first], rtol=1e-9)
     first = segment_adam_scale(anchors, 0, 0, 15, lrs, b2, eps)
     assert first[:3].max() < 1e3 < adam_scale(vs[0], 1, b2, eps)[:3].min()     # not 1/eps
+    v, late_vs = np.zeros(p), []                             # recording began after 100 Adam steps
+    for t in range(1, 161):
+        v = b2 * v + (1 - b2) * g2 * (1 + 0.5 * (t > 130))   # g^2 steps up once, at an anchor
+        late_vs.append(v.copy())
+    truth_d = np.array([1 / (np.sqrt(late_vs[s + 100] / (1 - b2 ** (s + 101))) + eps) for s in range(60)])
+    late = [(late_vs[100], 101), (late_vs[129], 130), (late_vs[159], 160)]
+    got = segment_adam_scale(late, 1, 15, 45, lrs, b2, eps, offset=100)
+    want = (lrs[15:45, None] * truth_d[15:45]).sum(0) / lrs[15:45].sum()
+    assert np.allclose(got, want, rtol=2e-3) and not np.allclose(
+        segment_adam_scale(late, 1, 15, 45, lrs, b2, eps), want, rtol=2e-3)      # without the offset
 
 
 # --- ground truth per recipe ---------------------------------------------------------------------
