@@ -2,6 +2,9 @@
 
     nice -n 10 python benchmarks/label_errors.py            # ~10-15 min on 2 shared CPU cores
     python benchmarks/label_errors.py --quick               # 1 seed, 10% noise, small: results/quick/
+    python benchmarks/label_errors.py --study               # dev seed 9: diffin's rule vs the candidate
+    python benchmarks/label_errors.py --methods "diffin mean LOO loss over checkpoints" \
+        --name label_errors_candidate                       # the candidate alone on seeds 0-2
 
 The case (built for issue 9): MNIST-5k, 1,000 training digits with 10% or 20% of the labels
 moved to a random other class (seeds 0, 1, 2), a tanh MLP 784-64-64-10 (55k
@@ -13,7 +16,8 @@ held-out digits. Every method runs with the product's default ScoreSettings, flo
 Methods: every registered method with a label_issue (diffin = the product's rule: the
 estimated leave-one-out loss at the checkpoint with the lowest query loss, label_issue.py),
 plus two ablations of it: ``diffin final LOO loss`` (final loss + Diff-In self-influence, the
-rule before issue 9) and ``loss at best checkpoint`` (the same checkpoint, no self-influence).
+rule before issue 9), ``loss at best checkpoint`` (the same checkpoint, no self-influence) and the
+candidate ``diffin mean LOO loss over checkpoints`` (label_issue.trajectory_mean_loo_loss).
 cleanlab-cv retrains the same recipe on 5 folds. Metrics: AUROC of label_issue against the
 flipped mask; recall@k = the fraction of the flips among the k highest label_issue, k = the
 number flipped.
@@ -36,6 +40,7 @@ for p in (HERE, HERE.parent):
 FULL = dict(n_train=1000, n_query=500, hidden=(64, 64), epochs=100, batch=64, lr=0.3, ckpts=8,
             seeds=[0, 1, 2], noises=[0.1, 0.2], folds=5)
 QUICK = dict(FULL, n_train=600, n_query=200, epochs=60, ckpts=6, seeds=[0], noises=[0.1], folds=3)
+CANDIDATE = "diffin mean LOO loss over checkpoints"     # label_issue.trajectory_mean_loo_loss
 METHODS = ["diffin", "tracin", "influence-function", "loss", "margin", "cleanlab", "mean-loss", "aum",
            "forgetting", "cleanlab-cv"]
 
@@ -101,6 +106,9 @@ def job(noise, seed, cfg, methods=None):
 
     for m in methods or METHODS:
         t = time.time()
+        if m == CANDIDATE:                   # the candidate rule alone (--methods), without diffin's run
+            report(m, trajectory_mean_loo_loss(METHOD_CLASSES["diffin"](), ctx_(), xq, yq), time.time() - t)
+            continue
         try:
             out = run_method(ctx_(), m, xq, yq)
         except Exception as e:                      # report and go on with the other methods
@@ -119,7 +127,7 @@ def job(noise, seed, cfg, methods=None):
             t = time.time()
             c = ctx_()
             if getattr(METHOD_CLASSES["diffin"], "label_rule", "") != "trajectory":
-                report("diffin mean LOO loss over checkpoints", trajectory_mean_loo_loss(
+                report(CANDIDATE, trajectory_mean_loo_loss(
                     METHOD_CLASSES["diffin"](), c, xq, yq), time.time() - t)
             else:
                 out_c = run_method(c, "diffin", xq, yq)
@@ -160,11 +168,14 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--study", action="store_true",
                     help="dev seed 9, diffin and its candidate rules only -> results/label_errors_study.csv")
+    ap.add_argument("--methods", nargs="*", default=None,
+                    help=f"only these (default: all, with diffin's ablations); {CANDIDATE!r} = the candidate alone")
+    ap.add_argument("--name", default=None, help="output file stem (default label_errors)")
     a = ap.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     out = HERE / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    methods, name = None, "label_errors"
+    methods, name = a.methods, a.name or "label_errors"
     if a.study:
         cfg, methods, name = dict(cfg, seeds=[9]), ["diffin", "mean-loss"], "label_errors_study"
     jobs = [(noise, seed, cfg, methods) for seed in cfg["seeds"] for noise in cfg["noises"]]
@@ -174,7 +185,7 @@ def main(argv=None):
         print(f"[{time.time() - started:6.0f}s] noise {args[0]} seed {args[1]} done in {secs:.0f}s", flush=True)
         table = aggregate(rows)["label_errors"]
         table.to_csv(out / f"{name}.csv", index=False)
-        if not a.study:
+        if not a.study and not a.methods:
             plot(table, out / f"{name}.png")
     for metric in ("auroc", "recall_at_k", "fit_all_labels", "fit_flipped_labels", "seconds"):
         print(f"### {metric}\n\n{markdown(table, metric)}\n")

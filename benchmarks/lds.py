@@ -17,6 +17,14 @@ Models (small training budgets so that 50 retrains x 3 seeds fit a tiny CPU):
 Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.lds's
 TRAK-style projected estimator, 1,024 dims, the last 3 checkpoints).
 Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seconds) and lds.png.
+
+    nice -n 10 python benchmarks/lds.py --sweep --models mnist-cnn      # -> results/lds_sweep.csv
+        seed 0: Diff-In with Lanczos rank 30, Hessian batch 400, 12 checkpoints, vs TracIn
+    nice -n 10 python benchmarks/lds.py --trajectory --models mnist-cnn
+        the same subsets retrained trajectory-specifically (same init, batch order and number of
+        steps, the left-out half's loss weighted 0, as the trajectory LOO ground truth does):
+        what the estimators approximate, without the fresh retrain's change of batch order and
+        step count -> results/lds_trajectory.csv/png
 """
 from __future__ import annotations
 
@@ -63,12 +71,14 @@ def case_data(name, seed):
     return model_fn, x, y, qx[pick], qy[pick]
 
 
-def train(model_fn, x, y, seed, c, keep_states=True):
-    """SGD with cosine lr, batch order and init fixed by ``seed``: (model, states, steps, lrs)."""
+def train(model_fn, x, y, seed, c, keep_states=True, weights=None):
+    """SGD with cosine lr, batch order and init fixed by ``seed``: (model, states, steps, lrs).
+    ``weights`` (N,): each sample's loss weight (0 = removed from its batches, same batch order
+    and steps: the trajectory-specific retrain)."""
     import torch
     from _bench import train_sgd
     torch.manual_seed(seed)
-    return train_sgd(model_fn(), x, y, seed, c, keep_states=keep_states)
+    return train_sgd(model_fn(), x, y, seed, c, weights=weights, keep_states=keep_states)
 
 
 def per_query_losses(model, qx, qy):
@@ -91,19 +101,32 @@ def job(name, seed, cfg):
     split = Split(x, y, np.arange(len(y)))
     masks = random_subsets(len(y), cfg["subsets"], 0.5, seed=1000 + seed)
     t = time.time()
-    actual = np.stack([per_query_losses(train(model_fn, x[m], y[m], seed, c, keep_states=False)[0], qx, qy)
-                       for m in masks])                                               # (M, Q)
+    if cfg.get("trajectory"):        # same init, batch order and steps, the left-out half weighted 0
+        actual = np.stack([per_query_losses(train(model_fn, x, y, seed, c, keep_states=False,
+                                                  weights=m.astype(np.float32))[0], qx, qy) for m in masks])
+    else:                            # the standard LDS: retrain from scratch on the subset
+        actual = np.stack([per_query_losses(train(model_fn, x[m], y[m], seed, c, keep_states=False)[0], qx, qy)
+                           for m in masks])                                           # (M, Q)
     retrain_s = time.time() - t
     rows = []
-    for method in METHODS:
+    for label, method, ckpts, settings in (SWEEP if cfg.get("sweep") else [(m, m, None, {}) for m in METHODS]):
         t = time.time()
-        ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu"))
+        if ckpts:
+            _, states, steps, lrs = train(model_fn, x, y, seed, dict(c, ckpts=ckpts))
+        ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu", **settings))
         infl = trak_influence(ctx, qx, qy) if method == "trak" else per_query_influence(ctx, method, qx, qy)
         secs = time.time() - t
         score, _per = lds(predicted_changes(infl, masks), actual)
-        rows.append({"method": method, "model": name, "seed": seed, "subsets": len(masks), "lds": score,
+        rows.append({"method": label, "model": name, "seed": seed, "subsets": len(masks), "lds": score,
                      "seconds": secs, "retrain_seconds": retrain_s})
     return rows
+
+
+# --sweep: what could separate Diff-In from TracIn on a case (label, method, checkpoints, settings)
+SWEEP = [("diffin", "diffin", None, {}), ("tracin", "tracin", None, {}),
+         ("diffin lanczos 30", "diffin", None, {"lanczos_steps": 30}),
+         ("diffin hessian batch 400", "diffin", None, {"hessian_batch": 400}),
+         ("diffin 12 checkpoints", "diffin", 12, {}), ("tracin 12 checkpoints", "tracin", 12, {})]
 
 
 def summarise(rows):
@@ -114,7 +137,7 @@ def summarise(rows):
                  seeds=("seed", "count"), seconds=("seconds", "mean")).reset_index()
 
 
-def plot(table, path):
+def plot(table, path, trajectory=False):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -129,7 +152,9 @@ def plot(table, path):
     ax.set_xticklabels(models)
     ax.axhline(0, lw=0.5, c="k")
     ax.set_ylabel("LDS (mean Spearman over query samples)")
-    ax.set_title(f"linear datamodeling score, {int(table.subsets.iloc[0])} random 50% subsets, mean ± std over seeds",
+    kind = "trajectory-specific retrains" if trajectory else "fresh retrains"
+    ax.set_title(f"linear datamodeling score, {int(table.subsets.iloc[0])} random 50% subsets ({kind}), "
+                 "mean ± std over seeds",
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -144,9 +169,17 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--models", nargs="*", default=list(CASES))
     ap.add_argument("--queries", type=int, default=None, help="query samples per case (default: CASES)")
-    ap.add_argument("--name", default="lds", help="output file stem (results/<name>.csv/png)")
+    ap.add_argument("--name", default=None, help="output file stem (default lds, lds_trajectory)")
+    ap.add_argument("--trajectory", action="store_true",
+                    help="trajectory-specific subsets: retrain with the same init, batch order and steps, the "
+                         "left-out half weighted 0 (the estimand of trajectory LOO) -> results/lds_trajectory.csv")
+    ap.add_argument("--sweep", action="store_true",
+                    help="seed 0 only, Diff-In's settings and checkpoint count vs TracIn (SWEEP) -> results/lds_sweep.csv")
     a = ap.parse_args(argv)
-    cfg = QUICK if a.quick else FULL
+    cfg = dict(QUICK if a.quick else FULL, trajectory=a.trajectory, sweep=a.sweep)
+    if a.sweep:
+        cfg["seeds"] = [0]
+    a.name = a.name or ("lds_sweep" if a.sweep else "lds_trajectory" if a.trajectory else "lds")
     out = HERE / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     if a.queries:
@@ -161,7 +194,7 @@ def main(argv=None):
               + ", ".join(f"{x['method']} {x['lds']:.3f}" for x in r), flush=True)
         table = summarise(rows)
         table.to_csv(out / f"{a.name}.csv", index=False)
-        plot(table, out / f"{a.name}.png")
+        plot(table, out / f"{a.name}.png", a.trajectory)
     print(table.to_string(index=False))
 
 
