@@ -126,3 +126,73 @@ def _cnn_case(tmp_path_factory):
         case = recipe_case(batchnorm_cnn_recipe(), root, n_train=800, epochs=8, samples=40, every=10)
         _CASES["cnn"] = case, read_manifest(root / "checkpoints" / "manifest.json")
     return _CASES["cnn"]
+
+
+# --- batchnorm.py: BatchNorm as training ran it (the comparison path of benchmarks/batchnorm_modes.py)
+def _tiny(conv: bool):
+    torch.manual_seed(0)
+    if conv:
+        model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(64, 3))
+        x = torch.randn(40, 2, 6, 6, dtype=torch.float64)
+    else:
+        model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+        x = torch.randn(40, 6, dtype=torch.float64)
+    model = model.double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return model, x, torch.randint(0, 3, (40,))
+
+
+def _sum_grad(model, x, y):
+    m = __import__("copy").deepcopy(model).train()
+    nn.functional.cross_entropy(m(x), y, reduction="sum").backward()
+    return torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["bn1d", "bn2d"])
+def test_train_mode_derivatives_match_torch_train_mode(conv):
+    """Batch-statistics gradients equal torch's train mode (buffers untouched); a sample's effective
+    gradient (its loss + its effect through the statistics) matches adding it to the batch; the
+    eval-only forward equals eval mode."""
+    from diffin_core.batchnorm import TrainModeModel, batch_statistics, effective_directional
+    from diffin_core.functional import FunctionalModel
+    model, x, y = _tiny(conv)
+    fm = FunctionalModel(model)
+    theta = fm.theta_of(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    want = _sum_grad(model, x[:16], y[:16]) / 16
+    got = TrainModeModel.of(fm).batch_grad(theta, x[:16], y[:16])
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    v = torch.randn_like(theta)
+    cx, cy, zx, zy = x[:30], y[:30], x[30:], y[30:]
+    eff = effective_directional(fm, theta, zx, zy, v, cx, cy)
+    base = _sum_grad(model, cx, cy)
+    added = torch.stack([(_sum_grad(model, torch.cat([cx, zx[i:i + 1]]), torch.cat([cy, zy[i:i + 1]])) - base) @ v
+                         for i in range(len(zy))])
+    assert float((eff - added).norm() / added.norm()) < 0.1             # first order in 1/31
+    own = effective_directional(fm, theta, zx, zy, v, cx, cy, through_stats=False)
+    assert float((own - added).norm() / added.norm()) > float((eff - added).norm() / added.norm())
+    with batch_statistics(model, running_values="only"):
+        a = fm.logits(theta, x)
+    assert torch.allclose(a, fm.logits(theta, x), atol=1e-12)
+
+
+def test_train_mode_path_equals_diffin_without_batchnorm():
+    """Without BatchNorm the train-mode comparison path is Diff-In itself (same plan, same scores)."""
+    from diffin_core.batchnorm import train_mode_influence
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3))
+    rng = np.random.default_rng(0)
+    train = Split(rng.normal(size=(40, 16)).astype(np.float32), rng.integers(0, 3, 40), np.arange(40))
+    states = []
+    for k in range(3):
+        states.append({n: v + 0.1 * k * torch.randn_like(v) for n, v in model.state_dict().items()})
+    ctx = make_context(model, states, [0, 10, 20], [0.1, 0.1, 0.1], train, ScoreSettings(device="cpu"),
+                       recipe=Recipe(momentum=0.9))
+    q = train.x[:4], train.y[:4]
+    want = run_method(ctx, "diffin", *q, need_self=False)["influence"]
+    got = train_mode_influence(ctx, *q, train.x, train.y).numpy()
+    assert np.allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())        # float32 rounding
