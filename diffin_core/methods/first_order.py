@@ -23,6 +23,9 @@ def checkpoint_weights(ctx: Context) -> np.ndarray:
     recipe = ctx.recipe
     if ctx.step_lrs is None or ctx.bounds is None or recipe.adam or not has_momentum(recipe):
         return np.asarray(ctx.lrs) * np.asarray(ctx.segments)
+    cached = getattr(ctx, "_checkpoint_weights", None)      # one pass over all steps per context
+    if cached is not None and cached[0] is recipe:
+        return cached[1]
     free = replace(recipe, weight_decay=0.0)
     out, u, v = np.zeros(ctx.m), 1.0, 0.0          # adjoints of (weights, momentum buffer) at the end
     for k in range(ctx.m - 1, -1, -1):
@@ -32,6 +35,7 @@ def checkpoint_weights(ctx: Context) -> np.ndarray:
         W, C = segment_coefficients(np.zeros(0), ctx.step_lrs[lo:hi], lo, free)   # curvature 0 only
         out[k] = W[-1, 0] * u + W[-1, 1] * v
         u, v = C[-1, 0, 0] * u + C[-1, 0, 1] * v, C[-1, 1, 0] * u + C[-1, 1, 1] * v
+    ctx._checkpoint_weights = (recipe, out)
     return out
 
 
