@@ -12,17 +12,23 @@ query-independent Lanczos views of each checkpoint's Hessian (``view_rank`` matv
 random start, on the same fixed batch the exact path uses), stored once, so no query ever needs an
 HVP. The store keeps, under runs/<run>/features/:
 
-    train.npy        (N, d) float16  unit rows of R e_z / sqrt(d)      (Projector, TRAK-style)
+    train.npy        (N, d) float16  unit rows of S e_z    (S: a seeded CountSketch, projector.py)
     train_norm.npy   (N,)   float32  their lengths (influence units: nats per unit of g_Q)
-    query.npy        (Nq, d) float16 unit rows of R g_q(theta_T) / sqrt(d), per query sample
+    query.npy        (Nq, d) float16 unit rows of S g_q(theta_T), per query sample
     query_norm.npy   (Nq,)  float32
     class_sums.npy   (C, d) float32  sum of projected e_z per given training label
     views.safetensors               Ritz values_k (r,) and vectors_k (P, r) per checkpoint
     meta.json                        settings, per-checkpoint coefficients, timings, size
 
-A query set's top-k is then one mean of query rows and one (N, d) matrix-vector product; the
-top ``rerank`` candidates on each side are rescored in full parameter space (one forward-mode
-pass per checkpoint on those samples, still no HVP). Sign: influence > 0 helpful, < 0 harmful.
+A query set's top-k is then one mean of query rows and one (N, d) matrix-vector product, which
+shortlists candidates; the top ``rerank`` on each side are rescored by the exact path itself (the
+query's own plan, as `diffin top --exact` builds it, whose HVPs cost the same at any N, then one
+jvp per checkpoint on the shortlist only). Why (benchmarks/explore.py, MNIST MLP, 4,000 rows):
+the stored views alone reach top-10 overlap 0.64 with the exact path even without projection
+(Spearman 0.41; 0.73 at rank 128), because the exact path's Lanczos starts at each query's own
+vector; ground truth prefers that (tests/test_ground_truth.py case, single queries: Spearman
+0.89-0.98 vs 0.57-0.93 for rank-32 stored views), so the store ranks and the exact path decides.
+Sign: influence > 0 helpful, < 0 harmful.
 """
 from __future__ import annotations
 
@@ -41,8 +47,10 @@ from .lanczos import SpectralView, lanczos
 from .projector import Projector
 
 DIRNAME = "features"
-VERSION = 1
+VERSION = 2                    # 2: CountSketch projection (1: dense Gaussian)
 METHODS = ("diffin",)          # runs whose exact path this store approximates
+SHORTLIST_FRACTION = 0.01      # default shortlist per side: 1% of N ...
+SHORTLIST_MIN = 100            # ... and at least this many rows (benchmarks/explore.py)
 
 
 @dataclass
@@ -53,7 +61,8 @@ class FeatureSettings:
     chunk_size: int = 0        # training rows per chunk; 0: the run's memory plan (per-sample-
                                # gradient rows, budget.py), or 256 without one
     seed: int = 0              # projection and Lanczos start vectors
-    rerank: int = 50           # candidates per side rescored in full parameter space (0: none)
+    rerank: int = -1           # candidates per side the exact path rescores (0: none; -1: a share
+                               # of N, FeatureStore.shortlist; see benchmarks/explore.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -175,7 +184,9 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
                 check_fold(e @ probe, direct)
             f = proj(e)
             train[sl], norms[sl] = _unit_rows(f)
-            np.add.at(sums, labels[sl], f.double().cpu().numpy())
+            # per-class sums of the rows as stored (float16 units x lengths): the heatmap then
+            # adds up exactly what the grid ranks
+            np.add.at(sums, labels[sl], train[sl].astype(np.float64) * norms[sl, None])
             progress(sl.stop, n, "features: projected effective gradients")
         train.flush()
         del train
@@ -261,11 +272,21 @@ class FeatureStore:
                            for c in self.meta["checkpoints"]}
         return self._views
 
+    def shortlist(self) -> int:
+        """Candidates per side the exact path rescores by default: settings.rerank, or when that
+        is -1, SHORTLIST_FRACTION of the training set (at least SHORTLIST_MIN)."""
+        r = int(self.meta["settings"]["rerank"])
+        n = int(self.meta["n_train"])
+        return min(n, max(SHORTLIST_MIN, int(np.ceil(SHORTLIST_FRACTION * n)))) if r < 0 else r
+
     def label(self, rerank: int | None = None) -> str:
         s = self.meta["settings"]
-        r = s["rerank"] if rerank is None else rerank
-        return (f"fast path: projected features (d = {self.dim}, {s['view_rank']} stored Hessian "
-                f"eigenpairs per checkpoint" + (f", top {r} per side rescored in full)" if r else ")"))
+        r = self.shortlist() if rerank is None else rerank
+        if r:
+            return (f"fast path: projected features (d = {self.dim}) shortlisted the top {r} per side, "
+                    f"rescored by the exact path (this query's own plan)")
+        return (f"fast path: projected features alone (d = {self.dim}, {s['view_rank']} stored Hessian "
+                f"eigenpairs per checkpoint; approximate, not rescored)")
 
     # --- products --------------------------------------------------------------------------
     def query_rows(self, idx) -> np.ndarray:
@@ -331,9 +352,9 @@ def _context(project, run: str):
     return _CTX[key]
 
 
-def exact_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
+def view_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
     """Influence of training rows on the query set's mean loss in full parameter space through
-    the stored views: sum_k c_k <g_z(theta_k), w_k> by forward-mode passes (B,)."""
+    the STORED views (what the fold approximates): sum_k c_k <g_z(theta_k), w_k> (B,)."""
     rows = np.asarray(rows, dtype=np.int64)
     u = ctx.mean_grad(ctx.m - 1, qx, qy)
     x, y = ctx.tensors(ctx.train.x[rows], ctx.train.y[rows])
@@ -341,6 +362,38 @@ def exact_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
     for it in propagate(ctx, store.views, u):
         total += it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).double()
     return total.cpu().numpy()
+
+
+_PLANS: dict = {}
+
+
+def exact_plan(ctx, qx, qy, key=None):
+    """The exact path's own plan for a query set (methods/diffin.DiffIn.prepare: Lanczos started at
+    the query's gradient, ``lanczos_steps`` finite-difference HVPs per checkpoint), the same w_k as
+    `diffin top --exact`; cost independent of N. Cached in memory per ``key`` (a few queries)."""
+    from .methods.diffin import DiffIn
+    if key is not None and key in _PLANS:
+        return _PLANS[key]
+    plan = DiffIn().prepare(ctx, qx, qy)
+    if key is not None:
+        if len(_PLANS) >= 8:
+            _PLANS.pop(next(iter(_PLANS)))
+        _PLANS[key] = plan
+    return plan
+
+
+def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
+    """The exact path's influence (B,) of training ``rows`` under ``plan``: DiffIn.chunk (one jvp
+    per checkpoint) on just those rows, so each value equals the exact path's score of that row."""
+    from .methods.diffin import DiffIn
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty(len(rows))
+    order = np.argsort(rows)                              # ascending reads from a memmapped split
+    for a in range(0, len(rows), chunk):
+        r = rows[order[a:a + chunk]]
+        x, y = ctx.tensors(ctx.train.x[r], ctx.train.y[r])
+        out[order[a:a + chunk]] = DiffIn().chunk(ctx, plan, x, y, need_self=False)[0].double().cpu().numpy()
+    return out
 
 
 def checkpoint_contributions(ctx, store: FeatureStore, row: int, qx, qy) -> pd.DataFrame:
@@ -389,7 +442,12 @@ def contributions_for(root: str, run: str, sample_id: int, query_indices=None, p
 def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
                          store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
     """(influence (N,), path label) from the run's store, or None when the run has none.
-    The top ``rerank`` candidates on each side are rescored in full parameter space."""
+
+    The store ranks every training row (one (N, d) product); the top ``rerank`` per side are then
+    rescored by the exact path itself (its own query plan, whose HVPs cost the same at any N, and
+    one jvp per checkpoint per candidate), so those rows carry exactly the exact path's values and
+    the top-k equals the exact top-k whenever the store's shortlist holds it (benchmarks/explore.py
+    measures how often). ``rerank=0``: the store alone (approximate; no model code runs)."""
     store = store or FeatureStore.open(project, run)
     if store is None:
         return None
@@ -400,12 +458,14 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
     if idx.min() < 0 or idx.max() >= nq:
         raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
     infl = store.query_influence(idx)
-    r = store.meta["settings"]["rerank"] if rerank is None else int(rerank)
+    r = store.shortlist() if rerank is None else int(rerank)
     if r > 0 and len(infl):
         order = np.argsort(infl, kind="stable")
         cand = np.unique(np.concatenate([order[:r], order[::-1][:r]]))
         ctx = _context(project, run)
         q = project.query
+        key = (str(project.root), run, tuple(sorted(set(int(i) for i in idx))))
+        plan = exact_plan(ctx, q.x[idx], q.y[idx], key)
         infl = infl.copy()
-        infl[cand] = exact_rows(ctx, store, q.x[idx], q.y[idx], cand)
+        infl[cand] = rescore_rows(ctx, plan, cand)
     return infl, store.label(r)

@@ -56,9 +56,10 @@ def features(project: Project, kind: str = "activations", batch: int = 256, prog
     return np.concatenate(out).astype(np.float32)
 
 
-def stored_features(project: Project, run: str) -> np.ndarray:
+def stored_features(project: Project, run: str, seed: int = 0) -> np.ndarray:
     """(N, PCA_DIM) float32 from the run's feature store: the projected effective gradients,
-    unit rows (direction of influence, not its size), reduced by PCA. No gradient is computed."""
+    unit rows (direction of influence, not its size), reduced by a seeded randomized PCA. No
+    gradient is computed."""
     from .errors import DiffinError
     from .features import FeatureStore
     store = FeatureStore.open(project, run)
@@ -68,7 +69,9 @@ def stored_features(project: Project, run: str) -> np.ndarray:
     x = torch.from_numpy(np.asarray(store.train, dtype=np.float32))
     x = x - x.mean(0)
     q = min(PCA_DIM, *x.shape)
-    u, s, _ = torch.pca_lowrank(x, q=q, center=False, niter=3)
+    with torch.random.fork_rng(devices=[]):          # pca_lowrank draws from the global RNG:
+        torch.manual_seed(seed)                        # seeded, the same map every time
+        u, s, _ = torch.pca_lowrank(x, q=q, center=False, niter=3)
     return (u * s).numpy().astype(np.float32)
 
 
@@ -81,7 +84,7 @@ def load(project: Project, run: str, kind: str = "activations") -> pd.DataFrame 
 def compute(project: Project, run: str, progress=None, seed: int = 0, kind: str = "activations") -> Path:
     """Fit UMAP on the features and write the run's map file atomically."""
     import umap
-    feats = stored_features(project, run) if kind == "stored" else features(project, kind, progress=progress, seed=seed)
+    feats = stored_features(project, run, seed) if kind == "stored" else features(project, kind, progress=progress, seed=seed)
     if progress:
         progress(len(feats), len(feats), "fitting UMAP (the first fit compiles for about a minute)")
     xy = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(feats)

@@ -16,7 +16,7 @@ from diffin_core.checkpoints import Recorder
 from diffin_core.errors import DiffinError
 from diffin_core.methods import ScoreSettings
 from diffin_core.project import Project
-from diffin_core.projector import Projector, prefix
+from diffin_core.projector import Projector, fold
 from diffin_core.scoring import project_context, query_influence, score, top_k
 
 from helpers import MODEL_PY, TOML, make_tiny_project
@@ -73,7 +73,7 @@ def test_fold_equals_the_query_plan(tmp_path, opt):
     q = project.query
     for idx in ([0], [2, 5, 7], list(range(20))):
         u = ctx.mean_grad(ctx.m - 1, q.x[idx], q.y[idx])
-        direct = F.exact_rows(ctx, ViewsOnly(views), q.x[idx], q.y[idx], np.arange(ctx.n))
+        direct = F.view_rows(ctx, ViewsOnly(views), q.x[idx], q.y[idx], np.arange(ctx.n))
         folded = (e @ u).double().numpy()
         assert np.abs(folded - direct).max() <= 1e-4 * np.abs(direct).max()
         assert np.abs(direct).max() > 0
@@ -95,6 +95,35 @@ def test_full_rank_store_is_the_exact_path(tmp_path):
     assert spearmanr(projected, exact)[0] > 0.97
     rescored, _ = F.fast_query_influence(project, "d", idx, rerank=len(exact))   # every row rescored
     np.testing.assert_allclose(rescored, exact, rtol=1e-3, atol=1e-4 * np.abs(exact).max())
+
+
+def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
+    """With a coarse store (rank-4 views, d = 64) the shortlisted rows carry exactly the exact
+    path's values (its own query plan, not the stored views), and the rest keep the store's."""
+    root = make_tiny_project(tmp_path / "p")
+    project = Project(root)
+    run = score(project, "diffin", run="d", features=False)
+    ctx = project_context(project)
+    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=64, view_rank=4, rerank=10))
+    idx = [4, 9]
+    exact = query_influence(project, "diffin", idx)
+    store = F.FeatureStore.open(project, "d")
+    alone, label0 = F.fast_query_influence(project, "d", idx, rerank=0)
+    assert "approximate" in label0 and np.array_equal(alone, store.query_influence(idx))
+    fast, label = F.fast_query_influence(project, "d", idx)
+    assert "rescored by the exact path" in label and "top 10 per side" in label
+    order = np.argsort(alone, kind="stable")
+    cand = np.unique(np.concatenate([order[:10], order[-10:]]))
+    np.testing.assert_allclose(fast[cand], exact[cand], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    rest = np.setdiff1d(np.arange(len(exact)), cand)
+    np.testing.assert_array_equal(fast[rest], alone[rest])
+    # through the stored views the same rows differ (what the rescoring fixes)
+    q = project.query
+    via_views = F.view_rows(ctx, store, q.x[idx], q.y[idx], cand)
+    assert np.abs(via_views - exact[cand]).max() > 1e-3 * np.abs(exact).max()
+    # the default shortlist is a share of N with a floor
+    store.meta["settings"]["rerank"] = -1
+    assert store.shortlist() == min(96, F.SHORTLIST_MIN)
 
 
 def test_score_writes_the_store_and_top_k_uses_it(tmp_path):
@@ -142,7 +171,7 @@ def test_views_from_the_store_are_its_products(tmp_path):
     ctx = F._context(project, "d")
     parts = F.checkpoint_contributions(ctx, store, 7, q.x, q.y)
     assert len(parts) == len(store.meta["checkpoints"]) and parts["step"].is_monotonic_increasing
-    whole = F.exact_rows(ctx, store, q.x, q.y, [7])[0]
+    whole = F.view_rows(ctx, store, q.x, q.y, [7])[0]
     assert parts["contribution"].sum() == pytest.approx(whole, rel=1e-6)
 
 
@@ -158,15 +187,23 @@ def test_stale_or_broken_store(tmp_path):
         F.FeatureStore.open(project, "d")
 
 
-def test_projector_is_seeded_blockwise_and_keeps_inner_products():
+def test_projector_is_seeded_unbiased_and_folds():
     g = torch.randn(6, 1000)
-    whole = Projector(1000, 512, seed=3, block=64)                     # R built once and cached
-    blocks = Projector(1000, 512, seed=3, block=64, cache_mb=0)        # never materialised
-    assert blocks._whole is None and whole._whole is not None
-    np.testing.assert_allclose(whole(g).numpy(), blocks(g).numpy(), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(Projector(1000, 512, seed=4)(g), whole(g))
-    f = Projector(1000, 4096, seed=0)(g)                             # R is defined by (seed, block)
+    a, b = Projector(1000, 512, seed=3), Projector(1000, 512, seed=3)
+    assert torch.equal(a(g), b(g)) and torch.equal(a(g[2]), a(g)[2])      # seeded; one row alike
+    assert not torch.equal(Projector(1000, 512, seed=4)(g), a(g))
+    f = Projector(1000, 4096, seed=0)(g)
     exact, approx = (g @ g.T).numpy(), (f @ f.T).numpy()
     assert np.abs(approx - exact).max() < 0.15 * np.abs(exact).max()
-    small = prefix(f, 4096, 1024)                                    # a 1024-dim projection too
-    assert np.corrcoef((small @ small.T).numpy().ravel(), exact.ravel())[0, 1] > 0.9
+    # unbiased: over many seeds the mean inner product converges to the exact one
+    x, y = torch.randn(1000), torch.randn(1000)
+    est = np.array([float(Projector(1000, 64, seed=s)(x) @ Projector(1000, 64, seed=s)(y)) for s in range(400)])
+    assert abs(est.mean() - float(x @ y)) < 4 * est.std() / 20
+    assert est.std() < 1.5 * float(torch.linalg.vector_norm(x) * torch.linalg.vector_norm(y)) * (2 / 64) ** 0.5
+    # folding a 4096-dim sketch gives the 1024-dim sketch of the same seed exactly
+    small = fold(f, 4096, 1024)
+    p = Projector(1000, 4096, seed=0)
+    direct = torch.zeros(6, 1024).index_add_(1, p.bucket % 1024, g * p.sign)
+    np.testing.assert_allclose(small.numpy(), direct.numpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        fold(f, 4096, 1000)
