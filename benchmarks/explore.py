@@ -1,23 +1,23 @@
-"""Explore speed and exactness: the feature store's top-k for a new query vs the exact Diff-In path.
+"""Explore speed and exactness: the fast top-k for a new query vs the exact Diff-In path.
 
-    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/explore.py              # N = 10k and 100k
-    python benchmarks/explore.py --n 4000 --dims 256 1024 --ranks 10 32 64     # choose the design
+    nice -n 10 env OMP_NUM_THREADS=1 python benchmarks/explore.py --workspace /tmp/explore-ws  # 10k, 100k
 
-The project: the MNIST sample project (SmallCNN, 11,978 parameters, 12 checkpoints) with its
-train split tiled to N rows, each copy shifted by up to 2 pixels and given +-12 grey levels of
-noise (so no two rows are equal), manifest train_size set to N. One feature pass per view rank r
-(Lanczos steps per checkpoint) at the largest d; smaller d use the first d columns of the same
-projection (projector.prefix). In the same pass, the exact path's per-checkpoint gradients are
-dotted with the exact plan of ``--queries`` single-sample queries (methods/diffin.DiffIn.prepare:
-a fresh Lanczos view started at each query's vector, ``lanczos_steps`` HVPs per checkpoint):
-that is `diffin top` without the store, computed for all queries at once.
+The project: an MLP 784-32-10 (25,450 parameters, 12 checkpoints, plain SGD) trained on the
+sample project's 4,000 digits, whose train split is tiled to N rows, each copy beyond the first
+shifted by up to 2 pixels and given +-12 grey levels of noise (no two rows equal). One feature
+pass per N at the largest d (view rank 32); smaller d fold the same CountSketch
+(projector.fold). In the same pass every training row is scored by the exact path's own plan
+(methods/diffin.DiffIn.prepare: Lanczos started at each query's gradient, its HVPs) for
+``--queries`` random single-sample queries: `diffin top --exact` for those queries, all N rows.
 
-Per (N, d, r): query_ms = median wall time of features.fast_query_influence for one new query on
-a store with exactly d columns (one mean, one (N, d) product, the top ``rerank`` per side
-rescored); topk_overlap = |top-10 fast ∩ top-10 exact| / 10, averaged over helpful and harmful
-and over the queries; spearman_vs_exact over all N (projected scores, before rescoring);
-feature_pass_s = the pass at this N (views + per-sample gradients + projection, largest d);
-store_mb = the store with d columns. Writes benchmarks/results/explore.csv and explore.png.
+Per (N, d, shortlist c): topk_overlap = |top-10 fast ∩ top-10 exact| / 10, averaged over helpful
+and harmful and over the queries, where fast = the store's ranking with its top c per side
+rescored by the exact path (features.fast_query_influence; the rescored values are the exact
+ones, checked); topk_overlap_store_only and spearman_vs_exact (all N): the store alone.
+query_ms: median wall time of fast_query_influence for a new query at the timed shortlist
+(plan_ms, store_ms, rescore_ms: its parts); feature_pass_s: the pass at this N (views, per-sample
+gradients, sketch, at the largest d); store_mb: the store with d columns (Hessian views included).
+Writes benchmarks/results/explore.csv and explore.png.
 """
 from __future__ import annotations
 
@@ -123,24 +123,25 @@ def fake_run(project, name="diffin-1"):
 
 def store_with_dim(src: Path, dst: Path, dim: int, full: int) -> None:
     """A copy of the store at src whose features are the first ``dim`` projection columns."""
-    from diffin_core.projector import prefix
+    from diffin_core.projector import fold
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train.npy", "query.npy", "class_sums.npy"))
     for name, norm in (("train", "train_norm"), ("query", "query_norm")):
         rows = np.load(src / f"{name}.npy", mmap_mode="r")
         lens = np.load(src / f"{norm}.npy")
+        full = rows.shape[1]
         out = np.lib.format.open_memmap(dst / f"{name}.npy", mode="w+", dtype=np.float16, shape=(len(rows), dim))
         newlen = np.zeros(len(rows), np.float32)
         for s in range(0, len(rows), 16384):
-            f = prefix(torch.from_numpy(rows[s:s + 16384, :dim].astype(np.float32)), full, dim) * torch.from_numpy(lens[s:s + 16384, None])
+            f = fold(torch.from_numpy(rows[s:s + 16384].astype(np.float32)) * torch.from_numpy(lens[s:s + 16384, None]), full, dim)
             ln = torch.linalg.vector_norm(f, dim=1)
             out[s:s + 16384] = (f / ln.clamp_min(1e-30)[:, None]).numpy().astype(np.float16)
             newlen[s:s + 16384] = ln.numpy()
         out.flush()
         del out
         np.save(dst / f"{norm}.npy", newlen)
-    sums = np.load(src / "class_sums.npy")[:, :dim] * (full / dim) ** 0.5
+    sums = fold(torch.from_numpy(np.load(src / "class_sums.npy")), full, dim).numpy()
     np.save(dst / "class_sums.npy", sums.astype(np.float32))
     meta = json.loads((src / "meta.json").read_text())
     meta["settings"]["dim"] = dim
@@ -153,119 +154,123 @@ def overlap(a: np.ndarray, b: np.ndarray, k: int = K) -> float:
     return (len(top(a) & top(b)) + len(top(-a) & top(-b))) / (2 * k)
 
 
-def bench(n: int, dims: list[int], ranks: list[int], nq: int, rerank: int, ws: Path, chunk: int,
-          model: str) -> list[dict]:
+def build_case(n: int, nq: int, dim: int, rank: int, ws: Path, chunk: int, model: str) -> Path:
+    """One feature pass at N = n (d = ``dim``, view rank ``rank``) that also scores every training
+    row with the exact path's own plan for ``nq`` single-sample queries (DiffIn.prepare: Lanczos
+    started at each query's vector, its HVPs). Writes the store to runs/diffin-1/features-full and
+    the exact influences (n, nq) with the query indices, the pass time and the plan times to
+    runs/diffin-1/exact.npz. Skipped when that file exists."""
     from diffin_core import features as F
     from diffin_core.methods.diffin import DiffIn
     from diffin_core.project import Project
     from diffin_core.scoring import project_context
     project = Project(build_project(ws, n, model))
     run = fake_run(project)
+    out = run / "exact.npz"
+    if out.is_file():
+        return out
     ctx = project_context(project)
     q = project.query
     queries = np.random.default_rng(1).choice(len(q), nq, replace=False)
     t = time.time()
-    plans = [DiffIn().prepare(ctx, q.x[[i]], q.y[[i]]) for i in queries]     # the exact path's vectors
-    exact_prep_s = (time.time() - t) / nq
-    log(f"N={n}: exact plans for {nq} queries, {exact_prep_s:.2f} s each (HVPs)")
-    rows = []
-    full = max(dims)
-    for r in ranks:
-        exact = np.zeros((n, nq))
-        W = {k: torch.stack([{it.k: it.w for it in plan}.get(k, torch.zeros_like(ctx.thetas[k]))
-                             for plan in plans], 1) for k in range(ctx.m)}
-        C = {it.k: it.coef for plan in plans for it in plan}
+    plans = [DiffIn().prepare(ctx, q.x[[i]], q.y[[i]]) for i in queries]
+    plan_s = (time.time() - t) / nq
+    log(f"N={n}: exact plans for {nq} queries, {plan_s:.2f} s each (HVPs)")
+    exact = np.zeros((n, nq))
+    W = {k: torch.stack([{it.k: it.w for it in plan}.get(k, torch.zeros_like(ctx.thetas[k]))
+                         for plan in plans], 1) for k in range(ctx.m)}
+    C = {it.k: it.coef for plan in plans for it in plan}
 
-        def on_grads(k, sl, g):
-            if k in C:
-                exact[sl] += C[k] * (g @ W[k]).double().cpu().numpy()
-        settings = F.FeatureSettings(dim=full, view_rank=r, chunk_size=chunk, rerank=rerank)
-        t = time.time()
-        last = [0.0]
+    def on_grads(k, sl, g):
+        if k in C:
+            exact[sl] += C[k] * (g @ W[k]).double().cpu().numpy()
+    last = [0.0]
 
-        def progress(d, tot, msg):
-            if time.time() - last[0] > 30:
-                last[0] = time.time()
-                log(f"  {msg} {d}/{tot}")
-        meta = F.build(ctx, q, run / "features-full", settings, progress, on_grads=on_grads, num_classes=10)
-        pass_s = time.time() - t
-        log(f"N={n} r={r}: feature pass {pass_s:.1f} s (views {meta['views_s']:.1f} s), store {meta['store_mb']:.1f} MB at d={full}")
-        for d in dims:
-            store_with_dim(run / "features-full", run / "features", d, full)
-            store = F.FeatureStore(run / "features")
-            ov_proj, ov_fast, rho, times = [], [], [], []
-            F._CTX.clear()
-            F.fast_query_influence(project, run.name, [int(queries[0])], store=store)    # warm: context, views
-            for j, qi in enumerate(queries):
-                proj = store.query_influence([qi])
-                t0 = time.perf_counter()
-                fast, _ = F.fast_query_influence(project, run.name, [int(qi)], store=store)
-                times.append((time.perf_counter() - t0) * 1000)
-                ov_proj.append(overlap(proj, exact[:, j]))
-                ov_fast.append(overlap(fast, exact[:, j]))
-                rho.append(spearmanr(proj, exact[:, j])[0])
-            row = {"model": model, "N": n, "d": d, "view_rank": r, "rerank": rerank, "queries": nq,
-                   "query_ms": round(statistics.median(times), 1),
-                   "topk_overlap": round(float(np.mean(ov_fast)), 3),
-                   "topk_overlap_projected_only": round(float(np.mean(ov_proj)), 3),
-                   "spearman_vs_exact": round(float(np.mean(rho)), 3),
-                   "feature_pass_s": round(pass_s, 1), "store_mb": store.meta["store_mb"],
-                   "exact_plan_s": round(exact_prep_s, 2)}
-            log(f"  d={d}: {row}")
-            rows.append(row)
-    return rows
+    def progress(d, tot, msg):
+        if time.time() - last[0] > 60:
+            last[0] = time.time()
+            log(f"  N={n} {msg} {d}/{tot}")
+    t = time.time()
+    meta = F.build(ctx, q, run / "features-full", F.FeatureSettings(dim=dim, view_rank=rank, chunk_size=chunk),
+                   progress, on_grads=on_grads, num_classes=10)
+    pass_s = time.time() - t
+    log(f"N={n}: feature pass {pass_s:.1f} s (views {meta['views_s']:.1f} s), store {meta['store_mb']:.1f} MB at d={dim}")
+    np.savez(out, exact=exact, queries=queries, pass_s=pass_s, plan_s=plan_s)
+    return out
 
 
-def timing_only(n: int, src_n: int, dims: list[int], nq: int, ws: Path, model: str) -> list[dict]:
-    """query_ms at N = n on a store whose rows are the N = src_n store's rows tiled (same shape and
-    dtype as a real one; the exactness columns stay empty: the pass at n was not run here)."""
+def evaluate(n: int, dims: list[int], fractions: list[float], ws: Path, model: str, timed: float,
+             timed_queries: int = 4) -> list[dict]:
+    """Rows (N, d, shortlist) from a ``build_case`` workspace.
+
+    Overlap and Spearman need no model run: rescoring gives the shortlisted rows the exact path's
+    values, which exact.npz holds (checked on one query per d against features.rescore_rows).
+    query_ms times the real call, features.fast_query_influence, for a NEW query (the plan cache
+    emptied first) at the shortlist fraction ``timed`` only, with its parts: the store's (N, d)
+    product (store_ms), the exact path's plan for the query (plan_ms, its HVPs: the same at any N)
+    and the jvps of the shortlisted rows (rescore_ms); the first ``timed_queries`` queries."""
     from diffin_core import features as F
     from diffin_core.project import Project
-    src = ws / f"mnist-{model}-{src_n}" / "runs" / "diffin-1" / "features-full"
-    if not src.is_dir():
-        src = src.parent / "features"          # the largest d of that run
     project = Project(build_project(ws, n, model))
-    run = fake_run(project)
-    full = json.loads((src / "meta.json").read_text())["settings"]["dim"]
-    tmp = run / "features-full"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("train.npy", "train_norm.npy"))
-    rows = np.load(src / "train.npy", mmap_mode="r")
-    pick = np.arange(n) % len(rows)
-    out = np.lib.format.open_memmap(tmp / "train.npy", mode="w+", dtype=np.float16, shape=(n, rows.shape[1]))
-    for s in range(0, n, 20000):
-        out[s:s + 20000] = rows[pick[s:s + 20000]]
-    out.flush()
-    del out
-    np.save(tmp / "train_norm.npy", np.load(src / "train_norm.npy")[pick])
-    meta = json.loads((tmp / "meta.json").read_text())
-    meta["n_train"] = n
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    queries = np.random.default_rng(1).choice(len(project.query), nq, replace=False)
-    res = []
+    run = project.runs_dir / "diffin-1"
+    z = np.load(run / "exact.npz")
+    exact, queries = z["exact"], z["queries"]
+    pass_s = float(z["pass_s"])
+    full = json.loads((run / "features-full" / "meta.json").read_text())
+    rows = []
     for d in dims:
-        store_with_dim(tmp, run / "features", d, full)
+        store_with_dim(run / "features-full", run / "features", d, full["settings"]["dim"])
         store = F.FeatureStore(run / "features")
         F._CTX.clear()
-        F.fast_query_influence(project, run.name, [int(queries[0])], store=store)
-        times, alone = [], []
-        for qi in queries:
-            t0 = time.perf_counter()
-            F.fast_query_influence(project, run.name, [int(qi)], store=store)
-            times.append((time.perf_counter() - t0) * 1000)
-            t0 = time.perf_counter()
-            F.fast_query_influence(project, run.name, [int(qi) + 1], store=store, rerank=0)   # the app's path
-            alone.append((time.perf_counter() - t0) * 1000)
-        row = {"model": model, "N": n, "d": d, "view_rank": meta["settings"]["view_rank"],
-               "rerank": meta["settings"]["rerank"], "queries": nq, "query_ms": round(statistics.median(times), 1),
-               "query_ms_store_only": round(statistics.median(alone), 1),
-               "topk_overlap": np.nan, "topk_overlap_projected_only": np.nan, "spearman_vs_exact": np.nan,
-               "feature_pass_s": np.nan, "store_mb": store.meta["store_mb"], "exact_plan_s": np.nan,
-               "note": f"timing only: store rows tiled from N={src_n}"}
-        log(f"  timing-only N={n} d={d}: {row['query_ms']} ms, store alone {row['query_ms_store_only']} ms")
-        res.append(row)
-    return res
+        proj = np.stack([store.query_influence([qi]) for qi in queries], 1)        # (n, nq)
+        rho = float(np.mean([spearmanr(proj[:, j], exact[:, j])[0] for j in range(len(queries))]))
+        ov0 = float(np.mean([overlap(proj[:, j], exact[:, j]) for j in range(len(queries))]))
+        seen = set()
+        for frac in fractions:
+            c = max(F.SHORTLIST_MIN, int(np.ceil(frac * n)))
+            if c in seen and frac != timed:
+                continue
+            seen.add(c)
+            ovs = []
+            for j in range(len(queries)):
+                helpful, harmful = F.shortlists(proj[:, j], c)
+                cand = np.union1d(helpful, harmful)
+                fast = F.merge_rescored(proj[:, j], helpful, harmful, cand, exact[cand, j])
+                ovs.append(overlap(fast, exact[:, j]))
+            row = {"model": model, "N": n, "d": d, "view_rank": full["settings"]["view_rank"], "shortlist": c,
+                   "queries": len(queries), "timed_queries": np.nan, "query_ms": np.nan, "topk_overlap": round(float(np.mean(ovs)), 3),
+                   "topk_overlap_min": round(float(np.min(ovs)), 3), "topk_overlap_store_only": round(ov0, 3),
+                   "spearman_vs_exact": round(rho, 3), "feature_pass_s": round(pass_s, 1),
+                   "store_mb": store.meta["store_mb"], "plan_ms": np.nan, "store_ms": np.nan, "rescore_ms": np.nan}
+            if frac == timed:
+                F.fast_query_influence(project, run.name, [int(queries[0])], store=store, rerank=c)  # warm: context
+                ctx = F._context(project, run.name)
+                t, parts = [], []
+                for j, qi in enumerate(queries[:timed_queries]):
+                    F._PLANS.clear()
+                    t0 = time.perf_counter()
+                    got, _ = F.fast_query_influence(project, run.name, [int(qi)], store=store, rerank=c)
+                    t.append((time.perf_counter() - t0) * 1000)
+                    if j == 0:                        # the rescored rows are the exact path's values
+                        cand = np.union1d(*F.shortlists(proj[:, 0], c))
+                        err = np.abs(got[cand] - exact[cand, 0]).max() / np.abs(exact[:, 0]).max()
+                        assert err < 1e-3, f"rescored rows differ from the exact path by {err:.2g}"
+                    q = project.query
+                    t0 = time.perf_counter()
+                    store.query_influence([qi])
+                    t1 = time.perf_counter()
+                    F._PLANS.clear()
+                    plan = F.exact_plan(ctx, q.x[[qi]], q.y[[qi]])
+                    t2 = time.perf_counter()
+                    F.rescore_rows(ctx, plan, np.arange(2 * c) % n)
+                    t3 = time.perf_counter()
+                    parts.append(((t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000))
+                med = np.median(np.array(parts), 0)
+                row.update(timed_queries=len(t), query_ms=round(statistics.median(t), 1), store_ms=round(med[0], 1),
+                           plan_ms=round(med[1], 1), rescore_ms=round(med[2], 1))
+            log(f"  {row}")
+            rows.append(row)
+    return rows
 
 
 def plot(df: pd.DataFrame, path: Path) -> None:
@@ -273,22 +278,32 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=110)
-    for (mdl, n, r), sub in df.groupby(["model", "N", "view_rank"]):
-        lab = f"{mdl} N={n:,}, r={r}"
-        axes[0].plot(sub["d"], sub["topk_overlap"], "o-", label=lab)
-        axes[0].plot(sub["d"], sub["topk_overlap_projected_only"], "x--", alpha=0.6)
-        axes[1].plot(sub["d"], sub["spearman_vs_exact"], "o-", label=lab)
-        axes[2].plot(sub["d"], sub["query_ms"], "o-", label=lab)
+    for (n, d), sub in df.groupby(["N", "d"]):
+        sub = sub.sort_values("shortlist")
+        axes[0].plot(sub["shortlist"] / n * 100, sub["topk_overlap"], "o-", label=f"N={n:,}, d={d}")
     axes[0].axhline(0.9, color="#c44e52", ls="--", lw=1)
-    axes[0].set_title("top-10 overlap vs exact\n(solid: rescored, dashed: projected only)", fontsize=9)
-    axes[1].set_title("Spearman vs exact (all N, projected)", fontsize=9)
+    axes[0].set_xlabel("shortlist per side (% of N) rescored by the exact path")
+    axes[0].set_title("top-10 overlap with the exact path", fontsize=9)
+    axes[0].set_xscale("log")
+    one = df.drop_duplicates(["N", "d"])
+    for n, sub in one.groupby("N"):
+        axes[1].plot(sub["d"], sub["spearman_vs_exact"], "o-", label=f"N={n:,} store alone")
+        axes[1].plot(sub["d"], sub["topk_overlap_store_only"], "x--", label=f"N={n:,} top-10 overlap, store alone")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("projection dimension d")
+    axes[1].set_title("the store alone vs the exact path (all N)", fontsize=9)
+    timed = df.dropna(subset=["query_ms"])
+    for n, sub in timed.groupby("N"):
+        axes[2].plot(sub["d"], sub["query_ms"], "o-", label=f"N={n:,} total")
+        axes[2].plot(sub["d"], sub["plan_ms"], "x--", label=f"N={n:,} exact plan (HVPs)")
+        axes[2].plot(sub["d"], sub["store_ms"], "s:", label=f"N={n:,} store product")
     axes[2].axhline(1000, color="#c44e52", ls="--", lw=1)
-    axes[2].set_title("top-k for a new query (ms, CPU)", fontsize=9)
+    axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
+    axes[2].set_xlabel("projection dimension d")
+    axes[2].set_title("top-k for a new query (ms, CPU, 1 thread)", fontsize=9)
     for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("projection dimension d")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -297,30 +312,29 @@ def plot(df: pd.DataFrame, path: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[32])
-    ap.add_argument("--queries", type=int, default=20)
-    ap.add_argument("--rerank", type=int, default=100)
+    ap.add_argument("--queries", type=int, nargs="+", default=[16, 8], help="queries per N (exact path for each)")
+    ap.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05])
+    ap.add_argument("--timed", type=float, default=0.02, help="the shortlist fraction whose query is timed")
+    ap.add_argument("--timed-queries", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=32, help="Lanczos steps of each stored Hessian view")
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--workspace", type=Path)
+    ap.add_argument("--workspace", type=Path, help="keep the projects, stores and exact scores here")
     ap.add_argument("--model", choices=["mlp", "cnn"], default="mlp",
                     help="mlp: MLP 784-32-10 retrained on the sample digits (default; CPU-sized); "
                          "cnn: the sample project's own SmallCNN")
     ap.add_argument("--out", type=Path, default=RESULTS / "explore.csv")
-    ap.add_argument("--tile-from", type=int, help="timing only: tile the store of this N (same workspace)")
-    ap.add_argument("--append", type=Path, help="keep the rows of this CSV (e.g. the --out of a previous run)")
     args = ap.parse_args()
     torch.manual_seed(0)
     log(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory(prefix="diffin-explore-") as tmp:
         ws = (args.workspace or Path(tmp)).resolve()
         ws.mkdir(parents=True, exist_ok=True)
-        rows = [] if args.append is None else pd.read_csv(args.append).to_dict("records")
-        for n in args.n:
-            if args.tile_from:
-                rows += timing_only(n, args.tile_from, sorted(args.dims), args.queries, ws, args.model)
-            else:
-                rows += bench(n, sorted(args.dims), args.ranks, args.queries, args.rerank, ws, args.chunk, args.model)
+        rows = []
+        for n, nq in zip(args.n, args.queries + args.queries[-1:] * len(args.n)):
+            build_case(n, nq, max(args.dims), args.rank, ws, args.chunk, args.model)
+            rows += evaluate(n, sorted(args.dims), sorted(args.fractions), ws, args.model, args.timed,
+                             args.timed_queries)
             df = pd.DataFrame(rows)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             df.to_csv(args.out, index=False)

@@ -100,6 +100,9 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
             query_index: List[int] = typer.Option(..., "--query-index", "-q", help="query sample index; repeat for a set"),
             k: int = typer.Option(10, help="how many of each"),
             exact: bool = typer.Option(False, "--exact", help="the exact path even when the run has a feature store"),
+            shortlist: Optional[int] = typer.Option(None, "--shortlist", help="with a feature store: rows per side "
+                                                    "the exact path rescores (default 1% of N, at least 100; 0: the "
+                                                    "store alone, approximate)"),
             memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help=MEMORY_HELP),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Print the most helpful and most harmful training samples for query sample(s)."""
@@ -107,7 +110,7 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
     over = _settings("auto", memory_budget, batch_size)
     bar = Bar()
     try:
-        helpful, harmful = top_k(project, run, query_index, k, progress=bar, exact=exact,
+        helpful, harmful = top_k(project, run, query_index, k, progress=bar, exact=exact, rerank=shortlist,
                                  memory_budget=over.memory_budget if memory_budget else None,
                                  batch_size=batch_size)
     finally:

@@ -113,10 +113,15 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
     fast, label = F.fast_query_influence(project, "d", idx)
     assert "rescored by the exact path" in label and "top 10 per side" in label
     order = np.argsort(alone, kind="stable")
-    cand = np.unique(np.concatenate([order[:10], order[-10:]]))
+    helpful, harmful = order[-10:], order[:10]
+    cand = np.union1d(helpful, harmful)
     np.testing.assert_allclose(fast[cand], exact[cand], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    # the other rows keep the store's order, strictly between the two shortlists' exact values
     rest = np.setdiff1d(np.arange(len(exact)), cand)
-    np.testing.assert_array_equal(fast[rest], alone[rest])
+    assert np.all(np.diff(fast[rest][np.argsort(alone[rest], kind="stable")]) >= 0)
+    assert fast[rest].max() < fast[helpful].min() and fast[rest].min() > fast[harmful].max()
+    top = np.argsort(-fast, kind="stable")[:5]
+    assert set(top) <= set(helpful) and set(top) == set(helpful[np.argsort(-exact[helpful])[:5]])
     # through the stored views the same rows differ (what the rescoring fixes)
     q = project.query
     via_views = F.view_rows(ctx, store, q.x[idx], q.y[idx], cand)
@@ -126,7 +131,7 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
     assert store.shortlist() == min(96, F.SHORTLIST_MIN)
 
 
-def test_score_writes_the_store_and_top_k_uses_it(tmp_path):
+def test_score_writes_the_store_and_top_k_uses_it(tmp_path, capsys):
     project = Project(make_tiny_project(tmp_path / "p"))
     run = score(project, "diffin", run="d")
     meta = json.loads((run / "features" / "meta.json").read_text())
@@ -143,6 +148,13 @@ def test_score_writes_the_store_and_top_k_uses_it(tmp_path):
     assert helpful["influence"].is_monotonic_decreasing and harmful["influence"].is_monotonic_increasing
     with pytest.raises(DiffinError, match="out of range"):
         top_k(project, "d", [30], k=5)
+    # the CLI says which path answered; --shortlist 0: the store alone
+    from diffin_core.cli import main
+    main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2"])
+    main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2", "--shortlist", "0"])
+    out = capsys.readouterr().out
+    assert "(fast path: projected features (d = 1024) shortlisted the top 96 per side, rescored by the exact path" in out
+    assert "(fast path: projected features alone" in out
     # --no-features: no store, the exact path
     run2 = score(project, "diffin", run="n", features=False)
     assert not (run2 / "features").exists()
