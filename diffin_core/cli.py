@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -41,11 +42,14 @@ class Bar:
             self.bar.close()
 
 
-def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None):
-    """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64)."""
+def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
+              precision: str = "float32"):
+    """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64, --precision bfloat16)."""
     from .budget import parse_bytes
     from .methods import ScoreSettings
-    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget))
+    from .precision import dtype_of
+    dtype_of(precision)                       # one-line error for an unknown precision
+    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget), precision=precision)
     if batch_size is not None:
         if batch_size < 1:
             from .errors import DiffinError
@@ -55,9 +59,10 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
 
 
 def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
-           features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None) -> Path:
+           features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
+           precision: str = "float32") -> Path:
     from .scoring import score
-    settings = _settings(device, memory_budget, batch_size)
+    settings = _settings(device, memory_budget, batch_size, precision)
     bar = Bar()
     try:
         if ray is not None:
@@ -71,6 +76,8 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
 
 MEMORY_HELP = ("memory the engine may use, e.g. 4GB or 512MB (default: half the free RAM, 80%% of the "
                "free VRAM); sets the chunk sizes, not the scores")
+PRECISION_HELP = ("forward passes that score the training set in bfloat16/float16 (autocast), used only if "
+                  "a check against float32 on 256 rows passes (else float32, with a warning); HVPs stay float32")
 BATCH_HELP = "at most this many training samples per chunk (default 256; the memory budget may use fewer)"
 
 
@@ -86,13 +93,19 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                                                help="skip the feature pass (then `diffin top` takes the exact path)"),
               memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE",
                                                           help=MEMORY_HELP),
-              batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
+              batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
+              precision: str = typer.Option("float32", "--precision", metavar="float32|bfloat16|float16",
+                                            help=PRECISION_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
+    from .precision import summary
     for m in method:
         out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
-                     memory_budget=memory_budget, batch_size=batch_size)
+                     memory_budget=memory_budget, batch_size=batch_size, precision=precision)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
+        line = summary(json.loads((out / "meta.json").read_text()).get("precision"))
+        if line:
+            typer.echo(f"{m}: {line}")
 
 
 @app.command("top")

@@ -215,6 +215,7 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         q = project.query
         out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
     df = scores_frame(project.train, out)
+    from .precision import not_checked
     model = project.build_model()
     meta = {
         "run": run, "method": method, "settings": cfg, "device": "cuda" if gpus else "cpu",
@@ -222,6 +223,7 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         "num_params": int(sum(t.numel() for t in model.parameters())),
         "seconds": round(time.time() - started, 3), "finished": time.time(),
         "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
+        "precision": not_checked(settings, "Ray shards score in float32 (the low-precision check runs on local runs only)"),
     }
     final = write_run(project, run, df, meta, started)
     stages.remove()                      # complete: the resumable stages are not needed

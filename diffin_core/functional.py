@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from . import precision
 from .models import eval_mode
 
 LOSSES = {"cross_entropy"}
@@ -40,7 +41,8 @@ def no_tf32():
         except (RuntimeError, AttributeError):
             pass
     try:
-        yield
+        with precision.full():          # and no bf16/fp16 autocast (precision.py)
+            yield
     finally:
         for backend, value in reversed(saved):
             try:
@@ -122,12 +124,14 @@ class FunctionalModel:
         """Per-sample gradients (B, P) via vmap(grad)."""
         def single(t, xi, yi):
             return self.mean_loss(t, xi.unsqueeze(0), yi.unsqueeze(0))
-        return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y).detach()
+        with precision.autocast():          # low precision only inside precision.lowered
+            return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y).detach()
 
     def directional(self, theta, x, y, v: torch.Tensor) -> torch.Tensor:
         """Per-sample directional derivatives <g_i, v> (B,) in one forward-mode pass (jvp)."""
-        _, d = jvp(lambda t: self.losses(t, x, y), (theta,), (v,))
-        return d.detach()
+        with precision.autocast():          # low precision only inside precision.lowered
+            _, d = jvp(lambda t: self.losses(t, x, y), (theta,), (v,))
+        return d.detach().float() if d.dtype in (torch.bfloat16, torch.float16) else d.detach()
 
     # --- second order -----------------------------------------------------------------------
     def hvp_fd(self, theta, x, y, v, base_grad: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import precision
 from .budget import MemoryPlan, activation_bytes, plan_memory
 from .stages import LazyPlan, Stages, StageSettings
 from .store import CheckpointStore
@@ -184,7 +185,8 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
     infl, selfs, probs = [], [], []
     done = start
     for x, y in _chunks(ctx, start, stop, chunk, workers):
-        i, s = method.chunk(ctx, state, x, y, need_self)
+        with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
+            i, s = method.chunk(ctx, state, x, y, need_self)
         infl.append(i.double().cpu())
         if s is not None:
             selfs.append(s.double().cpu())
@@ -237,6 +239,7 @@ def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) 
     started = time.perf_counter()
     state = prepare(method, ctx, qx, qy, stages, mem)
     ctx.timings = {"plan_s": round(time.perf_counter() - started, 3)}     # meta.json: where time went
+    ctx.precision = precision.decide(method, ctx, state, need_self, mem.chunk(need_self))   # float32 or checked
     n = ctx.n
     if not need_self and per_checkpoint(method, state):
         infl = np.zeros(n)

@@ -209,6 +209,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
                                                "diffin": "0.1.0"},
         "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
         "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
+        "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
     }
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed

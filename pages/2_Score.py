@@ -9,7 +9,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import methodinfo  # noqa: E402
+from diffin_core import methodinfo, precision  # noqa: E402
 from diffin_core.jobs import display_order  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
 
@@ -98,7 +98,8 @@ else:
              "took": ui.fmt_seconds(r.meta.get("seconds")), "device": r.meta.get("device"),
              "checkpoints": r.meta.get("checkpoints"), "train size": r.meta.get("train_size"),
              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("finished", 0))),
-             "settings": methodinfo.settings_text(r.method, r.meta.get("settings", {}))} for r in runs]
+             "settings": " · ".join(filter(None, [methodinfo.settings_text(r.method, r.meta.get("settings", {})),
+                                                    precision.summary(r.meta.get("precision"))]))} for r in runs]
     st.dataframe(pd.DataFrame(rows), key="score_runs", hide_index=True, width="stretch")
     ui.page_link("pages/3_Explore.py", "Next: explore")
     ui.page_link("pages/4_Review.py", "Next: review suspects")

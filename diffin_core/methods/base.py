@@ -40,6 +40,8 @@ class ScoreSettings:
     device: str = "auto"
     memory_budget: int = 0         # bytes the engine's tensors may use (0 = auto: half the free RAM,
                                    # 80% of the free VRAM); sets the chunks (budget.py), not the scores
+    precision: str = "float32"     # "bfloat16" / "float16": the scoring forward passes under autocast,
+                                   # only after a check against float32 passes (precision.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +99,7 @@ class Context:
     files: Sequence[str] | None = None    # checkpoint file names, for messages
     memory: object | None = None          # budget.MemoryPlan of the running method (set by runner.run)
     stages: object | None = None          # stages.Stages: where a resumable job saves its stages
+    precision: dict | None = None         # precision.decide's record: the precision used, the check
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
