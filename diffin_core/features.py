@@ -80,7 +80,7 @@ def hessian_views(ctx, rank: int, seed: int = 0, progress=None) -> dict[int, Spe
         if ctx.bounds is not None and ctx.bounds[k + 1] <= ctx.bounds[k]:
             continue                                   # owns no step: not in any plan
         start = random_start(ctx, k, salt=1000 + seed)
-        views[k], _ = hessian_view(ctx, k, start, ctx.sample_batch(ctx.settings.hessian_batch, k), steps=int(rank))
+        views[k], _ = hessian_view(ctx, k, start, ctx.sample_batch(ctx.hessian_rows, k), steps=int(rank))
         if progress:
             progress(0, ctx.n, f"features: Hessian view of checkpoint {k + 1}/{ctx.m}")
     return views

@@ -215,7 +215,7 @@ def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[Plan
     segment operator of ``hessian_matvec(ctx, k, ...)`` (the symmetrised D^1/2 H D^1/2 for Adam);
     ``starts`` are the query's adjoints in that space ((P,) tensors), which a precomputed,
     query-independent view may ignore. Without it the view is Lanczos from those starts on
-    ``settings.hessian_batch`` samples (seeded per checkpoint).
+    ``ctx.hessian_rows`` samples (settings.hessian_batch; more for BatchNorm nets; seeded).
     """
     carry = plan_start(ctx, u)
     plan: list[PlanItem] = []
@@ -247,7 +247,7 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     if view_fn is not None:
         view = view_fn(k, starts)
     else:
-        view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.settings.hessian_batch, k))
+        view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.hessian_rows, k))
     W, C = segment_coefficients(view.values.double().cpu().numpy(), ctx.step_lrs[lo:hi], lo, ctx.recipe)
     dev, dt = view.vectors.device, view.vectors.dtype
     op = SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S)

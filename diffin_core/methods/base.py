@@ -27,6 +27,8 @@ class ScoreSettings:
     batch_size: int = 256          # at most this many training samples per chunk (the memory
                                    # budget may choose fewer; per-sample gradients live per chunk)
     hessian_batch: int = 256       # samples in the fixed batch whose Hessian Diff-In propagates through
+    bn_hessian_batch: int = 1024   # at least this many for nets with BatchNorm (0: hessian_batch): from 256
+                                   # samples their Hessian was measured too noisy (benchmarks/recipes.py)
     lanczos_steps: int = 10        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
     eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
     hvp: str = "fd"                # "fd": finite differences of gradients (paper Eq. 6, one extra
@@ -104,6 +106,16 @@ class Context:
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
         return self.fm if self.buffers is None else self.fm.with_buffers(self.buffers[k])
+
+    @property
+    def hessian_rows(self) -> int:
+        """Rows of the fixed Hessian batch: settings.hessian_batch, raised to bn_hessian_batch for
+        a model with BatchNorm (capped at N by sample_batch)."""
+        rows = self.settings.hessian_batch
+        bn = torch.nn.modules.batchnorm._BatchNorm
+        if self.fm.buffers and any(isinstance(m, bn) for m in self.fm.model.modules()):
+            rows = max(rows, self.settings.bn_hessian_batch)
+        return rows
 
     def label(self, k: int) -> str:
         """'checkpoint 3/10 (step 200, ckpt_000200.safetensors)' for one-line messages."""

@@ -57,7 +57,7 @@ class InfluenceFunction(Attributor):
             view = SpectralView(values, vectors)
             direction = view.apply(inv, gq)
         else:
-            x, y = ctx.sample_batch(s.hessian_batch, ctx.m - 1)
+            x, y = ctx.sample_batch(ctx.hessian_rows, ctx.m - 1)
             direction = conjugate_gradient(lambda v: ctx.fm.hvp_exact(theta, x, y, v) + s.damping * v, gq, s.cg_iters)
             view = lanczos(lambda v: ctx.fm.hvp_exact(theta, x, y, v), torch.randn_like(theta), s.lanczos_steps)
         return direction / ctx.n, view, inv
