@@ -2,7 +2,8 @@
 
 Part 1 (modes): the BatchNorm recipes of benchmarks/recipes.py (BatchNorm1d MLP, BatchNorm2d CNN;
 torch SGD + momentum 0.9, cosine, float64, recorded every 10 steps), 120 truths each (trajectory
-leave-one-out), Diff-In at 5 and 20 checkpoints with BatchNorm linearised as
+leave-one-out), Diff-In at 5 and 20 checkpoints, Hessian batch 256 or the default for BatchNorm
+nets (bn_hessian_batch 1024, here all 800 samples), with BatchNorm linearised as
   eval          eval mode, each checkpoint's own running statistics (the product's path)
   recalibrated  eval mode, statistics recomputed per checkpoint from 256 training samples
   train         batch statistics throughout (batchnorm.train_mode_influence: train-mode HVPs,
@@ -14,7 +15,7 @@ counted b/N in every batch, all a checkpoint estimator can know), for the MLP at
 constant lr, against 40 truths.
 
     python benchmarks/batchnorm_modes.py  -> benchmarks/results/batchnorm_modes.csv + .png
-CSV columns: part, model, variant, checkpoints, spearman, pearson.
+CSV columns: part, model, variant, checkpoints, hessian_rows, spearman, pearson.
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def modes(rows, name, recipe, tmp):
     for count in (5, 20):
         idx = sorted({int(round(i)) for i in np.linspace(0, len(m.checkpoints) - 1, count)})
         sub = replace(m, checkpoints=[m.checkpoints[i] for i in idx])
-        for variant in ("eval", "recalibrated", "train"):
-            ctx = manifest_context(recipe.model_fn(), sub, case["train"], ScoreSettings(device="cpu"))
+        for rows_, variant in [(r, v) for r in (256, 1024) for v in ("eval", "recalibrated", "train")]:
+            settings = ScoreSettings(device="cpu", hessian_batch=256, bn_hessian_batch=0 if rows_ == 256 else rows_)
+            ctx = manifest_context(recipe.model_fn(), sub, case["train"], settings)
             if variant == "train":
                 est = train_mode_influence(ctx, case["query"].x, case["query"].y, sx, sy).cpu().numpy()
             else:
@@ -75,7 +77,8 @@ def modes(rows, name, recipe, tmp):
                 est = run_method(ctx, "diffin", case["query"].x, case["query"].y, need_self=False)["influence"]
                 est = est[case["samples"]]
             rows.append(dict(part="modes", model=name, variant=variant, checkpoints=len(idx),
-                             spearman=spearmanr(est, case["truth"])[0], pearson=pearsonr(est, case["truth"])[0]))
+                             hessian_rows=min(ctx.hessian_rows, ctx.n), spearman=spearmanr(est, case["truth"])[0],
+                             pearson=pearsonr(est, case["truth"])[0]))
             print(rows[-1], flush=True)
 
 
@@ -138,7 +141,7 @@ def ceiling(rows):
         for expected in (False, True):
             d = exact_derivative(recipe, lrs, x, y, qx, qy, batches, expected)[samples]
             rows.append(dict(part="ceiling", model=f"mlp-{sched}-lr", variant="expected" if expected else "exact",
-                             checkpoints=len(batches) + 1, spearman=spearmanr(d, truth)[0],
+                             checkpoints=len(batches) + 1, hessian_rows=0, spearman=spearmanr(d, truth)[0],
                              pearson=pearsonr(d, truth)[0]))
             print(rows[-1], flush=True)
 
@@ -160,13 +163,14 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw=dict(width_ratios=[2, 1]))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), gridspec_kw=dict(width_ratios=[3, 1]))
     sub = df[df.part == "modes"]
-    labels = [f"{r.model}\n{r.checkpoints} ckpts" for r in sub.drop_duplicates(["model", "checkpoints"]).itertuples()]
+    groups = sub.drop_duplicates(["model", "checkpoints", "hessian_rows"])
+    labels = [f"{r.model}\n{r.checkpoints} ckpts\nH batch {r.hessian_rows}" for r in groups.itertuples()]
     for i, v in enumerate(("eval", "recalibrated", "train")):
         vals = sub[sub.variant == v].spearman.to_numpy()
         axes[0].bar(np.arange(len(vals)) + (i - 1) * 0.27, vals, 0.27, label=v)
-    axes[0].set_xticks(np.arange(len(labels)), labels, fontsize=8)
+    axes[0].set_xticks(np.arange(len(labels)), labels, fontsize=7)
     axes[0].axhline(0.8, color="k", lw=0.6, ls="--")
     axes[0].set_ylabel("Spearman vs leave-one-out (120 samples)")
     axes[0].set_title("Diff-In with BatchNorm linearised as ...")
