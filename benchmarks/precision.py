@@ -2,6 +2,7 @@
 
     python benchmarks/precision.py                         # CPU: float32 vs bfloat16, ~5 min on 2 cores
     python benchmarks/precision.py --device cuda --precisions float32,bfloat16,float16
+    python benchmarks/precision.py --precisions float32,float16 --paths influence --name precision_float16
 
 For each precision, Diff-In on the sample project (MNIST 4k, SmallCNN, 12 checkpoints, 10% flipped
 labels) along two paths: ``influence`` (one query set's influence over the training set, jvp)
@@ -66,6 +67,7 @@ def main():
     ap.add_argument("--precisions", default="float32,bfloat16")
     ap.add_argument("--paths", default="influence,score")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--name", default=None, help="file stem (default precision, precision_<device>)")
     args = ap.parse_args()
     project = Project(SAMPLE_DIR / "mnist")
     noisy = project.train.true_y != project.train.y
@@ -93,7 +95,7 @@ def main():
     df = pd.DataFrame(rows)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "precision" if args.device == "cpu" else f"precision_{args.device}"
+    name = args.name or ("precision" if args.device == "cpu" else f"precision_{args.device}")
     df.to_csv(out_dir / f"{name}.csv", index=False)
     plot(df, out_dir / f"{name}.png")
     print(df.to_string(index=False))

@@ -11,7 +11,8 @@ propagation: made before scoring), the products of per-sample gradients with w_k
 vectors (outside autocast), the final predictions, and anything inside ``functional.no_tf32``
 (finite differences switch autocast off).
 
-The check (``decide``, run once before the walk): ``SAMPLE_ROWS`` training rows drawn with
+The check (``decide``, run by runner.run before each scoring walk; meta.json keeps the main
+walk's): ``SAMPLE_ROWS`` training rows drawn with
 ``settings.seed`` are scored with the run's plan in float32 and in the low precision. The low
 precision is used only if, for the influence (and the self-influence when the run scores it):
   * relative L2 error ||s_low - s_32|| / ||s_32|| <= 0.05: bfloat16 rounds to 2^-8 (0.4%) per
@@ -19,8 +20,8 @@ precision is used only if, for the influence (and the self-influence when the ru
     rounding and rejects systematic damage (float16 overflow, saturated layers, a model whose
     logits lose their digits);
   * Spearman rank correlation >= 0.99, errors under delta = 1% of the float32 RMS score
-    forgiven (ties): people read rankings (top-k tables, label-issue lists), but differences under 1% of
-    the typical score are far below what the estimator resolves (Diff-In's rank agreement with
+    forgiven (ties): people read rankings (top-k tables, label-issue lists), but differences
+    under 1% of the typical score are far below what the estimator resolves (Diff-In's rank agreement with
     leave-one-out retraining is ~0.95 on the digits benchmarks), so their order is noise in
     either precision (a small CNN's scores sit in tight per-class clusters whose inner order
     bf16 reshuffles: plain Spearman 0.98 at a 0.14% L2 error); 0.99 keeps the rounding's rank
