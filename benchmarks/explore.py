@@ -324,6 +324,7 @@ def main():
                     help="mlp: MLP 784-32-10 retrained on the sample digits (default; CPU-sized); "
                          "cnn: the sample project's own SmallCNN")
     ap.add_argument("--out", type=Path, default=RESULTS / "explore.csv")
+    ap.add_argument("--append", action="store_true", help="keep the CSV's rows of other N")
     args = ap.parse_args()
     torch.manual_seed(0)
     log(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
@@ -331,6 +332,9 @@ def main():
         ws = (args.workspace or Path(tmp)).resolve()
         ws.mkdir(parents=True, exist_ok=True)
         rows = []
+        if args.append and args.out.is_file():
+            old = pd.read_csv(args.out)
+            rows = old[~old["N"].isin(args.n)].to_dict("records")
         for n, nq in zip(args.n, args.queries + args.queries[-1:] * len(args.n)):
             build_case(n, nq, max(args.dims), args.rank, ws, args.chunk, args.model)
             rows += evaluate(n, sorted(args.dims), sorted(args.fractions), ws, args.model, args.timed,
