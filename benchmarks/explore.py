@@ -15,7 +15,8 @@ and harmful and over the queries, where fast = the store's ranking with its top 
 rescored by the exact path (features.fast_query_influence; the rescored values are the exact
 ones, checked); topk_overlap_store_only and spearman_vs_exact (all N): the store alone.
 query_ms: median wall time of fast_query_influence for a new query at the timed shortlist
-(plan_ms, store_ms, rescore_ms: its parts); feature_pass_s: the pass at this N (views, per-sample
+(plan_ms, store_ms, rescore_ms: its parts, wall); query_cpu_ms: the same call's process CPU time
+(one thread: what it takes on an idle core; on this shared machine wall time is 2-10x that); feature_pass_s: the pass at this N (views, per-sample
 gradients, sketch, at the largest d); store_mb: the store with d columns (Hessian views included).
 Writes benchmarks/results/explore.csv and explore.png.
 """
@@ -238,19 +239,20 @@ def evaluate(n: int, dims: list[int], fractions: list[float], ws: Path, model: s
                 fast = F.merge_rescored(proj[:, j], helpful, harmful, cand, exact[cand, j])
                 ovs.append(overlap(fast, exact[:, j]))
             row = {"model": model, "N": n, "d": d, "view_rank": full["settings"]["view_rank"], "shortlist": c,
-                   "queries": len(queries), "timed_queries": np.nan, "query_ms": np.nan, "topk_overlap": round(float(np.mean(ovs)), 3),
+                   "queries": len(queries), "timed_queries": np.nan, "query_ms": np.nan, "query_cpu_ms": np.nan, "topk_overlap": round(float(np.mean(ovs)), 3),
                    "topk_overlap_min": round(float(np.min(ovs)), 3), "topk_overlap_store_only": round(ov0, 3),
                    "spearman_vs_exact": round(rho, 3), "feature_pass_s": round(pass_s, 1),
                    "store_mb": store.meta["store_mb"], "plan_ms": np.nan, "store_ms": np.nan, "rescore_ms": np.nan}
             if frac == timed:
                 F.fast_query_influence(project, run.name, [int(queries[0])], store=store, rerank=c)  # warm: context
                 ctx = F._context(project, run.name)
-                t, parts = [], []
+                t, cpu, parts = [], [], []
                 for j, qi in enumerate(queries[:timed_queries]):
                     F._PLANS.clear()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     got, _ = F.fast_query_influence(project, run.name, [int(qi)], store=store, rerank=c)
                     t.append((time.perf_counter() - t0) * 1000)
+                    cpu.append((time.process_time() - c0) * 1000)
                     if j == 0:                        # the rescored rows are the exact path's values
                         cand = np.union1d(*F.shortlists(proj[:, 0], c))
                         err = np.abs(got[cand] - exact[cand, 0]).max() / np.abs(exact[:, 0]).max()
@@ -266,7 +268,8 @@ def evaluate(n: int, dims: list[int], fractions: list[float], ws: Path, model: s
                     t3 = time.perf_counter()
                     parts.append(((t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000))
                 med = np.median(np.array(parts), 0)
-                row.update(timed_queries=len(t), query_ms=round(statistics.median(t), 1), store_ms=round(med[0], 1),
+                row.update(timed_queries=len(t), query_ms=round(statistics.median(t), 1),
+                           query_cpu_ms=round(statistics.median(cpu), 1), store_ms=round(med[0], 1),
                            plan_ms=round(med[1], 1), rescore_ms=round(med[2], 1))
             log(f"  {row}")
             rows.append(row)

@@ -114,7 +114,7 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
             k: int = typer.Option(10, help="how many of each"),
             exact: bool = typer.Option(False, "--exact", help="the exact path even when the run has a feature store"),
             shortlist: Optional[int] = typer.Option(None, "--shortlist", help="with a feature store: rows per side "
-                                                    "the exact path rescores (default 1% of N, at least 100; 0: the "
+                                                    "the exact path rescores (default 2% of N, at least 100; 0: the "
                                                     "store alone, approximate)"),
             memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help=MEMORY_HELP),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
@@ -138,7 +138,7 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
 @app.command("features")
 def features_cmd(project: Path = typer.Argument(..., help="project folder"),
                  run: str = typer.Option(..., help="a finished diffin run"),
-                 dim: int = typer.Option(1024, help="projection dimension d"),
+                 dim: int = typer.Option(2048, help="sketch dimension d"),
                  rank: int = typer.Option(32, help="stored Hessian eigenpairs per checkpoint")):
     """(Re)build a run's feature store (part of `diffin score` unless --no-features)."""
     from .features import FeatureSettings, build_for_run

@@ -153,7 +153,7 @@ def test_score_writes_the_store_and_top_k_uses_it(tmp_path, capsys):
     main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2"])
     main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2", "--shortlist", "0"])
     out = capsys.readouterr().out
-    assert "(fast path: projected features (d = 1024) shortlisted the top 96 per side, rescored by the exact path" in out
+    assert "(fast path: projected features (d = 2048) shortlisted the top 96 per side, rescored by the exact path" in out
     assert "(fast path: projected features alone" in out
     # --no-features: no store, the exact path
     run2 = score(project, "diffin", run="n", features=False)
