@@ -465,6 +465,9 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
         raise DiffinError("choose at least one query sample")
     if idx.min() < 0 or idx.max() >= nq:
         raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
+    cached = rescored_path(project, run, idx)
+    if rerank is None and cached.is_file():               # rescored before (rescore_for): no model run
+        return np.load(cached), store.label()
     infl = store.query_influence(idx)
     r = store.shortlist() if rerank is None else int(rerank)
     if r > 0 and len(infl):
@@ -476,6 +479,30 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
         plan = exact_plan(ctx, q.x[idx], q.y[idx], key)
         infl = merge_rescored(infl, helpful, harmful, cand, rescore_rows(ctx, plan, cand))
     return infl, store.label(r)
+
+
+def rescored_path(project, run: str, query_indices) -> Path:
+    """Where a query set's rescored influence (N,) is cached (.npy, under the store: a rebuilt
+    store drops it)."""
+    key = "q" + "_".join(map(str, sorted(set(int(i) for i in np.atleast_1d(query_indices)))))
+    if len(key) > 100:
+        import hashlib
+        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
+    return project.run(run).path / DIRNAME / "rescored" / f"{key}.npy"
+
+
+def rescore_for(root: str, run: str, query_indices, progress=None) -> str:
+    """The app's background job (usercode child: it runs the model): the fast top-k with the
+    store's default shortlist rescored by the exact path, cached atomically for
+    fast_query_influence. Returns the cache path."""
+    from .atomic import atomic_path
+    from .project import Project
+    project = Project(root)
+    infl, _ = fast_query_influence(project, run, query_indices)
+    out = rescored_path(project, run, query_indices)
+    with atomic_path(out) as tmp:
+        np.save(tmp, infl)
+    return str(out)
 
 
 def shortlists(approx: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
 from _common import influence_views as iv  # noqa: E402
 from diffin_core import compare, maps  # noqa: E402
+from diffin_core import features as F  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 from diffin_core.scoring import top_k, topk_cache_path  # noqa: E402
 
@@ -19,6 +20,37 @@ scores = ui.scores(project, run)
 jm = ui.job_manager()
 st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")
 # Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
+
+
+def rescore_grid(project, run: str, qi: int) -> None:
+    """A button that rescores the store's shortlist for query ``qi`` by the exact path in the
+    background worker's child process (the model never runs in the server); the grid then
+    redraws from the cache that job writes (features.rescore_for)."""
+    jkey = f"explore_rescore_job_{run}_{qi}"
+    info = jm.get(st.session_state.get(jkey, ""))
+    if info is None or info.status == "cancelled":
+        if st.button("Rescore with the exact path", key="explore_rescore",
+                     help="Runs the exact path's own plan for this query and rescores the store's shortlist "
+                          "(top 2% per side) in the background; the grid then shows exact values."):
+            st.session_state[jkey] = jm.submit_child(
+                "rescore", "diffin_core.features:rescore_for", (str(project.root), run, [int(qi)]),
+                label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
+                with_progress=False)
+            st.rerun()
+        return
+    if info.status == "failed":
+        st.error(f"Rescoring failed: {info.error}")
+        return
+
+    @st.fragment(run_every=1.0)
+    def wait():
+        job = jm.get(st.session_state[jkey])
+        if job is None or job.status not in ("queued", "running"):
+            st.rerun()
+        st.caption(f"Rescoring the shortlist with the exact path in the background: {job.status}")
+    wait()
+
+
 VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs", "Training sample", "Class heatmap"]
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
 MAP_POINTS = 20_000
@@ -72,9 +104,10 @@ if view == VIEWS[0]:
                                 f"in the background (cached afterwards): {job.status} · {job.message}")
                 topk_progress()
             st.stop()
+        rescored = fast and F.rescored_path(project, run, [int(qi)]).is_file()
         try:
-            # from the store alone (rerank=0): no model code runs in the server process
-            helpful, harmful = top_k(project, run, [int(qi)], int(k), rerank=0 if fast else None)
+            # from the store alone (rerank=0), or its rescored cache: no model code in the server
+            helpful, harmful = top_k(project, run, [int(qi)], int(k), rerank=None if (rescored or not fast) else 0)
         except DiffinError as e:
             st.error(str(e))
         else:
@@ -83,6 +116,8 @@ if view == VIEWS[0]:
                 truth = scores.set_index("sample_id")["true_label"]
                 helpful, harmful = (t.assign(true_label=truth.loc[t["sample_id"]].to_numpy()) for t in (helpful, harmful))
             st.caption(f"Produced by the {path}.")
+            if fast and not rescored:
+                rescore_grid(project, run, int(qi))
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
             ui.sample_grid(project, helpful)
             st.markdown("**Most harmful** (removing them would lower this query's loss)")

@@ -127,3 +127,32 @@ def test_review_card_shows_the_reverse_view(tiny, jobs):
     np.testing.assert_allclose(arr(bars["y"]), parts["contribution"], rtol=1e-5)   # cached as JSON (10 digits)
     cards = [t for t in texts(at.caption) if t.startswith("query #")]
     assert len(cards) == 12 and int(cards[0].split()[1][1:]) == int(np.argmax(store.reverse(sid)))
+
+
+def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny, jobs):
+    """The grid from the store alone offers 'Rescore with the exact path': a background job (the
+    model runs in the worker's child) caches the rescored influence; the grid then shows it,
+    labelled, equal to features.fast_query_influence with the store's shortlist."""
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(6).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    assert any("approximate, not rescored" in t for t in texts(at.caption))
+    at.button(key="explore_rescore").click().run()
+    assert not at.exception
+    (job,) = jobs.list()
+    assert job.kind == "rescore"
+    assert jobs.wait(job.id, timeout=300).status == "done", jobs.get(job.id).error
+    at.run()
+    assert not at.exception
+    assert any(t.startswith("Produced by the fast path") and "rescored by the exact path" in t
+               for t in texts(at.caption))
+    project = Project(tiny)
+    cached = np.load(F.rescored_path(project, "diffin-1", [6]))
+    F._PLANS.clear()
+    fresh, _ = F.fast_query_influence(project, "diffin-1", [6], rerank=F.FeatureStore.open(project, "diffin-1").shortlist())
+    np.testing.assert_allclose(cached, fresh, rtol=1e-6, atol=1e-12)
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    order = np.argsort(-cached, kind="stable")
+    assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
+    assert not any(b.key == "explore_rescore" for b in at.button)       # done: no second button

@@ -126,6 +126,17 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
     q = project.query
     via_views = F.view_rows(ctx, store, q.x[idx], q.y[idx], cand)
     assert np.abs(via_views - exact[cand]).max() > 1e-3 * np.abs(exact).max()
+    # rescore_for (the app's job) caches the rescored influence; later calls read it, no model run
+    path = F.rescore_for(str(root), "d", idx)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(F, "exact_plan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model ran")))
+    try:
+        cached, label_c = F.fast_query_influence(project, "d", idx)
+    finally:
+        monkey.undo()
+    np.testing.assert_array_equal(cached, np.load(path))
+    np.testing.assert_allclose(cached, fast, rtol=1e-6, atol=1e-12)
+    assert label_c == label
     # the default shortlist is a share of N with a floor
     store.meta["settings"]["rerank"] = -1
     assert store.shortlist() == min(96, F.SHORTLIST_MIN)
