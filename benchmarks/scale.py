@@ -114,12 +114,18 @@ def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int
     from diffin_core.models import SmallCNN, build_resnet18  # noqa: F401  (the factory's names)
     torch.manual_seed(seed)
     net = eval(FACTORIES[model])
-    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    every, batch = 2, 32
-    net.train()
+    # the ResNet's few steps are taken in eval mode (BatchNorm statistics frozen, as the engine
+    # evaluates every checkpoint) on batches of the query rows with a small lr, so that its query
+    # loss falls from checkpoint to checkpoint as a trained model's does: otherwise it rose, and
+    # Diff-In's label issue then pays a second self-influence pass up to the lowest-loss checkpoint
+    lr, every = (0.005, 2) if model == "resnet18" else (0.05, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    batch = 32
+    net.train(model != "resnet18")
     with Recorder(root, net, opt, train_size=n, every=every) as rec:
         for s in range(every * (checkpoints - 1)):
-            idx = np.sort(rng.choice(min(n, 4096), min(batch, n), replace=False))
+            pool = np.sort(qi) if model == "resnet18" else np.arange(min(n, 4096))   # the ResNet: on the query rows
+            idx = np.sort(rng.choice(pool, min(batch, len(pool)), replace=False))
             xb = torch.as_tensor(np.asarray(x[idx], dtype=np.float32) / 255.0)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(xb), torch.as_tensor(y[idx])).backward()

@@ -36,6 +36,14 @@ FIXED_VECTORS = 10       # model weights, the carried query vectors, HVP and Gra
 MIN_BUDGET = 64 * 2**20
 HEADROOM = 0.85          # plan with 85% of the budget: the allocator's slack and small temporaries
                          # (measured: peak RSS rose 8-12% above the planned bytes without it)
+# Diff-In's Hessian views cost hessian_batch x (HVPs + 1) gradient rows per checkpoint, whatever N.
+# Below HESSIAN_FREE_WORK (batch x HVPs x P, a few CPU seconds) the requested batch is kept; above
+# it the batch is cut so that the views take at most HESSIAN_SHARE of one pass over the training
+# set per checkpoint (never below HESSIAN_MIN_BATCH). Small models and large N keep the default
+# 256 (BatchNorm nets their bn_hessian_batch); a ResNet-18 (P = 11.2M) on N = 1,000 gets 32.
+HESSIAN_FREE_WORK = 2e9
+HESSIAN_SHARE = 0.5
+HESSIAN_MIN_BATCH = 32
 BATCH_ROWS = 64          # rows per slice of a batch gradient / HVP (fixed, so that the budget does
                          # not change finite-difference HVPs' rounding); fewer only when it must
 
@@ -111,6 +119,7 @@ class MemoryPlan:
     fixed_bytes: int = 0      # estimated bytes besides the rows and the cached checkpoints
     checkpoint_bytes: int = 0  # estimated bytes per cached checkpoint (theta_k + its plan entry)
     batch_rows: int = BATCH_ROWS  # rows per slice of batch gradients / HVPs (query, Hessian batch)
+    hessian_batch: int = 0    # the Hessian rows when hessian_batch_for cut them; 0 = not cut
 
     def chunk(self, need_self: bool) -> int:
         return self.grad_chunk if need_self else self.jvp_chunk
@@ -151,3 +160,36 @@ def plan_memory(num_params: int, act_bytes: int, method: str, need_self: bool = 
     batch_rows = int(max(1, min(BATCH_ROWS, room // row_jvp)))   # never live with per-sample rows
     return MemoryPlan(budget, num_params, int(grad_chunk), int(jvp_chunk), cached, int(row_grad), int(row_jvp),
                       fixed_bytes=int(fixed - per_ckpt), checkpoint_bytes=int(per_ckpt), batch_rows=batch_rows)
+
+
+def hessian_batch_for(requested: int, num_params: int, n: int, lanczos_steps: int) -> int:
+    """The Hessian batch Diff-In's views use: ``requested`` unless requested x HVPs x P exceeds
+    HESSIAN_FREE_WORK, then at most HESSIAN_SHARE * n / (HVPs + 1) rows (>= HESSIAN_MIN_BATCH).
+    HVPs = lanczos_steps plus half as many for momentum's second start."""
+    requested = int(requested)
+    hvps = int(lanczos_steps) + int(lanczos_steps) // 2
+    if requested * hvps * int(num_params) <= HESSIAN_FREE_WORK:
+        return requested
+    return int(min(requested, max(HESSIAN_MIN_BATCH, int(HESSIAN_SHARE * n) // (hvps + 1))))
+
+
+_LIBC: list = []
+
+
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Chunk after chunk of activations (a few MB each, above glibc's dynamic mmap threshold once it
+    has risen) fragments the heap: without this the influence walk over 1M rows crept from
+    ~300 to ~570 MB of anonymous RSS during one checkpoint (the CNN of benchmarks/scale.py);
+    trimmed every few chunks it stayed flat at ~250 MB."""
+    if not _LIBC:
+        try:
+            import ctypes
+            import ctypes.util
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(lib.malloc_trim if hasattr(lib, "malloc_trim") else None)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    if _LIBC[0] is not None:
+        _LIBC[0](0)

@@ -93,16 +93,11 @@ class Scorer:
     def _configure(self, method: Attributor):
         """The context set up as ``runner.run`` sets it before a run (memory plan, batch-gradient
         slicing, cached checkpoints): the same rounding as a local run, hence the same scores."""
-        from .runner import memory_plan
-        from .store import CheckpointStore
+        from .runner import configure, memory_plan
         if method.name not in self.mem:
             self.mem[method.name] = memory_plan(method, self.ctx, True)
         mem = self.mem[method.name]
-        if hasattr(self.ctx, "memory"):
-            self.ctx.memory = mem
-        self.ctx.fm.max_rows = mem.batch_rows
-        if isinstance(self.ctx.thetas, CheckpointStore):
-            self.ctx.thetas.keep = mem.cached_checkpoints
+        configure(self.ctx, mem)
         return mem
 
     def plan(self, method: str):

@@ -30,17 +30,19 @@ import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import precision
-from .budget import MemoryPlan, activation_bytes, plan_memory
+from .budget import MemoryPlan, activation_bytes, hessian_batch_for, plan_memory, trim_heap
 from .stages import LazyPlan, Stages, StageSettings
 from .store import CheckpointStore
 
 SHARD_CHUNKS = 16          # chunks per saved row range (resume granularity of the self path)
+TRIM_CHUNKS = 8            # chunks between returning the C heap's free pages (budget.trim_heap)
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -59,10 +61,27 @@ def memory_plan(method, ctx, need_self: bool) -> MemoryPlan:
     dtype = _dtype(ctx)
     probe = torch.as_tensor(np.asarray(ctx.train.x[:1], dtype=np.float32), device=ctx.device, dtype=dtype)
     act = activation_bytes(ctx.fm.model, probe)
-    return plan_memory(ctx.fm.num_params, act, getattr(method, "name", ""), need_self,
-                       budget=int(getattr(s, "memory_budget", 0) or 0), batch_size=int(s.batch_size),
-                       checkpoints=len(ctx.thetas), plan_vectors=plan_vectors(method, ctx), device=ctx.device,
-                       dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+    mem = plan_memory(ctx.fm.num_params, act, getattr(method, "name", ""), need_self,
+                      budget=int(getattr(s, "memory_budget", 0) or 0), batch_size=int(s.batch_size),
+                      checkpoints=len(ctx.thetas), plan_vectors=plan_vectors(method, ctx), device=ctx.device,
+                      dtype_bytes=torch.tensor([], dtype=dtype).element_size())
+    rows = int(getattr(ctx, "hessian_rows", s.hessian_batch))     # BatchNorm nets ask for more
+    hb = hessian_batch_for(rows, ctx.fm.num_params, ctx.n, int(getattr(s, "lanczos_steps", 10)))
+    return replace(mem, hessian_batch=hb if hb != rows else 0)
+
+
+def configure(ctx, mem: MemoryPlan) -> None:
+    """Set the context up for ``mem``: chunks, HVP slices, cached checkpoints and the Hessian
+    batch (when the plan cut it: a copy of the settings with hessian_batch = the cut and the
+    BatchNorm raise off; the caller's object is not touched)."""
+    if hasattr(ctx, "memory"):
+        ctx.memory = mem                                  # Context.chunks / mean_grad use it
+    ctx.fm.max_rows = mem.batch_rows                      # batch gradients / HVPs sliced to fit
+    if isinstance(ctx.thetas, CheckpointStore):
+        ctx.thetas.keep = mem.cached_checkpoints
+    if mem.hessian_batch and int(getattr(ctx, "hessian_rows", ctx.settings.hessian_batch)) != mem.hessian_batch:
+        extra = {"bn_hessian_batch": 0} if hasattr(ctx.settings, "bn_hessian_batch") else {}
+        ctx.settings = replace(ctx.settings, hessian_batch=mem.hessian_batch, **extra)
 
 
 # --- stage 1: the plan --------------------------------------------------------------------------
@@ -184,7 +203,9 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
     chunk = int(chunk or ctx.settings.batch_size)
     infl, selfs, probs = [], [], []
     done = start
-    for x, y in _chunks(ctx, start, stop, chunk, workers):
+    for j, (x, y) in enumerate(_chunks(ctx, start, stop, chunk, workers)):
+        if j % TRIM_CHUNKS == TRIM_CHUNKS - 1:
+            trim_heap()                                   # RSS flat in N (budget.trim_heap)
         with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
             i, s = method.chunk(ctx, state, x, y, need_self)
         infl.append(i.double().cpu())
@@ -230,11 +251,7 @@ def run(method, ctx, qx, qy, need_self: bool = True, stages: Stages | None = Non
 
 
 def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) -> dict[str, np.ndarray]:
-    if hasattr(ctx, "memory"):
-        ctx.memory = mem                                  # Context.chunks / mean_grad use it
-    ctx.fm.max_rows = mem.batch_rows                      # batch gradients / HVPs sliced to fit
-    if isinstance(ctx.thetas, CheckpointStore):
-        ctx.thetas.keep = mem.cached_checkpoints
+    configure(ctx, mem)
     ctx.progress(0, ctx.n, f"{method.name}: preparing query vectors")
     started = time.perf_counter()
     state = prepare(method, ctx, qx, qy, stages, mem)
