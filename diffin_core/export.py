@@ -22,6 +22,13 @@ Other combinations convert from the original arrays (never the engine's float32 
 * ``imagefolder``: a zip of ``<class_name>/<sample_id>.png``; x is reshaped to image_shape
   (C, H, W), C in {1, 3}; float data with max <= 1 is scaled to 0-255, uint8 is kept.
 
+Streaming: ``x`` may be a streamed split's lazy ``sources.RowArray``; then nothing of the size
+of the split is materialised: rows are read, filtered and written ``CHUNK_BYTES`` at a time
+(npz members written through the zip stream, csv appended, parquet row groups, PNGs one by
+one), and a memory-mapped source (an uncompressed .npz member, a folder's x.npy) is read
+through ``sources.ArraySource`` in its stored dtype. A faithful npz copy streams every member,
+a faithful parquet copy goes row group by row group.
+
 Without ``source`` the arrays given are written the same way. Next to the export, ``<stem>.decisions.json`` records every
 sample's final state, the counts and the caller's ``manifest_extra`` (run, method, score
 columns, settings). Both files are written atomically; an error leaves neither behind.
@@ -42,9 +49,11 @@ import pandas as pd
 
 from diffin_core.atomic import atomic_path
 from diffin_core.errors import DiffinError
+from diffin_core.sources import ArraySource, RowArray
 
 FORMATS = ("npz", "csv", "parquet", "imagefolder")
 IMAGES_SUFFIX = ".images.zip"      # an uploaded ImageFolder zip, kept beside its npz
+CHUNK_BYTES = 64 * 2**20           # streamed exports: rows read and written per chunk
 
 
 @dataclass(frozen=True)
@@ -69,8 +78,11 @@ class Source:
 
 def project_source(project, split: str = "train") -> Source | None:
     """The ``Source`` of a project's split (``[data] train`` / ``query``): an .npz, .csv or
-    .parquet file; None for other sources (folders: exports then write the arrays given)."""
+    .parquet file or a folder with x.npy (converted from x.npy's stored dtype); None for other
+    sources (image folders: exports then write the arrays given)."""
     path = project.path(project.config["data"][split])
+    if path.is_dir() and (path / "x.npy").is_file():        # a folder of .npy: x.npy's stored dtype
+        return Source(path, project.label_column)
     if not path.is_file() or path.suffix.lower() not in (".npz", ".csv", ".parquet"):
         return None
     return Source(path, project.label_column)
@@ -83,7 +95,9 @@ def manifest_path(out_path: str | Path) -> Path:
 
 
 def _check_rows(x, y, sample_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    x, y, ids = np.asarray(x), np.asarray(y), np.asarray(sample_ids)
+    """(x, y int64, ids int64); a lazy x (RowArray, ArraySource) stays lazy."""
+    x = x if _lazy(x) else np.asarray(x)
+    y, ids = np.asarray(y), np.asarray(sample_ids)
     if not (len(x) == len(y) == len(ids)) or y.ndim != 1 or ids.ndim != 1:
         raise DiffinError(f"x, y and sample_ids disagree in length ({len(x)}, {len(y)}, "
                           f"{len(ids)})")
@@ -168,15 +182,8 @@ def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape,
     with atomic_path(out_path) as tmp:
         if source is not None:
             _write_from_source(tmp, fmt, source, x, ids, y, final, decision, label_names, image_shape, out_path)
-        elif fmt == "npz":
-            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
-                np.savez(f, x=x[keep], y=final[keep], ids=ids[keep])
-        elif fmt in ("csv", "parquet"):
-            table = _table(x, y, ids, final, decision)
-            table.to_csv(tmp, index=False) if fmt == "csv" else table.to_parquet(tmp, index=False)
         else:
-            _write_imagefolder(tmp, x[keep], final[keep], ids[keep], label_names, image_shape,
-                               out_path)
+            _write_arrays(tmp, fmt, x, y, ids, final, decision, label_names, image_shape, out_path)
         with atomic_path(manifest_path(out_path)) as mtmp:
             mtmp.write_text(text, encoding="utf-8")
     return out_path
@@ -200,7 +207,11 @@ def _table(x, y, ids, final, decision) -> pd.DataFrame:
     return pd.concat([head, feats], axis=1)
 
 
-def _write_imagefolder(tmp: Path, x, labels, ids, label_names, image_shape, out_path) -> None:
+def _write_imagefolder(tmp: Path, x, labels, ids, label_names, image_shape, out_path, keep=None) -> None:
+    """PNGs of x's rows (only the ``keep`` ones when given: a lazy x is then read chunk by chunk,
+    and float data is scaled to 0-255 when the whole split's max is <= 1)."""
+    if keep is not None:
+        return _write_imagefolder_stream(tmp, x, labels, ids, label_names, image_shape, out_path, keep)
     if image_shape is None:
         image_shape = x.shape[1:] if x.ndim == 4 else (1, *x.shape[1:]) if x.ndim == 3 else None
     if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3):
@@ -219,6 +230,41 @@ def _write_imagefolder(tmp: Path, x, labels, ids, label_names, image_shape, out_
                 raise DiffinError(f"label {lab} of sample {sid} has no name", out_path)
             cls = _safe_name(label_names[lab] if label_names is not None else str(lab))
             zf.writestr(f"{cls}/{sid}.png", _png(img))
+
+
+def _image_shape(x, image_shape, out_path):
+    ndim = len(x.shape)
+    if image_shape is None:
+        image_shape = x.shape[1:] if ndim == 4 else (1, *x.shape[1:]) if ndim == 3 else None
+    if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3):
+        raise DiffinError(f"imagefolder export needs image_shape (C, H, W) with C 1 or 3, "
+                          f"got {image_shape}", out_path)
+    if len(x) and int(np.prod(image_shape)) != int(np.prod(x.shape[1:])):
+        raise DiffinError(f"samples of shape {tuple(x.shape[1:])} cannot be reshaped to {image_shape}",
+                          out_path)
+    return tuple(image_shape)
+
+
+def _write_imagefolder_stream(tmp: Path, x, labels, ids, label_names, image_shape, out_path, keep) -> None:
+    image_shape = _image_shape(x, image_shape, out_path)
+    scale = False
+    if np.issubdtype(np.dtype(x.dtype), np.floating) and keep.any():    # one pass for the max, as the whole-array writer
+        top = max(float(np.nanmax(part)) if part.size else -np.inf for part in _row_chunks(x, keep))
+        scale = top <= 1.0
+    idx = np.flatnonzero(keep)
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:  # PNG is compressed
+        at = 0
+        for part in _row_chunks(x, keep):
+            imgs = part.reshape(len(part), *image_shape)
+            imgs = np.clip(np.nan_to_num(imgs * 255.0 if scale else imgs), 0, 255).round().astype(np.uint8)
+            for img in imgs:
+                i = idx[at]
+                at += 1
+                lab, sid = labels[i], ids[i]
+                if label_names is not None and not 0 <= lab < len(label_names):
+                    raise DiffinError(f"label {lab} of sample {sid} has no name", out_path)
+                cls = _safe_name(label_names[lab] if label_names is not None else str(lab))
+                zf.writestr(f"{cls}/{sid}.png", _png(img))
 
 
 def _safe_name(name: str) -> str:
@@ -255,14 +301,101 @@ def _write_from_source(tmp: Path, fmt, source: Source, x_view, ids, y, final, de
     x = _raw_x(source, len(ids))
     if x is None:
         x = x_view
+    _write_arrays(tmp, fmt, x, y, ids, final, decision, label_names, image_shape, out_path)
+
+
+def _write_arrays(tmp: Path, fmt, x, y, ids, final, decision, label_names, image_shape, out_path) -> None:
+    """The conversion writers (x given: in memory, or lazy and then streamed chunk by chunk)."""
+    keep = decision != "exclude"
+    if not _lazy(x):
+        if fmt == "npz":
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a path
+                np.savez(f, x=x[keep], y=final[keep], ids=ids[keep])
+        elif fmt in ("csv", "parquet"):
+            table = _table(x, y, ids, final, decision)
+            table.to_csv(tmp, index=False) if fmt == "csv" else table.to_parquet(tmp, index=False)
+        else:
+            _write_imagefolder(tmp, x[keep], final[keep], ids[keep], label_names, image_shape, out_path)
+        return
     if fmt == "npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, x=x[keep], y=final[keep], ids=ids[keep])
-    elif fmt in ("csv", "parquet"):
-        table = _table(np.asarray(x), y, ids, final, decision)
-        table.to_csv(tmp, index=False) if fmt == "csv" else table.to_parquet(tmp, index=False)
+        rows = int(keep.sum())
+        _write_npz_stream(tmp, [("x", x.dtype, (rows, *x.shape[1:]), _row_chunks(x, keep)),
+                                ("y", final.dtype, (rows,), [final[keep]]),
+                                ("ids", ids.dtype, (rows,), [ids[keep]])], compressed=False)
+    elif fmt == "csv":
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            for i, (a, b, part) in enumerate(_row_chunks(x, None, spans=True)):
+                _table(part, y[a:b], ids[a:b], final[a:b], decision[a:b]).to_csv(f, index=False, header=i == 0)
+        if len(ids) == 0:
+            _table(np.empty((0, *x.shape[1:]), x.dtype), y, ids, final, decision).to_csv(tmp, index=False)
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        writer = None
+        try:
+            for a, b, part in _row_chunks(x, None, spans=True):
+                t = pa.Table.from_pandas(_table(part, y[a:b], ids[a:b], final[a:b], decision[a:b]), preserve_index=False)
+                writer = writer or pq.ParquetWriter(tmp, t.schema)
+                writer.write_table(t)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            _table(np.empty((0, *x.shape[1:]), x.dtype), y, ids, final, decision).to_parquet(tmp, index=False)
     else:
-        _write_imagefolder(tmp, x[keep], final[keep], ids[keep], label_names, image_shape, out_path)
+        _write_imagefolder(tmp, x, final, ids, label_names, image_shape, out_path, keep=keep)
+
+
+def _lazy(x) -> bool:
+    """True for x read from disk on demand (a streamed split's RowArray, a mapped ArraySource)."""
+    return isinstance(x, (RowArray, ArraySource))
+
+
+def _chunk_rows(x) -> int:
+    row = int(np.prod(x.shape[1:], dtype=np.int64)) * np.dtype(x.dtype).itemsize
+    return max(1, CHUNK_BYTES // max(row, 1))
+
+
+def _row_chunks(x, keep: np.ndarray | None, spans: bool = False):
+    """x's rows [a, b) CHUNK_BYTES at a time, only the ``keep`` ones (None: all); in the stored
+    dtype for an ArraySource. ``spans``: yield (a, b, rows) instead of rows."""
+    n, size = len(x), _chunk_rows(x)
+    for a in range(0, n, size):
+        b = min(n, a + size)
+        k = None if keep is None else keep[a:b]
+        if k is not None and not k.any():
+            continue
+        if isinstance(x, ArraySource):
+            rows = np.arange(a, b) if k is None else np.arange(a, b)[k]
+            part = x.read(rows)
+        else:
+            part = np.asarray(x[a:b])
+            part = part if k is None else part[k]
+        yield (a, b, part) if spans else part
+
+
+def _write_npz_stream(tmp: Path, members, compressed: bool) -> None:
+    """An .npz as np.savez / np.savez_compressed writes it, each member given as (name, dtype,
+    shape, chunks): the .npy header, then the chunks' bytes in C order, through the zip stream."""
+    fmt = np.lib.format
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED,
+                         allowZip64=True) as zf:
+        for name, dtype, shape, chunks in members:
+            dtype = np.dtype(dtype)
+            header = {"descr": fmt.dtype_to_descr(dtype), "fortran_order": False, "shape": tuple(int(v) for v in shape)}
+            written = 0
+            with zf.open(name + ".npy", "w", force_zip64=True) as fh:
+                try:
+                    fmt.write_array_header_1_0(fh, header)
+                except ValueError:                       # a header too long for version 1.0
+                    fmt.write_array_header_2_0(fh, header)
+                for part in chunks:
+                    part = np.ascontiguousarray(part, dtype=dtype)
+                    fh.write(part.tobytes())
+                    written += len(part) if part.ndim else 1
+            expect = shape[0] if len(shape) else 1
+            if written != expect:
+                raise DiffinError(f"{name}: wrote {written} rows, expected {expect} (the source changed?)", tmp)
 
 
 def _rows_mismatch(source: Source, found: int, n: int) -> DiffinError:
@@ -273,9 +406,13 @@ def _rows_mismatch(source: Source, found: int, n: int) -> DiffinError:
 def _raw_x(source: Source, n: int) -> np.ndarray | None:
     """The features as stored (dtype and shape of the file), rows in the split's order; None
     when the file's features are not plain numbers."""
-    if source.path.suffix.lower() == ".npz":
-        with np.load(source.path, allow_pickle=False) as z:
-            x = z["x"]
+    if source.path.is_dir():
+        x = ArraySource.npy(source.path / "x.npy")            # mapped: read chunk by chunk
+    elif source.path.suffix.lower() == ".npz":
+        x = ArraySource.npz_member(source.path, "x")          # stored uncompressed: mapped
+        if x is None:
+            with np.load(source.path, allow_pickle=False) as z:
+                x = z["x"]
     else:
         df = pd.read_csv(source.path) if source.path.suffix.lower() == ".csv" else pd.read_parquet(source.path)
         feats = df.drop(columns=[c for c in (source.label_column, "sample_id", "true_label") if c in df])
@@ -288,21 +425,58 @@ def _raw_x(source: Source, n: int) -> np.ndarray | None:
 
 
 def _npz_faithful(tmp, source: Source, ids, final, keep, relabel) -> None:
-    with np.load(source.path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    with zipfile.ZipFile(source.path) as zf:
-        compressed = any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+    """Every member of the source npz, in order, streamed member by member and chunk by chunk
+    (never a whole array in memory): row arrays filtered by ``keep``, ``y`` relabelled in its own
+    dtype, ``ids`` added when rows are removed and the file had none; compressed iff it was."""
+    from diffin_core.sources import _npy_header
     n = len(ids)
-    if len(arrays["y"]) != n:
-        raise _rows_mismatch(source, len(arrays["y"]), n)
-    if relabel.any():
-        arrays["y"] = final.astype(arrays["y"].dtype)
-    if not keep.all():
-        arrays = {k: a[keep] if a.ndim >= 1 and len(a) == n else a for k, a in arrays.items()}
-        if "ids" not in arrays:       # rows removed: keep their identity (the row index)
-            arrays["ids"] = ids[keep]
-    with open(tmp, "wb") as f:
-        (np.savez_compressed if compressed else np.savez)(f, **arrays)
+    with zipfile.ZipFile(source.path) as zf:
+        infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+        compressed = any(i.compress_type != zipfile.ZIP_STORED for i in zf.infolist())
+        heads = {}
+        for info in infos:
+            with zf.open(info) as fh:
+                _off, dtype, shape, fortran = _npy_header(fh, source.path)
+            heads[info.filename[:-4]] = (info, dtype, shape, fortran)
+        if "y" not in heads:
+            raise DiffinError("an .npz split needs arrays 'x' and 'y'", source.path)
+        if len(heads["y"][2]) != 1 or heads["y"][2][0] != n:
+            raise _rows_mismatch(source, heads["y"][2][0] if heads["y"][2] else 0, n)
+        filtering = not keep.all()
+        members = []
+        for name, (info, dtype, shape, fortran) in heads.items():
+            rows = len(shape) >= 1 and shape[0] == n
+            out_shape = (int(keep.sum()), *shape[1:]) if filtering and rows else shape
+            if name == "y" and relabel.any():
+                y = final.astype(dtype)
+                members.append((name, dtype, out_shape, [y[keep] if filtering else y]))
+            else:
+                members.append((name, dtype, out_shape,
+                                _member_chunks(zf, info, dtype, shape, fortran, keep if filtering and rows else None)))
+        if filtering and "ids" not in heads:       # rows removed: keep their identity (the row index)
+            members.append(("ids", ids.dtype, (int(keep.sum()),), [ids[keep]]))
+        _write_npz_stream(tmp, members, compressed)
+
+
+def _member_chunks(zf: zipfile.ZipFile, info, dtype, shape, fortran: bool, keep: np.ndarray | None):
+    """An npz member's rows read from its (possibly compressed) zip stream CHUNK_BYTES at a time,
+    only the ``keep`` ones when given. Fortran-ordered members are read whole."""
+    from diffin_core.sources import _npy_header
+    with zf.open(info) as fh:
+        _npy_header(fh, info.filename)
+        if fortran or len(shape) == 0:
+            arr = np.lib.format.read_array(zf.open(info), allow_pickle=False)
+            yield arr if keep is None else arr[keep]
+            return
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        size = max(1, CHUNK_BYTES // max(row, 1))
+        for a in range(0, shape[0], size):
+            b = min(shape[0], a + size)
+            raw = fh.read((b - a) * row)
+            if len(raw) != (b - a) * row:
+                raise DiffinError(f"the member {info.filename!r} is truncated", zf.filename)
+            part = np.frombuffer(raw, dtype=dtype).reshape((b - a, *shape[1:]))
+            yield part if keep is None else part[keep[a:b]]
 
 
 def _newline(text: str) -> str:
@@ -350,18 +524,27 @@ def _csv_faithful(tmp, source: Source, y, final, keep, relabel) -> None:
 
 
 def _parquet_faithful(tmp, source: Source, y, final, keep, relabel) -> None:
+    """The source's Arrow table row group by row group (schema and metadata kept): rows filtered,
+    the label column replaced in its own type."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    table = pq.read_table(source.path)
-    if table.num_rows != len(y):
-        raise _rows_mismatch(source, table.num_rows, len(y))
-    if relabel.any():
-        i = table.schema.get_field_index(source.label_column)
-        field = table.schema.field(i)
-        table = table.set_column(i, field, pa.array(final, type=pa.int64()).cast(field.type))
-    if not keep.all():
-        table = table.filter(pa.array(keep))
-    pq.write_table(table, tmp)
+    pf = pq.ParquetFile(source.path)
+    if pf.metadata.num_rows != len(y):
+        raise _rows_mismatch(source, pf.metadata.num_rows, len(y))
+    schema = pf.schema_arrow
+    col = schema.get_field_index(source.label_column)
+    with pq.ParquetWriter(tmp, schema) as writer:
+        a = 0
+        for g in range(pf.metadata.num_row_groups):
+            table = pf.read_row_group(g)
+            b = a + table.num_rows
+            if relabel[a:b].any():
+                field = schema.field(col)
+                table = table.set_column(col, field, pa.array(final[a:b], type=pa.int64()).cast(field.type))
+            if not keep[a:b].all():
+                table = table.filter(pa.array(keep[a:b]))
+            writer.write_table(table.replace_schema_metadata(schema.metadata))
+            a = b
 
 
 def _imagefolder_copy(tmp, source: Source, ids, final, keep, label_names) -> None:
