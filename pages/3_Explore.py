@@ -22,22 +22,30 @@ st.caption("Influence > 0: helpful (removing the sample would raise the query lo
 # Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
 
 
-def rescore_grid(project, run: str, qi: int) -> None:
-    """A button that rescores the store's shortlist for query ``qi`` by the exact path in the
-    background worker's child process (the model never runs in the server); the grid then
-    redraws from the cache that job writes (features.rescore_for)."""
+def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
+    """Rescore the store's shortlist for query ``qi`` by the exact path in the background
+    worker's child process (the model never runs in the server); the grid then redraws from the
+    cache that job writes (features.rescore_for). ``auto``: start at once, cancelling this
+    session's rescore of an earlier query that has not finished; otherwise offer a button."""
     jkey = f"explore_rescore_job_{run}_{qi}"
     info = jm.get(st.session_state.get(jkey, ""))
     if info is None or info.status == "cancelled":
-        if st.button("Rescore with the exact path", key="explore_rescore",
-                     help="Runs the exact path's own plan for this query and rescores the store's shortlist "
-                          "(top 2% per side) in the background; the grid then shows exact values."):
-            st.session_state[jkey] = jm.submit_child(
-                "rescore", "diffin_core.features:rescore_for", (str(project.root), run, [int(qi)]),
-                label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
-                with_progress=False)
+        if not auto and not st.button(
+                "Rescore with the exact path", key="explore_rescore",
+                help="Runs the exact path's own plan for this query and rescores the store's shortlist "
+                     "(top 2% per side) in the background; the grid then shows exact values."):
+            return
+        earlier = st.session_state.get("explore_rescore_active")
+        if earlier and earlier != jkey:
+            jm.cancel(st.session_state.get(earlier, ""))       # a stale query's rescore: not needed
+        st.session_state[jkey] = jm.submit_child(
+            "rescore", "diffin_core.features:rescore_for", (str(project.root), run, [int(qi)]),
+            label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
+            with_progress=False)
+        st.session_state["explore_rescore_active"] = jkey
+        if not auto:
             st.rerun()
-        return
+        info = jm.get(st.session_state[jkey])
     if info.status == "failed":
         st.error(f"Rescoring failed: {info.error}")
         return
@@ -78,6 +86,10 @@ if view == VIEWS[0]:
     if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
         st.session_state["explore_topk_for"] = (run, int(qi))
     fast = iv.store(project, run) is not None          # the run's feature store: answers at once
+    auto = fast and st.toggle(
+        "Rescore each grid with the exact path", value=True, key="explore_auto_rescore",
+        help="The grid first comes from the feature store (well under a second, approximate); the exact "
+             "path then rescores its shortlist in the background and the grid redraws with exact values.")
     if fast and st.session_state.get("explore_topk_for") != (run, int(qi)):
         st.caption("This run has a feature store: the grid comes from the fast path, in well under a second.")
     if st.session_state.get("explore_topk_for") == (run, int(qi)):
@@ -116,12 +128,14 @@ if view == VIEWS[0]:
                 truth = scores.set_index("sample_id")["true_label"]
                 helpful, harmful = (t.assign(true_label=truth.loc[t["sample_id"]].to_numpy()) for t in (helpful, harmful))
             st.caption(f"Produced by the {path}.")
-            if fast and not rescored:
-                rescore_grid(project, run, int(qi))
+            status = st.container()          # above the grids, filled after them: the grid is sent first
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
             ui.sample_grid(project, helpful)
             st.markdown("**Most harmful** (removing them would lower this query's loss)")
             ui.sample_grid(project, harmful)
+            if fast and not rescored:
+                with status:
+                    rescore_grid(project, run, int(qi), auto)
             st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 
 # --- map -----------------------------------------------------------------------------------

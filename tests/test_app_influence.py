@@ -40,6 +40,7 @@ def arr(v) -> np.ndarray:
 
 def test_fast_topk_needs_no_job(tiny, jobs):
     at = new_app(tiny, "pages/3_Explore.py")
+    at.toggle(key="explore_auto_rescore").set_value(False).run()
     at.number_input(key="explore_query").set_value(4).run()
     at.slider(key="explore_k").set_value(5).run()
     at.button(key="explore_topk").click().run()
@@ -134,10 +135,11 @@ def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny,
     model runs in the worker's child) caches the rescored influence; the grid then shows it,
     labelled, equal to features.fast_query_influence with the store's shortlist."""
     at = new_app(tiny, "pages/3_Explore.py")
+    at.toggle(key="explore_auto_rescore").set_value(False).run()
     at.number_input(key="explore_query").set_value(6).run()
     at.slider(key="explore_k").set_value(5).run()
     at.button(key="explore_topk").click().run()
-    assert any("approximate, not rescored" in t for t in texts(at.caption))
+    assert any("approximate, not rescored" in t for t in texts(at.caption)) and jobs.list() == []
     at.button(key="explore_rescore").click().run()
     assert not at.exception
     (job,) = jobs.list()
@@ -156,3 +158,35 @@ def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny,
     order = np.argsort(-cached, kind="stable")
     assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
     assert not any(b.key == "explore_rescore" for b in at.button)       # done: no second button
+
+
+def test_auto_rescore_shows_the_store_grid_at_once_then_the_exact_one(tiny, jobs):
+    """By default the store's grid is drawn in the script run and the exact path's rescoring starts
+    by itself; a newer query cancels the older query's unfinished rescore; when the job is done the
+    grid shows the exact path's values."""
+    at = new_app(tiny, "pages/3_Explore.py")
+    assert at.toggle(key="explore_auto_rescore").value is True
+    at.number_input(key="explore_query").set_value(3).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    assert not at.exception
+    assert any("approximate, not rescored" in t for t in texts(at.caption))   # drawn before any job ended
+    project = Project(tiny)
+    store_only, _ = F.fast_query_influence(project, "diffin-1", [3], rerank=0)
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    assert tables[0]["sample_id"].tolist() == project.train.ids[np.argsort(-store_only, kind="stable")[:5]].tolist()
+    (first,) = jobs.list()
+    assert first.kind == "rescore" and "query 3" in first.label
+    at.number_input(key="explore_query").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    assert not at.exception
+    second = [j for j in jobs.list() if j.id != first.id]
+    assert len(second) == 1 and "query 5" in second[0].label
+    assert jobs.wait(first.id, timeout=60).status == "cancelled"          # the stale query's job
+    assert jobs.wait(second[0].id, timeout=300).status == "done", jobs.get(second[0].id).error
+    at.run()
+    assert any("rescored by the exact path" in t for t in texts(at.caption))
+    cached = np.load(F.rescored_path(project, "diffin-1", [5]))
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    assert tables[0]["sample_id"].tolist() == project.train.ids[np.argsort(-cached, kind="stable")[:5]].tolist()
+    assert not F.rescored_path(project, "diffin-1", [3]).is_file()
