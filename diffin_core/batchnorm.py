@@ -103,15 +103,9 @@ class TrainModeModel(FunctionalModel):
         with batch_statistics(self.model):
             return functional_call(self.model, self.unflatten(theta), (x,))
 
-    def _sliced(self, fn, x, y):
-        n, step = len(y), self.ghost or len(y)
-        if n <= step:
-            return fn(x, y)
-        total = None
-        for a in range(0, n, step):
-            part = fn(x[a:a + step], y[a:a + step]) * (min(n, a + step) - a)
-            total = part if total is None else total.add_(part)
-        return total / n
+    def _slice_rows(self) -> int | None:
+        """Slices are ghost batches: each is normalised by its own statistics, whatever max_rows is."""
+        return self.ghost
 
 
 def effective_directional(fm: FunctionalModel, theta, x, y, v, cx, cy, through_stats: bool = True) -> torch.Tensor:

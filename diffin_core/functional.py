@@ -105,9 +105,13 @@ class FunctionalModel:
         return self.losses(theta, x, y).mean()
 
     # --- first order ------------------------------------------------------------------------
+    def _slice_rows(self) -> int | None:
+        """Rows per slice of a batch gradient / HVP (None: the whole batch at once)."""
+        return self.max_rows
+
     def _sliced(self, fn, x, y) -> torch.Tensor:
-        """mean over the batch of fn(x_slice, y_slice) (a per-slice mean), ``max_rows`` at a time."""
-        n, step = len(y), self.max_rows or len(y)
+        """mean over the batch of fn(x_slice, y_slice) (a per-slice mean), ``_slice_rows()`` at a time."""
+        n, step = len(y), self._slice_rows() or len(y)
         if n <= step:
             return fn(x, y)
         total = None

@@ -97,19 +97,13 @@ def _ctx(r):
 def test_first_order_self_influence_matches_leave_one_out_along_the_trajectory(digits_run):
     """I_k(z) against the truth: retrain without z (same batches) and measure how much higher
     z's own loss is at checkpoint k."""
-    from diffin_core.truth import train_sgd
     r = digits_run
     ctx = _ctx(r)
     est = first_order_self_by_target(ctx)                        # (N, m)
     k = len(r["steps"]) // 2                                     # a mid-training checkpoint
     upto = r["steps"][k]
     samples = np.random.default_rng(0).choice(len(r["y"]), 12, replace=False)
-    truth = []
-    for z in samples:
-        t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
-                      r["traj"].lrs[:upto], drop=int(z), save_every=None)
-        xz, yz = r["x"][z:z + 1], r["y"][z:z + 1]
-        truth.append(float(r["fm"].mean_loss(t.saved[upto], xz, yz) - r["fm"].mean_loss(r["traj"].saved[upto], xz, yz)))
+    truth = _self_loo_at(r, samples, upto)
     assert np.all(est[:, 1:] > -1e-9)                             # training on z lowers its own loss
     assert spearmanr(est[samples, k], truth)[0] > 0.8
 
@@ -234,7 +228,6 @@ def test_self_influence_at_each_checkpoint_matches_leave_one_out_there(digits_ru
     """SI_k (z's gradient at checkpoint k carried back through k..0) is the final self-influence
     at the last checkpoint exactly, and at a mid-training checkpoint it ranks the true
     trajectory leave-one-out rise of z's own loss there (retrain without z up to step_k)."""
-    from diffin_core.truth import train_sgd
     r = digits_run
     ctx = _ctx(r)
     method = METHODS["diffin"]()
@@ -245,12 +238,7 @@ def test_self_influence_at_each_checkpoint_matches_leave_one_out_there(digits_ru
     upto = r["steps"][k]
     est = _si_at(ctx, plan, k)
     samples = np.random.default_rng(0).choice(len(r["y"]), 12, replace=False)
-    truth = []
-    for z in samples:
-        t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
-                      r["traj"].lrs[:upto], drop=int(z), save_every=None)
-        xz, yz = r["x"][z:z + 1], r["y"][z:z + 1]
-        truth.append(float(r["fm"].mean_loss(t.saved[upto], xz, yz) - r["fm"].mean_loss(r["traj"].saved[upto], xz, yz)))
+    truth = _self_loo_at(r, samples, upto)
     assert spearmanr(est[samples], truth)[0] > 0.8, (est[samples], truth)
     assert not np.allclose(est, out["self_influence"])              # a different model's self-influence
 
@@ -268,3 +256,15 @@ def test_trajectory_mean_loo_loss_is_the_mean_of_loss_plus_self_influence(digits
     assert np.allclose(li, expect, rtol=1e-8, atol=1e-10)
     flipped = r["train"].y != r["train"].true_y
     assert roc_auc_score(flipped, li) > 0.9
+
+
+def _self_loo_at(r, samples, upto: int) -> list[float]:
+    """True self leave-one-out at step ``upto``: l_z(theta without z) - l_z(theta), retrained to that step."""
+    from diffin_core.truth import train_sgd
+    truth = []
+    for z in samples:
+        t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
+                      r["traj"].lrs[:upto], drop=int(z), save_every=None)
+        xz, yz = r["x"][z:z + 1], r["y"][z:z + 1]
+        truth.append(float(r["fm"].mean_loss(t.saved[upto], xz, yz) - r["fm"].mean_loss(r["traj"].saved[upto], xz, yz)))
+    return truth
