@@ -14,10 +14,17 @@ influence of z is -sum_s <(1-b1) Am_s + 2 (1-b2) X_s * Av_s, r_s> with, per row 
   v           frozen: Av = 0 (v does not respond);  batch: X_s = G_s, the gradient of the batch
               z was in (z included);  full-data: X_s = the full-data gradient;  realised:
               X_s = G_s of each step's real batch (expected membership only)
+  state       per-step: every step's own theta, m, v (checkpoints = all steps);  from only K
+              checkpoints (the recipes benchmark's: K of the Recorder's every-10 steps, each
+              owning the steps nearest it; theta, H, G_s and g_z at the owner, H and G_s on the real
+              batch, exact HVPs):  checkpoint-held: the owner's recorded m, v for all its steps;
+              checkpoint-replayed: Adam's m, v replayed forward from the latest recorded ones with
+              the batch gradients (what diffin_core/adam_batches.py does, there in float32 with
+              finite-difference HVPs)
 
     python benchmarks/adam_study.py [--seeds 0 1]  -> benchmarks/results/adam_study.csv
 
-CSV columns: seed, membership, v, spearman, pearson.
+CSV columns: seed, membership, v, state, checkpoints, spearman, pearson.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from torch.func import grad, jvp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from diffin_core.functional import FunctionalModel  # noqa: E402
+from diffin_core.recipe import owned_bounds  # noqa: E402
 from diffin_core.truth import batch_order, digits_case, leave_one_out_torch, standard_recipes  # noqa: E402
 
 
@@ -106,10 +114,66 @@ def study(seed: int, n_train: int = 800, epochs: int = 8, samples: int = 40) -> 
                 term = -(((1 - b1) * am + 2 * (1 - b2) * X * av) * gz).sum(1).numpy()
                 est[(member, vm)] += term * (inb if member == "exact" else 1.0 / n_train)
         for (member, vm), e in sorted(est.items()):
-            rows.append(dict(seed=seed, membership=member, v=vm, spearman=spearmanr(e, truth)[0],
-                             pearson=pearsonr(e, truth)[0]))
+            rows.append(dict(seed=seed, membership=member, v=vm, state="per-step", checkpoints=len(steps),
+                             spearman=spearmanr(e, truth)[0], pearson=pearsonr(e, truth)[0]))
+            print(rows[-1], flush=True)
+    for count in (5, 20):
+        for member, vm, state in [("exact", "frozen", "checkpoint-held"), ("exact", "batch", "checkpoint-held"),
+                                  ("exact", "frozen", "checkpoint-replayed"),
+                                  ("exact", "batch", "checkpoint-replayed")]:
+            e = from_checkpoints(fm, steps, theta_T, hp, x, y, qx, qy, idx, count, vm == "batch",
+                                 state == "checkpoint-replayed")
+            rows.append(dict(seed=seed, membership=member, v=vm, state=state, checkpoints=count,
+                             spearman=spearmanr(e, truth)[0], pearson=pearsonr(e, truth)[0]))
             print(rows[-1], flush=True)
     return rows
+
+
+def from_checkpoints(fm, steps, theta_T, hp, x, y, qx, qy, idx, count, v_on, replay, every=10):
+    """The exact-membership adjoint from ``count`` of the every-``every``-step checkpoints only
+    (see the module doc: state checkpoint-held / checkpoint-replayed); returns the estimate (samples,)."""
+    b1, b2 = hp["betas"]
+    eps, wd = hp["eps"], hp["weight_decay"]
+    T = len(steps)
+    loss = lambda xs, ys: (lambda th: F.cross_entropy(fm.logits(th, xs), ys))  # noqa: E731
+    thetas = [st["theta"] for st in steps] + [theta_T]
+    ck = every * np.array(sorted({int(round(i)) for i in np.linspace(0, T // every, count)}))
+    bounds = owned_bounds(ck, T)
+    owner = np.clip(np.searchsorted(bounds, np.arange(T), side="right") - 1, 0, len(ck) - 1)
+    anchor = {max(int(t), 1) - 1: (steps[max(int(t), 1) - 1]["m"], steps[max(int(t), 1) - 1]["v"]) for t in ck}
+    batch = [(x[torch.as_tensor(st["batch"])], y[torch.as_tensor(st["batch"])]) for st in steps]
+    G = [grad(loss(*batch[s]))(thetas[ck[owner[s]]]) for s in range(T)]
+    M, V, C = [], [], []                        # moments after step s's update and their Adam count
+    m = v = torch.zeros_like(theta_T)
+    for s in range(T):
+        if replay:
+            m, v = anchor[s] if s in anchor else (b1 * m + (1 - b1) * G[s], b2 * v + (1 - b2) * G[s] ** 2)
+            count = s + 1
+        else:                                   # held: bias-corrected with their own count
+            count = max(int(ck[owner[s]]), 1)
+            m, v = steps[count - 1]["m"], steps[count - 1]["v"]
+        M.append(m)
+        V.append(v)
+        C.append(count)
+    ut, um, uv = grad(loss(qx, qy))(theta_T), torch.zeros_like(theta_T), torch.zeros_like(theta_T)
+    est = np.zeros(len(idx))
+    ix = torch.as_tensor(idx)
+    gz = {}
+    for s in range(T - 1, -1, -1):
+        th, st = thetas[ck[owner[s]]], steps[s]
+        if owner[s] not in gz:
+            gz = {owner[s]: fm.per_sample_grads(th, x[ix], y[ix])}
+        bc1, bc2 = 1 - b1 ** (s + 1), 1 - b2 ** (s + 1)
+        sq = (V[s] / (1 - b2 ** C[s])).sqrt()
+        D = 1 / (sq + eps)
+        gam = torch.where(sq > 0, (M[s] / (1 - b1 ** C[s])) * D ** 2 / (2 * sq.clamp_min(1e-300) * bc2), 0.0)
+        am = um - st["lr"] / bc1 * D * ut
+        av = uv + st["lr"] * gam * ut if v_on else torch.zeros_like(ut)
+        w = (1 - b1) * am + 2 * (1 - b2) * G[s] * av
+        est -= (gz[owner[s]] @ w).numpy() * np.isin(idx, st["batch"]) / len(st["batch"])
+        ut = (1 - st["lr"] * wd) * ut + jvp(grad(loss(*batch[s])), (th,), (w,))[1]
+        um, uv = b1 * am, b2 * av
+    return est
 
 
 if __name__ == "__main__":

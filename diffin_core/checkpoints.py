@@ -17,6 +17,13 @@ one warning line):
               second moments (one tensor per parameter name; metadata "step" = Adam's step count
               for bias correction, "checkpoint_step" = the checkpoint's step). For the step-0
               checkpoint it holds the state after the first step (the D of that step).
+  checkpoint  "exp_avg": "ckpt_000040.exp_avg.safetensors"   Adam/AdamW: the first moments, the
+              same layout and metadata as exp_avg_sq (written beside it by the Recorder)
+  top level   "batch_order": "batch_order.npz"           the training-split rows of every
+              optimiser step's batch: int64 arrays "ids" (all batches concatenated) and
+              "offsets" (T+1,), batch s = ids[offsets[s]:offsets[s+1]] (rows 0..N-1 of the
+              training split). Written by the Recorder when every rec.step() gets batch_ids.
+              With it and exp_avg, diffin replays Adam's moments step by step (adam_batches.py).
 """
 from __future__ import annotations
 
@@ -47,11 +54,14 @@ class Checkpoint:
     step: int
     lr: float
     exp_avg_sq: str | None = None     # Adam's second moments beside the checkpoint (optional)
+    exp_avg: str | None = None        # Adam's first moments beside the checkpoint (optional)
 
     def to_dict(self) -> dict:
         out = {"file": self.file, "step": self.step, "lr": self.lr}
         if self.exp_avg_sq:
             out["exp_avg_sq"] = self.exp_avg_sq
+        if self.exp_avg:
+            out["exp_avg"] = self.exp_avg
         return out
 
 
@@ -64,12 +74,15 @@ class Manifest:
     path: str = ""
     extra: dict = field(default_factory=dict)     # the optional recipe keys present (RECIPE_KEYS)
     step_lrs: str | None = None                   # side file with every step's lr
+    batch_order: str | None = None                # side file with every step's batch (rows)
 
     def to_json(self) -> str:
         out = {"train_size": self.train_size, "optimizer": self.optimizer, "momentum": self.momentum,
                **self.extra}
         if self.step_lrs:
             out["step_lrs"] = self.step_lrs
+        if self.batch_order:
+            out["batch_order"] = self.batch_order
         out["checkpoints"] = [c.to_dict() for c in self.checkpoints]
         return json.dumps(out, indent=1)
 
@@ -101,10 +114,13 @@ def read_manifest(path: str | Path) -> Manifest:
             raise DiffinError(f"checkpoint {i} has a non-numeric step or lr", path) from None
         if step < 0 or not lr >= 0:
             raise DiffinError(f"checkpoint {i} needs step >= 0 and lr >= 0", path)
-        eas = c.get("exp_avg_sq")
-        if eas is not None and (not isinstance(eas, str) or not eas):
-            raise DiffinError(f"checkpoint {i} has an 'exp_avg_sq' that is not a file name", path)
-        ckpts.append(Checkpoint(str(c["file"]), step, lr, eas))
+        moments = []
+        for key in ("exp_avg_sq", "exp_avg"):
+            name = c.get(key)
+            if name is not None and (not isinstance(name, str) or not name):
+                raise DiffinError(f"checkpoint {i} has an {key!r} that is not a file name", path)
+            moments.append(name)
+        ckpts.append(Checkpoint(str(c["file"]), step, lr, *moments))
     steps = [c.step for c in ckpts]
     if len(set(steps)) != len(steps):
         raise DiffinError("two checkpoints share a step", path)
@@ -123,12 +139,15 @@ def read_manifest(path: str | Path) -> Manifest:
     step_lrs = raw.get("step_lrs")
     if step_lrs is not None and (not isinstance(step_lrs, str) or not step_lrs):
         raise DiffinError("'step_lrs' must be the name of a .npy file beside the manifest", path)
+    batch_file = raw.get("batch_order")
+    if batch_file is not None and (not isinstance(batch_file, str) or not batch_file):
+        raise DiffinError("'batch_order' must be the name of a .npz file beside the manifest", path)
     try:
         momentum = float(raw.get("momentum", 0.0) or 0.0)
     except (TypeError, ValueError):
         raise DiffinError(f"'momentum' must be a number, not {raw.get('momentum')!r}", path) from None
     return Manifest(raw.get("train_size"), ckpts, str(raw.get("optimizer", "SGD")), momentum, str(path),
-                    extra, step_lrs)
+                    extra, step_lrs, batch_file)
 
 
 def _number(v) -> bool:
@@ -256,13 +275,15 @@ def load_step_lrs(manifest: Manifest) -> np.ndarray | None:
     return lrs
 
 
-def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str]) -> tuple[torch.Tensor, int] | None:
-    """(flat exp_avg_sq (P,) in ``names`` order, Adam's step count) of one checkpoint, or None.
+def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str],
+                    key: str = "exp_avg_sq") -> tuple[torch.Tensor, int] | None:
+    """(flat exp_avg_sq (P,) in ``names`` order, Adam's step count) of one checkpoint, or None
+    (``key="exp_avg"``: the first moments, same layout).
 
     Refused with one line when the file's checkpoint_step contradicts the manifest."""
-    if not c.exp_avg_sq:
+    if not getattr(c, key):
         return None
-    src = Path(manifest.path).parent / c.exp_avg_sq
+    src = Path(manifest.path).parent / getattr(c, key)
     state, meta = read_state(src)
     if "checkpoint_step" in meta and int(float(meta["checkpoint_step"])) != c.step:
         raise DiffinError(f"the optimiser state was saved for step {meta['checkpoint_step']} but the manifest "
@@ -270,12 +291,64 @@ def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str]) -> tupl
     parts = []
     for n in names:
         if n not in state:
-            raise DiffinError(f"no second moments for parameter {n!r}", src)
+            raise DiffinError(f"no {'second' if key == 'exp_avg_sq' else 'first'} moments for parameter {n!r}", src)
         parts.append(state[n].reshape(-1).double())
     v = torch.cat(parts)
-    if not (torch.isfinite(v).all() and (v >= 0).all()):
-        raise DiffinError("exp_avg_sq must be finite and >= 0", src)
+    if not (torch.isfinite(v).all() and (key == "exp_avg" or (v >= 0).all())):
+        raise DiffinError(f"{key} must be finite{' and >= 0' if key == 'exp_avg_sq' else ''}", src)
     return v, int(float(meta.get("step", max(c.step, 1))))
+
+
+@dataclass
+class BatchOrder:
+    """The rows of every optimiser step's batch: batch s = ids[offsets[s]:offsets[s+1]]."""
+    ids: np.ndarray          # (sum of batch sizes,) int64, training-split rows 0..N-1
+    offsets: np.ndarray      # (T+1,) int64, non-decreasing, offsets[0] = 0
+
+    def batch(self, s: int) -> np.ndarray:
+        return self.ids[self.offsets[s]:self.offsets[s + 1]]
+
+
+def load_batch_order(manifest: Manifest, train_size: int) -> BatchOrder | None:
+    """The manifest's recorded batch order, checked against the training split, or None.
+
+    One-line DiffinError naming the manifest when the file is missing or unreadable, holds
+    fewer batches than the last checkpoint's step, an empty batch, rows outside 0..N-1, or
+    leaves training samples in no batch (a batch order of another split)."""
+    if not manifest.batch_order:
+        return None
+    where = Path(manifest.path)
+    src = where.parent / manifest.batch_order
+    if not src.is_file():
+        raise DiffinError(f"the batch order file {manifest.batch_order!r} it names is missing", where)
+    try:
+        with np.load(src, allow_pickle=False) as z:
+            ids, offsets = np.asarray(z["ids"]), np.asarray(z["offsets"])
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DiffinError(f"batch order {manifest.batch_order!r} is not an .npz with int arrays 'ids' and "
+                          f"'offsets' ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})", where) from None
+    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(offsets.dtype, np.integer)) \
+            or ids.ndim != 1 or offsets.ndim != 1 or len(offsets) < 2:
+        raise DiffinError(f"batch order {manifest.batch_order!r} needs 1-D int arrays 'ids' and 'offsets'", where)
+    ids, offsets = ids.astype(np.int64), offsets.astype(np.int64)
+    last = manifest.checkpoints[-1].step
+    if offsets[0] != 0 or offsets[-1] != len(ids) or np.any(np.diff(offsets) <= 0):
+        raise DiffinError(f"batch order {manifest.batch_order!r}: offsets must rise from 0 to len(ids) "
+                          "(every batch non-empty)", where)
+    if len(offsets) - 1 < last:
+        raise DiffinError(f"batch order {manifest.batch_order!r} holds {len(offsets) - 1} batches but the last "
+                          f"checkpoint is at step {last}", where)
+    offsets = offsets[:max(last, 1) + 1]
+    ids = ids[:offsets[-1]]
+    n = int(train_size)
+    if len(ids) and (ids.min() < 0 or ids.max() >= n):
+        raise DiffinError(f"batch order {manifest.batch_order!r} has row ids out of range "
+                          f"({int(ids.min())}..{int(ids.max())}; the training split has rows 0..{n - 1})", where)
+    missing = n - len(np.unique(ids))
+    if missing:
+        raise DiffinError(f"batch order {manifest.batch_order!r} does not cover the training set: {missing} of "
+                          f"{n} samples are in no batch (recorded for another split?)", where)
+    return BatchOrder(ids, offsets)
 
 
 def save_state(path: str | Path, model: nn.Module, metadata: dict | None = None) -> None:
@@ -298,7 +371,12 @@ class Recorder:
     the optimiser's type and hyper-parameters (momentum, dampening, nesterov, weight decay,
     betas, eps), the lr of every optimiser step (step_lrs.npy, read by a step pre-hook, so the
     order of scheduler.step() and rec.step() does not matter) and, for Adam/AdamW, exp_avg_sq
-    beside each checkpoint. The engine models all of these exactly (see propagate.py).
+    and exp_avg beside each checkpoint. The engine models all of these exactly (see propagate.py).
+
+    ``rec.step(batch_ids=idx)`` (optional; idx = the training-split rows of that step's batch)
+    records the batch order (batch_order.npz, written when the recorder closes): diffin then
+    replays Adam's moments with each step's real batch (adam_batches.py). Without it, or if any
+    step lacks ids, no batch order is written and nothing else changes.
     """
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -315,6 +393,7 @@ class Recorder:
         self.adam = recipe.adam
         self.global_step = 0
         self.lrs: list[float] = []
+        self.batches: list[np.ndarray] | None = []     # every step's batch rows, while all steps give them
         self._pending_first: Checkpoint | None = None
         self._hook = (optimizer.register_step_pre_hook(self._record_lr)
                       if hasattr(optimizer, "register_step_pre_hook") else None)
@@ -333,8 +412,14 @@ class Recorder:
         self.save()
         return self
 
-    def step(self) -> None:
-        """Call once after every optimizer.step()."""
+    def step(self, batch_ids=None) -> None:
+        """Call once after every optimizer.step(); ``batch_ids``: that step's training-split rows."""
+        if self.batches is not None:
+            if batch_ids is None:
+                self.batches = None
+            else:
+                self.batches.append(np.asarray(batch_ids.cpu() if isinstance(batch_ids, torch.Tensor) else batch_ids,
+                                               dtype=np.int64).reshape(-1))
         self.global_step += 1
         if self._hook is None:
             self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
@@ -372,9 +457,15 @@ class Recorder:
             tensors[n] = (torch.zeros_like(p) if v is None else v).detach().float().cpu().contiguous()
             if "step" in st:
                 step = max(step, int(float(st["step"])))
+        firsts = {n: (torch.zeros_like(p) if self.optimizer.state.get(p, {}).get("exp_avg") is None
+                      else self.optimizer.state[p]["exp_avg"]).detach().float().cpu().contiguous()
+                  for n, p in self.model.named_parameters() if p.requires_grad}
+        meta = {"step": str(step), "checkpoint_step": str(c.step)}
         c.exp_avg_sq = c.file.replace(".safetensors", ".exp_avg_sq.safetensors")
-        with atomic_path(self.dir / c.exp_avg_sq) as tmp:
-            save_file(tensors, str(tmp), metadata={"step": str(step), "checkpoint_step": str(c.step)})
+        c.exp_avg = c.file.replace(".safetensors", ".exp_avg.safetensors")
+        for name, ts in ((c.exp_avg_sq, tensors), (c.exp_avg, firsts)):
+            with atomic_path(self.dir / name) as tmp:
+                save_file(ts, str(tmp), metadata=meta)
 
     def _write_manifest(self) -> None:
         if len(self.lrs) == self.global_step:
@@ -386,9 +477,21 @@ class Recorder:
             self.manifest.step_lrs = None
         write_manifest(self.dir / "manifest.json", self.manifest)
 
+    def _write_batch_order(self) -> None:
+        """batch_order.npz when every optimiser step so far came with its batch ids."""
+        if not self.batches or len(self.batches) != self.global_step:
+            return
+        sizes = np.array([len(b) for b in self.batches], dtype=np.int64)
+        with atomic_path(self.dir / "batch_order.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=np.concatenate(self.batches), offsets=np.concatenate([[0], np.cumsum(sizes)]))
+        self.manifest.batch_order = "batch_order.npz"
+
     def __exit__(self, exc_type, *_):
         if exc_type is None:
+            self._write_batch_order()
             self.save()
+            self._write_manifest()
         if self._hook is not None:
             self._hook.remove()
         self._batch_hook.remove()

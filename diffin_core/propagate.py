@@ -36,9 +36,11 @@ reaches 0.83 / 0.71 with v frozen, and linearising v with the full-data gradient
 checkpoint) *lowers* it to -0.09 / 0.41 (0.78 / 0.76 with each step's realised batch gradient).
 (The checkpoint estimator, Ritz values clipped, reaches 0.84 / 0.84 at 5 checkpoints: these
 per-step references are not bounds, but the v channel without the batch lowered every one.)
-So v is left frozen. Recording each step's sample ids would be needed to model it, and is not
-enough alone: a prototype with the real batches but theta, D and m_hat fixed per checkpoint
-(batch gradients at the checkpoint) reached 0.86 / 0.81 at 5 / 20 checkpoints (seed 0).
+So v is left frozen here. With the batch order recorded (and exp_avg), diffin's influence takes
+the per-step path of adam_batches.py instead (Adam's moments replayed step by step from the
+checkpoints with the real batches; the state held per checkpoint was not enough: -0.05 / 0.72,
+replayed 0.91 / 0.99 at 5 / 20 checkpoints, seed 0, results/adam_study.csv); this walk then
+still gives the segment operators that self-influence uses.
 """
 from __future__ import annotations
 
@@ -159,6 +161,9 @@ class PlanItem:
     coef: float                     # 1 / N
     w: torch.Tensor                 # (P,) delta space
     op: SegmentOp                   # the segment, for self-influence (propagate rows with op.rows)
+    rows: torch.Tensor | None = None    # (N,) float64: the influence of every training sample from
+                                        # this segment's real batches (adam_batches.py); when set it
+                                        # replaces coef * <w, g_z> for influence (w: self-influence)
 
 
 def preconditioner_scale(ctx, k: int) -> torch.Tensor | None:
@@ -220,7 +225,7 @@ def check_finite(ctx, per_checkpoint: torch.Tensor, what: str) -> None:
         raise DiffinError(f"non-finite {what} at {ctx.label(k)}: refusing to write NaN scores")
 
 
-def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[PlanItem]:
+def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None, batches: bool = False) -> list[PlanItem]:
     """The query plan: the query gradient ``u`` (P,) = g_Q(theta_T) carried back through every
     checkpoint's segment, latest checkpoint first.
 
@@ -234,8 +239,10 @@ def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[Plan
     ``starts`` are the query's adjoints in that space ((P,) tensors), which a precomputed,
     query-independent view may ignore. Without it the view is Lanczos from those starts on
     ``ctx.hessian_rows`` samples (settings.hessian_batch; more for BatchNorm nets; seeded).
+    ``batches``: also the per-step Adam walk over the recorded batch order (items' ``rows``)
+    when the context has one (ctx.batch_order).
     """
-    carry = plan_start(ctx, u)
+    carry = plan_start(ctx, u, batches)
     plan: list[PlanItem] = []
     for i in range(ctx.m):
         item, carry = plan_step(ctx, i, carry, view_fn)
@@ -244,20 +251,30 @@ def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None) -> list[Plan
     return plan
 
 
-def plan_start(ctx, u: torch.Tensor):
-    """The carried adjoints before the latest checkpoint: (u, v), v = None without momentum."""
-    return u.clone(), (torch.zeros_like(u) if has_momentum(ctx.recipe) else None)
+def plan_start(ctx, u: torch.Tensor, batches: bool = False):
+    """The carried adjoints before the latest checkpoint: (u, v), v = None without momentum;
+    with ``batches`` and a recorded batch order also Adam's per-step adjoint (adam_batches.start)."""
+    carry = (u.clone(), (torch.zeros_like(u) if has_momentum(ctx.recipe) else None))
+    if batches and getattr(ctx, "batch_order", None) is not None:
+        from .adam_batches import start
+        carry = carry + (start(u),)
+    return carry
 
 
 def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     """Step i of build_plan (checkpoint k = m-1-i): (PlanItem or None, carry for step i+1).
     One checkpoint's Lanczos view and vectors; runner saves each step's item and carry, so a
     killed job resumes at the next checkpoint."""
-    u, v = carry
+    u, v, *replay = carry
     k = ctx.m - 1 - i
     lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
     if hi <= lo:
-        return None, (u, v)
+        return None, carry
+    rows = None
+    if replay:
+        from .adam_batches import segment
+        rows, state = segment(ctx, k, replay[0])
+        replay = [state]
     S = preconditioner_scale(ctx, k)
     starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
     if not any(bool(torch.any(s != 0)) for s in starts):
@@ -273,4 +290,4 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
         raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
     ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
-    return PlanItem(k, 1.0 / ctx.n, w, op), (u, v)
+    return PlanItem(k, 1.0 / ctx.n, w, op, rows), (u, v, *replay)

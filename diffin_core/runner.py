@@ -221,6 +221,9 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
             ctx.progress(progress_base + done - start, ctx.n if need_self else progress_base + stop - start,
                          f"{method.name}: scoring training samples")
     out = {"influence": torch.cat(infl).numpy() if infl else np.zeros(0)}
+    terms = method.row_terms(ctx, state, start, stop) if hasattr(method, "row_terms") else None
+    if terms is not None:              # per-sample terms the plan holds (diffin: Adam's batch order)
+        out["influence"] = out["influence"] + terms
     if selfs:
         out["self_influence"] = torch.cat(selfs).numpy()
     if need_self:

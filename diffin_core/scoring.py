@@ -24,8 +24,8 @@ import torch
 from .data import Split
 from .stages import Stages, StageSettings, array_digest
 from .store import CheckpointStore, Lazy, StateFiles
-from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_exp_avg_sq, load_step_lrs,
-                          read_state)
+from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_batch_order, load_exp_avg_sq,
+                          load_step_lrs, read_state)
 from .errors import DiffinError
 from .functional import FunctionalModel
 from .methods import METHODS, Context, ScoreSettings, pick_device
@@ -36,14 +36,16 @@ from .recipe import Recipe, RecipeWarning, interpolated_lrs, owned_bounds, segme
 def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
                  progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
-                 step_lrs=None, exp_avg_sq=None, files=None) -> Context:
+                 step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None) -> Context:
     """A scoring context from in-memory parts (the project path and the tests both use it).
 
     states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
     every checkpoint is evaluated with its own). lrs: each checkpoint's lr; ``step_lrs`` (T,) the
     lr of every optimiser step (default: interpolated from ``lrs``). ``recipe`` defaults to SGD
     with ``momentum``. ``exp_avg_sq``: per checkpoint (v (P,) in parameter order, Adam step
-    count) or None, giving Adam's frozen preconditioner D.
+    count) or None, giving Adam's frozen preconditioner D. ``exp_avg`` (the same for the first
+    moments) with ``batch_order`` (checkpoints.BatchOrder): diffin replays Adam's moments step by
+    step with the real batches (adam_batches.py).
     """
     settings = settings or ScoreSettings()
     recipe = recipe or Recipe(momentum=float(momentum))
@@ -78,9 +80,17 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                 offset=max(int(near[k][1]) - max(int(steps[k]), 1), 0)),
                 dtype=dtype, device=device)
         precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
+    moments = None
+    if exp_avg is not None and exp_avg_sq is not None and batch_order is not None and recipe.adam:
+        def load(k):       # (m, v, Adam's step count) of checkpoint k, float64 on the device
+            m1, v2 = exp_avg[k], exp_avg_sq[k]
+            return (m1[0].to(device=device, dtype=torch.float64), v2[0].to(device=device, dtype=torch.float64),
+                    int(v2[1]))
+        moments = Lazy(len(exp_avg), load, keep=2)
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
-                   buffers=buffers, precond=precond, files=files)
+                   buffers=buffers, precond=precond, files=files, moments=moments,
+                   batch_order=batch_order if moments is not None else None)
 
 
 def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
@@ -106,6 +116,10 @@ def stage_settings(project: Project, method: str, settings: ScoreSettings, qx, q
     for c in project.manifest.checkpoints:
         st = (project.manifest_path.parent / c.file).stat()
         ckpts.append([c.file, st.st_size, st.st_mtime_ns, c.step, c.lr])
+    order = project.manifest.batch_order            # Adam's batch-order path changes the scores
+    if order and (project.manifest_path.parent / order).is_file():
+        st = (project.manifest_path.parent / order).stat()
+        ckpts.append([order, st.st_size, st.st_mtime_ns])
     return StageSettings(method, fields, array_digest(np.asarray(qx), qy), array_digest(train.ids, train.y),
                          ckpts, need_self)
 
@@ -141,12 +155,21 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
         approx.append("Adam's preconditioner (no exp_avg_sq recorded: modelled as SGD with the same lr)")
         recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
         eas = None
+    firsts = order = None
+    if recipe.adam:
+        order = load_batch_order(m, len(train))
+        if order is None or any(not c.exp_avg for c in m.checkpoints):
+            approx.append("Adam's moments per step (no batch order or exp_avg recorded: v frozen per checkpoint, "
+                          "each sample spread over every step; pass batch_ids to Recorder.step)")
+            order = None
+        else:
+            firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
     recipe.approximations = approx
     if approx:
         warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
                         train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
-                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints])
+                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order)
 
 
 def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:

@@ -144,7 +144,7 @@ def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: 
         if sched:
             sched.step()
         if rec:
-            rec.step()
+            rec.step(batch_ids=idx)
     if rec:
         rec.__exit__(None, None, None)
     return model.eval()

@@ -102,6 +102,9 @@ class Context:
     memory: object | None = None          # budget.MemoryPlan of the running method (set by runner.run)
     stages: object | None = None          # stages.Stages: where a resumable job saves its stages
     precision: dict | None = None         # precision.decide's record: the precision used, the check
+    moments: Sequence | None = None       # Adam with a batch order: per checkpoint (exp_avg (P,),
+                                          # exp_avg_sq (P,), Adam's step count) (adam_batches.py)
+    batch_order: object | None = None     # checkpoints.BatchOrder: every step's batch rows, or None
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""

@@ -30,6 +30,7 @@ Lanczos view of H_B (a per-sample HVP with the full batch would cost N batch gra
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..functional import no_tf32
@@ -59,14 +60,14 @@ class DiffIn(Attributor):
     name = "diffin"
 
     def prepare(self, ctx: Context, qx, qy):
-        return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy))   # latest checkpoint first
+        return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)   # latest checkpoint first
 
     # the same plan one checkpoint at a time (runner.py saves each step: resumable, streamed)
     def plan_steps(self, ctx: Context) -> int:
         return ctx.m
 
     def prepare_start(self, ctx: Context, qx, qy):
-        return plan_start(ctx, ctx.mean_grad(ctx.m - 1, qx, qy))
+        return plan_start(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)
 
     def prepare_step(self, ctx: Context, i: int, carry, qx=None, qy=None):
         return plan_step(ctx, i, carry)
@@ -75,7 +76,8 @@ class DiffIn(Attributor):
         infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
         if not need_self:
             for it in plan:
-                infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
+                if it.rows is None:          # else: row_terms adds the batch-order influence
+                    infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
             check_finite(ctx, infl, "influence")
             return infl.sum(1), None
         selfs = torch.zeros_like(infl)
@@ -85,12 +87,19 @@ class DiffIn(Attributor):
         v = torch.zeros_like(u) if has_momentum(ctx.recipe) else None      # and its momentum adjoint
         for it in plan:
             g = g_final if it.k == last else ctx.fm_at(it.k).per_sample_grads(ctx.thetas[it.k], x, y)
-            infl[:, it.k] = it.coef * (g @ it.w).to(infl.dtype)
+            if it.rows is None:
+                infl[:, it.k] = it.coef * (g @ it.w).to(infl.dtype)
             w, u, v = it.op.rows(u, v)
             selfs[:, it.k] = it.coef * rowdot(w, g).to(selfs.dtype)
         check_finite(ctx, infl, "influence")
         check_finite(ctx, selfs, "self-influence")
         return infl.sum(1), selfs
+
+    def row_terms(self, ctx, plan, start: int, stop: int) -> np.ndarray | None:
+        """Influence of rows [start, stop) that plan items hold per sample (Adam with a recorded
+        batch order: adam_batches.py), float64, or None. runner.score_rows adds it."""
+        parts = [it.rows[start:stop].double().cpu().numpy() for it in plan if getattr(it, "rows", None) is not None]
+        return np.sum(parts, axis=0) if parts else None
 
     def label_issue(self, self_influence, probs, y):
         return loo_loss(self_influence, probs, y)
