@@ -61,7 +61,8 @@ def memory_plan(method, ctx, need_self: bool) -> MemoryPlan:
     dtype = _dtype(ctx)
     probe = torch.as_tensor(np.asarray(ctx.train.x[:1], dtype=np.float32), device=ctx.device, dtype=dtype)
     act = activation_bytes(ctx.fm.model, probe)
-    mem = plan_memory(ctx.fm.num_params, act, getattr(method, "name", ""), need_self,
+    key = method.memory_key(ctx) if hasattr(method, "memory_key") else getattr(method, "name", "")
+    mem = plan_memory(ctx.fm.num_params, act, key, need_self,
                       budget=int(getattr(s, "memory_budget", 0) or 0), batch_size=int(s.batch_size),
                       checkpoints=len(ctx.thetas), plan_vectors=plan_vectors(method, ctx), device=ctx.device,
                       dtype_bytes=torch.tensor([], dtype=dtype).element_size())

@@ -17,7 +17,9 @@ extra gradients of one batch per checkpoint, independent of the segment length, 
 unconditionally stable (Ritz values clipped so every step contracts). The training set is then
 scored by one dot product per checkpoint and sample. Self-influence (Q = {z}) propagates each
 sample's own final gradient back through the same low-rank views (the unexplored complement
-counts as zero curvature), per checkpoint ("self_by_checkpoint"); label_issue is the estimated
+counts as zero curvature), per checkpoint ("self_by_checkpoint"), in the Ritz coordinates of
+ritz_self.py (no P-sized adjoint per row; Adam with a recorded preconditioner: the direct walk,
+``direct_walk``); label_issue is the estimated
 leave-one-out loss, loss + self-influence (nats), for the model at the checkpoint with the lowest
 query loss (label_issue.early_stopped_loo_loss; the final checkpoint when the model does not
 overfit the query set).
@@ -33,6 +35,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .. import ritz_self
 from ..functional import no_tf32
 from ..propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
 from .base import Attributor, Context, loo_loss
@@ -59,6 +62,9 @@ def interval_functions(lr: float, steps: float):
 class DiffIn(Attributor):
     name = "diffin"
 
+    def __init__(self):
+        self._grams = ritz_self.Grams()        # the plan's Y_i^T Y_j, made at the first chunk
+
     def prepare(self, ctx: Context, qx, qy):
         return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)   # latest checkpoint first
 
@@ -80,6 +86,16 @@ class DiffIn(Attributor):
                     infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
             check_finite(ctx, infl, "influence")
             return infl.sum(1), None
+        if ritz_self.applies(ctx):              # exact, no P-sized adjoints per row (ritz_self.py)
+            infl, selfs = ritz_self.walk(ctx, plan, x, y, self._grams)
+        else:
+            infl, selfs = self.direct_walk(ctx, plan, x, y)
+        return infl.sum(1), selfs
+
+    def direct_walk(self, ctx, plan, x, y):
+        """(influence (b, m), self-influence (b, m)): each row's own adjoints (u, v) carried back
+        through the plan with SegmentOp.rows (any recipe; Adam's scale included)."""
+        infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
         selfs = torch.zeros_like(infl)
         last = ctx.m - 1
         g_final = ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y)
@@ -93,7 +109,11 @@ class DiffIn(Attributor):
             selfs[:, it.k] = it.coef * rowdot(w, g).to(selfs.dtype)
         check_finite(ctx, infl, "influence")
         check_finite(ctx, selfs, "self-influence")
-        return infl.sum(1), selfs
+        return infl, selfs
+
+    def memory_key(self, ctx) -> str:
+        """budget.GRAD_ROWS key: Adam recipes take the direct walk (more P-vectors per row)."""
+        return "diffin" if ritz_self.applies(ctx) else "diffin-adam"
 
     def row_terms(self, ctx, plan, start: int, stop: int) -> np.ndarray | None:
         """Influence of rows [start, stop) that plan items hold per sample (Adam with a recorded

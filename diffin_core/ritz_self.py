@@ -1,0 +1,109 @@
+"""Diff-In's self-influence walk in Ritz coordinates: no P-sized adjoint per training row.
+
+DiffIn.chunk's direct walk carries each row's own adjoints (u, v) back through the plan with
+``SegmentOp.rows``: every checkpoint writes three new P-vectors per row and reads its Ritz
+vectors Y_k (P, r) three times per chunk (at P = 11M, r = 15: 670 MB, and chunks of two rows).
+Without Adam's preconditioner the adjoints never leave the span of the row's final gradient g_F
+and the plan's Ritz vectors:
+    u = a_u g_F + sum_j Y_j p_j,     v = a_v g_F + sum_j Y_j q_j
+with a_u, a_v scalars shared by every row (the complement's maps are scalars) and p_j, q_j (b, r_j)
+per row, j over the checkpoints already walked. One segment op f (fu, fv) = W or a column of C
+maps the representation exactly:
+    a'   = fu[-1] a_u + fv[-1] a_v,      p'_j = fu[-1] p_j + fv[-1] q_j,
+    p'_k = (Y_k^T u) (fu[:-1] - fu[-1]) + (Y_k^T v) (fv[:-1] - fv[-1]),
+    Y_k^T u = a_u Y_k^T g_F + sum_j (Y_k^T Y_j) p_j,
+and checkpoint k's self-influence term coef <w, g_k> needs only <g_F, g_k>, Y_j^T g_k (j >= k)
+and the small Gram matrices Y_k^T Y_j (computed once per plan). Per row: g_F and g_k (two
+P-vectors, as TracIn's one gradient plus the final one); per chunk: one GEMM of the rows with
+each Y_j per later checkpoint. Same numbers as the direct walk up to float rounding
+(tests/test_ritz_self.py). With Adam (a per-checkpoint diagonal scale) the span does not close:
+DiffIn keeps the direct walk there.
+"""
+from __future__ import annotations
+
+import torch
+
+from .propagate import check_finite, has_momentum
+
+
+def applies(ctx) -> bool:
+    """True unless the recipe is Adam with a recorded preconditioner (then the span does not close)."""
+    return not (getattr(ctx.recipe, "adam", False) and getattr(ctx, "precond", None) is not None)
+
+
+def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """<a_i, b_i> per row (b,) without a (b, P) temporary (one BLAS dot per row: torch.bmm of
+    (b, 1, P) x (b, P, 1) was measured 20x slower on CPU)."""
+    return torch.stack([torch.dot(ai, bi) for ai, bi in zip(a, b)]) if len(a) else a.new_zeros(0)
+
+
+class Grams:
+    """Y_i^T Y_j (r_i, r_j) for plan entries j < i (j walked first), made once per plan object.
+    Two entries' Ritz vectors are live only while one product is made (before any gradient)."""
+
+    def __init__(self):
+        self.plan, self.mats = None, {}
+
+    def get(self, plan) -> dict:
+        if self.plan is not plan:                # a new plan (a new query or shard): start again
+            self.plan, self.mats = plan, {}
+        if not self.mats and len(plan) > 1:
+            for i in range(1, len(plan)):
+                yi = plan[i].op.view.vectors
+                for j in range(i):
+                    self.mats[i, j] = yi.T @ plan[j].op.view.vectors
+                del yi
+        return self.mats
+
+
+def walk(ctx, plan, x, y, grams: Grams):
+    """(influence (b, m), self-influence (b, m)) of one chunk, each checkpoint's own term."""
+    grams = grams.get(plan)
+    b, last = len(y), ctx.m - 1
+    infl = torch.zeros(b, ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
+    selfs = torch.zeros_like(infl)
+    momentum = has_momentum(ctx.recipe)
+    g_final = ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y)
+    a_u, a_v = 1.0, 0.0
+    pu: list[torch.Tensor] = []                  # p_j (b, r_j), j = plan entries walked so far
+    pv: list[torch.Tensor] = []                  # q_j (momentum only)
+    for i in range(len(plan)):
+        it = plan[i]
+        k, Y, W, C = it.k, it.op.view.vectors, it.op.W, it.op.C
+        g = g_final if it.k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
+        infl[:, k] = it.coef * (g @ it.w).to(infl.dtype)
+        g_on = g @ Y                                            # Y_k^T g_k (b, r)
+        f_on = g_on if g is g_final else g_final @ Y            # Y_k^T g_F
+        coef = it.coef
+        del it, Y                                               # (a lazy plan may now drop entry i)
+        on_prev = [g @ plan[j].op.view.vectors for j in range(i)]   # Y_j^T g_k, j walked before
+        d_f = rowdot(g_final, g)                                # <g_F, g_k>
+        del g
+        yu = a_u * f_on + sum((p @ grams[i, j].T for j, p in enumerate(pu)), torch.zeros_like(f_on))
+        yv = (a_v * f_on + sum((q @ grams[i, j].T for j, q in enumerate(pv)), torch.zeros_like(f_on))
+              if momentum else None)
+        u_g = a_u * d_f + sum((rowdot(p, o) for p, o in zip(pu, on_prev)), torch.zeros_like(d_f))
+        v_g = (a_v * d_f + sum((rowdot(q, o) for q, o in zip(pv, on_prev)), torch.zeros_like(d_f))
+               if momentum else None)
+
+        def mapped(fu, fv):
+            """(a', [p'_j], p'_k) of one op (fu, fv) on (u, v) (see module doc)."""
+            su, sv = float(fu[-1]), float(fv[-1])
+            new = yu * (fu[:-1] - fu[-1])
+            if not momentum:
+                return su * a_u, [su * p for p in pu], new
+            new = new + yv * (fv[:-1] - fv[-1])
+            return su * a_u + sv * a_v, [su * p + sv * q for p, q in zip(pu, pv)], new
+
+        w_g = float(W[-1, 0]) * u_g + rowdot(mapped(W[:, 0], W[:, 1])[2], g_on)    # <w, g_k>
+        if momentum:
+            w_g = w_g + float(W[-1, 1]) * v_g
+        selfs[:, k] = coef * w_g.to(selfs.dtype)
+        nu = mapped(C[:, 0, 0], C[:, 0, 1])
+        nv = mapped(C[:, 1, 0], C[:, 1, 1]) if momentum else None
+        a_u, pu = nu[0], nu[1] + [nu[2]]
+        if momentum:
+            a_v, pv = nv[0], nv[1] + [nv[2]]
+    check_finite(ctx, infl, "influence")
+    check_finite(ctx, selfs, "self-influence")
+    return infl, selfs
