@@ -39,8 +39,8 @@ from .functional import no_tf32
 
 
 def start(u: torch.Tensor):
-    """The adjoint (ut, um, uv) at the final weights, float64."""
-    ut = u.detach().to(torch.float64)
+    """The adjoint (ut, um, uv) at the final weights, float64 (float32 on MPS)."""
+    ut = u.detach().to(torch.float32 if u.device.type == "mps" else torch.float64)
     return ut.clone(), torch.zeros_like(ut), torch.zeros_like(ut)
 
 
@@ -78,8 +78,8 @@ def _advance(ctx, state, s: int, g: torch.Tensor, anchors: dict[int, int]):
         m, v, _ = ctx.moments[anchors[s]]
         return m.clone(), v.clone()
     b1, b2 = ctx.recipe.betas
-    gd = g.to(torch.float64) + _coupled(ctx) * ctx.thetas[_owner(ctx, s)].to(torch.float64)
     m, v = state
+    gd = g.to(m.dtype) + _coupled(ctx) * ctx.thetas[_owner(ctx, s)].to(m.dtype)
     return b1 * m + (1 - b1) * gd, b2 * v + (1 - b2) * gd * gd
 
 
@@ -136,18 +136,18 @@ def segment(ctx, k: int, carry):
             sq = (v / c2).clamp_min(0).sqrt()
             D = 1.0 / (sq + eps)
             gam = torch.where(sq > 0, (m / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
-            gd = g.to(torch.float64) + _coupled(ctx) * theta.to(torch.float64)
+            gd = g.to(ut.dtype) + _coupled(ctx) * theta.to(ut.dtype)
             am = um - (lr / c1) * D * ut
             av = uv + lr * gam * ut
             w = (1 - b1) * am + 2 * (1 - b2) * gd * av
             wm = w.to(dt)
             with no_tf32():
-                dz = fm.directional(theta, x, y, wm).to(torch.float64).cpu()
+                dz = fm.directional(theta, x, y, wm).cpu().to(torch.float64)
                 hw = (fm.hvp_exact(theta, x, y, wm) if ctx.settings.hvp == "exact"
                       else fm.hvp_fd(theta, x, y, wm, base_grad=g, eps=ctx.settings.eps))
             rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
             rho = 1.0 - lr * lam if ctx.recipe.decoupled else 1.0
-            ut = rho * ut + hw.to(torch.float64) + _coupled(ctx) * w
+            ut = rho * ut + hw.to(ut.dtype) + _coupled(ctx) * w
             um, uv = b1 * am, b2 * av
         if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
             raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")

@@ -230,6 +230,9 @@ def build_for_run(project, run: str, settings: FeatureSettings | None = None, pr
         raise DiffinError(f"run {run!r} used {info.method!r}: the feature store approximates "
                           f"{', '.join(METHODS)} runs only", info.path)
     ctx = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})), progress)
+    if getattr(ctx, "batch_order", None) is not None:
+        raise DiffinError(f"run {run!r} scored Adam with the recorded batch order (adam_batches.py), which the "
+                          "feature store does not approximate: `diffin top` takes the exact path", info.path)
     out = info.path / DIRNAME
     build(ctx, project.query, out, settings, progress, num_classes=project.num_classes)
     return out

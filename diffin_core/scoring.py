@@ -82,10 +82,11 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
         precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
     moments = None
     if exp_avg is not None and exp_avg_sq is not None and batch_order is not None and recipe.adam:
+        acc = torch.float32 if device.type == "mps" else torch.float64       # MPS has no float64
+
         def load(k):       # (m, v, Adam's step count) of checkpoint k, float64 on the device
             m1, v2 = exp_avg[k], exp_avg_sq[k]
-            return (m1[0].to(device=device, dtype=torch.float64), v2[0].to(device=device, dtype=torch.float64),
-                    int(v2[1]))
+            return m1[0].to(device=device, dtype=acc), v2[0].to(device=device, dtype=acc), int(v2[1])
         moments = Lazy(len(exp_avg), load, keep=2)
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
@@ -237,6 +238,11 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     from . import features as feature_store
+    if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
+        features = False            # the store approximates the checkpoint estimator, not Adam's replay
+        if progress:
+            progress(ctx.n, ctx.n, "features: skipped (Adam's batch-order influence has no feature store; "
+                     "`diffin top` takes the exact path)")
     if features and method in feature_store.METHODS and not feature_pass_fits(ctx, feature_store):
         features = False
         if progress:

@@ -474,3 +474,38 @@ def test_recorder_writes_the_batch_order_only_when_every_step_gives_it(tmp_path)
             continue
         got = load_batch_order(m, 20)
         assert all(np.array_equal(got.batch(s), idx.numpy()) for s, idx in enumerate(order))
+
+
+def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
+    """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
+    feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
+    exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
+    import torch.nn.functional as F_
+    from diffin_core.checkpoints import Recorder
+    from diffin_core.features import build_for_run
+    from diffin_core.project import Project
+    from diffin_core.scoring import query_influence, score, top_k
+    from helpers import make_tiny_project
+    root = make_tiny_project(tmp_path / "p")
+    shutil.rmtree(root / "checkpoints")
+    project = Project(root)
+    x, y = torch.as_tensor(project.train.x), torch.as_tensor(project.train.y)
+    torch.manual_seed(0)
+    model = project.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
+        for _ in range(3):
+            for idx in torch.randperm(len(y)).split(16):
+                opt.zero_grad()
+                F_.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.step(batch_ids=idx)
+    project = Project(root)
+    run = score(project, "diffin", run="d")
+    assert not (run / "features").exists()
+    helpful, _harmful = top_k(project, "d", [3], k=5)
+    infl = query_influence(project, "diffin", [3])
+    assert helpful.attrs["path"] == "exact path" and helpful["sample_id"].tolist() == list(np.argsort(-infl)[:5])
+    with pytest.raises(DiffinError, match="batch order") as err:
+        build_for_run(project, "d")
+    assert "\n" not in str(err.value)
