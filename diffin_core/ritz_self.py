@@ -71,7 +71,8 @@ def walk(ctx, plan, x, y, grams: Grams):
         it = plan[i]
         k, Y, W, C = it.k, it.op.view.vectors, it.op.W, it.op.C
         g = g_final if it.k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
-        infl[:, k] = it.coef * (g @ it.w).to(infl.dtype)
+        if getattr(it, "rows", None) is None:                   # else: DiffIn.row_terms adds it
+            infl[:, k] = it.coef * (g @ it.w).to(infl.dtype)
         g_on = g @ Y                                            # Y_k^T g_k (b, r)
         f_on = g_on if g is g_final else g_final @ Y            # Y_k^T g_F
         coef = it.coef
