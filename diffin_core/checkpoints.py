@@ -22,14 +22,17 @@ one warning line):
   top level   "batch_order": "batch_order.npz"           the training-split rows of every
               optimiser step's batch: int64 arrays "ids" (all batches concatenated) and
               "offsets" (T+1,), batch s = ids[offsets[s]:offsets[s+1]] (rows 0..N-1 of the
-              training split). Written by the Recorder when every rec.step() gets batch_ids.
+              training split). Written by the Recorder when every step has its ids
+              (rec.track(loader) or rec.step(batch_ids=...)).
               With it and exp_avg, diffin replays Adam's moments step by step (adam_batches.py).
 """
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import zipfile
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -373,10 +376,13 @@ class Recorder:
     order of scheduler.step() and rec.step() does not matter) and, for Adam/AdamW, exp_avg_sq
     and exp_avg beside each checkpoint. The engine models all of these exactly (see propagate.py).
 
-    ``rec.step(batch_ids=idx)`` (optional; idx = the training-split rows of that step's batch)
-    records the batch order (batch_order.npz, written when the recorder closes): diffin then
-    replays Adam's moments with each step's real batch (adam_batches.py). Without it, or if any
-    step lacks ids, no batch order is written and nothing else changes.
+    The batch order (batch_order.npz, written when the recorder closes): diffin then replays
+    Adam's moments with each step's real batch (adam_batches.py). Either wrap the loader,
+    ``for x, y in rec.track(loader): ...; rec.step()`` (a torch DataLoader over the training split
+    in its row order: the indices its batch sampler yields, drawn in the main process, so shuffle,
+    a seeded generator, drop_last and num_workers > 0 all work), or pass them,
+    ``rec.step(batch_ids=idx)``. Without either, or if any step lacks ids, no batch order is
+    written and nothing else changes.
     """
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -394,6 +400,7 @@ class Recorder:
         self.global_step = 0
         self.lrs: list[float] = []
         self.batches: list[np.ndarray] | None = []     # every step's batch rows, while all steps give them
+        self._drawn: list[np.ndarray] = []              # rows of the tracked loader's batches since the last step
         self._pending_first: Checkpoint | None = None
         self._hook = (optimizer.register_step_pre_hook(self._record_lr)
                       if hasattr(optimizer, "register_step_pre_hook") else None)
@@ -412,8 +419,18 @@ class Recorder:
         self.save()
         return self
 
+    def track(self, loader) -> "TrackedLoader":
+        """``loader`` (a torch DataLoader over the training split, rows in the split's order) as an
+        iterable whose batches' row indices the next rec.step() records (all batches drawn since
+        the previous step, concatenated: gradient accumulation). Iterate it instead of ``loader``."""
+        return TrackedLoader(self, loader)
+
     def step(self, batch_ids=None) -> None:
-        """Call once after every optimizer.step(); ``batch_ids``: that step's training-split rows."""
+        """Call once after every optimizer.step(); ``batch_ids``: that step's training-split rows
+        (default: those of the batches a ``track``-ed loader yielded since the previous step)."""
+        if batch_ids is None and self._drawn:
+            batch_ids = np.concatenate(self._drawn)
+        self._drawn = []
         if self.batches is not None:
             if batch_ids is None:
                 self.batches = None
@@ -496,3 +513,52 @@ class Recorder:
             self._hook.remove()
         self._batch_hook.remove()
         return False
+
+
+class _IndexTap:
+    """A batch sampler that yields the wrapped one's batches and queues each batch's indices as
+    it is drawn (always in the main process: DataLoader workers receive indices from it)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.fifo: deque[np.ndarray] = deque()
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.fifo.append(np.asarray(batch.cpu() if isinstance(batch, torch.Tensor) else list(batch),
+                                        dtype=np.int64).reshape(-1))
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class TrackedLoader:
+    """A DataLoader (a shallow copy whose batch sampler is tapped; the original is untouched)
+    that hands each yielded batch's row indices to its Recorder (Recorder.track)."""
+
+    def __init__(self, rec: Recorder, loader):
+        from torch.utils.data import DataLoader, IterableDataset
+        if not isinstance(loader, DataLoader):
+            raise DiffinError(f"Recorder.track needs a torch DataLoader, not {type(loader).__name__} "
+                              "(or pass rec.step(batch_ids=...))")
+        if isinstance(loader.dataset, IterableDataset) or loader.batch_sampler is None:
+            raise DiffinError("Recorder.track needs a DataLoader over a map-style dataset that batches "
+                              "(batch_size or batch_sampler): its indices are the training rows")
+        if loader.num_workers > 0 and not getattr(loader, "in_order", True):
+            raise DiffinError("Recorder.track needs in_order=True (batches in the order their indices are drawn)")
+        self.rec, self.tap = rec, _IndexTap(loader.batch_sampler)
+        self.loader = copy.copy(loader)
+        object.__setattr__(self.loader, "batch_sampler", self.tap)   # DataLoader refuses setattr after init
+
+    def __iter__(self):
+        self.tap.fifo.clear()           # indices queued ahead by an abandoned iteration
+        for batch in self.loader:
+            self.rec._drawn.append(self.tap.fifo.popleft())
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__.get("loader"), name)

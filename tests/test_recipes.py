@@ -509,3 +509,102 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
     with pytest.raises(DiffinError, match="batch order") as err:
         build_for_run(project, "d")
     assert "\n" not in str(err.value)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """(x, y) rows, plus the row index when ``with_index`` (the hand-passed ids' loader)."""
+
+    def __init__(self, x, y, with_index=False):
+        self.x, self.y, self.with_index = x, y, with_index
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return (self.x[i], self.y[i], i) if self.with_index else (self.x[i], self.y[i])
+
+
+def _record_with_loader(folder, x, y, mode, epochs=2, drop_last=False, workers=0, shuffle=True):
+    """AdamW on (x, y) through a DataLoader(batch_size=7, shuffle, seeded generator): ``mode``
+    "track": rec.track(loader) + plain rec.step(); "hand": the dataset returns its row index,
+    passed as rec.step(batch_ids=...)."""
+    from torch.utils.data import DataLoader
+    from diffin_core.checkpoints import Recorder
+    from diffin_core.models import MLP
+    torch.manual_seed(0)
+    model = MLP(x.shape[1], (5,), int(y.max()) + 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    loader = DataLoader(_Indexed(x, y, mode == "hand"), batch_size=7, shuffle=shuffle, drop_last=drop_last,
+                        num_workers=workers, generator=torch.Generator().manual_seed(3))
+    with Recorder(folder, model, opt, train_size=len(y), every=3) as rec:
+        for _ in range(epochs):
+            for batch in (rec.track(loader) if mode == "track" else loader):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+                opt.step()
+                rec.step(batch_ids=batch[2]) if mode == "hand" else rec.step()
+    return folder / "checkpoints"
+
+
+@pytest.mark.parametrize("workers, drop_last", [(0, False), (2, True)])
+def test_recorder_tracks_a_plain_shuffled_dataloader(tmp_path, workers, drop_last):
+    """rec.track(loader) over a plain DataLoader(shuffle=True, seeded generator) records the same
+    batch_order.npz as passing each batch's ids by hand (worker processes and drop_last too: the
+    indices come from the batch sampler in the main process), and the same weights; the loader's
+    own batch sampler is left untouched."""
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    got = {m: _record_with_loader(tmp_path / m, x, y, m, drop_last=drop_last,
+                                  workers=workers if m == "track" else 0) for m in ("track", "hand")}
+    arrays = {}
+    for m, folder in got.items():
+        with np.load(folder / "batch_order.npz") as z:
+            arrays[m] = (z["ids"].copy(), z["offsets"].copy())
+    assert np.array_equal(arrays["track"][0], arrays["hand"][0])
+    assert np.array_equal(arrays["track"][1], arrays["hand"][1])
+    ids, offsets = arrays["track"]
+    assert len(offsets) - 1 == 2 * (5 if drop_last else 6) and not np.array_equal(ids[:40], np.arange(40))
+    last = read_manifest(got["track"] / "manifest.json").checkpoints[-1].file
+    final = {m: read_state(folder / last)[0] for m, folder in got.items()}
+    assert all(torch.equal(v, final["hand"][k]) for k, v in final["track"].items())
+    from torch.utils.data import BatchSampler, DataLoader
+    from diffin_core.checkpoints import Recorder
+    from diffin_core.models import MLP
+    plain = DataLoader(_Indexed(x, y), batch_size=7)
+    model = MLP(4, (5,), 3)
+    rec = Recorder(tmp_path / "x", model, torch.optim.AdamW(model.parameters()))
+    tracked = rec.track(plain)
+    assert type(plain.batch_sampler) is BatchSampler and len(tracked) == len(plain) == 6
+    with pytest.raises(DiffinError, match="DataLoader"):
+        rec.track([x, y])
+
+
+def test_adamw_project_recorded_through_track_scores_by_the_batch_order_path(tmp_path):
+    """A tiny AdamW project whose loop is `for x, y in rec.track(loader)` with a plain rec.step():
+    the manifest names the batch order, and scoring takes the replay (no approximation warning)."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from diffin_core.checkpoints import Recorder
+    from diffin_core.project import Project
+    from diffin_core.scoring import project_context
+    from helpers import make_tiny_project
+    root = make_tiny_project(tmp_path / "p")
+    shutil.rmtree(root / "checkpoints")
+    project = Project(root)
+    x, y = torch.as_tensor(project.train.x), torch.as_tensor(project.train.y)
+    torch.manual_seed(0)
+    model = project.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
+        for _ in range(2):
+            for xb, yb in rec.track(loader):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                opt.step()
+                rec.step()
+    project = Project(root)
+    assert project.manifest.batch_order == "batch_order.npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        ctx = project_context(project)
+    assert ctx.batch_order is not None and ctx.moments is not None
+    assert sorted(ctx.batch_order.ids[:len(y)].tolist()) == list(range(len(y)))
