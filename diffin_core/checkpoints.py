@@ -317,7 +317,9 @@ def load_batch_order(manifest: Manifest, train_size: int) -> BatchOrder | None:
 
     One-line DiffinError naming the manifest when the file is missing or unreadable, holds
     fewer batches than the last checkpoint's step, an empty batch, rows outside 0..N-1, or
-    leaves training samples in no batch (a batch order of another split)."""
+    leaves a batch's worth of training samples or more in no batch (a batch order of another
+    split). Fewer (drop_last without shuffling): one RecipeWarning line with the count; those
+    samples never touched the weights, their leave-one-out effect and the replay's influence are 0."""
     if not manifest.batch_order:
         return None
     where = Path(manifest.path)
@@ -348,9 +350,14 @@ def load_batch_order(manifest: Manifest, train_size: int) -> BatchOrder | None:
         raise DiffinError(f"batch order {manifest.batch_order!r} has row ids out of range "
                           f"({int(ids.min())}..{int(ids.max())}; the training split has rows 0..{n - 1})", where)
     missing = n - len(np.unique(ids))
-    if missing:
+    if missing >= int(np.diff(offsets).max()):
         raise DiffinError(f"batch order {manifest.batch_order!r} does not cover the training set: {missing} of "
                           f"{n} samples are in no batch (recorded for another split?)", where)
+    if missing:          # drop_last without shuffling: samples that never touched the weights
+        import warnings
+        from .recipe import RecipeWarning
+        warnings.warn(RecipeWarning(f"{where}: batch order {manifest.batch_order!r} leaves {missing} of {n} training "
+                                    "samples in no batch (drop_last?): their influence is 0"), stacklevel=2)
     return BatchOrder(ids, offsets)
 
 

@@ -430,8 +430,8 @@ def test_bad_batch_order_is_refused_in_one_line_naming_the_manifest(adam_tiny, t
     if problem == "out-of-range":
         ids[5] = 96
         arrays = dict(ids=ids, offsets=offsets)
-    elif problem == "uncovered":
-        arrays = dict(ids=np.where(ids == 7, 8, ids), offsets=offsets)
+    elif problem == "uncovered":          # a batch's worth (16) of samples in no batch
+        arrays = dict(ids=np.where(ids < 16, ids + 16, ids), offsets=offsets)
     elif problem == "short":
         arrays = dict(ids=ids[:offsets[3]], offsets=offsets[:4])
     else:
@@ -608,3 +608,28 @@ def test_adamw_project_recorded_through_track_scores_by_the_batch_order_path(tmp
         ctx = project_context(project)
     assert ctx.batch_order is not None and ctx.moments is not None
     assert sorted(ctx.batch_order.ids[:len(y)].tolist()) == list(range(len(y)))
+
+
+def test_drop_last_samples_in_no_batch_get_zero_influence_with_one_warning(tmp_path):
+    """DataLoader(drop_last=True, no shuffle), 40 samples in batches of 7: rows 35..39 are in no
+    batch and never touch the weights (true leave-one-out effect 0). The batch order is accepted
+    with one warning line naming the count, and the replay gives those rows influence exactly 0
+    (the others not); a batch's worth missing stays refused."""
+    from diffin_core.data import Split
+    from diffin_core.models import MLP
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    folder = _record_with_loader(tmp_path / "p", x, y, "track", epochs=3, drop_last=True, shuffle=False)
+    m = read_manifest(folder / "manifest.json")
+    train = Split(x.numpy(), y.numpy(), np.arange(40))
+    with pytest.warns(RecipeWarning) as caught:
+        ctx = manifest_context(MLP(4, (5,), 3), m, train)
+    lines = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning)]
+    assert len(lines) == 1 and "5 of 40 training samples in no batch" in lines[0] and "\n" not in lines[0]
+    assert ctx.batch_order is not None
+    infl = run_method(ctx, "diffin", x[:6].numpy(), y[:6].numpy(), need_self=False)["influence"]
+    assert np.all(infl[35:] == 0) and np.all(infl[:35] != 0)
+    with np.load(folder / "batch_order.npz") as z:
+        ids, offsets = z["ids"].copy(), z["offsets"].copy()
+    np.savez(folder / "batch_order.npz", ids=np.where(ids < 7, ids + 7, ids), offsets=offsets)   # 12 missing
+    with pytest.raises(DiffinError, match="12 of 40 samples are in no batch"):
+        manifest_context(MLP(4, (5,), 3), m, train)
