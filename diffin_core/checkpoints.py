@@ -23,7 +23,8 @@ one warning line):
               optimiser step's batch: int64 arrays "ids" (all batches concatenated) and
               "offsets" (T+1,), batch s = ids[offsets[s]:offsets[s+1]] (rows 0..N-1 of the
               training split). Written by the Recorder when every step has its ids
-              (rec.track(loader) or rec.step(batch_ids=...)).
+              (rec.track(loader) or rec.step(batch_ids=...)); rewritten atomically at each
+              checkpoint, so a killed run's manifest and batch order agree up to its last one.
               With it and exp_avg, diffin replays Adam's moments step by step (adam_batches.py).
 """
 from __future__ import annotations
@@ -383,7 +384,7 @@ class Recorder:
     order of scheduler.step() and rec.step() does not matter) and, for Adam/AdamW, exp_avg_sq
     and exp_avg beside each checkpoint. The engine models all of these exactly (see propagate.py).
 
-    The batch order (batch_order.npz, written when the recorder closes): diffin then replays
+    The batch order (batch_order.npz, rewritten at every checkpoint): diffin then replays
     Adam's moments with each step's real batch (adam_batches.py). Either wrap the loader,
     ``for x, y in rec.track(loader): ...; rec.step()`` (a torch DataLoader over the training split
     in its row order: the indices its batch sampler yields, drawn in the main process, so shuffle,
@@ -467,6 +468,7 @@ class Recorder:
                 self._pending_first = c
             else:
                 self._save_exp_avg_sq(c)
+        self._write_batch_order()          # so a run killed after this checkpoint keeps its order
         self._write_manifest()
 
     def _save_exp_avg_sq(self, c: Checkpoint) -> None:
@@ -502,8 +504,13 @@ class Recorder:
         write_manifest(self.dir / "manifest.json", self.manifest)
 
     def _write_batch_order(self) -> None:
-        """batch_order.npz when every optimiser step so far came with its batch ids."""
+        """batch_order.npz (atomically) when every optimiser step so far came with its batch ids;
+        else none (one written at an earlier checkpoint is removed)."""
         if not self.batches or len(self.batches) != self.global_step:
+            if self.manifest.batch_order:         # the manifest stops naming it first
+                old, self.manifest.batch_order = self.manifest.batch_order, None
+                self._write_manifest()
+                (self.dir / old).unlink(missing_ok=True)
             return
         sizes = np.array([len(b) for b in self.batches], dtype=np.int64)
         with atomic_path(self.dir / "batch_order.npz") as tmp:

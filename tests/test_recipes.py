@@ -633,3 +633,42 @@ def test_drop_last_samples_in_no_batch_get_zero_influence_with_one_warning(tmp_p
     np.savez(folder / "batch_order.npz", ids=np.where(ids < 7, ids + 7, ids), offsets=offsets)   # 12 missing
     with pytest.raises(DiffinError, match="12 of 40 samples are in no batch"):
         manifest_context(MLP(4, (5,), 3), m, train)
+
+
+def test_killed_run_keeps_the_batch_order_up_to_its_last_checkpoint(tmp_path):
+    """Training that dies after step 8 (checkpoints every 3 steps): batch_order.npz, rewritten at
+    each checkpoint, holds the 6 batches up to the last checkpoint (step 6) and the manifest names
+    it, so the run scores by the replay; no temp files are left beside it."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from diffin_core.checkpoints import Recorder, load_batch_order
+    from diffin_core.data import Split
+    from diffin_core.models import MLP
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    torch.manual_seed(0)
+    model = MLP(4, (5,), 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.02)
+    loader = DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True, generator=torch.Generator().manual_seed(1))
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        with Recorder(tmp_path, model, opt, train_size=40, every=3) as rec:
+            for _ in range(2):
+                for xb, yb in rec.track(loader):
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+                    opt.step()
+                    rec.step()
+                    seen.append(rec.batches[-1])
+                    if rec.global_step == 8:
+                        raise KeyboardInterrupt
+    folder = tmp_path / "checkpoints"
+    m = read_manifest(folder / "manifest.json")
+    assert [c.step for c in m.checkpoints] == [0, 3, 6] and m.batch_order == "batch_order.npz"
+    with np.load(folder / "batch_order.npz") as z:
+        assert len(z["offsets"]) == 7
+    order = load_batch_order(m, 40)
+    assert all(np.array_equal(order.batch(s), seen[s]) for s in range(6))
+    assert not [p.name for p in folder.iterdir() if "tmp" in p.name or p.name.startswith(".")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        ctx = manifest_context(MLP(4, (5,), 3), m, Split(x.numpy(), y.numpy(), np.arange(40)))
+    assert ctx.batch_order is not None
