@@ -11,12 +11,25 @@ init, batch order and subsets), then mean ± std over the seeds.
 
 Models (small training budgets so that 50 retrains x 3 seeds fit a tiny CPU):
   digits-mlp  tanh MLP 64-32-10, sklearn digits, 1,200 train (10% flipped), batch 32, 10 epochs,
-              cosine lr from 0.2, 10 checkpoints; 10 query samples
+              cosine lr from 0.2, 10 checkpoints; 20 query samples
   mnist-cnn   the sample project's SmallCNN, 400 MNIST train digits (10% flipped), batch 32,
-              6 epochs, cosine lr from 0.3 (to 0), 6 checkpoints; 5 query samples
+              6 epochs, cosine lr from 0.3 (to 0), 6 checkpoints; 20 query samples
+20 query samples per case for every method and both models (session 3 had 10 and 5): the
+retrains are the cost and the query losses are free, and with 5 queries a seed's LDS was a mean
+of 5 numbers and a 0.002 gap between methods could not be told from query sampling. Each row
+also gives the paired per-query difference to TracIn (same seed, retrains and queries), pooled
+over seeds x queries: vs_tracin_mean, vs_tracin_std, vs_tracin_wins (fraction > 0).
 Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.lds's
 TRAK-style projected estimator, 1,024 dims, the last 3 checkpoints).
-Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seconds) and lds.png.
+Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seeds, queries, vs_tracin_*,
+seconds) and lds.png.
+
+    nice -n 10 python benchmarks/lds.py --reference --models mnist-cnn     # -> results/lds_reference.csv
+        seed 0: Diff-In and TracIn against the exact every-step SGD-influence (truth.sgd_influence,
+        exact Hessian-vector products at every step) with expected membership (lr/N at every step,
+        the whole set's Hessian: Diff-In's estimand) and with the real batches (the linear term of
+        the trajectory-specific retrain), on fresh and trajectory-specific retrains of the subsets;
+        pearson_vs_expected = how closely each reproduces Diff-In's estimand
 
     nice -n 10 python benchmarks/lds.py --sweep --models mnist-cnn      # -> results/lds_sweep.csv
         seed 0: Diff-In with Lanczos rank 30, Hessian batch 400, 12 checkpoints, vs TracIn
@@ -42,8 +55,8 @@ for p in (HERE, HERE.parent):
 
 METHODS = ["diffin", "tracin", "influence-function", "trak"]
 CASES = {
-    "digits-mlp": dict(batch=32, epochs=10, lr=0.2, ckpts=10, queries=10),
-    "mnist-cnn": dict(n_train=400, batch=32, epochs=6, lr=0.3, ckpts=6, queries=5),
+    "digits-mlp": dict(batch=32, epochs=10, lr=0.2, ckpts=10, queries=20),
+    "mnist-cnn": dict(n_train=400, batch=32, epochs=6, lr=0.3, ckpts=6, queries=20),
 }
 FULL = dict(seeds=[0, 1, 2], subsets=50)
 QUICK = dict(seeds=[0], subsets=10)
@@ -116,9 +129,57 @@ def job(name, seed, cfg):
         ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu", **settings))
         infl = trak_influence(ctx, qx, qy) if method == "trak" else per_query_influence(ctx, method, qx, qy)
         secs = time.time() - t
-        score, _per = lds(predicted_changes(infl, masks), actual)
+        score, per = lds(predicted_changes(infl, masks), actual)
         rows.append({"method": label, "model": name, "seed": seed, "subsets": len(masks), "lds": score,
-                     "seconds": secs, "retrain_seconds": retrain_s})
+                     "per_query": per.tolist(), "seconds": secs, "retrain_seconds": retrain_s})
+    return rows
+
+
+def reference_job(name, seed, cfg):
+    """--reference: Diff-In and TracIn against the exact every-step SGD-influence (truth.sgd_influence,
+    exact HVPs at all steps) with expected membership (Diff-In's estimand: lr/N at every step, the
+    whole set's Hessian) and with the real batches (the first-order term of the trajectory-specific
+    retrain), on fresh and on trajectory-specific retrains of the same subsets."""
+    if cfg.get("queries"):
+        CASES[name]["queries"] = cfg["queries"]
+    import torch
+    from diffin_core.data import Split
+    from diffin_core.functional import FunctionalModel
+    from diffin_core.lds import lds, per_query_influence, predicted_changes, random_subsets
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.scoring import make_context
+    from diffin_core.truth import batch_order, cosine_lrs, sgd_influence, train_sgd
+    c = CASES[name]
+    model_fn, x, y, qx, qy = case_data(name, seed)
+    _, states, steps, lrs = train(model_fn, x, y, seed, c)
+    masks = random_subsets(len(y), cfg["subsets"], 0.5, seed=1000 + seed)
+    actual = {"fresh": np.stack([per_query_losses(train(model_fn, x[m], y[m], seed, c, keep_states=False)[0], qx, qy)
+                                 for m in masks]),
+              "trajectory": np.stack([per_query_losses(train(model_fn, x, y, seed, c, keep_states=False,
+                                                             weights=m.astype(np.float32))[0], qx, qy) for m in masks])}
+    infl = {}
+    for method in ("diffin", "tracin"):
+        t = time.time()
+        ctx = make_context(model_fn(), states, steps, lrs, Split(x, y, np.arange(len(y))), ScoreSettings(device="cpu"))
+        infl[method] = (per_query_influence(ctx, method, qx, qy), time.time() - t)
+    torch.manual_seed(seed)                       # the same init and batch order as train()
+    model = model_fn()
+    fm = FunctionalModel(model)
+    batches = batch_order(len(y), c["batch"], c["epochs"], seed)
+    traj = train_sgd(fm, fm.theta_of(model), torch.as_tensor(x), torch.as_tensor(y), batches,
+                     cosine_lrs(c["lr"], len(batches)))
+    for membership in ("expected", "batch"):
+        t = time.time()
+        infl[f"every-step {membership}"] = (sgd_influence(fm, traj, torch.as_tensor(x), torch.as_tensor(y),
+                                                          torch.as_tensor(qx), torch.as_tensor(qy), membership),
+                                            time.time() - t)
+    rows = []
+    for kind, act in actual.items():
+        for method, (values, secs) in infl.items():
+            score, per = lds(predicted_changes(values, masks), act)
+            pear = np.mean([np.corrcoef(values[:, q], infl["every-step expected"][0][:, q])[0, 1] for q in range(len(qy))])
+            rows.append({"kind": kind, "method": method, "model": name, "seed": seed, "subsets": len(masks),
+                         "lds": score, "per_query": per.tolist(), "pearson_vs_expected": pear, "seconds": secs})
     return rows
 
 
@@ -129,12 +190,31 @@ SWEEP = [("diffin", "diffin", None, {}), ("tracin", "tracin", None, {}),
          ("diffin 12 checkpoints", "diffin", 12, {}), ("tracin 12 checkpoints", "tracin", 12, {})]
 
 
-def summarise(rows):
+def paired(rows, base="tracin"):
+    """Per row: the per-query LDS differences (method - ``base``) on the same seed, model,
+    retrains and queries (NaN where either is undefined)."""
+    ref = {(r["model"], r["seed"], r.get("kind")): np.asarray(r["per_query"]) for r in rows if r["method"] == base}
+    return [np.asarray(r["per_query"]) - ref.get((r["model"], r["seed"], r.get("kind")), np.nan) for r in rows]
+
+
+def summarise(rows, keys=("method", "model", "subsets")):
+    """Mean ± std over seeds of the LDS; queries per seed; the paired per-query difference to
+    TracIn pooled over seeds and queries (mean, std over the pairs, fraction > 0)."""
     import pandas as pd
     df = pd.DataFrame(rows)
-    g = df.groupby(["method", "model", "subsets"], sort=False)
-    return g.agg(lds_mean=("lds", "mean"), lds_std=("lds", lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0),
-                 seeds=("seed", "count"), seconds=("seconds", "mean")).reset_index()
+    diffs = paired(rows)
+    df["queries"] = [len(r["per_query"]) for r in rows]
+    out = []
+    for key, g in df.groupby(list(keys), sort=False):
+        d = np.concatenate([diffs[i] for i in g.index])
+        d = d[np.isfinite(d)]
+        out.append(dict(zip(keys, key), lds_mean=g.lds.mean(), lds_std=float(g.lds.std(ddof=1)) if len(g) > 1 else 0.0,
+                        seeds=len(g), queries=int(g.queries.iloc[0]),
+                        vs_tracin_mean=float(d.mean()) if len(d) else np.nan,
+                        vs_tracin_std=float(d.std(ddof=1)) if len(d) > 1 else np.nan,
+                        vs_tracin_wins=float((d > 0).mean()) if len(d) else np.nan,
+                        seconds=g.seconds.mean()))
+    return pd.DataFrame(out)
 
 
 def plot(table, path, trajectory=False):
@@ -173,13 +253,17 @@ def main(argv=None):
     ap.add_argument("--trajectory", action="store_true",
                     help="trajectory-specific subsets: retrain with the same init, batch order and steps, the "
                          "left-out half weighted 0 (the estimand of trajectory LOO) -> results/lds_trajectory.csv")
+    ap.add_argument("--reference", action="store_true",
+                    help="seed 0 only: Diff-In and TracIn vs the exact every-step SGD-influence (expected and real "
+                         "batch membership), fresh and trajectory-specific retrains -> results/lds_reference.csv")
     ap.add_argument("--sweep", action="store_true",
                     help="seed 0 only, Diff-In's settings and checkpoint count vs TracIn (SWEEP) -> results/lds_sweep.csv")
     a = ap.parse_args(argv)
     cfg = dict(QUICK if a.quick else FULL, trajectory=a.trajectory, sweep=a.sweep)
-    if a.sweep:
+    if a.sweep or a.reference:
         cfg["seeds"] = [0]
-    a.name = a.name or ("lds_sweep" if a.sweep else "lds_trajectory" if a.trajectory else "lds")
+    a.name = a.name or ("lds_reference" if a.reference else "lds_sweep" if a.sweep
+                        else "lds_trajectory" if a.trajectory else "lds")
     out = HERE / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     if a.queries:
@@ -188,14 +272,26 @@ def main(argv=None):
         cfg = dict(cfg, queries=a.queries)
     jobs = [(name, seed, cfg) for name in a.models for seed in cfg["seeds"]]
     rows, started = [], time.time()
-    for args, r, secs in pool_map(job, jobs, a.workers):
+    keys = ("kind", "method", "model", "subsets") if a.reference else ("method", "model", "subsets")
+    for args, r, secs in pool_map(reference_job if a.reference else job, jobs, a.workers):
         rows += r
         print(f"[{time.time() - started:6.0f}s] {args[0]} seed {args[1]} done in {secs:.0f}s: "
-              + ", ".join(f"{x['method']} {x['lds']:.3f}" for x in r), flush=True)
-        table = summarise(rows)
-        table.to_csv(out / f"{a.name}.csv", index=False)
-        plot(table, out / f"{a.name}.png", a.trajectory)
+              + ", ".join(f"{x.get('kind', '')} {x['method']} {x['lds']:.4f}" for x in r), flush=True)
+        table = summarise(rows, keys)
+        if a.reference:
+            table["pearson_vs_expected"] = [np.mean([x["pearson_vs_expected"] for x in rows if (x["kind"], x["method"],
+                                            x["model"]) == (k, m, mo)]) for k, m, mo in zip(table.kind, table.method, table.model)]
+        else:
+            plot(table, out / f"{a.name}.png", a.trajectory)
+        write_csv(table, out / f"{a.name}.csv")
     print(table.to_string(index=False))
+
+
+def write_csv(table, path):
+    """Atomic: a temp file renamed over the table (the What-if page may be reading it)."""
+    tmp = path.with_suffix(".csv.tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

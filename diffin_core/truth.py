@@ -79,6 +79,46 @@ def leave_one_out(fm: FunctionalModel, traj: Trajectory, x, y, qx, qy, samples) 
     return np.asarray(out)
 
 
+def sgd_influence(fm: FunctionalModel, traj: Trajectory, x, y, qx, qy, membership: str = "expected",
+                  mean: bool = False) -> np.ndarray:
+    """The exact every-step SGD-influence (Hara et al. 2019) of every training sample on each
+    query sample's loss, (N, Q) float64, the product's sign (> 0 helpful). Needs every step saved.
+
+    u_T = g_q(theta_T); going back, u_s = (I - lr_s H_s) u_{s+1} with exact Hessian-vector products,
+    influence(z) += c_s(z) <u_{s+1}, g_z(theta_s)>. ``membership``:
+      "batch"     H_s = the real batch's Hessian, c_s = lr_s / |B_s| if z was in B_s else 0: the
+                  first-order Taylor term of trajectory-specific leave-one-out (its linear estimand);
+      "expected"  H_s = the whole training set's Hessian, c_s = lr_s / N at every step: what a
+                  checkpoint estimator that knows no batches (Diff-In) approximates, every step exact.
+    Linear in u_T: the mean over columns is the influence on the mean query loss (``mean``: that
+    one column (N, 1), at the cost of one query)."""
+    from torch.func import jvp, vmap
+    if membership not in ("batch", "expected"):
+        raise ValueError(f"membership must be 'batch' or 'expected', not {membership!r}")
+    total = len(traj.batches)
+    if any(s not in traj.saved for s in range(total + 1)):
+        raise ValueError("sgd_influence needs every step saved (train_sgd with save_every=1)")
+    n = len(y)
+
+    def hvps(theta, xb, yb, U):                  # (Q, P) exact Hessian-vector products
+        g = grad(lambda t: fm.mean_loss(t, xb, yb))
+        return vmap(lambda v: jvp(g, (theta,), (v,))[1])(U).detach()
+
+    def per_sample(theta, xb, yb):
+        return vmap(grad(lambda t, xi, yi: fm.mean_loss(t, xi[None], yi[None])), in_dims=(None, 0, 0))(theta, xb, yb)
+
+    U = (grad(lambda t: fm.mean_loss(t, qx, qy))(traj.saved[total])[None] if mean
+         else per_sample(traj.saved[total], qx, qy)).detach()
+    infl = torch.zeros(n, len(qy), dtype=torch.float64)
+    for s in range(total - 1, -1, -1):
+        theta, lr = traj.saved[s], float(traj.lrs[s])
+        rows = torch.as_tensor(traj.batches[s]) if membership == "batch" else torch.arange(n)
+        G = per_sample(theta, x[rows], y[rows]).detach()
+        infl[rows] += (lr / len(rows)) * (G @ U.T).double()
+        U = U - lr * hvps(theta, x[rows], y[rows], U)
+    return infl.numpy()
+
+
 def digits_case(noise: float = 0.1, n_train: int = 1200, seed: int = 0, dtype=torch.float64):
     """sklearn digits, 10% flipped train labels: (train Split, query Split) with true_y kept."""
     from sklearn.datasets import load_digits

@@ -12,7 +12,7 @@ from diffin_core.functional import FunctionalModel
 from diffin_core.methods import METHODS, ScoreSettings
 from diffin_core.models import MLP
 from diffin_core.scoring import make_context, run_method
-from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out, train_sgd
+from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out, sgd_influence, train_sgd
 
 pytestmark = pytest.mark.slow
 N_TRAIN, EPOCHS, SAMPLES = 800, 8, 40
@@ -65,3 +65,31 @@ def test_diffin_improves_with_more_checkpoints(case):
 def test_every_method_has_the_truths_sign(case, method):
     est = estimate(case, method, 10)
     assert pearsonr(est, case["truth"])[0] > 0, method
+
+
+def test_every_step_sgd_influence_is_the_first_order_term_of_the_truth(case):
+    """The reference itself: with the real batches, every step's exact Hessian, it is the linear
+    term of trajectory leave-one-out (so the LDS diagnosis in benchmarks/lds.py can lean on it)."""
+    x, y = torch.as_tensor(case["train"].x, dtype=torch.float64), torch.as_tensor(case["train"].y)
+    qx, qy = torch.as_tensor(case["query"].x, dtype=torch.float64), torch.as_tensor(case["query"].y)
+    ref = sgd_influence(case["fm"], case["traj"], x, y, qx, qy, "batch", mean=True)[case["samples"], 0]
+    assert spearmanr(ref, case["truth"])[0] >= 0.98
+    assert pearsonr(ref, case["truth"])[0] >= 0.98
+
+
+def test_diffin_approximates_the_every_step_expected_membership_influence(case):
+    """Diff-In's estimand with no batch knowledge: z injected at every step with weight lr/N, the
+    whole training set's Hessian at every step. Diff-In from 20 checkpoints reproduces it on all
+    N samples; TracIn (the same without curvature) does not."""
+    x, y = torch.as_tensor(case["train"].x, dtype=torch.float64), torch.as_tensor(case["train"].y)
+    qx, qy = torch.as_tensor(case["query"].x, dtype=torch.float64), torch.as_tensor(case["query"].y)
+    ref = sgd_influence(case["fm"], case["traj"], x, y, qx, qy, "expected", mean=True)[:, 0]
+
+    def everywhere(method):
+        steps, thetas, lrs = case["traj"].checkpoints(20)
+        states = [{k: v.float() for k, v in case["fm"].unflatten(t).items()} for t in thetas]
+        ctx = make_context(MLP(64, (32,), 10), states, steps, lrs, case["train"], ScoreSettings())
+        return run_method(ctx, method, case["query"].x, case["query"].y, need_self=False)["influence"]
+    d, t = pearsonr(everywhere("diffin"), ref)[0], pearsonr(everywhere("tracin"), ref)[0]
+    print(d, t)
+    assert d >= 0.95 and d > t + 0.1, (d, t)

@@ -41,6 +41,24 @@ def conjugate_gradient(matvec, b: torch.Tensor, iters: int, tol: float = 1e-6) -
     return x
 
 
+def explicit_hessian_view(ctx: Context) -> SpectralView:
+    """Eigendecomposition of the exact training-loss Hessian at the final weights, built once per
+    context (cached on it: several query sets on one context, e.g. one per query sample in the
+    LDS benchmark, share it; the Hessian does not depend on the query)."""
+    theta = ctx.thetas[ctx.m - 1]
+    cached = getattr(ctx, "_explicit_hessian", None)
+    if cached is not None and cached[0] is theta:
+        return cached[1]
+    H = torch.zeros(ctx.fm.num_params, ctx.fm.num_params, dtype=theta.dtype, device=ctx.device)
+    for sl, x, y in ctx.chunks():
+        H += hessian(ctx.fm.mean_loss)(theta, x, y).detach() * len(y)
+        ctx.progress(0, ctx.n, "influence-function: building the Hessian")
+    values, vectors = torch.linalg.eigh(H / ctx.n)
+    view = SpectralView(values, vectors)
+    ctx._explicit_hessian = (theta, view)
+    return view
+
+
 class InfluenceFunction(Attributor):
     name = "influence-function"
 
@@ -49,12 +67,7 @@ class InfluenceFunction(Attributor):
         inv = lambda l: 1.0 / (l.clamp_min(0.0) + s.damping)   # noqa: E731
         gq = ctx.mean_grad(ctx.m - 1, qx, qy)
         if ctx.fm.num_params <= s.explicit_max_params:
-            H = torch.zeros(ctx.fm.num_params, ctx.fm.num_params, dtype=theta.dtype, device=ctx.device)
-            for sl, x, y in ctx.chunks():
-                H += hessian(ctx.fm.mean_loss)(theta, x, y).detach() * len(y)
-                ctx.progress(0, ctx.n, "influence-function: building the Hessian")
-            values, vectors = torch.linalg.eigh(H / ctx.n)
-            view = SpectralView(values, vectors)
+            view = explicit_hessian_view(ctx)
             direction = view.apply(inv, gq)
         else:
             x, y = ctx.sample_batch(ctx.hessian_rows, ctx.m - 1)
