@@ -5,6 +5,12 @@
     python benchmarks/label_errors.py --study               # dev seed 9: diffin's rule vs the candidate
     python benchmarks/label_errors.py --methods "diffin mean LOO loss over checkpoints" \
         --name label_errors_candidate                       # the candidate alone on seeds 0-2
+    python benchmarks/label_errors.py --study --seeds 9 10 11 12 13 17 28 --noises 0.2 \
+        --methods "diffin rule alone" "diffin rule, 40 Lanczos steps" \
+        "diffin LOO logits at best checkpoint" mean-loss cleanlab-cv \
+        --name label_errors_dev_seeds                       # candidates vs peers on 7 dev seeds
+    python benchmarks/label_errors.py --methods "diffin LOO logits at best checkpoint" \
+        "diffin LOO logits at final checkpoint" --name label_errors_logits   # ... and on seeds 0-2
 
 The case (built for issue 9): MNIST-5k, 1,000 training digits with 10% or 20% of the labels
 moved to a random other class (seeds 0, 1, 2), a tanh MLP 784-64-64-10 (55k
@@ -17,7 +23,10 @@ Methods: every registered method with a label_issue (diffin = the product's rule
 estimated leave-one-out loss at the checkpoint with the lowest query loss, label_issue.py),
 plus two ablations of it: ``diffin final LOO loss`` (final loss + Diff-In self-influence, the
 rule before issue 9), ``loss at best checkpoint`` (the same checkpoint, no self-influence) and the
-candidate ``diffin mean LOO loss over checkpoints`` (label_issue.trajectory_mean_loo_loss).
+candidate ``diffin mean LOO loss over checkpoints`` (label_issue.trajectory_mean_loo_loss). The
+candidates ``diffin LOO logits at best / final checkpoint`` (loo_logits.py) read Diff-In's
+leave-one-out change through the logits: -log softmax(logits + estimated LOO logit shift)[label]
+(cleanlab's self-confidence on Diff-In's out-of-sample probabilities ranks the same way).
 cleanlab-cv retrains the same recipe on 5 folds. Metrics: AUROC of label_issue against the
 flipped mask; recall@k = the fraction of the flips among the k highest label_issue, k = the
 number flipped.
@@ -41,6 +50,10 @@ FULL = dict(n_train=1000, n_query=500, hidden=(64, 64), epochs=100, batch=64, lr
             seeds=[0, 1, 2], noises=[0.1, 0.2], folds=5)
 QUICK = dict(FULL, n_train=600, n_query=200, epochs=60, ckpts=6, seeds=[0], noises=[0.1], folds=3)
 CANDIDATE = "diffin mean LOO loss over checkpoints"     # label_issue.trajectory_mean_loo_loss
+LOGITS_BEST = "diffin LOO logits at best checkpoint"    # loo_logits.early_stopped_loo_logit_loss
+LOGITS_FINAL = "diffin LOO logits at final checkpoint"  # loo_logits.loo_logits at the last checkpoint
+RULE = "diffin rule alone"                              # diffin's label_issue without its ablations
+RULE40 = "diffin rule, 40 Lanczos steps"                # the same with a 4x higher-rank Hessian view
 METHODS = ["diffin", "tracin", "influence-function", "loss", "margin", "cleanlab", "mean-loss", "aum",
            "forgetting", "cleanlab-cv"]
 
@@ -109,6 +122,25 @@ def job(noise, seed, cfg, methods=None):
         if m == CANDIDATE:                   # the candidate rule alone (--methods), without diffin's run
             report(m, trajectory_mean_loo_loss(METHOD_CLASSES["diffin"](), ctx_(), xq, yq), time.time() - t)
             continue
+        if m in (RULE, RULE40):
+            c = ctx_()
+            if m == RULE40:
+                import dataclasses
+                c = dataclasses.replace(c, settings=dataclasses.replace(c.settings, lanczos_steps=40))
+            meth = METHOD_CLASSES["diffin"]()
+            k_best = best_checkpoint(query_loss_by_checkpoint(c, xq, yq), c.steps)
+            full = run_method(c, "diffin", xq, yq) if k_best == c.m - 1 else None
+            score = full["label_issue"] if full is not None else early_stopped_loo_loss(meth, c, xq, yq, None)[0]
+            report(m, score, time.time() - t)
+            continue
+        if m in (LOGITS_BEST, LOGITS_FINAL):
+            from diffin_core.loo_logits import early_stopped_loo_logit_loss, loo_cross_entropy, loo_logits
+            if m == LOGITS_BEST:
+                score = early_stopped_loo_logit_loss(METHOD_CLASSES["diffin"](), ctx_(), xq, yq)[0]
+            else:
+                score = loo_cross_entropy(*loo_logits(METHOD_CLASSES["diffin"](), ctx_(), xq, yq), noisy)
+            report(m, score, time.time() - t)
+            continue
         try:
             out = run_method(ctx_(), m, xq, yq)
         except Exception as e:                      # report and go on with the other methods
@@ -171,13 +203,19 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None,
                     help=f"only these (default: all, with diffin's ablations); {CANDIDATE!r} = the candidate alone")
     ap.add_argument("--name", default=None, help="output file stem (default label_errors)")
+    ap.add_argument("--seeds", nargs="*", type=int, default=None, help="seeds (default: 0 1 2; --study: 9)")
+    ap.add_argument("--noises", nargs="*", type=float, default=None, help="flip rates (default: 0.1 0.2)")
     a = ap.parse_args(argv)
     cfg = QUICK if a.quick else FULL
     out = HERE / "results" / ("quick" if a.quick else "")
     out.mkdir(parents=True, exist_ok=True)
     methods, name = a.methods, a.name or "label_errors"
     if a.study:
-        cfg, methods, name = dict(cfg, seeds=[9]), ["diffin", "mean-loss"], "label_errors_study"
+        cfg, methods, name = dict(cfg, seeds=[9]), a.methods or ["diffin", "mean-loss"], a.name or "label_errors_study"
+    if a.seeds:
+        cfg = dict(cfg, seeds=a.seeds)
+    if a.noises:
+        cfg = dict(cfg, noises=a.noises)
     jobs = [(noise, seed, cfg, methods) for seed in cfg["seeds"] for noise in cfg["noises"]]
     rows, started = [], time.time()
     for args, r, secs in pool_map(job, jobs, a.workers):
