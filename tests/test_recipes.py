@@ -525,9 +525,9 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _record_with_loader(folder, x, y, mode, epochs=2, drop_last=False, workers=0, shuffle=True):
-    """AdamW on (x, y) through a DataLoader(batch_size=7, shuffle, seeded generator): ``mode``
-    "track": rec.track(loader) + plain rec.step(); "hand": the dataset returns its row index,
-    passed as rec.step(batch_ids=...)."""
+    """AdamW on (x, y) through a DataLoader(batch_size=7, shuffle, seeded generator; persistent
+    workers when ``workers``): ``mode`` "track": rec.track(loader) + plain rec.step(); "hand": the
+    dataset returns its row index, passed as rec.step(batch_ids=...)."""
     from torch.utils.data import DataLoader
     from diffin_core.checkpoints import Recorder
     from diffin_core.models import MLP
@@ -535,10 +535,12 @@ def _record_with_loader(folder, x, y, mode, epochs=2, drop_last=False, workers=0
     model = MLP(x.shape[1], (5,), int(y.max()) + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
     loader = DataLoader(_Indexed(x, y, mode == "hand"), batch_size=7, shuffle=shuffle, drop_last=drop_last,
-                        num_workers=workers, generator=torch.Generator().manual_seed(3))
+                        num_workers=workers, persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(3))
     with Recorder(folder, model, opt, train_size=len(y), every=3) as rec:
+        batches = rec.track(loader) if mode == "track" else loader      # one tracked loader, every epoch
         for _ in range(epochs):
-            for batch in (rec.track(loader) if mode == "track" else loader):
+            for batch in batches:
                 opt.zero_grad()
                 torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
                 opt.step()
@@ -553,8 +555,8 @@ def test_recorder_tracks_a_plain_shuffled_dataloader(tmp_path, workers, drop_las
     indices come from the batch sampler in the main process), and the same weights; the loader's
     own batch sampler is left untouched."""
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
-    got = {m: _record_with_loader(tmp_path / m, x, y, m, drop_last=drop_last,
-                                  workers=workers if m == "track" else 0) for m in ("track", "hand")}
+    got = {m: _record_with_loader(tmp_path / m, x, y, m, drop_last=drop_last, workers=workers)
+           for m in ("track", "hand")}
     arrays = {}
     for m, folder in got.items():
         with np.load(folder / "batch_order.npz") as z:
