@@ -29,11 +29,12 @@ seconds) and lds.png.
         exact Hessian-vector products at every step) with expected membership (lr/N at every step,
         the whole set's Hessian: Diff-In's estimand) and with the real batches (the linear term of
         the trajectory-specific retrain), on fresh and trajectory-specific retrains of the subsets;
-        pearson_vs_expected = how closely each reproduces Diff-In's estimand
+        pearson_vs_expected = how closely each reproduces Diff-In's estimand; also the LDS of each
+        method's clean-sample and flipped-sample parts alone, and of the flip count left out
 
-    nice -n 10 python benchmarks/lds.py --sweep --models mnist-cnn      # -> results/lds_sweep.csv
+    nice -n 10 python benchmarks/lds.py --sweep --models mnist-cnn --queries 5   # -> results/lds_sweep.csv
         seed 0: Diff-In with Lanczos rank 30, Hessian batch 400, 12 checkpoints, vs TracIn
-    nice -n 10 python benchmarks/lds.py --trajectory --models mnist-cnn
+    nice -n 10 python benchmarks/lds.py --trajectory --models mnist-cnn --queries 5   (session 3: 5 queries)
         the same subsets retrained trajectory-specifically (same init, batch order and number of
         steps, the left-out half's loss weighted 0, as the trajectory LOO ground truth does):
         what the estimators approximate, without the fresh retrain's change of batch order and
@@ -135,6 +136,20 @@ def job(name, seed, cfg):
     return rows
 
 
+def flipped(name, seed):
+    """(N,) bool: the training samples whose label case_data flipped."""
+    if name == "digits-mlp":
+        from diffin_core.truth import digits_case
+        train, _ = digits_case(noise=0.1, n_train=1200, seed=seed)
+        return train.y != train.true_y
+    from diffin_core.sample import RAW, flip_labels
+    with np.load(RAW) as d:
+        ya = d["y"].astype(np.int64)
+    tr = np.random.default_rng(1234 + seed).permutation(len(ya))[:CASES[name]["n_train"]]
+    noisy, _ = flip_labels(ya[tr], 0.1, seed=300 + seed)
+    return noisy != ya[tr]
+
+
 def reference_job(name, seed, cfg):
     """--reference: Diff-In and TracIn against the exact every-step SGD-influence (truth.sgd_influence,
     exact HVPs at all steps) with expected membership (Diff-In's estimand: lr/N at every step, the
@@ -173,6 +188,12 @@ def reference_job(name, seed, cfg):
         infl[f"every-step {membership}"] = (sgd_influence(fm, traj, torch.as_tensor(x), torch.as_tensor(y),
                                                           torch.as_tensor(qx), torch.as_tensor(qy), membership),
                                             time.time() - t)
+    flips = flipped(name, seed)[:, None]          # does the flip count of each half drive the LDS?
+    for method in ("diffin", "tracin"):
+        values, secs = infl[method]
+        infl[f"{method}, clean samples only"] = (np.where(flips, 0.0, values), secs)
+        infl[f"{method}, flipped samples only"] = (np.where(flips, values, 0.0), secs)
+    infl["flips left out (count)"] = (np.repeat(-flips.astype(np.float64), len(qy), 1), 0.0)
     rows = []
     for kind, act in actual.items():
         for method, (values, secs) in infl.items():
@@ -233,7 +254,8 @@ def plot(table, path, trajectory=False):
     ax.axhline(0, lw=0.5, c="k")
     ax.set_ylabel("LDS (mean Spearman over query samples)")
     kind = "trajectory-specific retrains" if trajectory else "fresh retrains"
-    ax.set_title(f"linear datamodeling score, {int(table.subsets.iloc[0])} random 50% subsets ({kind}), "
+    queries = f", {int(table.queries.iloc[0])} query samples" if "queries" in table else ""
+    ax.set_title(f"linear datamodeling score, {int(table.subsets.iloc[0])} random 50% subsets ({kind}{queries}), "
                  "mean ± std over seeds",
                  fontsize=9)
     ax.legend(fontsize=8)
