@@ -27,6 +27,8 @@ candidate ``diffin mean LOO loss over checkpoints`` (label_issue.trajectory_mean
 candidates ``diffin LOO logits at best / final checkpoint`` (loo_logits.py) read Diff-In's
 leave-one-out change through the logits: -log softmax(logits + estimated LOO logit shift)[label]
 (cleanlab's self-confidence on Diff-In's out-of-sample probabilities ranks the same way).
+``diffin rule alone`` is diffin's label_issue without its ablations, ``diffin rule, 40 Lanczos
+steps`` the same with a 4x higher-rank Hessian view (for the development-seed study).
 cleanlab-cv retrains the same recipe on 5 folds. Metrics: AUROC of label_issue against the
 flipped mask; recall@k = the fraction of the flips among the k highest label_issue, k = the
 number flipped.
