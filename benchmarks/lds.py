@@ -1,6 +1,7 @@
 """Linear datamodeling score (LDS) of every influence estimator on two models.
 
-    nice -n 10 python benchmarks/lds.py            # ~10-15 min on 2 shared CPU cores
+    nice -n 10 python benchmarks/lds.py            # ~10-15 min on 2 shared CPU cores, + ~30 min sample-cnn
+    nice -n 19 python benchmarks/lds.py --models sample-cnn    # one case: the other cases' rows stay as they are
     python benchmarks/lds.py --quick               # smoke: 1 seed, 10 subsets -> results/quick/
 
 LDS as TRAK and dattri define it (diffin_core/lds.py): 50 random subsets keeping 50% of the
@@ -9,11 +10,17 @@ sample, Spearman between the predicted change of its loss (the summed influence 
 half) and the retrained loss; averaged over the query samples. Per seed (0, 1, 2: data flips,
 init, batch order and subsets), then mean ± std over the seeds.
 
-Models (small training budgets so that 50 retrains x 3 seeds fit a tiny CPU):
+Models (the first two: small training budgets so that 50 retrains x 3 seeds fit a tiny CPU):
   digits-mlp  tanh MLP 64-32-10, sklearn digits, 1,200 train (10% flipped), batch 32, 10 epochs,
               cosine lr from 0.2, 10 checkpoints; 20 query samples
-  mnist-cnn   the sample project's SmallCNN, 400 MNIST train digits (10% flipped), batch 32,
-              6 epochs, cosine lr from 0.3 (to 0), 6 checkpoints; 20 query samples
+  mnist-cnn   a cut-down version of the sample CNN: SmallCNN, 400 MNIST train digits (10% flipped),
+              batch 32, 6 epochs (78 steps), cosine lr from 0.3 (to 0), 6 checkpoints; 20 query samples
+  sample-cnn  the sample project itself (sample_data/mnist, fixed a priori, nothing tuned): its 4,000
+              training digits (10% flipped, fixed by the project's data) and query split, its model and
+              its [train] recipe run as the product runs it (SGD batch 64, 8 epochs = 500 steps, cosine
+              lr 0.3 -> 0.003, a checkpoint every 50 steps; a 50% subset gets 8 epochs = 256 steps),
+              scored from the recipe's own manifest (per-step lrs) as the product scores a project;
+              20 query samples. The seed sets init, batch order and subsets (the flips are the data's)
 20 query samples per case for every method and both models (session 3 had 10 and 5): the
 retrains are the cost and the query losses are free, and with 5 queries a seed's LDS was a mean
 of 5 numbers and a 0.002 gap between methods could not be told from query sampling. Each row
@@ -22,9 +29,11 @@ over seeds x queries: vs_tracin_mean, vs_tracin_std, vs_tracin_wins (fraction > 
 Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.lds's
 TRAK-style projected estimator, 1,024 dims, the last 3 checkpoints).
 Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seeds, queries, vs_tracin_*,
-seconds) and lds.png.
+seconds) and lds.png, after each seed (a late finish still leaves the seeds done); rows of cases
+not run now are kept as they are.
 
     nice -n 10 python benchmarks/lds.py --reference --models mnist-cnn     # -> results/lds_reference.csv
+        (bench-loop cases only: the sample project's recipe cannot weight samples)
         seed 0: Diff-In and TracIn against the exact every-step SGD-influence (truth.sgd_influence,
         exact Hessian-vector products at every step) with expected membership (lr/N at every step,
         the whole set's Hessian: Diff-In's estimand) and with the real batches (the linear term of
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +68,7 @@ METHODS = ["diffin", "tracin", "influence-function", "trak"]
 CASES = {
     "digits-mlp": dict(batch=32, epochs=10, lr=0.2, ckpts=10, queries=20),
     "mnist-cnn": dict(n_train=400, batch=32, epochs=6, lr=0.3, ckpts=6, queries=20),
+    "sample-cnn": dict(project="sample_data/mnist", queries=20),
 }
 FULL = dict(seeds=[0, 1, 2], subsets=50)
 QUICK = dict(seeds=[0], subsets=10)
@@ -68,7 +79,12 @@ def case_data(name, seed):
     from diffin_core.models import MLP, SmallCNN
     from diffin_core.truth import digits_case
     c = CASES[name]
-    if name == "digits-mlp":
+    if "project" in c:
+        from diffin_core.project import Project
+        project = Project(HERE.parent / c["project"])
+        x, y, qx, qy = project.train.x, project.train.y, project.query.x, project.query.y
+        model_fn = project.build_model
+    elif name == "digits-mlp":
         train, query = digits_case(noise=0.1, n_train=1200, seed=seed)
         x, y, qx, qy = train.x, train.y, query.x, query.y
         model_fn = lambda: MLP(64, (32,), 10)          # noqa: E731
@@ -95,6 +111,38 @@ def train(model_fn, x, y, seed, c, keep_states=True, weights=None):
     return train_sgd(model_fn(), x, y, seed, c, weights=weights, keep_states=keep_states)
 
 
+def run_recipe(name, x, y, seed, folder):
+    """A project case's [train] recipe run on (x, y) with ``seed``, its checkpoints and manifest
+    written into ``folder``."""
+    from diffin_core.project import Project
+    project = Project(HERE.parent / CASES[name]["project"])
+    recipe, _ = project.load_callable(project.recipe, "[train] recipe")
+    recipe(x, y, seed, Path(folder))
+
+
+def recipe_context(name, x, y, folder, settings):
+    """A project case's scoring context as the product builds it from the recipe's manifest in
+    ``folder`` (checkpoints read lazily from there, per-step lrs, optimiser): manifest_context."""
+    from diffin_core.checkpoints import read_manifest
+    from diffin_core.data import Split
+    from diffin_core.project import Project
+    from diffin_core.scoring import manifest_context
+    project = Project(HERE.parent / CASES[name]["project"])
+    return manifest_context(project.build_model(), read_manifest(Path(folder) / "manifest.json"),
+                            Split(x, y, np.arange(len(y))), settings)
+
+
+def retrain(name, model_fn, x, y, seed, c, weights=None):
+    """The final model retrained on (x, y) from scratch with the case's recipe and ``seed``."""
+    if "project" in c:
+        if weights is not None:
+            raise SystemExit(f"{name}: a project recipe cannot weight samples (no --trajectory / --reference)")
+        from diffin_core.project import Project
+        from diffin_core.tasks import recipe_trainer
+        return recipe_trainer(Project(HERE.parent / c["project"]))(x, y, seed).eval()
+    return train(model_fn, x, y, seed, c, keep_states=False, weights=weights)[0]
+
+
 def per_query_losses(model, qx, qy):
     import torch
     with torch.no_grad():
@@ -111,28 +159,40 @@ def job(name, seed, cfg):
     from diffin_core.scoring import make_context
     c = CASES[name]
     model_fn, x, y, qx, qy = case_data(name, seed)
-    _, states, steps, lrs = train(model_fn, x, y, seed, c)
+    folder = tempfile.TemporaryDirectory(prefix="lds-ckpts-")   # a project case's checkpoints
+    if "project" in c:
+        run_recipe(name, x, y, seed, folder.name)
+    else:
+        _, states, steps, lrs = train(model_fn, x, y, seed, c)
     split = Split(x, y, np.arange(len(y)))
     masks = random_subsets(len(y), cfg["subsets"], 0.5, seed=1000 + seed)
     t = time.time()
     if cfg.get("trajectory"):        # same init, batch order and steps, the left-out half weighted 0
-        actual = np.stack([per_query_losses(train(model_fn, x, y, seed, c, keep_states=False,
-                                                  weights=m.astype(np.float32))[0], qx, qy) for m in masks])
+        actual = np.stack([per_query_losses(retrain(name, model_fn, x, y, seed, c, weights=m.astype(np.float32)),
+                                            qx, qy) for m in masks])
     else:                            # the standard LDS: retrain from scratch on the subset
-        actual = np.stack([per_query_losses(train(model_fn, x[m], y[m], seed, c, keep_states=False)[0], qx, qy)
+        actual = np.stack([per_query_losses(retrain(name, model_fn, x[m], y[m], seed, c), qx, qy)
                            for m in masks])                                           # (M, Q)
     retrain_s = time.time() - t
+    print(f"  {name} seed {seed}: {len(masks)} retrains in {retrain_s:.0f}s", flush=True)
     rows = []
     for label, method, ckpts, settings in (SWEEP if cfg.get("sweep") else [(m, m, None, {}) for m in METHODS]):
         t = time.time()
-        if ckpts:
-            _, states, steps, lrs = train(model_fn, x, y, seed, dict(c, ckpts=ckpts))
-        ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu", **settings))
+        if "project" in c:               # the recipe's own checkpoints and manifest
+            if ckpts:
+                raise SystemExit(f"{name}: the recipe fixes its checkpoints (no --sweep)")
+            ctx = recipe_context(name, x, y, folder.name, ScoreSettings(device="cpu", **settings))
+        else:
+            if ckpts:
+                _, states, steps, lrs = train(model_fn, x, y, seed, dict(c, ckpts=ckpts))
+            ctx = make_context(model_fn(), states, steps, lrs, split, ScoreSettings(device="cpu", **settings))
         infl = trak_influence(ctx, qx, qy) if method == "trak" else per_query_influence(ctx, method, qx, qy)
         secs = time.time() - t
         score, per = lds(predicted_changes(infl, masks), actual)
+        print(f"  {name} seed {seed}: {label} LDS {score:.4f} in {secs:.0f}s", flush=True)
         rows.append({"method": label, "model": name, "seed": seed, "subsets": len(masks), "lds": score,
                      "per_query": per.tolist(), "seconds": secs, "retrain_seconds": retrain_s})
+    folder.cleanup()
     return rows
 
 
@@ -165,6 +225,8 @@ def reference_job(name, seed, cfg):
     from diffin_core.scoring import make_context
     from diffin_core.truth import batch_order, cosine_lrs, sgd_influence, train_sgd
     c = CASES[name]
+    if "project" in c:
+        raise SystemExit(f"{name}: --reference needs the bench's own SGD loop (sample weights), not a project recipe")
     model_fn, x, y, qx, qy = case_data(name, seed)
     _, states, steps, lrs = train(model_fn, x, y, seed, c)
     masks = random_subsets(len(y), cfg["subsets"], 0.5, seed=1000 + seed)
@@ -300,6 +362,8 @@ def main(argv=None):
         print(f"[{time.time() - started:6.0f}s] {args[0]} seed {args[1]} done in {secs:.0f}s: "
               + ", ".join(f"{x.get('kind', '')} {x['method']} {x['lds']:.4f}" for x in r), flush=True)
         table = summarise(rows, keys)
+        if not (a.quick or a.reference or a.sweep):
+            table = with_other_models(table, out / f"{a.name}.csv", a.models)
         if a.reference:
             table["pearson_vs_expected"] = [np.mean([x["pearson_vs_expected"] for x in rows if (x["kind"], x["method"],
                                             x["model"]) == (k, m, mo)]) for k, m, mo in zip(table.kind, table.method, table.model)]
@@ -307,6 +371,17 @@ def main(argv=None):
             plot(table, out / f"{a.name}.png", a.trajectory)
         write_csv(table, out / f"{a.name}.csv")
     print(table.to_string(index=False))
+
+
+def with_other_models(table, path, models):
+    """``table`` after the rows of an existing ``path`` for models not run now (kept as they are:
+    pandas reads floats round-trip, so a run of one case leaves the others' rows identical)."""
+    import pandas as pd
+    if not path.is_file():
+        return table
+    old = pd.read_csv(path)
+    old = old[~old.model.isin(models)]
+    return pd.concat([old, table], ignore_index=True) if len(old) else table
 
 
 def write_csv(table, path):

@@ -62,3 +62,37 @@ def test_influence_function_builds_the_hessian_once_per_context(monkeypatch):
     chunks = len(list(ctx.chunks()))
     assert len(calls) == chunks                    # one Hessian for three queries, not three
     assert np.abs(shared).max() > 0
+
+
+def _bench_lds():
+    import importlib
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module("lds")
+
+
+def test_a_rerun_of_one_case_keeps_the_other_cases_rows_identical(tmp_path):
+    import pandas as pd
+    bench = _bench_lds()
+    path = tmp_path / "lds.csv"
+    old = pd.DataFrame({"method": ["diffin", "tracin", "diffin"], "model": ["a", "a", "b"],
+                        "lds_mean": [0.8437214885954383, 1 / 3, 0.5], "seconds": [68.48880489667256, 0.1, 2.0]})
+    bench.write_csv(old, path)
+    before = path.read_text().splitlines()
+    new = pd.DataFrame({"method": ["diffin"], "model": ["b"], "lds_mean": [0.25], "seconds": [1.0]})
+    bench.write_csv(bench.with_other_models(new, path, ["b"]), path)
+    after = path.read_text().splitlines()
+    assert after[:3] == before[:3]                 # header and model a's rows, byte for byte
+    assert after[3:] == ["diffin,b,0.25,1.0"]      # model b's row replaced, not duplicated
+
+
+def test_sample_cnn_case_is_the_sample_project_data():
+    from diffin_core.project import Project
+    bench = _bench_lds()
+    _, x, y, qx, qy = bench.case_data("sample-cnn", 0)
+    project = Project(bench.HERE.parent / "sample_data" / "mnist")
+    assert np.array_equal(x, project.train.x) and np.array_equal(y, project.train.y)
+    assert len(qy) == bench.CASES["sample-cnn"]["queries"]
+    rows = [int(np.flatnonzero((project.query.x == q).all(axis=(1, 2, 3)))[0]) for q in qx]
+    assert np.array_equal(project.query.y[rows], qy)   # query samples drawn from the query split
