@@ -476,15 +476,9 @@ def test_recorder_writes_the_batch_order_only_when_every_step_gives_it(tmp_path)
         assert all(np.array_equal(got.batch(s), idx.numpy()) for s, idx in enumerate(order))
 
 
-def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
-    """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
-    feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
-    exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
-    import torch.nn.functional as F_
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.features import build_for_run
+def _tiny_adamw_project(tmp_path):
+    """The tiny test project without checkpoints, its tensors, a seeded model and its AdamW."""
     from diffin_core.project import Project
-    from diffin_core.scoring import query_influence, score, top_k
     from helpers import make_tiny_project
     root = make_tiny_project(tmp_path / "p")
     shutil.rmtree(root / "checkpoints")
@@ -492,7 +486,19 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
     x, y = torch.as_tensor(project.train.x), torch.as_tensor(project.train.y)
     torch.manual_seed(0)
     model = project.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    return root, project, x, y, model, torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+
+
+def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
+    """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
+    feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
+    exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
+    import torch.nn.functional as F_
+    from diffin_core.checkpoints import Recorder
+    from diffin_core.features import build_for_run
+    from diffin_core.scoring import query_influence, score, top_k
+    from diffin_core.project import Project
+    root, project, x, y, model, opt = _tiny_adamw_project(tmp_path)
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
         for _ in range(3):
             for idx in torch.randperm(len(y)).split(16):
@@ -585,16 +591,9 @@ def test_adamw_project_recorded_through_track_scores_by_the_batch_order_path(tmp
     the manifest names the batch order, and scoring takes the replay (no approximation warning)."""
     from torch.utils.data import DataLoader, TensorDataset
     from diffin_core.checkpoints import Recorder
-    from diffin_core.project import Project
     from diffin_core.scoring import project_context
-    from helpers import make_tiny_project
-    root = make_tiny_project(tmp_path / "p")
-    shutil.rmtree(root / "checkpoints")
-    project = Project(root)
-    x, y = torch.as_tensor(project.train.x), torch.as_tensor(project.train.y)
-    torch.manual_seed(0)
-    model = project.build_model()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
+    from diffin_core.project import Project
+    root, project, x, y, model, opt = _tiny_adamw_project(tmp_path)
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
         for _ in range(2):
