@@ -55,7 +55,7 @@ TARGET_S = 1.0
 
 # page name -> (script for AppTest, sidebar link text, title shown on the page)
 PAGES = {
-    "home": ("app.py", "app", "diffin: which training samples"),
+    "home": ("app.py", "Home", "diffin: which training samples"),
     "setup": ("pages/1_Setup.py", "Setup", "Set up a project from uploads"),
     "score": ("pages/2_Score.py", "Score", "Score"),
     "explore": ("pages/3_Explore.py", "Explore", "Explore"),
@@ -246,7 +246,7 @@ def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[
                     page.evaluate(
                         """([link]) => {
                             const a = [...document.querySelectorAll("[data-testid='stSidebarNav'] a")]
-                                .find(e => e.innerText.trim().split("\n").pop().trim() === link);  // after the icon
+                                .find(e => e.innerText.trim().split("\\n").pop().trim() === link);  // after the icon
                             window.__t0 = performance.now(); window.__t1 = null; a.click(); }""", [link])
                     page.wait_for_function(
                         """([title]) => {
