@@ -459,9 +459,7 @@ def test_recorder_writes_the_batch_order_only_when_every_step_gives_it(tmp_path)
         opt = torch.optim.AdamW(model.parameters(), lr=0.01)
         with Recorder(tmp_path / mode, model, opt, train_size=20, every=2) as rec:
             for s, idx in enumerate(order):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+                _optimizer_step(model, opt, x[idx], y[idx])
                 rec.step(batch_ids=None if mode == "plain" or (mode == "one-missing" and s == 3) else idx)
         folder = tmp_path / mode / "checkpoints"
         m = read_manifest(folder / "manifest.json")
@@ -474,6 +472,13 @@ def test_recorder_writes_the_batch_order_only_when_every_step_gives_it(tmp_path)
             continue
         got = load_batch_order(m, 20)
         assert all(np.array_equal(got.batch(s), idx.numpy()) for s, idx in enumerate(order))
+
+
+def _optimizer_step(model, opt, x, y):
+    """One training step of the recorded loops: zero_grad, mean cross-entropy backward, step."""
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
 
 
 def _tiny_adamw_project(tmp_path):
@@ -493,7 +498,6 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
     """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
     feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
     exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
-    import torch.nn.functional as F_
     from diffin_core.checkpoints import Recorder
     from diffin_core.features import build_for_run
     from diffin_core.scoring import query_influence, score, top_k
@@ -502,9 +506,7 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
         for _ in range(3):
             for idx in torch.randperm(len(y)).split(16):
-                opt.zero_grad()
-                F_.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+                _optimizer_step(model, opt, x[idx], y[idx])
                 rec.step(batch_ids=idx)
     project = Project(root)
     run = score(project, "diffin", run="d")
@@ -547,9 +549,7 @@ def _record_with_loader(folder, x, y, mode, epochs=2, drop_last=False, workers=0
         batches = rec.track(loader) if mode == "track" else loader      # one tracked loader, every epoch
         for _ in range(epochs):
             for batch in batches:
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-                opt.step()
+                _optimizer_step(model, opt, batch[0], batch[1])
                 rec.step(batch_ids=batch[2]) if mode == "hand" else rec.step()
     return folder / "checkpoints"
 
@@ -598,9 +598,7 @@ def test_adamw_project_recorded_through_track_scores_by_the_batch_order_path(tmp
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
         for _ in range(2):
             for xb, yb in rec.track(loader):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(xb), yb).backward()
-                opt.step()
+                _optimizer_step(model, opt, xb, yb)
                 rec.step()
     project = Project(root)
     assert project.manifest.batch_order == "batch_order.npz"
@@ -654,9 +652,7 @@ def test_killed_run_keeps_the_batch_order_up_to_its_last_checkpoint(tmp_path):
         with Recorder(tmp_path, model, opt, train_size=40, every=3) as rec:
             for _ in range(2):
                 for xb, yb in rec.track(loader):
-                    opt.zero_grad()
-                    torch.nn.functional.cross_entropy(model(xb), yb).backward()
-                    opt.step()
+                    _optimizer_step(model, opt, xb, yb)
                     rec.step()
                     seen.append(rec.batches[-1])
                     if rec.global_step == 8:
