@@ -212,15 +212,7 @@ def _write_imagefolder(tmp: Path, x, labels, ids, label_names, image_shape, out_
     and float data is scaled to 0-255 when the whole split's max is <= 1)."""
     if keep is not None:
         return _write_imagefolder_stream(tmp, x, labels, ids, label_names, image_shape, out_path, keep)
-    if image_shape is None:
-        image_shape = x.shape[1:] if x.ndim == 4 else (1, *x.shape[1:]) if x.ndim == 3 else None
-    if image_shape is None or len(image_shape) != 3 or image_shape[0] not in (1, 3):
-        raise DiffinError(f"imagefolder export needs image_shape (C, H, W) with C 1 or 3, "
-                          f"got {image_shape}", out_path)
-    if len(x) and int(np.prod(image_shape)) != int(np.prod(x.shape[1:])):
-        raise DiffinError(f"samples of shape {x.shape[1:]} cannot be reshaped to {image_shape}",
-                          out_path)
-    imgs = x.reshape(len(x), *image_shape)
+    imgs = x.reshape(len(x), *_image_shape(x, image_shape, out_path))
     if np.issubdtype(imgs.dtype, np.floating) and len(imgs) and np.nanmax(imgs) <= 1.0:
         imgs = imgs * 255.0
     imgs = np.clip(np.nan_to_num(imgs), 0, 255).round().astype(np.uint8)
