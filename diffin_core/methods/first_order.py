@@ -7,8 +7,16 @@ import torch
 from .base import Attributor, Context, loo_loss
 
 
+LONG_ROW = 1 << 20     # row length from which rowdot takes one BLAS dot per row
+
+
 def rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
+    """<a_i, b_i> per row, (b, n) x (b, n) -> (b,). Rows of LONG_ROW or more (P-sized, e.g. a
+    ResNet's per-sample gradients) take one BLAS dot each, without the (b, n) product temporary
+    (torch.bmm of (b, 1, n) x (b, n, 1) was measured 20x slower on CPU)."""
+    if a.dim() < 2 or a.shape[-1] < LONG_ROW:
+        return (a * b).sum(-1)
+    return torch.stack([torch.dot(ai, bi) for ai, bi in zip(a, b)]) if len(a) else a.new_zeros(0)
 
 
 def checkpoint_weights(ctx: Context) -> np.ndarray:
