@@ -161,7 +161,7 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
         order = load_batch_order(m, len(train))
         if order is None or any(not c.exp_avg for c in m.checkpoints):
             approx.append("Adam's moments per step (no batch order or exp_avg recorded: v frozen per checkpoint, "
-                          "each sample spread over every step; pass batch_ids to Recorder.step)")
+                          "each sample spread over every step; record it with rec.track(loader) or rec.step(batch_ids=...))")
             order = None
         else:
             firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
