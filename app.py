@@ -8,6 +8,7 @@ and runs the chosen one. The pages live in pages/; Home is pages/home.py.
 import sys
 from pathlib import Path
 
+import diffin_core  # noqa: F401  first: OpenMP's passive wait and the thread count (threads.py)
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "pages"))

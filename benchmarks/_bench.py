@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import diffin_core  # noqa: F401  first: OpenMP's passive wait and the thread count before torch loads (threads.py)
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -313,7 +314,8 @@ def gt_job(name, seed, cfg):
 
 # --- worker entry points (importable by name from a spawned process, whatever the main module) ---
 def init_worker():
-    torch.set_num_threads(1)
+    from diffin_core.threads import configure
+    configure(1)            # one torch thread per worker (the pool shares the CPUs), passive wait
 
 
 def run_job(job):

@@ -11,6 +11,11 @@ The engine. It imports no Streamlit; the app (app.py, pages/) and the CLI are vi
 Sign convention: influence(z, Q) = L_Q(theta_T without z) - L_Q(theta_T); > 0 helpful.
 """
 from .errors import DiffinError
+from . import threads as _threads
+
+# Before torch loads: OpenMP's passive wait and a thread count that fits this machine's CPUs and
+# load (threads.py; children inherit it). A bad DIFFIN_THREADS is reported by the CLI, skipped here.
+_threads.configure(strict=False)
 
 # The rest loads on first use (PEP 562), so `diffin` starts without importing torch and a
 # Ctrl-C during that import reaches the CLI's handler (one line, exit 130).

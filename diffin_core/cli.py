@@ -21,6 +21,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find helpful, harmful and mislabelled training samples (Diff-In influence).")
 
 
+THREADS_HELP = ("torch threads (default auto: the CPUs this process may use minus the load average; also "
+                "DIFFIN_THREADS); OpenMP waits passively either way")
+
+
+@app.callback()
+def _root(threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP)):
+    """Find helpful, harmful and mislabelled training samples (Diff-In influence)."""
+    if threads is not None:
+        from .threads import configure
+        configure(threads)
+
+
 class Bar:
     """tqdm progress bar driven by the engine's progress(done, total, message) callback."""
 
@@ -95,10 +107,13 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                                                           help=MEMORY_HELP),
               batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
               precision: str = typer.Option("float32", "--precision", metavar="float32|bfloat16|float16",
-                                            help=PRECISION_HELP)):
+                                            help=PRECISION_HELP),
+              threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
     from .precision import summary
+    from .threads import configure
+    configure(threads)                      # before torch loads (a bad DIFFIN_THREADS: one line)
     for m in method:
         out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
                      memory_budget=memory_budget, batch_size=batch_size, precision=precision)

@@ -146,11 +146,22 @@ def _stages(project, method: str, settings: ScoreSettings):
     return Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, np.asarray(q.x), q.y, True))
 
 
+def _worker_threads() -> None:
+    """A Ray task uses as many torch threads as the CPUs Ray gave it (tasks share the node's
+    CPUs), with OpenMP's passive wait (threads.py)."""
+    import ray
+    from .threads import configure
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    configure(max(1, int(cpus)))
+
+
 def _plan_task(root: str, settings: dict, method: str):
+    _worker_threads()
     return _scorer(root, settings).plan(method)
 
 
 def _score_task(root: str, settings: dict, method: str, boxed_plan: list, start: int, stop: int) -> dict:
+    _worker_threads()
     return _scorer(root, settings).score(method, boxed_plan, start, stop)
 
 

@@ -26,6 +26,7 @@ from .stages import Stages, StageSettings, array_digest
 from .store import CheckpointStore, Lazy, StateFiles
 from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_batch_order, load_exp_avg_sq,
                           load_step_lrs, read_state)
+from . import threads
 from .errors import DiffinError
 from .functional import FunctionalModel
 from .methods import METHODS, Context, ScoreSettings, pick_device
@@ -234,6 +235,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
         "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
         "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
+        "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
     }
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
@@ -266,6 +268,7 @@ def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started:
     """Write runs/<run>/scores.parquet + meta.json: a temp folder renamed into place, so the run
     appears only when complete (local and Ray runs both end here)."""
     meta.setdefault("versions", {"torch": torch.__version__, "python": platform.python_version(), "diffin": "0.1.0"})
+    meta.setdefault("threads", threads.record())
     from .atomic import staged_dir
     final = project.runs_dir / run
     with staged_dir(final) as tmp:      # runs/<run> swaps whole to the new version (never missing)
