@@ -19,7 +19,7 @@ _threads.configure(strict=False)
 
 # The rest loads on first use (PEP 562), so `diffin` starts without importing torch and a
 # Ctrl-C during that import reaches the CLI's handler (one line, exit 130).
-_LAZY = {"Recorder": "checkpoints", "METHODS": "methods", "ScoreSettings": "methods", "Project": "project",
+_LAZY = {"Recorder": "checkpoints", "DiffinCallback": "hf", "METHODS": "methods", "ScoreSettings": "methods", "Project": "project",
          "query_influence": "scoring", "score": "scoring", "top_k": "scoring"}
 
 
@@ -30,5 +30,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recorder", "DiffinError", "METHODS", "ScoreSettings", "Project", "score", "top_k", "query_influence"]
+__all__ = ["Recorder", "DiffinCallback", "DiffinError", "METHODS", "ScoreSettings", "Project", "score", "top_k", "query_influence"]
 __version__ = "0.1.0"
