@@ -50,8 +50,13 @@ class Split:
     ids: np.ndarray
     true_y: np.ndarray | None = None
     path: str = ""
-    classes: list[str] | None = None      # image folders: class names in label order
+    classes: list[str] | None = None      # image folders, text label names: class names in label order
     workers: int = 0                      # iter_chunks' default DataLoader workers ([data] workers)
+    kind: str = ""                        # "text" for a tokenised text split (text.py), else ""
+    text_column: object = None            # text: the original texts (text.TextColumn), row for row
+    pair_column: object = None            # text pairs: the second texts, or None
+    offset: int = 0                       # first row of this view in text_column / pair_column
+    meta: dict | None = None              # text: the tokenisation record (tokenized/<split>/meta.json)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -66,7 +71,23 @@ class Split:
         sl = slice(start, stop)
         x = self.x.rows(start, stop) if self.streamed else self.x[sl]
         return Split(x, self.y[sl], self.ids[sl], None if self.true_y is None else self.true_y[sl],
-                     self.path, self.classes, self.workers)
+                     self.path, self.classes, self.workers, self.kind, self.text_column, self.pair_column,
+                     self.offset + slice(start, stop).indices(len(self))[0], self.meta)
+
+    def texts(self, rows=None) -> list[str]:
+        """The original texts of a text split at ``rows`` (positions in this split; all when None)."""
+        return self._texts(self.text_column, rows)
+
+    def text_pairs(self, rows=None) -> list[str] | None:
+        """The second texts of a text-pair split at ``rows``; None for single texts."""
+        return None if self.pair_column is None else self._texts(self.pair_column, rows)
+
+    def _texts(self, column, rows) -> list[str]:
+        if column is None:
+            raise DiffinError("not a text split: it holds no texts", self.path)
+        values = column.values()
+        rows = range(len(self)) if rows is None else np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        return [values[self.offset + int(r)] for r in rows]
 
     def iter_chunks(self, size: int, start: int = 0, stop: int | None = None, workers: int | None = None):
         """Yield (chunk_start, x float32 (b, ...), y int64 (b,)) over rows [start, stop) in order,
@@ -182,20 +203,28 @@ def _read_table(path: Path, label_column: str):
     ids = df.pop("sample_id").to_numpy() if "sample_id" in df.columns else None
     true_y = df.pop("true_label").to_numpy() if "true_label" in df.columns else None
     y = df.pop(label_column).to_numpy()
-    bad = [c for c in df.columns if not np.issubdtype(df[c].dtype, np.number)]
+    from pandas.api.types import is_bool_dtype, is_numeric_dtype, is_object_dtype, is_string_dtype
+    bad = [c for c in df.columns if not is_numeric_dtype(df[c].dtype) or is_bool_dtype(df[c].dtype)]
     if bad:
-        raise DiffinError(f"feature columns must be numeric; {bad[0]!r} is {df[bad[0]].dtype}", path)
+        c = bad[0]
+        if is_string_dtype(df[c].dtype) or is_object_dtype(df[c].dtype):
+            raise DiffinError(f"column {c!r} holds text, not numbers: for a text classifier set [data] kind = "
+                              f"\"text\" and text_column = {str(c)!r} in diffin.toml", path)
+        raise DiffinError(f"feature columns must be numeric; {c!r} is {df[c].dtype}", path)
     return df.to_numpy(dtype=np.float32), y, ids, true_y
 
 
 def load_split(path: str | Path, *, label_column: str = "label", image_shape=None,
                num_classes: int | None = None, allow_empty: bool = False, stream: bool | str = "auto",
                image_column: str | None = None, resize: bool = False, max_pixels: int = MAX_PIXELS,
-               classes: list[str] | None = None, workers: int = 0) -> Split:
+               classes: list[str] | None = None, workers: int = 0, text=None) -> Split:
     """Read and check one split; ``image_shape`` (C, H, W) reshapes flat image rows and sets the
     decoded size of encoded images. ``stream``, ``image_column``, ``resize``, ``max_pixels``:
-    the ``[data]`` keys (module docstring); ``classes`` fixes an image folder's class order."""
+    the ``[data]`` keys (module docstring); ``classes`` fixes an image folder's class order.
+    ``text`` (a ``text.TextOptions``): a text split, tokenised (and cached) by text.py."""
     path = Path(path)
+    if text is not None:
+        return _load_text(path, text, num_classes, allow_empty, stream, workers)
     shape = None if image_shape is None else tuple(int(s) for s in image_shape)
     names = None
     if path.is_dir():
@@ -259,6 +288,33 @@ def load_split(path: str | Path, *, label_column: str = "label", image_shape=Non
     if true_y is not None:
         true_y = _labels(true_y, path)
     return Split(x, y, ids, true_y, str(path), names, int(workers))
+
+
+def _load_text(path: Path, opts, num_classes, allow_empty, stream, workers) -> Split:
+    from .text import TEXT_SUFFIXES, tokenize_split
+    if not path.is_file():
+        raise DiffinError("file not found" if not path.is_dir() else
+                          "a text split is one .csv, .tsv, .jsonl or .parquet file, not a folder", path)
+    if path.stat().st_size == 0:
+        raise DiffinError("the file is empty (0 bytes)", path)
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise DiffinError(f"unsupported text data format {path.suffix!r}; use .csv, .tsv, .jsonl or .parquet", path)
+    tok = tokenize_split(path, opts)
+    y, ids = np.asarray(tok.arrays["labels"]), np.asarray(tok.arrays["ids"])
+    if len(y) == 0 and not allow_empty:
+        raise DiffinError("the split has no samples", path)
+    if len(np.unique(ids)) != len(ids):
+        raise DiffinError("ids must be unique and one per sample", path)
+    if num_classes is not None and len(y) and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(np.flatnonzero((y < 0) | (y >= num_classes))[0])
+        raise DiffinError(f"row {bad}: label {int(y[bad])} is out of range: the model has {num_classes} classes "
+                          f"(0..{num_classes - 1})", path)
+    x = RowArray(tok.source_x(), str(path))
+    if stream is False or (stream == "auto" and x.nbytes <= STREAM_ABOVE_BYTES):
+        x = np.asarray(x)
+    true_y = tok.arrays.get("true_labels")
+    return Split(x, y, ids, None if true_y is None else np.asarray(true_y), str(path), tok.meta["classes"],
+                 int(workers), "text", tok.texts(), tok.pairs(), 0, tok.meta)
 
 
 def save_split(path: str | Path, x: np.ndarray, y: np.ndarray, ids=None, true_y=None) -> Path:

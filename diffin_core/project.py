@@ -3,12 +3,15 @@
     [model]        factory = "model.py:build"    # or program = "model.pt2" (torch.export)
                    loss = "cross_entropy"
     [data]         train = "data/train.npz"   query = "data/query.npz"
-                   kind = "image" | "tabular"   image_shape = [1, 28, 28]
+                   kind = "image" | "tabular" | "text"   image_shape = [1, 28, 28]
                    label_names = [...]          label_column = "label"   num_classes = 10
                    stream = "auto" | true | false   image_column = "image"   resize = false
                    max_pixels = 50000000        workers = 0   # DataLoader processes reading chunks
                                                 # train/query may also be a folder (x.npy + y.npy,
                                                 # or <class>/<image> sub-folders): see data.py
+                   text_column = "text"   text_pair_column = "..."   max_length = 128
+                   truncation = false   tokenizer = "tokenizer"   vocab_size = 8000
+                                                # kind = "text": see docs/text.md and text.py
     [checkpoints]  manifest = "checkpoints/manifest.json"
     [train]        recipe = "train.py:train"    # optional: (train_x, train_y, seed, checkpoint_dir) -> None
 
@@ -36,7 +39,9 @@ SCHEMA = {
     "model": {"factory": False, "program": False, "loss": False},
     "data": {"train": True, "query": True, "kind": False, "image_shape": False, "label_names": False,
              "label_column": False, "num_classes": False, "stream": False, "image_column": False,
-             "resize": False, "max_pixels": False, "workers": False},
+             "resize": False, "max_pixels": False, "workers": False, "text_column": False,
+             "text_pair_column": False, "max_length": False, "truncation": False, "tokenizer": False,
+             "vocab_size": False},
     "checkpoints": {"manifest": False},
     "train": {"recipe": False},
 }
@@ -66,12 +71,37 @@ def check_config(raw: dict, path) -> dict:
     if ("factory" in model) == ("program" in model):
         raise DiffinError("[model] needs exactly one of 'factory' (\"model.py:build\") or 'program' (\"model.pt2\")", path)
     kind = raw["data"].get("kind", "image" if "image_shape" in raw["data"] else "tabular")
-    if kind not in ("image", "tabular"):
-        raise DiffinError(f"[data] kind must be \"image\" or \"tabular\", not {kind!r}", path)
+    if kind not in ("image", "tabular", "text"):
+        raise DiffinError(f"[data] kind must be \"image\", \"tabular\" or \"text\", not {kind!r}", path)
+    text_keys = [k for k in ("text_column", "text_pair_column", "max_length", "truncation", "tokenizer", "vocab_size")
+                 if k in raw["data"]]
+    if kind != "text" and text_keys:
+        raise DiffinError(f"[data] {text_keys[0]} needs kind = \"text\"", path)
+    if kind == "text":
+        check_text_keys(raw["data"], path)
     if kind == "image" and "image_shape" not in raw["data"]:
         raise DiffinError("missing key 'image_shape' in [data] (needed for kind = \"image\")", path)
     check_data_keys(raw["data"], path)
     return raw
+
+
+def check_text_keys(data: dict, path) -> None:
+    """Types and values of the [data] keys of a text split (docs/text.md)."""
+    if "text_column" not in data:
+        raise DiffinError("missing key 'text_column' in [data] (needed for kind = \"text\")", path)
+    for key in ("text_column", "text_pair_column", "tokenizer", "label_column"):
+        v = data.get(key)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise DiffinError(f"[data] {key} must be a non-empty string, not {v!r}", path)
+    for key, low, high in (("max_length", 2, 1 << 20), ("vocab_size", 10, 1 << 24)):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high):
+            raise DiffinError(f"[data] {key} must be a whole number from {low} to {high:,}, not {v!r}", path)
+    if not isinstance(data.get("truncation", False), bool):
+        raise DiffinError(f"[data] truncation must be true or false, not {data['truncation']!r}", path)
+    for key in ("image_shape", "image_column", "resize", "max_pixels"):
+        if key in data:
+            raise DiffinError(f"[data] {key} does not apply to kind = \"text\"", path)
 
 
 def check_data_keys(data: dict, path) -> None:
@@ -193,6 +223,9 @@ class Project:
                 raise DiffinError(f"{model_cfg['factory'].split(':')[1]}() raised {type(e).__name__}: {e}", src) from None
         if not isinstance(model, nn.Module):
             raise DiffinError(f"the model factory returned {type(model).__name__}, not a torch nn.Module", src)
+        if self.kind == "text":
+            from .textmodel import adapt
+            adapt(model)
         return model
 
     @functools.cached_property
@@ -201,6 +234,9 @@ class Project:
             return int(self.config["data"]["num_classes"])
         if self.label_names:
             return len(self.label_names)
+        if self.kind == "text":
+            split = self.train_unchecked           # first: it trains the tokenizer model.py may read
+            return int(self._forward_one(eval_mode(self.build_model()), split).shape[-1])
         raw = load_split(self.path(self.config["data"]["train"]), label_column=self.label_column,
                          image_shape=self.image_shape, **{**self.source_options, "stream": True})
         return int(self._forward_one(eval_mode(self.build_model()), raw).shape[-1])
@@ -231,7 +267,40 @@ class Project:
             opts["classes"] = [str(n) for n in self.label_names]
         return opts
 
+    def text_options(self, key: str, classes=None):
+        """text.TextOptions for split ``key`` ("train" / "query"): the [data] keys, the tokenizer
+        folder and the cache folder tokenized/<key>."""
+        from .text import DEFAULT_MAX_LENGTH, DEFAULT_VOCAB, TextOptions
+        d = self.config["data"]
+        return TextOptions(text_column=d["text_column"], label_column=self.label_column,
+                           text_pair_column=d.get("text_pair_column"),
+                           max_length=int(d.get("max_length", DEFAULT_MAX_LENGTH)),
+                           truncation=bool(d.get("truncation", False)),
+                           tokenizer_dir=self.path(d.get("tokenizer", "tokenizer")),
+                           vocab_size=int(d.get("vocab_size", DEFAULT_VOCAB)),
+                           cache_dir=self.root / "tokenized" / key,
+                           classes=classes if classes is not None else self.label_names,
+                           train_tokenizer=key == "train")
+
+    @functools.cached_property
+    def train_unchecked(self) -> Split:
+        """The text train split before its labels are checked against the model (num_classes)."""
+        d = self.config["data"]
+        return load_split(self.path(d["train"]), label_column=self.label_column,
+                          stream=d.get("stream", "auto"), workers=d.get("workers", 0),
+                          text=self.text_options("train"))
+
     def _split(self, key: str) -> Split:
+        if self.kind == "text":
+            d = self.config["data"]
+            classes = None if key == "train" else self.train.classes
+            split = load_split(self.path(d[key]), label_column=self.label_column, num_classes=self.num_classes,
+                               stream=d.get("stream", "auto"), workers=d.get("workers", 0),
+                               text=self.text_options(key, classes))
+            if key == "query" and split.meta and self.train.meta and split.meta["tokenizer"] != self.train.meta["tokenizer"]:
+                raise DiffinError("the query split was tokenised with another tokenizer than the train split; "
+                                  "delete tokenized/ to redo both", split.path)
+            return split
         opts = self.source_options
         if key == "query" and "classes" not in opts and self.train.classes is not None:
             opts["classes"] = self.train.classes     # image folders: the train split's class order
