@@ -297,7 +297,8 @@ def train_tokenizer(texts, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB,
         special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
     tok.decoder = decoders.WordPiece()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=int(max_length))
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=int(max_length),
+                                   model_input_names=["input_ids", "token_type_ids", "attention_mask"])
     out_dir = Path(out_dir)
     with staged_dir(out_dir) as tmp:
         fast.save_pretrained(str(tmp))
@@ -319,7 +320,8 @@ def _tokenizer_for(opts: TextOptions, table: TextTable, path):
 
 # --- tokenising ---------------------------------------------------------------------------
 def _encode(tok, texts, pairs, **kw):
-    return tok(texts, pairs, add_special_tokens=True, return_attention_mask=True, **kw) if pairs is not None \
+    return tok(texts, pairs, add_special_tokens=True, return_attention_mask=True, return_token_type_ids=True, **kw) \
+        if pairs is not None \
         else tok(texts, add_special_tokens=True, return_attention_mask=True, **kw)
 
 
