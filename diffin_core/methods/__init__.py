@@ -1,4 +1,12 @@
-"""The estimator registry: ``METHODS[name]()`` gives an Attributor (see base.py for the contract)."""
+"""methods: the estimators and the walks that run them.
+
+``METHODS[name]()`` gives an Attributor (see base.py for the contract): Diff-In, TracIn, the
+influence function, training-dynamics and loss baselines, the label-issue score, Diff-In's
+self-influence walks (ritz_self, loo_logits) and the bounded-memory runner that streams the
+training set through an attributor.
+
+May import: errors, engine, project. Layer 3 of 7.
+"""
 from .base import Attributor, Context, ScoreSettings, pick_device, segment_lengths
 from .baselines import Cleanlab, Loss, Margin
 from .diffin import DiffIn, DiffInPaper
