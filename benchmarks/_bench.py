@@ -16,16 +16,17 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import roc_auc_score
 
-from diffin_core.data import Split
-from diffin_core.functional import FunctionalModel
+from diffin_core.project.data import Split
+from diffin_core.engine.functional import FunctionalModel
 from diffin_core.methods import ScoreSettings
-from diffin_core.models import MLP, SmallCNN
-from diffin_core.sample import RAW, flip_labels
-from diffin_core.scoring import make_context, run_method
-from diffin_core.tasks import (cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores,
-                               forgetting_scores, moso_scores, query_metrics)
-from diffin_core import truth as gt
-from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out
+from diffin_core.engine.models import MLP, SmallCNN
+from diffin_core.project.sample import RAW, flip_labels
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context
+from diffin_core.tasks.curate import cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores, forgetting_scores, moso_scores
+from diffin_core.project.training import query_metrics
+from diffin_core.tasks import truth as gt
+from diffin_core.tasks.truth import batch_order, cosine_lrs, digits_case, leave_one_out
 
 # --- configuration -------------------------------------------------------------------------------
 FULL = dict(
@@ -314,7 +315,7 @@ def gt_job(name, seed, cfg):
 
 # --- worker entry points (importable by name from a spawned process, whatever the main module) ---
 def init_worker():
-    from diffin_core.threads import configure
+    from diffin_core.engine.threads import configure
     configure(1)            # one torch thread per worker (the pool shares the CPUs), passive wait
 
 

@@ -41,14 +41,15 @@ from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from diffin_core import features as feature_store  # noqa: E402
-from diffin_core.checkpoints import Recorder, load_batch_order  # noqa: E402
-from diffin_core.models import MLP  # noqa: E402
-from diffin_core.project import Project  # noqa: E402
-from diffin_core.scoring import project_context, run_method, score, top_k, topk_cache_path  # noqa: E402
-from diffin_core.truth import TorchRecipe, digits_case, leave_one_out_torch  # noqa: E402
+from diffin_core.run import features as feature_store  # noqa: E402
+from diffin_core.project.checkpoints import Recorder, load_batch_order  # noqa: E402
+from diffin_core.engine.models import MLP  # noqa: E402
+from diffin_core.project.folder import Project  # noqa: E402
+from diffin_core.run.scoring import run_method, score, top_k, topk_cache_path
+from diffin_core.run.context import project_context
+from diffin_core.tasks.truth import TorchRecipe, digits_case, leave_one_out_torch  # noqa: E402
 
-MODEL = "from diffin_core.models import MLP\n\n\ndef build():\n    return MLP(64, (32,), 10)\n"
+MODEL = "from diffin_core.engine.models import MLP\n\n\ndef build():\n    return MLP(64, (32,), 10)\n"
 TOML = """[model]\nfactory = "model.py:build"\nloss = "cross_entropy"\n\n[data]\ntrain = "data/train.npz"
 query = "data/query.npz"\nkind = "tabular"\n\n[checkpoints]\nmanifest = "checkpoints/manifest.json"\n"""
 LR, WD, BATCH, EPOCHS, EVERY = 0.01, 0.01, 32, 4, 10

@@ -19,7 +19,7 @@ influence of z is -sum_s <(1-b1) Am_s + 2 (1-b2) X_s * Av_s, r_s> with, per row 
               owning the steps nearest it; theta, H, G_s and g_z at the owner, H and G_s on the real
               batch, exact HVPs):  checkpoint-held: the owner's recorded m, v for all its steps;
               checkpoint-replayed: Adam's m, v replayed forward from the latest recorded ones with
-              the batch gradients (what diffin_core/adam_batches.py does, there in float32 with
+              the batch gradients (what diffin_core/engine/adam_batches.py does, there in float32 with
               finite-difference HVPs)
 
     python benchmarks/adam_study.py [--seeds 0 1]  -> benchmarks/results/adam_study.csv
@@ -41,9 +41,9 @@ from torch.func import grad, jvp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from diffin_core.functional import FunctionalModel  # noqa: E402
-from diffin_core.recipe import owned_bounds  # noqa: E402
-from diffin_core.truth import batch_order, digits_case, leave_one_out_torch, standard_recipes  # noqa: E402
+from diffin_core.engine.functional import FunctionalModel  # noqa: E402
+from diffin_core.engine.recipe import owned_bounds  # noqa: E402
+from diffin_core.tasks.truth import batch_order, digits_case, leave_one_out_torch, standard_recipes  # noqa: E402
 
 
 def record(recipe, x, y, batches):

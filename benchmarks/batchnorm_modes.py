@@ -35,12 +35,13 @@ from torch.func import functional_call
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from diffin_core.batchnorm import batch_statistics, bn_modules, train_mode_influence  # noqa: E402
-from diffin_core.checkpoints import read_manifest  # noqa: E402
-from diffin_core.functional import FunctionalModel  # noqa: E402
+from diffin_core.engine.batchnorm import batch_statistics, bn_modules, train_mode_influence  # noqa: E402
+from diffin_core.project.checkpoints import read_manifest  # noqa: E402
+from diffin_core.engine.functional import FunctionalModel  # noqa: E402
 from diffin_core.methods import ScoreSettings  # noqa: E402
-from diffin_core.scoring import manifest_context, run_method  # noqa: E402
-from diffin_core.truth import (TorchRecipe, batch_order, batchnorm_cnn_recipe, digits_case,  # noqa: E402
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import manifest_context
+from diffin_core.tasks.truth import (TorchRecipe, batch_order, batchnorm_cnn_recipe, digits_case,  # noqa: E402
                                leave_one_out_torch, recipe_case, standard_recipes)
 
 N, EPOCHS, BATCH = 800, 8, 32

@@ -46,7 +46,7 @@ CHOSEN = {0.3: "diffin-ccs-prune", 0.5: "diffin-ccs-prune", 0.7: "diffin-ccs-pru
 
 
 def select(rule, frac, labels, infl, selfs, seed):
-    from diffin_core.tasks import CCS_PRUNE_LOW, ccs_selection, coreset_selection
+    from diffin_core.tasks.curate import CCS_PRUNE_LOW, ccs_selection, coreset_selection
     if rule == "diffin-top":
         return coreset_selection(None, frac, value=infl, labels=labels)
     if rule == "diffin-ccs":
@@ -60,11 +60,11 @@ def select(rule, frac, labels, infl, selfs, seed):
 
 def job(seed, rules, peers):
     import _bench
-    from diffin_core.data import Split
+    from diffin_core.project.data import Split
     from diffin_core.methods import ScoreSettings
-    from diffin_core.models import SmallCNN
-    from diffin_core.scoring import make_context
-    from diffin_core.tasks import coreset_selection, el2n_scores, forgetting_scores
+    from diffin_core.engine.models import SmallCNN
+    from diffin_core.run.context import make_context
+    from diffin_core.tasks.curate import coreset_selection, el2n_scores, forgetting_scores
     d = _bench.mnist_data(CFG)
     model, states, steps, lrs = _bench.train_cnn(d.xtr, d.ytr, seed, CFG)
     full = _bench._eval(model, d.xte, d.yte)["accuracy"]

@@ -48,7 +48,7 @@ def log(msg):
     print(f"[explore] {msg}", flush=True)
 
 
-MLP_PY = """from diffin_core.models import MLP
+MLP_PY = """from diffin_core.engine.models import MLP
 
 
 def build():
@@ -61,8 +61,8 @@ def train_mlp(dest: Path, steps: int = 550, every: int = 50, seed: int = 0) -> N
     SGD (lr 0.3, batch 64) on the 4,000 sample digits, checkpoints every 50 steps (12 in all)."""
     import torch.nn.functional as Fn
 
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.engine.models import MLP
     shutil.rmtree(dest / "checkpoints")
     (dest / "model.py").write_text(MLP_PY)
     with np.load(dest / "data" / "train.npz") as z:
@@ -82,7 +82,7 @@ def train_mlp(dest: Path, steps: int = 550, every: int = 50, seed: int = 0) -> N
 
 
 def build_project(ws: Path, n: int, model: str = "cnn", seed: int = 0) -> Path:
-    from diffin_core.sample import SAMPLE_DIR
+    from diffin_core.project.sample import SAMPLE_DIR
     dest = ws / f"mnist-{model}-{n}"
     if dest.exists():
         return dest
@@ -124,7 +124,7 @@ def fake_run(project, name="diffin-1"):
 
 def store_with_dim(src: Path, dst: Path, dim: int, full: int) -> None:
     """A copy of the store at src whose features are the first ``dim`` projection columns."""
-    from diffin_core.projector import fold
+    from diffin_core.engine.projector import fold
     if dst.exists():
         shutil.rmtree(dst)
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("train.npy", "query.npy", "class_sums.npy"))
@@ -161,10 +161,10 @@ def build_case(n: int, nq: int, dim: int, rank: int, ws: Path, chunk: int, model
     started at each query's vector, its HVPs). Writes the store to runs/diffin-1/features-full and
     the exact influences (n, nq) with the query indices, the pass time and the plan times to
     runs/diffin-1/exact.npz. Skipped when that file exists."""
-    from diffin_core import features as F
+    from diffin_core.run import features as F
     from diffin_core.methods.diffin import DiffIn
-    from diffin_core.project import Project
-    from diffin_core.scoring import project_context
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import project_context
     project = Project(build_project(ws, n, model))
     run = fake_run(project)
     out = run / "exact.npz"
@@ -210,8 +210,8 @@ def evaluate(n: int, dims: list[int], fractions: list[float], ws: Path, model: s
     emptied first) at the shortlist fraction ``timed`` only, with its parts: the store's (N, d)
     product (store_ms), the exact path's plan for the query (plan_ms, its HVPs: the same at any N)
     and the jvps of the shortlisted rows (rescore_ms); the first ``timed_queries`` queries."""
-    from diffin_core import features as F
-    from diffin_core.project import Project
+    from diffin_core.run import features as F
+    from diffin_core.project.folder import Project
     project = Project(build_project(ws, n, model))
     run = project.runs_dir / "diffin-1"
     z = np.load(run / "exact.npz")

@@ -47,12 +47,13 @@ def report(name, a, b):
 
 
 def truth():
-    from diffin_core import features as F
-    from diffin_core.functional import FunctionalModel
+    from diffin_core.run import features as F
+    from diffin_core.engine.functional import FunctionalModel
     from diffin_core.methods import ScoreSettings
-    from diffin_core.models import MLP
-    from diffin_core.scoring import make_context, run_method
-    from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out, train_sgd
+    from diffin_core.engine.models import MLP
+    from diffin_core.run.scoring import run_method
+    from diffin_core.run.context import make_context
+    from diffin_core.tasks.truth import batch_order, cosine_lrs, digits_case, leave_one_out, train_sgd
     torch.manual_seed(0)
     train, query = digits_case(noise=0.1, n_train=800, seed=0)
     model = MLP(64, (32,), 10).double()
@@ -84,11 +85,11 @@ def truth():
 
 def split(n: int, nq: int, rank: int):
     import explore as B
-    from diffin_core import features as F
+    from diffin_core.run import features as F
     from diffin_core.methods.diffin import DiffIn
-    from diffin_core.project import Project
-    from diffin_core.projector import Projector
-    from diffin_core.scoring import project_context
+    from diffin_core.project.folder import Project
+    from diffin_core.engine.projector import Projector
+    from diffin_core.run.context import project_context
     ws = Path("/tmp/explore-diagnose")
     ws.mkdir(exist_ok=True)
     project = Project(B.build_project(ws, n, "mlp"))

@@ -18,8 +18,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from diffin_core.functional import FunctionalModel  # noqa: E402
-from diffin_core.models import MLP, SmallCNN  # noqa: E402
+from diffin_core.engine.functional import FunctionalModel  # noqa: E402
+from diffin_core.engine.models import MLP, SmallCNN  # noqa: E402
 
 
 def fd_hvp(fm, theta, x, y, v, eps=1e-3):

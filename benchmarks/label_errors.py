@@ -61,7 +61,7 @@ METHODS = ["diffin", "tracin", "influence-function", "loss", "margin", "cleanlab
 
 
 def data(cfg):
-    from diffin_core.sample import RAW
+    from diffin_core.project.sample import RAW
     with np.load(RAW) as d:
         x, y = d["X"].astype(np.float32).reshape(-1, 784) / 255.0, d["y"].astype(np.int64)
     perm = np.random.default_rng(1234).permutation(len(y))
@@ -72,7 +72,7 @@ def data(cfg):
 def train(x, y, seed, cfg, keep_states=True):
     """The memorisation recipe: (model, states, steps, lrs) with cfg['ckpts'] checkpoints."""
     import torch
-    from diffin_core.models import MLP
+    from diffin_core.engine.models import MLP
     from _bench import train_sgd
     torch.manual_seed(seed)
     return train_sgd(MLP(784, cfg["hidden"], 10), x, y, seed, cfg, keep_states=keep_states)
@@ -81,14 +81,15 @@ def train(x, y, seed, cfg, keep_states=True):
 def job(noise, seed, cfg, methods=None):
     import torch
     from sklearn.metrics import roc_auc_score
-    from diffin_core.data import Split
-    from diffin_core.label_issue import (best_checkpoint, checkpoint_logits, early_stopped_loo_loss, losses_from_logits,
+    from diffin_core.project.data import Split
+    from diffin_core.methods.label_issue import (best_checkpoint, checkpoint_logits, early_stopped_loo_loss, losses_from_logits,
                                          query_loss_by_checkpoint, trajectory_mean_loo_loss)
     from diffin_core.methods import METHODS as METHOD_CLASSES
     from diffin_core.methods import ScoreSettings
-    from diffin_core.models import MLP
-    from diffin_core.sample import flip_labels
-    from diffin_core.scoring import make_context, run_method
+    from diffin_core.engine.models import MLP
+    from diffin_core.project.sample import flip_labels
+    from diffin_core.run.scoring import run_method
+    from diffin_core.run.context import make_context
     xtr, ytr, xq, yq = data(cfg)
     noisy, flipped = flip_labels(ytr, noise, seed=100 + seed)
     bad = np.zeros(len(noisy), bool)
@@ -136,7 +137,7 @@ def job(noise, seed, cfg, methods=None):
             report(m, score, time.time() - t)
             continue
         if m in (LOGITS_BEST, LOGITS_FINAL):
-            from diffin_core.loo_logits import early_stopped_loo_logit_loss, loo_cross_entropy, loo_logits
+            from diffin_core.methods.loo_logits import early_stopped_loo_logit_loss, loo_cross_entropy, loo_logits
             if m == LOGITS_BEST:
                 score = early_stopped_loo_logit_loss(METHOD_CLASSES["diffin"](), ctx_(), xq, yq)[0]
             else:

@@ -65,12 +65,12 @@ def main():
     from sklearn.metrics import roc_auc_score
     import label_errors as le
     from _bench import train_sgd
-    from diffin_core.data import Split
-    from diffin_core.loo_logits import loo_cross_entropy, loo_logit_shift
+    from diffin_core.project.data import Split
+    from diffin_core.methods.loo_logits import loo_cross_entropy, loo_logit_shift
     from diffin_core.methods import METHODS, ScoreSettings
-    from diffin_core.models import MLP
-    from diffin_core.sample import flip_labels
-    from diffin_core.scoring import make_context
+    from diffin_core.engine.models import MLP
+    from diffin_core.project.sample import flip_labels
+    from diffin_core.run.context import make_context
     cfg = le.FULL
     xtr, ytr, xq, yq = le.data(cfg)
     noisy, flipped = flip_labels(ytr, NOISE, seed=100 + SEED)

@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffin_core.methods import METHODS  # noqa: E402
-from diffin_core.project import Project  # noqa: E402
-from diffin_core.sample import SAMPLE_DIR, build_sample_project  # noqa: E402
-from diffin_core.scoring import project_context, run_method  # noqa: E402
+from diffin_core.project.folder import Project  # noqa: E402
+from diffin_core.project.sample import SAMPLE_DIR, build_sample_project  # noqa: E402
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import project_context
 
 OUT = ROOT / "benchmarks" / "results"
 

@@ -4,7 +4,7 @@
     nice -n 19 python benchmarks/lds.py --models sample-cnn    # one case: the other cases' rows stay as they are
     python benchmarks/lds.py --quick               # smoke: 1 seed, 10 subsets -> results/quick/
 
-LDS as TRAK and dattri define it (diffin_core/lds.py): 50 random subsets keeping 50% of the
+LDS as TRAK and dattri define it (diffin_core/tasks/lds.py): 50 random subsets keeping 50% of the
 training set; each is retrained from scratch with the run's recipe and seed; for each query
 sample, Spearman between the predicted change of its loss (the summed influence of the left-out
 half) and the retrained loss; averaged over the query samples. Per seed (0, 1, 2: data flips,
@@ -26,7 +26,7 @@ retrains are the cost and the query losses are free, and with 5 queries a seed's
 of 5 numbers and a 0.002 gap between methods could not be told from query sampling. Each row
 also gives the paired per-query difference to TracIn (same seed, retrains and queries), pooled
 over seeds x queries: vs_tracin_mean, vs_tracin_std, vs_tracin_wins (fraction > 0).
-Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.lds's
+Methods: diffin, tracin, influence-function (registry defaults) and trak (diffin_core.tasks.lds's
 TRAK-style projected estimator, 1,024 dims, the last 3 checkpoints).
 Writes results/lds.csv (method, model, subsets, lds_mean, lds_std, seeds, queries, vs_tracin_*,
 seconds) and lds.png, after each seed (a late finish still leaves the seeds done); rows of cases
@@ -76,11 +76,11 @@ QUICK = dict(seeds=[0], subsets=10)
 
 def case_data(name, seed):
     """(model_fn, x, y, qx, qy): the training split (10% flipped labels) and query samples."""
-    from diffin_core.models import MLP, SmallCNN
-    from diffin_core.truth import digits_case
+    from diffin_core.engine.models import MLP, SmallCNN
+    from diffin_core.tasks.truth import digits_case
     c = CASES[name]
     if "project" in c:
-        from diffin_core.project import Project
+        from diffin_core.project.folder import Project
         project = Project(HERE.parent / c["project"])
         x, y, qx, qy = project.train.x, project.train.y, project.query.x, project.query.y
         model_fn = project.build_model
@@ -89,7 +89,7 @@ def case_data(name, seed):
         x, y, qx, qy = train.x, train.y, query.x, query.y
         model_fn = lambda: MLP(64, (32,), 10)          # noqa: E731
     else:
-        from diffin_core.sample import RAW, flip_labels
+        from diffin_core.project.sample import RAW, flip_labels
         with np.load(RAW) as d:
             xa, ya = d["X"].astype(np.float32).reshape(-1, 1, 28, 28) / 255.0, d["y"].astype(np.int64)
         perm = np.random.default_rng(1234 + seed).permutation(len(ya))
@@ -114,7 +114,7 @@ def train(model_fn, x, y, seed, c, keep_states=True, weights=None):
 def run_recipe(name, x, y, seed, folder):
     """A project case's [train] recipe run on (x, y) with ``seed``, its checkpoints and manifest
     written into ``folder``."""
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     project = Project(HERE.parent / CASES[name]["project"])
     recipe, _ = project.load_callable(project.recipe, "[train] recipe")
     recipe(x, y, seed, Path(folder))
@@ -123,10 +123,10 @@ def run_recipe(name, x, y, seed, folder):
 def recipe_context(name, x, y, folder, settings):
     """A project case's scoring context as the product builds it from the recipe's manifest in
     ``folder`` (checkpoints read lazily from there, per-step lrs, optimiser): manifest_context."""
-    from diffin_core.checkpoints import read_manifest
-    from diffin_core.data import Split
-    from diffin_core.project import Project
-    from diffin_core.scoring import manifest_context
+    from diffin_core.project.checkpoints import read_manifest
+    from diffin_core.project.data import Split
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import manifest_context
     project = Project(HERE.parent / CASES[name]["project"])
     return manifest_context(project.build_model(), read_manifest(Path(folder) / "manifest.json"),
                             Split(x, y, np.arange(len(y))), settings)
@@ -137,8 +137,8 @@ def retrain(name, model_fn, x, y, seed, c, weights=None):
     if "project" in c:
         if weights is not None:
             raise SystemExit(f"{name}: a project recipe cannot weight samples (no --trajectory / --reference)")
-        from diffin_core.project import Project
-        from diffin_core.tasks import recipe_trainer
+        from diffin_core.project.folder import Project
+        from diffin_core.project.training import recipe_trainer
         return recipe_trainer(Project(HERE.parent / c["project"]))(x, y, seed).eval()
     return train(model_fn, x, y, seed, c, keep_states=False, weights=weights)[0]
 
@@ -153,10 +153,10 @@ def per_query_losses(model, qx, qy):
 def job(name, seed, cfg):
     if cfg.get("queries"):                      # spawned workers re-import CASES
         CASES[name]["queries"] = cfg["queries"]
-    from diffin_core.data import Split
-    from diffin_core.lds import lds, per_query_influence, predicted_changes, random_subsets, trak_influence
+    from diffin_core.project.data import Split
+    from diffin_core.tasks.lds import lds, per_query_influence, predicted_changes, random_subsets, trak_influence
     from diffin_core.methods import ScoreSettings
-    from diffin_core.scoring import make_context
+    from diffin_core.run.context import make_context
     c = CASES[name]
     model_fn, x, y, qx, qy = case_data(name, seed)
     folder = tempfile.TemporaryDirectory(prefix="lds-ckpts-")   # a project case's checkpoints
@@ -199,10 +199,10 @@ def job(name, seed, cfg):
 def flipped(name, seed):
     """(N,) bool: the training samples whose label case_data flipped."""
     if name == "digits-mlp":
-        from diffin_core.truth import digits_case
+        from diffin_core.tasks.truth import digits_case
         train, _ = digits_case(noise=0.1, n_train=1200, seed=seed)
         return train.y != train.true_y
-    from diffin_core.sample import RAW, flip_labels
+    from diffin_core.project.sample import RAW, flip_labels
     with np.load(RAW) as d:
         ya = d["y"].astype(np.int64)
     tr = np.random.default_rng(1234 + seed).permutation(len(ya))[:CASES[name]["n_train"]]
@@ -218,12 +218,12 @@ def reference_job(name, seed, cfg):
     if cfg.get("queries"):
         CASES[name]["queries"] = cfg["queries"]
     import torch
-    from diffin_core.data import Split
-    from diffin_core.functional import FunctionalModel
-    from diffin_core.lds import lds, per_query_influence, predicted_changes, random_subsets
+    from diffin_core.project.data import Split
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.tasks.lds import lds, per_query_influence, predicted_changes, random_subsets
     from diffin_core.methods import ScoreSettings
-    from diffin_core.scoring import make_context
-    from diffin_core.truth import batch_order, cosine_lrs, sgd_influence, train_sgd
+    from diffin_core.run.context import make_context
+    from diffin_core.tasks.truth import batch_order, cosine_lrs, sgd_influence, train_sgd
     c = CASES[name]
     if "project" in c:
         raise SystemExit(f"{name}: --reference needs the bench's own SGD loop (sample weights), not a project recipe")

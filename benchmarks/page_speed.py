@@ -7,7 +7,7 @@
 The project: the MNIST sample project with its train split enlarged to N (50,000) rows by
 resampling the 4,000 digits with small pixel noise (labels, flipped labels and true labels carried
 along), the checkpoint manifest's train_size set to N, and two runs in the engine's run-folder
-format (runs/<run>/scores.parquet + meta.json, see diffin_core/scoring.py):
+format (runs/<run>/scores.parquet + meta.json, see diffin_core/run/scoring.py):
 
 * loss-1   : real final-model predictions, confidence and loss for all N rows (method "loss");
 * diffin-1 : the same predictions, with influence / self-influence / label_issue drawn to match
@@ -79,9 +79,9 @@ def build_project(workspace: Path, n: int, seed: int = 0) -> Path:
     """Copy the sample project into ``workspace`` and enlarge + score it (skipped if present)."""
     import torch
 
-    from diffin_core.project import Project
-    from diffin_core.review import ReviewLog
-    from diffin_core.sample import SAMPLE_DIR
+    from diffin_core.project.folder import Project
+    from diffin_core.workspace.review import ReviewLog
+    from diffin_core.project.sample import SAMPLE_DIR
 
     dest = workspace / PROJECT
     done = dest / ".page-speed-ready"

@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffin_core.methods import METHODS, ScoreSettings  # noqa: E402
-from diffin_core.precision import PrecisionWarning  # noqa: E402
-from diffin_core.project import Project  # noqa: E402
-from diffin_core.sample import SAMPLE_DIR  # noqa: E402
-from diffin_core.scoring import project_context  # noqa: E402
+from diffin_core.engine.precision import PrecisionWarning  # noqa: E402
+from diffin_core.project.folder import Project  # noqa: E402
+from diffin_core.project.sample import SAMPLE_DIR  # noqa: E402
+from diffin_core.run.context import project_context  # noqa: E402
 
 
 def one(project: Project, prec: str, path: str, device: str) -> tuple[dict, dict]:

@@ -32,9 +32,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all)")
     args = ap.parse_args(argv)
     import ray
-    from diffin_core.distributed import score_on_ray
-    from diffin_core.sample import SAMPLE_DIR, build_sample_project
-    from diffin_core.scoring import score
+    from diffin_core.run.distributed import score_on_ray
+    from diffin_core.project.sample import SAMPLE_DIR, build_sample_project
+    from diffin_core.run.scoring import score
     src = SAMPLE_DIR / "mnist"
     if not (src / "diffin.toml").is_file():
         build_sample_project(src)

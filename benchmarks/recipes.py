@@ -1,6 +1,6 @@
 """Real training recipes: Diff-In vs TracIn (and Adam-aware TracIn) against true leave-one-out.
 
-Each recipe of diffin_core.truth.standard_recipes trains a digits MLP 64-32-10 (10% flipped
+Each recipe of diffin_core.tasks.truth.standard_recipes trains a digits MLP 64-32-10 (10% flipped
 labels, batch 32; plus a BatchNorm2d CNN on the 8x8 digits) with torch's own optimiser and
 scheduler in float64, recorded by the Recorder every 10 steps; estimators score from the recorded folder in float32 at 5 and 20 checkpoints.
 Truth: retraining without each of SAMPLES training samples (trajectory leave-one-out, float64).
@@ -26,10 +26,11 @@ from scipy.stats import pearsonr, spearmanr
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from diffin_core.checkpoints import read_manifest  # noqa: E402
+from diffin_core.project.checkpoints import read_manifest  # noqa: E402
 from diffin_core.methods import ScoreSettings  # noqa: E402
-from diffin_core.scoring import manifest_context, run_method  # noqa: E402
-from diffin_core.truth import batchnorm_cnn_recipe, recipe_case, standard_recipes  # noqa: E402
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import manifest_context
+from diffin_core.tasks.truth import batchnorm_cnn_recipe, recipe_case, standard_recipes  # noqa: E402
 
 METHODS = ("diffin", "tracin", "tracin-adam")
 

@@ -37,7 +37,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 COLUMNS = ["N", "params", "method", "path", "device", "samples_per_s", "peak_rss_mb", "wall_s",
            "peak_gpu_mb", "batch", "budget_mb", "threads", "model", "checkpoints", "hessian_batch", "plan_s"]
 
-MODEL_PY = '''from diffin_core.models import SmallCNN, build_resnet18
+MODEL_PY = '''from diffin_core.engine.models import SmallCNN, build_resnet18
 
 
 def build():
@@ -98,7 +98,7 @@ def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int
     """A project folder with n memory-mapped training images and ``checkpoints`` checkpoints."""
     import numpy as np
     import torch
-    from diffin_core.checkpoints import Recorder
+    from diffin_core.project.checkpoints import Recorder
     root = root / f"{model}-{n}"
     if (root / "checkpoints" / "manifest.json").is_file():
         return root
@@ -111,7 +111,7 @@ def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int
     (root / "model.py").write_text(MODEL_PY.format(factory=FACTORIES[model]))
     (root / "diffin.toml").write_text(TOML)
     sys.path.insert(0, str(root))
-    from diffin_core.models import SmallCNN, build_resnet18  # noqa: F401  (the factory's names)
+    from diffin_core.engine.models import SmallCNN, build_resnet18  # noqa: F401  (the factory's names)
     torch.manual_seed(seed)
     net = eval(FACTORIES[model])
     # the ResNet's few steps are taken in eval mode (BatchNorm statistics frozen, as the engine
@@ -140,8 +140,8 @@ def child(case: dict) -> dict:
     import torch
     torch.set_num_threads(case["threads"])
     from diffin_core.methods import ScoreSettings
-    from diffin_core.project import Project
-    from diffin_core.scoring import query_influence, score
+    from diffin_core.project.folder import Project
+    from diffin_core.run.scoring import query_influence, score
     project = Project(case["project"])
     s = ScoreSettings(device=case["device"], batch_size=case["batch"], hessian_batch=case["hessian_batch"])
     if hasattr(s, "memory_budget"):
@@ -177,7 +177,7 @@ def child(case: dict) -> dict:
 def inference(project, settings) -> None:
     """Forward passes over the whole training set at every checkpoint (the throughput ceiling)."""
     import torch
-    from diffin_core.checkpoints import read_state
+    from diffin_core.project.checkpoints import read_state
     from diffin_core.methods import pick_device
     device = pick_device(settings.device)
     model = project.build_model().to(device).eval()

@@ -74,7 +74,7 @@ def measure(folder: Path, source: str, workers: int) -> dict:
     import pyarrow.parquet  # noqa: F401  (imports before the baseline RSS and the clock)
     import torch.utils.data  # noqa: F401
     from PIL import Image, PngImagePlugin  # noqa: F401
-    from diffin_core.data import load_split
+    from diffin_core.project.data import load_split
     rel, kwargs = SOURCES[source]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()

@@ -10,17 +10,18 @@ The engine. It imports no Streamlit; the app (app.py, pages/) and the CLI are vi
 
 Sign convention: influence(z, Q) = L_Q(theta_T without z) - L_Q(theta_T); > 0 helpful.
 """
-from .errors import DiffinError
-from . import threads as _threads
+from diffin_core.errors import DiffinError
+from diffin_core.engine import threads as _threads
 
 # Before torch loads: OpenMP's passive wait and a thread count that fits this machine's CPUs and
-# load (threads.py; children inherit it). A bad DIFFIN_THREADS is reported by the CLI, skipped here.
+# load (engine/threads.py; children inherit it). A bad DIFFIN_THREADS is reported by the CLI, skipped here.
 _threads.configure(strict=False)
 
 # The rest loads on first use (PEP 562), so `diffin` starts without importing torch and a
 # Ctrl-C during that import reaches the CLI's handler (one line, exit 130).
-_LAZY = {"Recorder": "checkpoints", "DiffinCallback": "hf", "METHODS": "methods", "ScoreSettings": "methods", "Project": "project",
-         "query_influence": "scoring", "score": "scoring", "top_k": "scoring"}
+_LAZY = {"Recorder": "project.checkpoints", "DiffinCallback": "project.hf", "METHODS": "methods",
+         "ScoreSettings": "methods", "Project": "project.folder", "query_influence": "run.scoring",
+         "score": "run.scoring", "top_k": "run.scoring"}
 
 
 def __getattr__(name):

@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Find helpful, harmful and mislabelled training samples (Diff-In influence).")
@@ -29,7 +29,7 @@ THREADS_HELP = ("torch threads (default auto: the CPUs this process may use minu
 def _root(threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP)):
     """Find helpful, harmful and mislabelled training samples (Diff-In influence)."""
     if threads is not None:
-        from .threads import configure
+        from diffin_core.engine.threads import configure
         configure(threads)
 
 
@@ -57,14 +57,14 @@ class Bar:
 def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
               precision: str = "float32"):
     """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64, --precision bfloat16)."""
-    from .budget import parse_bytes
-    from .methods import ScoreSettings
-    from .precision import dtype_of
+    from diffin_core.engine.budget import parse_bytes
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.engine.precision import dtype_of
     dtype_of(precision)                       # one-line error for an unknown precision
     s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget), precision=precision)
     if batch_size is not None:
         if batch_size < 1:
-            from .errors import DiffinError
+            from diffin_core.errors import DiffinError
             raise DiffinError(f"--batch-size must be at least 1, not {batch_size}")
         s.batch_size = int(batch_size)
     return s
@@ -73,12 +73,12 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
 def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
            features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
            precision: str = "float32") -> Path:
-    from .scoring import score
+    from diffin_core.run.scoring import score
     settings = _settings(device, memory_budget, batch_size, precision)
     bar = Bar()
     try:
         if ray is not None:
-            from .distributed import score_on_ray
+            from diffin_core.run.distributed import score_on_ray
             return score_on_ray(project, method, run, settings,
                                 address=None if ray == "local" else ray, progress=bar)
         return score(project, method, run, settings, progress=bar, features=features)
@@ -111,8 +111,8 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
-    from .precision import summary
-    from .threads import configure
+    from diffin_core.engine.precision import summary
+    from diffin_core.engine.threads import configure
     configure(threads)                      # before torch loads (a bad DIFFIN_THREADS: one line)
     for m in method:
         out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
@@ -134,7 +134,7 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
             memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help=MEMORY_HELP),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Print the most helpful and most harmful training samples for query sample(s)."""
-    from .scoring import top_k
+    from diffin_core.run.scoring import top_k
     over = _settings("auto", memory_budget, batch_size)
     bar = Bar()
     try:
@@ -156,8 +156,8 @@ def features_cmd(project: Path = typer.Argument(..., help="project folder"),
                  dim: int = typer.Option(2048, help="sketch dimension d"),
                  rank: int = typer.Option(32, help="stored Hessian eigenpairs per checkpoint")):
     """(Re)build a run's feature store (part of `diffin score` unless --no-features)."""
-    from .features import FeatureSettings, build_for_run
-    from .project import Project
+    from diffin_core.run.features import FeatureSettings, build_for_run
+    from diffin_core.project.folder import Project
     bar = Bar()
     try:
         out = build_for_run(Project(project), run, FeatureSettings(dim=dim, view_rank=rank), progress=bar)
@@ -169,7 +169,7 @@ def features_cmd(project: Path = typer.Argument(..., help="project folder"),
 @app.command("methods")
 def methods_cmd():
     """List the estimators: full description, and whether the numbers are calibrated loss changes."""
-    from .methodinfo import describe_all
+    from diffin_core.tasks.methodinfo import describe_all
     typer.echo(describe_all())
 
 
@@ -178,8 +178,8 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
              method: List[str] = typer.Option(["diffin", "tracin", "loss"], "--method", "-m"),
              device: str = typer.Option("auto")):
     """Copy the sample MNIST project into the workspace (building it if missing) and score it."""
-    from .project import Project
-    from .sample import SAMPLE_DIR, build_sample_project
+    from diffin_core.project.folder import Project
+    from diffin_core.project.sample import SAMPLE_DIR, build_sample_project
     src = SAMPLE_DIR / "mnist"
     if not (src / "diffin.toml").is_file():
         typer.echo("building the sample project (about 10 s)...")
@@ -205,8 +205,8 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
 
 # --- data-centric tasks (issue 4): clean, delete, coreset, verify, bench ------------------------
 def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], keep, reason: str, extra: dict) -> None:
-    from .export import export_subset, project_source
-    from .project import Project
+    from diffin_core.workspace.export import export_subset, project_source
+    from diffin_core.project.folder import Project
     project = Project(project_dir)
     info = project.run(run)
     train = project.train
@@ -219,11 +219,11 @@ def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], k
 
 
 def _run_scores(project_dir: Path, run: str):
-    from .project import Project
+    from diffin_core.project.folder import Project
     project = Project(project_dir)
     scores = project.scores(run)
     if len(scores) != len(project.train):
-        from .errors import DiffinError
+        from diffin_core.errors import DiffinError
         raise DiffinError(f"run {run!r} has {len(scores)} scores but the train split has {len(project.train)} samples")
     return scores
 
@@ -235,7 +235,7 @@ def clean_cmd(project: Path = typer.Argument(..., help="project folder"),
               out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the top FRACTION most likely mislabelled samples."""
-    from .tasks import cleaning_selection
+    from diffin_core.tasks.curate import cleaning_selection
     flagged = cleaning_selection(_run_scores(project, run), fraction)
     _subset_export(project, run, out, fmt, ~flagged, f"cleaning: dropped the top {fraction:g} by label_issue",
                    {"fraction": fraction, "column": "label_issue"})
@@ -248,7 +248,7 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
                out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the K samples most harmful for the query set."""
-    from .tasks import drop_most_harmful, predicted_loss_change
+    from diffin_core.tasks.curate import drop_most_harmful, predicted_loss_change
     scores = _run_scores(project, run)
     removed = drop_most_harmful(scores, k)
     predicted = predicted_loss_change(scores, scores["sample_id"].to_numpy()[removed])
@@ -271,7 +271,7 @@ def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
                 fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export a coreset of FRACTION of the samples, class-balanced: by default coverage-centric
     sampling (CCS) over the run's influence (tasks.coreset_keep)."""
-    from .tasks import coreset_keep, coreset_selection
+    from diffin_core.tasks.curate import coreset_keep, coreset_selection
     scores = _run_scores(project, run)
     rule = "random" if value == "random" else rule
     if rule == "top" and not balanced:
@@ -290,7 +290,7 @@ def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs [
                k: int = typer.Option(20, help="remove the k most harmful samples"),
                seed: int = typer.Option(0, help="training seed for both retrains")):
     """Retrain without the K most harmful samples; print predicted vs actual query-loss change."""
-    from .tasks import drop_most_harmful, verify_by_retraining
+    from diffin_core.tasks.curate import drop_most_harmful, verify_by_retraining
     scores = _run_scores(project, run)
     ids = scores["sample_id"].to_numpy()[drop_most_harmful(scores, k)]
     bar = Bar()
@@ -313,7 +313,7 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="smoke version (
               out: Optional[Path] = typer.Option(None, help="results folder")):
     """Regenerate the benchmark tables and plots (benchmarks/run.py)."""
     import importlib.util
-    from .errors import DiffinError
+    from diffin_core.errors import DiffinError
     src = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
     if not src.is_file():
         raise DiffinError("the benchmarks are not part of this installation (run from a source checkout)", src)

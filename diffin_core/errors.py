@@ -15,3 +15,7 @@ class DiffinError(Exception):
         self.problem = " ".join(str(problem).split())
         self.path = None if path is None else str(path)
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
+
+
+class JobCancelled(Exception):
+    """Raised inside a background job (workspace.jobs) once cancel was requested."""

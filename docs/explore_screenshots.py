@@ -22,8 +22,8 @@ from served_app import IDLE  # noqa: E402
 
 
 def main() -> None:
-    from diffin_core import maps
-    from diffin_core.project import Project
+    from diffin_core.tasks import maps
+    from diffin_core.project.folder import Project
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         given = Path(sys.argv[1]) if len(sys.argv) > 1 else None      # reuse a built workspace

@@ -37,10 +37,11 @@ def log(msg: str) -> None:
 
 def prepare(workspace: Path) -> Path:
     """The scored sample project (diffin + loss runs, the diffin map, a few decisions)."""
-    from diffin_core import appstate, maps
-    from diffin_core.project import Project
-    from diffin_core.review import ReviewLog
-    from diffin_core.scoring import score
+    from diffin_core.workspace import appstate
+    from diffin_core.tasks import maps
+    from diffin_core.project.folder import Project
+    from diffin_core.workspace.review import ReviewLog
+    from diffin_core.run.scoring import score
 
     project_dir = appstate.copy_sample(workspace)
     for method in ("diffin", "loss"):

@@ -6,7 +6,9 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, uploads, usercode  # noqa: E402
+from diffin_core.workspace import appstate
+from diffin_core.workspace import uploads
+from diffin_core.workspace import usercode  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 st.set_page_config(page_title="diffin · Setup", page_icon=":material/upload_file:", layout="wide")

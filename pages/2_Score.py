@@ -9,8 +9,9 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import methodinfo, precision  # noqa: E402
-from diffin_core.jobs import display_order  # noqa: E402
+from diffin_core.tasks import methodinfo
+from diffin_core.engine import precision  # noqa: E402
+from diffin_core.workspace.jobs import display_order  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
 
 project = ui.page("Score")
@@ -39,7 +40,7 @@ if st.button("Start scoring", key="score_start", type="primary", disabled=not me
     from diffin_core.methods import ScoreSettings
     root = str(project.root)
     settings = ScoreSettings(batch_size=int(batch), memory_budget=int(budget_mb) * 2**20)
-    ids = [jm.submit_child("score", "diffin_core.scoring:score", (root, m), {"settings": settings},
+    ids = [jm.submit_child("score", "diffin_core.run.scoring:score", (root, m), {"settings": settings},
                            label=m, project_dir=root)
            for m in methods]
     ui.add_job_ids(ids)

@@ -9,10 +9,11 @@ import streamlit as st
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
 from _common import influence_views as iv  # noqa: E402
-from diffin_core import compare, maps  # noqa: E402
-from diffin_core import features as F  # noqa: E402
+from diffin_core.tasks import compare
+from diffin_core.tasks import maps  # noqa: E402
+from diffin_core.run import features as F  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
-from diffin_core.scoring import top_k, topk_cache_path  # noqa: E402
+from diffin_core.run.scoring import top_k, topk_cache_path  # noqa: E402
 
 project = ui.page("Explore", "🧭")
 run = ui.chosen_run(project, key="explore_run")
@@ -39,7 +40,7 @@ def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
         if earlier and earlier != jkey:
             jm.cancel(st.session_state.get(earlier, ""))       # a stale query's rescore: not needed
         st.session_state[jkey] = jm.submit_child(
-            "rescore", "diffin_core.features:rescore_for", (str(project.root), run, [int(qi)]),
+            "rescore", "diffin_core.run.features:rescore_for", (str(project.root), run, [int(qi)]),
             label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
             with_progress=False)
         st.session_state["explore_rescore_active"] = jkey
@@ -101,7 +102,7 @@ if view == VIEWS[0]:
                 root, query = str(project.root), int(qi)
 
                 # fills the on-disk cache the grid below reads; model.py runs in a child process
-                st.session_state[job_key] = jm.submit_child("topk", "diffin_core.scoring:top_k", (root, run, [query], 1),
+                st.session_state[job_key] = jm.submit_child("topk", "diffin_core.run.scoring:top_k", (root, run, [query], 1),
                                                             label=f"top-k for query {query} ({run})", project_dir=root)
                 info = jm.get(st.session_state[job_key])
             if info.status == "failed":

@@ -12,7 +12,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate  # noqa: E402
+from diffin_core.workspace import appstate  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 project = ui.page("Review", "✅", "Review suspects")

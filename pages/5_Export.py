@@ -7,7 +7,9 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate, export, tasks  # noqa: E402
+from diffin_core.workspace import appstate
+from diffin_core.workspace import export
+from diffin_core.tasks import curate as tasks  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 project = ui.page("Export", "📦")

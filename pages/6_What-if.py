@@ -6,7 +6,8 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import lds, tasks  # noqa: E402
+from diffin_core.tasks import lds
+from diffin_core.tasks import curate as tasks  # noqa: E402
 
 project = ui.page("What-if", "🧪", "What-if: remove samples, predict, verify")
 run = ui.chosen_run(project, key="whatif_run")
@@ -53,7 +54,7 @@ else:
     if st.button("Verify by retraining", key="whatif_verify", type="primary", disabled=busy or not ids):
         root, chosen, seeds = str(project.root), list(ids), list(range(int(n_seeds)))
         st.session_state["whatif_job"] = jm.submit_child(  # train.py runs in a child process
-            "whatif", "diffin_core.tasks:verify_by_retraining", (root, chosen), {"run": run, "seeds": seeds},
+            "whatif", "diffin_core.tasks.curate:verify_by_retraining", (root, chosen), {"run": run, "seeds": seeds},
             label=f"verify: remove {len(chosen)} from {run}, {len(seeds)} seeds", project_dir=root)
         st.rerun()
 

@@ -6,7 +6,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
-from diffin_core import appstate  # noqa: E402
+from diffin_core.workspace import appstate  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 st.title("diffin: which training samples helped, hurt, or carry the wrong label?")

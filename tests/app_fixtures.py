@@ -12,7 +12,7 @@ APP = str(ROOT / "app.py")
 PAGES = ROOT / "pages"
 sys.path.insert(0, str(PAGES))
 
-from diffin_core.sample import SAMPLE_DIR  # noqa: E402
+from diffin_core.project.sample import SAMPLE_DIR  # noqa: E402
 
 TIMEOUT = 120
 
@@ -42,7 +42,7 @@ def workspace(tmp_path, monkeypatch, jobs):
 @pytest.fixture(scope="session")
 def loss_run(tmp_path_factory):
     """A "loss" run of the sample project, scored once per test session (about 10 s)."""
-    from diffin_core.scoring import score
+    from diffin_core.run.scoring import score
     proj = tmp_path_factory.mktemp("scored") / "mnist-sample"
     shutil.copytree(SAMPLE_DIR / "mnist", proj, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
     return score(proj, "loss", run="loss-1")

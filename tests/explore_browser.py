@@ -30,10 +30,10 @@ def build_workspace(ws: Path) -> Path:
     feature store is then built for real by features.build_for_run (small d and rank to keep it
     short; the grid's numbers come from the store, the label and prediction columns from
     scores.parquet)."""
-    from diffin_core import features as F
-    from diffin_core.project import Project
-    from diffin_core.sample import SAMPLE_DIR
-    from diffin_core.scoring import score
+    from diffin_core.run import features as F
+    from diffin_core.project.folder import Project
+    from diffin_core.project.sample import SAMPLE_DIR
+    from diffin_core.run.scoring import score
     ws.mkdir(parents=True, exist_ok=True)
     proj = ws / PROJECT
     shutil.copytree(SAMPLE_DIR / "mnist", proj, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))

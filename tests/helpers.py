@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
+from diffin_core.project.checkpoints import Recorder
 
-MODEL_PY = '''from diffin_core.models import MLP
+MODEL_PY = '''from diffin_core.engine.models import MLP
 
 
 def build():

@@ -12,7 +12,7 @@ import pytest
 from app_fixtures import jobs, loss_run, new_app, scored, table_with, texts, workspace  # noqa: F401
 
 import _common
-from diffin_core import compare
+from diffin_core.tasks import compare
 
 
 def test_topk_grid_shows_label_score_prediction(scored, jobs):
@@ -54,7 +54,7 @@ def test_map_from_cache_and_histograms(scored):
 
 
 def test_histograms_bin_per_group_on_shared_edges():
-    from diffin_core.compare import histograms
+    from diffin_core.tasks.compare import histograms
     values = np.array([0.0, 0.1, 0.2, 0.9, 1.0, np.nan])
     groups = np.array(["a", "a", "b", "b", "b", "a"])
     h = histograms(values, groups, bins=2)

@@ -71,7 +71,7 @@ def test_navigation_names_every_page_with_material_icons():
 
 
 def test_workspace_from_cli_flag(tmp_path):
-    from diffin_core.appstate import workspace_dir
+    from diffin_core.workspace.appstate import workspace_dir
     assert workspace_dir(["--workspace", str(tmp_path / "w")]) == tmp_path / "w"
     assert (tmp_path / "w").is_dir()
 
@@ -154,7 +154,7 @@ def test_score_page_says_which_numbers_are_calibrated(scored):
 
 
 def test_whatif_uses_a_named_selection(scored):
-    from diffin_core import selections
+    from diffin_core.workspace import selections
     at = new_app(scored, "pages/6_What-if.py")
     at.radio(key="whatif_source").set_value("a saved selection (Explore's lasso)").run()
     assert "No saved selections yet" in " ".join(texts(at.info))
@@ -166,7 +166,7 @@ def test_whatif_uses_a_named_selection(scored):
 
 
 def test_autoscore_serves_first_and_scores_in_the_background(workspace, jobs, monkeypatch):
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     monkeypatch.setenv("DIFFIN_AUTOSCORE", "loss")  # scripts/run.sh sets diffin,tracin,loss
     at = new_app()
     assert not at.exception

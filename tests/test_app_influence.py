@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
 
-from diffin_core import features as F
-from diffin_core.project import Project
-from diffin_core.scoring import score
+from diffin_core.run import features as F
+from diffin_core.project.folder import Project
+from diffin_core.run.scoring import score
 
 from helpers import make_tiny_project
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from app_fixtures import jobs, loss_run, new_app, scored, table_with, texts, workspace  # noqa: F401
 
-from diffin_core.review import ReviewLog
+from diffin_core.workspace.review import ReviewLog
 
 
 def metrics(at) -> dict:
@@ -143,7 +143,7 @@ def test_task_exports(scored):
     assert abs(len(y) - 800) <= 10
     for label, n in pd.Series(y).value_counts().items():
         assert abs(n - round(0.2 * counts[label])) <= 1
-    from diffin_core.tasks import ccs_selection            # the benchmarked rule, as the CLI's
+    from diffin_core.tasks.curate import ccs_selection  # the benchmarked rule, as the CLI's
     with np.load(scored / "exports" / "mnist-sample-coreset-npz.npz") as z:
         kept = set(z["ids"].tolist())
     expect = ccs_selection(scores.influence.to_numpy(), 0.2, scores.label.to_numpy(), prune_low=0.1, seed=0)

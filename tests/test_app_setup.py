@@ -11,10 +11,10 @@ import pytest
 import torch
 from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
 
-from diffin_core import uploads
-from diffin_core.checkpoints import read_manifest, read_state
-from diffin_core.project import Project
-from diffin_core.sample import SAMPLE_DIR
+from diffin_core.workspace import uploads
+from diffin_core.project.checkpoints import read_manifest, read_state
+from diffin_core.project.folder import Project
+from diffin_core.project.sample import SAMPLE_DIR
 
 SRC = SAMPLE_DIR / "mnist"
 MODEL_PY = (SRC / "model.py").read_bytes()

@@ -15,10 +15,10 @@ def tiny_scored(tmp_path_factory):
     """A digits project whose [train] recipe takes well under a second, scored with tracin."""
     import textwrap
     from sklearn.datasets import load_digits
-    from diffin_core.data import save_split
-    from diffin_core.project import Project
-    from diffin_core.sample import flip_labels
-    from diffin_core.scoring import score
+    from diffin_core.project.data import save_split
+    from diffin_core.project.folder import Project
+    from diffin_core.project.sample import flip_labels
+    from diffin_core.run.scoring import score
     from test_tasks import MODEL, TOML, TRAIN
     root = tmp_path_factory.mktemp("whatif") / "tiny-digits"
     (root / "data").mkdir(parents=True)
@@ -47,7 +47,7 @@ def tiny(workspace, tiny_scored):
 
 
 def test_paired_multi_seed_verification_and_noise_verdict(tiny, jobs):
-    from diffin_core.tasks import noise_verdict
+    from diffin_core.tasks.curate import noise_verdict
     at = new_app(tiny, "pages/6_What-if.py")
     at.number_input(key="whatif_k").set_value(15).run()
     scores = pd.read_parquet(tiny / "runs/tracin-1/scores.parquet")
@@ -97,7 +97,7 @@ def test_lds_of_the_runs_method_is_shown(tiny):
 
 
 def test_review_exclusions_as_the_selection(scored, jobs):
-    from diffin_core.review import ReviewLog
+    from diffin_core.workspace.review import ReviewLog
     ReviewLog(scored).decide_many([3, 5, 8], "exclude")
     at = new_app(scored, "pages/6_What-if.py")
     at.radio(key="whatif_source").set_value("the samples excluded in review").run()

@@ -108,7 +108,7 @@ def break_shapes(p):
 
 
 def break_model_input(p):
-    (p / "model.py").write_text("from diffin_core.models import MLP\n\n\ndef build():\n    return MLP(5, (8,), 3)\n")
+    (p / "model.py").write_text("from diffin_core.engine.models import MLP\n\n\ndef build():\n    return MLP(5, (8,), 3)\n")
     return "train.npz", r"the model can't take samples of shape \[6\]"
 
 
@@ -161,12 +161,12 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from diffin_core.atomic import clean_staging, recover_dirs, replace_dir, staged_dir  # noqa: E402
+from diffin_core.project.atomic import clean_staging, recover_dirs, replace_dir, staged_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 KILLER = r"""
 import importlib.util, os, sys, json
-spec = importlib.util.spec_from_file_location("atomic", sys.argv[1] + "/diffin_core/atomic.py")
+spec = importlib.util.spec_from_file_location("atomic", sys.argv[1] + "/diffin_core/project/atomic.py")
 atomic = importlib.util.module_from_spec(spec)   # stdlib only: no torch import, a fast child
 spec.loader.exec_module(atomic)
 final, kill_at = sys.argv[2], int(sys.argv[3])
@@ -259,8 +259,8 @@ def test_replace_dir_swaps_and_removes_the_old_version(tmp_path):
 
 
 def test_hidden_folders_and_leftovers_are_not_runs(proj):
-    from diffin_core.project import Project
-    from diffin_core.scoring import score
+    from diffin_core.project.folder import Project
+    from diffin_core.run.scoring import score
     score(proj, "grad-dot", run="g")
     runs = proj / "runs"
     dead = 2 ** 22 + 12345                          # no such pid

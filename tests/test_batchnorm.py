@@ -9,11 +9,12 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from diffin_core.data import Split
+from diffin_core.project.data import Split
 from diffin_core.methods import ScoreSettings
 from diffin_core.methods.first_order import checkpoint_weights
-from diffin_core.recipe import Recipe
-from diffin_core.scoring import make_context, manifest_context, run_method
+from diffin_core.engine.recipe import Recipe
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context, manifest_context
 
 
 def _bn_context(conv: bool):
@@ -43,7 +44,9 @@ def _bn_context(conv: bool):
 def test_per_checkpoint_tasks_use_each_checkpoints_own_statistics(conv):
     """EL2N, MoSo, forgetting logits, first-order self-influence and TRAK evaluate checkpoint k
     with checkpoint k's running statistics (they used the final model's)."""
-    from diffin_core import label_issue, lds, tasks
+    from diffin_core.methods import label_issue
+    from diffin_core.tasks import lds
+    from diffin_core.tasks import curate as tasks
     ctx, train = _bn_context(conv)
     x = torch.as_tensor(train.x)
     own = torch.softmax(ctx.fm_at(0).logits(ctx.thetas[0], x), -1).double().numpy()
@@ -130,8 +133,8 @@ _CASES: dict = {}
 
 def _cnn_case(tmp_path_factory):
     if "cnn" not in _CASES:
-        from diffin_core.checkpoints import read_manifest
-        from diffin_core.truth import batchnorm_cnn_recipe, recipe_case
+        from diffin_core.project.checkpoints import read_manifest
+        from diffin_core.tasks.truth import batchnorm_cnn_recipe, recipe_case
         root = tmp_path_factory.mktemp("bn2d")
         case = recipe_case(batchnorm_cnn_recipe(), root, n_train=800, epochs=8, samples=40, every=10)
         _CASES["cnn"] = case, read_manifest(root / "checkpoints" / "manifest.json")
@@ -166,8 +169,8 @@ def test_train_mode_derivatives_match_torch_train_mode(conv):
     """Batch-statistics gradients equal torch's train mode (buffers untouched); a sample's effective
     gradient (its loss + its effect through the statistics) matches adding it to the batch; the
     eval-only forward equals eval mode."""
-    from diffin_core.batchnorm import TrainModeModel, batch_statistics, effective_directional
-    from diffin_core.functional import FunctionalModel
+    from diffin_core.engine.batchnorm import TrainModeModel, batch_statistics, effective_directional
+    from diffin_core.engine.functional import FunctionalModel
     model, x, y = _tiny(conv)
     fm = FunctionalModel(model)
     theta = fm.theta_of(model)
@@ -192,7 +195,7 @@ def test_train_mode_derivatives_match_torch_train_mode(conv):
 
 def test_train_mode_path_equals_diffin_without_batchnorm():
     """Without BatchNorm the train-mode comparison path is Diff-In itself (same plan, same scores)."""
-    from diffin_core.batchnorm import train_mode_influence
+    from diffin_core.engine.batchnorm import train_mode_influence
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3))
     rng = np.random.default_rng(0)

@@ -203,7 +203,7 @@ def test_sample_project_score_review_export(page, server, workspace):
     page.bring_to_front()
     done[shared] = ("exclude", None)
 
-    from diffin_core.review import ReviewLog
+    from diffin_core.workspace.review import ReviewLog
     with ReviewLog(project) as log:
         state = log.state()
         assert len(log.history(shared)) == 1          # the stale Keep wrote nothing

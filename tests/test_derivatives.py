@@ -2,11 +2,11 @@
 import numpy as np
 import torch
 
-from diffin_core.functional import FunctionalModel
-from diffin_core.lanczos import lanczos
+from diffin_core.engine.functional import FunctionalModel
+from diffin_core.engine.lanczos import lanczos
 from diffin_core.methods import segment_lengths
 from diffin_core.methods.diffin import interval_functions
-from diffin_core.models import MLP, SmallCNN
+from diffin_core.engine.models import MLP, SmallCNN
 
 
 def _batch(shape, n=64, seed=0):
@@ -102,7 +102,7 @@ def test_conjugate_gradient_solves_spd_and_stays_finite_on_indefinite():
 def test_no_tf32_turns_both_flags_off_and_restores_them():
     """The FD-HVP guard: TF32 off inside (matmul and cuDNN), the caller's flags back after,
     whichever values the caller had set (touching only the allow_tf32 flags, see no_tf32)."""
-    from diffin_core.functional import no_tf32
+    from diffin_core.engine.functional import no_tf32
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         for value in (True, False):

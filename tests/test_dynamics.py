@@ -9,12 +9,13 @@ from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from diffin_core.errors import DiffinError
-from diffin_core.label_issue import (accumulated_self, area_under_margin, first_order_self_by_target,
+from diffin_core.methods.label_issue import (accumulated_self, area_under_margin, first_order_self_by_target,
                                      forgetting_counts, label_issue_from_trajectory, mean_loss, margins,
                                      steps_before, trajectory_loo_loss)
 from diffin_core.methods import METHODS, ScoreSettings
 from diffin_core.methods.dynamics import out_of_sample_probs
-from diffin_core.scoring import make_context, run_method
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context
 
 
 # --- hand-made trajectories with known answers ---------------------------------------------------
@@ -71,9 +72,9 @@ def test_trajectory_term_separates_samples_with_the_same_losses():
 @pytest.fixture(scope="module")
 def digits_run():
     """Logistic regression on 150 digits, 20% flips, plain SGD saved every 5 steps (float64)."""
-    from diffin_core.functional import FunctionalModel
-    from diffin_core.models import MLP
-    from diffin_core.truth import batch_order, digits_case, train_sgd
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.engine.models import MLP
+    from diffin_core.tasks.truth import batch_order, digits_case, train_sgd
     train, query = digits_case(noise=0.2, n_train=150, seed=3)
     torch.manual_seed(0)
     model = MLP(64, (), 10).double()
@@ -89,7 +90,7 @@ def digits_run():
 
 
 def _ctx(r):
-    from diffin_core.models import MLP
+    from diffin_core.engine.models import MLP
     return make_context(MLP(64, (), 10), r["states"], r["steps"], r["lrs"], r["train"],
                         ScoreSettings(device="cpu"), dtype=torch.float64)
 
@@ -134,7 +135,7 @@ def test_dynamics_methods_score_every_sample(digits_run, method):
 
 
 def test_cleanlab_cv_uses_out_of_sample_models_only(digits_run):
-    from diffin_core.models import MLP
+    from diffin_core.engine.models import MLP
     r = digits_run
     x, y = r["train"].x, r["train"].y
     seen = []
@@ -170,15 +171,15 @@ def test_cleanlab_cv_needs_a_recipe(digits_run):
 
 # --- the product's rule: estimated LOO loss at the checkpoint with the lowest query loss ----------
 def test_best_checkpoint_is_the_lowest_query_loss_after_step_0():
-    from diffin_core.label_issue import best_checkpoint
+    from diffin_core.methods.label_issue import best_checkpoint
     assert best_checkpoint([2.0, 0.4, 0.6, 0.9], [0, 10, 20, 30]) == 1
     assert best_checkpoint([2.0, 0.5, 0.7, 0.5], [0, 10, 20, 30]) == 3        # ties: the later
     assert best_checkpoint([0.1, 0.5, 0.6], [0, 10, 20]) == 1                 # step 0 never
 
 
 def test_truncated_context_equals_a_run_that_ended_there(digits_run):
-    from diffin_core.label_issue import truncate_context
-    from diffin_core.models import MLP
+    from diffin_core.methods.label_issue import truncate_context
+    from diffin_core.engine.models import MLP
     r = digits_run
     ctx = _ctx(r)
     k = 6
@@ -196,8 +197,8 @@ def test_truncated_context_equals_a_run_that_ended_there(digits_run):
 def test_diffin_label_issue_is_the_loo_loss_where_the_query_loss_is_lowest(digits_run):
     """On a run whose query loss rises after an early minimum, diffin's label_issue is the loss
     plus Diff-In's self-influence at that checkpoint; zeroing the self-influence changes it."""
-    from diffin_core.label_issue import best_checkpoint, losses_from_logits, query_loss_by_checkpoint
-    from diffin_core.label_issue import checkpoint_logits, truncate_context
+    from diffin_core.methods.label_issue import best_checkpoint, losses_from_logits, query_loss_by_checkpoint
+    from diffin_core.methods.label_issue import checkpoint_logits, truncate_context
     from diffin_core.methods.base import Attributor
     r = digits_run
     ctx = _ctx(r)
@@ -218,7 +219,7 @@ def test_diffin_label_issue_is_the_loo_loss_where_the_query_loss_is_lowest(digit
 
 # --- Diff-In's self-influence of the model at every checkpoint (trajectory_mean_loo_loss) -----------
 def _si_at(ctx, plan, k):
-    from diffin_core.label_issue import mean_self_influence
+    from diffin_core.methods.label_issue import mean_self_influence
     w = np.zeros(ctx.m)
     w[k] = 1.0
     return np.concatenate([mean_self_influence(ctx, plan, x, y, w).numpy() for _sl, x, y in ctx.chunks()])
@@ -244,7 +245,7 @@ def test_self_influence_at_each_checkpoint_matches_leave_one_out_there(digits_ru
 
 
 def test_trajectory_mean_loo_loss_is_the_mean_of_loss_plus_self_influence(digits_run):
-    from diffin_core.label_issue import checkpoint_logits, losses_from_logits, trajectory_mean_loo_loss
+    from diffin_core.methods.label_issue import checkpoint_logits, losses_from_logits, trajectory_mean_loo_loss
     r = digits_run
     ctx = _ctx(r)
     method = METHODS["diffin"]()
@@ -260,7 +261,7 @@ def test_trajectory_mean_loo_loss_is_the_mean_of_loss_plus_self_influence(digits
 
 def _self_loo_at(r, samples, upto: int) -> list[float]:
     """True self leave-one-out at step ``upto``: l_z(theta without z) - l_z(theta), retrained to that step."""
-    from diffin_core.truth import train_sgd
+    from diffin_core.tasks.truth import train_sgd
     truth = []
     for z in samples:
         t = train_sgd(r["fm"], r["traj"].theta0, r["x"], r["y"], r["traj"].batches[:upto],
@@ -274,7 +275,7 @@ def _self_loo_at(r, samples, upto: int) -> list[float]:
 def test_loo_logit_shift_read_through_the_loss_is_the_self_influence(digits_run):
     """g_z = J_z^T (p_z - e_y): the logit shift dotted with the loss's logit gradient is SI_k exactly,
     at the last checkpoint and at a mid-training one."""
-    from diffin_core.loo_logits import loo_logits
+    from diffin_core.methods.loo_logits import loo_logits
     r = digits_run
     ctx = _ctx(r)
     method = METHODS["diffin"]()
@@ -290,8 +291,8 @@ def test_loo_logit_shift_read_through_the_loss_is_the_self_influence(digits_run)
 def test_loo_logit_shift_matches_the_true_leave_one_out_logits(digits_run):
     """Ground truth: retrain without z (same batches) to a mid-training step; the estimated change
     of z's 10 logits points the way the true change does."""
-    from diffin_core.loo_logits import loo_logits
-    from diffin_core.truth import train_sgd
+    from diffin_core.methods.loo_logits import loo_logits
+    from diffin_core.tasks.truth import train_sgd
     r = digits_run
     ctx = _ctx(r)
     k = len(r["steps"]) // 2
@@ -315,7 +316,7 @@ def test_early_stopped_loo_logit_loss_linearises_to_the_products_rule(digits_run
     """The candidate rule reads the same truncated run through the logits: at first order it is the
     product's loss + self-influence, and by convexity of the cross-entropy in the logits it is never
     below it."""
-    from diffin_core.loo_logits import early_stopped_loo_logit_loss
+    from diffin_core.methods.loo_logits import early_stopped_loo_logit_loss
     r = digits_run
     ctx = _ctx(r)
     flipped = r["train"].y != r["train"].true_y

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from diffin_core import export as ex
+from diffin_core.workspace import export as ex
 from diffin_core.errors import DiffinError
-from diffin_core.review import ReviewLog
+from diffin_core.workspace.review import ReviewLog
 
 N = 6
 
@@ -159,7 +159,7 @@ def test_bad_inputs(tmp_path, data):
 
 # --- faithful exports: the input's own arrays, dtypes, shapes, ids and column order -------------
 
-from diffin_core.data import load_split  # noqa: E402
+from diffin_core.project.data import load_split  # noqa: E402
 
 
 def _state(tmp_path, decisions):
@@ -278,7 +278,7 @@ def test_parquet_without_decisions_equals_the_input(tmp_path):
 
 
 def test_imagefolder_upload_exported_by_copying_its_files(tmp_path):
-    from diffin_core import uploads
+    from diffin_core.workspace import uploads
     rng = np.random.default_rng(2)
     members = {}
     for cls in ("cat", "dog"):

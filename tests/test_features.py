@@ -1,4 +1,4 @@
-"""The feature store (diffin_core/features.py): the fold of the query plan into per-sample
+"""The feature store (diffin_core/run/features.py): the fold of the query plan into per-sample
 effective gradients, the projection, the fast top-k and the views computed from the store."""
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import torch
 from scipy.stats import spearmanr
 from torch.nn import functional as F_
 
-from diffin_core import features as F
-from diffin_core.checkpoints import Recorder
+from diffin_core.run import features as F
+from diffin_core.project.checkpoints import Recorder
 from diffin_core.errors import DiffinError
 from diffin_core.methods import ScoreSettings
-from diffin_core.project import Project
-from diffin_core.projector import Projector, fold
-from diffin_core.scoring import project_context, query_influence, score, top_k
+from diffin_core.project.folder import Project
+from diffin_core.engine.projector import Projector, fold
+from diffin_core.run.scoring import query_influence, score, top_k
+from diffin_core.run.context import project_context
 
 from helpers import MODEL_PY, TOML, make_tiny_project
 
@@ -35,7 +36,7 @@ def tiny_with(root, optimizer):
     np.savez(root / "data/query.npz", x=qx, y=qy)
     (root / "model.py").write_text(MODEL_PY)
     (root / "diffin.toml").write_text(TOML)
-    from diffin_core.models import MLP
+    from diffin_core.engine.models import MLP
     torch.manual_seed(1)
     model = MLP(6, (8,), 3)
     opt = optimizer(model.parameters())

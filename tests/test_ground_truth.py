@@ -8,11 +8,12 @@ import pytest
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from diffin_core.functional import FunctionalModel
+from diffin_core.engine.functional import FunctionalModel
 from diffin_core.methods import METHODS, ScoreSettings
-from diffin_core.models import MLP
-from diffin_core.scoring import make_context, run_method
-from diffin_core.truth import batch_order, cosine_lrs, digits_case, leave_one_out, sgd_influence, train_sgd
+from diffin_core.engine.models import MLP
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context
+from diffin_core.tasks.truth import batch_order, cosine_lrs, digits_case, leave_one_out, sgd_influence, train_sgd
 
 pytestmark = pytest.mark.slow
 N_TRAIN, EPOCHS, SAMPLES = 800, 8, 40

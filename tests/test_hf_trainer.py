@@ -16,7 +16,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 from diffin_core.checkpoints import load_batch_order, load_step_lrs, read_manifest  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
-from diffin_core.hf import DiffinCallback  # noqa: E402
+from diffin_core.project.hf import DiffinCallback  # noqa: E402
 
 SEQ = 12
 

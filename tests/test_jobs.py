@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from diffin_core import jobs
+from diffin_core.workspace import jobs
 from diffin_core.errors import DiffinError
-from diffin_core.jobs import JobInfo, JobManager
+from diffin_core.workspace.jobs import JobInfo, JobManager
 
 
 @pytest.fixture

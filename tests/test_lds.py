@@ -1,14 +1,15 @@
-"""The linear datamodeling score helpers (diffin_core.lds) and the multi-query paths the LDS
+"""The linear datamodeling score helpers (diffin_core.tasks.lds) and the multi-query paths the LDS
 benchmark relies on: the influence function's Hessian is built once per context."""
 import numpy as np
 import torch
 
-from diffin_core import lds
-from diffin_core.data import Split
+from diffin_core.tasks import lds
+from diffin_core.project.data import Split
 from diffin_core.methods import ScoreSettings
 from diffin_core.methods import influence_function as if_module
-from diffin_core.models import MLP
-from diffin_core.scoring import make_context, run_method
+from diffin_core.engine.models import MLP
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context
 
 
 def test_random_subsets_keep_half_and_are_seeded():
@@ -88,7 +89,7 @@ def test_a_rerun_of_one_case_keeps_the_other_cases_rows_identical(tmp_path):
 
 
 def test_sample_cnn_case_is_the_sample_project_data():
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     bench = _bench_lds()
     _, x, y, qx, qy = bench.case_data("sample-cnn", 0)
     project = Project(bench.HERE.parent / "sample_data" / "mnist")

@@ -3,11 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from diffin_core import maps
+from diffin_core.tasks import maps
 from diffin_core.errors import DiffinError
-from diffin_core.functional import FunctionalModel
-from diffin_core.project import Project
-from diffin_core.scoring import score
+from diffin_core.engine.functional import FunctionalModel
+from diffin_core.project.folder import Project
+from diffin_core.run.scoring import score
 
 from helpers import make_tiny_project
 
@@ -43,7 +43,7 @@ def test_stored_map_is_built_from_the_store_alone(tmp_path, monkeypatch):
     import sys
     import types
 
-    from diffin_core import features as F
+    from diffin_core.run import features as F
     project = Project(make_tiny_project(tmp_path / "p"))
     score(project, "diffin", run="d")
     store = F.FeatureStore.open(project, "d")

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from diffin_core import cli, methodinfo
+from diffin_core import cli
+from diffin_core.tasks import methodinfo
 from diffin_core.methods import METHODS
 
 DELETION = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "deletion.csv"

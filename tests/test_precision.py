@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffin_core import precision, runner
-from diffin_core.data import Split
+from diffin_core.engine import precision
+from diffin_core.methods import runner
+from diffin_core.project.data import Split
 from diffin_core.errors import DiffinError
-from diffin_core.functional import FunctionalModel, no_tf32
+from diffin_core.engine.functional import FunctionalModel, no_tf32
 from diffin_core.methods import METHODS, ScoreSettings
-from diffin_core.models import SmallCNN
-from diffin_core.scoring import make_context, score
+from diffin_core.engine.models import SmallCNN
+from diffin_core.run.scoring import score
+from diffin_core.run.context import make_context
 from tests.helpers import make_tiny_project
 
 

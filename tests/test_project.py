@@ -9,8 +9,8 @@ import torch
 from diffin_core.cli import main
 from diffin_core.errors import DiffinError
 from diffin_core.methods import METHODS
-from diffin_core.project import Project
-from diffin_core.scoring import query_influence, score, top_k
+from diffin_core.project.folder import Project
+from diffin_core.run.scoring import query_influence, score, top_k
 
 from helpers import make_tiny_project, manifest
 
@@ -31,8 +31,8 @@ def test_recorder_writes_steps_lrs_and_optimizer(tiny):
 
 
 def test_recorder_notes_momentum_and_engine_uses_effective_lr(tmp_path):
-    from diffin_core.checkpoints import Recorder, read_manifest
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder, read_manifest
+    from diffin_core.engine.models import MLP
     model = MLP(4, (3,), 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     with Recorder(tmp_path, model, opt, train_size=10, every=1) as rec:
@@ -108,7 +108,7 @@ def test_device_auto_picks_cpu_here():
 def test_exported_program_scores_like_the_factory(tiny, tmp_path):
     """[model] program = "model.pt2" (torch.export, dynamic batch) gives the factory's scores."""
     import shutil
-    from diffin_core.models import MLP
+    from diffin_core.engine.models import MLP
     dest = tmp_path / "exported"
     shutil.copytree(tiny, dest, ignore=shutil.ignore_patterns("runs"))
     ep = torch.export.export(MLP(6, (8,), 3), (torch.zeros(2, 6),),
@@ -127,7 +127,8 @@ def test_influence_function_large_model_path_is_finite_and_agrees_with_explicit(
     non-convex net and rank like the explicit solve."""
     from scipy.stats import spearmanr
     from diffin_core.methods import ScoreSettings
-    from diffin_core.scoring import project_context, run_method
+    from diffin_core.run.scoring import run_method
+    from diffin_core.run.context import project_context
     project = Project(tiny)
     q = project.query
     explicit = run_method(project_context(project, ScoreSettings()), "influence-function", q.x, q.y)
@@ -149,7 +150,7 @@ def test_top_k_cache_tells_long_query_lists_apart(tiny):
 
 
 def test_cli_demo_copies_the_sample_project_and_scores_it_once(tmp_path, capsys):
-    from diffin_core.sample import SAMPLE_DIR
+    from diffin_core.project.sample import SAMPLE_DIR
     main(["demo", "--workspace", str(tmp_path), "--method", "loss"])
     dest = tmp_path / "mnist-sample"
     df = pd.read_parquet(dest / "runs/loss/scores.parquet")

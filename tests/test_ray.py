@@ -7,11 +7,11 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed (pip install ray): the --ray path is untested")
 
-from diffin_core.cli import main                                    # noqa: E402
-from diffin_core.distributed import score_on_ray, shard_bounds       # noqa: E402
-from diffin_core.errors import DiffinError                           # noqa: E402
-from diffin_core.methods import ScoreSettings                        # noqa: E402
-from diffin_core.scoring import score                                # noqa: E402
+from diffin_core.cli import main  # noqa: E402
+from diffin_core.run.distributed import score_on_ray, shard_bounds  # noqa: E402
+from diffin_core.errors import DiffinError  # noqa: E402
+from diffin_core.methods import ScoreSettings  # noqa: E402
+from diffin_core.run.scoring import score  # noqa: E402
 
 from helpers import make_tiny_project                                # noqa: E402
 
@@ -111,8 +111,8 @@ def test_killed_ray_run_resumes_with_the_missing_shards(cluster, tiny):
 
 
 def test_node_without_the_project_folder_is_named(cluster, tmp_path):
-    from diffin_core.distributed import _run_shards
-    from diffin_core.stages import Stages, StageSettings
+    from diffin_core.run.distributed import _run_shards
+    from diffin_core.project.stages import Stages, StageSettings
     missing = tmp_path / "not-shared"                           # what a node without the share sees
     with pytest.raises(DiffinError) as e:
         _run_shards(ray, {"num_cpus": 1}, str(missing), SETTINGS.to_dict(), "tracin", [(0, 16)], 16,
@@ -126,8 +126,8 @@ TINY_TRAIN = '''import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
-from diffin_core.models import MLP
+from diffin_core.project.checkpoints import Recorder
+from diffin_core.engine.models import MLP
 
 
 def train(train_x, train_y, seed, checkpoint_dir):

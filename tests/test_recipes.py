@@ -16,14 +16,15 @@ import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
-from diffin_core.checkpoints import read_manifest, read_state, save_state
+from diffin_core.project.checkpoints import read_manifest, read_state, save_state
 from diffin_core.errors import DiffinError
-from diffin_core.lanczos import lanczos
+from diffin_core.engine.lanczos import lanczos
 from diffin_core.methods import ScoreSettings
-from diffin_core.propagate import SegmentOp, segment_coefficients, step_constants
-from diffin_core.recipe import Recipe, RecipeWarning, adam_scale, bias_correction1, segment_adam_scale
-from diffin_core.scoring import make_context, manifest_context, run_method
-from diffin_core.truth import recipe_case, standard_recipes
+from diffin_core.engine.propagate import SegmentOp, segment_coefficients, step_constants
+from diffin_core.engine.recipe import Recipe, RecipeWarning, adam_scale, bias_correction1, segment_adam_scale
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import make_context, manifest_context
+from diffin_core.tasks.truth import recipe_case, standard_recipes
 
 N_TRAIN, EPOCHS, SAMPLES, EVERY = 400, 6, 24, 4
 PEER = {"adamw-warmup-cosine": "tracin-adam"}
@@ -322,9 +323,9 @@ def test_non_finite_hessian_product_names_the_checkpoint(cases):
 def test_batchnorm_state_dicts_load_with_or_without_num_batches_tracked(tmp_path):
     from torch import nn
 
-    from diffin_core.checkpoints import check_fits, complete_state
-    from diffin_core.project import Project
-    from diffin_core.data import Split
+    from diffin_core.project.checkpoints import check_fits, complete_state
+    from diffin_core.project.folder import Project
+    from diffin_core.project.data import Split
     model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
     model.train()
     out = Project._forward_one(model, Split(np.random.rand(5, 4).astype(np.float32), np.zeros(5, np.int64), np.arange(5)))
@@ -351,7 +352,7 @@ def adam_tiny(tmp_path_factory):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from adam_study import record
-    from diffin_core.truth import batch_order, digits_case, train_torch
+    from diffin_core.tasks.truth import batch_order, digits_case, train_torch
     root = tmp_path_factory.mktemp("adam-tiny")
     recipe = standard_recipes()["adamw-warmup-cosine"]
     train, query = digits_case(noise=0.1, n_train=96, seed=0)
@@ -394,9 +395,9 @@ def test_adam_batch_order_scores_the_same_streamed_chunked_and_resumed(adam_tiny
     """The batch-order influence (plan items' per-sample rows) through the runner's walks: the
     influence-only walk per checkpoint, the row-range walk with self-influence in small chunks,
     and a job resumed from saved stages give the same scores."""
-    from diffin_core.runner import run as run_walk
+    from diffin_core.methods.runner import run as run_walk
     from diffin_core.methods import METHODS
-    from diffin_core.stages import Stages, StageSettings
+    from diffin_core.project.stages import Stages, StageSettings
     c = adam_tiny
     q = c["query"]
     m = read_manifest(c["dir"] / "manifest.json")
@@ -448,8 +449,8 @@ def test_recorder_writes_the_batch_order_only_when_every_step_gives_it(tmp_path)
     """rec.step(batch_ids=...) on every step: batch_order.npz with each step's rows (read back by
     load_batch_order) and exp_avg beside exp_avg_sq; a plain rec.step() loop, or one step without
     ids, writes no batch order."""
-    from diffin_core.checkpoints import Recorder, load_batch_order
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder, load_batch_order
+    from diffin_core.engine.models import MLP
     x, y = torch.randn(20, 4), torch.randint(0, 2, (20,))
     gen = torch.Generator().manual_seed(0)
     order = [b for _ in range(2) for b in torch.randperm(20, generator=gen).split(5)][:6]   # 1.5 epochs
@@ -483,7 +484,7 @@ def _optimizer_step(model, opt, x, y):
 
 def _tiny_adamw_project(tmp_path):
     """The tiny test project without checkpoints, its tensors, a seeded model and its AdamW."""
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     from helpers import make_tiny_project
     root = make_tiny_project(tmp_path / "p")
     shutil.rmtree(root / "checkpoints")
@@ -498,10 +499,10 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
     """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
     feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
     exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.features import build_for_run
-    from diffin_core.scoring import query_influence, score, top_k
-    from diffin_core.project import Project
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.run.features import build_for_run
+    from diffin_core.run.scoring import query_influence, score, top_k
+    from diffin_core.project.folder import Project
     root, project, x, y, model, opt = _tiny_adamw_project(tmp_path)
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
         for _ in range(3):
@@ -537,8 +538,8 @@ def _record_with_loader(folder, x, y, mode, epochs=2, drop_last=False, workers=0
     workers when ``workers``): ``mode`` "track": rec.track(loader) + plain rec.step(); "hand": the
     dataset returns its row index, passed as rec.step(batch_ids=...)."""
     from torch.utils.data import DataLoader
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.engine.models import MLP
     torch.manual_seed(0)
     model = MLP(x.shape[1], (5,), int(y.max()) + 1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.01)
@@ -575,8 +576,8 @@ def test_recorder_tracks_a_plain_shuffled_dataloader(tmp_path, workers, drop_las
     final = {m: read_state(folder / last)[0] for m, folder in got.items()}
     assert all(torch.equal(v, final["hand"][k]) for k, v in final["track"].items())
     from torch.utils.data import BatchSampler, DataLoader
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.engine.models import MLP
     plain = DataLoader(_Indexed(x, y), batch_size=7)
     model = MLP(4, (5,), 3)
     rec = Recorder(tmp_path / "x", model, torch.optim.AdamW(model.parameters()))
@@ -590,9 +591,9 @@ def test_adamw_project_recorded_through_track_scores_by_the_batch_order_path(tmp
     """A tiny AdamW project whose loop is `for x, y in rec.track(loader)` with a plain rec.step():
     the manifest names the batch order, and scoring takes the replay (no approximation warning)."""
     from torch.utils.data import DataLoader, TensorDataset
-    from diffin_core.checkpoints import Recorder
-    from diffin_core.scoring import project_context
-    from diffin_core.project import Project
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.run.context import project_context
+    from diffin_core.project.folder import Project
     root, project, x, y, model, opt = _tiny_adamw_project(tmp_path)
     loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
     with Recorder(root, model, opt, train_size=len(y), every=4) as rec:
@@ -614,8 +615,8 @@ def test_drop_last_samples_in_no_batch_get_zero_influence_with_one_warning(tmp_p
     batch and never touch the weights (true leave-one-out effect 0). The batch order is accepted
     with one warning line naming the count, and the replay gives those rows influence exactly 0
     (the others not); a batch's worth missing stays refused."""
-    from diffin_core.data import Split
-    from diffin_core.models import MLP
+    from diffin_core.project.data import Split
+    from diffin_core.engine.models import MLP
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
     folder = _record_with_loader(tmp_path / "p", x, y, "track", epochs=3, drop_last=True, shuffle=False)
     m = read_manifest(folder / "manifest.json")
@@ -639,9 +640,9 @@ def test_killed_run_keeps_the_batch_order_up_to_its_last_checkpoint(tmp_path):
     each checkpoint, holds the 6 batches up to the last checkpoint (step 6) and the manifest names
     it, so the run scores by the replay; no temp files are left beside it."""
     from torch.utils.data import DataLoader, TensorDataset
-    from diffin_core.checkpoints import Recorder, load_batch_order
-    from diffin_core.data import Split
-    from diffin_core.models import MLP
+    from diffin_core.project.checkpoints import Recorder, load_batch_order
+    from diffin_core.project.data import Split
+    from diffin_core.engine.models import MLP
     x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
     torch.manual_seed(0)
     model = MLP(4, (5,), 3)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from diffin_core.errors import DiffinError
-from diffin_core.review import ReviewLog
+from diffin_core.workspace.review import ReviewLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_two_connections_write_concurrently(tmp_path):
 
 def test_second_process_writes_alongside(tmp_path):
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from diffin_core.review import ReviewLog; log = ReviewLog(sys.argv[2]); "
+            "from diffin_core.workspace.review import ReviewLog; log = ReviewLog(sys.argv[2]); "
             "[log.decide(i, 'keep', user='proc') for i in range(500, 600)]")
     proc = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path)])
     log = ReviewLog(tmp_path)
@@ -151,7 +151,7 @@ def test_bad_decisions_rejected(tmp_path, args, kw, msg):
 
 # --- stale clicks from a second tab, relabel no-ops, scoped undo, precision/recall -------------
 
-from diffin_core.review import ReviewConflict  # noqa: E402
+from diffin_core.workspace.review import ReviewConflict  # noqa: E402
 
 
 def test_stale_click_from_a_second_tab_is_refused(tmp_path):

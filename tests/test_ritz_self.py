@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffin_core import ritz_self, runner
-from diffin_core.budget import plan_memory
-from diffin_core.data import Split
+from diffin_core.methods import ritz_self
+from diffin_core.methods import runner
+from diffin_core.engine.budget import plan_memory
+from diffin_core.project.data import Split
 from diffin_core.methods import METHODS, ScoreSettings
 from diffin_core.methods.diffin import DiffIn
-from diffin_core.recipe import Recipe
-from diffin_core.scoring import make_context
-from diffin_core.stages import Stages, StageSettings
+from diffin_core.engine.recipe import Recipe
+from diffin_core.run.context import make_context
+from diffin_core.project.stages import Stages, StageSettings
 
 
 def bn_case(momentum: float, weight_decay: float):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from diffin_core.errors import DiffinError
-from diffin_core.safezip import read_imagefolder_zip, safe_extract
+from diffin_core.workspace.safezip import read_imagefolder_zip, safe_extract
 
 
 def make_zip(path, members, compression=zipfile.ZIP_DEFLATED):

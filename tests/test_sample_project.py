@@ -6,9 +6,10 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from diffin_core.methods import METHODS
-from diffin_core.project import Project
-from diffin_core.sample import SAMPLE_DIR
-from diffin_core.scoring import project_context, run_method
+from diffin_core.project.folder import Project
+from diffin_core.project.sample import SAMPLE_DIR
+from diffin_core.run.scoring import run_method
+from diffin_core.run.context import project_context
 
 pytestmark = pytest.mark.slow
 

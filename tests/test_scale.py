@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffin_core import runner
-from diffin_core.budget import GRAD_ROWS, parse_bytes, plan_memory
-from diffin_core.data import Split
+from diffin_core.methods import runner
+from diffin_core.engine.budget import GRAD_ROWS, parse_bytes, plan_memory
+from diffin_core.project.data import Split
 from diffin_core.errors import DiffinError
 from diffin_core.methods import METHODS, ScoreSettings
-from diffin_core.models import SmallCNN, build_resnet18, count_parameters
-from diffin_core.scoring import make_context
-from diffin_core.stages import Stages, StageSettings
-from diffin_core.store import CheckpointStore
+from diffin_core.engine.models import SmallCNN, build_resnet18, count_parameters
+from diffin_core.run.context import make_context
+from diffin_core.project.stages import Stages, StageSettings
+from diffin_core.project.store import CheckpointStore
 
 METHODS_UNDER_TEST = ["diffin", "tracin", "diffin-paper", "grad-dot", "influence-function"]
 
@@ -218,8 +218,8 @@ def test_project_score_killed_halfway_resumes_from_its_stages(tmp_path):
     """scoring.score on a project folder: killed after the plan's 2nd checkpoint, rerun with the
     same settings; the rerun resumes (no plan step redone before it) and matches a clean run."""
     from helpers import make_tiny_project
-    from diffin_core.project import Project
-    from diffin_core.scoring import score
+    from diffin_core.project.folder import Project
+    from diffin_core.run.scoring import score
     root = make_tiny_project(tmp_path / "p", n=60)
     settings = ScoreSettings(batch_size=16, lanczos_steps=4, hessian_batch=32, memory_budget=256 * 2**20)
     clean = Project(root).scores(score(root, "diffin", run="clean", settings=settings, features=False).name)
@@ -247,7 +247,7 @@ def test_project_score_killed_halfway_resumes_from_its_stages(tmp_path):
 def test_cli_memory_budget_and_batch_size(tmp_path, capsys):
     from helpers import make_tiny_project
     from diffin_core.cli import main
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     root = make_tiny_project(tmp_path / "p", n=40)
     main(["score", str(root), "-m", "tracin", "--run", "t", "--memory-budget", "300MB", "--batch-size", "7",
           "--no-features"])
@@ -263,11 +263,11 @@ MEMORY_SCRIPT = r'''
 import json, sys
 import numpy as np, torch
 torch.set_num_threads(1)
-from diffin_core import runner
-from diffin_core.data import Split
+from diffin_core.methods import runner
+from diffin_core.project.data import Split
 from diffin_core.methods import METHODS, ScoreSettings
-from diffin_core.models import MLP
-from diffin_core.scoring import make_context
+from diffin_core.engine.models import MLP
+from diffin_core.run.context import make_context
 
 def rss(field):
     for line in open("/proc/self/status"):

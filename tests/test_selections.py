@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from diffin_core import selections
+from diffin_core.workspace import selections
 from diffin_core.errors import DiffinError
 
 

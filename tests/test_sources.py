@@ -14,18 +14,18 @@ import torch
 from PIL import Image
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
+from diffin_core.project.checkpoints import Recorder
 from diffin_core.cli import main
-from diffin_core.data import load_split
+from diffin_core.project.data import load_split
 from diffin_core.errors import DiffinError
 from diffin_core.methods import ScoreSettings
-from diffin_core.project import Project
-from diffin_core.scoring import score
-from diffin_core.sources import RowArray
+from diffin_core.project.folder import Project
+from diffin_core.run.scoring import score
+from diffin_core.project.sources import RowArray
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist_5k.npz"
 N_TRAIN, N_QUERY = 72, 12
-MODEL_PY = '''from diffin_core.models import SmallCNN
+MODEL_PY = '''from diffin_core.engine.models import SmallCNN
 
 
 def build():

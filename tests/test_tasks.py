@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diffin_core.errors import DiffinError
-from diffin_core.tasks import (cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores,
+from diffin_core.tasks.curate import (cleaning_selection, coreset_selection, drop_most_harmful, el2n_scores,
                                forgetting_scores, moso_scores, verify_by_retraining)
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "mnist"
@@ -85,7 +85,7 @@ num_classes = 10
 [train]
 recipe = "train.py:train"
 """
-MODEL = """from diffin_core.models import MLP
+MODEL = """from diffin_core.engine.models import MLP
 
 
 def build():
@@ -95,8 +95,8 @@ TRAIN = """import numpy as np
 import torch
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
-from diffin_core.models import MLP
+from diffin_core.project.checkpoints import Recorder
+from diffin_core.engine.models import MLP
 
 
 def train(train_x, train_y, seed, checkpoint_dir):
@@ -119,9 +119,9 @@ def train(train_x, train_y, seed, checkpoint_dir):
 @pytest.fixture(scope="module")
 def tiny_project(tmp_path_factory):
     from sklearn.datasets import load_digits
-    from diffin_core.data import save_split
-    from diffin_core.project import Project
-    from diffin_core.sample import flip_labels
+    from diffin_core.project.data import save_split
+    from diffin_core.project.folder import Project
+    from diffin_core.project.sample import flip_labels
     root = tmp_path_factory.mktemp("tiny")
     d = load_digits()
     x = (d.data / 16.0).astype(np.float32)
@@ -138,14 +138,14 @@ def tiny_project(tmp_path_factory):
     project = Project(root)
     recipe, _ = project.load_callable(project.recipe, "recipe")
     recipe(project.train.x, project.train.y, 0, root / "checkpoints")
-    from diffin_core.scoring import score
+    from diffin_core.run.scoring import score
     score(project, "diffin", run="diffin-1")
     return root
 
 
 def test_coreset_baselines_have_one_score_per_sample(tiny_project):
-    from diffin_core.project import Project
-    from diffin_core.scoring import project_context
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import project_context
     ctx = project_context(Project(tiny_project))
     for fn in (el2n_scores, forgetting_scores, moso_scores):
         s = fn(ctx)
@@ -156,7 +156,7 @@ def test_coreset_baselines_have_one_score_per_sample(tiny_project):
 
 
 def test_verify_by_retraining_stores_json_and_agrees_in_sign(tiny_project):
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     project = Project(tiny_project)
     scores = project.scores("diffin-1")
     harmful = scores.sample_id.to_numpy()[drop_most_harmful(scores, 40)]
@@ -179,7 +179,7 @@ def sample_copy(tmp_path_factory):
         pytest.skip("sample project not built")
     dest = tmp_path_factory.mktemp("cli") / "mnist"
     shutil.copytree(SAMPLE, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
-    from diffin_core.scoring import score
+    from diffin_core.run.scoring import score
     score(dest, "loss", run="loss-1")
     return dest
 
@@ -219,7 +219,7 @@ def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
     full = np.bincount(scores.label.to_numpy(), minlength=10)
     assert np.all(np.abs(np.bincount(y, minlength=10) - 0.5 * full) <= 1)
     # the default rule is the benchmarked one: exactly ccs_selection's kept set over influence
-    from diffin_core.tasks import ccs_selection
+    from diffin_core.tasks.curate import ccs_selection
     expect = ccs_selection(scores.influence.to_numpy(), 0.5, scores.label.to_numpy(), prune_low=0.1, seed=0)
     assert set(ids.tolist()) == set(scores.sample_id[expect])
     top = coreset_selection(scores, 0.5)
@@ -252,7 +252,7 @@ def test_cli_verify_prints_predicted_and_actual(tiny_project, capsys):
 
 
 def test_noise_verdict_says_whether_the_prediction_is_inside_the_retrain_noise():
-    from diffin_core.tasks import noise_verdict
+    from diffin_core.tasks.curate import noise_verdict
     # paired changes clearly below 0, the prediction among them: confirmed
     v = noise_verdict(-0.05, [-0.048, -0.052, -0.050])
     assert v["verdict"] == "confirmed" and v["interval95"][1] < 0 and "Confirmed" in v["verdict_text"]
@@ -268,7 +268,7 @@ def test_noise_verdict_says_whether_the_prediction_is_inside_the_retrain_noise()
 
 
 def test_ccs_selection_keeps_class_quotas_drops_the_lowest_and_covers_the_range():
-    from diffin_core.tasks import ccs_selection
+    from diffin_core.tasks.curate import ccs_selection
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), [100, 60, 40])
     values = rng.normal(size=200)

@@ -10,7 +10,7 @@ import torch
 
 from diffin_core.data import load_split
 from diffin_core.errors import DiffinError
-from diffin_core.text import MAX_CHARS, TextOptions, load_tokenizer, train_tokenizer
+from diffin_core.project.text import MAX_CHARS, TextOptions, load_tokenizer, train_tokenizer
 
 TEXTS = ["Free entry to win a prize, text WIN now", "ok see you at 5", "NA", "00123",
          'she said "hi", then left', "Call me later pls", "URGENT! your mobile won £1000 cash",
@@ -180,7 +180,7 @@ def test_text_csv_declared_tabular_says_so(tmp_path):
 
 
 def test_packed_batches_call_the_model_with_integer_inputs():
-    from diffin_core.textmodel import adapt, unpack
+    from diffin_core.engine.textmodel import adapt, unpack
 
     class Bag(torch.nn.Module):
         def __init__(self):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from diffin_core import threads
+from diffin_core.engine import threads
 from diffin_core.errors import DiffinError
 from tests.helpers import make_tiny_project
 
@@ -70,14 +70,14 @@ def test_a_spawned_child_gets_the_policy_and_the_count(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("DIFFIN_THREADS", "2")
-    rep = usercode.run("diffin_core.threads:report", timeout=120, what="thread check")
+    rep = usercode.run("diffin_core.engine.threads:report", timeout=120, what="thread check")
     assert rep["env_wait_policy"] == "PASSIVE"                # set in the child before torch loaded
     assert rep["torch_threads"] == 2 and rep["source"] == "DIFFIN_THREADS"
     # an automatic count written by a parent is recomputed from the child's own CPUs and load
     monkeypatch.delenv("DIFFIN_THREADS")
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
     monkeypatch.setenv("DIFFIN_THREADS_AUTO", "7")
-    rep = usercode.run("diffin_core.threads:report", timeout=120, what="thread check")
+    rep = usercode.run("diffin_core.engine.threads:report", timeout=120, what="thread check")
     assert rep["source"] == "auto" and 1 <= rep["torch_threads"] <= rep["cpus"]
 
 

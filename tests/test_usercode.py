@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from diffin_core import usercode
+from diffin_core.workspace import usercode
 from diffin_core.errors import DiffinError
-from diffin_core.jobs import JobManager
+from diffin_core.workspace.jobs import JobManager
 from helpers import MODEL_PY, make_tiny_project
 
 HANGS = "import time\nwhile True:\n    time.sleep(0.1)\n"
-EXITS = ("import os, sys\nfrom diffin_core.models import MLP\n\n\ndef build():\n"
+EXITS = ("import os, sys\nfrom diffin_core.engine.models import MLP\n\n\ndef build():\n"
          "    print('model.py: no GPU driver found', file=sys.stderr, flush=True)\n    os._exit(3)\n")
 RAISES = "def build():\n    raise ValueError('weights file missing')\n"
 SEGFAULTS = "import ctypes\n\n\ndef build():\n    return ctypes.string_at(0)\n"
@@ -53,7 +53,7 @@ def _variant(tiny: Path, tmp_path: Path, model_py: str) -> Path:
 
 
 def _score(jm, root, method="loss", label=None):
-    return jm.submit_child("score", "diffin_core.scoring:score", (str(root), method),
+    return jm.submit_child("score", "diffin_core.run.scoring:score", (str(root), method),
                            label=label or method, project_dir=root)
 
 
@@ -75,7 +75,7 @@ def test_scoring_job_in_child_succeeds_with_progress(jm, tiny, tmp_path):
     root = tmp_path / "good"
     shutil.copytree(tiny, root)
     seen = []
-    out = usercode.run("diffin_core.scoring:score", str(root), "diffin", features=False,  # no feature store: faster
+    out = usercode.run("diffin_core.run.scoring:score", str(root), "diffin", features=False,  # no feature store: faster
                        progress=lambda d, t, m: seen.append((d, t, m)))
     assert Path(out) == root / "runs" / "diffin-1" and (Path(out) / "scores.parquet").is_file()
     phase = [m for d, t, m in seen if d == 0 and "checkpoint" in m]
@@ -154,7 +154,7 @@ def test_project_check_in_child(tiny, tmp_path):
 
 def test_in_process_import_writes_no_bytecode(tiny, tmp_path):
     import importlib.util
-    from diffin_core.project import Project
+    from diffin_core.project.folder import Project
     control = tmp_path / "control"
     control.mkdir()
     (control / "model.py").write_text(MODEL_PY)

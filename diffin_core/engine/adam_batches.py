@@ -34,8 +34,8 @@ import math
 import numpy as np
 import torch
 
-from .errors import DiffinError
-from .functional import no_tf32
+from diffin_core.errors import DiffinError
+from diffin_core.engine.functional import no_tf32
 
 
 def start(u: torch.Tensor):

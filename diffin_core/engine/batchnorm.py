@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from .functional import FunctionalModel
+from diffin_core.engine.functional import FunctionalModel
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -136,7 +136,7 @@ def train_mode_influence(ctx, qx, qy, x, y, context: int = 256, through_stats: b
     the query gradient with the final running statistics' values and their dependence on theta
     (through ``context`` training samples), and each row's effective gradient (its effect on the
     statistics included with ``through_stats``). Influence (B,) of the rows (x, y), product sign."""
-    from .propagate import build_plan
+    from diffin_core.engine.propagate import build_plan
     last = ctx.m - 1
     qx, qy = ctx.tensors(qx, qy)
     u = query_grad(ctx.fm_at(last), ctx.thetas[last], qx, qy, ctx.sample_batch(context, last, salt=11)[0])

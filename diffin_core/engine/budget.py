@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
 
 # P-sized rows live per training sample on the per-sample-gradient path (g_z and temporaries).
 # diffin: g_final, g_k and vmap's flattening copy (ritz_self.walk: the adjoints are Ritz coordinates);

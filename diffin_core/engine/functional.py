@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from . import precision
-from .models import eval_mode
+from diffin_core.engine import precision
+from diffin_core.engine.models import eval_mode
 
 LOSSES = {"cross_entropy"}
 

@@ -50,10 +50,10 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import DiffinError
-from .functional import no_tf32
-from .lanczos import SpectralView, lanczos
-from .recipe import Recipe, bias_correction1
+from diffin_core.errors import DiffinError
+from diffin_core.engine.functional import no_tf32
+from diffin_core.engine.lanczos import SpectralView, lanczos
+from diffin_core.engine.recipe import Recipe, bias_correction1
 
 ViewFn = Callable[[int, Sequence[torch.Tensor]], SpectralView]
 
@@ -256,7 +256,7 @@ def plan_start(ctx, u: torch.Tensor, batches: bool = False):
     with ``batches`` and a recorded batch order also Adam's per-step adjoint (adam_batches.start)."""
     carry = (u.clone(), (torch.zeros_like(u) if has_momentum(ctx.recipe) else None))
     if batches and getattr(ctx, "batch_order", None) is not None:
-        from .adam_batches import start
+        from diffin_core.engine.adam_batches import start
         carry = carry + (start(u),)
     return carry
 
@@ -272,7 +272,7 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
         return None, carry
     rows = None
     if replay:
-        from .adam_batches import segment
+        from diffin_core.engine.adam_batches import segment
         rows, state = segment(ctx, k, replay[0])
         replay = [state]
     S = preconditioner_scale(ctx, k)

@@ -7,12 +7,12 @@ training set through an attributor.
 
 May import: errors, engine, project. Layer 3 of 7.
 """
-from .base import Attributor, Context, ScoreSettings, pick_device, segment_lengths
-from .baselines import Cleanlab, Loss, Margin
-from .diffin import DiffIn, DiffInPaper
-from .dynamics import AUM, CleanlabCV, Forgetting, MeanLoss
-from .first_order import GradCos, GradDot, TracIn, TracInAdam
-from .influence_function import InfluenceFunction
+from diffin_core.methods.base import Attributor, Context, ScoreSettings, pick_device, segment_lengths
+from diffin_core.methods.baselines import Cleanlab, Loss, Margin
+from diffin_core.methods.diffin import DiffIn, DiffInPaper
+from diffin_core.methods.dynamics import AUM, CleanlabCV, Forgetting, MeanLoss
+from diffin_core.methods.first_order import GradCos, GradDot, TracIn, TracInAdam
+from diffin_core.methods.influence_function import InfluenceFunction
 
 METHODS = {cls.name: cls for cls in (DiffIn, DiffInPaper, TracIn, TracInAdam, GradDot, GradCos, InfluenceFunction,
                                      Loss, Margin, Cleanlab, MeanLoss, AUM, Forgetting, CleanlabCV)}

@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..data import Split
-from ..functional import FunctionalModel
-from ..recipe import Recipe
+from diffin_core.project.data import Split
+from diffin_core.engine.functional import FunctionalModel
+from diffin_core.engine.recipe import Recipe
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -216,5 +216,5 @@ class Attributor:
         runner.run does the walk in bounded memory: the query plan first (saved per checkpoint
         in ``ctx.stages`` when set), then checkpoint by checkpoint (influence only) or row range
         by row range (with self-influence), chunk sizes from the memory budget."""
-        from ..runner import run
+        from diffin_core.methods.runner import run
         return run(self, ctx, qx, qy, need_self, ctx.stages)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .first_order import GradDot
+from diffin_core.methods.first_order import GradDot
 
 
 class _Detector(GradDot):

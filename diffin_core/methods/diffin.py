@@ -35,11 +35,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import ritz_self
-from ..functional import no_tf32
-from ..propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
-from .base import Attributor, Context, loo_loss
-from .first_order import rowdot
+from diffin_core.methods import ritz_self
+from diffin_core.engine.functional import no_tf32
+from diffin_core.engine.propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
+from diffin_core.methods.base import Attributor, Context, loo_loss
+from diffin_core.methods.first_order import rowdot
 
 
 def interval_functions(lr: float, steps: float):
@@ -129,7 +129,7 @@ class DiffIn(Attributor):
         loss (label_issue.early_stopped_loo_loss: one more self-influence pass up to it)."""
         out = super().run(ctx, qx, qy, need_self)
         if need_self:
-            from ..label_issue import early_stopped_loo_loss
+            from diffin_core.methods.label_issue import early_stopped_loo_loss
             out["label_issue"], _k = early_stopped_loo_loss(self, ctx, qx, qy, out)
         return out
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DiffinError
-from ..label_issue import (area_under_margin, checkpoint_logits, forgetting_counts, losses_from_logits)
-from .baselines import _Detector
+from diffin_core.errors import DiffinError
+from diffin_core.methods.label_issue import (area_under_margin, checkpoint_logits, forgetting_counts, losses_from_logits)
+from diffin_core.methods.baselines import _Detector
 
 
 class _Trajectory(_Detector):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Attributor, Context, loo_loss
+from diffin_core.methods.base import Attributor, Context, loo_loss
 
 
 LONG_ROW = 1 << 20     # row length from which rowdot takes one BLAS dot per row
@@ -27,7 +27,7 @@ def checkpoint_weights(ctx: Context) -> np.ndarray:
     3 lr, not lr/(1-beta)); without momentum, or for Adam, it is the summed lr (ctx.lrs * segments)."""
     from dataclasses import replace
 
-    from ..propagate import has_momentum, segment_coefficients
+    from diffin_core.engine.propagate import has_momentum, segment_coefficients
     recipe = ctx.recipe
     if ctx.step_lrs is None or ctx.bounds is None or recipe.adam or not has_momentum(recipe):
         return np.asarray(ctx.lrs) * np.asarray(ctx.segments)
@@ -96,7 +96,7 @@ class TracIn(Attributor):
                 selfs[:, k] = c * rowdot(g, g if d is None else d * g).to(infl.dtype)
             else:
                 infl[:, k] = c * fm.directional(ctx.thetas[k], x, y, gq).to(infl.dtype)
-        from ..propagate import check_finite
+        from diffin_core.engine.propagate import check_finite
         check_finite(ctx, infl, "influence")
         if need_self:
             check_finite(ctx, selfs, "self-influence")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch.func import hessian
 
-from ..lanczos import SpectralView, lanczos
-from .base import Attributor, Context, loo_loss
-from .first_order import rowdot
+from diffin_core.engine.lanczos import SpectralView, lanczos
+from diffin_core.methods.base import Attributor, Context, loo_loss
+from diffin_core.methods.first_order import rowdot
 
 
 def conjugate_gradient(matvec, b: torch.Tensor, iters: int, tol: float = 1e-6) -> torch.Tensor:

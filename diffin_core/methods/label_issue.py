@@ -164,7 +164,7 @@ def label_issue_from_trajectory(ctx, self_by_checkpoint: np.ndarray | None = Non
 def _truncated_op(ctx, op, k: int):
     """Checkpoint k's segment op cut at step_k (the trajectory that ends at checkpoint k owns
     only the steps before it): same Lanczos view, W and C over step_lrs[bounds[k]:steps[k]]."""
-    from .propagate import SegmentOp, segment_coefficients
+    from diffin_core.engine.propagate import SegmentOp, segment_coefficients
     lo, end = int(ctx.bounds[k]), int(ctx.steps[k])
     if end >= int(ctx.bounds[k + 1]):
         return op
@@ -183,8 +183,8 @@ def mean_self_influence(ctx, plan, x, y, weights) -> torch.Tensor:
     self-influence, which is SI_{m-1}). The adjoints are linear, so all targets share one
     backward pass: at checkpoint j the weighted start weights[j] g_z(theta_j) joins the carried
     sum of the later targets. One per-sample gradient per checkpoint and sample."""
-    from .propagate import has_momentum
-    from .methods.first_order import rowdot
+    from diffin_core.engine.propagate import has_momentum
+    from diffin_core.methods.first_order import rowdot
     total = torch.zeros(len(y), dtype=ctx.acc_dtype, device=ctx.device)
     carry_u = carry_v = None
     momentum = has_momentum(ctx.recipe)
@@ -263,7 +263,7 @@ def truncate_context(ctx, k: int):
     being explained): the checkpoints 0..k, their owned steps recomputed so that the last owns the
     half-interval before step_k, effective lrs from the per-step lrs when the context has them."""
     import dataclasses
-    from .methods.base import segment_lengths
+    from diffin_core.methods.base import segment_lengths
     k = int(k)
     steps = list(ctx.steps[:k + 1])
     names = {f.name for f in dataclasses.fields(ctx)}
@@ -271,7 +271,7 @@ def truncate_context(ctx, k: int):
     seg = segment_lengths(steps)
     lrs = np.asarray(ctx.lrs[:k + 1], dtype=np.float64)
     if "bounds" in names and getattr(ctx, "bounds", None) is not None:
-        from .recipe import owned_bounds
+        from diffin_core.engine.recipe import owned_bounds
         bounds = owned_bounds(steps, max(int(steps[-1]), 1))
         seg = np.diff(bounds).astype(np.float64)
         change["bounds"] = bounds
@@ -320,7 +320,7 @@ def early_stopped_loo_loss(method, ctx, qx, qy, out: dict) -> tuple[np.ndarray, 
     model at the checkpoint with the lowest query loss. ``out``: the method's run on the full
     trajectory (reused when k* is the last checkpoint). Costs one more self-influence pass over
     checkpoints 0..k* when k* is earlier."""
-    from .methods.base import Attributor, loo_loss
+    from diffin_core.methods.base import Attributor, loo_loss
     k = best_checkpoint(query_loss_by_checkpoint(ctx, qx, qy), ctx.steps)
     if k == ctx.m - 1:
         return loo_loss(out["self_influence"], out["probs"], np.asarray(ctx.train.y)), k

@@ -42,8 +42,8 @@ def loo_logit_shift(ctx, plan, x: torch.Tensor, y: torch.Tensor, k: int) -> torc
     """Estimated change of the logits of one chunk's samples at checkpoint k had each been left
     out of training: (b, C), logits. ``plan``: the method's query plan (DiffIn.prepare, latest
     checkpoint first); checkpoints after k are skipped, checkpoint k's segment is cut at step_k."""
-    from .label_issue import _truncated_op
-    from .propagate import has_momentum
+    from diffin_core.methods.label_issue import _truncated_op
+    from diffin_core.engine.propagate import has_momentum
     b = len(y)
     shift = None
     u = v = None
@@ -101,7 +101,7 @@ def early_stopped_loo_logit_loss(method, ctx, qx, qy) -> tuple[np.ndarray, int]:
     label_issue.early_stopped_loo_loss) read through the logits: loo_cross_entropy of the
     truncated run's logits and their Diff-In shift. Same plan as the product's rule (the
     trajectory cut at k*), so to first order in the shift it is the product's loss + self-influence."""
-    from .label_issue import best_checkpoint, query_loss_by_checkpoint, truncate_context
+    from diffin_core.methods.label_issue import best_checkpoint, query_loss_by_checkpoint, truncate_context
     k = best_checkpoint(query_loss_by_checkpoint(ctx, qx, qy), ctx.steps)
     cut = truncate_context(ctx, k) if k < ctx.m - 1 else ctx
     logits, shift = loo_logits(method, cut, qx, qy)

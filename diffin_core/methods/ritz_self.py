@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .methods.first_order import rowdot
-from .propagate import check_finite, has_momentum
+from diffin_core.methods.first_order import rowdot
+from diffin_core.engine.propagate import check_finite, has_momentum
 
 
 def applies(ctx) -> bool:

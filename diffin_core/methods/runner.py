@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import precision
-from .budget import MemoryPlan, activation_bytes, hessian_batch_for, plan_memory, trim_heap
-from .stages import LazyPlan, Stages, StageSettings
-from .store import CheckpointStore
+from diffin_core.engine import precision
+from diffin_core.engine.budget import MemoryPlan, activation_bytes, hessian_batch_for, plan_memory, trim_heap
+from diffin_core.project.stages import LazyPlan, Stages, StageSettings
+from diffin_core.project.store import CheckpointStore
 
 SHARD_CHUNKS = 16          # chunks per saved row range (resume granularity of the self path)
 TRIM_CHUNKS = 8            # chunks between returning the C heap's free pages (budget.trim_heap)

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_path, write_text
-from .errors import DiffinError
+from diffin_core.project.atomic import atomic_path, write_text
+from diffin_core.errors import DiffinError
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -356,7 +356,7 @@ def load_batch_order(manifest: Manifest, train_size: int) -> BatchOrder | None:
                           f"{n} samples are in no batch (recorded for another split?)", where)
     if missing:          # drop_last without shuffling: samples that never touched the weights
         import warnings
-        from .recipe import RecipeWarning
+        from diffin_core.engine.recipe import RecipeWarning
         warnings.warn(RecipeWarning(f"{where}: batch order {manifest.batch_order!r} leaves {missing} of {n} training "
                                     "samples in no batch (drop_last?): their influence is 0"), stacklevel=2)
     return BatchOrder(ids, offsets)
@@ -395,7 +395,7 @@ class Recorder:
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  train_size: int | None = None, every: int = 50, folder: str = "checkpoints"):
-        from .recipe import Recipe
+        from diffin_core.engine.recipe import Recipe
         self.dir = Path(project_dir) / folder
         self.model, self.optimizer, self.every = model, optimizer, max(1, int(every))
         recipe = Recipe.from_optimizer(optimizer)

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiffinError
-from .sources import MAX_PIXELS, ArraySource, ImageFolderSource, ParquetImageSource, RowArray
+from diffin_core.errors import DiffinError
+from diffin_core.project.sources import MAX_PIXELS, ArraySource, ImageFolderSource, ParquetImageSource, RowArray
 
 STREAM_ABOVE_BYTES = 1 << 30       # stream = "auto": stream when float32 x is larger than this
 
@@ -291,7 +291,7 @@ def load_split(path: str | Path, *, label_column: str = "label", image_shape=Non
 
 
 def _load_text(path: Path, opts, num_classes, allow_empty, stream, workers) -> Split:
-    from .text import TEXT_SUFFIXES, tokenize_split
+    from diffin_core.project.text import TEXT_SUFFIXES, tokenize_split
     if not path.is_file():
         raise DiffinError("file not found" if not path.is_dir() else
                           "a text split is one .csv, .tsv, .jsonl or .parquet file, not a folder", path)
@@ -319,7 +319,7 @@ def _load_text(path: Path, opts, num_classes, allow_empty, stream, workers) -> S
 
 def save_split(path: str | Path, x: np.ndarray, y: np.ndarray, ids=None, true_y=None) -> Path:
     """Write an .npz split atomically (arrays x, y, ids, optional true_y)."""
-    from .atomic import atomic_path
+    from diffin_core.project.atomic import atomic_path
     arrays = {"x": x, "y": np.asarray(y, dtype=np.int64)}
     if ids is not None:
         arrays["ids"] = np.asarray(ids, dtype=np.int64)

@@ -20,6 +20,9 @@ The CLI and the app both open a folder through ``Project``; nothing else parses 
 from __future__ import annotations
 
 import difflib
+import importlib.util
+import sys
+import types
 import functools
 import json
 import tomllib
@@ -29,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import Manifest, check_fits, check_step, complete_state, read_manifest, read_state
-from .data import Split, load_split
-from .errors import DiffinError
-from .models import eval_mode
+from diffin_core.project.checkpoints import Manifest, check_fits, check_step, complete_state, read_manifest, read_state
+from diffin_core.project.data import Split, load_split
+from diffin_core.errors import DiffinError
+from diffin_core.engine.models import eval_mode
 
 SCHEMA = {
     "project": {"name": False, "description": False},
@@ -135,6 +138,24 @@ def check_data_keys(data: dict, path) -> None:
             raise DiffinError(f"[data] {key} must be a path (a non-empty string), not {data[key]!r}", path)
 
 
+def load_source(path: str | Path, name: str) -> types.ModuleType:
+    """Import a .py file as module ``name`` from its source; never writes ``__pycache__``.
+
+    The module is registered in ``sys.modules`` while it runs (dataclasses and pickling need
+    that); on an exception it is removed again and the exception propagates."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
 @dataclass(frozen=True)
 class RunInfo:
     name: str
@@ -195,7 +216,6 @@ class Project:
         if not src.is_file():
             raise DiffinError(f"{what} file not found", src)
         name = f"diffin_user_{abs(hash(str(src)))}"
-        from .usercode import load_source
         try:
             module = load_source(src, name)  # from source: no __pycache__ in the project folder
         except Exception as e:
@@ -224,7 +244,7 @@ class Project:
         if not isinstance(model, nn.Module):
             raise DiffinError(f"the model factory returned {type(model).__name__}, not a torch nn.Module", src)
         if self.kind == "text":
-            from .textmodel import adapt
+            from diffin_core.engine.textmodel import adapt
             adapt(model)
         return model
 
@@ -270,7 +290,7 @@ class Project:
     def text_options(self, key: str, classes=None):
         """text.TextOptions for split ``key`` ("train" / "query"): the [data] keys, the tokenizer
         folder and the cache folder tokenized/<key>."""
-        from .text import DEFAULT_MAX_LENGTH, DEFAULT_VOCAB, TextOptions
+        from diffin_core.project.text import DEFAULT_MAX_LENGTH, DEFAULT_VOCAB, TextOptions
         d = self.config["data"]
         return TextOptions(text_column=d["text_column"], label_column=self.label_column,
                            text_pair_column=d.get("text_pair_column"),
@@ -365,7 +385,7 @@ class Project:
 
     # --- runs -------------------------------------------------------------------------------
     def runs(self) -> list[RunInfo]:
-        from .atomic import recover_dirs
+        from diffin_core.project.atomic import recover_dirs
         recover_dirs(self.runs_dir)     # a run replacement killed half-way: repaired, leftovers removed
         out = []
         for meta_path in sorted(self.runs_dir.glob("*/meta.json")):

@@ -1,6 +1,6 @@
 """The sample project: real MNIST (5,000 digits; LeCun, Cortes & Burges), 10% flipped labels.
 
-    python -m diffin_core.sample [--out sample_data/mnist]
+    python -m diffin_core.project.sample [--out sample_data/mnist]
 
 regenerates sample_data/mnist/ from sample_data/mnist_5k.npz: 4,000 train and 1,000 query
 samples, 400 train labels flipped to another class (seed 0; the clean labels are kept in
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
-from .data import save_split
+from diffin_core.project.atomic import write_text
+from diffin_core.project.data import save_split
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 RAW = SAMPLE_DIR / "mnist_5k.npz"
 
 TOML = """[project]
@@ -44,7 +44,7 @@ recipe = "train.py:train"
 """
 
 MODEL_PY = '''"""The sample project's model: diffin_core's SmallCNN for 1x28x28 digits."""
-from diffin_core.models import SmallCNN
+from diffin_core.engine.models import SmallCNN
 
 
 def build():
@@ -57,8 +57,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
-from diffin_core.models import SmallCNN
+from diffin_core.project.checkpoints import Recorder
+from diffin_core.engine.models import SmallCNN
 
 EPOCHS, BATCH, LR, FLOOR, EVERY = 8, 64, 0.3, 0.01, 50
 
@@ -106,7 +106,7 @@ def mnist_splits(n_train: int = 4000, seed: int = 0):
 
 def build_sample_project(out: str | Path = SAMPLE_DIR / "mnist", noise: float = 0.1, seed: int = 0) -> Path:
     """Write the whole sample project folder (about 2 MB); replaces an existing one atomically."""
-    from .project import Project
+    from diffin_core.project.folder import Project
     out = Path(out)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)

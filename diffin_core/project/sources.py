@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
 
 MAX_PIXELS = 50_000_000            # default decompression-bomb cap (width x height per image)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

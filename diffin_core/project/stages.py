@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .atomic import atomic_path, write_text
+from diffin_core.project.atomic import atomic_path, write_text
 
 
 class NotStorable(TypeError):
@@ -46,7 +46,7 @@ class StageSettings:
     train_digest: str                   # size and identity of the training split
     checkpoints: list = field(default_factory=list)   # [(file, size, mtime_ns, step, lr), ...]
     need_self: bool = True
-    version: int = 1
+    version: int = 2                    # 2: classes stored by their diffin_core.<package>.<module> path
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

@@ -37,7 +37,7 @@ class StateFiles(Sequence):
             with safe_open(str(path), "pt") as fh:
                 keys = set(fh.keys())
                 return {n: fh.get_tensor(n) for n in names if n in keys}
-        from .checkpoints import read_state
+        from diffin_core.project.checkpoints import read_state
         state = self.prepare(read_state(path)[0])
         return state if names is None else {n: state[n] for n in names if n in state}
 

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DiffinError
-from .methods import METHODS, Attributor, ScoreSettings
+from diffin_core.errors import DiffinError
+from diffin_core.methods import METHODS, Attributor, ScoreSettings
 
 
 def _ray():
@@ -67,7 +67,7 @@ def to_device(obj, device):
 
 def _open(root: str):
     """The project, opened on a Ray node."""
-    from .project import Project
+    from diffin_core.project.folder import Project
     try:
         return Project(root)
     except DiffinError as e:           # the driver opened it: this node does not see the same folder
@@ -77,7 +77,7 @@ def _open(root: str):
 
 
 def _context(root: str, settings: dict):
-    from .scoring import project_context
+    from diffin_core.run.context import project_context
     project = _open(root)
     return project, project_context(project, ScoreSettings(**settings))
 
@@ -93,7 +93,7 @@ class Scorer:
     def _configure(self, method: Attributor):
         """The context set up as ``runner.run`` sets it before a run (memory plan, batch-gradient
         slicing, cached checkpoints): the same rounding as a local run, hence the same scores."""
-        from .runner import configure, memory_plan
+        from diffin_core.methods.runner import configure, memory_plan
         if method.name not in self.mem:
             self.mem[method.name] = memory_plan(method, self.ctx, True)
         mem = self.mem[method.name]
@@ -104,7 +104,7 @@ class Scorer:
         """The method's query plan on the full training split, tensors on the CPU; through the
         engine's resumable plan stage (runs/.stages/ of the shared project folder). Kept whole
         (mem=None): the plan travels through the object store, not as lazy files."""
-        from .runner import prepare
+        from diffin_core.methods.runner import prepare
         m = METHODS[method]()
         self._configure(m)
         q = self.project.query
@@ -115,7 +115,7 @@ class Scorer:
         """runner.score_rows on rows [start, stop) in chunks of the engine's memory plan;
         ``boxed_plan`` = [ObjectRef of the plan]."""
         import ray
-        from .runner import score_rows
+        from diffin_core.methods.runner import score_rows
         m = METHODS[method]()
         mem = self._configure(m)
         ref = boxed_plan[0]
@@ -140,8 +140,8 @@ def _scorer(root: str, settings: dict) -> Scorer:
 
 def _stages(project, method: str, settings: ScoreSettings):
     """The run's resumable stages: the same folder a local run with these settings uses."""
-    from .scoring import stage_settings
-    from .stages import Stages
+    from diffin_core.run.scoring import stage_settings
+    from diffin_core.project.stages import Stages
     q = project.query
     return Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, np.asarray(q.x), q.y, True))
 
@@ -150,7 +150,7 @@ def _worker_threads() -> None:
     """A Ray task uses as many torch threads as the CPUs Ray gave it (tasks share the node's
     CPUs), with OpenMP's passive wait (threads.py)."""
     import ray
-    from .threads import configure
+    from diffin_core.engine.threads import configure
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     configure(max(1, int(cpus)))
 
@@ -177,8 +177,8 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
                  address: str | None = None, shards: int | None = None, progress=None) -> Path:
     """Score every training sample on Ray (stages in the module docstring); returns the run
     folder, the same files as ``scoring.score``."""
-    from .project import Project
-    from .scoring import next_run_name, scores_frame, write_run
+    from diffin_core.project.folder import Project
+    from diffin_core.run.scoring import next_run_name, scores_frame, write_run
     ray = _ray()
     project = project if isinstance(project, Project) else Project(project)
     settings = settings or ScoreSettings()
@@ -217,11 +217,11 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     if cls.run is not Attributor.run:
         # the method post-processes its run (diffin: label_issue at the checkpoint with the lowest
         # query loss): its own ``run`` does it on the driver, around the gathered shards
-        from .scoring import project_context
+        from diffin_core.run.context import project_context
         q = project.query
         out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
     df = scores_frame(project.train, out)
-    from .precision import not_checked
+    from diffin_core.engine.precision import not_checked
     model = project.build_model()
     meta = {
         "run": run, "method": method, "settings": cfg, "device": "cuda" if gpus else "cpu",

@@ -43,9 +43,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .errors import DiffinError
-from .lanczos import SpectralView, lanczos
-from .projector import Projector
+from diffin_core.errors import DiffinError
+from diffin_core.engine.lanczos import SpectralView, lanczos
+from diffin_core.engine.projector import Projector
 
 DIRNAME = "features"
 VERSION = 2                    # 2: CountSketch projection (1: dense Gaussian)
@@ -75,7 +75,7 @@ class FeatureSettings:
 def hessian_views(ctx, rank: int, seed: int = 0, progress=None) -> dict[int, SpectralView]:
     """Query-independent Lanczos view of each checkpoint's segment operator (the exact path's
     fixed batch, HVP kind and preconditioning), ``rank`` matvecs from a seeded random start."""
-    from .propagate import hessian_view, random_start
+    from diffin_core.engine.propagate import hessian_view, random_start
     views = {}
     for k in range(ctx.m):
         if ctx.bounds is not None and ctx.bounds[k + 1] <= ctx.bounds[k]:
@@ -90,14 +90,14 @@ def hessian_views(ctx, rank: int, seed: int = 0, progress=None) -> dict[int, Spe
 def propagate(ctx, views: dict[int, SpectralView], u: torch.Tensor):
     """The engine's query plan (propagate.build_plan) through the stored views: no HVP.
     Items (k, coef, w, op), latest checkpoint first; influence(z) = sum coef <w, g_z(theta_k)>."""
-    from .propagate import build_plan
+    from diffin_core.engine.propagate import build_plan
     return build_plan(ctx, u, view_fn=lambda k, starts: views[k])
 
 
 def segment_ops(ctx, views: dict[int, SpectralView]):
     """The plan's per-checkpoint operators, in step order. They depend on the views, the recipe
     and the lrs only (not on the query), so one probe plan gives them."""
-    from .propagate import random_start
+    from diffin_core.engine.propagate import random_start
     return list(reversed(propagate(ctx, views, random_start(ctx, ctx.m - 1, salt=2000))))
 
 
@@ -107,7 +107,7 @@ def effective_grads(ctx, items, x: torch.Tensor, y: torch.Tensor, on_grads=None)
     Per segment op (w = S W(M) (S u, v/S), (u, v) <- S^-1 C (S u, v/S) in propagate.SegmentOp):
         e_u <- S [C00 e_u/S + C10 S e_v + coef W0 S g],  e_v <- S^-1 [C01 e_u/S + C11 S e_v + coef W1 S g].
     ``items`` from ``segment_ops``; ``on_grads(k, g)`` sees each per-sample gradient (B, P)."""
-    from .propagate import has_momentum
+    from diffin_core.engine.propagate import has_momentum
     momentum = has_momentum(ctx.recipe)          # without it the plan carries no v adjoint
     eu = ev = None
     for it in items:
@@ -148,7 +148,7 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
           on_grads=None, num_classes: int | None = None) -> dict:
     """Write the store for ``ctx`` (training split) and the ``query`` split into ``out`` (a new
     folder: written as out.tmp-*, renamed when complete). Returns its meta."""
-    from .atomic import write_text
+    from diffin_core.project.atomic import write_text
     from safetensors.torch import save_file
     settings = settings or FeatureSettings()
     progress = progress or (lambda d, t, m: None)
@@ -223,8 +223,8 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
 
 def build_for_run(project, run: str, settings: FeatureSettings | None = None, progress=None) -> Path:
     """The feature pass for an existing diffin run (same score settings as the run)."""
-    from .methods import ScoreSettings
-    from .scoring import project_context
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.run.context import project_context
     info = project.run(run)
     if info.method not in METHODS:
         raise DiffinError(f"run {run!r} used {info.method!r}: the feature store approximates "
@@ -352,8 +352,8 @@ _CTX: dict = {}
 
 def _context(project, run: str):
     """The run's scoring context, cached per (project, run, manifest) for repeated queries."""
-    from .methods import ScoreSettings
-    from .scoring import project_context
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.run.context import project_context
     man = project.manifest_path
     key = (str(project.root), run, man.stat().st_mtime if man.exists() else 0)
     if key not in _CTX:
@@ -382,7 +382,7 @@ def exact_plan(ctx, qx, qy, key=None):
     """The exact path's own plan for a query set (methods/diffin.DiffIn.prepare: Lanczos started at
     the query's gradient, ``lanczos_steps`` finite-difference HVPs per checkpoint), the same w_k as
     `diffin top --exact`; cost independent of N. Cached in memory per ``key`` (a few queries)."""
-    from .methods.diffin import DiffIn
+    from diffin_core.methods.diffin import DiffIn
     if key is not None and key in _PLANS:
         return _PLANS[key]
     plan = DiffIn().prepare(ctx, qx, qy)
@@ -396,7 +396,7 @@ def exact_plan(ctx, qx, qy, key=None):
 def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     """The exact path's influence (B,) of training ``rows`` under ``plan``: DiffIn.chunk (one jvp
     per checkpoint) on just those rows, so each value equals the exact path's score of that row."""
-    from .methods.diffin import DiffIn
+    from diffin_core.methods.diffin import DiffIn
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty(len(rows))
     order = np.argsort(rows)                              # ascending reads from a memmapped split
@@ -433,8 +433,8 @@ def contributions_for(root: str, run: str, sample_id: int, query_indices=None, p
     """Compute and cache (atomically) one training sample's per-checkpoint contributions on the
     mean loss of the query samples (all when None). Runs the model: the app calls it in a child
     process (usercode). Returns the cache path."""
-    from .atomic import write_text
-    from .project import Project
+    from diffin_core.project.atomic import write_text
+    from diffin_core.project.folder import Project
     project = Project(root)
     store = FeatureStore.open(project, run)
     if store is None:
@@ -498,8 +498,8 @@ def rescore_for(root: str, run: str, query_indices, progress=None) -> str:
     """The app's background job (usercode child: it runs the model): the fast top-k with the
     store's default shortlist rescored by the exact path, cached atomically for
     fast_query_influence. Returns the cache path."""
-    from .atomic import atomic_path
-    from .project import Project
+    from diffin_core.project.atomic import atomic_path
+    from diffin_core.project.folder import Project
     project = Project(root)
     infl, _ = fast_query_influence(project, run, query_indices)
     out = rescored_path(project, run, query_indices)

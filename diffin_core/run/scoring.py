@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,92 +19,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import Split
-from .stages import Stages, StageSettings, array_digest
-from .store import CheckpointStore, Lazy, StateFiles
-from .checkpoints import (Manifest, check_fits, check_step, complete_state, load_batch_order, load_exp_avg_sq,
-                          load_step_lrs, read_state)
-from . import threads
-from .errors import DiffinError
-from .functional import FunctionalModel
-from .methods import METHODS, Context, ScoreSettings, pick_device
-from .project import Project
-from .recipe import Recipe, RecipeWarning, interpolated_lrs, owned_bounds, segment_adam_scale
+from diffin_core.engine import threads
+from diffin_core.errors import DiffinError
+from diffin_core.methods import METHODS, Context, ScoreSettings
+from diffin_core.project.data import Split
+from diffin_core.project.folder import Project
+from diffin_core.project.stages import Stages, StageSettings, array_digest
+from diffin_core.run.context import project_context
 
 
-def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
-                 train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
-                 progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
-                 step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None) -> Context:
-    """A scoring context from in-memory parts (the project path and the tests both use it).
-
-    states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
-    every checkpoint is evaluated with its own). lrs: each checkpoint's lr; ``step_lrs`` (T,) the
-    lr of every optimiser step (default: interpolated from ``lrs``). ``recipe`` defaults to SGD
-    with ``momentum``. ``exp_avg_sq``: per checkpoint (v (P,) in parameter order, Adam step
-    count) or None, giving Adam's frozen preconditioner D. ``exp_avg`` (the same for the first
-    moments) with ``batch_order`` (checkpoints.BatchOrder): diffin replays Adam's moments step by
-    step with the real batches (adam_batches.py).
-    """
-    settings = settings or ScoreSettings()
-    recipe = recipe or Recipe(momentum=float(momentum))
-    device = pick_device(settings.device)
-    fm = FunctionalModel(model.to(dtype=dtype))
-    fm.to(device)
-    lazy = isinstance(states, StateFiles)
-    if lazy:        # streamed: theta_k read from its file when used (runner sets how many stay)
-        thetas = CheckpointStore.from_files(fm.flatten, states, fm.names, device, dtype, keep=1)
-    else:
-        thetas = [fm.flatten({k: v.to(device=device, dtype=dtype) for k, v in s.items()}) for s in states]
-    buffers = None
-    if fm.buffers:
-        names = list(fm.buffers)
-        buffers = [{k: v.to(device=device, dtype=fm.buffers[k].dtype)
-                    for k, v in (states.load(i, names) if lazy else states[i]).items() if k in fm.buffers}
-                   for i in range(len(states))]       # small (BatchNorm statistics): all kept
-        fm.buffers = {**fm.buffers, **buffers[-1]}
-    step_lrs = (interpolated_lrs(steps, lrs) if step_lrs is None
-                else np.asarray(step_lrs, dtype=np.float64)[:max(int(steps[-1]), 1)])
-    bounds = owned_bounds(steps, len(step_lrs) if int(steps[-1]) == 0 else int(steps[-1]))
-    seg = np.diff(bounds).astype(np.float64)
-    sums = np.array([step_lrs[bounds[k]:bounds[k + 1]].sum() for k in range(len(steps))])
-    eff = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * recipe.momentum_gain()
-    precond = None
-    if exp_avg_sq is not None and recipe.adam:
-        def scale(k):      # D over checkpoint k's owned steps, from its and its neighbours' exp_avg_sq
-            near = [exp_avg_sq[j] if abs(j - k) <= 1 else None for j in range(len(exp_avg_sq))]
-            near = [None if e is None else (e[0].double().cpu().numpy(), e[1]) for e in near]
-            return None if near[k] is None else torch.as_tensor(segment_adam_scale(
-                near, k, int(bounds[k]), int(bounds[k + 1]), step_lrs, recipe.betas[1], recipe.eps,
-                offset=max(int(near[k][1]) - max(int(steps[k]), 1), 0)),
-                dtype=dtype, device=device)
-        precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
-    moments = None
-    if exp_avg is not None and exp_avg_sq is not None and batch_order is not None and recipe.adam:
-        acc = torch.float32 if device.type == "mps" else torch.float64       # MPS has no float64
-
-        def load(k):       # (m, v, Adam's step count) of checkpoint k, float64 on the device
-            m1, v2 = exp_avg[k], exp_avg_sq[k]
-            return m1[0].to(device=device, dtype=acc), v2[0].to(device=device, dtype=acc), int(v2[1])
-        moments = Lazy(len(exp_avg), load, keep=2)
-    return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
-                   progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
-                   buffers=buffers, precond=precond, files=files, moments=moments,
-                   batch_order=batch_order if moments is not None else None)
-
-
-def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
-    """A manifest's checkpoints, each checked against the model (one file in memory at a
-    time), as a StateFiles sequence the scoring context reads lazily."""
-    paths = []
-    for c in m.checkpoints:
-        src = Path(m.path).parent / c.file
-        state, meta = read_state(src)
-        check_step(meta, c, src)
-        check_fits(model, state, src)
-        del state
-        paths.append(src)
-    return StateFiles(paths, prepare=lambda st: complete_state(model, st))
 
 
 def stage_settings(project: Project, method: str, settings: ScoreSettings, qx, qy, need_self: bool) -> StageSettings:
@@ -125,53 +46,6 @@ def stage_settings(project: Project, method: str, settings: ScoreSettings, qx, q
     return StageSettings(method, fields, array_digest(np.asarray(qx), qy), array_digest(train.ids, train.y),
                          ckpts, need_self)
 
-
-def project_context(project: Project, settings: ScoreSettings | None = None, progress=None) -> Context:
-    """The scoring context of a project: its model, checkpoints and recorded recipe."""
-    model = project.build_model()
-    project.check_model_input(model)
-    states = checkpoint_files(model, project.manifest)      # checked one by one, read lazily
-    if len(project.query) == 0:
-        raise DiffinError("the query set is empty", project.query.path)
-    ctx = manifest_context(model, project.manifest, project.train, settings, progress, states)
-    if project.recipe:              # cleanlab-cv retrains the project's [train] recipe per fold
-        from .tasks import recipe_trainer
-        ctx.trainer = recipe_trainer(project)
-    return ctx
-
-
-def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings: ScoreSettings | None = None,
-                     progress=None, states: list[dict] | None = None) -> Context:
-    """A context from a checkpoint manifest and its files (states: already loaded, or read here).
-    What the manifest does not record is approximated and named in one RecipeWarning line."""
-    if states is None:
-        states = checkpoint_files(model, m)
-    recipe = Recipe.from_manifest(m.recipe_dict())
-    step_lrs = load_step_lrs(m)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    eas = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names)) if recipe.adam else None
-    approx = list(recipe.approximations)
-    if step_lrs is None:
-        approx.append("the lr inside each segment (no per-step lrs: interpolated between checkpoints)")
-    if recipe.adam and (eas is None or any(not c.exp_avg_sq for c in m.checkpoints)):
-        approx.append("Adam's preconditioner (no exp_avg_sq recorded: modelled as SGD with the same lr)")
-        recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
-        eas = None
-    firsts = order = None
-    if recipe.adam:
-        order = load_batch_order(m, len(train))
-        if order is None or any(not c.exp_avg for c in m.checkpoints):
-            approx.append("Adam's moments per step (no batch order or exp_avg recorded: v frozen per checkpoint, "
-                          "each sample spread over every step; record it with rec.track(loader) or rec.step(batch_ids=...))")
-            order = None
-        else:
-            firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
-    recipe.approximations = approx
-    if approx:
-        warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
-    return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
-                        train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
-                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order)
 
 
 def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:
@@ -239,7 +113,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     }
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
-    from . import features as feature_store
+    from diffin_core.run import features as feature_store
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
         features = False            # the store approximates the checkpoint estimator, not Adam's replay
         if progress:
@@ -269,7 +143,7 @@ def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started:
     appears only when complete (local and Ray runs both end here)."""
     meta.setdefault("versions", {"torch": torch.__version__, "python": platform.python_version(), "diffin": "0.1.0"})
     meta.setdefault("threads", threads.record())
-    from .atomic import staged_dir
+    from diffin_core.project.atomic import staged_dir
     final = project.runs_dir / run
     with staged_dir(final) as tmp:      # runs/<run> swaps whole to the new version (never missing)
         df.to_parquet(tmp / "scores.parquet", index=False)
@@ -312,7 +186,7 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
     cache = topk_cache_path(project, run, idx)
-    from .features import fast_query_influence
+    from diffin_core.run.features import fast_query_influence
     fast = None if (exact or cache.is_file()) else fast_query_influence(project, run, idx, rerank=rerank)
     path = "exact path (cached)" if cache.is_file() else "exact path"
     if fast is not None:
@@ -326,7 +200,7 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
         if batch_size is not None:
             settings.batch_size = int(batch_size)
         infl = query_influence(project, info.method, idx, settings, progress)
-        from .atomic import atomic_path
+        from diffin_core.project.atomic import atomic_path
         with atomic_path(cache) as tmp:
             np.save(tmp, infl)
     scores = project.scores(run)

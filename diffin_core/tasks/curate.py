@@ -40,15 +40,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
+from diffin_core.project.training import query_metrics, recipe_trainer
 
 
 # --- selections -------------------------------------------------------------------------------
@@ -230,7 +229,7 @@ def el2n_scores(ctx, early: float = 0.25) -> np.ndarray:
 
 def forgetting_scores(ctx) -> np.ndarray:
     """Forgetting events (Toneva et al. 2019) at checkpoint resolution (step 0 excluded)."""
-    from .label_issue import checkpoint_logits, forgetting_counts
+    from diffin_core.methods.label_issue import checkpoint_logits, forgetting_counts
     return forgetting_counts(checkpoint_logits(ctx).argmax(-1) == ctx.train.y[None, :])
 
 
@@ -253,49 +252,6 @@ def moso_scores(ctx) -> np.ndarray:
 
 
 # --- what-if: verify by retraining ------------------------------------------------------------
-def _final_state(checkpoint_dir: Path, project):
-    from .checkpoints import read_manifest, read_state
-    manifests = sorted(Path(checkpoint_dir).rglob("manifest.json"))
-    if not manifests:
-        raise DiffinError("the [train] recipe wrote no manifest.json into its checkpoint_dir",
-                          project.config_path)
-    m = read_manifest(manifests[0])
-    state, _ = read_state(Path(manifests[0]).parent / m.checkpoints[-1].file)
-    return state
-
-
-def query_metrics(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 512) -> dict:
-    """Mean cross-entropy (nats) and accuracy of ``model`` on (x, y)."""
-    model = model.eval()
-    loss, correct = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(y), batch):
-            xb = torch.as_tensor(x[s:s + batch], dtype=torch.float32)
-            yb = torch.as_tensor(y[s:s + batch], dtype=torch.long)
-            logits = model(xb).float()
-            loss += float(torch.nn.functional.cross_entropy(logits, yb, reduction="sum"))
-            correct += int((logits.argmax(1) == yb).sum())
-    return {"loss": loss / max(len(y), 1), "accuracy": correct / max(len(y), 1)}
-
-
-def recipe_trainer(project):
-    """``train(x, y, seed) -> model``: the project's [train] recipe run into a temporary
-    checkpoint folder, its final checkpoint loaded into a fresh ``project.build_model()``."""
-    def train(x, y, seed):
-        recipe, _ = project.load_callable(project.recipe, "[train] recipe")
-        with tempfile.TemporaryDirectory(prefix="diffin-retrain-") as tmp:
-            try:
-                recipe(x, y, seed, Path(tmp))
-            except DiffinError:
-                raise
-            except Exception as e:
-                raise DiffinError(f"the [train] recipe raised {type(e).__name__}: {e}", project.config_path) from None
-            state = _final_state(Path(tmp), project)
-        model = project.build_model()
-        model.load_state_dict(state)
-        return model
-    return train
-
 
 def _retrain(project, keep: np.ndarray, seed: int) -> dict:
     model = recipe_trainer(project)(project.train.x[keep], project.train.y[keep], seed)
@@ -379,8 +335,8 @@ def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run:
     std, ``before``/``after`` averaged over seeds, and ``noise_verdict``'s verdict in words.
     ``run`` defaults to the newest run.
     """
-    from .atomic import write_text
-    from .project import Project
+    from diffin_core.project.atomic import write_text
+    from diffin_core.project.folder import Project
     project = project if isinstance(project, Project) else Project(project)
     progress = progress or (lambda d, t, m: None)
     seeds = [int(seed) + i for i in range(3)] if seeds is None else [int(s) for s in np.atleast_1d(seeds)]

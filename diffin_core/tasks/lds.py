@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-COMMITTED = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "lds.csv"
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "lds.csv"
 
 
 def random_subsets(n: int, count: int = 50, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -56,7 +56,7 @@ def lds(predicted: np.ndarray, actual: np.ndarray) -> tuple[float, np.ndarray]:
 def per_query_influence(ctx, method: str, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
     """Influence (N, Q) of every training sample on each query sample's loss, one method run
     per query sample (the registry's estimators score the mean loss of their query set)."""
-    from .scoring import run_method
+    from diffin_core.run.scoring import run_method
     cols = [run_method(ctx, method, qx[i:i + 1], qy[i:i + 1], need_self=False)["influence"]
             for i in range(len(qy))]
     return np.stack(cols, 1)

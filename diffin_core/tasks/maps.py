@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import atomic_path
-from .models import penultimate
-from .project import Project
+from diffin_core.project.atomic import atomic_path
+from diffin_core.engine.models import penultimate
+from diffin_core.project.folder import Project
 
 FILES = {"activations": "umap.parquet", "gradients": "umap-gradients.parquet", "stored": "umap-stored.parquet"}
 PCA_DIM = 50                 # stored features (d = 1024) are reduced to this before UMAP
@@ -37,7 +37,7 @@ def features(project: Project, kind: str = "activations", batch: int = 256, prog
     model = project.final_model()
     x, y = project.train.x, project.train.y
     if kind == "gradients":
-        from .functional import FunctionalModel
+        from diffin_core.engine.functional import FunctionalModel
         fm = FunctionalModel(model)
         theta = fm.theta_of(model)
         gen = torch.Generator().manual_seed(seed)
@@ -60,8 +60,8 @@ def stored_features(project: Project, run: str, seed: int = 0) -> np.ndarray:
     """(N, PCA_DIM) float32 from the run's feature store: the projected effective gradients,
     unit rows (direction of influence, not its size), reduced by a seeded randomized PCA. No
     gradient is computed."""
-    from .errors import DiffinError
-    from .features import FeatureStore
+    from diffin_core.errors import DiffinError
+    from diffin_core.run.features import FeatureStore
     store = FeatureStore.open(project, run)
     if store is None:
         raise DiffinError(f"run {run!r} has no feature store (built by `diffin score` for diffin runs)",

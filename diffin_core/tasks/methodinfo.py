@@ -66,7 +66,7 @@ def info(name: str) -> MethodInfo:
 def description(name: str, cls=None) -> str:
     """The full description: the plain summary and then the class docstring, on one line."""
     if cls is None:
-        from .methods import METHODS
+        from diffin_core.methods import METHODS
         cls = METHODS.get(name)
     doc = " ".join((getattr(cls, "__doc__", None) or "").split())
     parts = [p for p in (info(name).summary, doc) if p]
@@ -75,7 +75,7 @@ def description(name: str, cls=None) -> str:
 
 def describe_all(width: int = 100) -> str:
     """Every method, its scale and its full description (the text of ``diffin methods``)."""
-    from .methods import METHODS
+    from diffin_core.methods import METHODS
     out = []
     for name, cls in METHODS.items():
         i = info(name)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch.func import grad
 
-from .data import Split
-from .functional import FunctionalModel
+from diffin_core.project.data import Split
+from diffin_core.engine.functional import FunctionalModel
 
 
 @dataclass
@@ -166,7 +166,7 @@ def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: 
     With ``record_dir`` the run is recorded by the Recorder every ``every`` steps. Returns the
     trained model (eval mode)."""
     import torch.nn.functional as F
-    from .checkpoints import Recorder
+    from diffin_core.project.checkpoints import Recorder
     model = recipe.model_fn()
     model.train()
     opt = recipe.optimizer_fn(model.parameters())

@@ -9,8 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
-from .errors import DiffinError
-from .project import CONFIG_NAME, Project
+from diffin_core.errors import DiffinError
+from diffin_core.project.folder import CONFIG_NAME, Project
 
 ENV_VAR = "DIFFIN_WORKSPACE"
 SAMPLE_NAME = "mnist-sample"
@@ -43,10 +43,10 @@ def open_project(folder: str | Path) -> Project:
 
 def copy_sample(workspace: str | Path) -> Path:
     """Copy the shipped MNIST sample project into the workspace (once) and return its folder."""
-    from .sample import SAMPLE_DIR
+    from diffin_core.project.sample import SAMPLE_DIR
     src, dest = SAMPLE_DIR / "mnist", Path(workspace) / SAMPLE_NAME
     if not (src / CONFIG_NAME).is_file():
-        raise DiffinError("the sample project is missing; run `python -m diffin_core.sample`", src)
+        raise DiffinError("the sample project is missing; run `python -m diffin_core.project.sample`", src)
     if not (dest / CONFIG_NAME).is_file():
         tmp = dest.with_name(f".{dest.name}.copying")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -47,9 +47,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from diffin_core.atomic import atomic_path
+from diffin_core.project.atomic import atomic_path
 from diffin_core.errors import DiffinError
-from diffin_core.sources import ArraySource, RowArray
+from diffin_core.project.sources import ArraySource, RowArray
 
 FORMATS = ("npz", "csv", "parquet", "imagefolder")
 IMAGES_SUFFIX = ".images.zip"      # an uploaded ImageFolder zip, kept beside its npz
@@ -420,7 +420,7 @@ def _npz_faithful(tmp, source: Source, ids, final, keep, relabel) -> None:
     """Every member of the source npz, in order, streamed member by member and chunk by chunk
     (never a whole array in memory): row arrays filtered by ``keep``, ``y`` relabelled in its own
     dtype, ``ids`` added when rows are removed and the file had none; compressed iff it was."""
-    from diffin_core.sources import _npy_header
+    from diffin_core.project.sources import _npy_header
     n = len(ids)
     with zipfile.ZipFile(source.path) as zf:
         infos = [i for i in zf.infolist() if i.filename.endswith(".npy")]
@@ -453,7 +453,7 @@ def _npz_faithful(tmp, source: Source, ids, final, keep, relabel) -> None:
 def _member_chunks(zf: zipfile.ZipFile, info, dtype, shape, fortran: bool, keep: np.ndarray | None):
     """An npz member's rows read from its (possibly compressed) zip stream CHUNK_BYTES at a time,
     only the ``keep`` ones when given. Fortran-ordered members are read whole."""
-    from diffin_core.sources import _npy_header
+    from diffin_core.project.sources import _npy_header
     with zf.open(info) as fh:
         _npy_header(fh, info.filename)
         if fortran or len(shape) == 0:

@@ -19,18 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import write_text
-from .errors import DiffinError
+from diffin_core.project.atomic import write_text
+from diffin_core.errors import DiffinError, JobCancelled
 
 log = logging.getLogger(__name__)
 _BOOT = uuid.uuid4().hex  # tells this process apart from an earlier one that had the same pid
 _ACTIVE = ("queued", "running")
 INTERRUPTED = "interrupted (the server stopped)"
 _STEP = re.compile(r"(\d+)\s*/\s*(\d+)")  # "checkpoint 3/12" in a progress message
-
-
-class JobCancelled(Exception):
-    """Raised inside a job by ``Progress.update``/``check`` once cancel was requested."""
 
 
 @dataclass
@@ -167,7 +163,7 @@ class JobManager:
                      timeout: float | None = None, with_progress: bool = True) -> str:
         """Queue ``target(*args, progress=..., **kwargs)`` (``"module:function"``) to run in a
         child process (usercode.run): cancel kills it, a crash fails only this job."""
-        from . import usercode
+        from diffin_core.workspace import usercode
 
         def fn(progress: Progress):
             return usercode.run(target, *args, progress=progress.update if with_progress else None,

@@ -17,8 +17,8 @@ import threading
 import time
 from pathlib import Path
 
-from .atomic import write_text
-from .errors import DiffinError
+from diffin_core.project.atomic import write_text
+from diffin_core.errors import DiffinError
 
 FILE = "selections.json"
 MAX_NAME = 60

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .atomic import atomic_path, write_text
-from .checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, Manifest, check_fits, read_state
-from .data import load_split
-from .errors import DiffinError
-from .export import IMAGES_SUFFIX
+from diffin_core.project.atomic import atomic_path, write_text
+from diffin_core.project.checkpoints import CHECKPOINT_SUFFIXES, Checkpoint, Manifest, check_fits, read_state
+from diffin_core.project.data import load_split
+from diffin_core.errors import DiffinError
+from diffin_core.workspace.export import IMAGES_SUFFIX
 
 DRAFT = ".setup.json"
 ROLES = ("model", "checkpoint", "train", "query")
@@ -230,7 +230,7 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 
 def _store_checkpoint(project_dir: Path, role, name, tmp: Path, staging: Path) -> str:
     if tmp.suffix.lower() == ".zip":
-        from .safezip import safe_extract
+        from diffin_core.workspace.safezip import safe_extract
         try:
             files = _checkpoint_files(safe_extract(tmp, staging / "unzipped"))
         except DiffinError as e:
@@ -257,7 +257,7 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
     draft = read_draft(project_dir)
     extra = {}
     if tmp.suffix.lower() == ".zip":
-        from .safezip import read_imagefolder_zip
+        from diffin_core.workspace.safezip import read_imagefolder_zip
         try:
             x, y, label_names, files = read_imagefolder_zip(tmp)
         except DiffinError as e:
@@ -348,7 +348,7 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
            name: str | None = None) -> list[str]:
     """Write manifest.json and diffin.toml from the draft and the step/lr ``table``; returns the
     problems (empty = the project loads). With problems, the previous files are put back."""
-    from .project import CONFIG_NAME, Project
+    from diffin_core.project.folder import CONFIG_NAME, Project
     project_dir = Path(project_dir)
     draft = read_draft(project_dir)
     missing = missing_parts(project_dir)

@@ -37,8 +37,7 @@ import types
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DiffinError
-from .jobs import JobCancelled
+from diffin_core.errors import DiffinError, JobCancelled
 
 SPAWN = multiprocessing.get_context("spawn")
 _BARE = threading.local()  # set while run() starts a child: see _preparation_data
@@ -67,22 +66,6 @@ class ChildFailed(DiffinError):
     """The child was stopped at its time limit, or died (a signal, ``os._exit``)."""
 
 
-def load_source(path: str | Path, name: str) -> types.ModuleType:
-    """Import a .py file as module ``name`` from its source; never writes ``__pycache__``.
-
-    The module is registered in ``sys.modules`` while it runs (dataclasses and pickling need
-    that); on an exception it is removed again and the exception propagates."""
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
-        exec(code, module.__dict__)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
 
 
 # --- the child side --------------------------------------------------------------------------
@@ -203,7 +186,7 @@ def run(target: str, *args, progress: Callable | None = None, cancelled: Callabl
 # --- what the app runs in a child --------------------------------------------------------------
 def describe_model(project_dir: str) -> str:
     """(child) Build the project's model, check one training sample goes through; a summary line."""
-    from .project import Project
+    from diffin_core.project.folder import Project
     project = Project(project_dir)
     model = project.build_model()
     project.check_model_input(model)
@@ -213,14 +196,14 @@ def describe_model(project_dir: str) -> str:
 
 def validate_project(project_dir: str) -> list[str]:
     """(child) ``Project.validate()``: one line per problem, empty when the project loads."""
-    from .project import Project
+    from diffin_core.project.folder import Project
     return Project(project_dir).validate()
 
 
 def check_project(project_dir: str | Path, timeout: float | None = None) -> list[str]:
     """The project's problems, found by loading it (model included) in a child with a time limit."""
     try:
-        return run("diffin_core.usercode:validate_project", str(project_dir),
+        return run("diffin_core.workspace.usercode:validate_project", str(project_dir),
                    timeout=timeout or MODEL_TIMEOUT_S, what="loading the project (model.py)")
     except DiffinError as e:
         return [str(e)]
@@ -229,7 +212,7 @@ def check_project(project_dir: str | Path, timeout: float | None = None) -> list
 def _store_upload_from_file(project_dir: str, role: str, name: str, path: str) -> str:
     """(child) uploads.store_upload on a spooled file; its staging folders are noted next to the
     spooled file so the parent removes them if this child is killed or crashes."""
-    from . import uploads
+    from diffin_core.workspace import uploads
     note = Path(path).parent / "staging.txt"
     real = tempfile.mkdtemp
 
@@ -244,7 +227,7 @@ def _store_upload_from_file(project_dir: str, role: str, name: str, path: str) -
 
 
 def _model_is_code(project_dir: Path) -> bool:
-    from .uploads import read_draft
+    from diffin_core.workspace.uploads import read_draft
     return read_draft(project_dir).get("model") == "model.py"
 
 
@@ -253,7 +236,7 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
     crashes reported). Data uploads, and checkpoints when no model.py is set, stay in-process."""
     project_dir = Path(project_dir)
     if role not in ("model", "checkpoint") or (role == "checkpoint" and not _model_is_code(project_dir)):
-        from . import uploads
+        from diffin_core.workspace import uploads
         return uploads.store_upload(project_dir, role, name, fileobj)
     project_dir.parent.mkdir(parents=True, exist_ok=True)
     spool = Path(tempfile.mkdtemp(prefix=f".diffin-upload-{os.getpid()}-", dir=project_dir.parent))
@@ -264,7 +247,7 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
                 fileobj.seek(0)
             shutil.copyfileobj(fileobj, out, 1 << 20)
         try:
-            return run("diffin_core.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
+            return run("diffin_core.workspace.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
                        timeout=timeout or MODEL_TIMEOUT_S, what="the model check")
         except ChildFailed as e:
             raise DiffinError(e.problem, Path(str(name)).name) from None
@@ -279,7 +262,7 @@ def finish(project_dir: str | Path, table, image_shape=None, name: str | None = 
            timeout: float | None = None) -> list[str]:
     """``uploads.finish`` (which builds the model to check the project loads) in a child."""
     try:
-        return run("diffin_core.uploads:finish", str(project_dir), table, image_shape, name,
+        return run("diffin_core.workspace.uploads:finish", str(project_dir), table, image_shape, name,
                    timeout=timeout or MODEL_TIMEOUT_S, what="checking the project (model.py)")
     except DiffinError as e:
         return [str(e)]

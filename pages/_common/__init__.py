@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from diffin_core import appstate
+from diffin_core.workspace import appstate
 from diffin_core.errors import DiffinError
-from diffin_core.jobs import JobManager
-from diffin_core.project import Project
+from diffin_core.workspace.jobs import JobManager
+from diffin_core.project.folder import Project
 
 
 # The app's pages in sidebar order (app.py hands them to st.navigation). Icons are Streamlit's
@@ -42,7 +42,7 @@ def job_manager() -> JobManager:
 def workspace() -> Path:
     if "workspace" not in st.session_state:
         st.session_state["workspace"] = str(appstate.workspace_dir(sys.argv[1:]))
-        from diffin_core.atomic import clean_staging
+        from diffin_core.project.atomic import clean_staging
         clean_staging(st.session_state["workspace"])   # uploads a crash left half-done (dead pids only)
     return Path(st.session_state["workspace"])
 
@@ -142,7 +142,7 @@ def label_name(project: Project, y) -> str:
 
 @st.cache_data(max_entries=32, show_spinner="Loading the project (its model.py runs in a separate process)…")
 def _problems(root: str, stamp: tuple) -> list[str]:
-    from diffin_core.usercode import check_project
+    from diffin_core.workspace.usercode import check_project
     return check_project(root)
 
 
@@ -163,7 +163,7 @@ def _autoscore(workspace: str, methods: str) -> list[str]:
     dest = appstate.copy_sample(workspace)
     done = {r.method for r in Project(dest).runs()}
     jm = job_manager()
-    return [jm.submit_child("score", "diffin_core.scoring:score", (str(dest), m), label=m, project_dir=dest)
+    return [jm.submit_child("score", "diffin_core.run.scoring:score", (str(dest), m), label=m, project_dir=dest)
             for m in dict.fromkeys(methods.split(",")) if m and m not in done]
 
 
@@ -222,7 +222,7 @@ def fmt_seconds(s: float | None) -> str:
 @st.cache_resource(max_entries=8)
 def review_log(root: str):
     """One ReviewLog (SQLite connection, thread-safe) per project folder, shared by sessions."""
-    from diffin_core.review import ReviewLog
+    from diffin_core.workspace.review import ReviewLog
     return ReviewLog(root)
 
 
@@ -288,7 +288,7 @@ def sample_grid(project: Project, table, columns: int = 8, score_col: str = "inf
 def save_selection(project: Project, ids: list[int], source: str, key: str = "selection") -> None:
     """A name box and a Save button that keep ``ids`` as a named selection in the project
     (selections.json), for What-if and for after a reload."""
-    from diffin_core import selections
+    from diffin_core.workspace import selections
     c = st.columns([3, 1])
     name = c[0].text_input("Save this selection as", key=f"{key}_name", placeholder="e.g. odd cluster of 7s",
                            label_visibility="collapsed")
@@ -303,7 +303,7 @@ def save_selection(project: Project, ids: list[int], source: str, key: str = "se
 
 def pick_selection(project: Project, key: str) -> list[int]:
     """A picker over the project's named selections; says how to make one when there is none."""
-    from diffin_core import selections
+    from diffin_core.workspace import selections
     try:
         saved = selections.load(project.root)
     except DiffinError as e:

@@ -1,4 +1,4 @@
-"""Influence views drawn from a run's feature store (diffin_core/features.py): the reverse view of
+"""Influence views drawn from a run's feature store (diffin_core/run/features.py): the reverse view of
 one training sample (the query samples it helps and harms most, and its per-checkpoint
 contributions) and the class-by-class heatmap. Thin: every number comes from diffin_core.
 Sign: influence > 0 helpful (removing the sample raises the query loss), < 0 harmful.
@@ -11,7 +11,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import _common as ui
-from diffin_core import features
+from diffin_core.run import features
 
 HELPFUL, HARMFUL = "#2166ac", "#b2182b"       # the RdBu ends: blue helpful, red harmful
 
@@ -68,7 +68,7 @@ def contributions(project, run: str, sample_id: int, query_indices=None, key: st
     if info is None or info.status == "cancelled":
         qi = None if query_indices is None else [int(i) for i in np.atleast_1d(query_indices)]
         st.session_state[jkey] = jm.submit_child(
-            "contributions", "diffin_core.features:contributions_for", (str(project.root), run, int(sample_id), qi),
+            "contributions", "diffin_core.run.features:contributions_for", (str(project.root), run, int(sample_id), qi),
             label=f"per-checkpoint contributions of sample {int(sample_id)} ({run})", project_dir=str(project.root),
             with_progress=False)
         info = jm.get(st.session_state[jkey])

@@ -1,5 +1,5 @@
 """The sample project's model: diffin_core's SmallCNN for 1x28x28 digits."""
-from diffin_core.models import SmallCNN
+from diffin_core.engine.models import SmallCNN
 
 
 def build():

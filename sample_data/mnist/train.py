@@ -4,8 +4,8 @@ import math
 import torch
 from torch.nn import functional as F
 
-from diffin_core.checkpoints import Recorder
-from diffin_core.models import SmallCNN
+from diffin_core.project.checkpoints import Recorder
+from diffin_core.engine.models import SmallCNN
 
 EPOCHS, BATCH, LR, FLOOR, EVERY = 8, 64, 0.3, 0.01, 50
 

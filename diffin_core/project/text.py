@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 MAX_CHARS = 1_000_000               # any longer text is refused, whatever truncation says
@@ -285,7 +285,7 @@ def train_tokenizer(texts, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB,
     [SEP]=3 [MASK]=4; template [CLS] a [SEP] (pairs: [CLS] a [SEP] b [SEP])."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    from .atomic import staged_dir
+    from diffin_core.project.atomic import staged_dir
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -427,7 +427,7 @@ def tokenize_split(path: str | Path, opts: TextOptions) -> "TokenizedSplit":
         return TokenizedSplit(meta, {**arrays["arrays"], **small}, table.texts, table.pairs, None, path)
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from .atomic import staged_dir
+    from diffin_core.project.atomic import staged_dir
     with staged_dir(cache) as tmp:
         for name, a in {**arrays["arrays"], **small}.items():
             np.save(tmp / f"{name}.npy", a)

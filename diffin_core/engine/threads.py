@@ -72,7 +72,7 @@ def current_load() -> float:
 
 
 def _positive_int(value, what: str) -> int:
-    from .errors import DiffinError
+    from diffin_core.errors import DiffinError
     try:
         n = int(str(value).strip())
     except ValueError:
@@ -91,7 +91,7 @@ def choose(cpus: int, load: float, env: dict, requested=None, strict: bool = Tru
     """(threads, source) by the module's rule. ``env``: the environment (a mapping);
     ``requested``: ``--threads`` (int, 'auto' or None). Source: '--threads', 'DIFFIN_THREADS',
     'OMP_NUM_THREADS' or 'auto'. A bad value raises DiffinError (``strict``) or is skipped."""
-    from .errors import DiffinError
+    from diffin_core.errors import DiffinError
     for value, source in ((requested, "--threads"), (env.get(ENV), ENV)):
         if value is not None and str(value).strip().lower() not in ("", "auto"):
             try:

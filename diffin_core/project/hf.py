@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .atomic import write_text
-from .checkpoints import Recorder
-from .errors import DiffinError
+from diffin_core.project.atomic import write_text
+from diffin_core.project.checkpoints import Recorder
+from diffin_core.errors import DiffinError
 
 TRAINER_FILE = "trainer.json"
 
@@ -213,7 +213,7 @@ class DiffinCallback(TrainerCallback):
                 np.save(fh, np.asarray(self.grad_norms, dtype=np.float64))
             (folder / "grad_norms.npy.tmp").replace(folder / "grad_norms.npy")
         info = {
-            "written_by": "diffin_core.hf.DiffinCallback",
+            "written_by": "diffin_core.project.hf.DiffinCallback",
             "complete": final,
             "steps": self.rec.global_step,
             "max_grad_norm": self.max_grad_norm,

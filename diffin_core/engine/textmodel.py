@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import DiffinError
+from diffin_core.errors import DiffinError
 
 _EXACT = (torch.float32, torch.float64, torch.int32, torch.int64)
 
