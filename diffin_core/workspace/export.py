@@ -52,6 +52,7 @@ from diffin_core.errors import DiffinError
 from diffin_core.project.sources import ArraySource, RowArray
 
 FORMATS = ("npz", "csv", "parquet", "imagefolder")
+TEXT_FORMATS = ("csv", "tsv", "jsonl", "parquet")   # text splits (textexport.py)
 IMAGES_SUFFIX = ".images.zip"      # an uploaded ImageFolder zip, kept beside its npz
 CHUNK_BYTES = 64 * 2**20           # streamed exports: rows read and written per chunk
 
@@ -61,6 +62,7 @@ class Source:
     """The file a split was read from, for faithful exports (rows in the split's order)."""
     path: Path
     label_column: str = "label"
+    kind: str = ""                   # "text": a text split's file (textexport.py writes it)
 
     @property
     def images(self) -> Path | None:
@@ -71,6 +73,9 @@ class Source:
     @property
     def format(self) -> str | None:
         """The export format that copies this source faithfully (None: convert)."""
+        if self.kind == "text":
+            from diffin_core.textexport import text_format
+            return text_format(self.path)
         if self.images is not None:
             return "imagefolder"
         return {".npz": "npz", ".csv": "csv", ".parquet": "parquet"}.get(self.path.suffix.lower())
@@ -81,6 +86,9 @@ def project_source(project, split: str = "train") -> Source | None:
     .parquet file or a folder with x.npy (converted from x.npy's stored dtype); None for other
     sources (image folders: exports then write the arrays given)."""
     path = project.path(project.config["data"][split])
+    if project.kind == "text":                               # the text file itself, row for row
+        from diffin_core.textexport import text_format
+        return Source(path, project.label_column, "text") if path.is_file() and text_format(path) else None
     if path.is_dir() and (path / "x.npy").is_file():        # a folder of .npy: x.npy's stored dtype
         return Source(path, project.label_column)
     if not path.is_file() or path.suffix.lower() not in (".npz", ".csv", ".parquet"):
@@ -158,9 +166,11 @@ def export_subset(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
 
 def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape, extra, source=None) -> Path:
     out_path = Path(out_path)
-    if fmt not in FORMATS:
+    is_text = source is not None and source.kind == "text"
+    allowed = TEXT_FORMATS if is_text else FORMATS
+    if fmt not in allowed:
         raise DiffinError(f"unknown export format {fmt!r} (expected one of "
-                          f"{', '.join(FORMATS)})", out_path)
+                          f"{', '.join(allowed)}{' for a text split' if is_text else ''})", out_path)
     keep = decision != "exclude"
     names, counts = np.unique(decision, return_counts=True)
     manifest = {
@@ -281,6 +291,9 @@ def _write_from_source(tmp: Path, fmt, source: Source, x_view, ids, y, final, de
     """Write ``fmt`` from ``source``: a faithful copy when it is the source's own format, else a
     conversion of its original (stored-dtype) arrays (of ``x_view`` when the file has no plain
     numeric features, e.g. a parquet of encoded images)."""
+    if source.kind == "text":
+        from diffin_core.textexport import write_text_export
+        return write_text_export(tmp, fmt, source.path, source.label_column, y, final, decision, label_names)
     relabel, keep = final != y, decision != "exclude"
     if fmt == source.format:
         if fmt == "npz":
