@@ -14,7 +14,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from diffin_core.checkpoints import load_batch_order, load_step_lrs, read_manifest  # noqa: E402
+from diffin_core.project.checkpoints import load_batch_order, load_step_lrs, read_manifest  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 from diffin_core.project.hf import DiffinCallback  # noqa: E402
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from diffin_core.errors import DiffinError
-from diffin_core.export import Source, export_split, manifest_path
+from diffin_core.workspace.export import Source, export_split, manifest_path
 
 NAMES = ["ham", "spam"]
 

@@ -74,7 +74,7 @@ class Source:
     def format(self) -> str | None:
         """The export format that copies this source faithfully (None: convert)."""
         if self.kind == "text":
-            from diffin_core.textexport import text_format
+            from diffin_core.workspace.textexport import text_format
             return text_format(self.path)
         if self.images is not None:
             return "imagefolder"
@@ -87,7 +87,7 @@ def project_source(project, split: str = "train") -> Source | None:
     sources (image folders: exports then write the arrays given)."""
     path = project.path(project.config["data"][split])
     if project.kind == "text":                               # the text file itself, row for row
-        from diffin_core.textexport import text_format
+        from diffin_core.workspace.textexport import text_format
         return Source(path, project.label_column, "text") if path.is_file() and text_format(path) else None
     if path.is_dir() and (path / "x.npy").is_file():        # a folder of .npy: x.npy's stored dtype
         return Source(path, project.label_column)
@@ -292,7 +292,7 @@ def _write_from_source(tmp: Path, fmt, source: Source, x_view, ids, y, final, de
     conversion of its original (stored-dtype) arrays (of ``x_view`` when the file has no plain
     numeric features, e.g. a parquet of encoded images)."""
     if source.kind == "text":
-        from diffin_core.textexport import write_text_export
+        from diffin_core.workspace.textexport import write_text_export
         return write_text_export(tmp, fmt, source.path, source.label_column, y, final, decision, label_names)
     relabel, keep = final != y, decision != "exclude"
     if fmt == source.format:

@@ -1,6 +1,6 @@
 """The text sample project: real SMS messages (the SMS Spam Collection), 10% flipped labels.
 
-    python -m diffin_core.sample_text [--out sample_data/sms-spam]
+    python -m diffin_core.project.sample_text [--out sample_data/sms-spam]
 
 builds sample_data/sms-spam/ from sample_data/sms_spam.tsv (5,574 real SMS messages, ham or
 spam; Almeida, Gomez Hidalgo and Yamakami, 2011, UCI Machine Learning Repository, CC BY 4.0):
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import write_text
+from diffin_core.project.atomic import write_text
 
-SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_data"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "sample_data"
 RAW = SAMPLE_DIR / "sms_spam.tsv"
 NAME = "sms-spam"
 LABELS = ["ham", "spam"]
@@ -130,7 +130,7 @@ def read_raw(path: Path = RAW) -> tuple[list[str], list[str]]:
     """(labels, texts) of sms_spam.tsv, line by line (header ``label<TAB>text``)."""
     lines = path.read_text(encoding="utf-8").split("\n")
     if lines[0] != "label\ttext":
-        from .errors import DiffinError
+        from diffin_core.errors import DiffinError
         raise DiffinError("expected the header 'label<TAB>text'", path)
     labels, texts = [], []
     for line in lines[1:]:
@@ -151,8 +151,8 @@ def build_text_sample(out: str | Path = SAMPLE_DIR / NAME, n_train: int = 2000, 
                       noise: float = 0.1, seed: int = 0, epochs: int = 4, max_length: int = 64,
                       vocab_size: int = 2000) -> Path:
     """Write the whole text sample project; replaces an existing one atomically."""
-    from .project import Project
-    from .text import train_tokenizer
+    from diffin_core.project.folder import Project
+    from diffin_core.project.text import train_tokenizer
     out = Path(out)
     labels, texts = read_raw()
     rng = np.random.default_rng(seed)
