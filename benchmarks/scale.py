@@ -18,7 +18,7 @@ Paths (the ``path`` column):
 
 Writes benchmarks/results/scale.csv (N, params, method, path, device, samples_per_s,
 peak_rss_mb, wall_s, peak_gpu_mb, batch, budget_mb, threads), scale.png and scale.md (the
-README table, also written into README.md between its scale-table markers). Rows of other
+table, also written into docs/scale.md between its scale-table markers). Rows of other
 devices already in scale.csv are kept (``--fresh`` drops them).
 """
 from __future__ import annotations
@@ -260,8 +260,8 @@ def write_outputs(rows: list[dict], out: Path, fresh: bool) -> None:
     df.to_csv(csv, index=False)
     (out / "scale.md").write_text(table(df))
     plot(df, out / "scale.png")
-    readme = ROOT / "README.md"
-    if out.resolve() == RESULTS.resolve() and readme.is_file():      # the README table, between its markers
+    readme = ROOT / "docs" / "scale.md"
+    if out.resolve() == RESULTS.resolve() and readme.is_file():      # the docs/scale.md table, between its markers
         text = readme.read_text()
         begin, end = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
         if begin in text and end in text:
@@ -270,7 +270,7 @@ def write_outputs(rows: list[dict], out: Path, fresh: bool) -> None:
 
 
 def table(df) -> str:
-    """The README table, with diffin's throughput as a fraction of plain inference's."""
+    """The docs/scale.md table, with diffin's throughput as a fraction of plain inference's."""
     lines = ["| model | params | N | device | method | path | samples/s | peak RSS MB | wall s | query side s | vs inference |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():

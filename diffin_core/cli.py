@@ -100,7 +100,7 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               device: str = typer.Option("auto", help="auto picks cuda, then mps, then cpu"),
               ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                                 help="shard over Ray: --ray alone starts a local instance; "
-                                                     "'auto' or host:6379 joins a cluster (README)"),
+                                                     "'auto' or host:6379 joins a cluster (docs/scale.md)"),
               no_features: bool = typer.Option(False, "--no-features",
                                                help="skip the feature pass (then `diffin top` takes the exact path)"),
               memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE",
@@ -285,7 +285,7 @@ def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
 
 
 @app.command("verify")
-def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs [train] recipe)"),
+def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs its \\[train] recipe)"),
                run: str = typer.Option(..., help="a finished run"),
                k: int = typer.Option(20, help="remove the k most harmful samples"),
                seed: int = typer.Option(0, help="training seed for both retrains")):
