@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from diffin_core.data import load_split
+from diffin_core.project.data import load_split
 from diffin_core.errors import DiffinError
 from diffin_core.project.text import MAX_CHARS, TextOptions, load_tokenizer, train_tokenizer
 
