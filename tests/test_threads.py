@@ -65,7 +65,7 @@ def test_cgroup_quota_caps_the_cpus(monkeypatch):
 
 
 def test_a_spawned_child_gets_the_policy_and_the_count(monkeypatch):
-    from diffin_core import usercode
+    from diffin_core.workspace import usercode
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
@@ -82,7 +82,7 @@ def test_a_spawned_child_gets_the_policy_and_the_count(monkeypatch):
 
 
 def test_a_run_records_its_threads(tmp_path):
-    from diffin_core.scoring import score
+    from diffin_core.run.scoring import score
     root = make_tiny_project(tmp_path / "p")
     run = score(root, "loss", features=False)
     rec = json.loads((run / "meta.json").read_text())["threads"]
