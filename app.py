@@ -15,7 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "pages"))
 import _common as ui  # noqa: E402
 
 st.set_page_config(page_title="diffin", page_icon=ui.ICONS["Home"], layout="wide")
+user = ui.signed_in()   # the sign-in form (and a stop) when the workspace has accounts (issue 20)
+ui.user_box(user)
 ui.autoscore()  # DIFFIN_AUTOSCORE (scripts/run.sh): score the sample project in the background
 pages = [st.Page(path, title=title, icon=ui.ICONS[title], default=(title == "Home"))
-         for path, title in ui.PAGES]
+         for path, title in ui.PAGES if user.may_open(title)]   # a reviewer's sidebar has no Setup
 st.navigation(pages).run()

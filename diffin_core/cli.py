@@ -324,6 +324,120 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="smoke version (
     raise typer.Exit(module.main(argv) or 0)
 
 
+# --- accounts (issue 20): who may sign in to the app, with which role ------------------------
+users_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="Local accounts of a workspace (sign-in to the app; users.json, Argon2 hashes).")
+app.add_typer(users_app, name="users")
+WORKSPACE_HELP = "the app's workspace (default: $DIFFIN_WORKSPACE, else ./workspace)"
+
+
+def _accounts(workspace: Optional[Path]):
+    from diffin_core.workspace.accounts import Accounts
+    from diffin_core.workspace.appstate import workspace_dir
+    return Accounts(workspace_dir(["--workspace", str(workspace)] if workspace else []))
+
+
+def _password(stdin: bool) -> str:
+    if stdin:
+        line = sys.stdin.readline()
+        return line[:-1] if line.endswith("\n") else line
+    return typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+
+
+@users_app.command("add")
+def users_add(name: str = typer.Argument(..., help="user name (what the review log records)"),
+              role: str = typer.Option(..., "--role", metavar="admin|reviewer",
+                                       help="admin: Setup, Score, Export, users; reviewer: Explore, Review, What-if"),
+              workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP),
+              password_stdin: bool = typer.Option(False, "--password-stdin",
+                                                  help="read the password from the first line of stdin")):
+    """Add an account (asks for its password twice unless --password-stdin)."""
+    from diffin_core.workspace.accounts import check_name, check_role
+    acc = _accounts(workspace)
+    check_name(name), check_role(role)          # before asking for a password
+    user = acc.add(name, _password(password_stdin), role)
+    typer.echo(f"added {user.name} ({user.role}) to {acc.path}")
+
+
+@users_app.command("list")
+def users_list(workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP)):
+    """List the accounts and their roles."""
+    acc = _accounts(workspace)
+    users = acc.users()
+    if not users:
+        typer.echo(f"no accounts in {acc.path} (the app is single-user on 127.0.0.1)")
+    for u in users:
+        typer.echo(f"{u.name}\t{u.role}")
+
+
+@users_app.command("remove")
+def users_remove(name: str = typer.Argument(...), workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP)):
+    """Remove an account (its decisions stay in the review logs under its name)."""
+    acc = _accounts(workspace)
+    acc.remove(name)
+    typer.echo(f"removed {name} from {acc.path}")
+
+
+@users_app.command("passwd")
+def users_passwd(name: str = typer.Argument(...), workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP),
+                 password_stdin: bool = typer.Option(False, "--password-stdin",
+                                                     help="read the password from the first line of stdin")):
+    """Set a new password."""
+    acc = _accounts(workspace)
+    if acc.get(name) is None:
+        raise DiffinError(f"no user {name!r}", acc.path)
+    acc.set_password(name, _password(password_stdin))
+    typer.echo(f"changed the password of {name}")
+
+
+@users_app.command("role")
+def users_role(name: str = typer.Argument(...), role: str = typer.Argument(..., metavar="admin|reviewer"),
+               workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP)):
+    """Change a user's role."""
+    acc = _accounts(workspace)
+    acc.set_role(name, role)
+    typer.echo(f"{name} is now {role}")
+
+
+@app.command("serve-check", hidden=True)
+def serve_check_cmd(address: str = typer.Option("127.0.0.1", help="the address the server will listen on"),
+                    workspace: Optional[Path] = typer.Option(None, help=WORKSPACE_HELP),
+                    insecure_open: bool = typer.Option(False, "--insecure-open",
+                                                       help="serve beyond 127.0.0.1 without sign-in, on purpose")):
+    """scripts/run.sh asks this before serving: refuses a non-loopback address without accounts."""
+    from diffin_core.workspace.accounts import check_serving, oidc_configured
+    from diffin_core.workspace.appstate import workspace_dir
+    ws = workspace_dir(["--workspace", str(workspace)] if workspace else [])
+    mode = check_serving(address, ws, insecure_open, oidc=oidc_configured())
+    if mode == "open":
+        typer.echo(f"warning: serving on {address} WITHOUT sign-in (--insecure-open): anyone who can reach it "
+                   "may upload code that runs on this server", err=True)
+    elif mode == "accounts":
+        users = _accounts(ws).users()
+        typer.echo(f"sign-in required ({len(users)} local accounts in {ws}"
+                   f"{', and OIDC from secrets.toml' if oidc_configured() else ''})", err=True)
+        if users and not any(u.role == "admin" for u in users):
+            typer.echo("warning: no account is an admin: nobody can set up, score or export "
+                       "(diffin users role NAME admin)", err=True)
+
+
+@app.command("review-settings")
+def review_settings_cmd(project: Path = typer.Argument(..., help="project folder"),
+                        reviewers_per_sample: Optional[int] = typer.Option(
+                            None, "--reviewers-per-sample", "-k",
+                            help="how many reviewers decide each sample (consensus review; default 1)"),
+                        user: Optional[str] = typer.Option(None, help="who changes it (recorded; default $USER)")):
+    """Show or set a project's review settings (kept in its review log)."""
+    from diffin_core.project.folder import Project
+    from diffin_core.workspace.accounts import open_user
+    from diffin_core.workspace.review import ReviewLog
+    root = Project(project).root
+    with ReviewLog(root) as log:
+        if reviewers_per_sample is not None:
+            log.set_reviewers_per_sample(reviewers_per_sample, user=user or open_user().name)
+        typer.echo(f"reviewers per sample: {log.reviewers_per_sample()}")
+
+
 def _bare_ray(argv: list[str]) -> list[str]:
     """``--ray`` given without an address (last, or before another option) means "local"."""
     out = list(argv)

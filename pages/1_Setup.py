@@ -12,6 +12,7 @@ from diffin_core.workspace import usercode  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
 st.set_page_config(page_title="diffin · Setup", page_icon=":material/upload_file:", layout="wide")
+ui.require("Setup")         # uploads run the uploader's model.py on this server: admins only
 st.title("Set up a project from uploads")
 st.write("Each file is checked as it arrives and written straight into the project folder; "
          "a file that fails its check is not kept.")

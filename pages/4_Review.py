@@ -3,8 +3,11 @@
 Every button carries the versions of the samples this page showed (ReviewLog.versions); when
 another tab or person changed one meanwhile, the engine writes nothing and the page says who
 changed it and when. Widgets on the card are keyed by sample id, so nothing carries over.
+
+The reviewer is the signed-in user (issue 20). With k reviewers per sample (consensus), the
+queue holds the samples this reviewer has not decided; an admin also has the disagreements
+queue, where a decision is a resolution. Logic lives in diffin_core/workspace/review.py.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -20,7 +23,12 @@ run = ui.chosen_run(project, key="review_run", label="Queue ranked by the label_
 method = project.run(run).method
 scores = ui.scores(project, run)
 log = ui.review_log(str(project.root))
-user = st.sidebar.text_input("Reviewer name", value=os.environ.get("USER", "reviewer"), key="review_user")
+me = ui.current_user()
+user = me.name                         # the signed-in user: what the log records as "who"
+k_reviewers = log.reviewers_per_sample()
+disagreements = log.disagreements()
+resolving = me.is_admin and k_reviewers > 1 and st.session_state.get("review_mode") == "disagreements"
+scope = None if resolving else user   # whose events a stale check compares (consensus: your own)
 labels = list(range(project.num_classes))
 given_of = dict(zip(scores["sample_id"].astype(int), scores["label"].astype(int)))
 
@@ -38,7 +46,7 @@ def act(sample_ids, action, seen, new_label=None):
     """Button callback: write the decision(s) if the samples are as this page showed them."""
     ids = [int(s) for s in sample_ids]
     done = _report(log.decide_many, ids, action, new_label=new_label, user=user, run=run, method=method,
-                   seen=seen, given_labels={s: given_of[s] for s in ids if s in given_of})
+                   seen=seen, given_labels={s: given_of[s] for s in ids if s in given_of}, resolution=resolving)
     if done:
         if len(ids) == 1:
             st.session_state["review_last"] = ids[0]
@@ -57,7 +65,7 @@ def relabel_suggested(sample_ids, preds, seen):
 
 
 def undo_sample(sid, seen):
-    reverted = _report(log.undo_sample, sid, user=user, seen=seen)
+    reverted = _report(log.undo_sample, sid, user=user, seen=seen, any_user=me.is_admin)
     if reverted is not None:
         st.session_state["review_note"] = f"Undid the {reverted} decision on sample {sid}."
         st.session_state["review_focus"] = int(sid)
@@ -94,7 +102,7 @@ def live(sid, seen):
         c[6].metric("Recall", "–" if q["recall"] is None else f"{q['recall']:.0%}",
                     help=f"Of the {q['noisy_reviewed']} truly mislabelled samples you reviewed, the share you excluded "
                          f"or relabelled; {q['missed']} were kept.")
-    if sid is not None and log.versions([sid])[sid] != seen:
+    if sid is not None and log.versions([sid], user=scope)[sid] != seen:
         ev = log.history(sid).iloc[-1]
         st.warning(f"Sample {sid} was changed by {ev['user']} at {str(ev['ts'])[:19].replace('T', ' ')} UTC "
                    f"({ev['action']}) in another tab: the card below is out of date and its buttons will be refused.")
@@ -103,13 +111,32 @@ def live(sid, seen):
 
 
 state = log.state()
+if me.is_admin:
+    with st.sidebar.expander("Consensus review", expanded=k_reviewers > 1):
+        new_k = st.number_input("Reviewers per sample", 1, 20, k_reviewers, key="review_k",
+                                help="Each sample is decided by this many reviewers; when they differ it goes to "
+                                     "the disagreements queue, which an admin resolves.")
+        if st.button("Save", key="review_k_save", disabled=int(new_k) == k_reviewers):
+            _report(log.set_reviewers_per_sample, int(new_k), user=user)
+            st.rerun()
+if me.is_admin and k_reviewers > 1:
+    st.radio("Queue", ["mine", "disagreements"], horizontal=True, key="review_mode",
+             format_func={"mine": "My review queue",
+                          "disagreements": f"Disagreements to resolve ({len(disagreements):,})"}.get)
+elif k_reviewers > 1:
+    st.caption(f"Consensus review: {k_reviewers} reviewers decide each sample; your queue holds the samples "
+               "you have not decided yet. Disagreements go to an admin.")
 head = st.container()
 
 for key in ("review_error", "review_note"):
     if key in st.session_state:
         (st.error if key == "review_error" else st.info)(st.session_state.pop(key))
 
-queue = scores[~scores["sample_id"].isin(state.index)].sort_values("label_issue", ascending=False, kind="stable")
+if resolving:
+    queue = scores[scores["sample_id"].isin(disagreements["sample_id"])]
+else:
+    queue = scores[~scores["sample_id"].isin(log.queue_done(user))]
+queue = queue.sort_values("label_issue", ascending=False, kind="stable")
 rows = scores.set_index("sample_id", drop=False)
 focus = st.session_state.get("review_focus")
 if focus is not None and int(focus) not in rows.index:
@@ -117,11 +144,12 @@ if focus is not None and int(focus) not in rows.index:
 if queue.empty and focus is None:
     with head:
         live(None, None)
-    st.success("Every sample has a decision.")
+    st.success("No disagreement is waiting." if resolving else "Every sample has a decision"
+               + (" (or your vote, or enough votes)." if k_reviewers > 1 else "."))
 else:
     cur = rows.loc[int(focus)] if focus is not None else queue.iloc[0]
     sid, given, pred = int(cur["sample_id"]), int(cur["label"]), int(cur["pred"])
-    seen = log.versions([sid])[sid]
+    seen = log.versions([sid], user=scope)[sid]
     with head:
         live(sid, seen)
     decided = state.loc[sid] if sid in state.index else None
@@ -138,6 +166,15 @@ else:
             what = decided["action"] + (f" to {ui.label_name(project, decided['label'])}"
                                         if decided["action"] == "relabel" else "")
             st.markdown(f"**Current decision:** {what} (by {decided['user']}, {str(decided['ts'])[:19].replace('T', ' ')} UTC)")
+        if k_reviewers > 1:
+            votes = log.votes()
+            votes = votes[votes["sample_id"] == sid]
+            if len(votes):
+                st.markdown("**Votes:** " + "; ".join(
+                    f"{u}: {a}" + (f" to {ui.label_name(project, lab)}" if a == "relabel" else "")
+                    for u, a, lab in zip(votes["user"], votes["action"], votes["label"])))
+            if resolving:
+                st.caption("Your decision here resolves the disagreement (it overrides the votes).")
         st.caption(f"label_issue {cur['label_issue']:.4g} · influence {cur['influence']:.4g} · "
                    f"self-influence {cur['self_influence']:.4g} · loss {cur['loss']:.4g}  ({method})")
         b = st.columns(3)
@@ -157,7 +194,7 @@ else:
         if last is not None and int(last) != sid and int(last) in state.index:
             st.button(f"Undo the decision on sample {last} ({state.loc[int(last), 'action']}, your previous card)",
                       key="review_undo_sample_last", icon=":material/undo:", on_click=undo_sample,
-                      args=(int(last), log.versions([int(last)])[int(last)]),
+                      args=(int(last), log.versions([int(last)], user=scope)[int(last)]),
                       help="Reverts the decision in force on that sample only.")
     from _common import influence_views as iv        # issue 8: whom it helps and harms, and when
     iv.review_card_section(project, run, sid)
@@ -174,7 +211,7 @@ else:
 
     st.subheader("Bulk actions")
     page = queue.head(200)[["sample_id", "label", "pred", "confidence", "label_issue"]].reset_index(drop=True)
-    page_seen = log.versions(page["sample_id"].tolist())   # what this page shows; checked on click
+    page_seen = log.versions(page["sample_id"].tolist(), user=scope)   # what this page shows; checked on click
     picked = st.dataframe(page, key="review_table", on_select="rerun", selection_mode="multi-row", hide_index=True)
     sel = list(getattr(picked, "selection", {}).get("rows", [])) if picked else []
     chosen = set(int(page.loc[r, "sample_id"]) for r in sel)
@@ -203,3 +240,20 @@ else:
     st.caption(f"No decision by {user} to undo.")
 with st.expander("All events (newest first)"):
     st.dataframe(log.history().iloc[::-1].head(200), hide_index=True, key="review_history")
+
+st.subheader("Team")
+counts_by = log.reviewer_counts()
+if counts_by.empty:
+    st.caption("No decisions yet.")
+else:
+    st.dataframe(counts_by, hide_index=True, key="review_team_counts")
+    agree = log.agreement()
+    c = st.columns(2)
+    c[0].metric("Fleiss' kappa", "–" if agree["fleiss"] is None else f"{agree['fleiss']:.2f}",
+                help=f"Agreement among all reviewers over the {agree['samples']:,} samples two or more decided "
+                     "(1 = always agree, 0 = chance). Categories: keep, exclude, relabel to each label.")
+    c[1].metric("Samples with 2+ reviewers", f"{agree['samples']:,}")
+    if agree["pairs"]:
+        st.dataframe([{"reviewers": f"{p['a']} / {p['b']}", "shared samples": p["n"],
+                       "Cohen's kappa": None if p["cohen"] is None else round(p["cohen"], 3)}
+                      for p in agree["pairs"]], hide_index=True, key="review_team_kappa")

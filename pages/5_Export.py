@@ -18,6 +18,14 @@ log = ui.review_log(str(project.root))
 counts = log.counts(len(project.train))
 st.caption(f"{counts['reviewed']:,} decisions so far: {counts['excluded']:,} excluded, "
            f"{counts['relabelled']:,} relabelled, {counts['kept']:,} kept.")
+k_reviewers = log.reviewers_per_sample()
+if k_reviewers > 1:
+    open_disagreements = len(log.disagreements())
+    st.caption(f"Consensus review: {k_reviewers} reviewers per sample. A sample counts as decided when they agree "
+               "or an admin resolved it; the manifest lists every vote.")
+    if open_disagreements:
+        st.warning(f"{open_disagreements:,} disagreements are not resolved yet: those samples are exported "
+                   "undecided (kept with their given label). Resolve them on the Review page first.")
 
 SOURCES = {"review": "Cleaned split: review decisions applied (excluded removed, relabels applied)",
            "coreset": "Task: prune to a coreset of X% (coverage-centric sampling over influence, balanced across classes)",
@@ -63,7 +71,10 @@ if st.button("Write export", key="export_write", type="primary"):
                          scores={c: sc[c].tolist() for c in ("sample_id", "label_issue", "influence") if c in sc})
         common = dict(label_names=project.label_names, image_shape=project.image_shape, source=data_src)
         if source == "review":
-            export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra, **common)
+            extra.update(review={"reviewers_per_sample": k_reviewers, "exported_by": ui.current_user().name,
+                                 "unresolved_disagreements": log.disagreements()["sample_id"].astype(int).tolist()})
+            export.export_split(out, fmt, tr.x, tr.y, tr.ids, log.state(), manifest_extra=extra,
+                                votes=log.votes(), num_classes=project.num_classes, **common)
         else:
             sc = ui.scores(project, run).set_index("sample_id").loc[tr.ids].reset_index()
             mask = tasks.coreset_keep(sc, pct / 100) if source == "coreset" else ~tasks.drop_most_harmful(sc, int(k))

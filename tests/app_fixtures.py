@@ -57,11 +57,33 @@ def scored(workspace, loss_run):
     return proj
 
 
-def new_app(project: Path | None = None, page: str | None = None):
-    """A fresh AppTest session; with ``project``, opened through the Home page's Open button."""
+PASSWORD = "correct horse battery"
+
+
+def add_users(ws: Path, **roles: str) -> None:
+    """Accounts in the workspace (diffin users add NAME --role ROLE), all with PASSWORD."""
+    from diffin_core.workspace.accounts import Accounts
+    for name, role in roles.items():
+        Accounts(ws).add(name, PASSWORD, role)
+
+
+def sign_in(at, name: str, password: str = PASSWORD):
+    """Fill the app's sign-in form and press Sign in."""
+    at.text_input(key="signin_name").set_value(name)
+    at.text_input(key="signin_password").set_value(password)
+    at.button(key="signin").click().run()
+    return at
+
+
+def new_app(project: Path | None = None, page: str | None = None, user: str | None = None):
+    """A fresh AppTest session; signed in as ``user`` (accounts: add_users) first; with
+    ``project``, opened through the Home page's Open button."""
     from streamlit.testing.v1 import AppTest
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.run()
+    if user is not None:
+        sign_in(at, user)
+        assert at.session_state["auth_user"]["name"] == user, [e.value for e in at.error]
     if project is not None:
         at.selectbox(key="home_project").set_value(project.name)
         at.button(key="home_open").click().run()

@@ -7,7 +7,7 @@ import zipfile
 
 import numpy as np
 import pandas as pd
-from app_fixtures import jobs, loss_run, new_app, scored, table_with, texts, workspace  # noqa: F401
+from app_fixtures import add_users, jobs, loss_run, new_app, scored, table_with, texts, workspace  # noqa: F401
 
 from diffin_core.workspace.review import ReviewLog
 
@@ -156,15 +156,19 @@ def _ranked(scored):
         "label_issue", ascending=False, kind="stable")["sample_id"].tolist()
 
 
-def _as(at, user):
-    at.text_input(key="review_user").set_value(user).run()
-    return at
+def _as(scored, user):
+    """A Review tab signed in as ``user`` (reviewers ann and bob; the name comes from the
+    sign-in, never from a text box)."""
+    from diffin_core.workspace.accounts import Accounts
+    if Accounts(scored.parent).get(user) is None:
+        add_users(scored.parent, **{user: "reviewer"})
+    return new_app(scored, "pages/4_Review.py", user=user)
 
 
 def test_two_tabs_on_one_sample_the_stale_click_is_refused(scored):
     rows, ranked = _ranked(scored)
-    tab_a = _as(new_app(scored, "pages/4_Review.py"), "ann")
-    tab_b = _as(new_app(scored, "pages/4_Review.py"), "bob")
+    tab_a = _as(scored, "ann")
+    tab_b = _as(scored, "bob")
     assert current_sample(tab_a) == current_sample(tab_b) == ranked[0]
     tab_a.button(key="review_exclude").click().run()
     assert metrics(tab_a)["Excluded"] == "1"
@@ -217,7 +221,7 @@ def test_relabel_dropdown_is_keyed_by_sample_and_never_offers_the_given_label(sc
 
 def test_undo_on_a_sample_versus_history_undo(scored):
     rows, ranked = _ranked(scored)
-    at = _as(new_app(scored, "pages/4_Review.py"), "ann")
+    at = _as(scored, "ann")
     at.button(key="review_exclude").click().run()            # ranked[0]
     at.button(key="review_keep").click().run()               # ranked[1]
     # the card names the sample its undo button acts on

@@ -140,13 +140,41 @@ def export_split(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
                  sample_ids: np.ndarray, state: pd.DataFrame, *,
                  label_names: list[str] | None = None,
                  image_shape: tuple[int, int, int] | None = None,
-                 manifest_extra: dict, source: Source | None = None) -> Path:
+                 manifest_extra: dict, source: Source | None = None,
+                 votes: pd.DataFrame | None = None, num_classes: int | None = None) -> Path:
     """Write the split with review ``state`` applied in ``fmt``; returns ``out_path``.
-    With ``source`` the original data is written (module docstring), else ``x``."""
+    With ``source`` the original data is written (module docstring), else ``x``.
+
+    The manifest's row of each decided sample names who decided it and when (``decided_by``,
+    ``decided_at``, ``how``: single / consensus / resolution, from ``ReviewLog.state()``) and,
+    with ``votes`` (``ReviewLog.votes()``), every reviewer's vote on it. A relabel to a label
+    outside ``num_classes`` (or ``label_names``) is refused in one line."""
     x, y, ids = _check_rows(x, y, sample_ids)
     decision, final = _decide(y, ids, state)
+    n_cls = num_classes if num_classes is not None else (len(label_names) if label_names else None)
+    bad = (decision == "relabel") & ((final < 0) | (final >= n_cls)) if n_cls else np.zeros(len(y), bool)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DiffinError(f"sample {int(ids[i])} is relabelled to {int(final[i])}, outside the {n_cls} classes "
+                          "(0..{}); nothing was written".format(n_cls - 1), out_path)
     return _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape,
-                   {"kind": "review", **manifest_extra}, source)
+                   {"kind": "review", **manifest_extra}, source, _provenance(state, votes))
+
+
+def _provenance(state: pd.DataFrame, votes: pd.DataFrame | None) -> dict[int, dict]:
+    """{sample_id: {decided_by, decided_at, how, votes}} for the decisions manifest."""
+    out: dict[int, dict] = {}
+    if state is not None and len(state) and "user" in state.columns:
+        for sid, r in state.iterrows():
+            out[int(sid)] = {"decided_by": str(r["user"]),
+                             "decided_at": None if pd.isna(r.get("ts")) else str(r.get("ts")),
+                             **({"how": str(r["how"])} if "how" in state.columns else {})}
+    if votes is not None and len(votes):
+        for sid, g in votes.groupby("sample_id"):
+            out.setdefault(int(sid), {})["votes"] = [
+                {"user": str(u), "action": str(a), "label": None if pd.isna(lab) else int(lab), "at": str(t)}
+                for u, a, lab, t in zip(g["user"], g["action"], g["label"], g["ts"])]
+    return out
 
 
 def export_subset(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
@@ -164,7 +192,8 @@ def export_subset(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
                    {"kind": "subset", "reason": reason, **(manifest_extra or {})}, source)
 
 
-def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape, extra, source=None) -> Path:
+def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape, extra, source=None,
+            provenance: dict | None = None) -> Path:
     out_path = Path(out_path)
     is_text = source is not None and source.kind == "text"
     allowed = TEXT_FORMATS if is_text else FORMATS
@@ -183,7 +212,8 @@ def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape,
         "faithful": source is not None and source.format == fmt,
         **extra,
         "samples": [{"sample_id": int(s), "original_label": int(o), "final_label": int(f),
-                     "decision": str(d)} for s, o, f, d in zip(ids, y, final, decision)],
+                     "decision": str(d), **(provenance or {}).get(int(s), {})}
+                    for s, o, f, d in zip(ids, y, final, decision)],
     }
     try:
         text = json.dumps(manifest, indent=1, default=_json_default)

@@ -29,8 +29,123 @@ _TITLE = dict(PAGES)
 
 
 def page_link(path: str, label: str) -> None:
-    """A link to one of the app's pages, with that page's icon."""
-    st.page_link(path, label=label, icon=ICONS.get(_TITLE.get(path, ""), ":material/arrow_forward:"))
+    """A link to one of the app's pages, with that page's icon (none to a page the signed-in
+    user's role may not open: the navigation does not list it)."""
+    title = _TITLE.get(path, "")
+    user = st.session_state.get("_user")
+    if user is not None and title and not user.may_open(title):
+        return
+    st.page_link(path, label=label, icon=ICONS.get(title, ":material/arrow_forward:"))
+
+
+# --- sign-in and roles (issue 20; diffin_core/workspace/accounts.py) ----------------------------
+def _oidc_configured() -> bool:
+    """Streamlit's own OIDC sign-in (st.login) is set up in .streamlit/secrets.toml's [auth]."""
+    try:
+        return "auth" in st.secrets
+    except Exception:            # no secrets.toml at all
+        return False
+
+
+def _try_sign_in() -> None:
+    from diffin_core.workspace.accounts import Accounts
+    name = st.session_state.get("signin_name", "")
+    user = Accounts(workspace()).verify(name, st.session_state.get("signin_password", ""))
+    st.session_state["signin_password"] = ""
+    if user is None:
+        import time
+        fails = st.session_state["signin_fails"] = st.session_state.get("signin_fails", 0) + 1
+        time.sleep(min(fails, 5) * 0.4)          # slows guessing from one tab
+        st.session_state["signin_error"] = "Wrong user name or password."
+        return
+    st.session_state.pop("signin_fails", None)
+    st.session_state["auth_user"] = {"name": user.name, "source": "local"}
+
+
+def _sign_out() -> None:
+    was = st.session_state.pop("auth_user", None)
+    st.session_state.pop("_user", None)
+    if was and was.get("source") == "oidc":
+        st.logout()
+
+
+def _sign_in_form(oidc: bool) -> None:
+    st.title("diffin: sign in")
+    st.write("This diffin server has accounts: sign in to review. "
+             "An admin adds accounts with `diffin users add NAME --role admin|reviewer`.")
+    if oidc:
+        st.button("Sign in with your identity provider", key="signin_oidc", on_click=st.login, type="primary")
+    st.text_input("User name", key="signin_name")
+    st.text_input("Password", type="password", key="signin_password")
+    st.button("Sign in", key="signin", on_click=_try_sign_in, type="primary")
+    if "signin_error" in st.session_state:
+        st.error(st.session_state.pop("signin_error"))
+
+
+def signed_in():
+    """The signed-in user (accounts.User); without one, draws the sign-in form and stops.
+
+    No accounts and no OIDC on 127.0.0.1: the single unsigned user ($USER, admin), as before.
+    Beyond 127.0.0.1 without either, the page says why it refuses to serve and stops."""
+    from diffin_core.workspace import accounts
+    acc = accounts.Accounts(workspace())
+    try:
+        has_accounts = acc.any()
+    except DiffinError as e:
+        st.error(str(e))
+        st.stop()
+    oidc = _oidc_configured()
+    auth = st.session_state.get("auth_user")
+    user = None
+    if auth and auth.get("source") == "local":
+        found = acc.get(auth["name"])               # removed or role changed since: follow the file
+        user = None if found is None else accounts.User(found.name, found.role, "local")
+    elif oidc and getattr(st.user, "is_logged_in", False):
+        name = str(st.user.get("email") or st.user.get("name") or "")
+        listed = acc.get(name) if name else None
+        user = accounts.User(name, listed.role if listed else "reviewer", "oidc") if name else None
+        if user is not None:
+            st.session_state["auth_user"] = {"name": name, "source": "oidc"}
+    if user is None:
+        st.session_state.pop("auth_user", None)
+        if has_accounts or oidc:
+            _sign_in_form(oidc)
+            st.stop()
+        try:
+            accounts.check_serving(st.get_option("server.address"), workspace(),
+                                   insecure_open="--insecure-open" in sys.argv[1:])
+        except DiffinError as e:
+            st.error(str(e))
+            st.stop()
+        user = accounts.open_user()
+    st.session_state["_user"] = user
+    return user
+
+
+def user_box(user) -> None:
+    """Who is signed in, in the sidebar, with a sign-out button."""
+    with st.sidebar:
+        if user.source == "open":
+            st.caption(f"Single user **{user.name}** (no accounts: local use only; "
+                       "`diffin users add` turns on sign-in)")
+        else:
+            st.caption(f"Signed in as **{user.name}** ({user.role})")
+            st.button("Sign out", key="signout", on_click=_sign_out, icon=":material/logout:")
+
+
+def current_user():
+    """The user this script run signed in (signed_in() ran first: app.py or page())."""
+    return st.session_state.get("_user") or signed_in()
+
+
+def require(name: str):
+    """Stop the page unless the signed-in user's role may open it; returns the user."""
+    user = signed_in()
+    if not user.may_open(name):
+        st.error(f"{name} is for admins: you are signed in as {user.name} ({user.role}).")
+        page_link("pages/home.py", "Go to Home")
+        st.stop()
+    return user
 
 
 @st.cache_resource
@@ -86,6 +201,7 @@ def current_project() -> Project | None:
 def page(name: str, icon: str = "", heading: str | None = None) -> Project:
     """Every page's head: config, title, and the open project (the script stops when none)."""
     st.set_page_config(page_title=f"diffin · {name}", page_icon=ICONS.get(name, ":material/search:"), layout="wide")
+    require(name)
     st.title(heading or name)
     project = current_project()
     if project is None:
