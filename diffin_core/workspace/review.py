@@ -173,9 +173,12 @@ class ReviewLog:
             return pd.read_sql_query(sql, self._conn, params=params)
 
     @staticmethod
-    def _current(conn, sample_id: int) -> tuple[str | None, int | None]:
+    def _current(conn, sample_id: int, voter: str | None = None) -> tuple[str | None, int | None]:
+        """The sample's newest live decision (under consensus: ``voter``'s own vote)."""
+        extra, params = ("", (sample_id,)) if voter is None else (" AND user = ? AND resolution = 0",
+                                                                  (sample_id, voter))
         row = conn.execute(f"WITH live AS ({_LIVE}) SELECT action, new_label FROM live "
-                           "WHERE sample_id = ? ORDER BY id DESC LIMIT 1", (sample_id,)).fetchone()
+                           f"WHERE sample_id = ?{extra} ORDER BY id DESC LIMIT 1", params).fetchone()
         return (row[0], row[1]) if row else (None, None)
 
     def _index(self, value, what: str) -> int:
@@ -303,10 +306,11 @@ class ReviewLog:
         checked = [self._check(s, action, new_label) for s in sample_ids]
 
         def insert(conn):
-            self._check_seen(conn, [sid for sid, _ in checked], seen, self._scope(conn, user, resolution))
+            scope = self._scope(conn, user, resolution)
+            self._check_seen(conn, [sid for sid, _ in checked], seen, scope)
             ids, ts = [], _now()
             for sid, lab in checked:
-                prev_action, prev_label = self._current(conn, sid)
+                prev_action, prev_label = self._current(conn, sid, scope)
                 if action == "relabel":
                     current = prev_label if prev_action == "relabel" else (given_labels or {}).get(sid)
                     if current is not None and int(current) == lab:

@@ -143,7 +143,6 @@ def require(name: str):
     user = signed_in()
     if not user.may_open(name):
         st.error(f"{name} is for admins: you are signed in as {user.name} ({user.role}).")
-        page_link("pages/home.py", "Go to Home")
         st.stop()
     return user
 

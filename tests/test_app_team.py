@@ -1,0 +1,126 @@
+"""Two signed-in app sessions (issue 20): an admin (ann) and a reviewer (bob) on one project.
+
+A reviewer cannot open Setup (not in the navigation, and the page itself refuses); bob cannot
+undo ann's decision; with 2 reviewers per sample their disagreement reaches ann's queue, she
+resolves it, and the export carries the resolved decision and every vote.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from app_fixtures import (APP, PAGES, TIMEOUT, add_users, jobs, loss_run, new_app, scored, sign_in,  # noqa: F401
+                          texts, workspace)
+
+from diffin_core.workspace.review import ReviewLog
+
+
+def current_sample(at) -> int:
+    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
+    return int(heads[0].split()[1])
+
+
+def test_sign_in_is_required_once_the_workspace_has_accounts(workspace):
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()   # no accounts: single user, as before
+    assert not at.exception and "diffin: sign in" not in texts(at.title)
+    add_users(workspace, ann="admin", bob="reviewer")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert texts(at.title) == ["diffin: sign in"] and not at.text_input(key="signin_name").value
+    sign_in(at, "bob", "not bob's password")
+    assert texts(at.error) == ["Wrong user name or password."] and "auth_user" not in at.session_state
+    sign_in(at, "bob")
+    assert at.session_state["auth_user"]["name"] == "bob"
+    assert any("Signed in as **bob** (reviewer)" in c for c in texts(at.sidebar.caption))
+    with pytest.raises(ValueError, match="Could not find a navigation page"):   # not in bob's sidebar
+        at.switch_page(str(PAGES / "1_Setup.py"))
+    # and the page itself refuses a reviewer, however it is reached
+    for page in ("1_Setup.py", "2_Score.py", "5_Export.py"):
+        direct = AppTest.from_file(str(PAGES / page), default_timeout=TIMEOUT)
+        direct.session_state["auth_user"] = {"name": "bob", "source": "local"}
+        direct.run()
+        assert any("is for admins: you are signed in as bob (reviewer)" in e for e in texts(direct.error)), page
+        assert not direct.file_uploader
+    at.button(key="signout").click().run()
+    assert "auth_user" not in at.session_state and "signout" not in [b.key for b in at.sidebar.button]
+
+
+def test_two_users_undo_consensus_and_the_resolved_export(scored):
+    add_users(scored.parent, ann="admin", bob="reviewer")
+    scores = pd.read_parquet(scored / "runs/loss-1/scores.parquet")
+    ranked = scores.sort_values("label_issue", ascending=False, kind="stable")["sample_id"].tolist()
+    given = scores.set_index("sample_id")["label"]
+    ann = new_app(scored, "pages/4_Review.py", user="ann")
+    bob = new_app(scored, "pages/4_Review.py", user="bob")
+    assert "review_user" not in [t.key for t in ann.text_input]      # no name box: the sign-in is who
+
+    # k = 1: ann excludes the first suspect; bob cannot undo it
+    ann.button(key="review_exclude").click().run()
+    bob.run()
+    bob.number_input(key="review_open_id").set_value(ranked[0]).run()
+    bob.button(key="review_open").click().run()
+    assert current_sample(bob) == ranked[0]
+    bob.button(key="review_undo_sample").click().run()
+    assert any("is ann's (exclude): only ann or an admin can undo it" in e for e in texts(bob.error))
+    state = ReviewLog(scored).state()
+    assert state.loc[ranked[0], "action"] == "exclude" and state.loc[ranked[0], "user"] == "ann"
+    assert "review_undo" not in [b.key for b in bob.button]             # bob has no decision to undo
+    bob.button(key="review_back").click().run()
+
+    # ann asks for 2 reviewers per sample
+    ann.number_input(key="review_k").set_value(2).run()
+    ann.button(key="review_k_save").click().run()
+    assert ReviewLog(scored).reviewers_per_sample() == 2
+    bob.run()
+    assert current_sample(bob) == ranked[0]          # one vote (ann's) so far: bob's turn
+    assert current_sample(ann) == ranked[1]          # ann voted on ranked[0] already
+    bob.button(key="review_keep").click().run()      # bob disagrees with ann's exclude
+    assert not bob.error, texts(bob.error)
+    assert current_sample(bob) == ranked[1]
+    # the same sample decided by both at once is not a conflict under consensus
+    ann.button(key="review_keep").click().run()      # ranked[1]
+    bob.button(key="review_keep").click().run()      # ranked[1]
+    assert not ann.error and not bob.error, texts(ann.error) + texts(bob.error)
+    log = ReviewLog(scored)
+    assert log.state().loc[ranked[1], "how"] == "consensus"
+    assert log.disagreements()["sample_id"].tolist() == [ranked[0]]
+    assert "review_mode" not in [r.key for r in bob.radio]             # reviewers have no resolve queue
+
+    # the disagreement reaches ann's queue; she resolves it with a relabel
+    ann.run()
+    ann.radio(key="review_mode").set_value("disagreements").run()
+    assert current_sample(ann) == ranked[0]
+    assert any("ann: exclude" in m and "bob: keep" in m for m in texts(ann.markdown))
+    new_label = next(y for y in (3, 4) if y != int(given[ranked[0]]))
+    ann.selectbox(key=f"review_new_label_{ranked[0]}").set_value(new_label).run()
+    ann.button(key="review_relabel").click().run()
+    assert not ann.error, texts(ann.error)
+    state = ReviewLog(scored).state()
+    assert state.loc[ranked[0], "action"] == "relabel" and state.loc[ranked[0], "how"] == "resolution"
+    assert any("No disagreement is waiting" in s for s in texts(ann.success))
+
+    # the Team section: per-reviewer counts and agreement
+    counts = next(d.value for d in ann.dataframe if "resolutions" in d.value.columns).set_index("user")
+    assert counts.loc["bob", "decided"] == 2 and counts.loc["ann", "resolutions"] == 1
+    metrics = {m.label: m.value for m in ann.metric}
+    assert metrics["Samples with 2+ reviewers"] == "2" and "Fleiss' kappa" in metrics
+
+    # the export (ann is an admin) carries the resolved decision and who decided what
+    ann.switch_page("pages/5_Export.py").run()
+    ann.button(key="export_write").click().run()
+    assert not ann.error, texts(ann.error)
+    out = scored / "exports" / "mnist-sample-clean-npz.npz"
+    with np.load(out) as z:
+        ids = z["ids"].tolist() if "ids" in z.files else list(range(len(z["y"])))   # nothing excluded: no ids
+        assert len(ids) == 4000
+        row = ids.index(ranked[0])
+        assert int(z["y"][row]) == new_label
+    man = json.loads(out.with_name(out.stem + ".decisions.json").read_text())
+    s0 = next(s for s in man["samples"] if s["sample_id"] == ranked[0])
+    assert (s0["decision"], s0["final_label"], s0["decided_by"], s0["how"]) == ("relabel", new_label, "ann", "resolution")
+    assert [(v["user"], v["action"]) for v in s0["votes"]] == [("ann", "exclude"), ("bob", "keep")]
+    s1 = next(s for s in man["samples"] if s["sample_id"] == ranked[1])
+    assert s1["decided_by"] == "ann+bob" and s1["how"] == "consensus"
+    assert man["review"] == {"reviewers_per_sample": 2, "exported_by": "ann", "unresolved_disagreements": []}
