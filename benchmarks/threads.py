@@ -44,7 +44,7 @@ PRODUCT_LAUNCH = "import sys; from diffin_core.cli import main; main(sys.argv[1:
 
 
 def make_project(dest: Path, n: int) -> Path:
-    from diffin_core.sample import SAMPLE_DIR, build_sample_project
+    from diffin_core.project.sample import SAMPLE_DIR, build_sample_project
     src = SAMPLE_DIR / "mnist"
     if not (src / "diffin.toml").is_file():
         build_sample_project(src)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default="threads")
     a = ap.parse_args(argv)
-    from diffin_core.threads import usable_cpus
+    from diffin_core.engine.threads import usable_cpus
     cpus = usable_cpus()
     rows, burners = [], []
     tmp = Path(tempfile.mkdtemp(prefix="diffin-threads-"))
