@@ -93,3 +93,25 @@ def test_adam_with_a_preconditioner_keeps_the_direct_walk_and_its_budget():
     assert not ritz_self.applies(adam) and DiffIn().memory_key(adam) == "diffin-adam"
     small = plan_memory(10**7, 10**6, "diffin", True, budget=2**32).grad_chunk
     assert plan_memory(10**7, 10**6, "diffin-adam", True, budget=2**32).grad_chunk < small
+
+
+@pytest.mark.parametrize("momentum,weight_decay,k_best", [(0.0, 0.0, 2), (0.9, 5e-3, 1), (0.0, 0.0, 3)])
+def test_folded_label_issue_equals_its_separate_pass(monkeypatch, momentum, weight_decay, k_best):
+    """label_issue at an early checkpoint k*: folded into the scoring walk (one per-sample
+    gradient per checkpoint for both walks) gives the separate pass's numbers, in chunks."""
+    from diffin_core.methods import label_issue
+    monkeypatch.setattr(label_issue, "best_checkpoint", lambda q, steps: k_best)
+    ctx, qx, qy = bn_case(momentum, weight_decay)
+    ctx.settings.batch_size = 10                                   # several chunks, a ragged last one
+    folded = DiffIn().run(ctx, qx, qy)
+    assert ctx.timings["label_issue_folded"] and ctx.timings["label_issue_checkpoint"] == k_best
+    monkeypatch.setattr(DiffIn, "fold_label_issue", False)
+    ctx2, _, _ = bn_case(momentum, weight_decay)
+    ctx2.settings.batch_size = 10
+    separate = DiffIn().run(ctx2, qx, qy)
+    assert not ctx2.timings["label_issue_folded"]
+    assert not np.allclose(separate["label_issue"], separate["self_influence"] - np.log(separate["probs"][
+        np.arange(ctx.n), ctx.train.y]))                            # k* is not the last checkpoint
+    for key in ("influence", "self_influence", "label_issue", "probs"):
+        np.testing.assert_allclose(folded[key], separate[key], rtol=1e-5, atol=1e-9 * np.abs(separate[key]).max())
+    assert "fold_self" not in folded and "fold_probs" not in folded

@@ -28,7 +28,7 @@ from diffin_core.errors import DiffinError
 # P-sized rows live per training sample on the per-sample-gradient path (g_z and temporaries).
 # diffin: g_final, g_k and vmap's flattening copy (ritz_self.walk: the adjoints are Ritz coordinates);
 # diffin-adam (DiffIn.direct_walk): g_final, g_k, the carried u, v, w, the next u and v, temporaries
-GRAD_ROWS = {"diffin": 4, "diffin-adam": 11, "diffin-paper": 6, "tracin": 3, "tracin-adam": 4, "grad-dot": 3,
+GRAD_ROWS = {"diffin": 4, "diffin-fold": 5, "diffin-adam": 11, "diffin-paper": 6, "tracin": 3, "tracin-adam": 4, "grad-dot": 3,
              "grad-cos": 3, "influence-function": 4}
 DEFAULT_GRAD_ROWS = 6
 PSG_ACTIVATION = 6.0     # vmap(grad) keeps the forward activations plus their gradients

@@ -197,7 +197,8 @@ def _sample_scores(method, ctx, state, rows, need_self, chunk, choice) -> dict[s
             idx = rows[a:a + chunk]
             x, y = ctx.tensors(np.asarray(ctx.train.x[idx], dtype=np.float32), np.asarray(ctx.train.y)[idx])
             with lowered(ctx):
-                i, s = method.chunk(ctx, state, x, y, need_self)
+                res = method.chunk(ctx, state, x, y, need_self)      # (+ a method's extra outputs)
+            i, s = res[0], res[1]
             out["influence"].append(i.double().cpu().numpy())
             if s is not None:
                 out["self_influence"].append(s.double().cpu().numpy().reshape(len(idx), -1).sum(1))

@@ -62,8 +62,11 @@ def interval_functions(lr: float, steps: float):
 class DiffIn(Attributor):
     name = "diffin"
 
+    fold_label_issue = True                    # label_issue's pass folded into the scoring walk when exact
+
     def __init__(self):
         self._grams = ritz_self.Grams()        # the plan's Y_i^T Y_j, made at the first chunk
+        self._fold = None                      # _Fold: the label_issue walk sharing this run's gradients
 
     def prepare(self, ctx: Context, qx, qy):
         return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)   # latest checkpoint first
@@ -86,6 +89,8 @@ class DiffIn(Attributor):
                     infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
             check_finite(ctx, infl, "influence")
             return infl.sum(1), None
+        if self._fold is not None and isinstance(plan, list):
+            return self._folded_chunk(ctx, plan, x, y)
         if ritz_self.applies(ctx):              # exact, no P-sized adjoints per row (ritz_self.py)
             infl, selfs = ritz_self.walk(ctx, plan, x, y, self._grams)
         else:
@@ -111,8 +116,64 @@ class DiffIn(Attributor):
         check_finite(ctx, selfs, "self-influence")
         return infl, selfs
 
+    def _folded_chunk(self, ctx, plan, x, y):
+        """The scoring walk and the label_issue walk (checkpoints 0..k*, its own plan) over one
+        chunk, each checkpoint's per-sample gradients computed once for both: (influence (b,),
+        self-influence (b, m), {"fold_self": (b,) self-influence of the model at k*, "fold_probs":
+        (b, C) its probabilities}). The same numbers as the separate pass (the same gradients,
+        plans and operators; float rounding aside)."""
+        fold, last = self._fold, ctx.m - 1
+        cache = {last: ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y)}
+
+        def grad(k):
+            return cache[k] if k in cache else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
+        cache[fold.k] = grad(fold.k)               # the label walk's final gradient (k* < last)
+        main = ritz_self.Walk(ctx, plan, self._grams, cache[last])
+        sub = ritz_self.Walk(fold.ctx, fold.plan, fold.grams, cache[fold.k])
+        main_i = {it.k: i for i, it in enumerate(plan)}
+        sub_i = {it.k: i for i, it in enumerate(fold.plan)}
+        for k in sorted(set(main_i) | set(sub_i), reverse=True):     # both plans: latest first
+            g = grad(k)
+            if k in main_i:
+                main.step(main_i[k], g)
+            if k in sub_i:
+                sub.step(sub_i[k], g)
+            del g
+        del cache
+        infl, selfs = main.finish()
+        _, sub_selfs = sub.finish()
+        with torch.no_grad(), torch.autocast(ctx.device.type, enabled=False):   # float32, as score_rows
+            probs = torch.softmax(ctx.fm_at(fold.k).logits(ctx.thetas[fold.k], x), -1)
+        return infl.sum(1), selfs, {"fold_self": sub_selfs.sum(1), "fold_probs": probs}
+
+    def _make_fold(self, ctx, qx, qy, k: int):
+        """The label_issue walk's plan on the trajectory cut at checkpoint k, built as its
+        separate run builds it (runner.memory_plan/configure/prepare on the truncated context),
+        or None where the fold does not apply: Adam's direct walk or batch-order terms, or plans
+        too large to hold both in memory (then the separate pass runs, as before)."""
+        from diffin_core.methods import runner
+        from diffin_core.methods.label_issue import truncate_context
+        if not ritz_self.applies(ctx) or getattr(ctx, "batch_order", None) is not None \
+                or not getattr(type(self), "fold_label_issue", False):
+            return None
+        mem = runner.memory_plan(self, ctx, True)
+        entry = runner.plan_vectors(self, ctx) * ctx.fm.num_params * torch.tensor([], dtype=ctx.dtype).element_size()
+        if mem.cached_checkpoints < ctx.m or (k + 1) * entry > mem.budget // 4:
+            return None
+        sub_ctx = truncate_context(ctx, k)
+        sub = type(self)()
+        sub_ctx.progress = ctx.progress
+        runner.configure(sub_ctx, runner.memory_plan(sub, sub_ctx, True))
+        plan = runner.prepare(sub, sub_ctx, qx, qy, runner.Stages(None, runner.StageSettings(sub.name, {}, "", "")))
+        if not isinstance(plan, list):
+            return None
+        return _Fold(k, sub_ctx, plan, ritz_self.Grams())
+
     def memory_key(self, ctx) -> str:
-        """budget.GRAD_ROWS key: Adam recipes take the direct walk (more P-vectors per row)."""
+        """budget.GRAD_ROWS key: Adam recipes take the direct walk (more P-vectors per row); the
+        folded label_issue walk holds one more gradient per row."""
+        if self._fold is not None:
+            return "diffin-fold"
         return "diffin" if ritz_self.applies(ctx) else "diffin-adam"
 
     def row_terms(self, ctx, plan, start: int, stop: int) -> np.ndarray | None:
@@ -125,13 +186,48 @@ class DiffIn(Attributor):
         return loo_loss(self_influence, probs, y)
 
     def run(self, ctx, qx, qy, need_self=True):
-        """label_issue = the estimated leave-one-out loss at the checkpoint with the lowest query
-        loss (label_issue.early_stopped_loo_loss: one more self-influence pass up to it)."""
-        out = super().run(ctx, qx, qy, need_self)
+        """label_issue = the estimated leave-one-out loss at the checkpoint k* with the lowest
+        query loss. When k* is not the last checkpoint its self-influence walk is folded into
+        the scoring walk (``_folded_chunk``: one per-sample gradient per checkpoint for both;
+        its plan is built first), else, where the fold does not apply, one more pass
+        (label_issue.early_stopped_loo_loss)."""
+        import time
+        from diffin_core.methods.base import loo_loss
+        from diffin_core.methods.label_issue import best_checkpoint, early_stopped_loo_loss, query_loss_by_checkpoint
+        started = time.perf_counter()
+        k = None
         if need_self:
-            from diffin_core.methods.label_issue import early_stopped_loo_loss
-            out["label_issue"], _k = early_stopped_loo_loss(self, ctx, qx, qy, out)
+            k = best_checkpoint(query_loss_by_checkpoint(ctx, qx, qy), ctx.steps)
+            if k < ctx.m - 1:
+                ctx.progress(0, ctx.n, f"{self.name}: label issues at {ctx.label(k)} (the lowest query loss): "
+                             "its plan, then one walk for both")
+                self._fold = self._make_fold(ctx, qx, qy, k)
+        fold_s = time.perf_counter() - started
+        try:
+            out = super().run(ctx, qx, qy, need_self)
+        finally:
+            folded, self._fold = self._fold, None
+        if need_self:
+            started = time.perf_counter()
+            folded = folded if folded is not None and "fold_self" in out else None
+            if folded is not None:
+                out["label_issue"] = loo_loss(out.pop("fold_self"), out.pop("fold_probs"), np.asarray(ctx.train.y))
+            else:
+                out.pop("fold_self", None), out.pop("fold_probs", None)
+                out["label_issue"], _k = early_stopped_loo_loss(self, ctx, qx, qy, out)
+            timings = getattr(ctx, "timings", None)
+            if isinstance(timings, dict):          # meta.json: the label_issue part, k* and whether folded
+                timings["label_issue_s"] = round(fold_s + time.perf_counter() - started, 3)
+                timings["label_issue_checkpoint"] = int(k)
+                timings["label_issue_folded"] = folded is not None
         return out
+
+
+class _Fold:
+    """DiffIn's label_issue walk riding on the scoring walk: k*, the truncated context, its plan."""
+
+    def __init__(self, k: int, ctx, plan: list, grams):
+        self.k, self.ctx, self.plan, self.grams = int(k), ctx, plan, grams
 
 
 class DiffInPaper(Attributor):

@@ -53,21 +53,39 @@ class Grams:
 
 def walk(ctx, plan, x, y, grams: Grams):
     """(influence (b, m), self-influence (b, m)) of one chunk, each checkpoint's own term."""
-    grams = grams.get(plan)
-    b, last = len(y), ctx.m - 1
-    infl = torch.zeros(b, ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
-    selfs = torch.zeros_like(infl)
-    momentum = has_momentum(ctx.recipe)
+    last = ctx.m - 1
     g_final = ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y)
-    a_u, a_v = 1.0, 0.0
-    pu: list[torch.Tensor] = []                  # p_j (b, r_j), j = plan entries walked so far
-    pv: list[torch.Tensor] = []                  # q_j (momentum only)
+    w = Walk(ctx, plan, grams, g_final)
     for i in range(len(plan)):
+        k = plan[i].k
+        w.step(i, g_final if k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y))
+    return w.finish()
+
+
+class Walk:
+    """One chunk's walk through ``plan`` (latest checkpoint first), one entry per ``step``, so
+    that two plans over the same checkpoints can share each per-sample gradient (DiffIn's fold of
+    the label_issue pass). ``g_final``: the rows' gradients at ``ctx``'s last checkpoint."""
+
+    def __init__(self, ctx, plan, grams: Grams, g_final: torch.Tensor):
+        self.ctx, self.plan, self.grams = ctx, plan, grams.get(plan)
+        self.g_final = g_final
+        b = len(g_final)
+        self.infl = torch.zeros(b, ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
+        self.selfs = torch.zeros_like(self.infl)
+        self.momentum = has_momentum(ctx.recipe)
+        self.a_u, self.a_v = 1.0, 0.0
+        self.pu: list[torch.Tensor] = []             # p_j (b, r_j), j = plan entries walked so far
+        self.pv: list[torch.Tensor] = []             # q_j (momentum only)
+
+    def step(self, i: int, g: torch.Tensor) -> None:
+        """Plan entry i with g = the rows' per-sample gradients at its checkpoint."""
+        plan, grams, momentum, g_final = self.plan, self.grams, self.momentum, self.g_final
+        a_u, a_v, pu, pv = self.a_u, self.a_v, self.pu, self.pv
         it = plan[i]
         k, Y, W, C = it.k, it.op.view.vectors, it.op.W, it.op.C
-        g = g_final if it.k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
         if getattr(it, "rows", None) is None:                   # else: DiffIn.row_terms adds it
-            infl[:, k] = it.coef * (g @ it.w).to(infl.dtype)
+            self.infl[:, k] = it.coef * (g @ it.w).to(self.infl.dtype)
         g_on = g @ Y                                            # Y_k^T g_k (b, r)
         f_on = g_on if g is g_final else g_final @ Y            # Y_k^T g_F
         coef = it.coef
@@ -94,12 +112,16 @@ def walk(ctx, plan, x, y, grams: Grams):
         w_g = float(W[-1, 0]) * u_g + rowdot(mapped(W[:, 0], W[:, 1])[2], g_on)    # <w, g_k>
         if momentum:
             w_g = w_g + float(W[-1, 1]) * v_g
-        selfs[:, k] = coef * w_g.to(selfs.dtype)
+        self.selfs[:, k] = coef * w_g.to(self.selfs.dtype)
         nu = mapped(C[:, 0, 0], C[:, 0, 1])
         nv = mapped(C[:, 1, 0], C[:, 1, 1]) if momentum else None
-        a_u, pu = nu[0], nu[1] + [nu[2]]
+        self.a_u, self.pu = nu[0], nu[1] + [nu[2]]
         if momentum:
-            a_v, pv = nv[0], nv[1] + [nv[2]]
-    check_finite(ctx, infl, "influence")
-    check_finite(ctx, selfs, "self-influence")
-    return infl, selfs
+            self.a_v, self.pv = nv[0], nv[1] + [nv[2]]
+
+    def finish(self):
+        """(influence (b, m), self-influence (b, m)), checked finite."""
+        check_finite(self.ctx, self.infl, "influence")
+        check_finite(self.ctx, self.selfs, "self-influence")
+        self.g_final = None
+        return self.infl, self.selfs

@@ -203,12 +203,16 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
     """
     chunk = int(chunk or ctx.settings.batch_size)
     infl, selfs, probs = [], [], []
+    extras: dict[str, list] = {}          # per-row outputs a method adds (DiffIn's folded label_issue)
     done = start
     for j, (x, y) in enumerate(_chunks(ctx, start, stop, chunk, workers)):
         if j % TRIM_CHUNKS == TRIM_CHUNKS - 1:
             trim_heap()                                   # RSS flat in N (budget.trim_heap)
         with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
-            i, s = method.chunk(ctx, state, x, y, need_self)
+            res = method.chunk(ctx, state, x, y, need_self)
+        i, s = res[0], res[1]
+        for key, value in (res[2] if len(res) > 2 else {}).items():
+            extras.setdefault(key, []).append(value.double().cpu())
         infl.append(i.double().cpu())
         if s is not None:
             selfs.append(s.double().cpu())
@@ -227,6 +231,8 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
         out["influence"] = out["influence"] + terms
     if selfs:
         out["self_influence"] = torch.cat(selfs).numpy()
+    for key, parts in extras.items():
+        out[key] = torch.cat(parts).numpy()
     if need_self:
         out["probs"] = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
     return out
@@ -295,6 +301,9 @@ def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) 
             out["self_by_checkpoint"] = self_infl.astype(np.float32)
             self_infl = self_infl.sum(1)
         out["self_influence"] = self_infl if self_infl is not None else np.full(n, np.nan)
+        for key in set(parts[0]) - {"influence", "self_influence", "probs"} if parts else ():
+            if all(key in q for q in parts):          # a method's extra per-row outputs
+                out[key] = np.concatenate([q[key] for q in parts])
         out["label_issue"] = np.asarray(method.label_issue(self_infl, p, np.asarray(ctx.train.y)), dtype=np.float64)
         out["probs"] = p
     return out

@@ -264,7 +264,8 @@ class _Gathered(Attributor):
 
 def _around(cls, out: dict) -> Attributor:
     """An instance of ``cls`` whose base run returns ``out`` (its own post-processing runs)."""
-    return type(f"Gathered{cls.__name__}", (cls, _Gathered), {"gathered": out})()
+    # fold_label_issue off: the shards are scored, so label_issue takes its own pass
+    return type(f"Gathered{cls.__name__}", (cls, _Gathered), {"gathered": out, "fold_label_issue": False})()
 
 
 def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: int, progress,
