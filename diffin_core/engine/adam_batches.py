@@ -12,20 +12,29 @@ The adjoint (ut, um, uv) starts at (g_Q(theta_T), 0, 0) and goes back step by st
     am = um - lr / c1 D ut      av = uv + lr Gamma ut      w_s = (1 - b1) am + 2 (1 - b2) G_s * av
     ut <- rho ut + H w_s (+ lambda w_s)      um <- b1 am      uv <- b2 av
     influence(z) = -sum_{s: z in B_s} <w_s, g_z> / |B_s|      (nats; > 0 helpful)
-From checkpoints: theta, H, G_s and g_z of step s are taken at the checkpoint that owns s (its
-weights and buffers), H and G_s on the real batch B_s (the HVP: settings.hvp, finite differences
-based at G_s by default). Adam's moments of every step are replayed forward from the latest
-recorded (exp_avg, exp_avg_sq) at or before it with those batch gradients: exact at every
-checkpoint, and m_s, v_s hold step s's own batch gradient, which the v response multiplies.
-What it buys (benchmarks/adam_study.py, digits AdamW, 800 samples, 200 steps, float64, exact
-HVPs; Spearman vs true leave-one-out at 5 / 20 checkpoints, seeds 0 and 1): replayed 0.91 / 0.99
-and 0.98 / 0.99; each checkpoint's recorded moments held over its steps instead: -0.05 / 0.72 and
--0.10 / 0.56; replayed but v frozen (the real batches alone): 0.80 / 0.85 and 0.84 / 0.86.
 
-Cost per query: per training step two batch gradients (the replay and, again, the walk back),
-one HVP and one jvp on its batch; the influence of the samples of B_s is written as that step
-is passed. Memory: the moments at about sqrt(L) block starts of an L-step segment and one
-block's (m, v, G) at a time.
+Where theta_s, m_s, v_s come from (the replay). Training is replayed forward from every recorded
+checkpoint to the next one: from checkpoint j's (theta, exp_avg, exp_avg_sq), torch's own Adam
+update with each step's recorded batch and lr gives theta_s, G_s, m_s and v_s of every step up to
+the next checkpoint, where the replay is anchored again to the recorded state. H, G_s and g_z of
+step s are then taken at the replayed theta_s (the model bound to checkpoint j's buffers).
+
+The self-check (free: the replay reaches the next checkpoint anyway): at the end of each interval
+the replayed theta, m and v are compared with the recorded ones,
+    theta: ||theta_rep - theta_rec|| / ||theta_rec - theta_j||      (of the interval's movement)
+    m, v:  ||m_rep - m_rec|| / ||m_rec||                             (relative)
+An interval whose replay misses by more than ``CHECK_TOL`` (the training was not what the engine
+replays: dropout masks, train-mode BatchNorm, a loss or clipping it was not told of) is replayed
+the old way too, every step at the weights of the checkpoint that owns it (the nearer one), with
+the moments replayed from the same anchor; whichever of the two lands nearer the recorded
+exp_avg is used, and the miss is reported (meta.json "adam_check"; one warning line), never
+silently. Measured (digits MLP, AdamW, one checkpoint per epoch = 38 steps, float32 replay of a
+float64 run): the replayed theta misses by ~1e-6, the held weights' moments by ~90% (see
+docs/recipes.md "AdamW").
+
+Cost per query: per training step three batch gradients (the replay, the block's recompute and
+the check's anchor compare is free), one HVP and one jvp on its batch. Memory: the state at
+about sqrt(L) block starts of an L-step interval and one block's (theta, m, v, G) at a time.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ import torch
 
 from diffin_core.errors import DiffinError
 from diffin_core.engine.functional import no_tf32
+
+CHECK_TOL = 0.05            # an interval's replay passes when theta, m and v all land within 5%
 
 
 def start(u: torch.Tensor):
@@ -48,90 +59,180 @@ def _owner(ctx, s: int) -> int:
     return int(min(max(np.searchsorted(ctx.bounds, s, side="right") - 1, 0), ctx.m - 1))
 
 
-def _anchor_steps(ctx) -> dict[int, int]:
-    """Step index s -> checkpoint k whose recorded moments are Adam's after step s's update
-    (a checkpoint at step t > 0 holds the state after step t - 1; the step-0 one after step 0)."""
-    return {max(int(ctx.steps[k]), 1) - 1: k for k in range(ctx.m)}
-
-
 def _offset(ctx) -> int:
     """Adam updates taken before the recording's step 0 (from the first checkpoint's count)."""
     _m, _v, count = ctx.moments[0]
     return max(int(count) - max(int(ctx.steps[0]), 1), 0)
 
 
-def _batch_grad(ctx, s: int):
-    """(rows, x, y, G_s) of step s's batch at its owner checkpoint; G_s (P,) in the model's dtype
-    (+ lambda theta for Adam's coupled weight decay, as torch adds it before the moments)."""
-    k = _owner(ctx, s)
-    rows = ctx.batch_order.batch(s)
-    x, y = ctx.tensors(np.asarray(ctx.train.x[rows], dtype=np.float32), np.asarray(ctx.train.y)[rows])
-    with no_tf32():
-        g = ctx.fm_at(k).batch_grad(ctx.thetas[k], x, y)
-    return rows, x, y, g
-
-
-def _advance(ctx, state, s: int, g: torch.Tensor, anchors: dict[int, int]):
-    """Adam's (m, v) after step s from those after step s - 1 and the step's gradient; the
-    recorded moments where a checkpoint holds them."""
-    if s in anchors:
-        m, v, _ = ctx.moments[anchors[s]]
-        return m.clone(), v.clone()
-    b1, b2 = ctx.recipe.betas
-    m, v = state
-    gd = g.to(m.dtype) + _coupled(ctx) * ctx.thetas[_owner(ctx, s)].to(m.dtype)
-    return b1 * m + (1 - b1) * gd, b2 * v + (1 - b2) * gd * gd
+def interval(ctx, k: int) -> tuple[int, int]:
+    """Steps [a, b) replayed from checkpoint k: from its step to the next checkpoint's (the first
+    checkpoint's interval also holds any steps before it)."""
+    a = 0 if k == 0 else int(ctx.steps[k])
+    b = int(ctx.steps[k + 1]) if k + 1 < ctx.m else int(ctx.bounds[-1])
+    return a, max(a, b)
 
 
 def _coupled(ctx) -> float:
     return ctx.recipe.weight_decay if not ctx.recipe.decoupled else 0.0
 
 
-def _entry_state(ctx, lo: int, anchors: dict[int, int]):
-    """(first step to replay from, (m, v) before it): the latest anchor at or before ``lo``, or
-    zeros before step 0 (Adam's own start) when the recording began with the optimiser."""
-    before = [s for s in anchors if s <= lo]
-    if before:
-        a = max(before)
-        m, _v, _ = ctx.moments[anchors[a]]
-        return a, (torch.zeros_like(m), torch.zeros_like(m))
-    m, _v, _ = ctx.moments[anchors[min(anchors)]]
-    if _offset(ctx):
-        raise DiffinError(f"{ctx.label(0)}: Adam's moments before the first recorded checkpoint are unknown "
-                          "(the recording began after training did)")
-    return 0, (torch.zeros_like(m), torch.zeros_like(m))
+def _batch(ctx, s: int):
+    rows = ctx.batch_order.batch(s)
+    x, y = ctx.tensors(np.asarray(ctx.train.x[rows], dtype=np.float32), np.asarray(ctx.train.y)[rows])
+    return rows, x, y
+
+
+def _grad(ctx, k: int, theta: torch.Tensor, x, y) -> torch.Tensor:
+    """The batch gradient at ``theta`` (the model bound to checkpoint k's buffers), model dtype."""
+    with no_tf32():
+        return ctx.fm_at(k).batch_grad(theta.to(ctx.thetas[k].dtype), x, y)
+
+
+class _Replay:
+    """Adam's forward replay of one interval [a, b) from checkpoint k (see the module doc).
+
+    ``held``: every step at the recorded weights of the checkpoint that owns it (the old path);
+    else theta is replayed with torch's Adam update. States are (theta, m, v) before a step, in
+    the accumulation dtype."""
+
+    def __init__(self, ctx, k: int, held: bool):
+        self.ctx, self.k, self.held = ctx, k, held
+        self.a, self.b = interval(ctx, k)
+        self.offset = _offset(ctx)
+        self.b1, self.b2 = ctx.recipe.betas
+        acc = ctx.moments[0][0].dtype
+        self.acc = acc
+        theta = ctx.thetas[k].to(acc)
+        t_k = int(ctx.steps[k])
+        self.first_recorded = None             # the step-0 checkpoint holds the moments after step 0
+        if k == 0 and t_k > 0:
+            if self.offset:
+                raise DiffinError(f"{ctx.label(0)}: Adam's moments before the first recorded checkpoint are "
+                                  "unknown (the recording began after training did)")
+            self.held = True                   # no weights before the first checkpoint: held there
+            m = v = torch.zeros_like(theta)
+        elif t_k == 0:
+            m = v = torch.zeros_like(theta)
+            self.first_recorded = 0            # (so a count offset needs no moments before step 0)
+        else:
+            m, v, _ = ctx.moments[k]
+            m, v = m.clone(), v.clone()
+        self.entry = (theta, m, v)
+
+    def theta_at(self, s: int, theta: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(checkpoint whose buffers apply, theta used at step s)."""
+        if self.held:
+            j = _owner(self.ctx, s)
+            return j, self.ctx.thetas[j].to(self.acc)
+        return self.k, theta
+
+    def advance(self, state, s: int, g: torch.Tensor):
+        """The state before step s + 1 from the one before step s and step s's gradient ``g``
+        (at theta_at(s)): torch's Adam/AdamW update (single group, no amsgrad)."""
+        ctx = self.ctx
+        theta, m, v = state
+        _j, th = self.theta_at(s, theta)
+        gd = g.to(self.acc) + _coupled(ctx) * th
+        if self.first_recorded is not None and s == self.first_recorded:
+            m, v, _ = ctx.moments[self.k]
+            m, v = m.clone(), v.clone()
+        else:
+            m = self.b1 * m + (1 - self.b1) * gd
+            v = self.b2 * v + (1 - self.b2) * gd * gd
+        if self.held:
+            return theta, m, v
+        lr, lam = float(ctx.step_lrs[s]), ctx.recipe.weight_decay
+        t = s + 1 + self.offset
+        c1, c2 = 1.0 - self.b1 ** t, 1.0 - self.b2 ** t
+        if ctx.recipe.decoupled and lam:
+            theta = theta * (1.0 - lr * lam)
+        theta = theta - (lr / c1) * m / ((v / c2).clamp_min(0).sqrt() + ctx.recipe.eps)
+        return theta, m, v
+
+    def run(self, lo: int, hi: int, state, keep: bool = False):
+        """Replay steps [lo, hi) from ``state``; returns (state before hi, per-step records
+        (s, rows, x, y, j, theta_s, G_s, m_s, v_s) when ``keep``)."""
+        out = []
+        for s in range(lo, hi):
+            rows, x, y = _batch(self.ctx, s)
+            j, th = self.theta_at(s, state[0])
+            g = _grad(self.ctx, j, th, x, y)
+            state = self.advance(state, s, g)
+            if keep:
+                out.append((s, rows, x, y, j, th, g, state[1], state[2]))
+        return state, out
+
+    def check(self, end) -> dict | None:
+        """The replay's miss at the next checkpoint (module doc), or None (no next checkpoint)."""
+        ctx, k = self.ctx, self.k
+        if k + 1 >= ctx.m or self.b <= self.a or int(ctx.steps[k + 1]) != self.b:
+            return None
+        theta, m, v = end
+        rec_theta = ctx.thetas[k + 1].to(self.acc)
+        rm, rv, _ = ctx.moments[k + 1]
+
+        def rel(a, b, scale):
+            return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(scale).clamp_min(1e-300))
+        out = {"m": rel(m, rm, rm), "v": rel(v, rv, rv)}
+        if not self.held:
+            out["theta"] = rel(theta, rec_theta, rec_theta - ctx.thetas[k].to(self.acc))
+        return out
+
+
+def _passes(check: dict | None) -> bool:
+    return check is None or all(v <= CHECK_TOL for v in check.values())
+
+
+def choose(ctx, k: int):
+    """(the replay to use for checkpoint k's interval, its check record): the replayed weights
+    when their check passes, else whichever of replayed / held lands nearer the recorded m."""
+    rep = _Replay(ctx, k, held=False)
+    if rep.b <= rep.a:
+        return rep, None
+    end, _ = rep.run(rep.a, rep.b, rep.entry)
+    chk = rep.check(end)
+    if chk is None:
+        return rep, None
+    record = {"interval": [rep.a, rep.b], "replayed": chk, "path": "replayed" if not rep.held else "held"}
+    if rep.held or _passes(chk):
+        return rep, record
+    old = _Replay(ctx, k, held=True)
+    old_end, _ = old.run(old.a, old.b, old.entry)
+    old_chk = old.check(old_end)
+    record["held"] = old_chk
+    if old_chk is not None and old_chk["m"] < chk["m"]:
+        record["path"] = "held"
+        return old, record
+    return rep, record
 
 
 def segment(ctx, k: int, carry):
-    """Checkpoint k's segment (its owned steps, latest first): (influence (N,) float64 on the CPU
-    from the samples of its batches, the adjoint carried to the segment's start)."""
-    lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
+    """Checkpoint k's interval (its replayed steps, latest first): (influence (N,) float64 on the
+    CPU from the samples of its batches, the adjoint carried to the interval's start, the check)."""
     ut, um, uv = carry
     rows_out = torch.zeros(ctx.n, dtype=torch.float64)
+    rep, record = choose(ctx, k)
+    lo, hi = rep.a, rep.b
     if hi <= lo:
-        return rows_out, carry
-    anchors = _anchor_steps(ctx)
-    b1, b2 = ctx.recipe.betas
+        return rows_out, carry, record
+    b1, b2 = rep.b1, rep.b2
     eps, lam = ctx.recipe.eps, ctx.recipe.weight_decay
-    offset = _offset(ctx)
-    first, state = _entry_state(ctx, lo, anchors)
     block = max(1, int(math.ceil(math.sqrt(hi - lo))))
-    entry: dict[int, tuple] = {}                 # (m, v) entering each block start in [lo, hi)
-    for s in range(first, hi):
-        if s >= lo and (s - lo) % block == 0:
-            entry[s] = state
-        state = _advance(ctx, state, s, _batch_grad(ctx, s)[3] if s not in anchors else None, anchors)
-    theta, fm = ctx.thetas[k], ctx.fm_at(k)
-    dt = theta.dtype
+    entry: dict[int, tuple] = {}                 # the state entering each block start in [lo, hi)
+    state = rep.entry
+    for b in range(lo, hi, block):
+        entry[b] = state
+        if b + block < hi:
+            state, _ = rep.run(b, b + block, state)
+    dt = ctx.thetas[k].dtype
+    hvp = getattr(ctx.settings, "hvp", "fd")
     for b in sorted(entry, reverse=True):
-        state, steps = entry[b], []
-        for s in range(b, min(b + block, hi)):
-            rows, x, y, g = _batch_grad(ctx, s)
-            state = _advance(ctx, state, s, g, anchors)
-            steps.append((s, rows, x, y, g, state))
-        for s, rows, x, y, g, (m, v) in reversed(steps):
+        _end, steps = rep.run(b, min(b + block, hi), entry[b], keep=True)
+        for s, rows, x, y, j, theta, g, m, v in reversed(steps):
+            fm = ctx.fm_at(j)
             lr = float(ctx.step_lrs[s])
-            t = s + 1 + offset
+            t = s + 1 + rep.offset
             c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
             sq = (v / c2).clamp_min(0).sqrt()
             D = 1.0 / (sq + eps)
@@ -140,15 +241,15 @@ def segment(ctx, k: int, carry):
             am = um - (lr / c1) * D * ut
             av = uv + lr * gam * ut
             w = (1 - b1) * am + 2 * (1 - b2) * gd * av
-            wm = w.to(dt)
+            wm, th = w.to(dt), theta.to(dt)
             with no_tf32():
-                dz = fm.directional(theta, x, y, wm).cpu().to(torch.float64)
-                hw = (fm.hvp_exact(theta, x, y, wm) if ctx.settings.hvp == "exact"
-                      else fm.hvp_fd(theta, x, y, wm, base_grad=g, eps=ctx.settings.eps))
+                dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
+                hw = (fm.hvp_fd(th, x, y, wm, base_grad=g, eps=ctx.settings.eps) if hvp == "fd"
+                      else fm.hvp_exact(th, x, y, wm))
             rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
             rho = 1.0 - lr * lam if ctx.recipe.decoupled else 1.0
             ut = rho * ut + hw.to(ut.dtype) + _coupled(ctx) * w
             um, uv = b1 * am, b2 * av
         if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
             raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")
-    return rows_out, (ut, um, uv)
+    return rows_out, (ut, um, uv), record

@@ -164,6 +164,7 @@ class PlanItem:
     rows: torch.Tensor | None = None    # (N,) float64: the influence of every training sample from
                                         # this segment's real batches (adam_batches.py); when set it
                                         # replaces coef * <w, g_z> for influence (w: self-influence)
+    check: dict | None = None           # the Adam replay's self-check of this checkpoint's interval
 
 
 def preconditioner_scale(ctx, k: int) -> torch.Tensor | None:
@@ -270,10 +271,10 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
     if hi <= lo:
         return None, carry
-    rows = None
+    rows = check = None
     if replay:
         from diffin_core.engine.adam_batches import segment
-        rows, state = segment(ctx, k, replay[0])
+        rows, state, check = segment(ctx, k, replay[0])
         replay = [state]
     S = preconditioner_scale(ctx, k)
     starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
@@ -290,4 +291,4 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
         raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
     ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
-    return PlanItem(k, 1.0 / ctx.n, w, op, rows), (u, v, *replay)
+    return PlanItem(k, 1.0 / ctx.n, w, op, rows, check), (u, v, *replay)
