@@ -55,13 +55,15 @@ class Bar:
 
 
 def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
-              precision: str = "float32"):
+              precision: str = "float32", hvp: str = "auto"):
     """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64, --precision bfloat16)."""
     from diffin_core.engine.budget import parse_bytes
     from diffin_core.methods import ScoreSettings
     from diffin_core.engine.precision import dtype_of
     dtype_of(precision)                       # one-line error for an unknown precision
-    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget), precision=precision)
+    from diffin_core.engine.hvp import check_mode
+    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget), precision=precision,
+                      hvp=check_mode(hvp))
     if batch_size is not None:
         if batch_size < 1:
             from diffin_core.errors import DiffinError
@@ -72,9 +74,9 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
 
 def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
            features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
-           precision: str = "float32") -> Path:
+           precision: str = "float32", hvp: str = "auto") -> Path:
     from diffin_core.run.scoring import score
-    settings = _settings(device, memory_budget, batch_size, precision)
+    settings = _settings(device, memory_budget, batch_size, precision, hvp)
     bar = Bar()
     try:
         if ray is not None:
@@ -90,6 +92,9 @@ MEMORY_HELP = ("memory the engine may use, e.g. 4GB or 512MB (default: half the 
                "free VRAM); sets the chunk sizes, not the scores")
 PRECISION_HELP = ("forward passes that score the training set in bfloat16/float16 (autocast), used only if "
                   "a check against float32 on 256 rows passes (else float32, with a warning); HVPs stay float32")
+HVP_HELP = ("Hessian-vector products: exact (double backward), fd (finite differences, one gradient each) or "
+            "auto: exact where fd is measured not accurate enough (Adam's replay; a Lanczos view whose first fd "
+            "product misses the exact one by over 1%)")
 BATCH_HELP = "at most this many training samples per chunk (default 256; the memory budget may use fewer)"
 
 
@@ -108,7 +113,8 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
               precision: str = typer.Option("float32", "--precision", metavar="float32|bfloat16|float16",
                                             help=PRECISION_HELP),
-              threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP)):
+              threads: Optional[str] = typer.Option(None, "--threads", metavar="N|auto", help=THREADS_HELP),
+              hvp: str = typer.Option("auto", "--hvp", metavar="auto|exact|fd", help=HVP_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
     from diffin_core.engine.precision import summary
@@ -116,11 +122,16 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
     configure(threads)                      # before torch loads (a bad DIFFIN_THREADS: one line)
     for m in method:
         out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
-                     memory_budget=memory_budget, batch_size=batch_size, precision=precision)
+                     memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
-        line = summary(json.loads((out / "meta.json").read_text()).get("precision"))
-        if line:
-            typer.echo(f"{m}: {line}")
+        meta = json.loads((out / "meta.json").read_text())
+        from diffin_core.engine.adam_batches import check_text
+        from diffin_core.engine.hvp import text as hvp_text
+        hv = meta.get("hvp") or {}
+        for line in (summary(meta.get("precision")), check_text(meta.get("adam_check")),
+                     hvp_text(hv) if len(hv) > 1 else ""):
+            if line:
+                typer.echo(f"{m}: {line}")
 
 
 @app.command("top")

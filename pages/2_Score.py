@@ -12,6 +12,8 @@ import _common as ui  # noqa: E402
 from diffin_core.tasks import methodinfo
 from diffin_core.engine import precision  # noqa: E402
 from diffin_core.workspace.jobs import display_order  # noqa: E402
+from diffin_core.engine.adam_batches import check_text  # noqa: E402
+from diffin_core.engine.hvp import text as hvp_text  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
 
 project = ui.page("Score")
@@ -29,17 +31,22 @@ for m in methods:
             if i.calibrated else "compare its influence within this run only (the size is not a loss change)")
     st.caption(f"**{m}** · {i.scale}: {note} ({i.evidence}).")
 
-mem_col, batch_col = st.columns(2)
+mem_col, batch_col, hvp_col = st.columns(3)
 budget_mb = mem_col.number_input("Memory budget (MB, 0 = auto)", min_value=0, value=0, step=512, key="score_budget",
                                  help="Memory the engine may use; it sets the chunk sizes, not the scores. "
                                       "Auto: half the free RAM, or 80% of the free GPU memory.")
 batch = batch_col.number_input("Batch size (max samples per chunk)", min_value=1, value=256, step=32,
                                key="score_batch", help="The memory budget may choose fewer.")
+hvp_mode = hvp_col.selectbox("Hessian-vector products", ["auto", "exact", "fd"], key="score_hvp",
+                            help="diffin's second-order products. exact: double backward; fd: finite differences "
+                                 "(one gradient each); auto: exact where finite differences are measured not "
+                                 "accurate enough (Adam's replay, or a checkpoint whose first fd product is over "
+                                 "1% off). What was used is recorded in the run.")
 
 if st.button("Start scoring", key="score_start", type="primary", disabled=not methods):
     from diffin_core.methods import ScoreSettings
     root = str(project.root)
-    settings = ScoreSettings(batch_size=int(batch), memory_budget=int(budget_mb) * 2**20)
+    settings = ScoreSettings(batch_size=int(batch), memory_budget=int(budget_mb) * 2**20, hvp=hvp_mode)
     ids = [jm.submit_child("score", "diffin_core.run.scoring:score", (root, m), {"settings": settings},
                            label=m, project_dir=root)
            for m in methods]
@@ -100,7 +107,14 @@ else:
              "checkpoints": r.meta.get("checkpoints"), "train size": r.meta.get("train_size"),
              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("finished", 0))),
              "settings": " · ".join(filter(None, [methodinfo.settings_text(r.method, r.meta.get("settings", {})),
-                                                    precision.summary(r.meta.get("precision"))]))} for r in runs]
+                                                    precision.summary(r.meta.get("precision"))])),
+             "checks": " · ".join(filter(None, [check_text(r.meta.get("adam_check")),
+                                                hvp_text(r.meta.get("hvp") or {}) if len(r.meta.get("hvp") or {}) > 1
+                                                else ""]))} for r in runs]
     st.dataframe(pd.DataFrame(rows), key="score_runs", hide_index=True, width="stretch")
+    for r in runs:          # a failed self-check is never silent: one line under the table
+        msg = (r.meta.get("adam_check") or {}).get("message")
+        if msg:
+            st.warning(f"{r.name}: {msg}", icon=":material/warning:")
     ui.page_link("pages/3_Explore.py", "Next: explore")
     ui.page_link("pages/4_Review.py", "Next: review suspects")

@@ -178,16 +178,14 @@ def preconditioner_scale(ctx, k: int) -> torch.Tensor | None:
 def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
     """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and the batch
     gradient. M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay).
-    Finite differences by default (TF32 off); a non-finite product raises a one-line DiffinError
+    HVPs per settings.hvp (hvp.py; finite differences with TF32 off); a non-finite product raises a one-line DiffinError
     naming the checkpoint."""
     x, y = batch
     fm, theta = ctx.fm_at(k), ctx.thetas[k]
     with no_tf32():
         g0 = fm.batch_grad(theta, x, y)
-    if ctx.settings.hvp == "exact":
-        hv = lambda v: fm.hvp_exact(theta, x, y, v)                                     # noqa: E731
-    else:
-        hv = lambda v: fm.hvp_fd(theta, x, y, v, base_grad=g0, eps=ctx.settings.eps)     # noqa: E731
+    from .hvp import product
+    hv = product(ctx, k, fm, theta, x, y, g0)          # settings.hvp: fd, exact or auto (hvp.py)
     S = preconditioner_scale(ctx, k) if scaled else None
     lam = ctx.recipe.weight_decay if (S is not None and not ctx.recipe.decoupled) else 0.0
 

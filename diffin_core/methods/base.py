@@ -31,9 +31,9 @@ class ScoreSettings:
                                    # samples their Hessian was measured too noisy (benchmarks/recipes.py)
     lanczos_steps: int = 10        # Hessian-vector products per checkpoint (Diff-In, IF low-rank)
     eps: float = 1e-3              # finite-difference step: ||eps-scaled v|| (paper Eq. 6)
-    hvp: str = "fd"                # "fd": finite differences of gradients (paper Eq. 6, one extra
-                                   # gradient); "exact": forward-over-reverse, for ReLU/max-pool
-                                   # nets whose kinks make finite differences jump
+    hvp: str = "auto"              # "fd": finite differences of gradients (paper Eq. 6, one extra
+                                   # gradient); "exact": forward-over-reverse; "auto": exact where
+                                   # finite differences are measured not accurate enough (hvp.py)
     paper_batch: int = 128         # diffin-paper: the random batch B per checkpoint
     damping: float = 0.01          # influence-function damping lambda (absolute)
     explicit_max_params: int = 5000  # influence-function: explicit Hessian at or below this many params
@@ -105,6 +105,8 @@ class Context:
     moments: Sequence | None = None       # Adam with a batch order: per checkpoint (exp_avg (P,),
                                           # exp_avg_sq (P,), Adam's step count) (adam_batches.py)
     batch_order: object | None = None     # checkpoints.BatchOrder: every step's batch rows, or None
+    adam_checks: dict = field(default_factory=dict)   # adam_batches.choose: per checkpoint interval,
+                                          # (held weights?, the replay's self-check record)
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""

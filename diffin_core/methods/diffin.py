@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from diffin_core.methods import ritz_self
+from diffin_core.engine.adam_batches import decide
 from diffin_core.engine.functional import no_tf32
 from diffin_core.engine.propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
 from diffin_core.methods.base import Attributor, Context, loo_loss
@@ -69,6 +70,7 @@ class DiffIn(Attributor):
         self._fold = None                      # _Fold: the label_issue walk sharing this run's gradients
 
     def prepare(self, ctx: Context, qx, qy):
+        decide(ctx)                 # Adam's replay self-check: a failed one turns the batch-order path off
         return build_plan(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)   # latest checkpoint first
 
     # the same plan one checkpoint at a time (runner.py saves each step: resumable, streamed)
@@ -76,6 +78,7 @@ class DiffIn(Attributor):
         return ctx.m
 
     def prepare_start(self, ctx: Context, qx, qy):
+        decide(ctx)
         return plan_start(ctx, ctx.mean_grad(ctx.m - 1, qx, qy), batches=True)
 
     def prepare_step(self, ctx: Context, i: int, carry, qx=None, qy=None):

@@ -26,6 +26,7 @@ from diffin_core.project.data import Split
 from diffin_core.project.folder import Project
 from diffin_core.project.stages import Stages, StageSettings, array_digest
 from diffin_core.run.context import project_context
+from diffin_core.engine.hvp import summary as hvp_summary
 
 
 
@@ -99,6 +100,9 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     # a killed job with the same settings resumes from them (stages.py)
     ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
     out = run_method(ctx, method, qx, q.y)
+    if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
+        from diffin_core.engine.adam_batches import decide
+        decide(ctx)
     df = scores_frame(project.train, out)
     meta = {
         "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
@@ -110,7 +114,10 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
         "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
         "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
+        "hvp": hvp_summary(ctx),         # hvp.py: which Hessian-vector products were used (auto: where, why)
     }
+    if getattr(ctx, "adam_check", None) is not None:     # Adam's replay: its self-check (adam_batches.py)
+        meta["adam_check"] = ctx.adam_check
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     from diffin_core.run import features as feature_store

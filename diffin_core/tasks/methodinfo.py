@@ -100,7 +100,8 @@ LABELS = {"batch_size": "batch", "memory_budget": "memory budget", "hessian_batc
           "lanczos_steps": "Lanczos steps", "hvp": "HVP", "eps": "eps", "seed": "seed",
           "paper_batch": "batch B", "damping": "damping", "explicit_max_params": "explicit Hessian up to",
           "cg_iters": "CG iterations"}
-_HVP = {"fd": "finite differences", "exact": "exact (forward-over-reverse)"}
+_HVP = {"fd": "finite differences", "exact": "exact (forward-over-reverse)",
+        "auto": "auto (exact where finite differences are not accurate enough)"}
 
 
 def settings_text(method: str, settings: dict) -> str:
