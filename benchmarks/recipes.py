@@ -66,6 +66,7 @@ SPECS = [
     Spec("clip-half-steps", clip="half"),
     Spec("clip-every-step", clip="every"),
     Spec("dropout-0.2", dropout=0.2),
+    Spec("sgd-dropout-0.2", "SGD", dropout=0.2),
     Spec("label-smoothing-0.1", smoothing=0.1),
     Spec("grad-accumulation-2x16", accumulate=2),
     Spec("rmsprop", "RMSprop"),

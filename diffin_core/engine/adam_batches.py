@@ -270,8 +270,11 @@ def check_summary(ctx) -> dict | None:
         out["message"] = (
             f"Adam replay self-check failed at {len(failed)} of {len(per)} checkpoint intervals (worst: the replayed "
             f"{what} misses the recorded one by {100 * bad[key]:.0f}% at {ctx.label(bad['checkpoint'] + 1)}): "
-            "training did something the replay does not (dropout or other train-mode randomness, train-mode "
-            "BatchNorm, an unrecorded loss or clipping); scored with the checkpoint estimator instead "
+            + (f"no weights are recorded before {ctx.label(0)}, so steps 0..{bad['interval'][1] - 1} are taken at "
+               "the nearest checkpoint's weights (save one at step 0)" if "theta" not in bad else
+               "training did something the replay does not (dropout or other train-mode randomness, train-mode "
+               "BatchNorm, an unrecorded loss or clipping)")
+            + "; scored with the checkpoint estimator instead "
             "(Adam's v frozen per checkpoint, each sample spread over every step)")
     return out
 

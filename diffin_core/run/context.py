@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from diffin_core.engine.functional import FunctionalModel
+from diffin_core.engine.models import train_mode_randomness
 from diffin_core.engine.recipe import Recipe, RecipeWarning, interpolated_lrs, owned_bounds, segment_adam_scale
 from diffin_core.errors import DiffinError
 from diffin_core.methods import Context, ScoreSettings, pick_device
@@ -134,6 +135,9 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
             order = None
         else:
             firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
+    dropout = train_mode_randomness(model)          # engine/models.py: masks not replayed, measured cost
+    if dropout:
+        approx.append(dropout)
     recipe.approximations = approx
     if approx:
         warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
