@@ -2,7 +2,7 @@
 
     diffin score PROJECT --method diffin [--run NAME] [--device auto] [--ray [ADDRESS]]
     diffin top PROJECT --run NAME --query-index 3 [--k 10]
-    diffin demo [--workspace ./workspace]
+    diffin demo [--workspace ./workspace] [--sample mnist|text]
     diffin methods
 """
 from __future__ import annotations
@@ -187,21 +187,33 @@ def methods_cmd():
 @app.command("demo")
 def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the sample project is copied"),
              method: List[str] = typer.Option(["diffin", "tracin", "loss"], "--method", "-m"),
-             device: str = typer.Option("auto")):
-    """Copy the sample MNIST project into the workspace (building it if missing) and score it."""
+             device: str = typer.Option("auto"),
+             sample: str = typer.Option("mnist", help="mnist (images, a small CNN) or text (SMS spam, "
+                                        "a small transformer trained by the transformers Trainer)")):
+    """Copy a sample project into the workspace (building it if missing) and score it."""
     from diffin_core.project.folder import Project
     from diffin_core.project.sample import SAMPLE_DIR, build_sample_project
-    src = SAMPLE_DIR / "mnist"
-    if not (src / "diffin.toml").is_file():
-        typer.echo("building the sample project (about 10 s)...")
-        build_sample_project(src)
-    dest = (workspace / "mnist-sample").resolve()
-    if not (dest / "diffin.toml").is_file():
-        workspace.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
-        typer.echo(f"copied the sample project to {dest}")
-    else:
+    if sample not in ("mnist", "text"):
+        raise DiffinError(f"--sample must be mnist or text, not {sample!r}")
+    if sample == "text":
+        from diffin_core.workspace.appstate import copy_text_sample, text_sample_ready
+        if not text_sample_ready(workspace):
+            typer.echo("building the SMS spam sample (tokenizer + a Trainer run, about a minute)...")
+            workspace.mkdir(parents=True, exist_ok=True)
+        dest = Path(copy_text_sample(workspace)).resolve()
         typer.echo(f"sample project: {dest}")
+    else:
+        src = SAMPLE_DIR / "mnist"
+        if not (src / "diffin.toml").is_file():
+            typer.echo("building the sample project (about 10 s)...")
+            build_sample_project(src)
+        dest = (workspace / "mnist-sample").resolve()
+        if not (dest / "diffin.toml").is_file():
+            workspace.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+            typer.echo(f"copied the sample project to {dest}")
+        else:
+            typer.echo(f"sample project: {dest}")
     project = Project(dest)
     done = {r.method for r in project.runs()}
     for m in method:

@@ -75,6 +75,7 @@ packed as (N, 2, max_length): channel 0 input_ids, channel 1 attention_mask (doc
 An existing Trainer script needs only the trainer.add_callback(...) line.
 """
 import importlib.util
+import math
 import tempfile
 from pathlib import Path
 
@@ -84,7 +85,7 @@ from transformers import Trainer, TrainingArguments
 
 from diffin_core import DiffinCallback
 
-EPOCHS, BATCH, LR, WARMUP = {epochs}, 32, 2e-3, 0.1
+EPOCHS, BATCH, LR, WARMUP, CHECKPOINTS = {epochs}, 32, 2e-3, 0.1, 10
 
 
 def _build(seed):
@@ -113,7 +114,7 @@ class Rows(torch.utils.data.Dataset):
 
 def train(train_x, train_y, seed, checkpoint_dir):
     """AdamW lr 2e-3, 10% linear warm-up then linear decay, clipping at 1.0, dropout 0.1,
-    batch 32, {epochs} epochs; checkpoints about every 5% of the run into checkpoint_dir."""
+    batch 32, {epochs} epochs; about 10 checkpoints (and the first) into checkpoint_dir."""
     model = _build(seed)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
@@ -121,7 +122,8 @@ def train(train_x, train_y, seed, checkpoint_dir):
                                  max_grad_norm=1.0, weight_decay=0.0, seed=int(seed), save_strategy="no",
                                  logging_strategy="no", report_to=[], disable_tqdm=True)
         trainer = Trainer(model=model, args=args, train_dataset=Rows(train_x, train_y))
-        trainer.add_callback(DiffinCallback(checkpoint_dir, folder="."))
+        every = max(1, EPOCHS * math.ceil(len(train_y) / BATCH) // CHECKPOINTS)
+        trainer.add_callback(DiffinCallback(checkpoint_dir, folder=".", every=every))
         trainer.train()
 '''
 
@@ -147,9 +149,9 @@ def write_tsv(path: Path, ids, labels, true_labels, texts) -> None:
     write_text(path, "\n".join(rows) + "\n")
 
 
-def build_text_sample(out: str | Path = SAMPLE_DIR / NAME, n_train: int = 2000, n_query: int = 400,
-                      noise: float = 0.1, seed: int = 0, epochs: int = 4, max_length: int = 64,
-                      vocab_size: int = 2000) -> Path:
+def build_text_sample(out: str | Path = SAMPLE_DIR / NAME, n_train: int = 800, n_query: int = 200,
+                      noise: float = 0.1, seed: int = 0, epochs: int = 3, max_length: int = 32,
+                      vocab_size: int = 1000) -> Path:
     """Write the whole text sample project; replaces an existing one atomically."""
     from diffin_core.project.folder import Project
     from diffin_core.project.text import train_tokenizer

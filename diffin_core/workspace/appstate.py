@@ -56,6 +56,43 @@ def copy_sample(workspace: str | Path) -> Path:
     return dest
 
 
+TEXT_SAMPLE_NAME = "sms-spam-sample"
+
+
+def text_sample_dir(workspace: str | Path) -> Path:
+    """Where the text sample project lives in a workspace (built there or copied, once)."""
+    return Path(workspace) / TEXT_SAMPLE_NAME
+
+
+def text_sample_ready(workspace: str | Path) -> bool:
+    return (text_sample_dir(workspace) / CONFIG_NAME).is_file()
+
+
+def copy_text_sample(workspace: str | Path, progress=None) -> str:
+    """The text sample (SMS spam, project/sample_text.py) in the workspace: copied from
+    sample_data/sms-spam when that was built, else built there (tokenizer + the Trainer run,
+    about a minute on 2 CPU cores). Runs the sample's training code: call it in a child process
+    from the app (JobManager.submit_child). Returns the folder."""
+    from diffin_core.project.sample_text import NAME, SAMPLE_DIR, build_text_sample
+    dest = text_sample_dir(workspace)
+    if text_sample_ready(workspace):
+        return str(dest)
+    if progress:
+        progress(0, 1, "building the SMS spam sample: tokenizer, then the Trainer run")
+    src = SAMPLE_DIR / NAME
+    if (src / CONFIG_NAME).is_file():
+        tmp = dest.with_name(f".{dest.name}.copying")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports", "tokenized"))
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    else:
+        build_text_sample(dest)
+    if progress:
+        progress(1, 1, "built")
+    return str(dest)
+
+
 def safe_name(name: str) -> str:
     """A plain folder name from user text (letters, digits, - _ .), or a DiffinError."""
     clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name.strip()).strip("-.")
