@@ -61,6 +61,9 @@ def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
 
 
 VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs", "Training sample", "Class heatmap"]
+SEARCH = "Search"                 # text projects: find training samples by their text or id
+if project.kind == "text":
+    VIEWS.insert(1, SEARCH)
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
 MAP_POINTS = 20_000
 
@@ -84,6 +87,12 @@ if view == VIEWS[0]:
                     col.image(ui.image(q.x[i]), width="stretch")
                     col.button(f"#{i}", key=f"explore_pick_{j}", on_click=st.session_state.__setitem__,
                                args=("explore_query", i))
+    elif project.kind == "text":
+        from _common import text_views as tv
+        with c[2]:
+            st.caption(f"query #{int(qi)} · label {ui.label_name(project, q.y[int(qi)])}")
+            st.html(tv.card_html(tv.texts(q, [int(qi)])[0], 400))
+        tv.query_picker(project, "explore_query")
     if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
         st.session_state["explore_topk_for"] = (run, int(qi))
     fast = iv.store(project, run) is not None          # the run's feature store: answers at once
@@ -140,7 +149,11 @@ if view == VIEWS[0]:
             st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 
 # --- map -----------------------------------------------------------------------------------
-elif view == VIEWS[1]:
+elif view == SEARCH:
+    from _common import text_views as tv
+    tv.search(project, scores, "explore_search", ui.label_name)
+
+elif view == VIEWS[VIEWS.index("Map")]:
     FEATURES = {"penultimate activations": "activations", "projected gradients": "gradients"}
     if iv.store(project, run) is not None:     # the feature pass's features: no gradient pass at all
         FEATURES = {"stored influence features": "stored", **FEATURES}
@@ -199,11 +212,20 @@ elif view == VIEWS[1]:
         if view_mode.startswith("Preview"):
             iv.hover_map(project, df, color, numeric, extra, colorbar if numeric else None)
             st.stop()
+        hover = ["sample_id", "label", "pred", "label_issue"]
+        if project.kind == "text":     # the hover shows the text (its first 120 characters)
+            from _common import text_views as tv
+            import html
+            df = df.assign(_text=[html.escape(t if len(t) <= 120 else t[:119] + "…") for t in
+                                  tv.texts(project.train, [ui.row_of(project, s) for s in df["sample_id"]])])
+            df["_text"] = df["_text"].str.replace("\n", " ")
+            hover.append("_text")
         fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
-                         custom_data=["sample_id", "label", "pred", "label_issue"],
+                         custom_data=hover,
                          render_mode="webgl", height=560, opacity=0.7, **extra)
         fig.update_traces(marker={"size": 4}, hovertemplate="sample %{customdata[0]} · label %{customdata[1]} · "
-                          "pred %{customdata[2]} · label_issue %{customdata[3]:.3g}<extra></extra>")
+                          "pred %{customdata[2]} · label_issue %{customdata[3]:.3g}"
+                          + ("<br>%{customdata[4]}" if project.kind == "text" else "") + "<extra></extra>")
         fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 20, "b": 0})
         if numeric:
             fig.update_layout(coloraxis_colorbar=colorbar)
@@ -220,7 +242,7 @@ elif view == VIEWS[1]:
             st.caption("Draw a lasso around points to list those samples here.")
 
 # --- histograms ----------------------------------------------------------------------------
-elif view == VIEWS[2]:
+elif view == "Histograms":
     cols = [c for c in ("influence", "self_influence", "label_issue", "loss") if scores[c].notna().any()]
     col = st.selectbox("Score", cols, key="explore_hist_col")
     group = (np.where(scores["label"] == scores["true_label"], "correct", "flipped")
@@ -244,7 +266,7 @@ elif view == VIEWS[2]:
     st.plotly_chart(fig, key="explore_hist")
 
 # --- compare -------------------------------------------------------------------------------
-elif view == VIEWS[3]:
+elif view == "Compare runs":
     names = [r.name for r in project.runs()]
     if len(names) < 2:
         st.info("Score with a second method to compare two runs.")
@@ -260,7 +282,7 @@ elif view == VIEWS[3]:
         st.dataframe(compare.disagreements(sa, sb, column, n=20), hide_index=True, key="explore_cmp_table")
 
 # --- one training sample: whom it helps and harms, and when in training ---------------------
-elif view == VIEWS[4]:
+elif view == "Training sample":
     ids = scores["sample_id"]
     default = (st.session_state.get("explore_last_topk") or [int(scores.sort_values("label_issue").iloc[-1]["sample_id"])])[0]
     st.session_state.setdefault("explore_sample", int(default))

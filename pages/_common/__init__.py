@@ -250,7 +250,7 @@ def image(x: np.ndarray) -> np.ndarray:
 
 
 def label_name(project: Project, y) -> str:
-    names = project.label_names
+    names = project.label_names or (project.train.classes if project.kind == "text" else None)
     y = int(y)
     return names[y] if names and 0 <= y < len(names) else str(y)
 
@@ -353,7 +353,11 @@ def row_of(project: Project, sample_id: int) -> int:
 
 
 def show_sample(project: Project, sample_id: int, width: int = 160) -> None:
-    """The picture of an image sample, or its feature row for tabular data."""
+    """The picture of an image sample, the whole text of a text sample, or its feature row."""
+    if project.kind == "text":
+        from _common import text_views
+        text_views.show_text(text_views.texts(project.train, [row_of(project, sample_id)])[0])
+        return
     x = project.train.x[row_of(project, sample_id)]
     if project.kind == "image":
         st.image(image(x), width=width)
@@ -383,6 +387,10 @@ def sample_grid(project: Project, table, columns: int = 8, score_col: str = "inf
     """Image grid (or rows for tabular data) with label, score and prediction under each sample."""
     if table is None or len(table) == 0:
         st.write("Nothing to show.")
+        return
+    if project.kind == "text":         # text cards: truncated text with expand, label, pred, score
+        from _common import text_views
+        text_views.text_grid(project, table, [row_of(project, s) for s in table["sample_id"]], score_col, label_name)
         return
     if project.kind != "image":
         st.dataframe(table, hide_index=True)
