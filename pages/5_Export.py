@@ -33,7 +33,8 @@ SOURCES = {"review": "Cleaned split: review decisions applied (excluded removed,
 source = st.radio("What to export", list(SOURCES), format_func=SOURCES.get, key="export_source")
 data_src = export.project_source(project)          # None: a folder source, written from the arrays
 own = data_src.format if data_src else None
-formats = list(export.FORMATS) if project.kind == "image" else ["npz", "csv", "parquet"]
+formats = (list(export.FORMATS) if project.kind == "image" else list(export.TEXT_FORMATS) if project.kind == "text"
+           else ["npz", "csv", "parquet"])
 if own in formats:                                 # the input's own format first: a faithful copy
     formats.remove(own)
     formats.insert(0, own)
@@ -56,7 +57,7 @@ elif source == "drop":
 default_name = {"review": "clean", "coreset": "coreset", "drop": "drop-harmful"}[source]
 default_name = f"{project.root.name}-{default_name}-{fmt}"
 name = st.text_input("File name (without extension)", value="", placeholder=default_name, key="export_name") or default_name
-ext = {"npz": ".npz", "csv": ".csv", "parquet": ".parquet", "imagefolder": ".zip"}[fmt]
+ext = {"npz": ".npz", "csv": ".csv", "tsv": ".tsv", "jsonl": ".jsonl", "parquet": ".parquet", "imagefolder": ".zip"}[fmt]
 out = project.root / "exports" / (re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "export")
 out = out.with_name(out.name + ext)
 
@@ -69,7 +70,8 @@ if st.button("Write export", key="export_write", type="primary"):
             info = project.run(run)
             extra.update(run=run, method=info.method, settings=info.meta.get("settings", {}),
                          scores={c: sc[c].tolist() for c in ("sample_id", "label_issue", "influence") if c in sc})
-        common = dict(label_names=project.label_names, image_shape=project.image_shape, source=data_src)
+        names = project.label_names or (tr.classes if project.kind == "text" else None)
+        common = dict(label_names=names, image_shape=project.image_shape, source=data_src)
         if source == "review":
             extra.update(review={"reviewers_per_sample": k_reviewers, "exported_by": ui.current_user().name,
                                  "unresolved_disagreements": log.disagreements()["sample_id"].astype(int).tolist()})

@@ -28,6 +28,18 @@ def _open_sample() -> None:  # a callback: runs before the page draws, so the li
         st.session_state["home_error"] = str(e)
 
 
+def _open_text_sample() -> None:
+    """The SMS spam sample: open it when built, else build it in the background job (a child
+    process: it trains a small transformer with the Trainer, about a minute)."""
+    if appstate.text_sample_ready(ws):
+        ui.set_project(appstate.text_sample_dir(ws))
+        st.session_state.pop("home_project", None)
+        return
+    st.session_state["home_text_job"] = ui.job_manager().submit_child(
+        "build", "diffin_core.workspace.appstate:copy_text_sample", (str(ws),),
+        label="build the SMS spam sample", project_dir=str(appstate.text_sample_dir(ws)))
+
+
 def _open_chosen() -> None:
     ui.set_project(ws / st.session_state["home_project"])
 
@@ -50,8 +62,28 @@ with right:
     st.write("MNIST, 4,000 training digits with 10% of labels flipped on purpose, and a small CNN "
              "with 12 SGD checkpoints (MNIST: LeCun, Cortes & Burges).")
     st.button("Try the sample project", key="home_sample", type="primary", on_click=_open_sample)
+    st.write("Text: 800 real SMS messages (ham or spam) with 10% of labels flipped, and a 2-layer "
+             "transformer trained by the Hugging Face Trainer, recorded by `DiffinCallback` (SMS Spam "
+             "Collection: Almeida, Gómez Hidalgo & Yamakami, 2011, CC BY 4.0).")
+    st.button("Try the text sample (SMS spam)", key="home_text_sample", on_click=_open_text_sample,
+              help="Built in the background the first time (tokenizer + a short training run, about a minute).")
     if "home_error" in st.session_state:
         st.error(st.session_state.pop("home_error"))
+    if st.session_state.get("home_text_job"):
+        @st.fragment(run_every=1.0)
+        def _text_build():
+            job = ui.job_manager().get(st.session_state["home_text_job"])
+            if job is None or job.status in ("done", "failed", "cancelled"):
+                st.session_state.pop("home_text_job", None)
+                if job is not None and job.status == "failed":
+                    st.session_state["home_error"] = f"Building the text sample failed: {job.error}"
+                elif appstate.text_sample_ready(ws):
+                    ui.set_project(appstate.text_sample_dir(ws))
+                    st.session_state.pop("home_project", None)
+                st.rerun(scope="app")
+            st.progress(job.fraction, text=f"Building the SMS spam sample in the background: {job.status}"
+                        + (f" · {job.message}" if job.message else ""))
+        _text_build()
 
 opened = (st.session_state.get("project_dir") or st.query_params.get("project")
           or appstate.last_project(ws))  # the workspace's only project opens by itself
