@@ -120,7 +120,8 @@ def train(train_x, train_y, seed, checkpoint_dir):
         args = TrainingArguments(output_dir=out, num_train_epochs=EPOCHS, per_device_train_batch_size=BATCH,
                                  learning_rate=LR, warmup_steps=WARMUP, lr_scheduler_type="linear",
                                  max_grad_norm=1.0, weight_decay=0.0, seed=int(seed), save_strategy="no",
-                                 logging_strategy="no", report_to=[], disable_tqdm=True)
+                                 logging_strategy="no", report_to=[], disable_tqdm=True,
+                                 dataloader_pin_memory=False)
         trainer = Trainer(model=model, args=args, train_dataset=Rows(train_x, train_y))
         every = max(1, EPOCHS * math.ceil(len(train_y) / BATCH) // CHECKPOINTS)
         trainer.add_callback(DiffinCallback(checkpoint_dir, folder=".", every=every))

@@ -1,0 +1,106 @@
+"""Text in every page (AppTest): the text sample opens from Home; Explore shows text cards and
+finds samples by a piece of their text or by id; Review shows the whole text; Export writes the
+input's own format, byte for byte except the decisions."""
+from __future__ import annotations
+
+import html
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
+from text_fixtures import text_project, text_sample  # noqa: F401
+
+from diffin_core.workspace.review import ReviewLog
+
+pytestmark = pytest.mark.slow
+
+
+def html_bodies(at) -> list[str]:
+    return [e.proto.body for e in at.get("html")]
+
+
+@pytest.fixture
+def opened(workspace, text_project):
+    """The scored text sample, opened from Home's "Try the text sample" button."""
+    assert text_project.parent == workspace
+    at = new_app()
+    at.button(key="home_text_sample").click().run()
+    assert at.session_state["project_dir"] == str(text_project.resolve())
+    assert not at.exception
+    return at
+
+
+def wait_jobs(at, jm, seconds=240):
+    deadline = time.monotonic() + seconds
+    while jm.active() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    at.run()
+
+
+def test_explore_text_cards_search_and_topk(opened, text_project, jobs):
+    at = opened
+    train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    at.switch_page("pages/3_Explore.py").run()
+    at.selectbox(key="explore_run").set_value("tracin-1").run()
+    assert "Search" in at.radio(key="explore_view").options
+    q0 = pd.read_csv(text_project / "data/query.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)["text"][0]
+    assert any(html.escape(q0[:40]) in b for b in html_bodies(at))     # the query's text
+    at.button(key="explore_topk").click().run()
+    wait_jobs(at, jobs)
+    assert not at.exception, at.exception
+    cards = [b for b in html_bodies(at) if "diffin-text" in b]
+    assert len(cards) >= 1 + 2 * 8                                       # the query + two grids of 8 cards
+    assert any("· label **" in c and " · pred " in c and "influence" in c for c in texts(at.caption))
+
+    at.radio(key="explore_view").set_value("Search").run()
+    word = "call"
+    at.text_input(key="explore_search_q").set_value(word.upper()).run()     # case-insensitive
+    hits = train[train["text"].str.casefold().str.contains(word)]
+    assert any(f"**{len(hits)} match" in m for m in texts(at.markdown))
+    sid = int(train["sample_id"][3])
+    at.text_input(key="explore_search_q").set_value(f"#{sid}").run()
+    assert any("**1 match**" in m for m in texts(at.markdown))
+    assert any(f"#{sid} · label" in c for c in texts(at.caption))
+    at.text_input(key="explore_search_q").set_value("zzqqxx-no-such-text").run()
+    assert any("No training sample matches" in m for m in texts(at.info))
+
+
+def test_review_shows_the_whole_text_and_export_is_faithful(opened, text_project):
+    at = opened
+    at.switch_page("pages/4_Review.py").run()
+    train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    text_of = dict(zip(train["sample_id"].astype(int), train["text"]))
+    decided = []
+    for action in ("exclude", "exclude", "keep", "relabel", "exclude"):
+        sid = int(next(h for h in texts(at.subheader) if h.startswith("Sample ")).split()[1])
+        full = [b for b in html_bodies(at) if "diffin-text-full" in b]
+        assert len(full) == 1 and html.escape(text_of[sid]) in full[0]      # the whole text, escaped
+        at.button(key=f"review_{action}").click().run()
+        decided.append((sid, action))
+    assert not at.exception
+    at.switch_page("pages/5_Export.py").run()
+    assert at.selectbox(key="export_format").value == "tsv"
+    at.button(key="export_write").click().run()
+    out = next(p for p in (text_project / "exports").iterdir() if p.suffix == ".tsv")
+    src_lines = (text_project / "data/train.tsv").read_bytes().split(b"\n")
+    got_lines = out.read_bytes().split(b"\n")
+    state = ReviewLog(text_project).state()
+    excluded = {s for s, a in decided if a == "exclude"}
+    relabelled = {s for s, a in decided if a == "relabel"}
+    expect = [src_lines[0]]
+    for ln in src_lines[1:]:
+        if not ln:
+            expect.append(ln)
+            continue
+        sid, label, rest = ln.split(b"\t", 2)
+        if int(sid) in excluded:
+            continue
+        if int(sid) in relabelled:
+            label = [b"ham", b"spam"][int(state.loc[int(sid), "label"])]
+        expect.append(b"\t".join([sid, label, rest]))
+    assert got_lines == expect
+    man = json.loads(out.with_name(out.stem + ".decisions.json").read_text())
+    assert man["faithful"] and man["n_written"] == 160 - len(excluded)
