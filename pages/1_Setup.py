@@ -29,8 +29,11 @@ st.caption(f"Project folder: `{folder}`")
 messages = st.session_state.setdefault("setup_messages", {})
 SPECS = [("model", "Model: model.py (with build()) or model.pt2 (torch.export)", False),
          ("checkpoint", "Checkpoints: several .safetensors / .pt / .pth files, or one .zip", True),
-         ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png)", False),
-         ("query", "Query data (the samples whose loss influence is measured): same formats", False)]
+         ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png); text: .csv, "
+                   ".tsv, .jsonl or .parquet with a text column and a 'label' column", False),
+         ("query", "Query data (the samples whose loss influence is measured): same formats", False),
+         ("tokenizer", "Text data only: a tokenizer (a .zip of a Hugging Face tokenizer folder, or its "
+                       "tokenizer.json). Without one, diffin trains a WordPiece tokenizer on the train texts.", False)]
 
 for role, label, multiple in SPECS:
     # no type= filter: the engine checks the kind itself and says what is wrong in one line
@@ -66,11 +69,15 @@ if draft.get("train_info", {}).get("kind") == "tabular":
         except ValueError:
             st.error(f"image shape {raw!r}: write three whole numbers like 1,28,28")
 
+max_length = 128
+if draft.get("train_info", {}).get("kind") == "text":
+    max_length = int(st.number_input("Tokens per text (max_length; longer texts are cut and counted)", 8, 4096, 128,
+                                     key="setup_max_length"))
 missing = uploads.missing_parts(folder)
 if missing:
     st.info(f"Still needed: {', '.join(missing)}.")
 if st.button("Create project", key="setup_finish", type="primary", disabled=bool(missing)):
-    problems = usercode.finish(folder, edited, image_shape=shape)   # builds the model in a child
+    problems = usercode.finish(folder, edited, image_shape=shape, max_length=max_length)   # builds the model in a child
     for p in problems:
         st.error(p)
     if not problems:

@@ -6,6 +6,8 @@ place, so a bad file leaves the project folder exactly as it was. Roles and dest
     model       model.py (defines build()) or model.pt2 (torch.export)  -> <project>/model.*
     checkpoint  .safetensors / .pt / .pth, or a .zip of them             -> checkpoints/<name>
     train/query .npz / .csv / .parquet, or an ImageFolder .zip           -> data/<role>.<ext>
+                text: .csv / .tsv / .jsonl / .parquet with a text column and a label column
+    tokenizer   a Hugging Face tokenizer: a .zip of its folder, or its tokenizer.json -> tokenizer/
 
 What the checks learn (step/lr read from a checkpoint, image shape, class names) goes into the
 draft ``<project>/.setup.json``; ``finish`` turns the draft plus the step/lr table into
@@ -32,13 +34,16 @@ from diffin_core.errors import DiffinError
 from diffin_core.workspace.export import IMAGES_SUFFIX
 
 DRAFT = ".setup.json"
-ROLES = ("model", "checkpoint", "train", "query")
+ROLES = ("model", "checkpoint", "train", "query", "tokenizer")
+DATA_SUFFIXES = (".npz", ".csv", ".tsv", ".jsonl", ".parquet", ".zip")
 SUFFIXES = {"model": (".py", ".pt2"), "checkpoint": CHECKPOINT_SUFFIXES + (".zip",),
-            "train": (".npz", ".csv", ".parquet", ".zip"), "query": (".npz", ".csv", ".parquet", ".zip")}
+            "train": DATA_SUFFIXES, "query": DATA_SUFFIXES, "tokenizer": (".zip", ".json")}
 WHAT = {"model": "a model (model.py with build(), or model.pt2)",
         "checkpoint": "a checkpoint (.safetensors, .pt, .pth, or a .zip of them)",
-        "train": "data (.npz, .csv, .parquet, or an ImageFolder .zip)",
-        "query": "data (.npz, .csv, .parquet, or an ImageFolder .zip)"}
+        "train": "data (.npz, .csv, .tsv, .jsonl, .parquet, or an ImageFolder .zip)",
+        "query": "data (.npz, .csv, .tsv, .jsonl, .parquet, or an ImageFolder .zip)",
+        "tokenizer": "a tokenizer (a .zip of a Hugging Face tokenizer folder, or its tokenizer.json)"}
+TEXT_ONLY = (".tsv", ".jsonl")
 
 
 # --- the draft -----------------------------------------------------------------------------
@@ -103,11 +108,63 @@ def check_checkpoint(path: Path, label: str, model=None) -> dict:
     return {"step": None if step is None else int(step), "lr": lr}
 
 
+def _columns(path: Path) -> list[str]:
+    """The column names of a text data file (its header, first JSON object, or schema)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            import csv
+            with open(path, encoding="utf-8", newline="") as fh:
+                return next(csv.reader(fh, delimiter="," if suffix == ".csv" else "\t"), [])
+        if suffix == ".jsonl":
+            with open(path, encoding="utf-8") as fh:
+                first = json.loads(fh.readline() or "{}")
+            return list(first) if isinstance(first, dict) else []
+        import pyarrow.parquet as pq
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except (UnicodeDecodeError, ValueError, OSError) as e:
+        raise DiffinError(f"cannot read the column names ({type(e).__name__})", path) from None
+
+
+def check_text_data(path: Path, label: str, text_column: str | None = None) -> dict:
+    """A text split: the text column ("text", else the string column with the longest texts),
+    the label column "label", every row checked by the text reader (empty or missing texts,
+    bytes that are not UTF-8: one line naming the row); labels as indices or class names."""
+    from diffin_core.project.text import TextOptions, label_indices, read_text_table
+    cols = _columns(path)
+    if "label" not in cols:
+        raise DiffinError(f"a text split needs a 'label' column (it has {cols[:8]})", label)
+    candidates = [c for c in cols if c not in ("label", "sample_id", "true_label")]
+    if text_column is None:
+        if "text" in candidates:
+            text_column = "text"
+        elif candidates:
+            from diffin_core.workspace.textexport import read_table
+            df = read_table(path).head(200)
+            lengths = {c: df[c].astype(str).str.len().mean() for c in candidates if df[c].dtype == object
+                       or str(df[c].dtype).startswith("str")}
+            text_column = max(lengths, key=lengths.get) if lengths else None
+    if text_column is None:
+        raise DiffinError(f"no text column found (columns: {cols[:8]})", label)
+    try:
+        table = read_text_table(path, TextOptions(text_column=text_column, label_column="label"))
+        y, classes = label_indices(table.labels, None, path, table.lines)
+    except DiffinError as e:
+        raise DiffinError(e.problem, label) from None
+    return {"kind": "text", "n": len(y), "text_column": text_column, "label_column": "label",
+            "classes": classes, "num_labels": len(classes) if classes else int(y.max()) + 1,
+            "min_label": 0 if classes else int(y.min()), "sample_shape": ["text"]}
+
+
 def check_data(path: Path, label: str) -> dict:
     """Load one split; returns what it tells about the project (kind, image_shape, size)."""
+    if path.suffix.lower() in TEXT_ONLY:
+        return check_text_data(path, label)
     try:
         split = load_split(path)
     except DiffinError as e:
+        if path.suffix.lower() in (".csv", ".parquet") and "holds text" in e.problem:
+            return check_text_data(path, label)          # a text column: a text classifier's data
         raise DiffinError(e.problem, label) from None
     x = split.x
     info = {"n": len(split), "num_labels": int(split.y.max()) + 1, "min_label": int(split.y.min()),
@@ -185,7 +242,7 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj) -> str:
             shutil.copyfileobj(fileobj, out, 1 << 20)
         if tmp.stat().st_size == 0:
             raise DiffinError("the file is empty (0 bytes)", name)
-        return {"model": _store_model, "checkpoint": _store_checkpoint}.get(role, _store_data)(
+        return {"model": _store_model, "checkpoint": _store_checkpoint, "tokenizer": _store_tokenizer}.get(role, _store_data)(
             project_dir, role, name, tmp, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -221,6 +278,38 @@ def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
     _write_draft(project_dir, draft)
     params = sum(p.numel() for p in model.parameters())
     return f"{name}: model OK ({type(model).__name__}, {params:,} parameters)"
+
+
+def _store_tokenizer(project_dir: Path, role, name, tmp: Path, staging: Path) -> str:
+    """A Hugging Face tokenizer into <project>/tokenizer/ (replacing one there), checked by
+    loading it with AutoTokenizer from local files only."""
+    from diffin_core.project.text import has_tokenizer, load_tokenizer
+    folder = staging / "tokenizer"
+    if tmp.suffix.lower() == ".zip":
+        from diffin_core.workspace.safezip import safe_extract
+        try:
+            root = Path(safe_extract(tmp, staging / "unzipped"))
+        except DiffinError as e:
+            raise DiffinError(e.problem, name) from None
+        found = [d for d in [root, *sorted(p for p in root.rglob("*") if p.is_dir())] if has_tokenizer(d)]
+        if not found:
+            raise DiffinError("the zip holds no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)", name)
+        shutil.move(str(found[0]), folder)
+    else:
+        folder.mkdir()
+        shutil.move(str(tmp), folder / "tokenizer.json")
+    try:
+        tok = load_tokenizer(folder)
+    except DiffinError as e:
+        raise DiffinError(e.problem, name) from None
+    old = project_dir / "tokenizer"
+    if old.exists():
+        shutil.rmtree(old)
+    _place(project_dir, folder, "tokenizer")
+    draft = read_draft(project_dir)
+    draft["tokenizer"] = "tokenizer"
+    _write_draft(project_dir, draft)
+    return f"{name}: tokenizer OK ({type(tok).__name__}, {len(tok):,} tokens)"
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:
@@ -293,7 +382,9 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
     draft[f"{role}_info"] = info
     draft.update(extra)
     _write_draft(project_dir, draft)
-    shape = f"images {info['image_shape']}" if info["kind"] == "image" else f"{info['features']} features"
+    shape = (f"images {info['image_shape']}" if info["kind"] == "image" else
+             f"texts in column {info['text_column']!r}, labels {info['classes'] or 'as indices'}"
+             if info["kind"] == "text" else f"{info['features']} features")
     return f"{name}: {role} data OK ({info['n']:,} samples, {shape})"
 
 
@@ -345,7 +436,7 @@ def missing_parts(project_dir: str | Path) -> list[str]:
 
 
 def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] | None = None,
-           name: str | None = None) -> list[str]:
+           name: str | None = None, max_length: int = 128) -> list[str]:
     """Write manifest.json and diffin.toml from the draft and the step/lr ``table``; returns the
     problems (empty = the project loads). With problems, the previous files are put back."""
     from diffin_core.project.folder import CONFIG_NAME, Project
@@ -360,15 +451,23 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
             return [f"{row.file}: fill in its step and learning rate in the table"]
         ckpts.append(Checkpoint(str(row.file), int(row.step), float(row.lr)))
     info = draft["train_info"]
-    try:
-        shape, classes = fit_input(project_dir / draft["model"], project_dir / draft["train"], image_shape)
-    except DiffinError as e:
-        return [str(e)]
-    kind = "image" if shape else "tabular"
+    if info.get("kind") == "text":      # the model is checked by Project.validate below (tokenised data)
+        shape, classes, kind = None, info["num_labels"], "text"
+    else:
+        try:
+            shape, classes = fit_input(project_dir / draft["model"], project_dir / draft["train"], image_shape)
+        except DiffinError as e:
+            return [str(e)]
+        kind = "image" if shape else "tabular"
     lines = [f'[project]\nname = {json.dumps(name or project_dir.name)}\n',
              "[model]\n" + ('factory = "model.py:build"' if draft["model"] == "model.py" else 'program = "model.pt2"')
              + '\nloss = "cross_entropy"\n',
              f'[data]\ntrain = "{draft["train"]}"\nquery = "{draft["query"]}"\nkind = "{kind}"\nnum_classes = {classes}']
+    if kind == "text":                  # tokenised once at the first load, by the tokenizer uploaded or trained
+        lines[-1] += (f"\ntext_column = {json.dumps(info['text_column'])}\nlabel_column = \"label\""
+                      f"\ntokenizer = \"tokenizer\"\nmax_length = {int(max_length)}\ntruncation = true")
+        if info.get("classes") and not draft.get("label_names"):
+            lines[-1] += f"\nlabel_names = {json.dumps(info['classes'])}"
     if shape:
         lines[-1] += f"\nimage_shape = {json.dumps([int(s) for s in shape])}"
     if draft.get("label_names"):

@@ -259,10 +259,11 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
 
 
 def finish(project_dir: str | Path, table, image_shape=None, name: str | None = None,
-           timeout: float | None = None) -> list[str]:
+           timeout: float | None = None, max_length: int = 128) -> list[str]:
     """``uploads.finish`` (which builds the model to check the project loads) in a child."""
     try:
         return run("diffin_core.workspace.uploads:finish", str(project_dir), table, image_shape, name,
-                   timeout=timeout or MODEL_TIMEOUT_S, what="checking the project (model.py)")
+                   timeout=timeout or MODEL_TIMEOUT_S, what="checking the project (model.py)",
+                   max_length=int(max_length))
     except DiffinError as e:
         return [str(e)]
