@@ -113,7 +113,15 @@ class DiffinCallback(TrainerCallback):
         every = self.every or max(1, int(state.max_steps) // 20)
         self.max_grad_norm = float(args.max_grad_norm or 0.0)
         self.label_smoothing = float(args.label_smoothing_factor or 0.0)
-        self.rec = Recorder(self.project_dir, model, inner, train_size=n, every=every, folder=self.folder)
+        import inspect
+        kwargs = {}
+        problem = getattr(getattr(model, "config", None), "problem_type", None)
+        self.loss_known = problem in (None, "single_label_classification")
+        if self.loss_known and "loss" in inspect.signature(Recorder.__init__).parameters:
+            # the Trainer's loss: the model's mean cross-entropy, or its LabelSmoother (the same
+            # as torch's label_smoothing) when label_smoothing_factor > 0
+            kwargs["loss"] = torch.nn.CrossEntropyLoss(label_smoothing=self.label_smoothing)
+        self.rec = Recorder(self.project_dir, model, inner, train_size=n, every=every, folder=self.folder, **kwargs)
         self.rec.manifest.extra["batch_size"] = int(args.per_device_train_batch_size * args.gradient_accumulation_steps)
         self.rec.__enter__()
         self._tap_loader(train_dataloader)
@@ -166,8 +174,11 @@ class DiffinCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # clip_grad_norm_ has run, but the norm is the one the hooks saw after the last backward
         if self.max_grad_norm > 0:
-            self.grad_norms.append(float(np.sqrt(sum(self._sq_norms.values()))))
+            norm = float(np.sqrt(sum(self._sq_norms.values())))
+            self.grad_norms.append(norm)
             self._sq_norms.clear()
+            if hasattr(self.rec, "note_clip"):        # the Recorder models the clip factor per step
+                self.rec.note_clip(min(1.0, self.max_grad_norm / (norm + 1e-6)), self.max_grad_norm, 2.0, True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.rec is None:
@@ -220,6 +231,9 @@ class DiffinCallback(TrainerCallback):
             "grad_norms": "grad_norms.npy" if self.max_grad_norm > 0 else None,
             "clipped_steps": int((self.clip_factors() < 1).sum()),
             "label_smoothing": self.label_smoothing,
+            "loss": ("cross_entropy" if self.loss_known else
+                     f"not cross-entropy (problem_type {getattr(getattr(self.rec.model, 'config', None), 'problem_type', None)!r}): "
+                     "state it in diffin.toml [model] loss"),
             "per_device_train_batch_size": int(args.per_device_train_batch_size),
             "gradient_accumulation_steps": int(args.gradient_accumulation_steps),
             "dataloader_drop_last": bool(args.dataloader_drop_last),
