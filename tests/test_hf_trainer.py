@@ -109,6 +109,12 @@ def test_batch_order_is_the_rows_the_trainer_used(tmp_path):
     norms = np.load(tmp_path / "proj/checkpoints/grad_norms.npy")
     assert np.allclose(norms, spy.logged, rtol=1e-4)               # the Trainer's own pre-clip norms
     assert info["clipped_steps"] == int((norms > 0.05).sum()) > 0
+    from diffin_core.project.checkpoints import Recorder
+    if hasattr(Recorder, "note_clip"):            # the per-group Recorder (issue 17) models both
+        raw = json.loads((tmp_path / "proj/checkpoints/manifest.json").read_text())
+        assert raw["clip"]["max_norm"] == 0.05 and raw["loss"]["label_smoothing"] == 0.1
+        factors = np.load(tmp_path / "proj/checkpoints" / raw["clip"]["factors"])
+        np.testing.assert_allclose(factors[:15], np.minimum(1, 0.05 / (norms + 1e-6)), rtol=1e-12)
 
 
 def test_drop_last_and_no_accumulation(tmp_path):
