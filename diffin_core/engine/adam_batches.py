@@ -8,6 +8,9 @@ c1 = 1 - b1^t, c2 = 1 - b2^t, D = 1 / (sqrt(v_s / c2) + eps), rho = 1 - lr lambd
     dg  = H dtheta (+ lambda dtheta, Adam's coupled decay) - r_s
     dm' = b1 dm + (1 - b1) dg            dv' = b2 dv + 2 (1 - b2) G_s * dg     (G_s: B_s's gradient)
     dtheta' = rho dtheta - lr / c1 D dm' + lr Gamma dv',   Gamma = (m_s / c1) D^2 / (2 sqrt(v_s / c2) c2)
+Per-group lr and weight decay (ctx.groups) make lr and lambda per-coordinate vectors; gradient
+clipping (ctx.clip, the recorded factor f of each step) makes the step's gradient f G_s, whose
+adjoint is f (w - [f < 1] g^ <g^, w>), g^ = G_s / ||G_s|| (a clipped step's norm is fixed).
 The adjoint (ut, um, uv) starts at (g_Q(theta_T), 0, 0) and goes back step by step:
     am = um - lr / c1 D ut      av = uv + lr Gamma ut      w_s = (1 - b1) am + 2 (1 - b2) G_s * av
     ut <- rho ut + H w_s (+ lambda w_s)      um <- b1 am      uv <- b2 av
@@ -76,8 +79,44 @@ def interval(ctx, k: int) -> tuple[int, int]:
     return a, max(a, b)
 
 
-def _coupled(ctx) -> float:
-    return ctx.recipe.weight_decay if not ctx.recipe.decoupled else 0.0
+def _coupled(ctx, like: torch.Tensor | None = None):
+    """Adam's coupled weight decay: a scalar, or (P,) per coordinate with per-group hyper-parameters."""
+    if ctx.recipe.decoupled:
+        return 0.0
+    groups = getattr(ctx, "groups", None)
+    if groups is not None:
+        return groups.decay_vector(None if like is None else like.device, None if like is None else like.dtype)
+    return ctx.recipe.weight_decay
+
+
+def _decoupled(ctx, like: torch.Tensor):
+    """AdamW's decoupled weight decay lambda: a scalar, or (P,) per coordinate (per-group)."""
+    if not ctx.recipe.decoupled:
+        return 0.0
+    groups = getattr(ctx, "groups", None)
+    return groups.decay_vector(like.device, like.dtype) if groups is not None else ctx.recipe.weight_decay
+
+
+def _lr(ctx, s: int, like: torch.Tensor):
+    """Step s's lr: the scalar, or (P,) per coordinate with per-group lrs (0 where frozen)."""
+    groups = getattr(ctx, "groups", None)
+    return groups.step_lr_vector(s, like.device, like.dtype) if groups is not None else float(ctx.step_lrs[s])
+
+
+def _clip(ctx, s: int) -> float:
+    """Gradient clipping's recorded factor of step s (1 without clipping): the step uses f g_s."""
+    clip = getattr(ctx, "clip", None)
+    return 1.0 if clip is None else float(clip[s])
+
+
+def _clip_adjoint(w: torch.Tensor, g: torch.Tensor, f: float) -> torch.Tensor:
+    """The adjoint of clipping's map g -> f(g) g at a step: f w, and when the step was clipped
+    (f < 1: f g has norm max_norm whatever g's norm) minus its component along g^ = g / ||g||,
+    f (w - g^ <g^, w>) (the norm's dependence on z)."""
+    if f >= 1.0:
+        return w
+    gh = g.to(w.dtype) / torch.linalg.vector_norm(g.to(w.dtype)).clamp_min(1e-300)
+    return f * (w - gh * torch.dot(gh, w))
 
 
 def _batch(ctx, s: int):
@@ -136,7 +175,7 @@ class _Replay:
         ctx = self.ctx
         theta, m, v = state
         _j, th = self.theta_at(s, theta)
-        gd = g.to(self.acc) + _coupled(ctx) * th
+        gd = _clip(ctx, s) * g.to(self.acc) + _coupled(ctx, th) * th
         if self.first_recorded is not None and s == self.first_recorded:
             m, v, _ = ctx.moments[self.k]
             m, v = m.clone(), v.clone()
@@ -145,11 +184,10 @@ class _Replay:
             v = self.b2 * v + (1 - self.b2) * gd * gd
         if self.held:
             return theta, m, v
-        lr, lam = float(ctx.step_lrs[s]), ctx.recipe.weight_decay
+        lr, lam = _lr(ctx, s, theta), _decoupled(ctx, theta)
         t = s + 1 + self.offset
         c1, c2 = 1.0 - self.b1 ** t, 1.0 - self.b2 ** t
-        if ctx.recipe.decoupled and lam:
-            theta = theta * (1.0 - lr * lam)
+        theta = theta * (1.0 - lr * lam)
         theta = theta - (lr / c1) * m / ((v / c2).clamp_min(0).sqrt() + ctx.recipe.eps)
         return theta, m, v
 
@@ -213,7 +251,7 @@ def segment(ctx, k: int, carry):
     if hi <= lo:
         return rows_out, carry, record
     b1, b2 = rep.b1, rep.b2
-    eps, lam = ctx.recipe.eps, ctx.recipe.weight_decay
+    eps = ctx.recipe.eps
     block = max(1, int(math.ceil(math.sqrt(hi - lo))))
     entry: dict[int, tuple] = {}                 # the state entering each block start in [lo, hi)
     state = rep.entry
@@ -227,23 +265,24 @@ def segment(ctx, k: int, carry):
         _end, steps = rep.run(b, min(b + block, hi), entry[b], keep=True)
         for s, rows, x, y, j, theta, g, m, v in reversed(steps):
             fm = ctx.fm_at(j)
-            lr = float(ctx.step_lrs[s])
+            lr, f = _lr(ctx, s, ut), _clip(ctx, s)
+            lam_c, lam_d = _coupled(ctx, ut), _decoupled(ctx, ut)
             t = s + 1 + rep.offset
             c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
             sq = (v / c2).clamp_min(0).sqrt()
             D = 1.0 / (sq + eps)
             gam = torch.where(sq > 0, (m / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
-            gd = g.to(ut.dtype) + _coupled(ctx) * theta.to(ut.dtype)
+            gd = f * g.to(ut.dtype) + lam_c * theta.to(ut.dtype)
             am = um - (lr / c1) * D * ut
             av = uv + lr * gam * ut
-            w = (1 - b1) * am + 2 * (1 - b2) * gd * av
-            wm, th = w.to(dt), theta.to(dt)
+            w = (1 - b1) * am + 2 * (1 - b2) * gd * av       # the adjoint of the step's gradient
+            wg = _clip_adjoint(w, g, f)                        # ... of the raw batch gradient (clipping)
+            wm, th = wg.to(dt), theta.to(dt)
             with no_tf32():
                 dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
                 hw = product(ctx, k, fm, th, x, y, g, "adam", hvp_state)(wm)
             rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
-            rho = 1.0 - lr * lam if ctx.recipe.decoupled else 1.0
-            ut = rho * ut + hw.to(ut.dtype) + _coupled(ctx) * w
+            ut = (1.0 - lr * lam_d) * ut + hw.to(ut.dtype) + lam_c * w
             um, uv = b1 * am, b2 * av
         if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
             raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")
