@@ -54,6 +54,21 @@ class Bar:
             self.bar.close()
 
 
+def _at_least(option: str, value, low) -> None:
+    """A one-line refusal of a count below its minimum (--k -5, --shortlist -4)."""
+    if value is not None and value < low:
+        raise DiffinError(f"{option} must be at least {low}, not {value}")
+
+
+def _fraction(option: str, value: float, zero_ok: bool = False, one_ok: bool = True) -> None:
+    """A one-line refusal of a fraction outside (0, 1] (or the given ends)."""
+    lo_ok = value >= 0 if zero_ok else value > 0
+    hi_ok = value <= 1 if one_ok else value < 1
+    if not (lo_ok and hi_ok) or value != value:
+        lo, hi = ("[0" if zero_ok else "(0"), ("1]" if one_ok else "1)")
+        raise DiffinError(f"{option} must be in {lo}, {hi}, not {value:g}")
+
+
 def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
               precision: str = "float32", hvp: str = "auto"):
     """ScoreSettings from the CLI options (--memory-budget '4GB', --batch-size 64, --precision bfloat16)."""
@@ -62,8 +77,15 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
     from diffin_core.engine.precision import dtype_of
     dtype_of(precision)                       # one-line error for an unknown precision
     from diffin_core.engine.hvp import check_mode
-    s = ScoreSettings(device=device, memory_budget=parse_bytes(memory_budget), precision=precision,
-                      hvp=check_mode(hvp))
+    from diffin_core.methods.base import pick_device
+    pick_device(device)                       # one line for a bad or missing device, before any work
+    budget = parse_bytes(memory_budget)
+    from diffin_core.engine.budget import MIN_BUDGET
+    if 0 < budget < MIN_BUDGET:               # plan_memory raises it: say so rather than silently
+        typer.echo(f"warning: --memory-budget {memory_budget} is below the minimum of {MIN_BUDGET // 2**20} MiB; "
+                   f"using {MIN_BUDGET // 2**20} MiB", err=True)
+        budget = MIN_BUDGET
+    s = ScoreSettings(device=device, memory_budget=budget, precision=precision, hvp=check_mode(hvp))
     if batch_size is not None:
         if batch_size < 1:
             from diffin_core.errors import DiffinError
@@ -88,7 +110,7 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
         bar.close()
 
 
-MEMORY_HELP = ("memory the engine may use, e.g. 4GB or 512MB (default: half the free RAM, 80%% of the "
+MEMORY_HELP = ("memory the engine may use, e.g. 4GB or 512MB (default: half the free RAM, 80 percent of the "
                "free VRAM); sets the chunk sizes, not the scores")
 PRECISION_HELP = ("forward passes that score the training set in bfloat16/float16 (autocast), used only if "
                   "a check against float32 on 256 rows passes (else float32, with a warning); HVPs stay float32")
@@ -146,6 +168,8 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Print the most helpful and most harmful training samples for query sample(s)."""
     from diffin_core.run.scoring import top_k
+    _at_least("--k", k, 1)
+    _at_least("--shortlist", shortlist, 0)
     over = _settings("auto", memory_budget, batch_size)
     bar = Bar()
     try:
@@ -167,6 +191,8 @@ def features_cmd(project: Path = typer.Argument(..., help="project folder"),
                  dim: int = typer.Option(2048, help="sketch dimension d"),
                  rank: int = typer.Option(32, help="stored Hessian eigenpairs per checkpoint")):
     """(Re)build a run's feature store (part of `diffin score` unless --no-features)."""
+    _at_least("--dim", dim, 1)
+    _at_least("--rank", rank, 1)
     from diffin_core.run.features import FeatureSettings, build_for_run
     from diffin_core.project.folder import Project
     bar = Bar()
@@ -193,6 +219,10 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
     """Copy a sample project into the workspace (building it if missing) and score it."""
     from diffin_core.project.folder import Project
     from diffin_core.project.sample import SAMPLE_DIR, build_sample_project
+    from diffin_core.methods.base import pick_device
+    from diffin_core.workspace.appstate import workspace_dir
+    pick_device(device)
+    workspace = workspace_dir(["--workspace", str(workspace)])   # made here; one line when it cannot be
     if sample not in ("mnist", "text"):
         raise DiffinError(f"--sample must be mnist or text, not {sample!r}")
     if sample == "text":
@@ -258,6 +288,7 @@ def clean_cmd(project: Path = typer.Argument(..., help="project folder"),
               out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the top FRACTION most likely mislabelled samples."""
+    _fraction("--fraction", fraction, one_ok=False)
     from diffin_core.tasks.curate import cleaning_selection
     flagged = cleaning_selection(_run_scores(project, run), fraction)
     _subset_export(project, run, out, fmt, ~flagged, f"cleaning: dropped the top {fraction:g} by label_issue",
@@ -271,6 +302,7 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
                out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the K samples most harmful for the query set."""
+    _at_least("--k", k, 1)
     from diffin_core.tasks.curate import drop_most_harmful, predicted_loss_change
     scores = _run_scores(project, run)
     removed = drop_most_harmful(scores, k)
@@ -294,6 +326,7 @@ def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
                 fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export a coreset of FRACTION of the samples, class-balanced: by default coverage-centric
     sampling (CCS) over the run's influence (tasks.coreset_keep)."""
+    _fraction("--fraction", fraction)
     from diffin_core.tasks.curate import coreset_keep, coreset_selection
     scores = _run_scores(project, run)
     rule = "random" if value == "random" else rule
@@ -313,6 +346,7 @@ def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs i
                k: int = typer.Option(20, help="remove the k most harmful samples"),
                seed: int = typer.Option(0, help="training seed for both retrains")):
     """Retrain without the K most harmful samples; print predicted vs actual query-loss change."""
+    _at_least("--k", k, 1)
     from diffin_core.tasks.curate import drop_most_harmful, verify_by_retraining
     scores = _run_scores(project, run)
     ids = scores["sample_id"].to_numpy()[drop_most_harmful(scores, k)]
@@ -335,6 +369,7 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="smoke version (
               workers: int = typer.Option(2, help="parallel worker processes"),
               out: Optional[Path] = typer.Option(None, help="results folder")):
     """Regenerate the benchmark tables and plots (benchmarks/run.py)."""
+    _at_least("--workers", workers, 1)
     import importlib.util
     from diffin_core.errors import DiffinError
     src = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
@@ -470,7 +505,35 @@ def _bare_ray(argv: list[str]) -> list[str]:
     return out
 
 
+def _guard_os_exit() -> None:
+    """A project's own code (model.py) calling ``os._exit`` ends the process with no traceback
+    and no message; in the CLI's process such a call says where it came from in one line and
+    exits with status 2. Calls from Python's and installed packages' code (and in forked
+    children) go through unchanged."""
+    import os
+    real, pid = os._exit, os.getpid()
+    if getattr(real, "_diffin_guard", False):
+        return
+    roots = tuple({str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+                  | {str(Path(__file__).resolve().parent)})
+
+    def _exit(code=0):
+        if os.getpid() == pid:
+            frame = sys._getframe(1)
+            src = str(Path(frame.f_code.co_filename).resolve())
+            if not src.startswith(roots):
+                sys.stderr.write(f"error: {src}: line {frame.f_lineno} called os._exit({code}), which ended diffin "
+                                 "mid-run (the run was not written)\n")
+                sys.stderr.flush()
+                real(2)
+        real(code)
+
+    _exit._diffin_guard = True
+    os._exit = _exit
+
+
 def main(argv=None) -> None:
+    _guard_os_exit()
     try:
         rc = app(args=_bare_ray(sys.argv[1:] if argv is None else argv), prog_name="diffin", standalone_mode=False)
     except DiffinError as e:

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from diffin_core.errors import DiffinError
 from diffin_core.project.data import Split
 from diffin_core.engine.functional import FunctionalModel
 from diffin_core.engine.recipe import Recipe
@@ -50,8 +51,26 @@ class ScoreSettings:
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: cuda, then mps, then cpu. A device string that is not a device, or names one
+    this machine lacks, is a one-line DiffinError (never torch's traceback)."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError, ValueError):
+            raise DiffinError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:N or mps)") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise DiffinError(f"--device {name}: this machine has no usable CUDA GPU "
+                                  f"(torch {torch.__version__}{'' if torch.version.cuda else ', a CPU-only build'})")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise DiffinError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+        elif dev.type == "mps":
+            mps = getattr(torch.backends, "mps", None)
+            if mps is None or not mps.is_available():
+                raise DiffinError(f"--device {name}: MPS (Apple GPU) is not available on this machine")
+        elif dev.type not in ("cpu",):
+            raise DiffinError(f"--device {name!r}: diffin runs on cpu, cuda or mps")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

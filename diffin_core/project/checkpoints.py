@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 import zipfile
 from collections import deque
 from dataclasses import dataclass, field
@@ -162,6 +163,20 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
     write_text(path, manifest.to_json())
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _unpickler_reason(text: str) -> str:
+    """What torch's weights_only unpickler refused, in whole words without ANSI escapes (its
+    message is a paragraph of advice with terminal colour codes)."""
+    text = _ANSI.sub("", text)
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if m:
+        return f"it references {m.group(1)}"
+    m = re.search(r"(Unsupported operand \d+)", text)
+    return m.group(1) if m else "the weights-only unpickler refused it"
+
+
 def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Load a state_dict and any metadata it carries (step, lr) without running pickled code.
 
@@ -188,9 +203,9 @@ def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DiffinError("refused: the .pt file holds pickled code or objects, not plain tensors "
-                              f"(weights_only load failed: {first[:120]})", path) from None
+                              f"({_unpickler_reason(str(e))}; diffin loads .pt only with weights_only=True: save "
+                              "the model's state_dict, or convert it to .safetensors)", path) from None
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
             raise DiffinError(f"corrupt or truncated checkpoint ({type(e).__name__})", path) from None
         state = obj
@@ -327,6 +342,13 @@ def load_batch_order(manifest: Manifest, train_size: int) -> BatchOrder | None:
     src = where.parent / manifest.batch_order
     if not src.is_file():
         raise DiffinError(f"the batch order file {manifest.batch_order!r} it names is missing", where)
+    with open(src, "rb") as fh:
+        head = fh.read(6)
+    if not zipfile.is_zipfile(src):       # np.load would call any non-zip "pickled (object) data"
+        what = ("a single .npy array" if head.startswith(b"\x93NUMPY") else "an empty file" if not head
+                else "not a zip archive")
+        raise DiffinError(f"batch order {manifest.batch_order!r} is not an .npz (it is {what}); it needs int "
+                          "arrays 'ids' and 'offsets' saved with np.savez", where)
     try:
         with np.load(src, allow_pickle=False) as z:
             ids, offsets = np.asarray(z["ids"]), np.asarray(z["offsets"])

@@ -19,6 +19,8 @@ The CLI and the app both open a folder through ``Project``; nothing else parses 
 """
 from __future__ import annotations
 
+import contextlib
+
 import difflib
 import importlib.util
 import sys
@@ -156,6 +158,31 @@ def load_source(path: str | Path, name: str) -> types.ModuleType:
     return module
 
 
+@contextlib.contextmanager
+def user_imports(folder: str | Path):
+    """While user code is imported or called: its folder on ``sys.path`` (so model.py may say
+    ``from nets import Net`` as it would run by itself) and no bytecode written anywhere (no
+    ``__pycache__`` in the project). The folder stays on the path afterwards, at the end, for
+    imports done lazily inside the model; a sibling module of another project folder with the
+    same name, imported earlier in this process, is dropped from ``sys.modules`` first."""
+    folder = str(Path(folder).resolve())
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if f and name.split(".")[0] == name and Path(f).parent.name != "site-packages":
+            parent = str(Path(f).resolve().parent)
+            if parent != folder and (Path(parent) / "diffin.toml").is_file() \
+                    and (Path(folder) / (name + ".py")).is_file():
+                del sys.modules[name]
+    old_path, old_bc = list(sys.path), sys.dont_write_bytecode
+    sys.path.insert(0, folder)
+    sys.dont_write_bytecode = True
+    try:
+        yield
+    finally:
+        sys.dont_write_bytecode = old_bc
+        sys.path[:] = old_path + ([folder] if folder not in old_path else [])
+
+
 @dataclass(frozen=True)
 class RunInfo:
     name: str
@@ -217,7 +244,8 @@ class Project:
             raise DiffinError(f"{what} file not found", src)
         name = f"diffin_user_{abs(hash(str(src)))}"
         try:
-            module = load_source(src, name)  # from source: no __pycache__ in the project folder
+            with user_imports(src.parent):   # siblings importable; no __pycache__ in the project folder
+                module = load_source(src, name)
         except Exception as e:
             raise DiffinError(f"importing it raised {type(e).__name__}: {e}", src) from None
         if not callable(getattr(module, fn, None)):
@@ -238,7 +266,8 @@ class Project:
         else:
             build, src = self.load_callable(model_cfg["factory"], "[model] factory")
             try:
-                model = build()
+                with user_imports(src.parent):
+                    model = build()
             except Exception as e:
                 raise DiffinError(f"{model_cfg['factory'].split(':')[1]}() raised {type(e).__name__}: {e}", src) from None
         if not isinstance(model, nn.Module):
@@ -391,6 +420,7 @@ class Project:
         for meta_path in sorted(self.runs_dir.glob("*/meta.json")):
             if meta_path.parent.name.startswith("."):   # temp folders, versions: never runs
                 continue
+            recover_dirs(meta_path.parent)              # a killed feature pass's .features.tmp-<pid>-*
             try:
                 meta = json.loads(meta_path.read_text())
             except (json.JSONDecodeError, OSError):

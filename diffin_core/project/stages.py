@@ -231,6 +231,19 @@ class Stages:
         if self.root is not None:
             shutil.rmtree(self.root, ignore_errors=True)
 
+    def remove_if_empty(self) -> None:
+        """After a failed job: drop the folder when it saved nothing to resume from (only its
+        settings.json), so a job that fails at once leaves no leftover behind."""
+        if self.root is None or not self.root.is_dir():
+            return
+        saved = [p for p in self.root.rglob("*") if p.is_file() and p.name != "settings.json"]
+        if not saved:
+            shutil.rmtree(self.root, ignore_errors=True)
+            try:
+                self.root.parent.rmdir()            # runs/.stages itself when nothing else is in it
+            except OSError:
+                pass
+
 
 class LazyPlan(Sequence):
     """Plan entries read from a stage folder on demand; at most ``keep`` stay in memory."""

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -154,7 +155,10 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
     progress = progress or (lambda d, t, m: None)
     out = Path(out)
     started = time.time()
-    tmp = out.parent / f".{out.name}.tmp-{int(started * 1000)}"
+    from diffin_core.project.atomic import recover_dirs
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dirs(out.parent)       # a feature pass killed earlier: its dead pid's temp folder goes
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"   # the pid: recover_dirs knows it
     tmp.mkdir(parents=True)
     try:
         views = hessian_views(ctx, settings.view_rank, settings.seed, progress)

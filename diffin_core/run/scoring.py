@@ -99,10 +99,14 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
     # a killed job with the same settings resumes from them (stages.py)
     ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
-    out = run_method(ctx, method, qx, q.y)
-    if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
-        from diffin_core.engine.adam_batches import decide
-        decide(ctx)
+    try:
+        out = run_method(ctx, method, qx, q.y)
+        if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
+            from diffin_core.engine.adam_batches import decide
+            decide(ctx)
+    except BaseException:
+        ctx.stages.remove_if_empty()     # failed before saving any stage: no leftover settings.json
+        raise
     df = scores_frame(project.train, out)
     meta = {
         "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),

@@ -26,7 +26,10 @@ def workspace_dir(argv: list[str] | None = None) -> Path:
         elif a.startswith("--workspace="):
             path = a.split("=", 1)[1]
     path = Path(path or os.environ.get(ENV_VAR) or "workspace").expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiffinError(f"cannot use it as the workspace folder ({e.strerror or e})", path) from None
     return path
 
 

@@ -1,0 +1,224 @@
+"""No CLI verb prints a traceback for its documented bad inputs (issue 20): each is one line
+"error: ..." on stderr and exit status 2. Plus the bad inputs of issue 20's sweep, each with
+its one-line message: a model.py importing a sibling module, leftovers after failures, os._exit
+in model.py, a too-small memory budget, the .pt refusal, a non-npz batch order, negative
+counts, and --help's percent sign."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffin_core.cli import app, main
+
+from helpers import make_tiny_project
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """The tiny project with a finished "loss-1" run (a few seconds)."""
+    from diffin_core.run.scoring import score
+    proj = make_tiny_project(tmp_path_factory.mktemp("cli") / "proj")
+    score(proj, "loss", run="loss-1")
+    return proj
+
+
+def run_cli(args, capsys, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        import io
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# (verb, arguments with P = the scored project, W = a workspace, F = a plain file, the message)
+CASES = [
+    ("score", ["{missing}"], r"no diffin.toml here"),
+    ("score", ["P", "-m", "nope"], r"unknown method 'nope'"),
+    ("score", ["P", "-m", "loss", "--device", "banana"], r"--device 'banana' is not a device"),
+    ("score", ["P", "-m", "loss", "--memory-budget", "lots"], r"memory budget 'lots' is not a size"),
+    ("score", ["P", "-m", "loss", "--batch-size", "0"], r"--batch-size must be at least 1, not 0"),
+    ("score", ["P", "-m", "loss", "--precision", "float8"], r"float8"),
+    ("top", ["P", "--run", "loss-1", "-q", "0", "--k", "-5"], r"--k must be at least 1, not -5"),
+    ("top", ["P", "--run", "loss-1", "-q", "0", "--shortlist", "-4"], r"--shortlist must be at least 0, not -4"),
+    ("top", ["P", "--run", "nope", "-q", "0"], r"nope"),
+    ("top", ["P", "--run", "loss-1", "-q", "999"], r"query index out of range: the query set has 30 samples"),
+    ("features", ["P", "--run", "loss-1", "--dim", "0"], r"--dim must be at least 1, not 0"),
+    ("features", ["P", "--run", "nope"], r"nope"),
+    ("demo", ["--workspace", "F", "-m", "loss"], r"cannot use it as the workspace folder"),
+    ("clean", ["P", "--run", "loss-1", "--fraction", "1.5", "--out", "W/c.npz"], r"--fraction must be in \(0, 1\), not 1.5"),
+    ("delete", ["P", "--run", "loss-1", "--k", "-1", "--out", "W/d.npz"], r"--k must be at least 1, not -1"),
+    ("coreset", ["P", "--run", "loss-1", "--fraction", "0", "--out", "W/c.npz"], r"--fraction must be in \(0, 1\], not 0"),
+    ("coreset", ["P", "--run", "loss-1", "--rule", "bogus", "--out", "W/c.npz"], r"unknown coreset rule 'bogus'"),
+    ("verify", ["P", "--run", "loss-1", "--k", "0"], r"--k must be at least 1, not 0"),
+    ("verify", ["P", "--run", "loss-1"], r"no \[train\] recipe"),
+    ("bench", ["--workers", "0"], r"--workers must be at least 1, not 0"),
+    ("users add", ["bob", "--role", "boss", "--workspace", "W", "--password-stdin"], r"unknown role 'boss'"),
+    ("users add", ["bob", "--role", "reviewer", "--workspace", "W", "--password-stdin"], r"at least 8 characters"),
+    ("users add", ["../bob", "--role", "reviewer", "--workspace", "W", "--password-stdin"], r"user name '../bob' is not allowed"),
+    ("users list", ["--workspace", "F"], r"cannot use it as the workspace folder"),
+    ("users remove", ["zed", "--workspace", "W"], r"no user 'zed'"),
+    ("users passwd", ["zed", "--workspace", "W", "--password-stdin"], r"no user 'zed'"),
+    ("users role", ["zed", "admin", "--workspace", "W"], r"no user 'zed'"),
+    ("serve-check", ["--address", "0.0.0.0", "--workspace", "W"], r"refusing to serve on 0.0.0.0 without accounts"),
+    ("review-settings", ["P", "-k", "0"], r"reviewers per sample must be 1 to 20, not 0"),
+    ("review-settings", ["{missing}"], r"no diffin.toml here"),
+]
+
+
+def test_the_table_covers_every_verb():
+    import typer.main
+    group = typer.main.get_command(app)
+    verbs = set()
+    for name, cmd in group.commands.items():
+        sub = getattr(cmd, "commands", None)
+        verbs |= {f"{name} {s}" for s in sub} if sub else {name}
+    tested = {v for v, _, _ in CASES} | {"methods"}       # methods takes no input (below)
+    assert verbs <= tested, f"verbs without a bad-input case: {sorted(verbs - tested)}"
+
+
+@pytest.mark.parametrize("verb,args,message", CASES, ids=[f"{v}:{' '.join(a)}" for v, a, _ in CASES])
+def test_bad_input_is_one_line_and_exit_2(verb, args, message, scored, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFIN_INSECURE_OPEN", raising=False)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a folder")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    subst = {"P": str(scored), "W": str(ws), "F": str(plain), "{missing}": str(tmp_path / "missing")}
+    argv = verb.split() + [subst.get(a, a.replace("W/", f"{ws}/")) for a in args]
+    code, out, err = run_cli(argv, capsys, stdin="short\n", monkeypatch=monkeypatch)
+    assert "Traceback" not in out + err
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_methods_lists_and_help_shows_no_doubled_percent(capsys):
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0 and "diffin" in out
+    code, out, _ = run_cli(["score", "--help"], capsys)
+    flat = " ".join(out.replace("│", " ").split())
+    assert "%%" not in out and "80 percent of the free VRAM" in flat, flat
+
+
+# --- issue 20's sweep, one test each ------------------------------------------------------------
+
+def test_model_py_may_import_a_sibling_module_and_no_bytecode_is_written(tmp_path, capsys):
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "nets.py").write_text("from diffin_core.engine.models import MLP\n\n\ndef make():\n"
+                                  "    return MLP(6, (8,), 3)\n")
+    (proj / "model.py").write_text("from nets import make\n\n\ndef build():\n    return make()\n")
+    code, out, err = run_cli(["score", proj, "-m", "loss", "--run", "sib"], capsys)
+    assert code == 0, err
+    assert (proj / "runs/sib/scores.parquet").is_file()
+    assert not list(proj.rglob("__pycache__")) and not list(proj.rglob("*.pyc"))
+    # the app's child process checks the project the same way
+    from diffin_core.workspace.usercode import check_project
+    assert check_project(str(proj)) == []
+    assert not list(proj.rglob("__pycache__"))
+
+
+def test_os_exit_in_model_py_says_so_in_one_line(tmp_path):
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "model.py").write_text("import os\n\n\ndef build():\n    os._exit(3)\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "diffin_core.cli", "score", str(proj), "-m", "loss"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "sample/s" not in ln and "it/s" not in ln]
+    assert lines[-1] == (f"error: {(proj / 'model.py').resolve()}: line 5 called os._exit(3), which ended diffin "
+                         "mid-run (the run was not written)"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_memory_budget_below_the_minimum_is_raised_with_a_warning(scored, capsys):
+    code, out, err = run_cli(["score", scored, "-m", "loss", "--run", "small-budget", "--memory-budget", "10MB"], capsys)
+    assert code == 0
+    assert "warning: --memory-budget 10MB is below the minimum of 64 MiB; using 64 MiB" in err
+    meta = json.loads((scored / "runs/small-budget/meta.json").read_text())
+    assert meta["settings"]["memory_budget"] == 64 * 2**20
+
+
+def test_pt_refusal_names_the_global_in_whole_words_without_escapes(tmp_path):
+    import torch
+    from diffin_core.errors import DiffinError
+    from diffin_core.project.checkpoints import read_state
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    f = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, f)
+    with pytest.raises(DiffinError) as e:
+        read_state(f)
+    msg = str(e.value)
+    assert "\x1b" not in msg and "\n" not in msg
+    assert msg == (f"{f}: refused: the .pt file holds pickled code or objects, not plain tensors (it references "
+                   "print; diffin loads .pt only with weights_only=True: save the model's state_dict, or convert "
+                   "it to .safetensors)")
+
+
+@pytest.mark.parametrize("content,what", [(b"ids,offsets\n1,2\n", "not a zip archive"), (b"", "an empty file"),
+                                          ("npy", "a single .npy array")])
+def test_a_batch_order_that_is_not_an_npz_says_what_it_is(tmp_path, content, what):
+    from diffin_core.errors import DiffinError
+    from diffin_core.project.checkpoints import load_batch_order, read_manifest
+    proj = make_tiny_project(tmp_path / "p")
+    m = json.loads((proj / "checkpoints/manifest.json").read_text())
+    m["batch_order"] = "order.npz"
+    (proj / "checkpoints/manifest.json").write_text(json.dumps(m))
+    target = proj / "checkpoints/order.npz"
+    if content == "npy":
+        with open(target, "wb") as fh:
+            np.save(fh, np.arange(10))
+    else:
+        target.write_bytes(content)
+    with pytest.raises(DiffinError, match=rf"batch order 'order.npz' is not an .npz \(it is {re.escape(what)}\); "
+                                          r"it needs int arrays 'ids' and 'offsets' saved with np.savez") as e:
+        load_batch_order(read_manifest(proj / "checkpoints/manifest.json"), 96)
+    assert "pickled" not in str(e.value)
+
+
+def test_a_killed_feature_pass_leaves_nothing_behind(scored, tmp_path):
+    from diffin_core.project.folder import Project
+    run = scored / "runs" / "loss-1"
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()                                               # a pid that is surely dead now
+    dead = run / f".features.tmp-{p.pid}-1700000000000000000"
+    (dead / "sub").mkdir(parents=True)
+    (dead / "train.npy").write_bytes(b"partial")
+    live = run / f".features.tmp-{os.getpid()}-1700000000000000001"  # a live writer's: left alone
+    live.mkdir()
+    Project(scored).runs()
+    assert not dead.exists() and live.exists()
+    shutil.rmtree(live)
+
+
+def test_a_failed_score_leaves_no_stage_folder(tmp_path, monkeypatch, capsys):
+    from diffin_core.errors import DiffinError
+    import diffin_core.run.scoring as scoring
+    proj = make_tiny_project(tmp_path / "p")
+
+    def boom(*a, **k):
+        raise DiffinError("the estimator refused this project")
+    monkeypatch.setattr(scoring, "run_method", boom)
+    code, _, err = run_cli(["score", proj, "-m", "loss"], capsys)
+    assert code == 2 and "the estimator refused this project" in err
+    stages = proj / "runs" / ".stages"
+    assert not stages.exists() or not any(stages.iterdir()), list(stages.rglob("*"))
