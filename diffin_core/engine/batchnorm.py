@@ -127,7 +127,8 @@ def effective_directional(fm: FunctionalModel, theta, x, y, v, cx, cy, through_s
 def _weighted_loss(fm, theta, x, y, w_stats, w_loss, running_values=False):
     with batch_statistics(fm.model, w_stats, running_values):
         logits = functional_call(fm.model, fm.unflatten(theta), (x,))
-    return (F.cross_entropy(logits, y, reduction="none") * w_loss).sum()
+    per = F.cross_entropy(logits, y, reduction="none") if fm.loss.plain else fm.loss(logits, y)
+    return (per * w_loss).sum()
 
 
 def train_mode_influence(ctx, qx, qy, x, y, context: int = 256, through_stats: bool = True) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 All derivatives come from torch.func. Shapes: ``theta`` is (P,) (the trainable parameters,
 flattened in ``named_parameters`` order); a batch is ``x`` (B, ...) and integer labels ``y`` (B,).
-Losses are per-sample cross-entropy in nats; batch losses are means over the batch.
+Losses are per-sample (the stated LossSpec: cross-entropy by default) in nats; batch losses are
+means over the batch.
 Buffers (BatchNorm running statistics) are fixed per checkpoint: ``with_buffers`` gives the
 same model bound to one checkpoint's buffers; the model always runs in eval mode.
 
@@ -23,6 +24,75 @@ from diffin_core.engine import precision
 from diffin_core.engine.models import eval_mode
 
 LOSSES = {"cross_entropy"}
+
+
+class LossSpec:
+    """The per-sample training loss every estimator differentiates (diffin.toml ``[model] loss``,
+    or the loss the Recorder recorded): cross-entropy with ``label_smoothing``, class ``weight``
+    and ``ignore_index`` (torch's meanings), or a user function ``fn(logits, y) -> (B,)``.
+
+    ``scale`` multiplies every per-sample loss: torch's mean with class weights (or an ignored
+    class) divides by the batch's weight sum, which diffin models by the training set's mean
+    weight (``scale = 1 / mean weight``; set by the scoring context from the training labels).
+    """
+
+    def __init__(self, name: str = "cross_entropy", label_smoothing: float = 0.0, weight=None,
+                 ignore_index: int = -100, fn=None, where: str = "", scale: float = 1.0):
+        self.name, self.label_smoothing, self.ignore_index = name, float(label_smoothing), int(ignore_index)
+        self.weight = None if weight is None else [float(w) for w in weight]
+        self.fn, self.where, self.scale = fn, where, float(scale)
+        self._w: dict = {}
+
+    @property
+    def plain(self) -> bool:
+        """Plain cross-entropy (the default every estimator assumed before losses were stated)."""
+        return (self.fn is None and not self.label_smoothing and self.weight is None and self.ignore_index == -100
+                and self.scale == 1.0)
+
+    def settings(self) -> dict:
+        """The loss as the manifest's "loss" keys (without the user function's code)."""
+        if self.fn is not None:
+            return {"name": self.where or self.name}
+        out = {"name": "cross_entropy", "label_smoothing": self.label_smoothing, "ignore_index": self.ignore_index}
+        if self.weight is not None:
+            out["weight"] = list(self.weight)
+        return out
+
+    def describe(self) -> str:
+        if self.fn is not None:
+            return f"the user loss {self.where or self.name}"
+        parts = [f"label_smoothing {self.label_smoothing:g}"] if self.label_smoothing else []
+        if self.weight is not None:
+            parts.append("class weights")
+        if self.ignore_index != -100:
+            parts.append(f"ignore_index {self.ignore_index}")
+        return "cross_entropy" + (f" ({', '.join(parts)})" if parts else "")
+
+    def class_weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Each label's weight (B,) in torch's weighted mean (0 for ignore_index), or None."""
+        if self.weight is None and self.ignore_index < 0:
+            return None
+        w = torch.ones(len(y), dtype=torch.float64) if self.weight is None else \
+            torch.as_tensor(self.weight, dtype=torch.float64)[torch.as_tensor(y).clamp(0, len(self.weight) - 1)]
+        return torch.where(torch.as_tensor(y) == self.ignore_index, torch.zeros_like(w), w)
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fn is not None:
+            out = self.fn(logits, y)
+            if not isinstance(out, torch.Tensor) or out.shape != y.shape[:1]:
+                from diffin_core.errors import DiffinError
+                raise DiffinError(f"the loss function {self.where or self.name} must return per-sample losses of "
+                                  f"shape ({len(y)},), got {getattr(out, 'shape', type(out).__name__)}")
+        else:
+            w = None
+            if self.weight is not None:
+                key = (logits.device, logits.dtype)
+                if key not in self._w:
+                    self._w[key] = torch.as_tensor(self.weight, dtype=logits.dtype, device=logits.device)
+                w = self._w[key]
+            out = F.cross_entropy(logits, y, weight=w, ignore_index=self.ignore_index, reduction="none",
+                                  label_smoothing=self.label_smoothing)
+        return out * self.scale if self.scale != 1.0 else out
 
 
 @contextlib.contextmanager
@@ -54,9 +124,10 @@ def no_tf32():
 class FunctionalModel:
     """Wraps an ``nn.Module`` so that ``theta`` (P,) is the only free argument."""
 
-    def __init__(self, model: nn.Module, loss: str = "cross_entropy"):
-        if loss not in LOSSES:
+    def __init__(self, model: nn.Module, loss: "str | LossSpec" = "cross_entropy"):
+        if isinstance(loss, str) and loss not in LOSSES:
             raise ValueError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}")
+        self.loss = loss if isinstance(loss, LossSpec) else LossSpec()
         self.model = eval_mode(model)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
@@ -98,8 +169,10 @@ class FunctionalModel:
         return functional_call(self.model, self.unflatten(theta), (x,))
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses (B,)."""
-        return F.cross_entropy(self.logits(theta, x), y, reduction="none")
+        """Per-sample losses (B,): the stated loss (LossSpec; plain cross-entropy by default)."""
+        if self.loss.plain:
+            return F.cross_entropy(self.logits(theta, x), y, reduction="none")
+        return self.loss(self.logits(theta, x), y)
 
     def mean_loss(self, theta, x, y) -> torch.Tensor:
         return self.losses(theta, x, y).mean()

@@ -73,35 +73,59 @@ def has_momentum(recipe: Recipe) -> bool:
     return step_constants(recipe)[0] > 0
 
 
-def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, recipe: Recipe):
-    """Per-eigenvalue maps of one segment, evaluated on ``values`` (r,) and on 0 (the complement).
+def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, recipe: Recipe, *,
+                         complement=(0.0,), gscale: np.ndarray | None = None, decay: np.ndarray | None = None,
+                         coupled_in_matvec: bool = False, shift: np.ndarray | None = None):
+    """Per-eigenvalue maps of one segment, evaluated on ``values`` (r,) and on ``complement``
+    (q values: the curvature of the rest of the space; one 0 by default, or one per param group).
 
     lrs (n,): the lr of each step of the segment, in order, the first being global step
-    ``first_step``. Returns W (r+1, 2) and C (r+1, 2, 2) in float64 (see module doc).
+    ``first_step``. ``gscale`` (n,): each step's gradient scale f (gradient clipping's factor):
+    the loss gradient is scaled, coupled weight decay is not (torch adds it after clipping), so
+    the step sees curvature f l + (1 - f) shift and the injection f e; ``shift`` (r+q,) is the
+    coupled weight decay contained in each value (Rayleigh quotients with per-group decay; the
+    scalar lambda on the SGD path). ``decay`` (r+q,): decoupled weight decay per value
+    (rho = 1 - lr decay; per-group weight decay) instead of the recipe's scalar one.
+    ``coupled_in_matvec``: coupled weight decay is already in the operator (per-group lambda),
+    not added to the values. Returns W (r+q, 2) and C (r+q, 2, 2) in float64 (module doc).
     """
     beta, c, alpha, gamma = step_constants(recipe)
-    l = np.concatenate([np.maximum(np.asarray(values, dtype=np.float64), 0.0), [0.0]])
+    l = np.maximum(np.concatenate([np.asarray(values, dtype=np.float64),
+                                   np.asarray(complement, dtype=np.float64).reshape(-1)]), 0.0)
     lam = recipe.weight_decay
-    if lam and not recipe.decoupled and not recipe.adam:
+    sh = np.zeros_like(l) if shift is None else np.asarray(shift, dtype=np.float64)
+    if lam and not recipe.decoupled and not recipe.adam and not coupled_in_matvec:
         l = l + lam                                     # coupled: H + lambda I (Adam: in the matvec)
+        sh = sh + lam
     lrs = np.asarray(lrs, dtype=np.float64)
+    f = np.ones_like(lrs) if gscale is None else np.asarray(gscale, dtype=np.float64)
     idx = first_step + np.arange(len(lrs))
     eta = lrs * bias_correction1(idx, recipe.betas[0]) if recipe.adam else lrs
-    rho = 1.0 - lrs * lam if (lam and recipe.decoupled) else np.ones_like(lrs)
+    if decay is not None:
+        decay = np.asarray(decay, dtype=np.float64)
+        rho = 1.0 - lrs[:, None] * decay[None, :]
+    else:
+        rho = (1.0 - lrs * lam if (lam and recipe.decoupled) else np.ones_like(lrs))[:, None] * np.ones((1, len(l)))
     one, zero = np.ones_like(l), np.zeros_like(l)
     t11, t12, t21, t22 = one, zero, zero, one            # U_{s+1} = T U_end
     w1, w2 = zero.copy(), zero.copy()
     for j in range(len(lrs) - 1, -1, -1):
         cs = 1.0 if (idx[j] == 0 and beta > 0 and not recipe.adam) else c
         kappa = eta[j] * (alpha + gamma * cs)
-        ls = np.minimum(l, 1.0 / kappa) if kappa > 0 else l
+        lj = l if f[j] == 1.0 else f[j] * l + (1.0 - f[j]) * sh
+        ls = np.minimum(lj, 1.0 / kappa) if kappa > 0 else lj
         a11, a12, a21, a22 = rho[j] - kappa * ls, -eta[j] * gamma * beta, cs * ls, beta
-        w1 = w1 + kappa * t11 - cs * t21
-        w2 = w2 + kappa * t12 - cs * t22
+        w1 = w1 + f[j] * (kappa * t11 - cs * t21)
+        w2 = w2 + f[j] * (kappa * t12 - cs * t22)
         t11, t12, t21, t22 = a11 * t11 + a21 * t21, a11 * t12 + a21 * t22, a12 * t11 + a22 * t21, a12 * t12 + a22 * t22
     W = np.stack([w1, w2], -1)
     C = np.stack([np.stack([t11, t12], -1), np.stack([t21, t22], -1)], -2)
     return W, C
+
+
+def safe_inverse(S: torch.Tensor) -> torch.Tensor:
+    """1 / S, 0 where S = 0 (a frozen parameter: it never moves, its adjoints are 0)."""
+    return torch.where(S > 0, 1.0 / torch.where(S > 0, S, torch.ones_like(S)), torch.zeros_like(S))
 
 
 @dataclass
@@ -109,26 +133,46 @@ class SegmentOp:
     """One checkpoint's segment as operators on adjoints in the symmetrised space.
 
     f(M) x = f(0) x + Y (f(Theta) - f(0)) Y^T x on the Lanczos view (complement: curvature 0).
+    With ``expand`` (per-group hyper-parameters) the complement has one value per param group:
+    f(M) x = Y f(Theta) Y^T x + f_c (x - Y Y^T x), f_c = expand(f(complement values)) (P,).
     """
     view: SpectralView
-    W: torch.Tensor                 # (r+1, 2), last row = the complement
-    C: torch.Tensor                 # (r+1, 2, 2)
-    scale: torch.Tensor | None      # S = D^1/2 (P,) for Adam, else None
+    W: torch.Tensor                 # (r+q, 2), the last q rows = the complement
+    C: torch.Tensor                 # (r+q, 2, 2)
+    scale: torch.Tensor | None      # S (P,): D^1/2 for Adam, times the per-group lr scale^1/2, else None
+    expand: Callable | None = None  # per-group complement values (q,) -> (P,)
+
+    @property
+    def inv_scale(self) -> torch.Tensor | None:
+        S = self.scale
+        if S is None:
+            return None
+        inv = getattr(self, "_inv", None)
+        if inv is None:
+            inv = self._inv = safe_inverse(S)
+        return inv
 
     def _f(self, fu: torch.Tensor, fv: torch.Tensor, u: torch.Tensor, v: torch.Tensor | None):
-        Y = self.view.vectors
-        out, proj = fu[-1] * u, (u @ Y) * (fu[:-1] - fu[-1])
-        if v is not None:
-            out, proj = out + fv[-1] * v, proj + (v @ Y) * (fv[:-1] - fv[-1])
-        return out + proj @ Y.T
+        return self._fs([(fu, fv)], u, v)[0]
 
     def _fs(self, maps, u: torch.Tensor, v: torch.Tensor | None) -> list[torch.Tensor]:
         """[_f(fu, fv, u, v) for fu, fv in maps] reading the Ritz vectors Y (P, r) three times in
         all instead of three times per map (at P = 11M, Y is ~700 MB: the self-influence walk of
         a ResNet is bound by reading it)."""
         Y = self.view.vectors
+        r = Y.shape[1]
         cu = u @ Y
         cv = None if v is None else v @ Y
+        if self.expand is not None:
+            uperp = u - cu @ Y.T
+            vperp = None if v is None else v - cv @ Y.T
+            coefs = torch.stack([cu * fu[:r] + (0 if cv is None else cv * fv[:r]) for fu, fv in maps])
+            outs = list((coefs @ Y.T).unbind(0))
+            for out, (fu, fv) in zip(outs, maps):
+                out.add_(uperp * self.expand(fu[r:]))
+                if v is not None:
+                    out.add_(vperp * self.expand(fv[r:]))
+            return outs
         coefs = torch.stack([cu * (fu[:-1] - fu[-1]) + (0 if cv is None else cv * (fv[:-1] - fv[-1]))
                              for fu, fv in maps])
         outs = list((coefs @ Y.T).unbind(0))
@@ -141,16 +185,16 @@ class SegmentOp:
     def rows(self, u: torch.Tensor, v: torch.Tensor | None):
         """Adjoints at the segment's end (delta space, (P,) or (B, P)) -> (w, u, v) where
         influence += <w, g_z>/N and (u, v) are the adjoints at the segment's start."""
-        S = self.scale
+        S, inv = self.scale, self.inv_scale
         if S is not None:
-            u, v = u * S, (None if v is None else v / S)
+            u, v = u * S, (None if v is None else v * inv)
         maps = [(self.W[:, 0], self.W[:, 1]), (self.C[:, 0, 0], self.C[:, 0, 1])]
         if v is not None:
             maps.append((self.C[:, 1, 0], self.C[:, 1, 1]))
         w, nu, *rest = self._fs(maps, u, v)
         nv = rest[0] if rest else None
         if S is not None:
-            w, nu, nv = w * S, nu / S, (None if nv is None else nv * S)
+            w, nu, nv = w * S, nu * inv, (None if nv is None else nv * S)
         return w, nu, nv
 
 
@@ -168,16 +212,34 @@ class PlanItem:
 
 
 def preconditioner_scale(ctx, k: int) -> torch.Tensor | None:
-    """S = D^1/2 at checkpoint k for Adam recipes with a recorded exp_avg_sq, else None."""
-    if not ctx.recipe.adam or ctx.precond is None:
-        return None
-    d = ctx.precond[k]
-    return None if d is None else d.sqrt()
+    """S (P,) at checkpoint k: D^1/2 for Adam recipes with a recorded exp_avg_sq, times R^1/2
+    with per-group hyper-parameters (R: the per-coordinate lr scale of the segment, 0 frozen);
+    None for one-group SGD (S = I)."""
+    D = None
+    if ctx.recipe.adam and ctx.precond is not None:
+        D = ctx.precond[k]
+    groups = getattr(ctx, "groups", None)
+    if groups is None:
+        return None if D is None else D.sqrt()
+    R = groups.lr_scale(k, ctx.device, ctx.thetas[k].dtype)
+    return (R if D is None else D * R).sqrt()
+
+
+def coupled_decay(ctx):
+    """Coupled weight decay inside the operator: (P,) per coordinate with per-group
+    hyper-parameters, the scalar for Adam's coupled decay, or 0 (SGD adds it to the values)."""
+    recipe, groups = ctx.recipe, getattr(ctx, "groups", None)
+    if recipe.decoupled:
+        return 0.0
+    if groups is not None:
+        return groups.decay_vector(ctx.device, ctx.thetas[0].dtype if len(ctx.thetas) else None)
+    return recipe.weight_decay if recipe.adam else 0.0
 
 
 def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
     """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and the batch
-    gradient. M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay).
+    gradient. M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay);
+    S (H + Lambda) S with per-group hyper-parameters (S = preconditioner_scale).
     HVPs per settings.hvp (hvp.py; finite differences with TF32 off); a non-finite product raises a one-line DiffinError
     naming the checkpoint."""
     x, y = batch
@@ -187,7 +249,9 @@ def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
     from .hvp import product
     hv = product(ctx, k, fm, theta, x, y, g0)          # settings.hvp: fd, exact or auto (hvp.py)
     S = preconditioner_scale(ctx, k) if scaled else None
-    lam = ctx.recipe.weight_decay if (S is not None and not ctx.recipe.decoupled) else 0.0
+    lam = coupled_decay(ctx) if S is not None else 0.0
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=theta.device, dtype=theta.dtype)
 
     def matvec(v):
         with no_tf32():
@@ -197,6 +261,53 @@ def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
                               "the data overflow there (try --hvp exact or float64)")
         return out
     return matvec, g0
+
+
+def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
+    """Checkpoint k's segment operator over steps lo..hi-1 on ``view`` (a view of hessian_matvec's
+    M): the recipe, the step lrs, the clip factors and per-group hyper-parameters."""
+    values = view.values.double().cpu().numpy()
+    recipe, groups = ctx.recipe, getattr(ctx, "groups", None)
+    clip = getattr(ctx, "clip", None)
+    gscale = None if clip is None else clip[lo:hi]
+    S = preconditioner_scale(ctx, k)
+    dev, dt = view.vectors.device, view.vectors.dtype
+    expand = None
+    if groups is None:
+        shift = None
+        if gscale is not None and recipe.adam and not recipe.decoupled and recipe.weight_decay and S is not None:
+            Y = view.vectors.double()                     # Adam's coupled decay S lambda S along each direction
+            d2 = (S.double() ** 2) * recipe.weight_decay
+            shift = np.concatenate([((Y * Y) * d2[:, None]).sum(0).cpu().numpy(), [0.0]])
+        W, C = segment_coefficients(values, ctx.step_lrs[lo:hi], lo, recipe, gscale=gscale, shift=shift)
+    else:
+        G = groups.num_groups
+        wd = groups.wd
+        decay = comp = shift = None
+        if recipe.decoupled:                                # rho = 1 - lr_g lambda_g = 1 - lr r_g lambda_g
+            Y = view.vectors.double()
+            ratios = groups.segment_ratios(int(ctx.bounds[k]), int(ctx.bounds[k + 1]))
+            lamv = groups.expand(wd * ratios, Y.device, Y.dtype)
+            ritz = ((Y * Y) * lamv[:, None]).sum(0).cpu().numpy() if Y.shape[1] else np.zeros(0)
+            decay = np.concatenate([ritz, wd * ratios])     # Ritz directions: their mean decay
+            comp = np.zeros(G)
+        else:                                               # complement: S^2 lambda per group
+            S2 = (S * S).double().cpu()
+            comp = np.zeros(G)
+            idx = groups.expand(np.arange(G, dtype=np.float64) + 1).cpu()   # group + 1 per coordinate, 0 none
+            for g in range(G):
+                sel = idx == g + 1
+                if bool(sel.any()):
+                    comp[g] = float(S2[sel].mean()) * wd[g]
+            if gscale is not None:                        # the decay part of each value (not clipped)
+                Y = view.vectors.double()
+                d2 = (S2 * groups.decay_vector(dtype=torch.float64).cpu()).to(Y.device)
+                shift = np.concatenate([((Y * Y) * d2[:, None]).sum(0).cpu().numpy(), comp])
+        W, C = segment_coefficients(values, ctx.step_lrs[lo:hi], lo, recipe, complement=comp, gscale=gscale,
+                                    decay=decay, coupled_in_matvec=True, shift=shift)
+        expand = lambda f: groups.expand(f, dev, dt)      # noqa: E731
+    return SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S,
+                     expand)
 
 
 def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True):
@@ -275,16 +386,14 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
         rows, state, check = segment(ctx, k, replay[0])
         replay = [state]
     S = preconditioner_scale(ctx, k)
-    starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v / S])
+    starts = [u if S is None else u * S] + ([] if v is None else [v if S is None else v * safe_inverse(S)])
     if not any(bool(torch.any(s != 0)) for s in starts):
         starts = [random_start(ctx, k)]
     if view_fn is not None:
         view = view_fn(k, starts)
     else:
         view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.hessian_rows, k))
-    W, C = segment_coefficients(view.values.double().cpu().numpy(), ctx.step_lrs[lo:hi], lo, ctx.recipe)
-    dev, dt = view.vectors.device, view.vectors.dtype
-    op = SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S)
+    op = segment_op(ctx, k, view, lo, hi)
     w, u, v = op.rows(u, v)
     if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
         raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")

@@ -126,6 +126,10 @@ class Context:
     batch_order: object | None = None     # checkpoints.BatchOrder: every step's batch rows, or None
     adam_checks: dict = field(default_factory=dict)   # adam_batches.choose: per checkpoint interval,
                                           # (held weights?, the replay's self-check record)
+    groups: object | None = None          # recipe.GroupMap: per-group lr scale / weight decay / frozen
+                                          # parameters (None: one lr and weight decay for all)
+    clip: np.ndarray | None = None        # (T,) gradient clipping's factor per step (None: no clipping)
+    loss: object | None = None            # functional.LossSpec the per-sample loss (None: cross-entropy)
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
@@ -213,6 +217,7 @@ class Attributor:
     """One estimator. Subclasses set ``name`` and implement ``prepare`` and ``chunk``."""
     name = "base"
     has_self_influence = True
+    uses_recipe = False          # True: models the training run (refused for an optimiser it cannot model)
 
     def prepare(self, ctx: Context, qx: np.ndarray, qy: np.ndarray):
         """Query-side work, done once per query set; returns state handed to ``chunk``."""
@@ -237,5 +242,8 @@ class Attributor:
         runner.run does the walk in bounded memory: the query plan first (saved per checkpoint
         in ``ctx.stages`` when set), then checkpoint by checkpoint (influence only) or row range
         by row range (with self-influence), chunk sizes from the memory budget."""
+        from diffin_core.errors import DiffinError
         from diffin_core.methods.runner import run
+        if self.uses_recipe and getattr(ctx.recipe, "refused", None):
+            raise DiffinError(f"{self.name}: {ctx.recipe.refused}")
         return run(self, ctx, qx, qy, need_self, ctx.stages)

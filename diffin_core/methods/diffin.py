@@ -62,6 +62,7 @@ def interval_functions(lr: float, steps: float):
 
 class DiffIn(Attributor):
     name = "diffin"
+    uses_recipe = True
 
     fold_label_issue = True                    # label_issue's pass folded into the scoring walk when exact
 
@@ -235,6 +236,7 @@ class _Fold:
 
 class DiffInPaper(Attributor):
     name = "diffin-paper"
+    uses_recipe = True
 
     def prepare(self, ctx: Context, qx, qy):
         plan = []

@@ -40,7 +40,9 @@ def checkpoint_weights(ctx: Context) -> np.ndarray:
         lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
         if hi <= lo:
             continue
-        W, C = segment_coefficients(np.zeros(0), ctx.step_lrs[lo:hi], lo, free)   # curvature 0 only
+        clip = getattr(ctx, "clip", None)
+        W, C = segment_coefficients(np.zeros(0), ctx.step_lrs[lo:hi], lo, free,      # curvature 0 only
+                                    gscale=None if clip is None else clip[lo:hi])
         out[k] = W[-1, 0] * u + W[-1, 1] * v
         u, v = C[-1, 0, 0] * u + C[-1, 0, 1] * v, C[-1, 1, 0] * u + C[-1, 1, 1] * v
     ctx._checkpoint_weights = (recipe, out)
@@ -56,9 +58,11 @@ class TracIn(Attributor):
     per checkpoint; label_issue: the estimated leave-one-out loss (final loss + self-influence).
     """
     name = "tracin"
+    uses_recipe = True
 
     def preconditioner(self, ctx: Context, k: int) -> torch.Tensor | None:
-        return None
+        """Per-group lrs: each coordinate's lr scale in checkpoint k's segment (0 frozen)."""
+        return _group_scale(ctx, k)
 
     def prepare(self, ctx: Context, qx, qy):
         coef = checkpoint_weights(ctx) / ctx.n
@@ -113,9 +117,15 @@ class TracInAdam(TracIn):
     name = "tracin-adam"
 
     def preconditioner(self, ctx: Context, k: int) -> torch.Tensor | None:
+        R = _group_scale(ctx, k)
         if ctx.precond is None or not ctx.recipe.adam:
-            return None
-        return ctx.precond[k]
+            return R
+        return ctx.precond[k] if R is None else ctx.precond[k] * R
+
+
+def _group_scale(ctx: Context, k: int) -> torch.Tensor | None:
+    groups = getattr(ctx, "groups", None)
+    return None if groups is None else groups.lr_scale(k, ctx.device, ctx.thetas[k].dtype)
 
 
 class GradDot(Attributor):

@@ -164,14 +164,11 @@ def label_issue_from_trajectory(ctx, self_by_checkpoint: np.ndarray | None = Non
 def _truncated_op(ctx, op, k: int):
     """Checkpoint k's segment op cut at step_k (the trajectory that ends at checkpoint k owns
     only the steps before it): same Lanczos view, W and C over step_lrs[bounds[k]:steps[k]]."""
-    from diffin_core.engine.propagate import SegmentOp, segment_coefficients
+    from diffin_core.engine.propagate import segment_op
     lo, end = int(ctx.bounds[k]), int(ctx.steps[k])
     if end >= int(ctx.bounds[k + 1]):
         return op
-    W, C = segment_coefficients(op.view.values.double().cpu().numpy(), ctx.step_lrs[lo:max(lo, end)], lo, ctx.recipe)
-    dev, dt = op.view.vectors.device, op.view.vectors.dtype
-    return SegmentOp(op.view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev),
-                     op.scale)
+    return segment_op(ctx, k, op.view, lo, max(lo, end))
 
 
 def mean_self_influence(ctx, plan, x, y, weights) -> torch.Tensor:

@@ -26,11 +26,24 @@ one warning line):
               (rec.track(loader) or rec.step(batch_ids=...)); rewritten atomically at each
               checkpoint, so a killed run's manifest and batch order agree up to its last one.
               With it and exp_avg, diffin replays Adam's moments step by step (adam_batches.py).
+  top level   "param_groups": [{"params": [names], "frozen": bool, <the group's hyper-parameters>}]
+              every optimiser param group (any torch.optim class); "frozen": requires_grad False
+  top level   "group_steps": "group_steps.npz"           float64 arrays "lr", "weight_decay",
+              "momentum" (T, G): every step's value per group (momentum: SGD's, or Adam's beta1)
+  top level   "clip": {"max_norm", "norm_type", "all_params", "factors": "clip_factors.npy"}
+              rec.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)) of every step (T,)
+  top level   "detected_clipping": {"max_norm", "steps"}  steps seen at one exact gradient norm
+              without rec.clip_grad_norm_ (clipping not recorded: scoring says so)
+  top level   "loss": {"name": "cross_entropy", "label_smoothing", "ignore_index", "weight"}
+              Recorder(..., loss=nn.CrossEntropyLoss(...)); another loss: {"name", "known": false}
+Old manifests without these keys still read; the step_lrs and checkpoint lrs are the first
+trainable group's.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import pickle
 import re
 import zipfile
@@ -141,6 +154,7 @@ def read_manifest(path: str | Path) -> Manifest:
             raise DiffinError(f"{key!r} must be {'true/false' if kind is bool else 'two numbers' if kind is list else 'a number'}, "
                               f"not {v!r}", path)
         extra[key] = v
+    extra.update(_structured_keys(raw, path))
     step_lrs = raw.get("step_lrs")
     if step_lrs is not None and (not isinstance(step_lrs, str) or not step_lrs):
         raise DiffinError("'step_lrs' must be the name of a .npy file beside the manifest", path)
@@ -153,6 +167,92 @@ def read_manifest(path: str | Path) -> Manifest:
         raise DiffinError(f"'momentum' must be a number, not {raw.get('momentum')!r}", path) from None
     return Manifest(raw.get("train_size"), ckpts, str(raw.get("optimizer", "SGD")), momentum, str(path),
                     extra, step_lrs, batch_file)
+
+
+def _structured_keys(raw: dict, path) -> dict:
+    """The optional structured recipe keys (param_groups, group_steps, clip, detected_clipping,
+    loss), checked: one-line DiffinError naming the key when malformed."""
+    out = {}
+    groups = raw.get("param_groups")
+    if groups is not None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                   and all(isinstance(n, str) for n in g["params"]) for g in groups):
+            raise DiffinError("'param_groups' must be a list of objects, each with a list of parameter names "
+                              "'params'", path)
+        out["param_groups"] = groups
+    for key in ("group_steps",):
+        v = raw.get(key)
+        if v is not None:
+            if not isinstance(v, str) or not v:
+                raise DiffinError(f"{key!r} must be the name of a file beside the manifest", path)
+            out[key] = v
+    clip = raw.get("clip")
+    if clip is not None:
+        if not (isinstance(clip, dict) and _number(clip.get("max_norm")) and isinstance(clip.get("factors"), str)):
+            raise DiffinError("'clip' must be an object with a number 'max_norm' and a file name 'factors'", path)
+        out["clip"] = clip
+    for key in ("detected_clipping", "loss"):
+        v = raw.get(key)
+        if v is not None:
+            if not isinstance(v, dict):
+                raise DiffinError(f"{key!r} must be an object", path)
+            out[key] = v
+    return out
+
+
+def _side_array(manifest: "Manifest", name: str, what: str):
+    src = Path(manifest.path).parent / name
+    if not src.is_file():
+        raise DiffinError(f"the {what} file {name!r} named by the manifest is missing", Path(manifest.path))
+    try:
+        with open(src, "rb") as fh:
+            out = np.load(fh, allow_pickle=False)
+            if isinstance(out, np.lib.npyio.NpzFile):
+                with out:
+                    out = {k: out[k] for k in out.files}
+            return out, src
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DiffinError(f"not a readable numpy file ({str(e).splitlines()[0][:80] if str(e) else type(e).__name__})",
+                          src) from None
+
+
+def load_group_steps(manifest: "Manifest") -> dict | None:
+    """Every step's per-group hyper-parameters: {"lr", "weight_decay", "momentum"} each (T, G)
+    float64 (momentum: SGD's momentum or Adam's beta1), cut to the last checkpoint's step; None
+    when the manifest records none. Refused in one line when it disagrees with param_groups."""
+    name = manifest.extra.get("group_steps")
+    if not name:
+        return None
+    z, src = _side_array(manifest, name, "per-group step")
+    try:
+        out = {k: np.asarray(z[k], dtype=np.float64) for k in ("lr", "weight_decay", "momentum")}
+    except (KeyError, ValueError, TypeError, IndexError):
+        raise DiffinError("needs float arrays 'lr', 'weight_decay' and 'momentum' (steps x groups)", src) from None
+    last = max(manifest.checkpoints[-1].step, 1)
+    groups = manifest.extra.get("param_groups") or []
+    for k, a in out.items():
+        if a.ndim != 2 or len(a) < manifest.checkpoints[-1].step or (groups and a.shape[1] != len(groups)):
+            raise DiffinError(f"{k!r} must be (steps >= {manifest.checkpoints[-1].step}, groups = {len(groups)}), "
+                              f"got {list(a.shape)}", src)
+        if not np.isfinite(a).all() or (k == "lr" and (a < 0).any()):
+            raise DiffinError(f"{k!r} must be finite{' and >= 0' if k == 'lr' else ''}", src)
+        out[k] = a[:last]
+    return out
+
+
+def load_clip_factors(manifest: "Manifest") -> np.ndarray | None:
+    """The per-step gradient clip factors (T,) in (0, 1] (rec.clip_grad_norm_), or None."""
+    clip = manifest.extra.get("clip")
+    if not clip:
+        return None
+    a, src = _side_array(manifest, clip["factors"], "clip factor")
+    last = manifest.checkpoints[-1].step
+    if a.ndim != 1 or len(a) < last:
+        raise DiffinError(f"needs a 1-D array of at least {last} clip factors, got shape {list(a.shape)}", src)
+    a = np.asarray(a[:max(last, 1)], dtype=np.float64)
+    if not (np.isfinite(a).all() and (a > 0).all() and (a <= 1).all()):
+        raise DiffinError("clip factors must lie in (0, 1]", src)
+    return a
 
 
 def _number(v) -> bool:
@@ -416,33 +516,107 @@ class Recorder:
     """
 
     def __init__(self, project_dir, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 train_size: int | None = None, every: int = 50, folder: str = "checkpoints"):
+                 train_size: int | None = None, every: int = 50, folder: str = "checkpoints", loss=None):
         from diffin_core.engine.recipe import Recipe
         self.dir = Path(project_dir) / folder
         self.model, self.optimizer, self.every = model, optimizer, max(1, int(every))
-        recipe = Recipe.from_optimizer(optimizer)
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        recipe = Recipe.from_optimizer(optimizer, self._names)
+        if recipe.refused:
+            import warnings
+            from diffin_core.engine.recipe import RecipeWarning
+            warnings.warn(RecipeWarning(f"{self.dir}: {recipe.refused}; recorded anyway (diffin and TracIn will "
+                                        "refuse to score it; the loss-based methods still score)"), stacklevel=2)
         extra = {k: v for k, v in recipe.to_manifest().items() if k not in ("optimizer", "momentum")}
-        if optimizer.param_groups[0].get("amsgrad"):
-            extra["amsgrad"] = True
+        if loss is not None:
+            extra["loss"] = loss_settings(loss)
         self.manifest = Manifest(None if train_size is None else int(train_size), [], recipe.optimizer,
                                  recipe.momentum, extra=extra, step_lrs="step_lrs.npy")
         self.adam = recipe.adam
+        self._ref = next((i for i, g in enumerate(recipe.groups) if not g.frozen), 0)
         self.global_step = 0
         self.lrs: list[float] = []
+        self.group_rows: list[np.ndarray] = []          # per step (3, G): lr, weight decay, momentum/beta1
         self.batches: list[np.ndarray] | None = []     # every step's batch rows, while all steps give them
         self._drawn: list[np.ndarray] = []              # rows of the tracked loader's batches since the last step
         self._pending_first: Checkpoint | None = None
+        self._seen = 0                                  # training samples forwarded since the last step
+        self.step_samples: list[int] = []               # per step: training samples forwarded before it
+        self.clip_factors: list[float] = []             # per step: the rec.clip_grad_norm_ factor (1: none)
+        self._clip: dict | None = None                  # max_norm / norm_type of rec.clip_grad_norm_
+        self._pending_clip: float | None = None
+        self._norms: dict[float, int] = {}              # pre-step gradient norms (rounded) -> count
+        self._warned_clip = False
         self._hook = (optimizer.register_step_pre_hook(self._record_lr)
                       if hasattr(optimizer, "register_step_pre_hook") else None)
         self._batch_hook = model.register_forward_pre_hook(self._record_batch)
 
     def _record_batch(self, module, args):
         if module.training and args and isinstance(args[0], torch.Tensor) and args[0].ndim > 0:
-            self.manifest.extra["batch_size"] = int(args[0].shape[0])
-            self._batch_hook.remove()
+            self._seen += int(args[0].shape[0])
+
+    def _group_row(self) -> np.ndarray:
+        rows = []
+        for g in self.optimizer.param_groups:
+            mom = g.get("momentum")
+            if mom is None and isinstance(g.get("betas"), (tuple, list)):
+                mom = g["betas"][0]
+            rows.append([_num(g.get("lr")), _num(g.get("weight_decay")), _num(mom)])
+        return np.asarray(rows, dtype=np.float64).T.reshape(3, -1)
 
     def _record_lr(self, optimizer, *_):
-        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        """Step pre-hook: every group's lr / weight decay / momentum of the step about to be taken,
+        the samples forwarded for it (gradient accumulation), the clip factor, and the gradient
+        norm (clipping by torch.nn.utils.clip_grad_norm_ leaves clipped steps at exactly max_norm)."""
+        row = self._group_row()
+        self.group_rows.append(row)
+        self.lrs.append(float(row[0, self._ref]) if row.shape[1] else 0.0)
+        self.step_samples.append(self._seen)
+        if self._seen and "batch_size" not in self.manifest.extra:
+            self.manifest.extra["batch_size"] = int(self._seen)        # the first step's real batch
+        self._seen = 0
+        self.clip_factors.append(1.0 if self._pending_clip is None else self._pending_clip)
+        if self._pending_clip is None and self._clip is None and not self._warned_clip:
+            self._watch_norm()
+        self._pending_clip = None
+
+    def _watch_norm(self) -> None:
+        sq, any_grad = 0.0, False
+        for g in self.optimizer.param_groups:
+            for p in g["params"]:
+                if p.grad is not None:
+                    sq += float(p.grad.detach().double().pow(2).sum())
+                    any_grad = True
+        if not any_grad or not sq > 0:
+            return
+        key = float(f"{math.sqrt(sq):.5g}")
+        self._norms[key] = self._norms.get(key, 0) + 1
+        if self._norms[key] >= 3 and self._norms[key] >= 0.05 * len(self.group_rows):
+            import warnings
+            from diffin_core.engine.recipe import RecipeWarning
+            self._warned_clip = True
+            self.manifest.extra["detected_clipping"] = {"max_norm": key, "steps": int(self._norms[key])}
+            warnings.warn(RecipeWarning(
+                f"{self.dir}: {self._norms[key]} optimiser steps so far had a gradient norm of exactly {key:g}: "
+                "gradient clipping? Clip with rec.clip_grad_norm_(params, max_norm) so diffin models it"), stacklevel=3)
+
+    def clip_grad_norm_(self, parameters, max_norm: float, norm_type: float = 2.0, **kwargs):
+        """torch.nn.utils.clip_grad_norm_, recorded: the factor min(1, max_norm / (norm + 1e-6))
+        it applies to the next optimiser step's gradient (clip_factors.npy). Returns torch's
+        total norm. Call it where you would call torch's (after backward, before optimizer.step())."""
+        params = [p for p in (parameters if not isinstance(parameters, torch.Tensor) else [parameters])]
+        total = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type, **kwargs)
+        factor = min(1.0, float(max_norm) / (float(total) + 1e-6)) if math.isfinite(float(total)) else 1.0
+        ids = {id(p) for p in params}
+        every = all(id(p) in ids for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad)
+        self.note_clip(factor, max_norm, norm_type, every)
+        return total
+
+    def note_clip(self, factor: float, max_norm: float, norm_type: float = 2.0, all_params: bool = True) -> None:
+        """Record that the next optimiser step's gradient was scaled by ``factor`` (a clip done
+        elsewhere, e.g. by a trainer: torch's factor is min(1, max_norm / (norm + 1e-6)))."""
+        self._pending_clip = float(factor)
+        self._clip = {"max_norm": float(max_norm), "norm_type": float(norm_type), "all_params": bool(all_params)}
 
     def __enter__(self) -> "Recorder":
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -456,8 +630,9 @@ class Recorder:
         return TrackedLoader(self, loader)
 
     def step(self, batch_ids=None) -> None:
-        """Call once after every optimizer.step(); ``batch_ids``: that step's training-split rows
-        (default: those of the batches a ``track``-ed loader yielded since the previous step)."""
+        """Call once after every optimizer.step(); ``batch_ids``: that step's training-split rows,
+        with gradient accumulation the union of its micro-batches' rows (default: those of the
+        batches a ``track``-ed loader yielded since the previous step, all micro-batches)."""
         if batch_ids is None and self._drawn:
             batch_ids = np.concatenate(self._drawn)
         self._drawn = []
@@ -465,11 +640,23 @@ class Recorder:
             if batch_ids is None:
                 self.batches = None
             else:
-                self.batches.append(np.asarray(batch_ids.cpu() if isinstance(batch_ids, torch.Tensor) else batch_ids,
-                                               dtype=np.int64).reshape(-1))
+                ids = np.asarray(batch_ids.cpu() if isinstance(batch_ids, torch.Tensor) else batch_ids,
+                                 dtype=np.int64).reshape(-1)
+                self.batches.append(ids)
+                seen = self.step_samples[-1] if len(self.step_samples) > self.global_step else 0
+                if seen > len(ids) and not getattr(self, "_warned_accum", False):
+                    import warnings
+                    from diffin_core.engine.recipe import RecipeWarning
+                    self._warned_accum = True
+                    warnings.warn(RecipeWarning(
+                        f"{self.dir}: step {self.global_step}: the model forwarded {seen} training samples for it but "
+                        f"batch_ids names {len(ids)} (gradient accumulation? pass the union of the micro-batches' ids, "
+                        "or iterate rec.track(loader))"), stacklevel=2)
+                if self.global_step == 0:
+                    self.manifest.extra["batch_size"] = int(len(ids))
         self.global_step += 1
         if self._hook is None:
-            self.lrs.append(float(self.optimizer.param_groups[0]["lr"]))
+            self._record_lr(self.optimizer)
         if self._pending_first is not None:            # step 0's D is the one of the first step
             self._save_exp_avg_sq(self._pending_first)
             self._pending_first = None
@@ -480,7 +667,8 @@ class Recorder:
     def save(self) -> None:
         if self.manifest.checkpoints and self.manifest.checkpoints[-1].step == self.global_step:
             return
-        lr = float(self.optimizer.param_groups[0]["lr"])
+        groups = self.optimizer.param_groups
+        lr = _num(groups[self._ref]["lr"]) if len(groups) > self._ref else 0.0
         name = f"ckpt_{self.global_step:06d}.safetensors"
         save_state(self.dir / name, self.model, {"step": self.global_step, "lr": lr})
         c = Checkpoint(name, self.global_step, lr)
@@ -521,8 +709,21 @@ class Recorder:
                 with open(tmp, "wb") as fh:
                     np.save(fh, np.asarray(self.lrs, dtype=np.float64))
             self.manifest.step_lrs = "step_lrs.npy"
+            if self.group_rows and len({r.shape for r in self.group_rows}) == 1:
+                rows = np.stack(self.group_rows)                  # (T, 3, G)
+                with atomic_path(self.dir / "group_steps.npz") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez(fh, lr=rows[:, 0], weight_decay=rows[:, 1], momentum=rows[:, 2])
+                self.manifest.extra["group_steps"] = "group_steps.npz"
+            if self._clip is not None:
+                with atomic_path(self.dir / "clip_factors.npy") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.save(fh, np.asarray(self.clip_factors, dtype=np.float64))
+                self.manifest.extra["clip"] = {**self._clip, "factors": "clip_factors.npy"}
         else:                                   # optimiser steps and rec.step() calls disagree
             self.manifest.step_lrs = None
+            for key in ("group_steps", "clip"):
+                self.manifest.extra.pop(key, None)
         write_manifest(self.dir / "manifest.json", self.manifest)
 
     def _write_batch_order(self) -> None:
@@ -549,6 +750,28 @@ class Recorder:
             self._hook.remove()
         self._batch_hook.remove()
         return False
+
+
+def _num(v) -> float:
+    try:
+        return float(v.item() if isinstance(v, torch.Tensor) else v) if v is not None else 0.0
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def loss_settings(loss) -> dict:
+    """The manifest's "loss" of a torch loss module (nn.CrossEntropyLoss: label_smoothing,
+    weight, ignore_index, reduction); another module or function is recorded by name only,
+    with "known": false (scoring then needs [model] loss in diffin.toml to state it)."""
+    if isinstance(loss, nn.CrossEntropyLoss):
+        out = {"name": "cross_entropy", "label_smoothing": float(loss.label_smoothing),
+               "ignore_index": int(loss.ignore_index), "reduction": str(loss.reduction)}
+        if loss.weight is not None:
+            out["weight"] = [float(w) for w in loss.weight.detach().cpu().reshape(-1)]
+        return out
+    if loss is torch.nn.functional.cross_entropy:
+        return {"name": "cross_entropy"}
+    return {"name": getattr(loss, "__name__", type(loss).__name__), "known": False}
 
 
 class _IndexTap:

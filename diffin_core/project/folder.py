@@ -58,6 +58,39 @@ def _suggest(word: str, options) -> str:
     return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(options)}"
 
 
+LOSS_KEYS = ("name", "label_smoothing", "weight", "ignore_index")
+
+
+def check_loss(loss, path):
+    """[model] loss: "cross_entropy", "file.py:function" (a per-sample loss), or a table
+    {name = "cross_entropy", label_smoothing = 0.1, weight = [...], ignore_index = -100}."""
+    if isinstance(loss, str):
+        if loss == "cross_entropy" or (":" in loss and loss.split(":", 1)[0].endswith(".py") and loss.split(":", 1)[1]):
+            return loss
+        raise DiffinError(f"[model] loss {loss!r} is not supported; use \"cross_entropy\", a table "
+                          "{name = \"cross_entropy\", label_smoothing = ..., weight = [...], ignore_index = ...} "
+                          "or \"loss.py:function\" (per-sample losses)", path)
+    if not isinstance(loss, dict):
+        raise DiffinError("[model] loss must be a string or a table", path)
+    for key in loss:
+        if key not in LOSS_KEYS:
+            raise DiffinError(f"unknown key {key!r} in [model] loss{_suggest(key, LOSS_KEYS)}", path)
+    if loss.get("name", "cross_entropy") != "cross_entropy":
+        raise DiffinError(f"[model] loss name {loss.get('name')!r}: only \"cross_entropy\" takes options "
+                          "(a custom loss is \"loss.py:function\")", path)
+    ls = loss.get("label_smoothing", 0.0)
+    if not (isinstance(ls, (int, float)) and not isinstance(ls, bool) and 0.0 <= ls < 1.0):
+        raise DiffinError(f"[model] loss label_smoothing must be a number in [0, 1), not {ls!r}", path)
+    w = loss.get("weight")
+    if w is not None and not (isinstance(w, list) and w and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and v >= 0 for v in w)):
+        raise DiffinError("[model] loss weight must be a list of class weights >= 0", path)
+    ii = loss.get("ignore_index", -100)
+    if not isinstance(ii, int) or isinstance(ii, bool):
+        raise DiffinError(f"[model] loss ignore_index must be an integer, not {ii!r}", path)
+    return loss
+
+
 def check_config(raw: dict, path) -> dict:
     """Reject unknown or missing keys with a one-line error naming diffin.toml."""
     for table, body in raw.items():
@@ -209,9 +242,7 @@ class Project:
         self.image_shape = tuple(d["image_shape"]) if "image_shape" in d else None
         self.label_names: list[str] | None = d.get("label_names")
         self.label_column: str = d.get("label_column", "label")
-        self.loss: str = self.config.get("model", {}).get("loss", "cross_entropy")
-        if self.loss != "cross_entropy":
-            raise DiffinError(f"[model] loss {self.loss!r} is not supported; use \"cross_entropy\"", self.config_path)
+        self.loss = check_loss(self.config.get("model", {}).get("loss", "cross_entropy"), self.config_path)
         self.name: str = self.config.get("project", {}).get("name", self.root.name)
 
     # --- paths ------------------------------------------------------------------------------
@@ -251,6 +282,21 @@ class Project:
         if not callable(getattr(module, fn, None)):
             raise DiffinError(f"defines no function {fn!r}", src)
         return getattr(module, fn), src
+
+    def loss_spec(self):
+        """The stated per-sample loss (functional.LossSpec), or None when diffin.toml states
+        none (plain cross-entropy, or the loss the Recorder recorded)."""
+        from diffin_core.engine.functional import LossSpec
+        raw = self.config.get("model", {}).get("loss")
+        if raw is None:
+            return None
+        if isinstance(raw, str) and raw != "cross_entropy":
+            fn, _src = self.load_callable(raw, "[model] loss")
+            return LossSpec(name=raw, fn=fn, where=raw)
+        if isinstance(raw, str):
+            return LossSpec()
+        return LossSpec(label_smoothing=raw.get("label_smoothing", 0.0), weight=raw.get("weight"),
+                        ignore_index=raw.get("ignore_index", -100))
 
     def build_model(self) -> nn.Module:
         """A fresh model (weights as the factory makes them, or as the exported program holds)."""

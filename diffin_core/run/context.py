@@ -10,11 +10,13 @@ import torch
 
 from diffin_core.engine.functional import FunctionalModel
 from diffin_core.engine.models import train_mode_randomness
-from diffin_core.engine.recipe import Recipe, RecipeWarning, interpolated_lrs, owned_bounds, segment_adam_scale
+from diffin_core.engine.recipe import (Recipe, RecipeWarning, group_map, interpolated_lrs, owned_bounds,
+                                       segment_adam_scale)
 from diffin_core.errors import DiffinError
 from diffin_core.methods import Context, ScoreSettings, pick_device
 from diffin_core.project.checkpoints import (Manifest, check_fits, check_step, complete_state, load_batch_order,
-                                             load_exp_avg_sq, load_step_lrs, read_state)
+                                             load_clip_factors, load_exp_avg_sq, load_group_steps, load_step_lrs,
+                                             read_state)
 from diffin_core.project.data import Split
 from diffin_core.project.folder import Project
 from diffin_core.project.store import CheckpointStore, Lazy, StateFiles
@@ -23,7 +25,8 @@ from diffin_core.project.store import CheckpointStore, Lazy, StateFiles
 def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], lrs: list[float],
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
                  progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
-                 step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None) -> Context:
+                 step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None,
+                 groups=None, clip=None, loss=None) -> Context:
     """A scoring context from in-memory parts (the project path and the tests both use it).
 
     states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
@@ -37,7 +40,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     settings = settings or ScoreSettings()
     recipe = recipe or Recipe(momentum=float(momentum))
     device = pick_device(settings.device)
-    fm = FunctionalModel(model.to(dtype=dtype))
+    fm = FunctionalModel(model.to(dtype=dtype), loss=loss if loss is not None else "cross_entropy")
     fm.to(device)
     lazy = isinstance(states, StateFiles)
     if lazy:        # streamed: theta_k read from its file when used (runner sets how many stay)
@@ -55,7 +58,12 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                 else np.asarray(step_lrs, dtype=np.float64)[:max(int(steps[-1]), 1)])
     bounds = owned_bounds(steps, len(step_lrs) if int(steps[-1]) == 0 else int(steps[-1]))
     seg = np.diff(bounds).astype(np.float64)
-    sums = np.array([step_lrs[bounds[k]:bounds[k + 1]].sum() for k in range(len(steps))])
+    if groups is not None:
+        groups.bounds = bounds
+    if clip is not None:
+        clip = np.asarray(clip, dtype=np.float64)[:len(step_lrs)]
+    moved = step_lrs if clip is None else step_lrs * clip       # the lr that reached the weights
+    sums = np.array([moved[bounds[k]:bounds[k + 1]].sum() for k in range(len(steps))])
     eff = np.where(seg > 0, sums / np.maximum(seg, 1), 0.0) * recipe.momentum_gain()
     precond = None
     if exp_avg_sq is not None and recipe.adam:
@@ -78,7 +86,8 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
                    buffers=buffers, precond=precond, files=files, moments=moments,
-                   batch_order=batch_order if moments is not None else None)
+                   batch_order=batch_order if moments is not None else None, groups=groups, clip=clip,
+                   loss=fm.loss)
 
 
 def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
@@ -102,7 +111,8 @@ def project_context(project: Project, settings: ScoreSettings | None = None, pro
     states = checkpoint_files(model, project.manifest)      # checked one by one, read lazily
     if len(project.query) == 0:
         raise DiffinError("the query set is empty", project.query.path)
-    ctx = manifest_context(model, project.manifest, project.train, settings, progress, states)
+    ctx = manifest_context(model, project.manifest, project.train, settings, progress, states,
+                           loss=project.loss_spec())
     if project.recipe:              # cleanlab-cv retrains the project's [train] recipe per fold
         from diffin_core.project.training import recipe_trainer
         ctx.trainer = recipe_trainer(project)
@@ -110,16 +120,26 @@ def project_context(project: Project, settings: ScoreSettings | None = None, pro
 
 
 def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings: ScoreSettings | None = None,
-                     progress=None, states: list[dict] | None = None) -> Context:
+                     progress=None, states: list[dict] | None = None, loss=None) -> Context:
     """A context from a checkpoint manifest and its files (states: already loaded, or read here).
-    What the manifest does not record is approximated and named in one RecipeWarning line."""
+    What the manifest does not record is approximated and named in one RecipeWarning line.
+    ``loss``: the loss diffin.toml states (functional.LossSpec), else the recorded one (resolve_loss)."""
     if states is None:
         states = checkpoint_files(model, m)
     recipe = Recipe.from_manifest(m.recipe_dict())
     step_lrs = load_step_lrs(m)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names = [n for n, _ in named]
+    groups, step_lrs, group_approx = group_map(recipe, names, [p.numel() for _, p in named], load_group_steps(m),
+                                               step_lrs)
+    if groups is not None:
+        recipe.weight_decay = float(groups.wd[groups.ref])
+    clip = load_clip_factors(m)
     eas = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names)) if recipe.adam else None
-    approx = list(recipe.approximations)
+    approx = list(recipe.approximations) + group_approx
+    approx += clip_approximations(m, clip)
+    loss, loss_approx = resolve_loss(loss, m, train)
+    approx += loss_approx
     if step_lrs is None:
         approx.append("the lr inside each segment (no per-step lrs: interpolated between checkpoints)")
     if recipe.adam and (eas is None or any(not c.exp_avg_sq for c in m.checkpoints)):
@@ -138,9 +158,82 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     dropout = train_mode_randomness(model)          # engine/models.py: masks not replayed, measured cost
     if dropout:
         approx.append(dropout)
+    if groups is not None and len({float(groups.wd[g]) for g in set(groups.tensor_groups) if g >= 0}) > 1:
+        if recipe.decoupled and order is None:
+            approx.append("AdamW's per-group weight decay along the Hessian's top directions (each direction's mean "
+                          "decay; exact with the batch order recorded)")
+        if not recipe.decoupled and clip is not None and (clip < 1).any():
+            approx.append("per-group coupled weight decay on clipped steps along the Hessian's top directions "
+                          "(each direction's mean decay)")
+    if groups is not None:
+        spread = max((groups.ratio_spread(int(b[0]), int(b[1])) for b in _owned(m, step_lrs)), default=0.0)
+        if spread > 1e-6:
+            approx.append(f"per-group lr ratios that change inside a checkpoint's segment (by up to {spread:.0%}; "
+                          "each segment's lr-weighted mean ratio used)")
     recipe.approximations = approx
     if approx:
         warnings.warn(RecipeWarning(f"{m.path}: approximated: {'; '.join(approx)}"), stacklevel=2)
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
                         train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
-                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order)
+                        exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order,
+                        groups=groups, clip=clip, loss=loss)
+
+
+def resolve_loss(stated, m: Manifest, train: Split):
+    """(LossSpec, approximation lines): diffin.toml's stated loss, else the one the Recorder
+    recorded (Recorder(..., loss=nn.CrossEntropyLoss(...))), else plain cross-entropy. A stated
+    cross-entropy whose options contradict the recorded one is refused in one line. Class
+    weights / ignore_index: torch's weighted batch mean is modelled by the training set's mean
+    weight (LossSpec.scale), one approximation line when the weights differ between samples."""
+    from diffin_core.engine.functional import LossSpec
+    recorded = m.extra.get("loss") or None
+    approx = []
+    if recorded is not None and recorded.get("known", True) is False:
+        recorded_spec = None
+        if stated is None or stated.fn is None and stated.plain:
+            approx.append(f"the training loss {recorded.get('name', '?')!r} (recorded, not stated: cross-entropy "
+                          "assumed; state it in diffin.toml as [model] loss = \"loss.py:function\")")
+    elif recorded is not None and recorded.get("name") == "cross_entropy":
+        recorded_spec = LossSpec(label_smoothing=float(recorded.get("label_smoothing", 0.0) or 0.0),
+                                 weight=recorded.get("weight"), ignore_index=int(recorded.get("ignore_index", -100)))
+    else:
+        recorded_spec = None
+    if stated is None:
+        spec = recorded_spec or LossSpec()
+    else:
+        spec = stated
+        if recorded_spec is not None and stated.fn is None and stated.settings() != recorded_spec.settings():
+            raise DiffinError(f"diffin.toml states the loss {stated.describe()} but the run was recorded with "
+                              f"{recorded_spec.describe()}: state the loss the model was trained with", m.path)
+    w = spec.class_weights(np.asarray(train.y))
+    if w is not None:
+        mean = float(w.mean())
+        if not mean > 0:
+            raise DiffinError("the loss's class weights / ignore_index give every training sample weight 0", m.path)
+        spec.scale = 1.0 / mean
+        if float(w.max() - w.min()) > 0:
+            approx.append("the loss's class weights / ignore_index: torch divides each batch by its own weight sum, "
+                          "modelled by the training set's mean weight")
+    return spec, approx
+
+
+def _owned(m: Manifest, step_lrs) -> list:
+    """The step ranges (lo, hi) the manifest's checkpoints own (recipe.owned_bounds)."""
+    steps = [c.step for c in m.checkpoints]
+    total = (len(step_lrs) if step_lrs is not None else 1) if steps[-1] == 0 else steps[-1]
+    b = owned_bounds(steps, total)
+    return [(b[k], b[k + 1]) for k in range(len(steps)) if b[k + 1] > b[k]]
+
+
+def clip_approximations(m: Manifest, clip) -> list[str]:
+    """The approximation lines of gradient clipping: recorded (the clip factor is modelled per step;
+    the norm's response to z is not), or detected by the Recorder but not recorded (not modelled)."""
+    out = []
+    if clip is not None and (clip < 1).any():
+        out.append(f"gradient clipping's norm held fixed per step (the clip factor is modelled on the "
+                   f"{int((clip < 1).sum())} clipped steps; the norm's own response to removing z is not)")
+    detected = m.extra.get("detected_clipping")
+    if clip is None and detected:
+        out.append(f"gradient clipping (the Recorder saw {detected.get('steps', '?')} steps at gradient norm "
+                   f"{detected.get('max_norm', '?')}) not modelled: record it with rec.clip_grad_norm_(params, max_norm)")
+    return out

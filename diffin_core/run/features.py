@@ -120,11 +120,11 @@ def effective_grads(ctx, items, x: torch.Tensor, y: torch.Tensor, on_grads=None)
         nu = it.coef * op._f(op.W[:, 0], None, gs, None)
         nv = it.coef * op._f(op.W[:, 1], None, gs, None) if momentum else None
         if eu is not None:
-            a = eu if S is None else eu / S
+            a = eu if S is None else eu * op.inv_scale
             b = None if ev is None else (ev if S is None else ev * S)
             nu = nu + op._f(op.C[:, 0, 0], op.C[:, 1, 0], a, b)
             nv = nv + op._f(op.C[:, 0, 1], op.C[:, 1, 1], a, b) if momentum else None
-        eu, ev = (nu, nv) if S is None else (nu * S, None if nv is None else nv / S)
+        eu, ev = (nu, nv) if S is None else (nu * S, None if nv is None else nv * op.inv_scale)
     return eu if eu is not None else torch.zeros(len(y), ctx.fm.num_params, device=ctx.device)
 
 

@@ -148,6 +148,18 @@ class TorchRecipe:
     model_fn: object
     optimizer_fn: object
     scheduler_fn: object = None
+    clip: float | None = None          # clip_grad_norm_ max norm (recorded by rec.clip_grad_norm_)
+    loss: object = None                # a torch loss module (e.g. nn.CrossEntropyLoss(label_smoothing=0.1));
+                                       # its per-sample losses are used (reduction ignored), and recorded
+    accumulate: int = 1                # micro-batches per optimiser step (gradient accumulation)
+
+    def per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample training losses (B,) (cross-entropy by default)."""
+        import torch.nn.functional as F
+        if self.loss is None:
+            return F.cross_entropy(logits, y, reduction="none")
+        return F.cross_entropy(logits, y, weight=self.loss.weight, ignore_index=self.loss.ignore_index,
+                               reduction="none", label_smoothing=self.loss.label_smoothing)
 
 
 def warmup_cosine(optimizer, total: int, warmup_frac: float = 0.1):
@@ -165,21 +177,25 @@ def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: 
     equals weighting the sample 0; with BatchNorm it also leaves the batch statistics).
     With ``record_dir`` the run is recorded by the Recorder every ``every`` steps. Returns the
     trained model (eval mode)."""
-    import torch.nn.functional as F
     from diffin_core.project.checkpoints import Recorder
     model = recipe.model_fn()
     model.train()
     opt = recipe.optimizer_fn(model.parameters())
     sched = recipe.scheduler_fn(opt, len(batches)) if recipe.scheduler_fn else None
-    rec = Recorder(record_dir, model, opt, train_size=len(y), every=every) if record_dir else None
+    rec = Recorder(record_dir, model, opt, train_size=len(y), every=every, loss=recipe.loss) if record_dir else None
     if rec:
         rec.__enter__()
     for idx in batches:
-        keep = idx if drop is None else idx[idx != drop]
         opt.zero_grad()
-        t = torch.as_tensor(keep)
-        loss = F.cross_entropy(model(x[t]), y[t], reduction="sum") / len(idx)
-        loss.backward()
+        for micro in np.array_split(idx, max(1, int(recipe.accumulate))):      # the batch mean over idx
+            keep = micro if drop is None else micro[micro != drop]
+            if len(keep) == 0:
+                continue
+            t = torch.as_tensor(keep)
+            loss = recipe.per_sample(model(x[t]), y[t]).sum() / len(idx)
+            loss.backward()
+        if recipe.clip:
+            (rec.clip_grad_norm_ if rec else torch.nn.utils.clip_grad_norm_)(list(model.parameters()), recipe.clip)
         opt.step()
         if sched:
             sched.step()
@@ -193,22 +209,18 @@ def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: 
 def leave_one_out_torch(recipe: TorchRecipe, x, y, qx, qy, batches, samples) -> np.ndarray:
     """truth(z) = L_Q(theta_T without z) - L_Q(theta_T) for each z, retraining with the recipe
     (eval-mode query loss: the final model's own BatchNorm statistics)."""
-    import torch.nn.functional as F
-
     def query_loss(model):
         with torch.no_grad():
-            return float(F.cross_entropy(model(qx), qy))
+            return float(recipe.per_sample(model(qx), qy).mean())
     base = query_loss(train_torch(recipe, x, y, batches))
     return np.asarray([query_loss(train_torch(recipe, x, y, batches, drop=int(z))) - base for z in samples])
 
 
 def self_loo_torch(recipe: TorchRecipe, x, y, batches, samples) -> np.ndarray:
     """True self-influence L_z(theta without z) - L_z(theta) for each z (nats)."""
-    import torch.nn.functional as F
-
     def loss_of(model, z):
         with torch.no_grad():
-            return float(F.cross_entropy(model(x[z:z + 1]), y[z:z + 1]))
+            return float(recipe.per_sample(model(x[z:z + 1]), y[z:z + 1]).mean())
     full = train_torch(recipe, x, y, batches)
     return np.asarray([loss_of(train_torch(recipe, x, y, batches, drop=int(z)), int(z)) - loss_of(full, int(z))
                        for z in samples])
