@@ -142,9 +142,14 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
     from diffin_core.engine.precision import summary
     from diffin_core.engine.threads import configure
     configure(threads)                      # before torch loads (a bad DIFFIN_THREADS: one line)
+    import warnings
+    from diffin_core.engine.recipe import RecipeWarning
+    shown: set[str] = set()
     for m in method:
-        out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
-                     memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp)
+        with warnings.catch_warnings():     # the recipe's approximations: printed below, each once
+            warnings.simplefilter("ignore", RecipeWarning)
+            out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
+                         memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
         meta = json.loads((out / "meta.json").read_text())
         from diffin_core.engine.adam_batches import check_text
@@ -154,6 +159,10 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                      hvp_text(hv) if len(hv) > 1 else ""):
             if line:
                 typer.echo(f"{m}: {line}")
+        for entry in meta.get("approximations") or []:
+            if entry not in shown:
+                shown.add(entry)
+                typer.echo(f"approximated: {entry}")
 
 
 @app.command("top")

@@ -116,5 +116,8 @@ else:
         msg = (r.meta.get("adam_check") or {}).get("message")
         if msg:
             st.warning(f"{r.name}: {msg}", icon=":material/warning:")
+    for r in runs:                  # what each run's estimate approximates of the training recipe
+        for entry in r.meta.get("approximations") or []:
+            st.caption(f"{r.name} approximates: {entry}")
     ui.page_link("pages/3_Explore.py", "Next: explore")
     ui.page_link("pages/4_Review.py", "Next: review suspects")

@@ -20,6 +20,8 @@ run = ui.chosen_run(project, key="explore_run")
 scores = ui.scores(project, run)
 jm = ui.job_manager()
 st.caption("Influence > 0: helpful (removing the sample would raise the query loss); < 0: harmful.")
+for _entry in project.run(run).meta.get("approximations") or []:      # what the run's estimate approximates
+    st.caption(f"{run} approximates: {_entry}")
 # Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
 
 

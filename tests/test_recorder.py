@@ -159,3 +159,28 @@ def test_unmodelled_optimizer_scores_the_loss_baseline_and_refuses_diffin(tmp_pa
         assert "\n" not in str(err.value)
     out = run_method(ctx, "loss", x[:3], y[:3])
     assert np.isfinite(out["label_issue"]).all()
+
+
+def test_meta_json_lists_the_approximations_and_the_cli_prints_each_once(tmp_path, capsys):
+    """meta.json's "approximations": [] when the recipe is modelled exactly; with clipping seen but
+    not recorded, its line, printed once by `diffin score` even for two methods."""
+    import sys
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from helpers import make_tiny_project
+    from diffin_core.cli import main
+    root = make_tiny_project(tmp_path / "tiny")
+    main(["score", str(root), "--method", "tracin", "--run", "exact", "--no-features"])
+    meta = json.loads((root / "runs/exact/meta.json").read_text())
+    assert meta["approximations"] == []
+    path = root / "checkpoints/manifest.json"
+    raw = json.loads(path.read_text())
+    raw["detected_clipping"] = {"max_norm": 1.0, "steps": 12}
+    path.write_text(json.dumps(raw))
+    capsys.readouterr()
+    main(["score", str(root), "--method", "tracin", "--method", "grad-dot", "--no-features"])
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("approximated:")]
+    assert len(lines) == 1 and "rec.clip_grad_norm_" in lines[0]
+    meta = json.loads((root / "runs/tracin-1/meta.json").read_text())
+    assert len(meta["approximations"]) == 1 and "gradient clipping" in meta["approximations"][0]
+    assert json.loads((root / "runs/grad-dot-1/meta.json").read_text())["approximations"] == []   # no recipe

@@ -232,7 +232,7 @@ def coupled_decay(ctx):
     if recipe.decoupled:
         return 0.0
     if groups is not None:
-        return groups.decay_vector(ctx.device, ctx.thetas[0].dtype if len(ctx.thetas) else None)
+        return groups.decay_vector(ctx.device)          # float64; hessian_matvec casts it
     return recipe.weight_decay if recipe.adam else 0.0
 
 

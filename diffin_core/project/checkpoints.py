@@ -533,7 +533,9 @@ class Recorder:
         self.manifest = Manifest(None if train_size is None else int(train_size), [], recipe.optimizer,
                                  recipe.momentum, extra=extra, step_lrs="step_lrs.npy")
         self.adam = recipe.adam
-        self._ref = next((i for i, g in enumerate(recipe.groups) if not g.frozen), 0)
+        live = [i for i, g in enumerate(recipe.groups) if not g.frozen]     # step_lrs / checkpoint lr: the
+        self._ref = next((i for i in live if _num(optimizer.param_groups[i].get("lr")) > 0),   # first group
+                         live[0] if live else 0)                                             # that trains
         self.global_step = 0
         self.lrs: list[float] = []
         self.group_rows: list[np.ndarray] = []          # per step (3, G): lr, weight decay, momentum/beta1

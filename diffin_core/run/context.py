@@ -230,8 +230,11 @@ def clip_approximations(m: Manifest, clip) -> list[str]:
     the norm's response to z is not), or detected by the Recorder but not recorded (not modelled)."""
     out = []
     if clip is not None and (clip < 1).any():
-        out.append(f"gradient clipping's norm held fixed per step (the clip factor is modelled on the "
-                   f"{int((clip < 1).sum())} clipped steps; the norm's own response to removing z is not)")
+        n = int((clip < 1).sum())
+        out.append(f"gradient clipping's norm held fixed per step (the clip factor is modelled on the {n} of "
+                   f"{len(clip)} steps clipped, median factor {float(np.median(clip[clip < 1])):.2g}; the norm's own "
+                   "response to removing z is not: measured Spearman 0.85 clipped on half the steps, 0.50 on every "
+                   "step, docs/recipes.md#clipping)")
     detected = m.extra.get("detected_clipping")
     if clip is None and detected:
         out.append(f"gradient clipping (the Recorder saw {detected.get('steps', '?')} steps at gradient norm "

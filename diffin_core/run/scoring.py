@@ -117,6 +117,9 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
         "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
         "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
+        # what of the training recipe the estimate approximates, one line each (empty: modelled exactly)
+        "approximations": (list(getattr(ctx.recipe, "approximations", None) or [])
+                           if getattr(METHODS[method], "uses_recipe", False) else []),
         "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
         "hvp": hvp_summary(ctx),         # hvp.py: which Hessian-vector products were used (auto: where, why)
     }
