@@ -65,7 +65,9 @@ def relabel_suggested(sample_ids, preds, seen):
 
 
 def undo_sample(sid, seen):
-    reverted = _report(log.undo_sample, sid, user=user, seen=seen, any_user=me.is_admin)
+    # an admin's undo takes the decision in force (k = 1, or resolving); a vote is its voter's own
+    reverted = _report(log.undo_sample, sid, user=user, seen=seen,
+                       any_user=me.is_admin and (k_reviewers <= 1 or resolving))
     if reverted is not None:
         st.session_state["review_note"] = f"Undid the {reverted} decision on sample {sid}."
         st.session_state["review_focus"] = int(sid)
@@ -187,9 +189,13 @@ else:
                            format_func=lambda y: ui.label_name(project, y))
         b[2].button(f"Relabel to {ui.label_name(project, new)}", key="review_relabel", on_click=act,
                     args=([sid], "relabel", {sid: seen}, int(new)), width="stretch", type="primary")
-        if decided is not None:
-            st.button(f"Undo the decision on sample {sid}", key="review_undo_sample", icon=":material/undo:",
-                      on_click=undo_sample, args=(sid, seen))
+        own_vote = False
+        if k_reviewers > 1 and not resolving:            # under consensus your undo takes back your vote
+            v = log.votes()
+            own_vote = bool(((v["sample_id"] == sid) & (v["user"] == user)).any())
+        if decided is not None or own_vote:
+            st.button(f"Undo {'your vote' if own_vote else 'the decision'} on sample {sid}", key="review_undo_sample",
+                      icon=":material/undo:", on_click=undo_sample, args=(sid, seen))
         last = st.session_state.get("review_last")
         if last is not None and int(last) != sid and int(last) in state.index:
             st.button(f"Undo the decision on sample {last} ({state.loc[int(last), 'action']}, your previous card)",

@@ -240,3 +240,31 @@ def test_export_takes_the_resolved_decision_and_records_who(tmp_path):
     with pytest.raises(DiffinError, match=r"sample 2 is relabelled to 99, outside the 4 classes"):
         export_split(tmp_path / "bad.npz", "npz", x, y, ids, bad, manifest_extra={}, num_classes=4)
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_under_consensus_a_reviewer_undoes_only_their_own_vote(tmp_path):
+    log = ReviewLog(tmp_path)
+    log.set_reviewers_per_sample(2)
+    log.decide(1, "exclude", user="ann")
+    log.decide(1, "exclude", user="bob")
+    assert log.state().loc[1, "how"] == "consensus"
+    assert log.undo_sample(1, user="bob", any_user=False) == "exclude"     # bob's vote goes ...
+    votes = log.votes()
+    assert votes["user"].tolist() == ["ann"] and 1 not in log.state().index  # ... ann's stays: pending again
+    with pytest.raises(DiffinError, match="is ann's"):
+        log.undo_sample(1, user="bob", any_user=False)                       # nothing of bob's left
+    assert log.undo(user="bob") is None
+
+
+def test_bounds_follow_a_new_upload(tmp_path):
+    from helpers import make_tiny_project
+    proj = make_tiny_project(tmp_path / "p", n=96)
+    log = ReviewLog(proj)
+    log.decide(95, "keep")
+    with pytest.raises(DiffinError, match="sample id 150 is not in the training split"):
+        log.decide(150, "keep")
+    import time
+    time.sleep(0.01)
+    make_tiny_project(proj, n=200)                                          # the train split re-uploaded
+    log.decide(150, "keep")
+    assert 150 in log.state().index

@@ -123,6 +123,7 @@ class ReviewLog:
         self.path = self.root / DB_NAME
         self._bounds = None if num_classes is None and sample_ids is None else (
             num_classes, None if sample_ids is None else {int(s) for s in sample_ids})
+        self._stamp = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
@@ -224,18 +225,22 @@ class ReviewLog:
             raise ReviewConflict(changes, len(sids), self.path)
 
     def bounds(self) -> tuple[int | None, set[int] | None]:
-        """(number of classes, training sample ids) of the project, or Nones outside a project."""
-        if self._bounds is None:
-            num_classes, ids = None, None
-            if (self.root / "diffin.toml").is_file():
-                try:
-                    from diffin_core.project.folder import Project
-                    project = Project(self.root)
-                    num_classes = int(project.num_classes)
-                    ids = {int(s) for s in project.train.ids}
-                except DiffinError:
-                    pass                       # a broken project: its own pages say why
-            self._bounds = (num_classes, ids)
+        """(number of classes, training sample ids) of the project, or Nones outside a project;
+        read again when diffin.toml or the training data changed (a new upload)."""
+        if self._bounds is not None and self._stamp is None:
+            return self._bounds                     # given to the constructor
+        if not (self.root / "diffin.toml").is_file():
+            return None, None
+        try:
+            from diffin_core.project.folder import Project
+            project = Project(self.root)
+            files = [project.config_path, project.path(project.config["data"]["train"])]
+            stamp = tuple(f.stat().st_mtime_ns if f.exists() else None for f in files)
+            if self._bounds is None or stamp != self._stamp:
+                self._bounds = (int(project.num_classes), {int(s) for s in project.train.ids})
+                self._stamp = stamp
+        except (DiffinError, OSError, KeyError):
+            return None, None                       # a broken project: its own pages say why
         return self._bounds
 
     def _check(self, sample_id, action: str, new_label) -> tuple[int, int | None]:
