@@ -115,3 +115,42 @@ def test_folded_label_issue_equals_its_separate_pass(monkeypatch, momentum, weig
     for key in ("influence", "self_influence", "label_issue", "probs"):
         np.testing.assert_allclose(folded[key], separate[key], rtol=1e-5, atol=1e-9 * np.abs(separate[key]).max())
     assert "fold_self" not in folded and "fold_probs" not in folded
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
+def test_the_walk_makes_no_host_round_trip_per_chunk(monkeypatch, momentum, weight_decay):
+    """The GPU score path (issue 19, item 4), checked on the CPU: runner.score_rows keeps every
+    chunk's results on the device and checks them once per row range, and the Ritz walk reads
+    its scalars once per plan, so the number of device-to-host reads does not grow with the
+    number of chunks (and the scores equal the one-chunk ones)."""
+    ctx, qx, qy = bn_case(momentum, weight_decay)
+    method = DiffIn()
+    plan = method.prepare(ctx, qx, qy)
+    reads = {"n": 0}
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts, outs = {}, {}
+    for chunk in (48, 6, 4):                        # 1, 8 and 12 chunks over the same rows
+        method._grams = ritz_self.Grams()
+        reads["n"] = 0
+        outs[chunk] = runner.score_rows(method, ctx, plan, 0, 48, True, chunk)
+        counts[chunk] = reads["n"]
+    assert counts[48] > 0 and counts[6] == counts[48] == counts[4], counts     # the per-range reads only
+    for chunk in (6, 4):
+        for key in ("influence", "self_influence", "probs"):
+            np.testing.assert_allclose(outs[chunk][key], outs[48][key], rtol=1e-5, atol=1e-10)
+
+
+def test_a_non_finite_score_is_still_one_line_after_the_deferred_check():
+    from diffin_core.errors import DiffinError
+    ctx, qx, qy = bn_case(0.0, 0.0)
+    method = DiffIn()
+    plan = method.prepare(ctx, qx, qy)
+    plan[1].w[:] = float("nan")                     # checkpoint plan[1].k's influence turns NaN
+    with pytest.raises(DiffinError, match=rf"non-finite influence at checkpoint {plan[1].k + 1}/"):
+        runner.score_rows(method, ctx, plan, 0, 24, True, 6)

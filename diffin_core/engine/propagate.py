@@ -44,6 +44,8 @@ still gives the segment operators that self-influence uses.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -327,12 +329,41 @@ def random_start(ctx, k: int, salt: int = 0) -> torch.Tensor:
         device=ctx.device, dtype=ctx.thetas[k].dtype)
 
 
+_DEFERRED = contextvars.ContextVar("diffin_deferred_finite", default=None)
+
+
 def check_finite(ctx, per_checkpoint: torch.Tensor, what: str) -> None:
-    """Raise a one-line DiffinError naming the first checkpoint whose column (b, m) is not finite."""
+    """Raise a one-line DiffinError naming the first checkpoint whose column (b, m) is not finite.
+    Inside ``deferred_finite()`` (runner.score_rows' walk) the check is noted on the device and
+    made once when the block ends: no device-to-host round trip per chunk on a GPU."""
+    pending = _DEFERRED.get()
+    if pending is not None:
+        bad = ~torch.isfinite(per_checkpoint)
+        pending.append((bad.any(0) if per_checkpoint.ndim == 2 else bad.any().reshape(1), what))
+        return
     bad = ~torch.isfinite(per_checkpoint)
     if bool(bad.any()):
         k = int(bad.any(0).nonzero()[0, 0]) if per_checkpoint.ndim == 2 else ctx.m - 1
         raise DiffinError(f"non-finite {what} at {ctx.label(k)}: refusing to write NaN scores")
+
+
+@contextlib.contextmanager
+def deferred_finite(ctx):
+    """check_finite calls inside are checked together at the end (one sync), with the same message."""
+    pending: list = []
+    token = _DEFERRED.set(pending)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+    by_what: dict = {}
+    for flags, what in pending:                      # OR the flags per kind on the device
+        by_what[what] = flags if what not in by_what or by_what[what].shape != flags.shape \
+            else by_what[what] | flags
+    for what, flags in by_what.items():
+        if bool(flags.any()):
+            k = int(flags.nonzero()[0, 0]) if len(flags) > 1 else ctx.m - 1
+            raise DiffinError(f"non-finite {what} at {ctx.label(k)}: refusing to write NaN scores")
 
 
 def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None, batches: bool = False) -> list[PlanItem]:

@@ -37,11 +37,21 @@ class Grams:
     Two entries' Ritz vectors are live only while one product is made (before any gradient)."""
 
     def __init__(self):
-        self.plan, self.mats = None, {}
+        self.plan, self.mats, self.tails = None, {}, {}
+
+    def tail(self, plan, i: int) -> tuple[list, list]:
+        """(W[-1, :], C[-1, :, :]) of entry i as Python floats: the complement's scalars, read to
+        the host once per plan (not once per chunk: no device round trip in the walk)."""
+        if self.plan is not plan:
+            self.get(plan)
+        if i not in self.tails:
+            op = plan[i].op
+            self.tails[i] = (op.W[-1].tolist(), op.C[-1].tolist())
+        return self.tails[i]
 
     def get(self, plan) -> dict:
         if self.plan is not plan:                # a new plan (a new query or shard): start again
-            self.plan, self.mats = plan, {}
+            self.plan, self.mats, self.tails = plan, {}, {}
         if not self.mats and len(plan) > 1:
             for i in range(1, len(plan)):
                 yi = plan[i].op.view.vectors
@@ -69,6 +79,7 @@ class Walk:
 
     def __init__(self, ctx, plan, grams: Grams, g_final: torch.Tensor):
         self.ctx, self.plan, self.grams = ctx, plan, grams.get(plan)
+        self._owner = grams
         self.g_final = g_final
         b = len(g_final)
         self.infl = torch.zeros(b, ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
@@ -82,6 +93,7 @@ class Walk:
         """Plan entry i with g = the rows' per-sample gradients at its checkpoint."""
         plan, grams, momentum, g_final = self.plan, self.grams, self.momentum, self.g_final
         a_u, a_v, pu, pv = self.a_u, self.a_v, self.pu, self.pv
+        (w0, w1), ((c00, c01), (c10, c11)) = self._owner.tail(plan, i)
         it = plan[i]
         k, Y, W, C = it.k, it.op.view.vectors, it.op.W, it.op.C
         if getattr(it, "rows", None) is None:                   # else: DiffIn.row_terms adds it
@@ -100,21 +112,21 @@ class Walk:
         v_g = (a_v * d_f + sum((rowdot(q, o) for q, o in zip(pv, on_prev)), torch.zeros_like(d_f))
                if momentum else None)
 
-        def mapped(fu, fv):
-            """(a', [p'_j], p'_k) of one op (fu, fv) on (u, v) (see module doc)."""
-            su, sv = float(fu[-1]), float(fv[-1])
+        def mapped(fu, fv, su, sv):
+            """(a', [p'_j], p'_k) of one op (fu, fv) on (u, v) (see module doc); su, sv = fu[-1],
+            fv[-1] as host floats."""
             new = yu * (fu[:-1] - fu[-1])
             if not momentum:
                 return su * a_u, [su * p for p in pu], new
             new = new + yv * (fv[:-1] - fv[-1])
             return su * a_u + sv * a_v, [su * p + sv * q for p, q in zip(pu, pv)], new
 
-        w_g = float(W[-1, 0]) * u_g + rowdot(mapped(W[:, 0], W[:, 1])[2], g_on)    # <w, g_k>
+        w_g = w0 * u_g + rowdot(mapped(W[:, 0], W[:, 1], w0, w1)[2], g_on)    # <w, g_k>
         if momentum:
-            w_g = w_g + float(W[-1, 1]) * v_g
+            w_g = w_g + w1 * v_g
         self.selfs[:, k] = coef * w_g.to(self.selfs.dtype)
-        nu = mapped(C[:, 0, 0], C[:, 0, 1])
-        nv = mapped(C[:, 1, 0], C[:, 1, 1]) if momentum else None
+        nu = mapped(C[:, 0, 0], C[:, 0, 1], c00, c01)
+        nv = mapped(C[:, 1, 0], C[:, 1, 1], c10, c11) if momentum else None
         self.a_u, self.pu = nu[0], nu[1] + [nu[2]]
         if momentum:
             self.a_v, self.pv = nv[0], nv[1] + [nv[2]]

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from diffin_core.engine import precision
+from diffin_core.engine.propagate import deferred_finite
 from diffin_core.engine.budget import MemoryPlan, activation_bytes, hessian_batch_for, plan_memory, trim_heap
 from diffin_core.project.stages import LazyPlan, Stages, StageSettings
 from diffin_core.project.store import CheckpointStore
@@ -205,36 +206,43 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
     infl, selfs, probs = [], [], []
     extras: dict[str, list] = {}          # per-row outputs a method adds (DiffIn's folded label_issue)
     done = start
-    for j, (x, y) in enumerate(_chunks(ctx, start, stop, chunk, workers)):
-        if j % TRIM_CHUNKS == TRIM_CHUNKS - 1:
-            trim_heap()                                   # RSS flat in N (budget.trim_heap)
-        with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
-            res = method.chunk(ctx, state, x, y, need_self)
-        i, s = res[0], res[1]
-        for key, value in (res[2] if len(res) > 2 else {}).items():
-            extras.setdefault(key, []).append(value.double().cpu())
-        infl.append(i.double().cpu())
-        if s is not None:
-            selfs.append(s.double().cpu())
-        if need_self:
-            last = len(ctx.thetas) - 1
-            fm = ctx.fm_at(last) if hasattr(ctx, "fm_at") else ctx.fm
-            with torch.no_grad():
-                probs.append(torch.softmax(fm.logits(ctx.thetas[last], x), -1).double().cpu())
-        done += len(y)
-        if progress_base is not None:
-            ctx.progress(progress_base + done - start, ctx.n if need_self else progress_base + stop - start,
-                         f"{method.name}: scoring training samples")
-    out = {"influence": torch.cat(infl).numpy() if infl else np.zeros(0)}
+    acc = getattr(ctx, "acc_dtype", torch.float64)
+    # results stay on the device until the range is done, and the finite checks are made once
+    # at its end: no device-to-host round trip per chunk (a GPU walk never waits on the host)
+    with deferred_finite(ctx):
+        for j, (x, y) in enumerate(_chunks(ctx, start, stop, chunk, workers)):
+            if j % TRIM_CHUNKS == TRIM_CHUNKS - 1:
+                trim_heap()                                   # RSS flat in N (budget.trim_heap)
+            with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
+                res = method.chunk(ctx, state, x, y, need_self)
+            i, s = res[0], res[1]
+            for key, value in (res[2] if len(res) > 2 else {}).items():
+                extras.setdefault(key, []).append(value.detach().to(acc))
+            infl.append(i.detach().to(acc))
+            if s is not None:
+                selfs.append(s.detach().to(acc))
+            if need_self:
+                last = len(ctx.thetas) - 1
+                fm = ctx.fm_at(last) if hasattr(ctx, "fm_at") else ctx.fm
+                with torch.no_grad():
+                    probs.append(torch.softmax(fm.logits(ctx.thetas[last], x), -1).to(acc))
+            done += len(y)
+            if progress_base is not None:
+                ctx.progress(progress_base + done - start, ctx.n if need_self else progress_base + stop - start,
+                             f"{method.name}: scoring training samples")
+
+    def host(parts):                      # one transfer per output for the whole range
+        return torch.cat(parts).cpu().double().numpy()
+    out = {"influence": host(infl) if infl else np.zeros(0)}
     terms = method.row_terms(ctx, state, start, stop) if hasattr(method, "row_terms") else None
     if terms is not None:              # per-sample terms the plan holds (diffin: Adam's batch order)
         out["influence"] = out["influence"] + terms
     if selfs:
-        out["self_influence"] = torch.cat(selfs).numpy()
+        out["self_influence"] = host(selfs)
     for key, parts in extras.items():
-        out[key] = torch.cat(parts).numpy()
+        out[key] = host(parts)
     if need_self:
-        out["probs"] = torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+        out["probs"] = host(probs) if probs else np.zeros((0, 0))
     return out
 
 
