@@ -48,7 +48,7 @@ def make_project(dest: Path, n: int) -> Path:
     src = SAMPLE_DIR / "mnist"
     if not (src / "diffin.toml").is_file():
         build_sample_project(src)
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports", "prebuilt"))
     if n:
         path = dest / "data" / "train.npz"
         with np.load(path) as d:
@@ -61,17 +61,22 @@ def make_project(dest: Path, n: int) -> Path:
     return dest
 
 
+CODE = ROOT           # where the scored code is imported from (main: a frozen copy)
+
+
 def clean_env() -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "DIFFIN_THREADS", "DIFFIN_THREADS_AUTO")}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(CODE) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
 
-def run_case(project: Path, setting: str, condition: str, timeout: float, cpus: int) -> dict:
+def run_case(project: Path, setting: str, condition: str, timeout: float, cpus: int, features: bool = True) -> dict:
     name = f"{setting}-{condition}"
     launch = DEFAULT_LAUNCH if setting == "default" else PRODUCT_LAUNCH
     args = [sys.executable, "-c", launch, "score", str(project), "-m", "diffin", "--run", name]
+    if not features:
+        args.append("--no-features")
     if setting == "default":
         args += ["--threads", str(cpus)]
     load0 = os.getloadavg()[0]
@@ -85,6 +90,9 @@ def run_case(project: Path, setting: str, condition: str, timeout: float, cpus: 
         proc.kill()
         _, err = proc.communicate()
         finished = False
+    finally:
+        if proc.poll() is None:            # stopped from outside (SIGTERM): no orphan left behind
+            proc.kill()
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -110,19 +118,26 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=45, help="seconds the burners run before the loaded cases")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default="threads")
+    ap.add_argument("--no-features", action="store_true", help="score without the feature pass (shorter)")
     a = ap.parse_args(argv)
+    import signal
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))      # the finally below stops the burners
+    global CODE
     from diffin_core.engine.threads import usable_cpus
     cpus = usable_cpus()
     rows, burners = [], []
     tmp = Path(tempfile.mkdtemp(prefix="diffin-threads-"))
     try:
         project = make_project(tmp / "sample", a.n)
+        CODE = tmp / "code"                  # every case imports the same code, whatever changes meanwhile
+        shutil.copytree(ROOT / "diffin_core", CODE / "diffin_core", ignore=shutil.ignore_patterns("__pycache__"))
+        feats = not a.no_features
         for setting in ("default", "product"):
-            rows.append(run_case(project, setting, "quiet", a.timeout, cpus))
+            rows.append(run_case(project, setting, "quiet", a.timeout, cpus, feats))
         burners = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(2)]
         time.sleep(a.warmup)
         for setting in ("product", "default"):
-            rows.append(run_case(project, setting, "loaded", a.timeout, cpus))
+            rows.append(run_case(project, setting, "loaded", a.timeout, cpus, feats))
     finally:
         for b in burners:
             b.kill()
@@ -131,6 +146,7 @@ def main(argv=None) -> int:
     import pandas as pd
     df = pd.DataFrame(rows)
     df.insert(0, "cpus", cpus)
+    df["feature_pass"] = not a.no_features
     for cond in ("quiet", "loaded"):
         sel = df[df.condition == cond].set_index("setting")
         if {"default", "product"} <= set(sel.index) and bool(sel.loc["product", "finished"]):

@@ -105,7 +105,12 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
             from diffin_core.run.distributed import score_on_ray
             return score_on_ray(project, method, run, settings,
                                 address=None if ray == "local" else ray, progress=bar)
-        return score(project, method, run, settings, progress=bar, features=features)
+        def published(path):
+            if features:           # the scores are final now; the feature pass (Explore's fast top-k) follows
+                bar.close()
+                bar.bar = None
+                typer.echo(f"{method}: wrote {path / 'scores.parquet'}; building its feature store...")
+        return score(project, method, run, settings, progress=bar, features=features, on_published=published)
     finally:
         bar.close()
 
@@ -249,7 +254,7 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
         dest = (workspace / "mnist-sample").resolve()
         if not (dest / "diffin.toml").is_file():
             workspace.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+            shutil.copytree(src, dest, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports", "prebuilt"))
             typer.echo(f"copied the sample project to {dest}")
         else:
             typer.echo(f"sample project: {dest}")

@@ -59,6 +59,9 @@ active = [j for j in history if j.status in ("queued", "running")]
 
 def _progress_text(info) -> str:
     message = info.message.removeprefix(f"{info.label}: ")  # the engine names the method too
+    if message.startswith("features"):   # the run is published; this is the pass after it
+        message = "scores published (the run is usable); now its feature store for Explore's fast top-k: " + \
+            message.removeprefix("features: ")
     if info.status == "queued":
         return f"{info.label}: queued"
     if info.in_phase:  # e.g. diffin carrying the query back through the checkpoints

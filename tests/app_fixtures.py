@@ -44,7 +44,7 @@ def loss_run(tmp_path_factory):
     """A "loss" run of the sample project, scored once per test session (about 10 s)."""
     from diffin_core.run.scoring import score
     proj = tmp_path_factory.mktemp("scored") / "mnist-sample"
-    shutil.copytree(SAMPLE_DIR / "mnist", proj, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+    shutil.copytree(SAMPLE_DIR / "mnist", proj, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports", "prebuilt"))
     return score(proj, "loss", run="loss-1")
 
 

@@ -201,3 +201,23 @@ def test_score_page_shows_the_checkpoint_phase_as_progress(scored, jobs):
     assert [b.proto.text for b in bars] == ["diffin: propagated the query through checkpoint (3 of 12 done)"]
     assert bars[0].proto.value == 25  # 3/12, not 0/4,000
     gate.set()
+
+
+def test_autoscore_shows_the_shipped_diffin_run_at_once_and_checks_it(workspace, jobs, monkeypatch):
+    """First run (issue 19): the sample's shipped diffin run is on Home in the first page view;
+    the background job checks it first (run/prebuilt.py), then scores the other methods; Home
+    says what is being computed."""
+    from diffin_core.project.folder import Project
+    monkeypatch.setenv("DIFFIN_AUTOSCORE", "diffin,loss")
+    at = new_app()
+    assert not at.exception
+    runs = Project(workspace / "mnist-sample").runs()
+    assert [(r.name, r.method, r.meta["prebuilt"]["status"]) for r in runs] == [("diffin-1", "diffin", "unverified")]
+    assert {m.label: m.value for m in at.metric}["Finished runs"] == "1"
+    assert [j.label for j in jobs.list()][::-1] == ["diffin (checking the shipped run)", "loss"]
+    info = " ".join(texts(at.info))
+    assert "was shipped with diffin" in info and "checks it now" in info
+    assert "Scoring in the background: diffin (checking the shipped run) (" in info and "loss (queued" in info
+    assert ("Next: review the suspects", "Review") in links(at)      # usable before the check ends
+    for j in jobs.list():
+        jobs.cancel(j.id)

@@ -88,3 +88,31 @@ def test_a_run_records_its_threads(tmp_path):
     rec = json.loads((run / "meta.json").read_text())["threads"]
     assert rec["threads"] >= 1 and rec["source"] in ("auto", "DIFFIN_THREADS", "OMP_NUM_THREADS", "--threads")
     assert rec["torch_threads"] >= 1 and rec["cpus"] >= 1 and "load_1min" in rec
+
+
+@pytest.mark.parametrize("cpus,load,own,expected", [
+    (2, 2.0, 2, 2),      # only our two threads are busy: keep both
+    (2, 4.0, 2, 1),      # two others appeared beside our two: one
+    (2, 2.0, 1, 1),      # one other beside our one: stay at one
+    (2, 1.0, 1, 2),      # the others left: back to two
+    (16, 9.0, 8, 15)])
+def test_a_running_walk_follows_the_load_without_counting_itself(cpus, load, own, expected):
+    assert threads.readjusted(cpus, load, own) == expected
+
+
+def test_adapt_changes_only_an_automatic_count(monkeypatch):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
+        monkeypatch.setattr(threads, "current_load", lambda: 0.0)
+        threads.configure(environ={})
+        torch.set_num_threads(1)
+        assert threads.adapt() == 2 and torch.get_num_threads() == 2 and threads.record()["readjusted"] == 1
+        monkeypatch.setattr(threads, "current_load", lambda: 6.0)
+        assert threads.adapt() == 1 and torch.get_num_threads() == 1
+        threads.configure(2, environ={})                      # --threads 2: never changed
+        assert threads.adapt() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+        threads.configure(environ={"OMP_NUM_THREADS": str(before)})

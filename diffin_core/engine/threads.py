@@ -19,7 +19,8 @@ the policy; a child recomputes the automatic thread count from its own load (dif
 ``OMP_NUM_THREADS`` it wrote with ``DIFFIN_THREADS_AUTO``, so a child does not take it for the
 user's). When torch is already imported, ``torch.set_num_threads`` is called as well.
 
-``configure`` runs when ``diffin_core`` is imported; ``record()`` is what meta.json stores.
+``configure`` runs when ``diffin_core`` is imported; ``record()`` is what meta.json stores. During a
+long walk ``adapt`` follows the load (an automatic count only), between row ranges.
 """
 from __future__ import annotations
 
@@ -135,6 +136,29 @@ def configure(requested=None, environ=None, strict: bool = True) -> dict:
     _record = {"threads": n, "source": source, "cpus": cpus, "load_1min": round(load, 2),
                "omp_wait_policy": env.get("OMP_WAIT_POLICY")}
     return dict(_record)
+
+
+def readjusted(cpus: int, load: float, own: int) -> int:
+    """The automatic count during a run: the load average counts this process's own ``own``
+    busy threads, so the CPUs the others leave are cpus - (load - own)."""
+    return auto_threads(cpus, load - own)
+
+
+def adapt() -> int | None:
+    """Between row ranges of a long walk: follow the machine's load when the count is automatic
+    (others started or stopped work since the process began). Returns the new count when it
+    changed, else None. Explicit choices (--threads, DIFFIN_THREADS, OMP_NUM_THREADS) stay."""
+    global _record
+    torch = sys.modules.get("torch")
+    if _record is None or _record.get("source") != "auto" or torch is None:
+        return None
+    own = int(torch.get_num_threads())
+    n = readjusted(_record["cpus"], current_load(), own)
+    if n == own:
+        return None
+    torch.set_num_threads(n)
+    _record = {**_record, "threads": n, "readjusted": int(_record.get("readjusted", 0)) + 1}
+    return n
 
 
 def record() -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffin_core.engine import precision
+from diffin_core.engine import precision, threads
 from diffin_core.engine.propagate import deferred_finite
 from diffin_core.engine.budget import MemoryPlan, activation_bytes, hessian_batch_for, plan_memory, trim_heap
 from diffin_core.project.stages import LazyPlan, Stages, StageSettings
@@ -282,6 +282,7 @@ def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) 
         for i in range(total):
             part = stages.load_scores(f"ckpt_{i:03d}")
             if part is None:
+                threads.adapt()
                 part = score_rows(method, ctx, [state[i]], 0, n, False, mem.jvp_chunk, progress_base=i * n)
                 stages.save_scores(f"ckpt_{i:03d}", part)
             infl += part["influence"]
@@ -293,6 +294,7 @@ def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) 
     parts = []
     for a in range(0, n, shard):
         b = min(n, a + shard)
+        threads.adapt()                  # an automatic thread count follows the machine's load
         part = stages.load_scores(f"rows_{a}_{b}")
         if part is None:
             part = score_rows(method, ctx, state, a, b, need_self, size, progress_base=a)

@@ -78,12 +78,15 @@ def next_run_name(project: Project, method: str) -> str:
 
 
 def score(project: Project | str | Path, method: str, run: str | None = None,
-          settings: ScoreSettings | None = None, progress=None, features: bool = True) -> Path:
+          settings: ScoreSettings | None = None, progress=None, features: bool = True,
+          on_published=None) -> Path:
     """Score every training sample on the mean query loss; returns the run folder.
 
     The run folder appears only when complete (written to a temp folder, then renamed).
     ``features``: then the feature pass (features.py) for methods it serves, written atomically
-    to runs/<run>/features/, after which any query's top-k takes a fraction of a second.
+    to runs/<run>/features/, after which any query's top-k takes a fraction of a second. It runs
+    after the scores are published (``on_published(run folder)`` is called between the two;
+    the app's pages show the run at once and say that its feature store is being built).
     """
     project = project if isinstance(project, Project) else Project(project)
     settings = settings or ScoreSettings()
@@ -127,6 +130,8 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         meta["adam_check"] = ctx.adam_check
     final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
+    if on_published is not None:         # the scores are usable now; the feature pass follows
+        on_published(final)
     from diffin_core.run import features as feature_store
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
         features = False            # the store approximates the checkpoint estimator, not Adam's replay

@@ -53,7 +53,7 @@ def copy_sample(workspace: str | Path) -> Path:
     if not (dest / CONFIG_NAME).is_file():
         tmp = dest.with_name(f".{dest.name}.copying")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports", "prebuilt"))
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     return dest
@@ -94,6 +94,14 @@ def copy_text_sample(workspace: str | Path, progress=None) -> str:
     if progress:
         progress(1, 1, "built")
     return str(dest)
+
+
+def install_prebuilt(project_dir: str | Path) -> bool:
+    """The sample's shipped diffin run into the workspace copy (run/prebuilt.py), when it has no
+    runs yet; True when installed (the caller queues its check)."""
+    from diffin_core.project.sample import SAMPLE_DIR
+    from diffin_core.run.prebuilt import install
+    return install(SAMPLE_DIR / "mnist", Path(project_dir))
 
 
 def safe_name(name: str) -> str:

@@ -276,10 +276,16 @@ def project_problems(project: Project) -> list[str]:
 def _autoscore(workspace: str, methods: str) -> list[str]:
     """Once per server and workspace: copy the sample project and queue its scoring."""
     dest = appstate.copy_sample(workspace)
-    done = {r.method for r in Project(dest).runs()}
     jm = job_manager()
-    return [jm.submit_child("score", "diffin_core.run.scoring:score", (str(dest), m), label=m, project_dir=dest)
-            for m in dict.fromkeys(methods.split(",")) if m and m not in done]
+    ids = []
+    if "diffin" in methods.split(",") and appstate.install_prebuilt(dest):
+        # the shipped diffin run is on Home at once; the job checks it (checksum, a few rows
+        # recomputed), rescoring on a mismatch, then builds its feature store (run/prebuilt.py)
+        ids.append(jm.submit_child("score", "diffin_core.run.prebuilt:verify_then_rescore", (str(dest),),
+                                   label="diffin (checking the shipped run)", project_dir=dest))
+    done = {r.method for r in Project(dest).runs()}
+    return ids + [jm.submit_child("score", "diffin_core.run.scoring:score", (str(dest), m), label=m, project_dir=dest)
+                  for m in dict.fromkeys(methods.split(",")) if m and m not in done]
 
 
 def autoscore() -> None:
@@ -297,8 +303,9 @@ def autoscore() -> None:
 def next_steps(project: Project, runs) -> None:
     """Home's "what now": score it when there is no run yet, else explore and review."""
     active = [j for j in job_manager().active(project.root) if j.kind == "score"]
+    shipped_note(project, runs)
     if active:
-        st.info("Scoring in the background: " + ", ".join(f"{j.label} ({j.status})" for j in active)
+        st.info("Scoring in the background: " + "; ".join(job_line(project, j, runs) for j in active)
                 + ". The pages fill in as runs finish.", icon=":material/hourglass_top:")
         page_link("pages/2_Score.py", "Watch it on the Score page")
         if not runs:
@@ -309,6 +316,58 @@ def next_steps(project: Project, runs) -> None:
     page_link("pages/3_Explore.py", "Next: explore the scores")
     page_link("pages/4_Review.py", "Next: review the suspects")
     page_link("pages/2_Score.py", "Score with another method")
+
+
+def _estimates(runs) -> dict:
+    """Seconds each background step took where the shipped run was built (run/prebuilt.py)."""
+    for r in runs:
+        est = (r.meta.get("prebuilt") or {}).get("estimates_s")
+        if est:
+            return est
+    return {}
+
+
+def job_line(project: Project, job, runs) -> str:
+    """'tracin (running: scoring training samples, 1,024/4,000, about 40 s left)' or
+    'loss (queued, about 5 s on a quiet 2-core CPU)'."""
+    if job.status == "running":
+        parts = [job.message] if job.message else []
+        if job.total and job.done:
+            parts.append(f"{job.done:,}/{job.total:,}")
+        if job.eta_s is not None:
+            parts.append(f"about {fmt_seconds(job.eta_s)} left")
+        if job.message.startswith("features"):
+            parts.insert(0, "scores published; building the feature store for Explore's fast top-k")
+        return f"{job.label} (running{': ' + ', '.join(parts) if parts else ''})"
+    est = _estimates(runs)
+    key = "check" if "shipped" in job.label else job.label
+    hint = f", about {fmt_seconds(est[key])} where the sample was built" if key in est else ""
+    return f"{job.label} ({job.status}{hint})"
+
+
+def shipped_note(project: Project, runs) -> None:
+    """Home/Score: a shipped (prebuilt) run says what it is and where its check stands."""
+    from diffin_core.run import prebuilt
+    for r in runs:
+        state = prebuilt.status(r.meta)
+        if state is None:
+            continue
+        rec = r.meta["prebuilt"]
+        if state == "unverified":
+            st.info(f"`{r.name}` was shipped with diffin, scored where the sample was built, so you can explore "
+                    f"and review at once. The background job checks it now: a checksum of the model, "
+                    f"checkpoints and data it was scored on, then {prebuilt.SPOT_ROWS} rows recomputed here "
+                    f"and compared; a mismatch rescores the project. Its feature store (Explore's fast "
+                    f"top-k) is built after the check; until then top-k takes the exact path.",
+                    icon=":material/verified_user:")
+        elif state == "verified":
+            errs = rec.get("max_rel_error") or {}
+            st.caption(f"`{r.name}` was shipped with diffin and verified here: inputs' checksum equal, "
+                       f"{len(rec.get('rows', []))} rows recomputed (largest difference "
+                       f"{max(errs.values()) if errs else 0:.1g} of a column's RMS) in {fmt_seconds(rec.get('check_s'))}.")
+        elif state == "failed":
+            st.warning(f"`{r.name}` (shipped with diffin) failed its check here: {rec.get('reason', '?')}. "
+                       "The background job rescores the project.", icon=":material/sync_problem:")
 
 
 def job_ids() -> list[str]:
