@@ -302,7 +302,8 @@ def autoscore() -> None:
 
 def next_steps(project: Project, runs) -> None:
     """Home's "what now": score it when there is no run yet, else explore and review."""
-    active = [j for j in job_manager().active(project.root) if j.kind == "score"]
+    from diffin_core.workspace.jobs import display_order
+    active = display_order([j for j in job_manager().active(project.root) if j.kind == "score"])
     shipped_note(project, runs)
     if active:
         st.info("Scoring in the background: " + "; ".join(job_line(project, j, runs) for j in active)
