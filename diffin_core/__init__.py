@@ -21,7 +21,8 @@ _threads.configure(strict=False)
 # Ctrl-C during that import reaches the CLI's handler (one line, exit 130).
 _LAZY = {"Recorder": "project.checkpoints", "DiffinCallback": "project.hf", "METHODS": "methods",
          "ScoreSettings": "methods", "Project": "project.folder", "query_influence": "run.scoring",
-         "score": "run.scoring", "top_k": "run.scoring"}
+         "score": "run.scoring", "top_k": "run.scoring", "load_tokenizer": "project.text",
+         "train_tokenizer": "project.text"}
 
 
 def __getattr__(name):
@@ -31,5 +32,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Recorder", "DiffinCallback", "DiffinError", "METHODS", "ScoreSettings", "Project", "score", "top_k", "query_influence"]
+__all__ = ["Recorder", "DiffinCallback", "DiffinError", "METHODS", "ScoreSettings", "Project", "score", "top_k", "query_influence",
+           "load_tokenizer", "train_tokenizer"]
 __version__ = "0.1.0"

@@ -279,8 +279,10 @@ def load_tokenizer(where: str | Path):
                           directory) from None
 
 
-def train_tokenizer(texts, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB, max_length: int = DEFAULT_MAX_LENGTH):
-    """Train a lower-cased WordPiece tokenizer on ``texts`` and save it (atomically) into
+def train_tokenizer(texts, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB, max_length: int = DEFAULT_MAX_LENGTH,
+                    min_frequency: int = 2):
+    """Train a lower-cased WordPiece tokenizer on ``texts`` (pieces seen at least ``min_frequency``
+    times) and save it (atomically) into
     ``out_dir`` as a PreTrainedTokenizerFast; returns it. Special tokens [PAD]=0 [UNK]=1 [CLS]=2
     [SEP]=3 [MASK]=4; template [CLS] a [SEP] (pairs: [CLS] a [SEP] b [SEP])."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -290,7 +292,7 @@ def train_tokenizer(texts, out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB,
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(vocab_size=int(vocab_size), special_tokens=SPECIAL_TOKENS,
-                                        show_progress=False)
+                                        min_frequency=int(min_frequency), show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",

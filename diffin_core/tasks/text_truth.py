@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SMS = Path(__file__).resolve().parents[2] / "shared" / "data" / "sms_spam.tsv"
+SMS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sms_spam.tsv"
 
 
 def sms_path() -> Path:
@@ -59,7 +59,7 @@ def tiny_bert(vocab_size: int, max_length: int, recipe: TextRecipe, num_labels: 
     """model_fn: a fresh BertForSequenceClassification from a config (same initial weights every
     call), adapted to packed batches (textmodel.adapt)."""
     from transformers import BertConfig, BertForSequenceClassification
-    from .textmodel import adapt
+    from diffin_core.engine.textmodel import adapt
 
     def build():
         torch.manual_seed(recipe.seed)
@@ -92,7 +92,7 @@ def train_text(model_fn, recipe: TextRecipe, x: torch.Tensor, y: torch.Tensor, b
     """Train over the batch order; ``drop``: a training row whose loss weight is 0 in every batch
     (the batch mean keeps its denominator; dropout masks are the same draws as the full run)."""
     from transformers import get_linear_schedule_with_warmup
-    from .checkpoints import Recorder
+    from diffin_core.project.checkpoints import Recorder
     model = model_fn()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,12 +137,12 @@ def query_loss(model, qx, qy) -> float:
 
 def text_case(record_dir, n_train: int = 300, n_query: int = 100, epochs: int = 4, batch: int = 16,
               samples: int = 40, every: int = 10, noise: float = 0.1, max_length: int = 40,
-              vocab_size: int = 1000, recipe: TextRecipe | None = None, seed: int = 0) -> dict:
+              vocab_size: int = 1000, min_frequency: int = 2, recipe: TextRecipe | None = None, seed: int = 0) -> dict:
     """The ground-truth case (module docstring): splits, recipe, recorded run in
     ``record_dir/checkpoints`` and the float64 truths of ``samples`` training rows."""
-    from .data import load_split
-    from .text import TextOptions, train_tokenizer
-    from .truth import batch_order
+    from diffin_core.project.data import load_split
+    from diffin_core.project.text import TextOptions, train_tokenizer
+    from diffin_core.tasks.truth import batch_order
     recipe = recipe or TextRecipe(seed=seed)
     record_dir = Path(record_dir)
     record_dir.mkdir(parents=True, exist_ok=True)
@@ -159,21 +159,30 @@ def text_case(record_dir, n_train: int = 300, n_query: int = 100, epochs: int = 
     q.to_csv(record_dir / "query.csv", index=False)
     tok_dir = record_dir / "tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        train_tokenizer(tr["text"].tolist(), tok_dir, vocab_size, max_length)
+        train_tokenizer(tr["text"].tolist(), tok_dir, vocab_size, max_length, min_frequency=min_frequency)
     opts = dict(text_column="text", max_length=max_length, truncation=True, tokenizer_dir=tok_dir,
                 classes=["ham", "spam"])
     train = load_split(record_dir / "train.csv", text=TextOptions(**opts, cache_dir=record_dir / "tokenized" / "train"))
     query = load_split(record_dir / "query.csv", text=TextOptions(**opts, cache_dir=record_dir / "tokenized" / "query"))
-    from .text import load_tokenizer
+    from diffin_core.project.text import load_tokenizer
     model_fn = tiny_bert(len(load_tokenizer(tok_dir)), max_length, recipe)
     x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(train.y)
     qx, qy = torch.as_tensor(query.x, dtype=torch.float64), torch.as_tensor(query.y)
     batches = batch_order(n_train, batch, epochs, seed=seed)
+    import shutil
+    shutil.rmtree(record_dir / "checkpoints", ignore_errors=True)
     full = train_text(model_fn, recipe, x, y, batches, record_dir=record_dir, every=every)
     base = query_loss(full, qx, qy)
     idx = np.random.default_rng(seed + 1).choice(n_train, samples, replace=False)
-    truth = np.asarray([query_loss(train_text(model_fn, recipe, x, y, batches, drop=int(z)), qx, qy) - base
-                        for z in idx])
+    import json
+    key = json.dumps([n_train, n_query, epochs, batch, samples, noise, max_length, vocab_size, min_frequency, repr(recipe), seed])
+    cached = record_dir / "truth.json"
+    if cached.is_file() and json.loads(cached.read_text()).get("key") == key:
+        truth = np.asarray(json.loads(cached.read_text())["truth"])
+    else:
+        truth = np.asarray([query_loss(train_text(model_fn, recipe, x, y, batches, drop=int(z)), qx, qy) - base
+                            for z in idx])
+        cached.write_text(json.dumps({"key": key, "truth": truth.tolist()}))
     return dict(recipe=recipe, model_fn=model_fn, train=train, query=query, samples=idx, truth=truth,
                 dir=record_dir / "checkpoints", batches=batches, base_loss=base,
                 accuracy=float((full(qx).argmax(1) == qy).double().mean()))
