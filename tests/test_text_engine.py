@@ -75,3 +75,55 @@ def test_gradients_hvps_and_jvps_on_a_transformer():
         absent = [t for t in range(40) if t not in present]
         assert rows[i, absent].abs().max() == 0
 
+
+
+MODEL_PY = '''
+from pathlib import Path
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+from diffin_core import load_tokenizer
+
+def build():
+    torch.manual_seed(0)
+    tok = load_tokenizer(Path(__file__).parent)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=24, num_labels=2)
+    return BertForSequenceClassification(cfg)
+'''
+
+
+@pytest.mark.slow
+def test_a_text_project_scores_end_to_end(tmp_path):
+    """diffin.toml kind = "text" + a transformers model.py + a Recorder run -> `diffin score`
+    writes scores for every training row; the tokenizer is trained once, on the train split."""
+    from diffin_core.cli import main
+    from diffin_core.project.checkpoints import Recorder
+    from diffin_core.project.folder import Project
+    from diffin_core.tasks.text_truth import sms_frame
+    df = sms_frame().iloc[:60]
+    proj = tmp_path / "sms"
+    (proj / "data").mkdir(parents=True)
+    df.iloc[:40].to_csv(proj / "data/train.csv", index=False)
+    df.iloc[40:].to_csv(proj / "data/query.csv", index=False)
+    (proj / "model.py").write_text(MODEL_PY)
+    (proj / "diffin.toml").write_text('[model]\nfactory = "model.py:build"\n[data]\nkind = "text"\n'
+                                      'train = "data/train.csv"\nquery = "data/query.csv"\ntext_column = "text"\n'
+                                      'max_length = 24\ntruncation = true\nvocab_size = 200\n')
+    p = Project(proj)
+    assert p.num_classes == 2 and p.train.classes == ["ham", "spam"] and (proj / "tokenizer/tokenizer.json").is_file()
+    model = p.build_model()
+    model.train()
+    x, y = torch.as_tensor(p.train.x), torch.as_tensor(p.train.y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Recorder(proj, model, opt, train_size=40, every=3) as rec:
+        for start in list(range(0, 40, 8)) * 2:
+            idx = np.arange(start, start + 8)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            rec.step(batch_ids=idx)
+    main(["score", str(proj), "--method", "diffin", "--method", "tracin"])
+    for run in ("diffin", "tracin"):
+        scores = Project(proj).scores(next(r.name for r in Project(proj).runs() if r.method == run))
+        assert len(scores) == 40 and np.isfinite(scores["influence"]).all()
+        assert scores["influence"].abs().max() > 0
