@@ -30,7 +30,7 @@ and every interval must land within ``CHECK_TOL``. Measured (digits MLP 64-32-10
 checkpoint per epoch = 38 steps, a float64 run replayed in float32): misses of 1e-7 .. 2e-5, and
 Spearman 0.983 / 0.989 (fd / exact HVPs) against true leave-one-out, where each step taken at its
 owning checkpoint's weights (the previous path; its moments miss the recorded ones by 45-180%)
-scored 0.786. A run the replay cannot follow (Dropout 0.2 in training: misses of 15-59%; also
+scored 0.786 (benchmarks/recipes.py, "adamw-one-group": 0.993 / 0.982 on seeds 0 / 1). A run the replay cannot follow (Dropout 0.2 in training: misses of 15-59%; also
 train-mode BatchNorm, an unrecorded loss or clipping) fails the check, and diffin then scores
 with the checkpoint estimator (propagate.py: v frozen, each sample spread over every step), which
 measured better there (Spearman 0.74 vs 0.28), and says so in one RecipeWarning line; the check
@@ -331,6 +331,9 @@ def decide(ctx) -> dict | None:
         from diffin_core.engine.recipe import RecipeWarning
         ctx.batch_order = None
         summary["fallback"] = "checkpoint estimator"
+        approx = getattr(ctx.recipe, "approximations", None)
+        if isinstance(approx, list) and summary["message"] not in approx:
+            approx.append(summary["message"])          # meta.json "approximations": the run's own line
         warnings.warn(RecipeWarning(summary["message"]), stacklevel=3)
     return summary
 
