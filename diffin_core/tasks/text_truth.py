@@ -117,8 +117,8 @@ def train_text(model_fn, recipe: TextRecipe, x: torch.Tensor, y: torch.Tensor, b
             loss = (F.cross_entropy(model(x[t]), y[t], reduction="none") * w).sum() / len(idx)
             opt.zero_grad()
             loss.backward()
-            if recipe.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
+            if recipe.max_grad_norm is not None:          # the Recorder's clip records each step's factor
+                (rec.clip_grad_norm_ if rec else torch.nn.utils.clip_grad_norm_)(params, recipe.max_grad_norm)
             opt.step()
             sched.step()
             if rec:
