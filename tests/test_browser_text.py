@@ -33,8 +33,11 @@ pytestmark = [
 
 @pytest.fixture
 def workspace(tmp_path, text_sample):
+    """The scored tiny sample; DIFFIN_TEXT_SAMPLE=<folder> takes a full build instead (screenshots),
+    which needs a tracin-1 run."""
     ws = tmp_path / "ws"
-    shutil.copytree(text_sample, ws / "sms-spam-sample", ignore=shutil.ignore_patterns("review.sqlite*", "exports"))
+    src = Path(os.environ.get("DIFFIN_TEXT_SAMPLE") or text_sample)
+    shutil.copytree(src, ws / "sms-spam-sample", ignore=shutil.ignore_patterns("review.sqlite*", "exports"))
     return ws
 
 
@@ -54,6 +57,11 @@ def page(workspace, request, tmp_path):
                 print(f"\nscreenshot: {tmp_path / 'failure.png'}\nserver log (tail):\n{srv.log()}")
         finally:
             browser.close()
+
+
+def to_top(page) -> None:
+    """Scroll Streamlit's scrolling containers to the top (its sticky header covers widgets there)."""
+    page.evaluate("document.querySelectorAll('*').forEach(e => { if (e.scrollTop) e.scrollTop = 0; })")
 
 
 def shot(page, name: str) -> None:
@@ -99,6 +107,7 @@ def test_text_sample_explore_review_export(page, workspace):
     shot(page, "explore")
 
     # Search the training texts by a phrase.
+    to_top(page)
     page.get_by_role("radio", name="Search").check()
     idle(page)
     search = page.locator(".st-key-explore_search_q input")
@@ -151,3 +160,4 @@ def test_text_sample_explore_review_export(page, workspace):
         expect.append(b"\t".join([sid, label, rest]))
     assert got == expect
     assert len(got) == len(src) - 3
+    assert len(done) == 5
