@@ -108,7 +108,7 @@ def test_text_sample_explore_review_export(page, workspace):
 
     # Search the training texts by a phrase.
     to_top(page)
-    page.get_by_role("radio", name="Search").check()
+    page.locator(".st-key-explore_view").get_by_text("Search", exact=True).click()
     idle(page)
     search = page.locator(".st-key-explore_search_q input")
     search.fill("FREE")
