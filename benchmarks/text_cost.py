@@ -1,0 +1,91 @@
+"""Cost of `diffin score` on the text sample (SMS spam, project/sample_text.py) on this machine.
+
+    python benchmarks/text_cost.py [--project DIR] [--methods diffin,tracin,loss]
+
+Each method runs as its own `python -m diffin_core.cli score DIR -m METHOD` under
+`/usr/bin/time -v` (wall time, peak RSS of the process), beside plain inference: the final
+checkpoint's forward pass over the training and query texts in eval mode (this script's
+`--infer`, also under time -v). The 1-minute load average before each run is recorded: on a
+shared machine the wall times scale with it. Writes benchmarks/results/text_cost.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results" / "text_cost.csv"
+
+
+def infer(project_dir: str) -> None:
+    """Plain inference: the final checkpoint's logits for every training and query text."""
+    import torch
+    from diffin_core.project.checkpoints import complete_state, read_state
+    from diffin_core.project.folder import Project
+    p = Project(project_dir)
+    model = p.build_model().eval()
+    state, _ = read_state(Path(p.manifest.path).parent / p.manifest.checkpoints[-1].file)
+    model.load_state_dict(complete_state(model, state))
+    n = 0
+    with torch.no_grad():
+        for split in (p.train, p.query):
+            for _, x, _ in split.iter_chunks(256):
+                model(torch.as_tensor(x))
+                n += len(x)
+    print(f"inferred {n} samples")
+
+
+def timed(cmd: list[str]) -> dict:
+    load = os.getloadavg()[0]
+    t0 = time.monotonic()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.monotonic() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(rss / 1024), "load_1min_before": round(load, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--project", default=str(ROOT / "sample_data" / "sms-spam"))
+    ap.add_argument("--methods", default="loss,tracin,diffin")
+    ap.add_argument("--infer", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.infer:
+        return infer(a.infer)
+    project = Path(a.project)
+    if not (project / "diffin.toml").is_file():
+        from diffin_core.project.sample_text import build_text_sample
+        build_text_sample(project)
+    from diffin_core.project.folder import Project
+    p = Project(project)
+    n_train, n_query = len(p.train), len(p.query)
+    rows = [{"what": "plain inference (final checkpoint, train + query)",
+             **timed([sys.executable, __file__, "--infer", str(project)]), "samples": n_train + n_query}]
+    for m in a.methods.split(","):
+        rows.append({"what": f"diffin score -m {m}", **timed([sys.executable, "-m", "diffin_core.cli", "score",
+                                                            str(project), "-m", m, "--run", f"cost-{m}"]),
+                     "samples": n_train})
+    for r in rows:
+        r["samples_per_s"] = round(r["samples"] / r["wall_s"], 1)
+        r.update(train=n_train, query=n_query, checkpoints=len(p.manifest.checkpoints), cpus=os.cpu_count(),
+                 threads=os.environ.get("OMP_NUM_THREADS", ""))
+        print(r)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    with open(OUT, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(OUT)
+
+
+if __name__ == "__main__":
+    main()
