@@ -160,6 +160,9 @@ else:
     left, right = st.columns([1, 2])
     with left:
         ui.show_sample(project, sid, width=220)
+        if project.kind == "text":                     # tokens by gradient x input, on request
+            from _common import text_views
+            text_views.highlight_section(project, sid, ui.job_manager())
     with right:
         st.markdown(f"**Given label:** {ui.label_name(project, given)}  \n"
                     f"**Suggested label (model's prediction):** {ui.label_name(project, pred)} "

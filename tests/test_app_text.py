@@ -68,7 +68,7 @@ def test_explore_text_cards_search_and_topk(opened, text_project, jobs):
     assert any("No training sample matches" in m for m in texts(at.info))
 
 
-def test_review_shows_the_whole_text_and_export_is_faithful(opened, text_project):
+def test_review_shows_the_whole_text_and_export_is_faithful(opened, text_project, jobs):
     at = opened
     at.switch_page("pages/4_Review.py").run()
     train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
@@ -81,6 +81,11 @@ def test_review_shows_the_whole_text_and_export_is_faithful(opened, text_project
         at.button(key=f"review_{action}").click().run()
         decided.append((sid, action))
     assert not at.exception
+    sid = int(next(h for h in texts(at.subheader) if h.startswith("Sample ")).split()[1])
+    at.button(key=f"review_tokens_{sid}").click().run()        # token highlights, in a child process
+    wait_jobs(at, jobs)
+    assert any("diffin-text-tokens" in b for b in html_bodies(at)), texts(at.caption)
+    assert any("gradient x input" in c.lower() for c in texts(at.caption))
     at.switch_page("pages/5_Export.py").run()
     assert at.selectbox(key="export_format").value == "tsv"
     at.button(key="export_write").click().run()

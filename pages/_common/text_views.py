@@ -112,3 +112,64 @@ def query_picker(project, key: str) -> None:
             st.html(card_html(all_texts[i], 140))
         c[1].button(f"#{i}", key=f"{key}_use_{i}", on_click=st.session_state.__setitem__, args=(key, i),
                     help="Use this query sample")
+
+
+def highlight_html(result: dict) -> str:
+    """The text with each token's background by its gradient x input score: red raises the loss
+    of the given label, blue lowers it; the score is in each token's tooltip."""
+    text, spans = result["text"], result["spans"]
+    top = max((abs(s) for *_, s in spans), default=0.0) or 1.0
+    out, pos = [], 0
+    for a, b, name, s in spans:
+        if a < pos:
+            continue
+        out.append(html.escape(text[pos:a]))
+        alpha = min(1.0, abs(s) / top) * 0.75
+        rgb = "214,39,40" if s > 0 else "31,119,180"
+        out.append(f'<span title="{html.escape(name)}: {s:+.3g}" style="background: rgba({rgb},{alpha:.2f}); '
+                   f'border-radius: 3px">{html.escape(text[a:b])}</span>')
+        pos = b
+    rest = text[pos:]
+    if result.get("cut") is not None and rest.strip():
+        out.append(f'<span style="color: #999" title="not read by the model (cut at max_length)">'
+                   f'{html.escape(rest)}</span>')
+    else:
+        out.append(html.escape(rest))
+    return f'<div class="diffin-text-tokens" style="{_STYLE}; font-size: 1.05rem">{"".join(out)}</div>'
+
+
+def highlight_section(project, sample_id: int, jm) -> None:
+    """A button that computes the token highlights of one sample in the background worker's
+    child process (the model never runs in the server), then shows them with what they mean."""
+    key = f"tokens_{project.root}_{int(sample_id)}"
+    job_id = st.session_state.get(key)
+    job = jm.get(job_id) if job_id else None
+    if job is None or job.status == "cancelled":
+        if st.button("Highlight the tokens that matter", key=f"review_tokens_{int(sample_id)}",
+                     help="Gradient x input on the word embeddings at the final checkpoint, for the given label: "
+                          "red tokens raise this sample's loss (they speak against its label), blue ones lower it."):
+            st.session_state[key] = jm.submit_child("tokens", "diffin_core.tasks.tokens:token_saliency",
+                                                    (str(project.root), int(sample_id)),
+                                                    label=f"token highlights of sample {int(sample_id)}",
+                                                    project_dir=str(project.root), with_progress=False)
+            st.rerun()
+        return
+    if job.status in ("queued", "running"):
+        @st.fragment(run_every=1.0)
+        def wait():
+            info = jm.get(st.session_state[key])
+            if info is None or info.status not in ("queued", "running"):
+                st.rerun()
+            st.caption(f"Computing the token highlights in the background: {info.status}")
+        wait()
+        return
+    if job.status == "failed":
+        st.caption(f"No token highlights: {job.error}")
+        return
+    result = job.result
+    st.html(highlight_html(result))
+    st.caption("Red: the token raises the loss of the given label (it speaks against the label); blue: it "
+               "lowers it. Gradient x input on the word embeddings of the final checkpoint (eval mode): a "
+               "first-order, local attribution of this model's loss, not a training-data influence"
+               + ("; grey text was cut at max_length and not read by the model." if result.get("cut") is not None
+                  else "."))
