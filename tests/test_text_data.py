@@ -200,3 +200,20 @@ def test_packed_batches_call_the_model_with_integer_inputs():
     assert names == ["emb.weight", "out.weight", "out.bias"] and set(model.state_dict()) == set(names)
     with pytest.raises(DiffinError, match="token ids exact"):
         unpack(x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("data, message", [
+    ('kind = "text"\n', r"missing key 'text_column' in \[data\] \(needed for kind = \"text\"\)"),
+    ('kind = "tabular"\ntext_column = "text"\n', r"\[data\] text_column needs kind = \"text\""),
+    ('kind = "text"\ntext_column = "text"\nmax_length = 1\n', r"\[data\] max_length must be a whole number from 2"),
+    ('kind = "text"\ntext_column = "text"\ntruncation = "yes"\n', r"\[data\] truncation must be true or false"),
+    ('kind = "text"\ntext_column = "text"\nimage_shape = [1, 2, 2]\n', r"\[data\] image_shape does not apply to kind = \"text\""),
+    ('kind = "txt"\ntext_column = "text"\n', r"\[data\] kind must be \"image\", \"tabular\" or \"text\""),
+])
+def test_text_keys_in_diffin_toml_are_checked(tmp_path, data, message):
+    from diffin_core.project.folder import Project
+    (tmp_path / "diffin.toml").write_text('[model]\nfactory = "model.py:build"\n[data]\ntrain = "t.csv"\n'
+                                          'query = "q.csv"\n' + data)
+    with pytest.raises(DiffinError) as e:
+        Project(tmp_path)
+    assert re.search(message, one_line(e)) and "diffin.toml" in str(e.value)
