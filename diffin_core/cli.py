@@ -181,9 +181,12 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
             memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help=MEMORY_HELP),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP)):
     """Print the most helpful and most harmful training samples for query sample(s)."""
-    from diffin_core.run.scoring import top_k
     _at_least("--k", k, 1)
     _at_least("--shortlist", shortlist, 0)
+    from diffin_core.run.answers import print_cached
+    if shortlist is None and print_cached(project, run, query_index, k, typer.echo, exact_only=exact):
+        return                                    # answered before: read, no model (nor torch) loaded
+    from diffin_core.run.scoring import top_k
     over = _settings("auto", memory_budget, batch_size)
     bar = Bar()
     try:

@@ -23,8 +23,9 @@ from diffin_core.run.context import project_context
 from helpers import MODEL_PY, TOML, make_tiny_project
 
 
-def tiny_with(root, optimizer):
-    """The tiny 3-class project trained with another optimiser (momentum, AdamW...)."""
+def tiny_with(root, optimizer, batches: bool = False):
+    """The tiny 3-class project trained with another optimiser (momentum, AdamW...); ``batches``:
+    recorded with its batch order (rec.step(batch_ids=...))."""
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(3, 6)) * 2
     y = rng.integers(0, 3, 80)
@@ -47,7 +48,7 @@ def tiny_with(root, optimizer):
                 opt.zero_grad()
                 F_.cross_entropy(model(xt[idx]), yt[idx]).backward()
                 opt.step()
-                rec.step()
+                rec.step(batch_ids=idx if batches else None)
     return root
 
 
@@ -135,7 +136,9 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
         cached, label_c = F.fast_query_influence(project, "d", idx)
     finally:
         monkey.undo()
-    np.testing.assert_array_equal(cached, np.load(path))
+    from diffin_core.run import answers
+    np.testing.assert_array_equal(cached, answers.load(project.run("d").path, idx).influence)
+    assert path.endswith(".npz")
     np.testing.assert_allclose(cached, fast, rtol=1e-6, atol=1e-12)
     assert label_c == label
     # the default shortlist is a share of N with a floor
@@ -191,12 +194,47 @@ def test_views_from_the_store_are_its_products(tmp_path):
         for b in range(3):
             direct = store.query_influence(np.nonzero(q.y == b)[0])[y == a].sum()
             assert m[a, b] == pytest.approx(direct, rel=1e-3, abs=1e-9)
-    # per-checkpoint contributions sum to the sample's influence through the stored views
+
+
+@pytest.mark.parametrize("opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.2),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01),
+    "adamw-batches",
+], ids=["sgd", "momentum-wd", "adamw", "adamw-batches"])
+def test_checkpoint_contributions_sum_to_the_runs_value(tmp_path, opt):
+    """Issue 21: the per-checkpoint plot of (sample, queries) adds up to the number the run shows
+    for that pair: the run's own influence for the whole query set (scores.parquet) and the
+    top-k's value for one query, exact path or fast. (It was computed through the stored views,
+    which summed to another number, at times of the other sign.)"""
+    batches = opt == "adamw-batches"
+    if batches:
+        opt = lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01)    # noqa: E731
+    root = tiny_with(tmp_path / "p", opt, batches)
+    project = Project(root)
+    score(project, "diffin", run="d")
+    assert (project.run("d").path / "features").exists() != batches     # batch order: no store
+    run_scores = project.scores("d")["influence"].to_numpy()
+    q = project.query
     ctx = F._context(project, "d")
-    parts = F.checkpoint_contributions(ctx, store, 7, q.x, q.y)
-    assert len(parts) == len(store.meta["checkpoints"]) and parts["step"].is_monotonic_increasing
-    whole = F.view_rows(ctx, store, q.x, q.y, [7])[0]
-    assert parts["contribution"].sum() == pytest.approx(whole, rel=1e-6)
+    whole = F.exact_plan(ctx, q.x, q.y)
+    for row in (7, 31):
+        parts = F.checkpoint_contributions(ctx, whole, row)
+        assert parts["step"].is_monotonic_increasing and len(parts) == len(whole)
+        # the run scored with self-influence (per-sample gradients, ritz_self) and the plot by jvp:
+        # the same sum in float32, equal to far more digits than the 4 the pages print
+        assert parts["contribution"].sum() == pytest.approx(run_scores[row], rel=2e-4, abs=1e-8 * np.abs(run_scores).max())
+    # one query: the plot the app caches (contributions_for) sums to the top-k's value for the pair
+    helpful, harmful = top_k(project, "d", [4], k=3, exact=True)
+    fast_h, _ = top_k(project, "d", [5], k=3)
+    rows = {int(s): i for i, s in enumerate(project.train.ids)}
+    for qi, table in ((4, helpful), (4, harmful), (5, fast_h)):
+        for sid, value in zip(table["sample_id"], table["influence"]):
+            path = F.contributions_for(str(root), "d", int(sid), [qi])
+            parts = json.loads(open(path).read())
+            total = sum(p["contribution"] for p in parts)
+            assert total == pytest.approx(value, rel=2e-4, abs=1e-9), (qi, sid)     # float32 jvp: 1 row vs a chunk
+            assert rows[int(sid)] >= 0
 
 
 def test_stale_or_broken_store(tmp_path):

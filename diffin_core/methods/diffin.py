@@ -85,14 +85,19 @@ class DiffIn(Attributor):
     def prepare_step(self, ctx: Context, i: int, carry, qx=None, qy=None):
         return plan_step(ctx, i, carry)
 
-    def chunk(self, ctx, plan, x, y, need_self):
+    def chunk_parts(self, ctx, plan, x, y):
+        """(influence (b, m) per checkpoint, None): the terms ``chunk`` sums when no self-influence
+        is asked (the per-checkpoint plot shows these very columns)."""
         infl = torch.zeros(len(y), ctx.m, dtype=ctx.acc_dtype, device=ctx.device)
+        for it in plan:
+            if it.rows is None:          # else: row_terms adds the batch-order influence
+                infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
+        check_finite(ctx, infl, "influence")
+        return infl, None
+
+    def chunk(self, ctx, plan, x, y, need_self):
         if not need_self:
-            for it in plan:
-                if it.rows is None:          # else: row_terms adds the batch-order influence
-                    infl[:, it.k] = it.coef * ctx.fm_at(it.k).directional(ctx.thetas[it.k], x, y, it.w).to(infl.dtype)
-            check_finite(ctx, infl, "influence")
-            return infl.sum(1), None
+            return self.chunk_parts(ctx, plan, x, y)[0].sum(1), None
         if self._fold is not None and isinstance(plan, list):
             return self._folded_chunk(ctx, plan, x, y)
         if ritz_self.applies(ctx):              # exact, no P-sized adjoints per row (ritz_self.py)

@@ -382,19 +382,54 @@ def view_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
 _PLANS: dict = {}
 
 
-def exact_plan(ctx, qx, qy, key=None):
+def exact_plan(ctx, qx, qy, key=None, run_dir=None, query_indices=None):
     """The exact path's own plan for a query set (methods/diffin.DiffIn.prepare: Lanczos started at
     the query's gradient, ``lanczos_steps`` finite-difference HVPs per checkpoint), the same w_k as
-    `diffin top --exact`; cost independent of N. Cached in memory per ``key`` (a few queries)."""
+    `diffin top --exact`; cost independent of N. Cached in memory per ``key`` (a few queries) and,
+    with ``run_dir`` and ``query_indices``, on disk with the run (answers.save_plan): a query
+    planned once is never planned again, in any process."""
     from diffin_core.methods.diffin import DiffIn
     if key is not None and key in _PLANS:
         return _PLANS[key]
-    plan = DiffIn().prepare(ctx, qx, qy)
+    plan = None
+    if run_dir is not None and query_indices is not None:
+        plan = cached_plan(ctx, run_dir, query_indices)
+    if plan is None:
+        plan = DiffIn().prepare(ctx, qx, qy)
+        if run_dir is not None and query_indices is not None:
+            keep_plan(run_dir, query_indices, plan)
     if key is not None:
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))
         _PLANS[key] = plan
     return plan
+
+
+def keep_plan(run_dir, query_indices, plan) -> None:
+    """Save a plan's influence side (w_k, and Adam's per-sample batch-order rows) with the run."""
+    from diffin_core.run import answers
+    vecs = {}
+    for it in plan:
+        vecs[f"w{it.k}"] = it.w.detach().cpu().numpy()
+        if getattr(it, "rows", None) is not None:
+            vecs[f"r{it.k}"] = it.rows.detach().cpu().numpy()
+    answers.save_plan(run_dir, query_indices, vecs)
+
+
+def cached_plan(ctx, run_dir, query_indices):
+    """The saved plan (influence side only: no segment operators, so no self-influence) or None."""
+    from diffin_core.run import answers
+    from diffin_core.engine.propagate import PlanItem
+    vecs = answers.load_plan(run_dir, query_indices)
+    if not vecs:
+        return None
+    items = []
+    for name in sorted((n for n in vecs if n.startswith("w")), key=lambda n: -int(n[1:])):
+        k = int(name[1:])
+        w = torch.as_tensor(vecs[name]).to(device=ctx.device, dtype=ctx.thetas[k].dtype)
+        rows = torch.as_tensor(vecs[f"r{k}"]) if f"r{k}" in vecs else None
+        items.append(PlanItem(k, 1.0 / ctx.n, w, None, rows))
+    return items
 
 
 def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
@@ -411,17 +446,21 @@ def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     return out
 
 
-def checkpoint_contributions(ctx, store: FeatureStore, row: int, qx, qy) -> pd.DataFrame:
-    """Per-checkpoint terms c_k <g_z(theta_k), w_k> of one training row on the query set's mean
-    loss (step order; their sum is the sample's influence through the stored views)."""
-    u = ctx.mean_grad(ctx.m - 1, qx, qy)
+def checkpoint_contributions(ctx, plan, row: int) -> pd.DataFrame:
+    """Per-checkpoint terms of one training row's influence under ``plan`` (the exact path's own
+    plan: exact_plan), in step order. They are the columns DiffIn.chunk sums (coef_k <w_k,
+    g_z(theta_k)> by one jvp; with a recorded Adam batch order the segment's per-sample rows), so
+    their sum is the exact path's value for the pair: the run's own influence for the whole query
+    set, the top-k's value for a query."""
+    from diffin_core.methods.diffin import DiffIn
     x, y = ctx.tensors(ctx.train.x[row:row + 1], ctx.train.y[row:row + 1])
+    parts = DiffIn().chunk_parts(ctx, plan, x, y)[0][0].double().cpu().numpy()    # (m,)
     recs = []
-    for it in propagate(ctx, store.views, u):
-        g = ctx.fm_at(it.k).per_sample_grads(ctx.thetas[it.k], x, y)[0]
-        recs.append({"checkpoint": it.k, "step": int(ctx.steps[it.k]),
-                     "contribution": float(it.coef * torch.dot(g, it.w))})
-    return pd.DataFrame(recs[::-1])
+    for k in sorted(it.k for it in plan):
+        rows = next(it.rows for it in plan if it.k == k)
+        value = float(rows[row]) if rows is not None else float(parts[k])
+        recs.append({"checkpoint": k, "step": int(ctx.steps[k]), "contribution": value})
+    return pd.DataFrame(recs)
 
 
 def contributions_path(project, run: str, sample_id: int, query_indices=None) -> Path:
@@ -430,39 +469,43 @@ def contributions_path(project, run: str, sample_id: int, query_indices=None) ->
     if len(key) > 100:
         import hashlib
         key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
-    return project.run(run).path / DIRNAME / "contributions" / f"{int(sample_id)}-{key}.json"
+    return project.run(run).path / "answers" / "contributions" / f"{int(sample_id)}-{key}.json"
 
 
 def contributions_for(root: str, run: str, sample_id: int, query_indices=None, progress=None) -> str:
     """Compute and cache (atomically) one training sample's per-checkpoint contributions on the
-    mean loss of the query samples (all when None). Runs the model: the app calls it in a child
-    process (usercode). Returns the cache path."""
+    mean loss of the query samples (all when None: the run's own query set), from the exact path's
+    plan for those queries (kept with the run), so they sum to the run's value. Runs the model: the
+    app calls it in a child process (usercode). Returns the cache path."""
     from diffin_core.project.atomic import write_text
     from diffin_core.project.folder import Project
     project = Project(root)
-    store = FeatureStore.open(project, run)
-    if store is None:
-        raise DiffinError(f"run {run!r} has no feature store", project.run(run).path)
     rows = {int(s): i for i, s in enumerate(project.train.ids)}
     if int(sample_id) not in rows:
         raise DiffinError(f"no training sample has id {sample_id}", project.train.path)
     q = project.query
     idx = np.arange(len(q)) if query_indices is None else np.atleast_1d(np.asarray(query_indices, dtype=np.int64))
-    df = checkpoint_contributions(_context(project, run), store, rows[int(sample_id)], q.x[idx], q.y[idx])
+    ctx = _context(project, run)
+    plan = exact_plan(ctx, q.x[idx], q.y[idx], run_dir=project.run(run).path, query_indices=idx)
+    df = checkpoint_contributions(ctx, plan, rows[int(sample_id)])
     out = contributions_path(project, run, sample_id, query_indices)
     write_text(out, df.to_json(orient="records"))
     return str(out)
 
 
-def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
-                         store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
-    """(influence (N,), path label) from the run's store, or None when the run has none.
+def fast_answer(project, run: str, query_indices, rerank: int | None = None,
+                store: FeatureStore | None = None):
+    """The fast path's answers.Answer (influence (N,), which rows are exact, label), or None when
+    the run has no store.
 
     The store ranks every training row (one (N, d) product); the top ``rerank`` per side are then
     rescored by the exact path itself (its own query plan, whose HVPs cost the same at any N, and
     one jvp per checkpoint per candidate), so those rows carry exactly the exact path's values and
     the top-k equals the exact top-k whenever the store's shortlist holds it (benchmarks/explore.py
-    measures how often). ``rerank=0``: the store alone (approximate; no model code runs)."""
+    measures how often). ``rerank=0``: the store alone (approximate; no model code runs).
+    With the default shortlist (``rerank`` None) the answer and the query's plan are kept with the
+    run (answers.py): asking again, from any process, reads them."""
+    from diffin_core.run import answers
     store = store or FeatureStore.open(project, run)
     if store is None:
         return None
@@ -472,10 +515,13 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
         raise DiffinError("choose at least one query sample")
     if idx.min() < 0 or idx.max() >= nq:
         raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
-    cached = rescored_path(project, run, idx)
-    if rerank is None and cached.is_file():               # rescored before (rescore_for): no model run
-        return np.load(cached), store.label()
+    run_dir = project.run(run).path
+    if rerank is None:
+        saved = answers.load(run_dir, idx)
+        if saved is not None:                          # answered before (any process): no model run
+            return saved
     infl = store.query_influence(idx)
+    exact = np.zeros(len(infl), dtype=bool)
     r = store.shortlist() if rerank is None else int(rerank)
     if r > 0 and len(infl):
         helpful, harmful = shortlists(infl, r)
@@ -483,33 +529,37 @@ def fast_query_influence(project, run: str, query_indices, rerank: int | None = 
         ctx = _context(project, run)
         q = project.query
         key = (str(project.root), run, tuple(sorted(set(int(i) for i in idx))))
-        plan = exact_plan(ctx, q.x[idx], q.y[idx], key)
+        plan = exact_plan(ctx, q.x[idx], q.y[idx], key, run_dir=run_dir, query_indices=idx)
         infl = merge_rescored(infl, helpful, harmful, cand, rescore_rows(ctx, plan, cand))
-    return infl, store.label(r)
+        exact[cand] = True
+    ans = answers.Answer(infl, exact, store.label(r))
+    if rerank is None and r > 0:
+        answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True)
+    return ans
+
+
+def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
+                         store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
+    """(influence (N,), path label) of fast_answer, or None when the run has no store."""
+    ans = fast_answer(project, run, query_indices, rerank, store)
+    return None if ans is None else (ans.influence, ans.path)
 
 
 def rescored_path(project, run: str, query_indices) -> Path:
-    """Where a query set's rescored influence (N,) is cached (.npy, under the store: a rebuilt
-    store drops it)."""
-    key = "q" + "_".join(map(str, sorted(set(int(i) for i in np.atleast_1d(query_indices)))))
-    if len(key) > 100:
-        import hashlib
-        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
-    return project.run(run).path / DIRNAME / "rescored" / f"{key}.npy"
+    """Where a query set's fast answer is kept (answers.answer_path: .npz, dropped with a rebuilt
+    store)."""
+    from diffin_core.run import answers
+    return answers.answer_path(project.run(run).path, query_indices)
 
 
 def rescore_for(root: str, run: str, query_indices, progress=None) -> str:
     """The app's background job (usercode child: it runs the model): the fast top-k with the
-    store's default shortlist rescored by the exact path, cached atomically for
-    fast_query_influence. Returns the cache path."""
-    from diffin_core.project.atomic import atomic_path
+    store's default shortlist rescored by the exact path, kept with the run (fast_answer).
+    Returns the answer's path."""
     from diffin_core.project.folder import Project
     project = Project(root)
-    infl, _ = fast_query_influence(project, run, query_indices)
-    out = rescored_path(project, run, query_indices)
-    with atomic_path(out) as tmp:
-        np.save(tmp, infl)
-    return str(out)
+    fast_answer(project, run, query_indices)
+    return str(rescored_path(project, run, query_indices))
 
 
 def shortlists(approx: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

@@ -184,13 +184,9 @@ def query_influence(project: Project, method: str, query_indices, settings: Scor
 
 
 def topk_cache_path(project: Project, run: str, query_indices) -> Path:
-    """Where the per-query influence of ``run`` for these query samples is cached (.npy)."""
-    idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
-    key = "q" + "_".join(map(str, idx))
-    if len(key) > 100:                       # long query lists: a digest, never a truncation
-        import hashlib
-        key = "qset-" + hashlib.sha1(key.encode()).hexdigest()
-    return project.run(run).path / "topk" / f"{key}.npy"
+    """Where the exact path's influence (N,) of ``run`` for these query samples is kept (.npy)."""
+    from diffin_core.run.answers import exact_path
+    return exact_path(project.run(run).path, query_indices)
 
 
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
@@ -198,31 +194,29 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
           batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(most helpful, most harmful) training samples for the query samples, with the run's
     method and settings. From the run's feature store when it has one (fast path, unless
-    ``exact``; ``rerank=0``: from the store alone, no model code run), else exact and cached in
-    runs/<run>/topk/ by query indices. Both tables carry
+    ``exact``; ``rerank=0``: from the store alone, no model code run), else exact. Every answer
+    is kept with the run (answers.py): asked again, it is read. Both tables carry
     ``attrs["path"]``: which path produced them."""
+    from diffin_core.run import answers
+    from diffin_core.run.features import fast_answer
     project = project if isinstance(project, Project) else Project(project)
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
-    cache = topk_cache_path(project, run, idx)
-    from diffin_core.run.features import fast_query_influence
-    fast = None if (exact or cache.is_file()) else fast_query_influence(project, run, idx, rerank=rerank)
-    path = "exact path (cached)" if cache.is_file() else "exact path"
-    if fast is not None:
-        infl, path = fast
-    elif cache.is_file():
-        infl = np.load(cache)
-    else:
+    ans = answers.load(info.path, idx, exact_only=exact) if rerank is None else None
+    if ans is None and not exact:
+        ans = fast_answer(project, run, idx, rerank=rerank)
+    if ans is None:
         settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
         if memory_budget is not None:           # chunking only: the scores stay the run's
             settings.memory_budget = int(memory_budget)
         if batch_size is not None:
             settings.batch_size = int(batch_size)
         infl = query_influence(project, info.method, idx, settings, progress)
-        from diffin_core.project.atomic import atomic_path
-        with atomic_path(cache) as tmp:
-            np.save(tmp, infl)
+        answers.save_exact(info.path, idx, infl)
+        ans = answers.Answer(infl, np.ones(len(infl), dtype=bool), "exact path")
+    infl, path = ans.influence, ans.path
     scores = project.scores(run)
+    answers.save_columns(info.path, scores)
     table = scores[["sample_id", "label", "pred", "label_issue"]].copy()
     table["influence"] = infl
     order = np.argsort(-infl, kind="stable")
