@@ -25,12 +25,12 @@ for _entry in project.run(run).meta.get("approximations") or []:      # what the
 # Only the chosen view runs and is sent (tabs would send the 50k-point map on every visit).
 
 
-def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
+def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
     """Rescore the store's shortlist for query ``qi`` by the exact path in the background
     worker's child process (the model never runs in the server); the grid then redraws from the
     cache that job writes (features.rescore_for). ``auto``: start at once, cancelling this
     session's rescore of an earlier query that has not finished; otherwise offer a button."""
-    jkey = f"explore_rescore_job_{run}_{qi}"
+    jkey = f"explore_rescore_job_{run}_{qi}_{max(int(k), 10)}"
     info = jm.get(st.session_state.get(jkey, ""))
     if info is None or info.status == "cancelled":
         if not auto and not st.button(
@@ -38,11 +38,15 @@ def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
                 help="Runs the exact path's own plan for this query and rescores the store's shortlist "
                      "(top 2% per side) in the background; the grid then shows exact values."):
             return
+        ahead = st.session_state.pop("explore_ahead_job", None)
+        if ahead:                          # the user's query first: planning ahead waits behind it
+            jm.cancel(ahead)
+            st.session_state.pop("explore_ahead_for", None)
         earlier = st.session_state.get("explore_rescore_active")
         if earlier and earlier != jkey:
             jm.cancel(st.session_state.get(earlier, ""))       # a stale query's rescore: not needed
         st.session_state[jkey] = jm.submit_child(
-            "rescore", "diffin_core.run.features:rescore_for", (str(project.root), run, [int(qi)]),
+            "rescore", "diffin_core.run.features:rescore_for", (str(project.root), run, [int(qi)]), {"k": int(k)},
             label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
             with_progress=False)
         st.session_state["explore_rescore_active"] = jkey
@@ -60,6 +64,26 @@ def rescore_grid(project, run: str, qi: int, auto: bool) -> None:
             st.rerun()
         st.caption(f"Rescoring the shortlist with the exact path in the background: {job.status}")
     wait()
+
+
+def plan_ahead(project, run: str, qi: int, k: int) -> None:
+    """Answer the next queries of ``qi``'s class in the background (features.answer_ahead), so that
+    opening them draws the exact grid at once; bounded (features.AHEAD), cancelled by any query the
+    user asks (rescore_grid), and visible: how many are ready and queued."""
+    queue = F.plan_ahead_queue(project, run, qi)
+    todo = [i for i in queue if not iv.answered(project, run, i, k)]
+    want = (run, tuple(todo), int(k))
+    info = jm.get(st.session_state.get("explore_ahead_job", ""))
+    busy = info is not None and info.status in ("queued", "running")
+    if todo and not busy and st.session_state.get("explore_ahead_for") != want:
+        st.session_state["explore_ahead_job"] = jm.submit_child(
+            "plan-ahead", "diffin_core.run.features:answer_ahead", (str(project.root), run, todo), {"k": int(k)},
+            label=f"planning ahead: {len(todo)} queries of query {int(qi)}'s class ({run})",
+            project_dir=str(project.root))
+        st.session_state["explore_ahead_for"] = want
+    if queue:
+        st.caption(f"Planning ahead (the next {len(queue)} queries of this class, in the background): "
+                   f"{len(queue) - len(todo)} ready, {len(todo)} queued.")
 
 
 VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs", "Training sample", "Class heatmap"]
@@ -100,10 +124,13 @@ if view == VIEWS[0]:
     fast = iv.store(project, run) is not None          # the run's feature store: answers at once
     auto = fast and st.toggle(
         "Rescore each grid with the exact path", value=True, key="explore_auto_rescore",
-        help="The grid first comes from the feature store (well under a second, approximate); the exact "
-             "path then rescores its shortlist in the background and the grid redraws with exact values.")
+        help="The exact path rescores the feature store's shortlist in the background (kept with the run: "
+             "a query asked before is read at once). The store's quick, approximate grid is drawn first only "
+             "where this run has measured it to agree with the exact one. Off: the store's grid alone, "
+             "labelled approximate, with a button to rescore.")
     if fast and st.session_state.get("explore_topk_for") != (run, int(qi)):
-        st.caption("This run has a feature store: the grid comes from the fast path, in well under a second.")
+        st.caption("This run has a feature store: a query asked before is read at once; a new one is "
+                   "rescored by the exact path in the background.")
     if st.session_state.get("explore_topk_for") == (run, int(qi)):
         if not fast and not topk_cache_path(project, run, [int(qi)]).is_file():
             # A pass over the whole training set: run it in the shared background worker.
@@ -128,9 +155,21 @@ if view == VIEWS[0]:
                                 f"in the background (cached afterwards): {job.status} · {job.message}")
                 topk_progress()
             st.stop()
-        rescored = fast and F.rescored_path(project, run, [int(qi)]).is_file()
+        rescored = fast and iv.answered(project, run, int(qi), int(k))
+        if fast and not rescored and auto:
+            agreement = iv.agreement(project, run)
+            if not F.store_grid_trusted(agreement):
+                # issue 21: the store's quick grid can tell another story than the exact one; it is
+                # drawn first only where this run measured it to agree; else a progress state
+                st.info("Computing the exact grid for this query in the background (it is kept with the run: "
+                        "asking again is instant). The store's quick grid is not shown first: "
+                        f"{iv.agreement_note(agreement)}; it is drawn first only once it agrees with the "
+                        f"exact grid (top-10 overlap at least {F.AGREEMENT_MIN_OVERLAP} over "
+                        f"{F.AGREEMENT_MIN_QUERIES} queries).")
+                rescore_grid(project, run, int(qi), auto, int(k))
+                st.stop()
         try:
-            # from the store alone (rerank=0), or its rescored cache: no model code in the server
+            # from the store alone (rerank=0), or the kept answer: no model code in the server
             helpful, harmful = top_k(project, run, [int(qi)], int(k), rerank=None if (rescored or not fast) else 0)
         except DiffinError as e:
             st.error(str(e))
@@ -139,7 +178,8 @@ if view == VIEWS[0]:
             if "true_label" in scores:                   # captions show the true label when known
                 truth = scores.set_index("sample_id")["true_label"]
                 helpful, harmful = (t.assign(true_label=truth.loc[t["sample_id"]].to_numpy()) for t in (helpful, harmful))
-            st.caption(f"Produced by the {path}.")
+            st.caption(f"Produced by the {path}." + ("" if (rescored or not fast) else
+                       f" The store alone is approximate: {iv.agreement_note(iv.agreement(project, run))}."))
             status = st.container()          # above the grids, filled after them: the grid is sent first
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
             ui.sample_grid(project, helpful)
@@ -147,7 +187,10 @@ if view == VIEWS[0]:
             ui.sample_grid(project, harmful)
             if fast and not rescored:
                 with status:
-                    rescore_grid(project, run, int(qi), auto)
+                    rescore_grid(project, run, int(qi), auto, int(k))
+            elif fast and auto:
+                with status:
+                    plan_ahead(project, run, int(qi), int(k))
             st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 
 # --- map -----------------------------------------------------------------------------------

@@ -72,23 +72,52 @@ def test_reverse_view_and_checkpoint_plot(tiny, jobs):
     at.number_input(key="explore_sample").set_value(11).run()
     assert not at.exception and any("sample 11 " in j.label for j in jobs.list())   # computed in the worker
     wait_jobs(at, jobs)
-    rev = store.reverse(11)
+    rev, exact = F.reverse_influence(project, "diffin-1", 11, store)
+    assert not exact.any()                                # nothing answered yet: all the store's (≈)
     order = np.argsort(-rev, kind="stable")
     cards = [t for t in texts(at.caption) if t.startswith("query #")]
     shown = [int(t.split()[1][1:]) for t in cards]
-    values = [float(t.rsplit("influence ", 1)[1]) for t in cards]
+    assert all("influence ≈" in t for t in cards)
+    values = [float(t.rsplit("influence ≈", 1)[1]) for t in cards]
     assert shown[:8] == order[:8].tolist() and shown[8:16] == order[::-1][:8].tolist()
     np.testing.assert_allclose(values[:8], rev[order[:8]], rtol=2e-3)
     assert values[:8] == sorted(values[:8], reverse=True) and min(values[:8]) >= max(values[8:16])
-    # the per-checkpoint plot: one bar per checkpoint, the engine's contributions, in step order
+    assert any(t.startswith("≈: the feature store's projected value (approximate;") for t in texts(at.caption))
+    # the per-checkpoint plot: one bar per checkpoint, from the exact path's plan for the whole
+    # query set, in step order, summing to the run's own influence of the sample (issue 21)
     ctx = F._context(project, "diffin-1")
     q = project.query
-    parts = F.checkpoint_contributions(ctx, store, 11, q.x, q.y)
+    parts = F.checkpoint_contributions(ctx, F.exact_plan(ctx, q.x, q.y), 11)
     bars = [c for c in charts(at) if c["data"][0].get("type") == "bar"][0]["data"][0]
     assert arr(bars["x"]).tolist() == parts["step"].tolist()
     np.testing.assert_allclose(arr(bars["y"]), parts["contribution"], rtol=1e-5)   # cached as JSON (10 digits)
     total = [t for t in texts(at.caption) if t.startswith("Per-checkpoint contributions sum to")][0]
-    assert float(total.split("sum to ")[1].split()[0]) == pytest.approx(parts["contribution"].sum(), rel=1e-3)
+    run_value = float(project.scores("diffin-1").set_index("sample_id").loc[11, "influence"])
+    assert float(total.split("sum to ")[1].split()[0]) == pytest.approx(run_value, rel=1e-3)
+    assert "the run's influence of this sample on the whole query set, by the exact path" in total
+
+
+def test_reverse_view_shows_the_top_k_value_for_an_answered_query(tiny, jobs):
+    """Issue 21: the reverse view's value for (sample, query) is the query's own top-k value once
+    that query is answered (shown without ≈); the others stay labelled approximate."""
+    from diffin_core.run.scoring import top_k
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    rev, _ = F.reverse_influence(project, "diffin-1", 11, store)
+    qi = int(np.argmax(rev))                               # the query the store says sample 11 helps most
+    helpful, harmful = top_k(project, "diffin-1", [qi], k=len(project.train), exact=True)
+    value = float(helpful.set_index("sample_id").loc[11, "influence"])
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Training sample").run()
+    at.number_input(key="explore_sample").set_value(11).run()
+    wait_jobs(at, jobs)
+    cards = {int(t.split()[1][1:]): t for t in texts(at.caption) if t.startswith("query #")}
+    exact_cards = [i for i, t in cards.items() if "influence ≈" not in t]
+    assert exact_cards == [qi] or (qi not in cards and not exact_cards)
+    if qi in cards:
+        assert float(cards[qi].rsplit("influence ", 1)[1]) == pytest.approx(value, rel=2e-3)
+    values, exact = F.reverse_influence(project, "diffin-1", 11, store)
+    assert exact.sum() == 1 and exact[qi] and values[qi] == value
 
 
 def test_class_heatmap_and_its_cells(tiny):
@@ -123,7 +152,8 @@ def test_review_card_shows_the_reverse_view(tiny, jobs):
     sid = int([h.value for h in at.subheader if h.value.startswith("Sample ")][0].split()[1])
     project = Project(tiny)
     store = F.FeatureStore.open(project, "diffin-1")
-    parts = F.checkpoint_contributions(F._context(project, "diffin-1"), store, sid, project.query.x, project.query.y)
+    ctx = F._context(project, "diffin-1")
+    parts = F.checkpoint_contributions(ctx, F.exact_plan(ctx, project.query.x, project.query.y), sid)
     bars = [c for c in charts(at) if c["data"][0].get("type") == "bar"][0]["data"][0]
     np.testing.assert_allclose(arr(bars["y"]), parts["contribution"], rtol=1e-5)   # cached as JSON (10 digits)
     cards = [t for t in texts(at.caption) if t.startswith("query #")]
@@ -133,7 +163,7 @@ def test_review_card_shows_the_reverse_view(tiny, jobs):
 def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny, jobs):
     """The grid from the store alone offers 'Rescore with the exact path': a background job (the
     model runs in the worker's child) caches the rescored influence; the grid then shows it,
-    labelled, equal to features.fast_query_influence with the store's shortlist."""
+    labelled, equal to the fast path's answer computed afresh (its plan's certified top k)."""
     at = new_app(tiny, "pages/3_Explore.py")
     at.toggle(key="explore_auto_rescore").set_value(False).run()
     at.number_input(key="explore_query").set_value(6).run()
@@ -147,12 +177,17 @@ def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny,
     assert jobs.wait(job.id, timeout=300).status == "done", jobs.get(job.id).error
     at.run()
     assert not at.exception
-    assert any(t.startswith("Produced by the fast path") and "rescored by the exact path" in t
+    assert any(t.startswith("Produced by the exact path: this query's own plan") and "rescored exactly" in t
                for t in texts(at.caption))
     project = Project(tiny)
-    cached = np.load(F.rescored_path(project, "diffin-1", [6]))
+    from diffin_core.run import answers
+    kept = answers.load(project.run("diffin-1").path, [6])
+    cached = kept.influence
+    assert kept.certified >= 5
     F._PLANS.clear()
-    fresh, _ = F.fast_query_influence(project, "diffin-1", [6], rerank=F.FeatureStore.open(project, "diffin-1").shortlist())
+    for p in (answers.answer_path(project.run("diffin-1").path, [6]), answers.plan_path(project.run("diffin-1").path, [6])):
+        p.unlink()
+    fresh, _ = F.fast_query_influence(project, "diffin-1", [6])
     np.testing.assert_allclose(cached, fresh, rtol=1e-6, atol=1e-12)
     tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
     order = np.argsort(-cached, kind="stable")
@@ -160,21 +195,20 @@ def test_rescore_button_runs_the_exact_path_in_a_job_then_the_grid_says_so(tiny,
     assert not any(b.key == "explore_rescore" for b in at.button)       # done: no second button
 
 
-def test_auto_rescore_shows_the_store_grid_at_once_then_the_exact_one(tiny, jobs):
-    """By default the store's grid is drawn in the script run and the exact path's rescoring starts
-    by itself; a newer query cancels the older query's unfinished rescore; when the job is done the
-    grid shows the exact path's values."""
+def test_auto_rescore_shows_a_progress_state_then_the_exact_grid(tiny, jobs):
+    """Issue 21: by default a new query's grid is the exact path's rescoring, computed in the
+    background; while this run has not measured the store's grid to agree with the exact one, no
+    store grid is drawn first (a progress state instead). A newer query cancels the older query's
+    unfinished job; when the job is done the grid shows the kept answer."""
+    from diffin_core.run import answers
     at = new_app(tiny, "pages/3_Explore.py")
     assert at.toggle(key="explore_auto_rescore").value is True
     at.number_input(key="explore_query").set_value(3).run()
     at.slider(key="explore_k").set_value(5).run()
     at.button(key="explore_topk").click().run()
     assert not at.exception
-    assert any("approximate, not rescored" in t for t in texts(at.caption))   # drawn before any job ended
-    project = Project(tiny)
-    store_only, _ = F.fast_query_influence(project, "diffin-1", [3], rerank=0)
-    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
-    assert tables[0]["sample_id"].tolist() == project.train.ids[np.argsort(-store_only, kind="stable")[:5]].tolist()
+    assert not [d for d in at.dataframe if "influence" in d.value.columns]         # no store grid first
+    assert any("not yet measured on this run" in i.value for i in at.info)
     (first,) = jobs.list()
     assert first.kind == "rescore" and "query 3" in first.label
     at.number_input(key="explore_query").set_value(5).run()
@@ -185,8 +219,73 @@ def test_auto_rescore_shows_the_store_grid_at_once_then_the_exact_one(tiny, jobs
     assert jobs.wait(first.id, timeout=60).status == "cancelled"          # the stale query's job
     assert jobs.wait(second[0].id, timeout=300).status == "done", jobs.get(second[0].id).error
     at.run()
-    assert any("rescored by the exact path" in t for t in texts(at.caption))
-    cached = np.load(F.rescored_path(project, "diffin-1", [5]))
+    assert any(t.startswith("Produced by the exact path: this query's own plan") for t in texts(at.caption))
+    project = Project(tiny)
+    cached = answers.load(project.run("diffin-1").path, [5]).influence
     tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
     assert tables[0]["sample_id"].tolist() == project.train.ids[np.argsort(-cached, kind="stable")[:5]].tolist()
-    assert not F.rescored_path(project, "diffin-1", [3]).is_file()
+    assert answers.load(project.run("diffin-1").path, [3]) is None
+
+
+def test_store_grid_first_only_where_measured_to_agree(tiny, jobs):
+    """Where this run's answered queries show the store agreeing with the exact grid (top-10 overlap
+    >= AGREEMENT_MIN_OVERLAP over AGREEMENT_MIN_QUERIES queries), the store's grid is drawn at once,
+    labelled approximate with that measurement, while the exact rescoring runs."""
+    from diffin_core.run import answers
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    d = project.run("diffin-1").path
+    for qi in range(F.AGREEMENT_MIN_QUERIES):          # answers equal to the store's values: agreement 1.0
+        infl = store.query_influence([qi])
+        answers.save(d, [qi], infl, np.ones(len(infl), dtype=bool), "test", uses_store=True)
+    a = F.store_agreement(project, "diffin-1")
+    assert a["queries"] == F.AGREEMENT_MIN_QUERIES and a["overlap"] == 1.0 and F.store_grid_trusted(a)
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(7).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    assert not at.exception
+    assert any("approximate, not rescored" in t and "top-10 overlap with the exact grid 1.00" in t
+               for t in texts(at.caption))
+    tables = [d_.value for d_ in at.dataframe if "influence" in d_.value.columns]
+    order = np.argsort(-store.query_influence([7]), kind="stable")
+    assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
+    (job,) = jobs.list()
+    assert job.kind == "rescore" and "query 7" in job.label
+    jobs.wait(job.id, timeout=300)
+
+
+def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
+    """Issue 23: once a query's exact grid is drawn, the background job answers the next queries
+    of its class (bounded, visible as ready / queued); opening one of them then draws its exact
+    grid in the script run, with no job, equal to `diffin top`'s kept answer. A query the user asks
+    cancels planning ahead first."""
+    from diffin_core.run import answers
+    project = Project(tiny)
+    y = project.query.y
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(0).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    (first,) = jobs.list()
+    assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
+    at.run()
+    assert not at.exception
+    ahead = [j for j in jobs.list() if j.kind == "plan-ahead"]
+    assert len(ahead) == 1
+    queue = F.plan_ahead_queue(project, "diffin-1", 0)
+    assert queue and all(y[i] == y[0] for i in queue) and len(queue) <= F.AHEAD
+    assert any(t.startswith("Planning ahead") and f"0 ready, {len(queue)} queued" in t for t in texts(at.caption))
+    assert jobs.wait(ahead[0].id, timeout=600).status == "done", jobs.get(ahead[0].id).error
+    nxt = queue[0]
+    n_jobs = len(jobs.list())
+    at.number_input(key="explore_query").set_value(nxt).run()
+    at.button(key="explore_topk").click().run()
+    assert not at.exception and len([j for j in jobs.list() if j.kind == "rescore"]) == 1   # no new job
+    assert any(t.startswith("Produced by the exact path: this query's own plan") for t in texts(at.caption))
+    kept = answers.load(project.run("diffin-1").path, [nxt]).influence
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    order = np.argsort(-kept, kind="stable")
+    assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
+    np.testing.assert_allclose(tables[0]["influence"], kept[order[:5]], rtol=1e-12)
+    assert len(jobs.list()) >= n_jobs

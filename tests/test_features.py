@@ -89,7 +89,8 @@ def test_full_rank_store_is_the_exact_path(tmp_path):
     settings = ScoreSettings(lanczos_steps=83)
     run = score(project, "diffin", run="d", settings=settings, features=False)
     ctx = project_context(project, settings)
-    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=2048, view_rank=83, rerank=0))
+    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=2048, view_rank=83, rerank=0,
+                                                                          checkpoint_dim=0))
     idx = [4, 9]
     exact = query_influence(project, "diffin", idx, settings)
     projected, label = F.fast_query_influence(project, "d", idx)
@@ -106,7 +107,8 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
     project = Project(root)
     run = score(project, "diffin", run="d", features=False)
     ctx = project_context(project)
-    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=64, view_rank=4, rerank=10))
+    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=64, view_rank=4, rerank=10,
+                                                                          checkpoint_dim=0))
     idx = [4, 9]
     exact = query_influence(project, "diffin", idx)
     store = F.FeatureStore.open(project, "d")
@@ -154,7 +156,7 @@ def test_score_writes_the_store_and_top_k_uses_it(tmp_path, capsys):
     store = F.FeatureStore(run / "features")
     assert store.train.dtype == np.float16 and store.train.shape == (96, meta["settings"]["dim"])
     helpful, harmful = top_k(project, "d", [3], k=5)
-    assert helpful.attrs["path"].startswith("fast path")
+    assert helpful.attrs["path"].startswith("exact path: this query's own plan")   # certified (fast_answer)
     assert not (run / "topk").exists()                       # nothing computed the slow way
     exact_h, exact_m = top_k(project, "d", [3], k=5, exact=True)
     assert exact_h.attrs["path"] == "exact path"
@@ -168,14 +170,76 @@ def test_score_writes_the_store_and_top_k_uses_it(tmp_path, capsys):
     main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2"])
     main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2", "--shortlist", "0"])
     out = capsys.readouterr().out
-    assert "(fast path: projected features (d = 2048) shortlisted the top 96 per side, rescored by the exact path" in out
+    assert "(exact path: this query's own plan; the " in out and "at 4 standard deviations were rescored exactly" in out
     assert "(fast path: projected features alone" in out
+    # asked again: read from the run (answers.py), the same rows, without torch in the process
+    main(["top", str(project.root), "--run", "d", "-q", "5", "--k", "2"])
+    again = capsys.readouterr().out
+    assert "answered before)" in again
+    first = out.split("(fast path: projected features alone")[0]
+    assert [ln.split()[0] for ln in again.splitlines()[3:5]] == [ln.split()[0] for ln in first.splitlines()[3:5]]
+    import subprocess
+    import sys
+    code = ("import sys; from diffin_core.run.answers import print_cached; "
+            f"ok = print_cached({str(project.root)!r}, 'd', [5], 2, echo=lambda s: None); "
+            "print(ok, 'torch' in sys.modules, 'pandas' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["True", "False", "False"]
     # --no-features: no store, the exact path
     run2 = score(project, "diffin", run="n", features=False)
     assert not (run2 / "features").exists()
     assert top_k(project, "n", [3], k=5)[0].attrs["path"] == "exact path"
     # a non-diffin run gets no store (its method is not what the store approximates)
     assert not (score(project, "grad-dot", run="g") / "features").exists()
+
+
+@pytest.mark.parametrize("opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.2),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01),
+], ids=["sgd", "momentum-wd", "adamw"])
+def test_certified_top_k_is_the_exact_top_k(tmp_path, opt):
+    """Issue 23: with the per-checkpoint sketch, a new query's answer is the exact path's plan, its
+    rows rescored exactly until no other row can reach the top CERTIFIED_K (4 sigma of the sketch's
+    error): those rows and their values are `diffin top --exact`'s, on either side."""
+    root = tiny_with(tmp_path / "p", opt)
+    project = Project(root)
+    run = score(project, "diffin", run="d", features=False)
+    ctx = project_context(project)
+    F.build(ctx, project.query, run / "features", F.FeatureSettings(dim=64, view_rank=4, checkpoint_dim=256,
+                                                                    checkpoint_mb=1))
+    store = F.FeatureStore.open(project, "d")
+    assert store.checkpoint_dim == 256 and store.per_checkpoint.shape == (ctx.m, 80, 256)
+    q = project.query
+    for idx in ([3], [4, 9]):
+        exact = query_influence(project, "diffin", idx)
+        plan = F.exact_plan(ctx, q.x[idx], q.y[idx])
+        est, sigma = store.plan_bounds(plan)
+        assert np.all(np.abs(est - exact) <= 6 * sigma + 1e-6 * np.abs(exact).max())   # the bound holds
+        fast, label = F.fast_query_influence(project, "d", idx)
+        assert label.startswith("exact path: this query's own plan")
+        k = min(F.CERTIFIED_K, 10)
+        for sign in (1, -1):
+            top = np.argsort(-sign * exact, kind="stable")[:k]
+            got = np.argsort(-sign * fast, kind="stable")[:k]
+            assert set(got) == set(top)
+            np.testing.assert_allclose(fast[got], exact[got], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    # the sketch's size follows checkpoint_mb: too small a budget keeps none
+    assert F.checkpoint_sketch_dim(F.FeatureSettings(checkpoint_mb=1), 12, 100_000) == 0
+    assert F.checkpoint_sketch_dim(F.FeatureSettings(), 12, 4000) == 1024
+
+
+def test_certified_rows_rules_out_only_what_cannot_reach_the_top():
+    rng = np.random.default_rng(0)
+    truth = rng.standard_t(3, 2000)
+    sigma = np.full(2000, 0.3)
+    est = truth + rng.normal(size=2000) * 0.3
+    calls = []
+    out, exact = F.certified_rows(est, sigma, lambda rows: (calls.append(len(rows)), truth[rows])[1], k=10, z=4.0,
+                                  start=20)
+    for sign in (1, -1):
+        assert set(np.argsort(-sign * out)[:10]) == set(np.argsort(-sign * truth)[:10])
+    assert np.array_equal(out[exact], truth[exact]) and 40 <= exact.sum() < 2000 and sum(calls) == exact.sum()
 
 
 def test_views_from_the_store_are_its_products(tmp_path):

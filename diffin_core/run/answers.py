@@ -52,6 +52,12 @@ class Answer:
     influence: np.ndarray          # (N,) float64
     exact: np.ndarray              # (N,) bool: rows with the exact path's value
     path: str                      # how it was computed (shown beside the grid)
+    certified: int = 0             # the top k per side proven to be the exact path's (0: not proven;
+                                   # an all-exact answer needs none)
+
+    def covers(self, k: int) -> bool:
+        """Whether its top k per side are the exact path's top k (every row exact, or certified)."""
+        return self.all_exact or self.certified >= k
 
     @property
     def all_exact(self) -> bool:
@@ -91,7 +97,7 @@ def load(run_dir: Path, query_indices, exact_only: bool = False) -> Answer | Non
             if float(z["store"]) and float(z["store"]) != store_stamp(run_dir):
                 return None                         # made with an older store: not this store's answer
             return Answer(np.asarray(z["influence"], dtype=np.float64), np.asarray(z["exact"], dtype=bool),
-                          str(z["path"]))
+                          str(z["path"]), int(z["certified"]) if "certified" in z.files else 0)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -106,14 +112,15 @@ def save_exact(run_dir: Path, query_indices, influence: np.ndarray) -> Path:
 
 
 def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray, path: str,
-         uses_store: bool = False) -> Path:
+         uses_store: bool = False, certified: int = 0) -> Path:
     """Keep an answer with the run (atomic: temp file + rename)."""
     from diffin_core.project.atomic import atomic_path
     out = answer_path(run_dir, query_indices)
     with atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, influence=np.asarray(influence, dtype=np.float64), exact=np.asarray(exact, dtype=bool),
-                     path=np.asarray(str(path)), store=np.asarray(store_stamp(run_dir) if uses_store else 0.0))
+                     path=np.asarray(str(path)), store=np.asarray(store_stamp(run_dir) if uses_store else 0.0),
+                     certified=np.asarray(int(certified)))
     return out
 
 
@@ -200,7 +207,7 @@ def print_cached(project_dir: Path, run: str, query_indices, k: int, echo=print,
     if not (run_dir / "meta.json").is_file() or not (run_dir / "scores.parquet").is_file():
         return False
     ans = load(run_dir, query_indices, exact_only)
-    if ans is None:
+    if ans is None or not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
         return False
     cols = load_columns(run_dir)
     if cols is None or len(cols["sample_id"]) != len(ans.influence):

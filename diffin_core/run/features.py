@@ -66,9 +66,22 @@ class FeatureSettings:
     seed: int = 0              # projection and Lanczos start vectors
     rerank: int = -1           # candidates per side the exact path rescores (0: none; -1: a share
                                # of N, FeatureStore.shortlist; see benchmarks/explore.py)
+    checkpoint_dim: int = 1024  # per-checkpoint sketch of every g_z(theta_k) (0: none): with the
+                               # query's exact plan it bounds every row's influence (certified_rows)
+    checkpoint_mb: int = 512   # ... kept only up to this size (m * N * d * 2 bytes): d shrinks to fit,
+                               # and below 256 columns the store has none
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def checkpoint_sketch_dim(settings: FeatureSettings, m: int, n: int) -> int:
+    """Columns of the per-checkpoint sketch: settings.checkpoint_dim, shrunk to fit checkpoint_mb
+    (float16), 0 when that leaves fewer than 256 (their error would shortlist most rows)."""
+    if settings.checkpoint_dim <= 0 or m * n == 0:
+        return 0
+    d = min(int(settings.checkpoint_dim), int(settings.checkpoint_mb * 2 ** 20 / (2 * m * n)))
+    return d if d >= 256 else 0
 
 
 # --- the propagation, shared by the pass and the queries -------------------------------------
@@ -175,12 +188,21 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         c = int(num_classes or (labels.max() + 1 if n else 0))
         sums = np.zeros((c, d), dtype=np.float64)
         rows = settings.chunk_size or (ctx.chunk_rows(True) if getattr(ctx, "memory", None) is not None else 256)
+        dk = checkpoint_sketch_dim(settings, ctx.m, n)
+        if dk:
+            proj_k = Projector(ctx.fm.num_params, dk, settings.seed + 1, device=ctx.device)
+            per_ck = np.lib.format.open_memmap(tmp / "train_ck.npy", mode="w+", dtype=np.float16, shape=(ctx.m, n, dk))
+            ck_norm2 = np.zeros((ctx.m, n), dtype=np.float64)          # ||g_z(theta_k)||^2, exact
+            ck_snorm = np.zeros((ctx.m, n), dtype=np.float32)          # lengths of the sketched rows
         for sl, x, y in ctx.chunks(size=rows):
             direct = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
 
             def hook(k, g, sl=sl, direct=direct, first=sl.start == 0):
                 if on_grads is not None:
                     on_grads(k, sl, g)
+                if dk:
+                    per_ck[k, sl], ck_snorm[k, sl] = _unit_rows(proj_k(g))
+                    ck_norm2[k, sl] = (g.double() ** 2).sum(1).cpu().numpy()
                 if first and probe is not None:
                     direct.add_(plan_w[k][0] * (g @ plan_w[k][1]).double())
             if sl.start == 0 and probe is not None:
@@ -196,6 +218,11 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
             progress(sl.stop, n, "features: projected effective gradients")
         train.flush()
         del train
+        if dk:
+            per_ck.flush()
+            del per_ck
+            np.save(tmp / "train_ck_norm2.npy", ck_norm2)
+            np.save(tmp / "train_ck_snorm.npy", ck_snorm)
         np.save(tmp / "train_norm.npy", norms)
         np.save(tmp / "class_sums.npy", sums.astype(np.float32))
         q_rows, q_norm = [], []
@@ -210,6 +237,7 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         np.save(tmp / "query_norm.npy", np.concatenate(q_norm) if q_norm else np.zeros(0, np.float32))
         size = sum(p.stat().st_size for p in tmp.iterdir())
         meta = {"version": VERSION, "settings": settings.to_dict(), "n_train": n, "n_query": len(query),
+                "checkpoint_dim": dk,
                 "num_params": ctx.fm.num_params, "num_classes": c,
                 "checkpoints": [{"k": it.k, "step": int(ctx.steps[it.k]), "coef": float(it.coef),
                                  "lr": float(ctx.lrs[it.k]), "segment": float(ctx.segments[it.k])} for it in items],
@@ -261,6 +289,16 @@ class FeatureStore:
                               self.path) from e
         self.dim = int(self.meta["settings"]["dim"])
         self._views = None
+        self.checkpoint_dim = int(self.meta.get("checkpoint_dim", 0) or 0)
+        self.per_checkpoint = self.ck_norm2 = None
+        if self.checkpoint_dim:
+            try:
+                self.per_checkpoint = np.load(self.path / "train_ck.npy", mmap_mode="r")     # (m, N, dk)
+                self.ck_norm2 = np.load(self.path / "train_ck_norm2.npy")                     # (m, N)
+                self.ck_snorm = np.load(self.path / "train_ck_snorm.npy")                     # (m, N)
+            except (OSError, ValueError) as e:
+                raise DiffinError(f"the feature store is unreadable ({e}); rebuild it with `diffin features`",
+                                  self.path) from e
 
     @classmethod
     def open(cls, project, run: str) -> "FeatureStore | None":
@@ -298,6 +336,29 @@ class FeatureStore:
                 f"eigenpairs per checkpoint; approximate, not rescored)")
 
     # --- products --------------------------------------------------------------------------
+    def plan_bounds(self, plan, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+        """(estimate (N,), sigma (N,)) of every row's influence under a query's exact ``plan``:
+        sum_k coef_k <S w_k, S g_z(theta_k)> through the per-checkpoint sketch S (CountSketch,
+        unbiased), and the square root of its variance bound sum_k coef_k^2 * 2 ||w_k||^2
+        ||g_z(theta_k)||^2 / d (projector.py; exact norms stored). A plan item that holds its rows
+        (Adam's batch order) adds them exactly."""
+        n, dk = int(self.meta["n_train"]), self.checkpoint_dim
+        proj = Projector(int(self.meta["num_params"]), dk, int(self.meta["settings"]["seed"]) + 1)
+        est, var = np.zeros(n), np.zeros(n)
+        for it in plan:
+            if getattr(it, "rows", None) is not None:
+                est += it.rows.double().cpu().numpy()
+                continue
+            w = it.w.detach().float().cpu()
+            sw = proj(w)
+            for a in range(0, n, chunk):
+                with warnings.catch_warnings():           # a read-only memmap: only read here
+                    warnings.simplefilter("ignore", UserWarning)
+                    block = torch.from_numpy(np.asarray(self.per_checkpoint[it.k, a:a + chunk])).float()
+                est[a:a + chunk] += it.coef * (block @ sw).double().numpy() * self.ck_snorm[it.k, a:a + chunk]
+            var += it.coef ** 2 * 2.0 * float(w.double().square().sum()) * self.ck_norm2[it.k] / dk
+        return est, np.sqrt(var)
+
     def query_rows(self, idx) -> np.ndarray:
         """Projected per-query gradients (len(idx), d) float32, in influence units."""
         idx = np.atleast_1d(np.asarray(idx, dtype=np.int64))
@@ -494,7 +555,7 @@ def contributions_for(root: str, run: str, sample_id: int, query_indices=None, p
 
 
 def fast_answer(project, run: str, query_indices, rerank: int | None = None,
-                store: FeatureStore | None = None):
+                store: FeatureStore | None = None, k: int = 10):
     """The fast path's answers.Answer (influence (N,), which rows are exact, label), or None when
     the run has no store.
 
@@ -516,10 +577,22 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
     if idx.min() < 0 or idx.max() >= nq:
         raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
     run_dir = project.run(run).path
-    if rerank is None:
-        saved = answers.load(run_dir, idx)
-        if saved is not None:                          # answered before (any process): no model run
-            return saved
+    certify = rerank is None and store.per_checkpoint is not None and store.meta["n_train"] > 0
+    k = max(int(k), CERTIFIED_K)
+    saved = answers.load(run_dir, idx) if rerank is None else None
+    if saved is not None and (not certify or saved.covers(k)):
+        return saved                                   # answered before (any process): no model run
+    if certify:
+        ctx = _context(project, run)
+        q = project.query
+        key = (str(project.root), run, tuple(sorted(set(int(i) for i in idx))))
+        plan = exact_plan(ctx, q.x[idx], q.y[idx], key, run_dir=run_dir, query_indices=idx)
+        est, sigma = store.plan_bounds(plan)
+        known = None if saved is None else (saved.influence, saved.exact)     # rows rescored before
+        infl, exact = certified_rows(est, sigma, lambda rows: rescore_rows(ctx, plan, rows), k, known=known)
+        ans = answers.Answer(infl, exact, certified_label(store, int(exact.sum()), k), certified=k)
+        answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True, certified=k)
+        return ans
     infl = store.query_influence(idx)
     exact = np.zeros(len(infl), dtype=bool)
     r = store.shortlist() if rerank is None else int(rerank)
@@ -538,6 +611,49 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
     return ans
 
 
+CERTIFIED_K = 10        # the top k per side certified at least (a deeper grid certifies deeper)
+CERTIFIED_Z = 4.0       # standard deviations of the sketch's error a row must be below to be ruled out
+CERTIFIED_START = 64    # rows per side rescored first
+
+
+def certified_rows(est: np.ndarray, sigma: np.ndarray, rescore, k: int = CERTIFIED_K,
+                   z: float = CERTIFIED_Z, start: int = CERTIFIED_START, known=None) -> tuple[np.ndarray, np.ndarray]:
+    """(influence (N,), exact (N,) bool): rows rescored exactly (``rescore(rows) -> values``) until
+    no other row can reach the top ``k`` of either side: a row is ruled out when its estimate plus
+    ``z`` sigma stays below the k-th exact value of that side (k-th lowest: minus). The others keep
+    their estimate, which then ranks below every certified row of the top k. ``known``: (values,
+    exact mask) of rows rescored before (kept, not rescored again)."""
+    n = len(est)
+    out = est.astype(np.float64).copy()
+    exact = np.zeros(n, dtype=bool)
+    if known is not None:
+        exact[:] = known[1]
+        out[exact] = known[0][exact]
+
+    def take(rows):
+        rows = np.setdiff1d(rows, np.flatnonzero(exact))
+        if len(rows):
+            out[rows] = rescore(rows)
+            exact[rows] = True
+    k = min(k, n)
+    for sign in (1.0, -1.0):
+        e = sign * est
+        take(np.argsort(-e, kind="stable")[:max(k, start)])
+        while True:
+            tau = np.sort(sign * out[exact])[-k]
+            cand = np.flatnonzero(~exact & (e + z * sigma >= tau))
+            if not len(cand):
+                break
+            take(cand)
+    return out, exact
+
+
+def certified_label(store, rows: int, k: int) -> str:
+    return (f"exact path: this query's own plan; the {rows} rows that a per-checkpoint sketch "
+            f"(d = {store.checkpoint_dim}) could not rule out of the top {k} at "
+            f"{CERTIFIED_Z:g} standard deviations were rescored exactly")
+
+
 def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
                          store: FeatureStore | None = None) -> tuple[np.ndarray, str] | None:
     """(influence (N,), path label) of fast_answer, or None when the run has no store."""
@@ -552,14 +668,124 @@ def rescored_path(project, run: str, query_indices) -> Path:
     return answers.answer_path(project.run(run).path, query_indices)
 
 
-def rescore_for(root: str, run: str, query_indices, progress=None) -> str:
-    """The app's background job (usercode child: it runs the model): the fast top-k with the
-    store's default shortlist rescored by the exact path, kept with the run (fast_answer).
-    Returns the answer's path."""
+def rescore_for(root: str, run: str, query_indices, progress=None, k: int = CERTIFIED_K) -> str:
+    """The app's background job (usercode child: it runs the model): the fast path's answer for
+    a top-``k`` grid (fast_answer), kept with the run. Returns the answer's path."""
     from diffin_core.project.folder import Project
     project = Project(root)
-    fast_answer(project, run, query_indices)
+    fast_answer(project, run, query_indices, k=k)
     return str(rescored_path(project, run, query_indices))
+
+
+# --- how far the store's own numbers are from the exact path, measured on this run ----------------
+
+AGREEMENT_MIN_QUERIES = 5      # answered queries before the store's first grid may be trusted
+AGREEMENT_MIN_OVERLAP = 0.9    # mean top-10 overlap (store alone vs exact) it must reach
+
+
+def answered_queries(project, run: str) -> list[int]:
+    """Single query samples with a saved answer for this run (answers.py), ascending."""
+    from diffin_core.run import answers
+    d = project.run(run).path
+    out = set()
+    for sub, pattern in ((answers.DIRNAME, "q*.npz"), ("topk", "q*.npy")):
+        for p in (d / sub).glob(pattern):
+            name = p.name.split(".")[0]
+            if name[1:].isdigit() and not p.name.endswith(".plan.npz"):
+                out.add(int(name[1:]))
+    return sorted(out)
+
+
+def store_agreement(project, run: str, k: int = 10, store: FeatureStore | None = None) -> dict | None:
+    """The store alone against the exact path, measured on this run's answered single queries:
+    ``overlap`` the mean top-k overlap (helpful and harmful sides) over the answers whose top k
+    is proven the exact path's (every row exact, or certified); ``rel_error`` the median |store - exact| / |exact| and ``sign_flips`` the
+    share of opposite signs over every exact row of every answer (the pairs a page could show);
+    ``queries`` how many answers each used. None without a store."""
+    from diffin_core.run import answers
+    store = store or FeatureStore.open(project, run)
+    if store is None:
+        return None
+    d = project.run(run).path
+    overlaps, errs, flips, n_err = [], [], 0, 0
+    for qi in answered_queries(project, run):
+        ans = answers.load(d, [qi])
+        if ans is None or len(ans.influence) != store.meta["n_train"]:
+            continue
+        approx = store.query_influence([qi])
+        rows = np.flatnonzero(ans.exact)
+        ex = ans.influence[rows]
+        big = np.abs(ex) > 0
+        errs.append(np.abs(approx[rows][big] - ex[big]) / np.abs(ex[big]))
+        flips += int(np.sum(np.sign(approx[rows][big]) != np.sign(ex[big])))
+        n_err += int(big.sum())
+        if ans.covers(k):                              # its top k proven the exact path's
+            for largest in (True, False):
+                a = np.argsort(-approx if largest else approx, kind="stable")[:k]
+                b = np.argsort(-ans.influence if largest else ans.influence, kind="stable")[:k]
+                overlaps.append(len(set(a.tolist()) & set(b.tolist())) / k)
+    return {"queries": len(overlaps) // 2, "overlap": float(np.mean(overlaps)) if overlaps else float("nan"),
+            "error_queries": len(errs), "rel_error": float(np.median(np.concatenate(errs))) if n_err else float("nan"),
+            "sign_flips": flips / n_err if n_err else float("nan")}
+
+
+def store_grid_trusted(agreement: dict | None) -> bool:
+    """Whether the store's first grid may be drawn before the exact one (issue 21): only where
+    it has been measured on this run to agree with the exact grid (AGREEMENT_MIN_QUERIES answered
+    queries, mean top-10 overlap at least AGREEMENT_MIN_OVERLAP)."""
+    return bool(agreement and agreement["queries"] >= AGREEMENT_MIN_QUERIES
+                and agreement["overlap"] >= AGREEMENT_MIN_OVERLAP)
+
+
+def reverse_influence(project, run: str, row: int, store: FeatureStore | None = None):
+    """(values (Nq,), exact (Nq,) bool): training row ``row``'s influence on each query sample's
+    loss. The exact path's value wherever a saved answer for that query holds this row exactly
+    (the number its top-k grid shows), else the store's projected value (approximate: see
+    store_agreement for its measured error on this run)."""
+    from diffin_core.run import answers
+    store = store or FeatureStore.open(project, run)
+    values = store.reverse(row).astype(np.float64)
+    exact = np.zeros(len(values), dtype=bool)
+    d = project.run(run).path
+    for qi in answered_queries(project, run):
+        if qi >= len(values):
+            continue
+        ans = answers.load(d, [qi])
+        if ans is not None and row < len(ans.exact) and ans.exact[row]:
+            values[qi], exact[qi] = ans.influence[row], True
+    return values, exact
+
+
+# --- planning ahead: the app's background job answers the queries a reviewer opens next -----------
+
+AHEAD = 12      # queries planned ahead per opened query
+
+
+def plan_ahead_queue(project, run: str, qi: int, size: int = AHEAD) -> list[int]:
+    """The ``size`` query samples of ``qi``'s given class that follow it (by index, wrapping): those
+    a reviewer walking a class opens next. Answered ones included (the page counts them ready)."""
+    y = np.asarray(project.query.y)
+    same = np.flatnonzero(y == y[int(qi)])
+    after = np.concatenate([same[same > int(qi)], same[same < int(qi)]])
+    return [int(i) for i in after[:size]]
+
+
+def answer_ahead(root: str, run: str, queries, progress=None, k: int = CERTIFIED_K) -> int:
+    """The app's planning-ahead job (a usercode child; cancelled when the user asks a query of
+    their own): the fast path's answer for each query not answered yet, each kept with the run as
+    it finishes. Returns how many it answered."""
+    from diffin_core.project.folder import Project
+    from diffin_core.run import answers
+    project = Project(root)
+    d, made = project.run(run).path, 0
+    for i, qi in enumerate(queries):
+        a = answers.load(d, [int(qi)])
+        if a is None or not a.covers(k):
+            fast_answer(project, run, [int(qi)], k=k)
+            made += 1
+        if progress:
+            progress(i + 1, len(queries), f"planned ahead: query {int(qi)}")
+    return made
 
 
 def shortlists(approx: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:

@@ -203,9 +203,11 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     info = project.run(run)
     idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
     ans = answers.load(info.path, idx, exact_only=exact) if rerank is None else None
-    if ans is None and not exact:
-        ans = fast_answer(project, run, idx, rerank=rerank)
-    if ans is None:
+    if not exact and (ans is None or (ans.certified and not ans.covers(k))):
+        ans = fast_answer(project, run, idx, rerank=rerank, k=k)
+    if ans is not None and rerank is None and not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
+        ans = answers.load(info.path, idx, exact_only=True)   # a deeper grid than the fast path certified:
+    if ans is None:                                            # the exact path (every row)
         settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
         if memory_budget is not None:           # chunking only: the scores stay the run's
             settings.memory_budget = int(memory_budget)

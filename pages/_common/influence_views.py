@@ -35,24 +35,61 @@ def no_store_note(project, run: str) -> None:
             f"(or `diffin features {project.root} --run {run}`).")
 
 
-def query_grid(project, idx, values, columns: int = 8) -> None:
-    """Query samples with their label and influence value."""
+def query_grid(project, idx, values, columns: int = 8, exact=None) -> None:
+    """Query samples with their label and influence value; ``exact`` (bool per value): False marks
+    the value approximate (≈, the store's)."""
     q = project.query
+    exact = np.ones(len(idx), dtype=bool) if exact is None else np.asarray(exact, dtype=bool)
     for start in range(0, len(idx), columns):
         cols = st.columns(columns)
-        for col, i, v in zip(cols, idx[start:start + columns], values[start:start + columns]):
+        for col, i, v, e in zip(cols, idx[start:start + columns], values[start:start + columns],
+                                exact[start:start + columns]):
             with col:
                 if project.kind == "image":
                     st.image(ui.image(q.x[int(i)]), width="stretch")
-                st.caption(f"query #{int(i)} · label {ui.label_name(project, q.y[int(i)])} · influence {v:+.3g}")
+                st.caption(f"query #{int(i)} · label {ui.label_name(project, q.y[int(i)])} · influence "
+                           f"{'' if e else '≈'}{v:+.3g}")
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _agreement(root: str, run: str, stamp: tuple) -> dict | None:
+    from diffin_core.project.folder import Project
+    return features.store_agreement(Project(root), run)
+
+
+def answered(project, run: str, qi: int, k: int = 10) -> bool:
+    """Whether query ``qi`` has an answer kept with the run for a top-``k`` grid (read, no model
+    code): every row exact, certified to k, or (a store without per-checkpoint sketch) its top k
+    rows rescored."""
+    from diffin_core.run import answers
+    a = answers.load(project.run(run).path, [int(qi)])
+    return a is not None and (a.covers(k) or (not a.certified and a.top_exact(k)))
+
+
+def agreement(project, run: str) -> dict | None:
+    """features.store_agreement for the run, recomputed when an answer is added."""
+    d = project.run(run).path
+    stamp = tuple((p.stat().st_mtime if p.exists() else 0.0) for p in (d / "answers", d / "topk", d / "features"))
+    return _agreement(str(project.root), run, stamp)
+
+
+def agreement_note(a: dict | None) -> str:
+    """One line: how far the store's own values were measured from the exact path on this run."""
+    if not a or not a.get("error_queries"):
+        return "its error against the exact path is not yet measured on this run (no query answered yet)"
+    top = (f"top-10 overlap with the exact grid {a['overlap']:.2f} over {a['queries']} queries; "
+           if a["queries"] else "")
+    return (f"measured on this run: {top}median error {100 * a['rel_error']:.0f}%, opposite sign on "
+            f"{100 * a['sign_flips']:.0f}% of pairs ({a['error_queries']} answered queries)")
 
 
 def reverse_table(project, run: str, sample_id: int, k: int = 8):
-    """(helped, harmed): the query samples one training sample helps / harms most (projected)."""
-    s = store(project, run)
-    infl = s.reverse(ui.row_of(project, sample_id))
-    order = np.argsort(-infl, kind="stable")
-    return order[:k], infl[order[:k]], order[::-1][:k], infl[order[::-1][:k]]
+    """(helped, values, exact, harmed, values, exact): the query samples one training sample helps /
+    harms most. Exact path values where that query has been answered, else the store's (≈)."""
+    values, exact = features.reverse_influence(project, run, ui.row_of(project, sample_id), store(project, run))
+    order = np.argsort(-values, kind="stable")
+    top, bottom = order[:k], order[::-1][:k]
+    return top, values[top], exact[top], bottom, values[bottom], exact[bottom]
 
 
 def contributions(project, run: str, sample_id: int, query_indices=None, key: str = "iv") -> pd.DataFrame | None:
@@ -105,11 +142,14 @@ def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_
     if s is None:
         no_store_note(project, run)
         return
-    helped, hv, harmed, mv = reverse_table(project, run, sample_id, k)
+    helped, hv, he, harmed, mv, me = reverse_table(project, run, sample_id, k)
     st.markdown(f"**Query samples training sample {sample_id} helps most** (removing it would raise their loss)")
-    query_grid(project, helped, hv)
+    query_grid(project, helped, hv, exact=he)
     st.markdown(f"**Query samples it harms most** (removing it would lower their loss)")
-    query_grid(project, harmed, mv)
+    query_grid(project, harmed, mv, exact=me)
+    if not (np.all(he) and np.all(me)):
+        st.caption(f"≈: the feature store's projected value (approximate; {agreement_note(agreement(project, run))}). "
+                   "Values without ≈ are the exact path's, as in that query's top-k grid.")
     which = "the whole query set" if query_indices is None else f"query {', '.join(map(str, np.atleast_1d(query_indices)))}"
     df = contributions(project, run, sample_id, query_indices, key=key)
     if df is None:
@@ -118,8 +158,9 @@ def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_
     st.plotly_chart(contributions_figure(df, f"When in training sample {sample_id} mattered for {which}"),
                     key=f"{key}_checkpoints")
     peak = df.iloc[int(np.argmax(np.abs(df["contribution"].to_numpy())))]
-    st.caption(f"Per-checkpoint contributions sum to {total:+.4g} ({'helpful' if total >= 0 else 'harmful'}); "
-               f"largest at step {int(peak['step'])} ({peak['contribution']:+.3g}). {s.label()}.")
+    st.caption(f"Per-checkpoint contributions sum to {total:+.4g} ({'helpful' if total >= 0 else 'harmful'}): "
+               f"the run's influence of this sample on {which}, by the exact path (the run's own plan for "
+               f"those queries); largest at step {int(peak['step'])} ({peak['contribution']:+.3g}).")
 
 
 def class_matrix(project, run: str) -> pd.DataFrame:

@@ -1,0 +1,139 @@
+"""A new query and a query asked before, through the real CLI, against `diffin top --exact` (issue 23).
+
+    nice -n 10 python benchmarks/explore_query.py PROJECT --run diffin --model sample-cnn [--queries 5]
+
+PROJECT: a project scored with `diffin score PROJECT --method diffin --run RUN` (its feature store
+built by that command or `diffin features`). Per query (seeded, distinct classes where possible):
+  new_query_s / new_query_cpu_s   `diffin top PROJECT --run RUN -q Q --k 10` on a query never asked
+                                  (wall, and the child's user+system CPU), minus the CLI start-up
+                                  (`diffin --help`, measured in the same run, median of 3);
+  asked_before_s                  the same command again (the answer kept with the run);
+  peak_rss_mb                     the new query's peak resident memory;
+  topk_overlap                    |top-10 ∩ exact top-10| / 10 (helpful and harmful, averaged),
+                                  exact = scoring.top_k(exact=True) in this process (all N rows),
+                                  and max_abs_diff the largest |value - exact value| over the rows
+                                  both show;
+  rescored_rows                   rows the fast path rescored exactly (its label says how many).
+The answers are removed first (each query is new) and the exact ones are computed last.
+Appends one row per model (medians over the queries) to benchmarks/results/explore.csv (its other
+rows, written by benchmarks/explore.py, are kept) and per-query rows to explore_query.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "benchmarks" / "results"
+K = 10
+
+
+def cli(*args) -> tuple[float, float, float, str]:
+    """(wall s, child CPU s, peak RSS MB, stdout) of one `python -m diffin_core.cli ...`."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "diffin_core.cli", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if res.returncode != 0:
+        raise SystemExit(f"diffin {' '.join(args)} failed: {res.stderr.strip()[-500:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, after.ru_maxrss / 1024, res.stdout
+
+
+def parse(out: str) -> tuple[list[int], list[float], list[int], list[float]]:
+    """(helpful ids, values, harmful ids, values) from `diffin top`'s printout."""
+    blocks = out.split("most harmful")
+    def rows(text):
+        ids, vals = [], []
+        for ln in text.splitlines():
+            parts = ln.split()
+            if len(parts) == 5 and parts[0].lstrip("-").isdigit():
+                ids.append(int(parts[0]))
+                vals.append(float(parts[4]))
+        return ids, vals
+    h, hv = rows(blocks[0])
+    m, mv = rows(blocks[1])
+    return h, hv, m, mv
+
+
+def main() -> None:
+    from diffin_core.project.folder import Project
+    from diffin_core.run.features import FeatureStore
+    from diffin_core.run.scoring import top_k
+    ap = argparse.ArgumentParser()
+    ap.add_argument("project")
+    ap.add_argument("--run", default="diffin")
+    ap.add_argument("--model", required=True, help="the row's model label (sample-cnn, mnist-4k, ...)")
+    ap.add_argument("--queries", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+    project = Project(a.project)
+    run_dir = project.run(a.run).path
+    for sub in ("answers", "topk"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    store = FeatureStore.open(project, a.run)
+    q = project.query
+    rng = np.random.default_rng(a.seed)
+    classes = rng.permutation(np.unique(q.y))
+    picks = [int(rng.choice(np.flatnonzero(q.y == c))) for c in classes[: a.queries]]
+    startup = statistics.median(cli("--help")[0] for _ in range(3))
+    recs = []
+    for qi in picks:
+        wall, cpu, rss, out = cli("top", a.project, "--run", a.run, "-q", str(qi), "--k", str(K))
+        wall2, cpu2, _, out2 = cli("top", a.project, "--run", a.run, "-q", str(qi), "--k", str(K))
+        assert "answered before" in out2, out2[:300]
+        label = out.splitlines()[0]
+        m = re.search(r"the (\d+) rows", label)
+        recs.append({"query": qi, "new_query_s": wall - startup, "new_query_cpu_s": cpu,
+                     "asked_before_s": wall2 - startup, "asked_before_cpu_s": cpu2, "peak_rss_mb": rss,
+                     "rescored_rows": int(m.group(1)) if m else np.nan, "path": label.strip("()"), "out": out})
+        print(f"[explore_query] q{qi}: new {wall - startup:.2f} s (cpu {cpu:.2f}), again {wall2 - startup:.3f} s",
+              flush=True)
+    for r in recs:                        # the exact path last (it would answer the query otherwise)
+        h, hv, m_, mv = parse(r.pop("out"))
+        eh, em = top_k(project, a.run, [r["query"]], k=K, exact=True)
+        ex = dict(zip(eh["sample_id"], eh["influence"])) | dict(zip(em["sample_id"], em["influence"]))
+        r["topk_overlap"] = (len(set(h) & set(eh["sample_id"])) + len(set(m_) & set(em["sample_id"]))) / (2 * K)
+        both = [(v, ex[i]) for i, v in zip(h + m_, hv + mv) if i in ex]
+        r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
+        r["max_abs_value"] = max(abs(e) for e in ex.values())
+    df = pd.DataFrame(recs)
+    df.insert(0, "model", a.model)
+    per_query = RESULTS / "explore_query.csv"
+    old = pd.read_csv(per_query) if per_query.is_file() else pd.DataFrame()
+    old = old[old["model"] != a.model] if len(old) else old
+    pd.concat([old, df], ignore_index=True).round(4).to_csv(per_query, index=False)
+    size = sum(p.stat().st_size for p in (run_dir / "features").rglob("*") if p.is_file()) / 2 ** 20
+    row = {"model": a.model, "N": len(project.train), "d": store.dim if store else np.nan,
+           "checkpoint_dim": getattr(store, "checkpoint_dim", 0) if store else 0,
+           "queries": len(df), "new_query_s": df["new_query_s"].median(),
+           "new_query_cpu_s": df["new_query_cpu_s"].median(), "asked_before_s": df["asked_before_s"].median(),
+           "asked_before_cpu_s": df["asked_before_cpu_s"].median(),
+           "topk_overlap": df["topk_overlap"].mean(), "topk_overlap_min": df["topk_overlap"].min(),
+           "max_abs_diff": df["max_abs_diff"].max(), "rescored_rows": df["rescored_rows"].median(),
+           "store_mb": round(size, 1), "peak_rss_mb": df["peak_rss_mb"].max(), "cli_startup_s": startup,
+           "load_avg": os.getloadavg()[0], "bench": "explore_query.py"}
+    csv = RESULTS / "explore.csv"
+    base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
+    if len(base) and "bench" in base:
+        base = base[~((base["bench"] == "explore_query.py") & (base["model"] == a.model))]
+    pd.concat([base, pd.DataFrame([row])], ignore_index=True).to_csv(csv, index=False)
+    print(pd.DataFrame([row]).round(3).T.to_string())
+
+
+if __name__ == "__main__":
+    main()
