@@ -106,3 +106,52 @@ if opened:
             c[2].metric("Checkpoints", len(project.manifest.checkpoints))
             c[3].metric("Finished runs", len(runs))
             ui.next_steps(project, runs)
+
+me = ui.current_user()
+if me.is_admin:                      # accounts (issue 20): the same as `diffin users ...` on the server
+    from diffin_core.workspace.accounts import ROLES, Accounts
+    acc = Accounts(ws)
+
+    def _add_user() -> None:
+        try:
+            u = acc.add(st.session_state["users_new_name"], st.session_state["users_new_password"],
+                        st.session_state["users_new_role"])
+        except DiffinError as e:
+            st.session_state["users_msg"] = ("error", str(e))
+        else:
+            st.session_state["users_msg"] = ("success", f"Added {u.name} ({u.role}).")
+            st.session_state["users_new_name"] = st.session_state["users_new_password"] = ""
+
+    def _change(name: str, action: str) -> None:
+        try:
+            if name == me.name and me.source == "local":
+                raise DiffinError("you cannot change or remove your own account while signed in with it")
+            if action == "remove":
+                acc.remove(name)
+            else:
+                acc.set_role(name, action)
+        except DiffinError as e:
+            st.session_state["users_msg"] = ("error", str(e))
+        else:
+            st.session_state["users_msg"] = ("success", f"{name}: {'removed' if action == 'remove' else action}.")
+
+    st.divider()
+    with st.expander("Users (admins only)", expanded="users_msg" in st.session_state):
+        users = acc.users()
+        if not users:
+            st.caption("No accounts yet: this app is single-user on 127.0.0.1. Adding one turns on sign-in for "
+                       "everyone (docs/serving.md).")
+        for u in users:
+            c = st.columns([3, 2, 2])
+            c[0].write(f"**{u.name}** ({u.role})")
+            other = "reviewer" if u.role == "admin" else "admin"
+            c[1].button(f"Make {other}", key=f"users_role_{u.name}", on_click=_change, args=(u.name, other))
+            c[2].button("Remove", key=f"users_remove_{u.name}", on_click=_change, args=(u.name, "remove"))
+        c = st.columns([3, 2, 3, 2])
+        c[0].text_input("New user name", key="users_new_name")
+        c[1].selectbox("Role", ROLES, index=1, key="users_new_role")
+        c[2].text_input("Password (8+ characters)", type="password", key="users_new_password")
+        c[3].button("Add user", key="users_add", on_click=_add_user)
+        if "users_msg" in st.session_state:
+            kind, text = st.session_state.pop("users_msg")
+            (st.error if kind == "error" else st.success)(text)

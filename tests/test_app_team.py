@@ -124,3 +124,40 @@ def test_two_users_undo_consensus_and_the_resolved_export(scored):
     s1 = next(s for s in man["samples"] if s["sample_id"] == ranked[1])
     assert s1["decided_by"] == "ann+bob" and s1["how"] == "consensus"
     assert man["review"] == {"reviewers_per_sample": 2, "exported_by": "ann", "unresolved_disagreements": []}
+
+
+def test_an_admin_manages_users_in_the_app_and_a_reviewer_cannot(workspace):
+    from diffin_core.workspace.accounts import Accounts
+    add_users(workspace, ann="admin", bob="reviewer")
+    ann = new_app(user="ann")
+    ann.text_input(key="users_new_name").set_value("cy")
+    ann.text_input(key="users_new_password").set_value("short")
+    ann.button(key="users_add").click().run()
+    assert any("at least 8 characters" in e for e in texts(ann.error))
+    ann.text_input(key="users_new_password").set_value("a long enough one")
+    ann.button(key="users_add").click().run()
+    assert Accounts(workspace).verify("cy", "a long enough one").role == "reviewer"
+    ann.button(key="users_role_cy").click().run()
+    assert Accounts(workspace).get("cy").role == "admin"
+    ann.button(key="users_remove_ann").click().run()                 # not your own account
+    assert any("cannot change or remove your own account" in e for e in texts(ann.error))
+    assert Accounts(workspace).get("ann") is not None
+    bob = new_app(user="bob")
+    assert not [b for b in bob.button if b.key.startswith("users_")]
+
+
+def test_the_app_refuses_to_serve_beyond_loopback_without_accounts(workspace, monkeypatch):
+    from streamlit import config
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.delenv("DIFFIN_INSECURE_OPEN", raising=False)
+    old = config.get_option("server.address")
+    config.set_option("server.address", "0.0.0.0")
+    try:
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        assert any("refusing to serve on 0.0.0.0 without accounts" in e for e in texts(at.error))
+        assert not at.button and not at.selectbox          # nothing of the app
+        monkeypatch.setenv("DIFFIN_INSECURE_OPEN", "1")   # opened on purpose: the single-user app
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+        assert not at.error and "diffin: sign in" not in texts(at.title)
+    finally:
+        config.set_option("server.address", old)

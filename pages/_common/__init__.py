@@ -126,8 +126,13 @@ def user_box(user) -> None:
     """Who is signed in, in the sidebar, with a sign-out button."""
     with st.sidebar:
         if user.source == "open":
-            st.caption(f"Single user **{user.name}** (no accounts: local use only; "
-                       "`diffin users add` turns on sign-in)")
+            from diffin_core.workspace.accounts import is_local
+            if is_local(st.get_option("server.address")):
+                st.caption(f"Single user **{user.name}** (no accounts: local use only; "
+                           "`diffin users add` turns on sign-in)")
+            else:
+                st.warning(f"No sign-in (--insecure-open): everyone who reaches this server acts as "
+                           f"**{user.name}**, an admin.", icon=":material/lock_open:")
         else:
             st.caption(f"Signed in as **{user.name}** ({user.role})")
             st.button("Sign out", key="signout", on_click=_sign_out, icon=":material/logout:")
