@@ -27,7 +27,9 @@ except DiffinError as e:
 st.caption(f"Project folder: `{folder}`")
 
 messages = st.session_state.setdefault("setup_messages", {})
-SPECS = [("model", "Model: model.py (with build()) or model.pt2 (torch.export)", False),
+SPECS = [("modules", "Optional, before model.py: other Python files model.py imports (.py files, or one .zip "
+                     "of them with package folders)", True),
+         ("model", "Model: model.py (with build()) or model.pt2 (torch.export)", False),
          ("checkpoint", "Checkpoints: several .safetensors / .pt / .pth files, or one .zip", True),
          ("train", "Train data: .npz, .csv, .parquet, or an ImageFolder .zip (class_name/file.png); text: .csv, "
                    ".tsv, .jsonl or .parquet with a text column and a 'label' column", False),

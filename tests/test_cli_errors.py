@@ -222,3 +222,35 @@ def test_a_failed_score_leaves_no_stage_folder(tmp_path, monkeypatch, capsys):
     assert code == 2 and "the estimator refused this project" in err
     stages = proj / "runs" / ".stages"
     assert not stages.exists() or not any(stages.iterdir()), list(stages.rglob("*"))
+
+
+def test_setup_takes_the_modules_model_py_imports(tmp_path):
+    import io
+    import zipfile
+    from diffin_core.errors import DiffinError
+    from diffin_core.workspace import usercode
+    from diffin_core.workspace.uploads import store_upload
+    folder = tmp_path / "ws" / "proj"
+    model = b"from nets import make\nfrom blocks.mlp import width\n\n\ndef build():\n    return make(width)\n"
+    with pytest.raises(DiffinError, match=r"No module named 'nets' \(upload nets.py under 'Other Python files"):
+        usercode.store_upload(folder, "model", "model.py", io.BytesIO(model))
+    nets = b"from diffin_core.engine.models import MLP\n\n\ndef make(w):\n    return MLP(6, (w,), 3)\n"
+    assert "module saved" in store_upload(folder, "modules", "nets.py", io.BytesIO(nets))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("blocks/__init__.py", "")
+        z.writestr("blocks/mlp.py", "width = 8\n")
+    assert "2 module file(s)" in store_upload(folder, "modules", "blocks.zip", io.BytesIO(buf.getvalue()))
+    msg = usercode.store_upload(folder, "model", "model.py", io.BytesIO(model))   # built in a child process
+    assert "model OK (MLP" in msg
+    assert not list(folder.rglob("__pycache__"))
+    for name, data, problem in [("model.py", b"x = 1\n", "not a plain module name"),
+                                ("my-net.py", b"x = 1\n", "not a plain module name"),
+                                ("bad.py", b"def (:\n", "is not valid Python")]:
+        with pytest.raises(DiffinError, match=re.escape(problem)):
+            store_upload(folder, "modules", name, io.BytesIO(data))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("weights.bin", b"\0" * 10)
+    with pytest.raises(DiffinError, match=r"holds 'weights.bin': only .py modules"):
+        store_upload(folder, "modules", "more.zip", io.BytesIO(buf.getvalue()))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,15 +35,18 @@ from diffin_core.errors import DiffinError
 from diffin_core.workspace.export import IMAGES_SUFFIX
 
 DRAFT = ".setup.json"
-ROLES = ("model", "checkpoint", "train", "query", "tokenizer")
+ROLES = ("model", "checkpoint", "train", "query", "tokenizer", "modules")
 DATA_SUFFIXES = (".npz", ".csv", ".tsv", ".jsonl", ".parquet", ".zip")
 SUFFIXES = {"model": (".py", ".pt2"), "checkpoint": CHECKPOINT_SUFFIXES + (".zip",),
-            "train": DATA_SUFFIXES, "query": DATA_SUFFIXES, "tokenizer": (".zip", ".json")}
+            "train": DATA_SUFFIXES, "query": DATA_SUFFIXES, "tokenizer": (".zip", ".json"), "modules": (".py", ".zip")}
 WHAT = {"model": "a model (model.py with build(), or model.pt2)",
         "checkpoint": "a checkpoint (.safetensors, .pt, .pth, or a .zip of them)",
         "train": "data (.npz, .csv, .tsv, .jsonl, .parquet, or an ImageFolder .zip)",
         "query": "data (.npz, .csv, .tsv, .jsonl, .parquet, or an ImageFolder .zip)",
-        "tokenizer": "a tokenizer (a .zip of a Hugging Face tokenizer folder, or its tokenizer.json)"}
+        "tokenizer": "a tokenizer (a .zip of a Hugging Face tokenizer folder, or its tokenizer.json)",
+        "modules": "Python files model.py imports (.py files, or a .zip of .py files and packages)"}
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.py$")
+_RESERVED = {"model.py", "diffin.toml"}
 TEXT_ONLY = (".tsv", ".jsonl")
 
 
@@ -60,9 +64,12 @@ def _write_draft(project_dir: Path, draft: dict) -> None:
 
 
 # --- checks --------------------------------------------------------------------------------
-def build_model_file(path: Path, label: str):
-    """Build the model from a model.py (its build()) or a model.pt2; DiffinError naming ``label``."""
+def build_model_file(path: Path, label: str, project_dir: Path | None = None):
+    """Build the model from a model.py (its build()) or a model.pt2; DiffinError naming ``label``.
+    ``project_dir`` (default: the file's folder) is on the import path meanwhile, so model.py
+    may import the modules uploaded beside it; no bytecode is written."""
     import torch
+    from diffin_core.project.folder import user_imports
     if path.suffix == ".pt2":
         try:
             model = torch.export.load(str(path)).module()
@@ -70,10 +77,17 @@ def build_model_file(path: Path, label: str):
             raise DiffinError(f"not a loadable torch.export program ({type(e).__name__})", label) from None
     else:
         name = f"diffin_upload_{uuid.uuid4().hex}"
+        folder = Path(project_dir) if project_dir is not None else path.parent
         try:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
+            with user_imports(folder):
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                code = compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+                exec(code, module.__dict__)
+        except ModuleNotFoundError as e:
+            hint = (f" (upload {e.name}.py under 'Other Python files model.py imports' first)"
+                    if e.name and "." not in e.name and not (folder / f"{e.name}.py").exists() else "")
+            raise DiffinError(f"importing it raised ModuleNotFoundError: {e}{hint}", label) from None
         except (Exception, SystemExit) as e:
             raise DiffinError(f"importing it raised {type(e).__name__}: {e}", label) from None
         finally:
@@ -81,7 +95,8 @@ def build_model_file(path: Path, label: str):
         if not callable(getattr(module, "build", None)):
             raise DiffinError("defines no function build()", label)
         try:
-            model = module.build()
+            with user_imports(folder):
+                model = module.build()
         except (Exception, SystemExit) as e:
             raise DiffinError(f"build() raised {type(e).__name__}: {e}", label) from None
     if not isinstance(model, torch.nn.Module):
@@ -188,7 +203,7 @@ def _model_outputs(model, model_file: Path, project_dir: Path) -> int | None:
     for role in ("train", "query"):
         if draft.get(role) and (project_dir / draft[role]).is_file():
             try:
-                return fit_input(model_file, project_dir / draft[role])[1]
+                return fit_input(model_file, project_dir / draft[role], project_dir=project_dir)[1]
             except DiffinError:
                 return None
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -242,10 +257,46 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj) -> str:
             shutil.copyfileobj(fileobj, out, 1 << 20)
         if tmp.stat().st_size == 0:
             raise DiffinError("the file is empty (0 bytes)", name)
-        return {"model": _store_model, "checkpoint": _store_checkpoint, "tokenizer": _store_tokenizer}.get(role, _store_data)(
+        return {"model": _store_model, "checkpoint": _store_checkpoint, "tokenizer": _store_tokenizer,
+                "modules": _store_modules}.get(role, _store_data)(
             project_dir, role, name, tmp, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _store_modules(project_dir: Path, role, name, tmp: Path, staging: Path) -> str:
+    """Python files model.py imports: a .py placed beside it, or a .zip of .py files and
+    package folders (safezip limits; nothing but .py files, no model.py inside). Not run here:
+    they run when model.py is built (in a child process in the app)."""
+    if tmp.suffix.lower() == ".py":
+        if not _MODULE_NAME.match(name) or name in _RESERVED:
+            raise DiffinError("is not a plain module name (letters, digits, _; not model.py): model.py could "
+                              "not import it", name)
+        _check_python(tmp, name)
+        _place(project_dir, tmp, name)
+        return f"{name}: module saved beside model.py"
+    from diffin_core.workspace.safezip import safe_extract
+    out = safe_extract(tmp, staging / "modules", max_total_bytes=50_000_000, max_files=2_000)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    for f in files:
+        rel = f.relative_to(out)
+        if f.suffix != ".py" or not all(_MODULE_NAME.match(part + ".py") for part in rel.with_suffix("").parts) \
+                or str(rel) in _RESERVED:
+            raise DiffinError(f"holds {str(rel)!r}: only .py modules and package folders may be in it "
+                              "(and no model.py)", name)
+        _check_python(f, f"{name}/{rel}")
+    if not files:
+        raise DiffinError("holds no .py file", name)
+    for f in files:
+        _place(project_dir, f, str(f.relative_to(out)))
+    return f"{name}: {len(files)} module file(s) saved beside model.py"
+
+
+def _check_python(path: Path, label: str) -> None:
+    try:
+        compile(path.read_bytes(), str(path), "exec", dont_inherit=True)
+    except (SyntaxError, ValueError) as e:
+        raise DiffinError(f"is not valid Python ({type(e).__name__}: {e})", label) from None
 
 
 def _place(project_dir: Path, src: Path, rel: str) -> None:
@@ -259,7 +310,7 @@ def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
         target = "model.py"
     else:
         target = "model.pt2"
-    model = build_model_file(tmp, name)
+    model = build_model_file(tmp, name, project_dir)
     draft = read_draft(project_dir)
     for f in draft.get("checkpoints", {}):  # say so now if the checkpoints don't fit
         check_checkpoint(project_dir / "checkpoints" / f, f"{name} vs {f}", model)
@@ -399,14 +450,15 @@ def checkpoint_table(project_dir: str | Path) -> pd.DataFrame:
     return df.sort_values(["step", "file"], na_position="last").reset_index(drop=True)
 
 
-def fit_input(model_file: Path, data_file: Path, image_shape=None) -> tuple[list[int] | None, int]:
+def fit_input(model_file: Path, data_file: Path, image_shape=None,
+              project_dir: Path | None = None) -> tuple[list[int] | None, int]:
     """(image shape or None for tabular, number of classes): the sample shape the model accepts.
 
     Tries ``image_shape`` when given, else the data's own shape, then square 1- or 3-channel
     images for flat rows (the MNIST case)."""
     import torch
     x = load_split(data_file).x[:2]
-    model = build_model_file(model_file, model_file.name).eval()
+    model = build_model_file(model_file, model_file.name, project_dir).eval()
     feats = int(np.prod(x.shape[1:]))
     own = [1, *x.shape[1:]] if x.ndim == 3 else list(x.shape[1:]) if x.ndim == 4 else None
     squares = []
