@@ -189,7 +189,7 @@ def test_score_page_shows_the_checkpoint_phase_as_progress(scored, jobs):
     def fake_diffin(p):  # what the engine reports while it carries the query back
         for k in (12, 11, 10):
             p.update(0, 4000, f"diffin: propagated the query through checkpoint {k}/12")
-        gate.wait(30)
+        gate.wait(300)   # released by the test below; long enough for a slow, loaded AppTest run
 
     jid = jobs.submit("score", fake_diffin, label="diffin", project_dir=scored)
     end = time.time() + 10
