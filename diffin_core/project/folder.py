@@ -23,6 +23,7 @@ import contextlib
 
 import difflib
 import importlib.util
+import os
 import sys
 import types
 import functools
@@ -191,29 +192,36 @@ def load_source(path: str | Path, name: str) -> types.ModuleType:
     return module
 
 
+_USER_MODULES: dict[str, str] = {}     # module name -> the user-code folder it was imported from
+
+
 @contextlib.contextmanager
 def user_imports(folder: str | Path):
     """While user code is imported or called: its folder on ``sys.path`` (so model.py may say
     ``from nets import Net`` as it would run by itself) and no bytecode written anywhere (no
-    ``__pycache__`` in the project). The folder stays on the path afterwards, at the end, for
-    imports done lazily inside the model; a sibling module of another project folder with the
-    same name, imported earlier in this process, is dropped from ``sys.modules`` first."""
+    ``__pycache__`` in the project). ``sys.path`` is restored afterwards (child processes
+    spawned later inherit it: no project folder leaks into them); a module model.py imports
+    lazily, inside forward(), is not found then: import siblings at the top of model.py.
+    Modules imported from another user-code folder earlier in this process (another
+    project's ``nets``) are dropped from ``sys.modules`` first, so each project gets its own."""
     folder = str(Path(folder).resolve())
-    for name, mod in list(sys.modules.items()):
-        f = getattr(mod, "__file__", None)
-        if f and name.split(".")[0] == name and Path(f).parent.name != "site-packages":
-            parent = str(Path(f).resolve().parent)
-            if parent != folder and (Path(parent) / "diffin.toml").is_file() \
-                    and (Path(folder) / (name + ".py")).is_file():
-                del sys.modules[name]
+    for name, where in list(_USER_MODULES.items()):
+        if where != folder:
+            sys.modules.pop(name, None)
+            del _USER_MODULES[name]
     old_path, old_bc = list(sys.path), sys.dont_write_bytecode
+    before = set(sys.modules)
     sys.path.insert(0, folder)
     sys.dont_write_bytecode = True
     try:
         yield
     finally:
         sys.dont_write_bytecode = old_bc
-        sys.path[:] = old_path + ([folder] if folder not in old_path else [])
+        sys.path[:] = old_path
+        for name in set(sys.modules) - before:
+            f = getattr(sys.modules.get(name), "__file__", None)
+            if f and str(Path(f).resolve()).startswith(folder + os.sep):
+                _USER_MODULES[name] = folder
 
 
 @dataclass(frozen=True)
