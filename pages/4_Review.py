@@ -90,6 +90,11 @@ def live(sid, seen):
     """Counts, precision/recall and a stale-card warning, redrawn every 5 s: another tab's or
     reviewer's decisions show up without a reload."""
     counts = log.counts(len(scores))
+    if k_reviewers > 1:
+        mine = len(scores) - len(log.queue_done(user) & set(given_of))
+        st.caption(f"Consensus: {k_reviewers} reviewers per sample · {len(log.disagreements()):,} disagreements "
+                   f"waiting for an admin · {mine:,} samples in your queue · \"Reviewed\" counts samples decided "
+                   "by agreement or resolution")
     c = st.columns(7 if noisy is not None else 5)
     c[0].metric("Reviewed", counts["reviewed"])
     c[1].metric("Remaining", counts["remaining"])

@@ -90,6 +90,7 @@ def test_two_users_undo_consensus_and_the_resolved_export(scored):
 
     # the disagreement reaches ann's queue; she resolves it with a relabel
     ann.run()
+    assert any("1 disagreements waiting for an admin" in c for c in texts(ann.caption)), texts(ann.caption)
     ann.radio(key="review_mode").set_value("disagreements").run()
     assert current_sample(ann) == ranked[0]
     assert any("ann: exclude" in m and "bob: keep" in m for m in texts(ann.markdown))
