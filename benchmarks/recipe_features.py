@@ -11,7 +11,7 @@ SAMPLES samples. Figures: Spearman and the size ratio median |pred| / median |tr
         -> benchmarks/results/recipe_features.csv
 
 CSV columns: recipe, seed, scored (modelled / ignored), method, spearman, size_ratio, seconds,
-approximations (the RecipeWarning line, if any).
+clipping (clipped steps, median factor), approximations (the RecipeWarning line, if any).
 """
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ def recipes() -> dict[str, tuple[TorchRecipe, str]]:
                                             "groups"),
         "clip-half-steps": (TorchRecipe("clip-half", digits_mlp(), sgd, cos, clip=0.6), "clip"),
         "clip-every-step": (TorchRecipe("clip-all", digits_mlp(), sgd, cos, clip=0.3), "clip"),
+        "adamw-clip-every-step": (TorchRecipe("adamw-clip", digits_mlp(), lambda p: AdamW(p, lr=1e-2, weight_decay=0.05),
+                                              warmup_cosine, clip=0.3), "clip"),
         "accumulation-2x16": (TorchRecipe("accum", digits_mlp(), sgd, cos, accumulate=2), "none"),
         "label-smoothing-0.1": (TorchRecipe("smooth", digits_mlp(), sgd, cos, loss=smooth), "loss"),
     }
@@ -93,8 +95,10 @@ def score(case, recipe, manifest, method):
     out = run_method(ctx, method, case["query"].x, case["query"].y, need_self=False)
     pred = out["influence"][case["samples"]]
     truth = case["truth"]
+    clipped = "" if ctx.clip is None else f"clipped {int((ctx.clip < 1).sum())}/{len(ctx.clip)} steps, median factor " \
+        f"{float(np.median(ctx.clip)):.2f}"
     return (float(spearmanr(pred, truth)[0]), float(np.median(np.abs(pred)) / np.median(np.abs(truth))),
-            round(time.time() - t, 2), lines)
+            round(time.time() - t, 2), lines, clipped)
 
 
 def main() -> None:
@@ -123,9 +127,10 @@ def main() -> None:
                                                                   if k not in FEATURE_KEYS[feature]})))
                 for scored, man in variants:
                     for method in ("diffin", "tracin"):
-                        rho, size, secs, lines = score(case, recipe, man, method)
+                        rho, size, secs, lines, clipped = score(case, recipe, man, method)
                         rows.append(dict(recipe=name, seed=seed, scored=scored, method=method, spearman=round(rho, 3),
-                                         size_ratio=round(size, 3), seconds=secs, approximations=lines))
+                                         size_ratio=round(size, 3), seconds=secs, clipping=clipped,
+                                         approximations=lines))
                         print(f"{name:34s} seed {seed} {scored:8s} {method:7s} rho {rho:.3f} size {size:.2f}"
                               + (f"  [{lines[:90]}]" if lines else ""), flush=True)
     df = pd.DataFrame(rows)

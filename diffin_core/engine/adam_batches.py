@@ -322,7 +322,8 @@ def decide(ctx) -> dict | None:
     """Run the self-check before the plan; a failed check turns the batch-order path off for this
     context (ctx.batch_order = None: the checkpoint estimator scores) and warns in one line.
     Sets and returns ctx.adam_check (None when the path was not on offer)."""
-    if getattr(ctx, "adam_check", None) is not None or getattr(ctx, "batch_order", None) is None:
+    if getattr(ctx, "adam_check", None) is not None or getattr(ctx, "batch_order", None) is None \
+            or not ctx.recipe.adam:                 # (SGD's batch-order path, sgd_batches.py, has no check)
         return getattr(ctx, "adam_check", None)
     summary = check_summary(ctx)
     ctx.adam_check = summary

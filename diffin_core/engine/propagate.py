@@ -397,7 +397,10 @@ def plan_start(ctx, u: torch.Tensor, batches: bool = False):
     with ``batches`` and a recorded batch order also Adam's per-step adjoint (adam_batches.start)."""
     carry = (u.clone(), (torch.zeros_like(u) if has_momentum(ctx.recipe) else None))
     if batches and getattr(ctx, "batch_order", None) is not None:
-        from diffin_core.engine.adam_batches import start
+        if ctx.recipe.adam:
+            from diffin_core.engine.adam_batches import start
+        else:                                   # SGD with clipped steps (sgd_batches.applies)
+            from diffin_core.engine.sgd_batches import start
         carry = carry + (start(u),)
     return carry
 
@@ -413,7 +416,10 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
         return None, carry
     rows = check = None
     if replay:
-        from diffin_core.engine.adam_batches import segment
+        if ctx.recipe.adam:
+            from diffin_core.engine.adam_batches import segment
+        else:
+            from diffin_core.engine.sgd_batches import segment
         rows, state, check = segment(ctx, k, replay[0])
         replay = [state]
     S = preconditioner_scale(ctx, k)

@@ -86,7 +86,8 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
                    buffers=buffers, precond=precond, files=files, moments=moments,
-                   batch_order=batch_order if moments is not None else None, groups=groups, clip=clip,
+                   batch_order=batch_order if (moments is not None or (not recipe.adam and clip is not None))
+                   else None, groups=groups, clip=clip,
                    loss=fm.loss)
 
 
@@ -137,7 +138,6 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     clip = load_clip_factors(m)
     eas = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names)) if recipe.adam else None
     approx = list(recipe.approximations) + group_approx
-    approx += clip_approximations(m, clip)
     loss, loss_approx = resolve_loss(loss, m, train)
     approx += loss_approx
     if step_lrs is None:
@@ -147,6 +147,8 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
         recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
         eas = None
     firsts = order = None
+    if not recipe.adam and clip is not None and (clip < 1).any():     # SGD, clipped: the per-step path
+        order = load_batch_order(m, len(train))                       # (sgd_batches.py) when recorded
     if recipe.adam:
         order = load_batch_order(m, len(train))
         if order is None or any(not c.exp_avg for c in m.checkpoints):
@@ -155,6 +157,7 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
             order = None
         else:
             firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
+    approx += clip_approximations(m, clip, replayed=order is not None)
     dropout = train_mode_randomness(model)          # engine/models.py: masks not replayed, measured cost
     if dropout:
         approx.append(dropout)
@@ -225,16 +228,18 @@ def _owned(m: Manifest, step_lrs) -> list:
     return [(b[k], b[k + 1]) for k in range(len(steps)) if b[k + 1] > b[k]]
 
 
-def clip_approximations(m: Manifest, clip) -> list[str]:
+def clip_approximations(m: Manifest, clip, replayed: bool = False) -> list[str]:
     """The approximation lines of gradient clipping: recorded (the clip factor is modelled per step;
-    the norm's response to z is not), or detected by the Recorder but not recorded (not modelled)."""
+    the norm's response to z too on Adam's batch-order replay (``replayed``), not on the checkpoint
+    walk), or detected by the Recorder but not recorded (not modelled)."""
     out = []
-    if clip is not None and (clip < 1).any():
+    if clip is not None and (clip < 1).any() and not replayed:
         n = int((clip < 1).sum())
         out.append(f"gradient clipping's norm held fixed per step (the clip factor is modelled on the {n} of "
                    f"{len(clip)} steps clipped, median factor {float(np.median(clip[clip < 1])):.2g}; the norm's own "
-                   "response to removing z is not: measured Spearman 0.85 clipped on half the steps, 0.50 on every "
-                   "step, docs/recipes.md#clipping)")
+                   "response to removing z is not: measured Spearman 0.85-0.90 clipped on a third to half of the steps, "
+                   "0.50 on every step; record the batch order, rec.step(batch_ids=...), and diffin models it: "
+                   "docs/recipes.md#clipping)")
     detected = m.extra.get("detected_clipping")
     if clip is None and detected:
         out.append(f"gradient clipping (the Recorder saw {detected.get('steps', '?')} steps at gradient norm "
