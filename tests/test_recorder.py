@@ -184,3 +184,27 @@ def test_meta_json_lists_the_approximations_and_the_cli_prints_each_once(tmp_pat
     meta = json.loads((root / "runs/tracin-1/meta.json").read_text())
     assert len(meta["approximations"]) == 1 and "gradient clipping" in meta["approximations"][0]
     assert json.loads((root / "runs/grad-dot-1/meta.json").read_text())["approximations"] == []   # no recipe
+
+
+def test_a_momentum_schedule_is_named(tmp_path):
+    """OneCycleLR cycles SGD's momentum by default: recorded per step, and scoring names it in one
+    approximation line (the engine uses one momentum)."""
+    from diffin_core.project.data import Split
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.run.context import manifest_context
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    with Recorder(tmp_path, model, opt, train_size=32, every=4) as rec:
+        for idx in torch.arange(32).split(4):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            sched.step()
+            rec.step(batch_ids=idx)
+    with np.load(tmp_path / "checkpoints/group_steps.npz") as z:
+        assert np.ptp(z["momentum"][:, 0]) > 0.01
+    m = read_manifest(tmp_path / "checkpoints/manifest.json")
+    with pytest.warns(RecipeWarning, match="momentum / beta1 schedule"):
+        manifest_context(_model(), m, Split(x.numpy(), y.numpy(), np.arange(32)), ScoreSettings(device="cpu"))
