@@ -172,8 +172,10 @@ def case(spec: Spec, seed: int, folder: Path, samples: int):
     rec_warnings = [str(w.message) for w in caught if "Warning" in type(w.message).__name__]
     base = query_loss(spec, base_model, qx, qy)
     idx = np.random.default_rng(seed + 1).choice(N_TRAIN, samples, replace=False)
-    truth = np.array([query_loss(spec, train(spec, seed, x, y, batches, drop=int(z), max_norm=max_norm), qx, qy) - base
-                      for z in idx])
+
+    def truth():
+        return np.array([query_loss(spec, train(spec, seed, x, y, batches, drop=int(z), max_norm=max_norm), qx, qy)
+                         - base for z in idx])
     return dict(train=train_split, query=query, samples=idx, truth=truth, recorder_warnings=rec_warnings,
                 max_norm=max_norm)
 
@@ -203,18 +205,19 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
         folder = Path(tmp)
         t0 = time.time()
         c = case(spec, seed, folder, samples)
-        truth_s = time.time() - t0
         est, lines, refused, secs = score(spec, seed, folder, c, "diffin")
         peer = "tracin-adam" if spec.optimizer in ("AdamW", "RMSprop") else "tracin"
         t_est, _l, t_refused, _s = score(spec, seed, folder, c, peer)
         if t_est is None and peer == "tracin-adam":
             peer = "tracin"
             t_est, _l, t_refused, _s = score(spec, seed, folder, c, peer)
-    truth = c["truth"]
+        t1 = time.time()            # the truth only where something scored (a refused recipe needs none)
+        truth = c["truth"]() if (est is not None or t_est is not None) else np.full(samples, np.nan)
+        truth_s = time.time() - t1
     rho = float(spearmanr(est, truth)[0]) if est is not None else float("nan")
     ratio = float(np.median(np.abs(est)) / np.median(np.abs(truth))) if est is not None else float("nan")
     met = ("yes (refused)" if refused else "yes" if (rho >= 0.9 and 0.8 <= ratio <= 1.25) else "NO")
-    notes = list(dict.fromkeys(c["recorder_warnings"] + lines))
+    notes = [n for n in dict.fromkeys(c["recorder_warnings"] + lines) if "torch.jit" not in n]   # torch's own noise
     out = dict(recipe=spec.name, seed=seed, diffin=round(rho, 4),
                tracin=round(float(spearmanr(t_est, truth)[0]), 4) if t_est is not None else float("nan"),
                tracin_method=peer, ratio=round(ratio, 4), seconds=round(secs, 1), truth_seconds=round(truth_s, 1),

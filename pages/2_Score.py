@@ -115,12 +115,12 @@ else:
                                                 hvp_text(r.meta.get("hvp") or {}) if len(r.meta.get("hvp") or {}) > 1
                                                 else ""]))} for r in runs]
     st.dataframe(pd.DataFrame(rows), key="score_runs", hide_index=True, width="stretch")
-    for r in runs:          # a failed self-check is never silent: one line under the table
-        msg = (r.meta.get("adam_check") or {}).get("message")
-        if msg:
-            st.warning(f"{r.name}: {msg}", icon=":material/warning:")
     for r in runs:                  # what each run's estimate approximates of the training recipe
+        failed = (r.meta.get("adam_check") or {}).get("message")    # a failed self-check: a warning, not a caption
+        if failed:
+            st.warning(f"{r.name}: {failed}", icon=":material/warning:")
         for entry in r.meta.get("approximations") or []:
-            st.caption(f"{r.name} approximates: {entry}")
+            if entry != failed:
+                st.caption(f"{r.name} approximates: {entry}")
     ui.page_link("pages/3_Explore.py", "Next: explore")
     ui.page_link("pages/4_Review.py", "Next: review suspects")
