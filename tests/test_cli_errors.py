@@ -254,3 +254,12 @@ def test_setup_takes_the_modules_model_py_imports(tmp_path):
         z.writestr("weights.bin", b"\0" * 10)
     with pytest.raises(DiffinError, match=r"holds 'weights.bin': only .py modules"):
         store_upload(folder, "modules", "more.zip", io.BytesIO(buf.getvalue()))
+
+
+def test_a_broken_model_py_is_reported_once(tmp_path):
+    from diffin_core.project.folder import Project
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "model.py").write_text("from nets import Net\n\n\ndef build():\n    return Net()\n")
+    problems = Project(proj).validate()
+    assert len(problems) == len(set(problems)) >= 1
+    assert sum("No module named 'nets'" in p for p in problems) <= 1

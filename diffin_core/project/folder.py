@@ -463,7 +463,8 @@ class Project:
             try:
                 check()
             except DiffinError as e:
-                problems.append(str(e))
+                if str(e) not in problems:       # one broken model.py fails every check alike: say it once
+                    problems.append(str(e))
         return problems
 
     # --- runs -------------------------------------------------------------------------------
