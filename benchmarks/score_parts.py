@@ -90,7 +90,9 @@ def main(argv=None) -> int:
     rows = []
     try:
         project = make_project(tmp / "sample", a.n)
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        code = tmp / "code"                 # every configuration imports the same code, whatever changes meanwhile
+        shutil.copytree(ROOT / "diffin_core", code / "diffin_core", ignore=shutil.ignore_patterns("__pycache__"))
+        env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         for r in range(a.repeats):
             for config in a.configs.split(","):
                 load0 = os.getloadavg()[0]
