@@ -37,7 +37,7 @@ class Grams:
     Two entries' Ritz vectors are live only while one product is made (before any gradient)."""
 
     def __init__(self):
-        self.plan, self.mats, self.tails = None, {}, {}
+        self.plan, self.mats, self.tails, self._stack = None, {}, {}, None
 
     def tail(self, plan, i: int) -> tuple[list, list]:
         """(W[-1, :], C[-1, :, :]) of entry i as Python floats: the complement's scalars, read to
@@ -49,9 +49,30 @@ class Grams:
             self.tails[i] = (op.W[-1].tolist(), op.C[-1].tolist())
         return self.tails[i]
 
+    def stacked(self, plan, ctx):
+        """(Y_0 | Y_1 | ... (P, R), column offsets) of an in-memory plan, made once per plan: a
+        chunk's Y_j^T g_k for every j <= k is then one GEMM that reads the gradients once (per
+        entry, thin GEMMs re-read the (b, P) gradients m^2/2 times). None for a lazy plan or
+        when the stack would take more than an eighth of the memory budget."""
+        if self.plan is not plan:
+            self.get(plan)
+        if self._stack is None:
+            self._stack = False
+            if isinstance(plan, list) and plan:
+                cols = sum(int(it.op.view.vectors.shape[1]) for it in plan)
+                y0 = plan[0].op.view.vectors
+                need = cols * y0.shape[0] * y0.element_size()
+                mem = getattr(ctx, "memory", None)
+                if mem is None or need <= mem.budget // 8:
+                    offs = [0]
+                    for it in plan:
+                        offs.append(offs[-1] + int(it.op.view.vectors.shape[1]))
+                    self._stack = (torch.cat([it.op.view.vectors for it in plan], 1), offs)
+        return self._stack or None
+
     def get(self, plan) -> dict:
         if self.plan is not plan:                # a new plan (a new query or shard): start again
-            self.plan, self.mats, self.tails = plan, {}, {}
+            self.plan, self.mats, self.tails, self._stack = plan, {}, {}, None
         if not self.mats and len(plan) > 1:
             for i in range(1, len(plan)):
                 yi = plan[i].op.view.vectors
@@ -98,11 +119,19 @@ class Walk:
         k, Y, W, C = it.k, it.op.view.vectors, it.op.W, it.op.C
         if getattr(it, "rows", None) is None:                   # else: DiffIn.row_terms adds it
             self.infl[:, k] = it.coef * (g @ it.w).to(self.infl.dtype)
-        g_on = g @ Y                                            # Y_k^T g_k (b, r)
+        stack = self._owner.stacked(plan, self.ctx)
+        if stack is not None:                                   # Y_j^T g_k for j <= k in one GEMM
+            ys, offs = stack
+            on_all = g @ ys[:, :offs[i + 1]]
+            on_prev = [on_all[:, offs[j]:offs[j + 1]] for j in range(i)]
+            g_on = on_all[:, offs[i]:offs[i + 1]]                  # Y_k^T g_k (b, r)
+        else:
+            g_on = g @ Y
         f_on = g_on if g is g_final else g_final @ Y            # Y_k^T g_F
         coef = it.coef
         del it, Y                                               # (a lazy plan may now drop entry i)
-        on_prev = [g @ plan[j].op.view.vectors for j in range(i)]   # Y_j^T g_k, j walked before
+        if stack is None:
+            on_prev = [g @ plan[j].op.view.vectors for j in range(i)]   # Y_j^T g_k, j walked before
         d_f = rowdot(g_final, g)                                # <g_F, g_k>
         del g
         yu = a_u * f_on + sum((p @ grams[i, j].T for j, p in enumerate(pu)), torch.zeros_like(f_on))
