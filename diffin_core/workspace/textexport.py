@@ -68,7 +68,7 @@ def _is_int(s: str) -> bool:
 # --- csv: records and fields by the csv module's rules (a field is quoted iff it starts with ") --
 def _csv_patterns(delim: str):
     d = re.escape(delim)
-    field = rf'(?:"(?:[^"]|"")*"[^{d}\r\n]*|[^{d}\r\n"][^{d}\r\n]*|)'
+    field = rf'(?:"[^"]*(?:""[^"]*)*"[^{d}\r\n]*|[^{d}\r\n"][^{d}\r\n]*|)'
     return re.compile(rf"{field}(?:{d}{field})*(?:\r\n|\n|\r|$)"), re.compile(field)
 
 
@@ -78,6 +78,14 @@ def _csv_records(text: str, delim: str, path) -> list[tuple[int, int]]:
     rec, _ = _csv_patterns(delim)
     spans, pos, n = [], 0, len(text)
     while pos < n:
+        nl = text.find("\n", pos)
+        end = n if nl < 0 else nl + 1
+        line = text[pos:end]
+        cr = line.find("\r")
+        if '"' not in line and (cr < 0 or (cr == len(line) - 2 and line.endswith("\r\n"))):
+            spans.append((pos, end))                 # the fast path: a line without quotes is a record
+            pos = end
+            continue
         m = rec.match(text, pos)
         if m is None or m.end() == pos:
             raise DiffinError(f"cannot split the file into csv records near character {pos}", path)
