@@ -74,6 +74,34 @@ def test_per_group_lr_and_weight_decay_against_leave_one_out(body, head, tmp_pat
     assert rho >= 0.95 and 0.8 <= size <= 1.25, (rho, size)
 
 
+@pytest.mark.parametrize("body,wd", [(0.05, (5e-3, 0.0)), (0.005, (5e-3, 5e-3))], ids=["wd-groups", "lr-groups"])
+def test_per_group_self_influence_against_leave_one_out(body, wd, tmp_path):
+    """Self-influence with per-group hyper-parameters takes the generic walk (op.rows with the
+    per-group scale; ritz_self's closed span assumes one complement value). Per-group weight decay:
+    it matches true self-influence. A body lr 10x below the head's: measured 0.55, TracIn 0.40
+    (0.93 / 0.75 with one lr): asserted above TracIn only (a doubt, docs/recipes.md)."""
+    from diffin_core.methods import ritz_self
+
+    def opt(p):
+        p = list(p)
+        return SGD([{"params": p[:2], "lr": body, "weight_decay": wd[0]},
+                    {"params": p[2:], "lr": 0.05, "weight_decay": wd[1]}], momentum=0.9)
+    recipe = TorchRecipe("groups-self", digits_mlp(), opt, _cos)
+    case = recipe_case(recipe, tmp_path, n_train=N_TRAIN, epochs=EPOCHS, batch=BATCH, samples=4, every=EVERY,
+                       self_samples=20)
+    m = read_manifest(tmp_path / "checkpoints/manifest.json")
+    ctx = manifest_context(recipe.model_fn(), m, case["train"], ScoreSettings(device="cpu"))
+    assert ctx.groups is not None and not ritz_self.applies(ctx)
+    rho = {}
+    for method in ("diffin", "tracin"):
+        out = run_method(ctx, method, case["query"].x, case["query"].y, need_self=True)
+        rho[method] = spearmanr(out["self_influence"][case["self_samples"]], case["self_truth"])[0]
+    if body == 0.05:
+        assert rho["diffin"] >= 0.9, rho
+    else:
+        assert rho["diffin"] > rho["tracin"] + 0.05, rho
+
+
 def test_per_group_weight_decay_alone_is_modelled(tmp_path):
     """Weight decay on the weights, none on the biases (the standard no-decay groups), one lr."""
     def opt(p):

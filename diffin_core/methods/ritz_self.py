@@ -28,8 +28,10 @@ from diffin_core.engine.propagate import check_finite, has_momentum
 
 
 def applies(ctx) -> bool:
-    """True unless the recipe is Adam with a recorded preconditioner (then the span does not close)."""
-    return not (getattr(ctx.recipe, "adam", False) and getattr(ctx, "precond", None) is not None)
+    """True unless the recipe is Adam with a recorded preconditioner (then the span does not close)
+    or has per-group hyper-parameters (a scaled operator with one complement value per group)."""
+    return not (getattr(ctx.recipe, "adam", False) and getattr(ctx, "precond", None) is not None) \
+        and getattr(ctx, "groups", None) is None
 
 
 class Grams:
