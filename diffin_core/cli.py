@@ -275,9 +275,10 @@ def demo_cmd(workspace: Path = typer.Option(Path("workspace"), help="where the s
 
 # --- data-centric tasks (issue 4): clean, delete, coreset, verify, bench ------------------------
 def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], keep, reason: str, extra: dict) -> None:
-    from diffin_core.workspace.export import export_subset, project_source
+    from diffin_core.workspace.export import check_out_path, export_subset, project_source
     from diffin_core.project.folder import Project
     project = Project(project_dir)
+    check_out_path(project, out)              # never over the project's own data or checkpoints
     info = project.run(run)
     train = project.train
     fmt = fmt or {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".zip": "imagefolder"}.get(out.suffix.lower(), "npz")

@@ -65,6 +65,7 @@ if st.button("Write export", key="export_write", type="primary"):
     tr = project.train
     extra = {"project": project.name, "split": "train"}
     try:
+        export.check_out_path(project, out)
         if run:
             sc = ui.scores(project, run)
             info = project.run(run)

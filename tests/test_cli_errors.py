@@ -62,6 +62,11 @@ CASES = [
     ("demo", ["--workspace", "F", "-m", "loss"], r"cannot use it as the workspace folder"),
     ("clean", ["P", "--run", "loss-1", "--fraction", "1.5", "--out", "W/c.npz"], r"--fraction must be in \(0, 1\), not 1.5"),
     ("delete", ["P", "--run", "loss-1", "--k", "-1", "--out", "W/d.npz"], r"--k must be at least 1, not -1"),
+    ("clean", ["P", "--run", "loss-1", "--out", "P/data/train.npz"],
+     r"refusing to write the export into the project's own train.npz: it would overwrite what the project reads"),
+    ("delete", ["P", "--run", "loss-1", "--k", "3", "--out", "P/checkpoints/d.npz"],
+     r"refusing to write the export into the project's checkpoints/ folder"),
+    ("coreset", ["P", "--run", "loss-1", "--out", "P/data/core.npz"], r"refusing to write the export into the project's data/ folder"),
     ("coreset", ["P", "--run", "loss-1", "--fraction", "0", "--out", "W/c.npz"], r"--fraction must be in \(0, 1\], not 0"),
     ("coreset", ["P", "--run", "loss-1", "--rule", "bogus", "--out", "W/c.npz"], r"unknown coreset rule 'bogus'"),
     ("verify", ["P", "--run", "loss-1", "--k", "0"], r"--k must be at least 1, not 0"),
@@ -99,8 +104,11 @@ def test_bad_input_is_one_line_and_exit_2(verb, args, message, scored, tmp_path,
     ws = tmp_path / "ws"
     ws.mkdir()
     subst = {"P": str(scored), "W": str(ws), "F": str(plain), "{missing}": str(tmp_path / "missing")}
-    argv = verb.split() + [subst.get(a, a.replace("W/", f"{ws}/")) for a in args]
+    argv = verb.split() + [subst.get(a, a.replace("W/", f"{ws}/").replace("P/", f"{scored}/")) for a in args]
+    from helpers import tree_digest
+    before = tree_digest(scored / "data"), tree_digest(scored / "checkpoints")
     code, out, err = run_cli(argv, capsys, stdin="short\n", monkeypatch=monkeypatch)
+    assert (tree_digest(scored / "data"), tree_digest(scored / "checkpoints")) == before   # the input untouched
     assert "Traceback" not in out + err
     assert code == 2, (code, out, err)
     lines = [ln for ln in err.splitlines() if ln.strip()]

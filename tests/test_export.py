@@ -54,8 +54,11 @@ def test_npz_and_manifest(tmp_path, data):
     assert man["run"] == "run-1" and man["settings"] == {"k": 3} and man["kind"] == "review"
     assert man["counts"] == {"exclude": 1, "keep": 1, "relabel": 1, "undecided": 3}
     assert man["n_written"] == 5 and man["format"] == "npz"
+    decided_at = man["samples"][3].pop("decided_at")          # who decided what and when (issue 20)
+    assert decided_at == str(state.loc[103, "ts"]) and decided_at.startswith("20")
     assert man["samples"][3] == {"sample_id": 103, "original_label": 1, "final_label": 2,
-                                 "decision": "relabel"}
+                                 "decision": "relabel", "decided_by": "local", "how": "single"}
+    assert man["samples"][0] == {"sample_id": 100, "original_label": 0, "final_label": 0, "decision": "undecided"}
     assert [s["sample_id"] for s in man["samples"]] == list(ids)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["clean.decisions.json",
                                                                      "clean.npz"]

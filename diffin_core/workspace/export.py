@@ -96,6 +96,39 @@ def project_source(project, split: str = "train") -> Source | None:
     return Source(path, project.label_column)
 
 
+def check_out_path(project, out_path: str | Path) -> Path:
+    """Refuse (one line) an export path that would overwrite what the project reads: its
+    diffin.toml, model files, data (the split files and their folders), checkpoints, tokenizer
+    or runs, or the decisions manifest written beside the export landing on one of those.
+    Returns the resolved path. (Inside the project, ``exports/`` is the place for exports.)"""
+    out = Path(out_path).expanduser().resolve()
+    root = project.root
+    cfg = project.config
+    files = {project.config_path, project.manifest_path}
+    folders = {project.manifest_path.parent, root / "runs"}
+    for key in ("factory", "program"):
+        if key in cfg.get("model", {}):
+            files.add(project.path(str(cfg["model"][key]).split(":")[0]))
+    for split in ("train", "query"):
+        if split in cfg.get("data", {}):
+            p = project.path(cfg["data"][split])
+            files.add(p)
+            files.add(p.with_name(p.stem + IMAGES_SUFFIX))
+            folders.add(p if p.is_dir() else p.parent)
+    if cfg.get("data", {}).get("tokenizer"):
+        tok = project.path(cfg["data"]["tokenizer"])
+        (folders if tok.is_dir() else files).add(tok)
+    for target in (out, manifest_path(out)):
+        hit = next((f for f in files if target == f), None)
+        where = next((d for d in folders if d != root and (target == d or d in target.parents)), None)
+        if hit is not None or where is not None:
+            what = f"the project's own {hit.name}" if hit is not None else \
+                f"the project's {where.relative_to(root) if root in where.parents or where == root else where}/ folder"
+            raise DiffinError(f"refusing to write the export into {what}: it would overwrite what the project "
+                              f"reads; write it elsewhere (e.g. {root / 'exports' / out.name})", out)
+    return out
+
+
 def manifest_path(out_path: str | Path) -> Path:
     """Where the decisions manifest of ``out_path`` goes: ``<stem>.decisions.json``."""
     out_path = Path(out_path)
@@ -147,11 +180,11 @@ def export_split(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
 
     The manifest's row of each decided sample names who decided it and when (``decided_by``,
     ``decided_at``, ``how``: single / consensus / resolution, from ``ReviewLog.state()``) and,
-    with ``votes`` (``ReviewLog.votes()``), every reviewer's vote on it. A relabel to a label
-    outside ``num_classes`` (or ``label_names``) is refused in one line."""
+    with ``votes`` (``ReviewLog.votes()``), every reviewer's vote on it. With ``num_classes`` a
+    relabel to a label outside the classes is refused in one line."""
     x, y, ids = _check_rows(x, y, sample_ids)
     decision, final = _decide(y, ids, state)
-    n_cls = num_classes if num_classes is not None else (len(label_names) if label_names else None)
+    n_cls = num_classes
     bad = (decision == "relabel") & ((final < 0) | (final >= n_cls)) if n_cls else np.zeros(len(y), bool)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
