@@ -11,7 +11,7 @@ download; tokenizer: WordPiece trained on the training texts (tasks/text_truth.p
   linear warm-up (10%) and linear decay; recipe "adamw" without clipping and dropout, recipe
   "trainer-defaults" with max_grad_norm 1.0 and dropout 0.1 (the Trainer's defaults). Truth:
   float64 trajectory leave-one-out of 40 samples on the mean loss of 100 query messages. diffin,
-  tracin and tracin-adam at 5 checkpoints and at all 10, Spearman against the truth.
+  tracin and tracin-adam at 5 checkpoints and at all 11, Spearman against the truth.
 * labels: 400 messages, 10% labels flipped, recipe "trainer-defaults"; AUROC of label_issue
   against the flips for diffin, loss, cleanlab (final checkpoint), cleanlab-cv (5 folds of
   retraining) and tracin's self-influence.
