@@ -29,7 +29,7 @@ interval the replayed theta, m and v are compared with the recorded ones,
 and every interval must land within ``CHECK_TOL``. Measured (digits MLP 64-32-10, AdamW, one
 checkpoint per epoch = 38 steps, a float64 run replayed in float32): misses of 1e-7 .. 2e-5, and
 Spearman 0.983 / 0.989 (fd / exact HVPs) against true leave-one-out, where each step taken at its
-owning checkpoint's weights (the previous path; its moments miss the recorded ones by 45-180%)
+owning checkpoint's weights (the previous path; its first moment misses the recorded one by 87%)
 scored 0.786 (benchmarks/recipes.py, "adamw-one-group": 0.993 / 0.982 on seeds 0 / 1). A run the replay cannot follow (Dropout 0.2 in training: misses of 15-59%; also
 train-mode BatchNorm, an unrecorded loss or clipping) fails the check, and diffin then scores
 with the checkpoint estimator (propagate.py: v frozen, each sample spread over every step), which
