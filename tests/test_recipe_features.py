@@ -220,6 +220,33 @@ def test_per_group_and_clip_segment_maps_equal_the_linear_recursion_on_a_quadrat
     assert float(w @ torch.tensor(e)) == pytest.approx(float(gq @ d), rel=tol)
 
 
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
+def test_a_momentum_schedule_equals_the_linear_recursion_on_a_quadratic(nesterov):
+    """SGD's momentum changing every step (OneCycleLR's cycle_momentum): the segment maps with
+    per-step momenta reproduce torch's update order step by step on a quadratic."""
+    from diffin_core.engine.lanczos import lanczos
+    from diffin_core.engine.propagate import SegmentOp, segment_coefficients
+    from diffin_core.engine.recipe import Recipe
+    recipe = Recipe(momentum=0.9, dampening=0.0 if nesterov else 0.1, nesterov=nesterov, weight_decay=0.05)
+    rng = np.random.default_rng(2)
+    p, n = 10, 31
+    q, _ = np.linalg.qr(rng.normal(size=(p, p)))
+    H = q @ np.diag(np.linspace(0.05, 3, p)) @ q.T
+    lrs = 0.1 * (0.5 + 0.5 * np.cos(np.linspace(0, np.pi, n)))
+    moms = 0.85 + 0.1 * np.cos(np.linspace(0, np.pi, n))
+    gq, e = rng.normal(size=p), rng.normal(size=p)
+    d, mu = np.zeros(p), np.zeros(p)
+    for s, eta in enumerate(lrs):
+        g = H @ d + recipe.weight_decay * d - e
+        mu = g.copy() if s == 0 else moms[s] * mu + (1 - recipe.dampening) * g
+        d = d - eta * ((g + moms[s] * mu) if nesterov else mu)
+    view = lanczos(lambda v: torch.tensor(H) @ v, torch.tensor(gq), p)
+    W, C = segment_coefficients(view.values.numpy(), lrs, 0, recipe, momenta=moms)
+    op = SegmentOp(view, torch.tensor(W), torch.tensor(C), None)
+    w, _, _ = op.rows(torch.tensor(gq), torch.zeros(p, dtype=torch.float64))
+    assert float(w @ torch.tensor(e)) == pytest.approx(float(gq @ d), rel=1e-9)
+
+
 def test_clipping_without_the_recorder_is_detected(tmp_path):
     """torch.nn.utils.clip_grad_norm_ called directly: the step pre-hook sees the clipped steps at
     exactly max_norm, warns while recording, and scoring names it as not modelled."""

@@ -186,15 +186,18 @@ def test_meta_json_lists_the_approximations_and_the_cli_prints_each_once(tmp_pat
     assert json.loads((root / "runs/grad-dot-1/meta.json").read_text())["approximations"] == []   # no recipe
 
 
-def test_a_momentum_schedule_is_named(tmp_path):
-    """OneCycleLR cycles SGD's momentum by default: recorded per step, and scoring names it in one
-    approximation line (the engine uses one momentum)."""
+@pytest.mark.parametrize("opt_name", ["SGD", "AdamW"])
+def test_a_momentum_schedule_is_modelled_for_sgd_and_named_for_adam(opt_name, tmp_path):
+    """OneCycleLR cycles SGD's momentum (Adam's beta1) by default: recorded per step; SGD's is
+    modelled per step (ctx.momenta, no line), Adam's beta1 schedule is named in one line."""
+    import warnings as _w
     from diffin_core.project.data import Split
     from diffin_core.methods import ScoreSettings
     from diffin_core.run.context import manifest_context
     model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=8)
+    opt = (torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if opt_name == "SGD"
+           else torch.optim.AdamW(model.parameters(), lr=0.01))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1 if opt_name == "SGD" else 0.01, total_steps=8)
     x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
     with Recorder(tmp_path, model, opt, train_size=32, every=4) as rec:
         for idx in torch.arange(32).split(4):
@@ -206,5 +209,11 @@ def test_a_momentum_schedule_is_named(tmp_path):
     with np.load(tmp_path / "checkpoints/group_steps.npz") as z:
         assert np.ptp(z["momentum"][:, 0]) > 0.01
     m = read_manifest(tmp_path / "checkpoints/manifest.json")
-    with pytest.warns(RecipeWarning, match="momentum / beta1 schedule"):
-        manifest_context(_model(), m, Split(x.numpy(), y.numpy(), np.arange(32)), ScoreSettings(device="cpu"))
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        ctx = manifest_context(_model(), m, Split(x.numpy(), y.numpy(), np.arange(32)), ScoreSettings(device="cpu"))
+    named = any("momentum / beta1 schedule" in str(w.message) for w in caught)
+    if opt_name == "SGD":
+        assert not named and ctx.momenta is not None and np.ptp(ctx.momenta) > 0.01
+    else:
+        assert named and ctx.momenta is None

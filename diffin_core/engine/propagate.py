@@ -77,7 +77,8 @@ def has_momentum(recipe: Recipe) -> bool:
 
 def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, recipe: Recipe, *,
                          complement=(0.0,), gscale: np.ndarray | None = None, decay: np.ndarray | None = None,
-                         coupled_in_matvec: bool = False, shift: np.ndarray | None = None):
+                         coupled_in_matvec: bool = False, shift: np.ndarray | None = None,
+                         momenta: np.ndarray | None = None):
     """Per-eigenvalue maps of one segment, evaluated on ``values`` (r,) and on ``complement``
     (q values: the curvature of the rest of the space; one 0 by default, or one per param group).
 
@@ -89,9 +90,13 @@ def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, r
     scalar lambda on the SGD path). ``decay`` (r+q,): decoupled weight decay per value
     (rho = 1 - lr decay; per-group weight decay) instead of the recipe's scalar one.
     ``coupled_in_matvec``: coupled weight decay is already in the operator (per-group lambda),
-    not added to the values. Returns W (r+q, 2) and C (r+q, 2, 2) in float64 (module doc).
+    not added to the values. ``momenta`` (n,): SGD's momentum of each step (a momentum schedule,
+    e.g. OneCycleLR's cycle_momentum) instead of the recipe's one.
+    Returns W (r+q, 2) and C (r+q, 2, 2) in float64 (module doc).
     """
     beta, c, alpha, gamma = step_constants(recipe)
+    betas = (np.full(len(lrs), beta) if momenta is None or recipe.adam or beta <= 0
+             else np.asarray(momenta, dtype=np.float64))
     l = np.maximum(np.concatenate([np.asarray(values, dtype=np.float64),
                                    np.asarray(complement, dtype=np.float64).reshape(-1)]), 0.0)
     lam = recipe.weight_decay
@@ -112,11 +117,13 @@ def segment_coefficients(values: np.ndarray, lrs: np.ndarray, first_step: int, r
     t11, t12, t21, t22 = one, zero, zero, one            # U_{s+1} = T U_end
     w1, w2 = zero.copy(), zero.copy()
     for j in range(len(lrs) - 1, -1, -1):
+        bj = betas[j]
+        gj = bj if (recipe.nesterov and not recipe.adam and beta > 0) else gamma
         cs = 1.0 if (idx[j] == 0 and beta > 0 and not recipe.adam) else c
-        kappa = eta[j] * (alpha + gamma * cs)
+        kappa = eta[j] * (alpha + gj * cs)
         lj = l if f[j] == 1.0 else f[j] * l + (1.0 - f[j]) * sh
         ls = np.minimum(lj, 1.0 / kappa) if kappa > 0 else lj
-        a11, a12, a21, a22 = rho[j] - kappa * ls, -eta[j] * gamma * beta, cs * ls, beta
+        a11, a12, a21, a22 = rho[j] - kappa * ls, -eta[j] * gj * bj, cs * ls, bj
         w1 = w1 + f[j] * (kappa * t11 - cs * t21)
         w2 = w2 + f[j] * (kappa * t12 - cs * t22)
         t11, t12, t21, t22 = a11 * t11 + a21 * t21, a11 * t12 + a21 * t22, a12 * t11 + a22 * t21, a12 * t12 + a22 * t22
@@ -272,6 +279,8 @@ def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
     recipe, groups = ctx.recipe, getattr(ctx, "groups", None)
     clip = getattr(ctx, "clip", None)
     gscale = None if clip is None else clip[lo:hi]
+    mom = getattr(ctx, "momenta", None)
+    momenta = None if mom is None else mom[lo:hi]
     S = preconditioner_scale(ctx, k)
     dev, dt = view.vectors.device, view.vectors.dtype
     expand = None
@@ -281,7 +290,8 @@ def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
             Y = view.vectors.double()                     # Adam's coupled decay S lambda S along each direction
             d2 = (S.double() ** 2) * recipe.weight_decay
             shift = np.concatenate([((Y * Y) * d2[:, None]).sum(0).cpu().numpy(), [0.0]])
-        W, C = segment_coefficients(values, ctx.step_lrs[lo:hi], lo, recipe, gscale=gscale, shift=shift)
+        W, C = segment_coefficients(values, ctx.step_lrs[lo:hi], lo, recipe, gscale=gscale, shift=shift,
+                                    momenta=momenta)
     else:
         G = groups.num_groups
         wd = groups.wd
@@ -306,7 +316,7 @@ def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
                 d2 = (S2 * groups.decay_vector(dtype=torch.float64).cpu()).to(Y.device)
                 shift = np.concatenate([((Y * Y) * d2[:, None]).sum(0).cpu().numpy(), comp])
         W, C = segment_coefficients(values, ctx.step_lrs[lo:hi], lo, recipe, complement=comp, gscale=gscale,
-                                    decay=decay, coupled_in_matvec=True, shift=shift)
+                                    decay=decay, coupled_in_matvec=True, shift=shift, momenta=momenta)
         expand = lambda f: groups.expand(f, dev, dt)      # noqa: E731
     return SegmentOp(view, torch.as_tensor(W, dtype=dt, device=dev), torch.as_tensor(C, dtype=dt, device=dev), S,
                      expand)

@@ -390,9 +390,10 @@ def group_map(recipe: Recipe, names: list[str], sizes: list[int], steps: dict | 
     if any(np.ptp(wds[:, g][lrs[:, g] > 0]) > 1e-12 * max(abs(wd[g]), 1e-300) for g in live if (lrs[:, g] > 0).sum()):
         approx.append("a weight-decay schedule (each group's lr-weighted mean weight decay used)")
     moms = steps.get("momentum")
-    if moms is not None and any(np.ptp(moms[:, g][lrs[:, g] > 0]) > 1e-12 for g in live if (lrs[:, g] > 0).sum()):
+    if recipe.adam and moms is not None and any(np.ptp(moms[:, g][lrs[:, g] > 0]) > 1e-12 for g in live
+                                                if (lrs[:, g] > 0).sum()):
         approx.append("a momentum / beta1 schedule (e.g. OneCycleLR's cycle_momentum): the first trainable "
-                      "group's initial value used for every step")
+                      "group's initial value used for every step")      # SGD's is modelled per step
     same_lr = all(np.allclose(lrs[:, g], lrs[:, ref], rtol=1e-12, atol=0) for g in live)
     same_wd = len({round(float(wd[g]), 15) for g in live}) == 1
     if same_lr and same_wd and all(g >= 0 for g in tensor_groups):

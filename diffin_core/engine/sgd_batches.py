@@ -58,6 +58,7 @@ def segment(ctx, k: int, carry):
         alpha, gamma = (1.0, beta) if recipe.nesterov else (0.0, 1.0)
     lam = (groups.decay_vector(ut.device, ut.dtype) if groups is not None
            else (recipe.weight_decay if not recipe.decoupled else 0.0))
+    momenta = getattr(ctx, "momenta", None)
     theta0, fm = ctx.thetas[k], ctx.fm_at(k)
     dt = theta0.dtype
     t0 = int(ctx.steps[k])
@@ -74,7 +75,9 @@ def segment(ctx, k: int, carry):
         eta = (groups.step_lr_vector(s, ut.device, ut.dtype) if groups is not None else float(ctx.step_lrs[s]))
         f = float(ctx.clip[s])
         cs = 1.0 if (s == 0 and beta > 0) else c
-        am = um - gamma * eta * ut
+        bs = float(momenta[s]) if momenta is not None and beta > 0 else beta     # a momentum schedule
+        gs = bs if (recipe.nesterov and beta > 0) else gamma
+        am = um - gs * eta * ut
         w = cs * am - alpha * eta * ut
         if f < 1.0:
             gh = g.to(w.dtype) / torch.linalg.vector_norm(g.to(w.dtype)).clamp_min(1e-300)
@@ -87,7 +90,7 @@ def segment(ctx, k: int, carry):
             hw = product(ctx, k, fm, theta, x, y, g, "adam", hvp_state)(wm)
         rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
         ut = ut + hw.to(ut.dtype) + lam * w
-        um = beta * am
+        um = bs * am
     if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
         raise DiffinError(f"non-finite SGD replay at {ctx.label(k)}: refusing to write NaN scores")
     return rows_out, (ut, um), None

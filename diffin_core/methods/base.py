@@ -129,6 +129,7 @@ class Context:
     groups: object | None = None          # recipe.GroupMap: per-group lr scale / weight decay / frozen
                                           # parameters (None: one lr and weight decay for all)
     clip: np.ndarray | None = None        # (T,) gradient clipping's factor per step (None: no clipping)
+    momenta: np.ndarray | None = None     # (T,) SGD's momentum per step when a schedule changes it
     loss: object | None = None            # functional.LossSpec the per-sample loss (None: cross-entropy)
 
     def fm_at(self, k: int) -> FunctionalModel:

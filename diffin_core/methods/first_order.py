@@ -41,8 +41,10 @@ def checkpoint_weights(ctx: Context) -> np.ndarray:
         if hi <= lo:
             continue
         clip = getattr(ctx, "clip", None)
+        mom = getattr(ctx, "momenta", None)
         W, C = segment_coefficients(np.zeros(0), ctx.step_lrs[lo:hi], lo, free,      # curvature 0 only
-                                    gscale=None if clip is None else clip[lo:hi])
+                                    gscale=None if clip is None else clip[lo:hi],
+                                    momenta=None if mom is None else mom[lo:hi])
         out[k] = W[-1, 0] * u + W[-1, 1] * v
         u, v = C[-1, 0, 0] * u + C[-1, 0, 1] * v, C[-1, 1, 0] * u + C[-1, 1, 1] * v
     ctx._checkpoint_weights = (recipe, out)

@@ -26,7 +26,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
                  progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
                  step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None,
-                 groups=None, clip=None, loss=None) -> Context:
+                 groups=None, clip=None, loss=None, momenta=None) -> Context:
     """A scoring context from in-memory parts (the project path and the tests both use it).
 
     states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
@@ -88,7 +88,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                    buffers=buffers, precond=precond, files=files, moments=moments,
                    batch_order=batch_order if (moments is not None or (not recipe.adam and clip is not None))
                    else None, groups=groups, clip=clip,
-                   loss=fm.loss)
+                   loss=fm.loss, momenta=None if momenta is None else np.asarray(momenta, dtype=np.float64))
 
 
 def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
@@ -131,8 +131,14 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     step_lrs = load_step_lrs(m)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    groups, step_lrs, group_approx = group_map(recipe, names, [p.numel() for _, p in named], load_group_steps(m),
-                                               step_lrs)
+    gsteps = load_group_steps(m)
+    groups, step_lrs, group_approx = group_map(recipe, names, [p.numel() for _, p in named], gsteps, step_lrs)
+    momenta = None                  # SGD's momentum of every step when a schedule changes it (OneCycleLR)
+    if gsteps is not None and step_lrs is not None and not recipe.adam and recipe.momentum > 0:
+        col = int(np.argmin(np.abs(gsteps["lr"][:len(step_lrs)] - step_lrs[:, None]).sum(0)))
+        mom = gsteps["momentum"][:len(step_lrs), col]
+        if np.ptp(mom) > 1e-12:
+            momenta = mom
     if groups is not None:
         recipe.weight_decay = float(groups.wd[groups.ref])
     clip = load_clip_factors(m)
@@ -179,7 +185,7 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
                         train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
                         exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order,
-                        groups=groups, clip=clip, loss=loss)
+                        groups=groups, clip=clip, loss=loss, momenta=momenta)
 
 
 def resolve_loss(stated, m: Manifest, train: Split):
