@@ -15,7 +15,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
 [ -f benchmarks/results/gpu_check.csv ] && [ "$OUT" != benchmarks/results ] && cp benchmarks/results/gpu_check.csv "$OUT/"
 python3 benchmarks/scale.py --cases "${CASES:-gpu,resnet,cnn}" \
-    --gpu-runs "${GPU_RUNS:-diffin:influence,tracin:influence,diffin:inference,diffin:score}" --sizes 10000,100000,1000000 --resnet-n 1000 \
+    --gpu-runs "${GPU_RUNS:-diffin:influence,tracin:influence,diffin:inference,diffin:score,tracin:score}" --sizes 10000,100000,1000000 --resnet-n 1000 \
     --gpu-n 100000 --threads 4 --jobs 3 --budget-mb 3000 --gpu-budget-mb 40000 \
     --deadline "${SCALE_DEADLINE:-330}" --work /tmp/diffin_scale --out "$OUT" 2>&1 | tee "$OUT/scale.log"
 python3 benchmarks/precision.py --device cuda --precisions float32,bfloat16,float16 --out "$OUT" 2>&1 | tee "$OUT/precision.log"

@@ -3,6 +3,7 @@ TracIn's full score on the sample project.
 
     python benchmarks/score_parts.py                    # the sample (4,000 rows), ~10 min on 2 busy cores
     python benchmarks/score_parts.py --n 1000 --repeats 1
+    python benchmarks/score_parts.py --side-by-side --configs tracin,diffin --no-feature-pass
 
 Configurations, each in a fresh process (`score(project, method)` as `diffin score` runs it,
 one torch thread so that the machine's other load hits every configuration alike):
@@ -57,7 +58,7 @@ def one(project: str, config: str, run: str) -> dict:
     published = time.perf_counter()
     meta = json.loads((out / "meta.json").read_text())
     features_s = None
-    if method in feature_store.METHODS:
+    if method in feature_store.METHODS and os.environ.get("PARTS_FEATURES", "1") == "1":
         from diffin_core.project.folder import Project
         t = time.perf_counter()
         feature_store.build_for_run(Project(project), run)
@@ -79,8 +80,13 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default="score_parts")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="run the configurations at the same moment (one process each) instead of in turn")
     ap.add_argument("--one", nargs=3, metavar=("PROJECT", "CONFIG", "RUN"), help=argparse.SUPPRESS)
+    ap.add_argument("--no-feature-pass", action="store_true", help="skip timing the feature pass")
     a = ap.parse_args(argv)
+    if a.no_feature_pass:
+        os.environ["PARTS_FEATURES"] = "0"
     if a.one:
         print("RESULT " + json.dumps(one(*a.one)), flush=True)
         return 0
@@ -93,7 +99,23 @@ def main(argv=None) -> int:
         code = tmp / "code"                 # every configuration imports the same code, whatever changes meanwhile
         shutil.copytree(ROOT / "diffin_core", code / "diffin_core", ignore=shutil.ignore_patterns("__pycache__"))
         env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        for r in range(a.repeats):
+        if a.side_by_side:                 # every configuration at the same moment: the same load for all
+            for r in range(a.repeats):
+                load0 = os.getloadavg()[0]
+                procs = {c: subprocess.Popen([sys.executable, __file__, "--one", str(project), c, f"{c}-{r}"],
+                                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         for c in a.configs.split(",")}
+                outs = {c: p.communicate() for c, p in procs.items()}
+                for c, (so, se) in outs.items():
+                    line = [ln for ln in so.splitlines() if ln.startswith("RESULT ")]
+                    if procs[c].returncode or not line:
+                        print(se[-3000:], file=sys.stderr)
+                        raise SystemExit(f"{c} failed")
+                    row = {**json.loads(line[0][7:]), "repeat": r, "side_by_side": True, "load_start": round(load0, 2),
+                           "load_end": round(os.getloadavg()[0], 2)}
+                    print(row, flush=True)
+                    rows.append(row)
+        for r in range(0 if a.side_by_side else a.repeats):
             for config in a.configs.split(","):
                 load0 = os.getloadavg()[0]
                 res = subprocess.run([sys.executable, __file__, "--one", str(project), config, f"{config}-{r}"],
