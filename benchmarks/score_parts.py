@@ -70,7 +70,8 @@ def one(project: str, config: str, run: str) -> dict:
             "label_issue_folded": tm.get("label_issue_folded"),
             "published_s": round(published - started, 2),
             "features_s": None if features_s is None else round(features_s, 2),
-            "total_s": round(published - started + (features_s or 0.0), 2)}
+            "total_s": round(published - started + (features_s or 0.0), 2),
+            "cpu_s": round(time.process_time(), 1)}       # this process's CPU seconds: the work, whatever the load
 
 
 def main(argv=None) -> int:
@@ -102,7 +103,11 @@ def main(argv=None) -> int:
         if a.side_by_side:                 # every configuration at the same moment: the same load for all
             for r in range(a.repeats):
                 load0 = os.getloadavg()[0]
-                procs = {c: subprocess.Popen([sys.executable, __file__, "--one", str(project), c, f"{c}-{r}"],
+                copies = {}
+                for c in a.configs.split(","):      # one project copy each: no shared resumable stages
+                    copies[c] = tmp / f"sample-{c}-{r}"
+                    shutil.copytree(project, copies[c])
+                procs = {c: subprocess.Popen([sys.executable, __file__, "--one", str(copies[c]), c, f"{c}-{r}"],
                                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                          for c in a.configs.split(",")}
                 outs = {c: p.communicate() for c, p in procs.items()}
