@@ -170,7 +170,7 @@ def plot(df, path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("seconds (one thread)")
     ax.set_xlim(0, max(left) * 1.35)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     ax.set_title(f"Full score of the sample project ({int(df.train_rows.iloc[0]):,} rows, "
                  f"{int(df.checkpoints.iloc[0])} checkpoints)", fontsize=9)
     fig.tight_layout()
