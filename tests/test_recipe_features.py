@@ -374,3 +374,29 @@ def test_loss_py_user_function_and_stated_options(tmp_path):
             Project(root)
         assert "diffin.toml" in str(err.value)
     del Split
+
+
+def test_sgd_sharp_steps_named_in_one_line():
+    """SGD's checkpoint walk names, once, a segment whose largest step lr times its largest Ritz
+    value exceeds SHARP_LIMIT (measured: right at 0.12, wrong at 0.46-0.47 with leave-one-out
+    linear there; benchmarks/recipes.py): a RecipeWarning and the recipe's approximations line;
+    nothing at or below the limit."""
+    from types import SimpleNamespace
+    from diffin_core.engine.propagate import SHARP_LIMIT, note_sharpness
+
+    def ctx(lr):
+        return SimpleNamespace(step_lrs=np.full(10, lr), recipe=SimpleNamespace(approximations=[], adam=False),
+                               label=lambda k: f"checkpoint {k + 1}/2")
+    view = SimpleNamespace(values=torch.tensor([0.3, 2.0]))
+    quiet = ctx(SHARP_LIMIT / 2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        note_sharpness(quiet, 0, view, 0, 10)
+    assert quiet.recipe.approximations == []
+    loud = ctx(0.25)                                  # 0.25 x 2.0 = 0.50
+    with pytest.warns(RecipeWarning, match=r"Ritz value 0.50 at checkpoint 2/2.*not validated"):
+        note_sharpness(loud, 1, view, 0, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecipeWarning)
+        note_sharpness(loud, 0, view, 0, 10)          # once per context
+    assert len(loud.recipe.approximations) == 1 and "SGD steps large" in loud.recipe.approximations[0]
