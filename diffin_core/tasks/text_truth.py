@@ -137,7 +137,7 @@ def query_loss(model, qx, qy) -> float:
 
 def text_case(record_dir, n_train: int = 300, n_query: int = 100, epochs: int = 4, batch: int = 16,
               samples: int = 40, every: int = 10, noise: float = 0.1, max_length: int = 40,
-              vocab_size: int = 1000, min_frequency: int = 2, recipe: TextRecipe | None = None, seed: int = 0) -> dict:
+              vocab_size: int = 1000, min_frequency: int = 2, tokenizer_from=None, recipe: TextRecipe | None = None, seed: int = 0) -> dict:
     """The ground-truth case (module docstring): splits, recipe, recorded run in
     ``record_dir/checkpoints`` and the float64 truths of ``samples`` training rows."""
     from diffin_core.project.data import load_split
@@ -158,6 +158,9 @@ def text_case(record_dir, n_train: int = 300, n_query: int = 100, epochs: int = 
     tr.to_csv(record_dir / "train.csv", index=False)
     q.to_csv(record_dir / "query.csv", index=False)
     tok_dir = record_dir / "tokenizer"
+    if tokenizer_from is not None and not (tok_dir / "tokenizer.json").is_file():
+        import shutil
+        shutil.copytree(tokenizer_from, tok_dir)     # the tokenizers trainer is not deterministic
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer(tr["text"].tolist(), tok_dir, vocab_size, max_length, min_frequency=min_frequency)
     opts = dict(text_column="text", max_length=max_length, truncation=True, tokenizer_dir=tok_dir,
