@@ -36,30 +36,21 @@ import torch
 from transformers import TrainerCallback
 
 from diffin_core.project.atomic import write_text
-from diffin_core.project.checkpoints import Recorder
+from diffin_core.project.checkpoints import Recorder, _IndexTap
 from diffin_core.errors import DiffinError
 
 TRAINER_FILE = "trainer.json"
 
 
-class _BatchTap:
-    """Stands in for a DataLoader's batch sampler: yields the wrapped one's batches and queues
-    each batch's indices as it is drawn (in the main process, also with workers). Everything
-    else (sampler, set_epoch, batch_size, drop_last) is the wrapped sampler's, so accelerate's
-    and the Trainer's per-epoch reseeding reach it unchanged."""
+class _BatchTap(_IndexTap):
+    """Stands in for a DataLoader's batch sampler: the Recorder's _IndexTap (yields the wrapped
+    one's batches and queues each batch's indices as it is drawn, in the main process, also with
+    workers) that also passes everything else (sampler, set_epoch, batch_size, drop_last) to the
+    wrapped sampler, so accelerate's and the Trainer's per-epoch reseeding reach it unchanged."""
 
     def __init__(self, inner):
         self.__dict__["inner"] = inner
         self.__dict__["fifo"] = deque()
-
-    def __iter__(self):
-        for batch in self.inner:
-            self.fifo.append(np.asarray(batch.cpu() if isinstance(batch, torch.Tensor) else list(batch),
-                                        dtype=np.int64).reshape(-1))
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
     def __getattr__(self, name):
         return getattr(self.__dict__["inner"], name)

@@ -106,7 +106,6 @@ def mnist_splits(n_train: int = 4000, seed: int = 0):
 
 def build_sample_project(out: str | Path = SAMPLE_DIR / "mnist", noise: float = 0.1, seed: int = 0) -> Path:
     """Write the whole sample project folder (about 2 MB); replaces an existing one atomically."""
-    from diffin_core.project.folder import Project
     out = Path(out)
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -118,9 +117,18 @@ def build_sample_project(out: str | Path = SAMPLE_DIR / "mnist", noise: float = 
     write_text(tmp / "diffin.toml", TOML)
     write_text(tmp / "model.py", MODEL_PY)
     write_text(tmp / "train.py", TRAIN_PY)
+    return train_and_place(tmp, out, seed)
+
+
+def train_and_place(tmp: Path, out: Path, seed: int, drop: tuple[str, ...] = ()) -> Path:
+    """Run the project folder ``tmp``'s [train] recipe into tmp/checkpoints, remove the
+    sub-folders named in ``drop`` (caches), then move ``tmp`` to ``out`` (replacing it)."""
+    from diffin_core.project.folder import Project
     project = Project(tmp)
     recipe, _ = project.load_callable(project.recipe, "[train] recipe")
     recipe(project.train.x, project.train.y, seed, tmp / "checkpoints")
+    for name in drop:
+        shutil.rmtree(tmp / name, ignore_errors=True)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -154,7 +154,7 @@ def build_text_sample(out: str | Path = SAMPLE_DIR / NAME, n_train: int = 800, n
                       noise: float = 0.1, seed: int = 0, epochs: int = 3, max_length: int = 32,
                       vocab_size: int = 1000) -> Path:
     """Write the whole text sample project; replaces an existing one atomically."""
-    from diffin_core.project.folder import Project
+    from diffin_core.project.sample import train_and_place
     from diffin_core.project.text import train_tokenizer
     out = Path(out)
     labels, texts = read_raw()
@@ -175,14 +175,7 @@ def build_text_sample(out: str | Path = SAMPLE_DIR / NAME, n_train: int = 800, n
     write_text(tmp / "model.py", MODEL_PY.format(vocab_size=len(tok), max_length=max_length))
     write_text(tmp / "train.py", TRAIN_PY.format(epochs=epochs))
     write_text(tmp / "README.md", f"# SMS spam sample\n\n{__doc__.split(chr(10), 2)[2]}\nData: {CITATION}.\n")
-    project = Project(tmp)
-    recipe, _ = project.load_callable(project.recipe, "[train] recipe")
-    recipe(project.train.x, project.train.y, seed, tmp / "checkpoints")
-    shutil.rmtree(tmp / "tokenized", ignore_errors=True)    # a cache; rebuilt where the folder lands
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
+    return train_and_place(tmp, out, seed, drop=("tokenized",))   # a cache; rebuilt where the folder lands
 
 
 def main(argv=None) -> None:
