@@ -379,6 +379,7 @@ def verify_cmd(project: Path = typer.Argument(..., help="project folder (needs i
                f"actual change {res['actual_loss_change']:+.4f}   ({b['loss']:.4f} -> {a['loss']:.4f})")
     typer.echo(f"query accuracy  actual change {res['actual_accuracy_change']:+.4f}   "
                f"({b['accuracy']:.4f} -> {a['accuracy']:.4f})")
+    typer.echo(res["verdict_text"])
     typer.echo(f"stored {res['path']}")
 
 

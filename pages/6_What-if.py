@@ -75,7 +75,7 @@ results = tasks.whatif_results(project, run)
 if results:
     latest = results[0]
     st.subheader(f"Latest verification: {latest['n_removed']} removed, {len(latest.get('seeds', [0]))} paired seeds")
-    show = {"confirmed": st.success, "inside noise": st.info}.get(latest.get("verdict"), st.warning)
+    show = {"confirmed": st.success, "size off": st.info, "inside noise": st.info}.get(latest.get("verdict"), st.warning)
     show(latest.get("verdict_text", "One seed only: the retrain noise is unknown."))
     st.dataframe(tasks.per_seed_table(latest), key="whatif_per_seed", hide_index=True, width="stretch")
     st.subheader("All verifications (predicted vs paired retrains)")

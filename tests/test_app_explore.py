@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -48,9 +50,26 @@ def test_map_from_cache_and_histograms(scored):
         at.selectbox(key="explore_color").set_value(colour).run()
         assert not at.exception
     assert "Draw a lasso" in " ".join(texts(at.caption))
+    # the Preview map: plotly.js and the hover script in st.iframe (components.v1.html is deprecated)
+    at.radio(key="explore_map_mode").set_value("Preview (thumbnails on hover)").run()
+    assert not at.exception
+    frames = [e for e in at.main if getattr(e, "type", None) == "iframe"]
+    assert len(frames) == 1
+    doc = frames[0].proto.srcdoc
+    assert 'id="diffin-map"' in doc and 'gd.on("plotly_hover"' in doc and "data:image/png;base64," in doc
+    at.radio(key="explore_map_mode").set_value("Select (lasso)").run()
     at.radio(key="explore_view").set_value("Histograms").run()
     assert not at.exception
     assert "influence" in at.selectbox(key="explore_hist_col").options
+
+
+def test_no_deprecated_streamlit_api_in_the_app():
+    """st.components.v1.html / iframe are removed after 2026-06-01: the app uses st.iframe / st.html."""
+    root = Path(__file__).resolve().parent.parent
+    sources = [root / "app.py", *sorted((root / "pages").rglob("*.py")), *sorted((root / "diffin_core").rglob("*.py"))]
+    users = [str(p.relative_to(root)) for p in sources if re.search(r"components\.v1|components import v1",
+                                                                     p.read_text(encoding="utf-8"))]
+    assert users == []
 
 
 def test_histograms_bin_per_group_on_shared_edges():

@@ -78,7 +78,7 @@ def test_paired_multi_seed_verification_and_noise_verdict(tiny, jobs):
     assert summary["verdict"].iloc[0] == verdict["verdict"]
     boxes = [e.value for e in (*at.success, *at.info, *at.warning)]
     assert verdict["verdict_text"] in boxes
-    assert ("inside the retrain noise" in verdict["verdict_text"]) == (verdict["verdict"] != "contradicted")
+    assert ("sign is wrong" in verdict["verdict_text"]) == (verdict["verdict"] == "contradicted")
 
     stored = [json.loads(p.read_text()) for p in (tiny / "runs/tracin-1/whatif").glob("*.json")
               if not p.name.startswith("baseline-")]

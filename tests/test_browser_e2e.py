@@ -116,6 +116,10 @@ def test_sample_project_score_review_export(page, server, workspace):
     t0 = time.monotonic()
     page.goto(server.url + "/")
     idle(page)
+    # the toolbar has no Deploy button (.streamlit/config.toml client.toolbarMode = "viewer"; issue 21)
+    page.locator("[data-testid='stToolbar']").wait_for()
+    page.locator("[data-testid='stMainMenu']").wait_for()
+    assert page.locator("[data-testid='stAppDeployButton']").count() == 0
 
     # Home: one click opens the sample project (copied into the workspace).
     page.get_by_role("button", name="Try the sample project").click()

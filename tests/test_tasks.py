@@ -261,10 +261,55 @@ def test_noise_verdict_says_whether_the_prediction_is_inside_the_retrain_noise()
     assert v["verdict"] == "inside noise" and v["interval95"][0] < -0.038 < v["interval95"][1]
     assert v["std"] == pytest.approx(np.std([0.075, -0.148, 0.113], ddof=1))
     assert "neither confirm nor refute" in v["verdict_text"]
-    # a prediction far from a tight measurement: contradicted
+    # a prediction 10x a tight measurement of the same sign: the sign holds, the size is off
     v = noise_verdict(-0.5, [-0.048, -0.052, -0.050])
-    assert v["verdict"] == "contradicted" and "outside" in v["verdict_text"]
+    assert v["verdict"] == "size off" and v["factor"] == pytest.approx(10.0)
+    assert "Sign confirmed, size off by 10.00x" in v["verdict_text"]
     assert noise_verdict(-0.1, [-0.2])["verdict"] == "one seed"
+
+
+def test_noise_verdict_contradicts_only_a_sign_wrong_beyond_the_noise():
+    """Issue 21: predicted -0.1138, measured -0.0761 ± 0.0130 over 3 seeds was called
+    "contradicted"; the retrains confirm the sign and find the size 1.5x too large."""
+    from diffin_core.tasks.curate import noise_verdict
+    changes = [-0.0761 - 0.0130, -0.0761, -0.0761 + 0.0130]          # mean -0.0761, std 0.0130
+    v = noise_verdict(-0.1138, changes)
+    assert v["std"] == pytest.approx(0.0130) and v["interval95"][1] < 0 < -v["interval95"][0]
+    assert v["interval95"][0] > -0.1138                               # the prediction lies outside
+    assert v["verdict"] == "size off" and v["factor"] == pytest.approx(0.1138 / 0.0761)
+    assert "Sign confirmed, size off by 1.50x" in v["verdict_text"] and "contradict" not in v["verdict_text"].lower()
+    lo_f, hi_f = v["factor_range"]                                    # over the interval: still too large
+    assert 1.0 < lo_f < v["factor"] < hi_f
+    # the same measurement against a prediction of the other sign: the sign is wrong beyond the noise
+    v = noise_verdict(+0.1138, changes)
+    assert v["verdict"] == "contradicted" and "sign is wrong" in v["verdict_text"]
+    # predicted no change at all, a real change measured: contradicted
+    assert noise_verdict(0.0, changes)["verdict"] == "contradicted"
+    # no effect beyond noise, the prediction far outside: smaller than predicted (not a contradiction)
+    v = noise_verdict(-0.5, [0.01, -0.03, 0.005])
+    lo = v["interval95"][0]
+    assert v["verdict"] == "smaller than predicted" and lo < 0 < v["interval95"][1]
+    assert v["factor_range"][0] == pytest.approx(0.5 / -lo) and "at least" in v["verdict_text"]
+
+
+def test_stored_whatif_results_are_read_with_the_current_verdict(tmp_path):
+    """A result stored under the old wording ("contradicted" for a right sign) is shown as measured."""
+    from diffin_core.tasks.curate import whatif_results, whatif_table
+    old = {"n_removed": 20, "predicted_loss_change": -0.1138, "actual_loss_change": -0.0761,
+           "actual_accuracy_change": 0.0, "seconds": 1.0, "created": 1.0, "seeds": [0, 1, 2],
+           "verdict": "contradicted", "verdict_text": "Not confirmed: ... outside the retrain noise",
+           "per_seed": [{"seed": i, "loss_change": c} for i, c in enumerate([-0.0891, -0.0761, -0.0631])]}
+
+    class Info:
+        path = tmp_path / "runs/r"
+    (Info.path / "whatif").mkdir(parents=True)
+    (Info.path / "whatif/abc.json").write_text(json.dumps(old))
+    project = type("P", (), {"run": lambda self, run: Info()})()
+    [r] = whatif_results(project, "r")
+    assert r["verdict"] == "size off" and r["verdict_text"].startswith("Sign confirmed, size off by 1.50x")
+    table = whatif_table([r])
+    assert table["verdict"].tolist() == ["size off"]
+    assert table["predicted ÷ measured"].iloc[0] == pytest.approx(0.1138 / 0.0761)
 
 
 def test_ccs_selection_keeps_class_quotas_drops_the_lowest_and_covers_the_range():

@@ -32,8 +32,9 @@ What-if: ``verify_by_retraining(project, remove_ids, seeds=[0, 1, 2], run=...)``
 project's ``[train] recipe`` in pairs, on all samples and without ``remove_ids`` with the same
 seed, for every seed, and compares the mean +- std of the paired change of the mean query loss
 with the influence prediction sum_{z removed} influence(z) (the product's sign convention:
-influence(z) = L_Q(without z) - L_Q(with z)); ``noise_verdict`` says whether the prediction is
-inside the retrain noise (a 95% t-interval over the seeds). The result is stored atomically as
+influence(z) = L_Q(without z) - L_Q(with z)); ``noise_verdict`` says what the retrains measured
+against it (a 95% t-interval over the seeds): sign and size confirmed, sign confirmed with the size
+off by a factor, inside the noise, or contradicted (only a sign wrong beyond the noise). The result is stored atomically as
 runs/<run>/whatif/<hash>.json.
 """
 from __future__ import annotations
@@ -266,16 +267,22 @@ def predicted_loss_change(scores, remove_ids) -> float:
 
 
 def whatif_results(project, run: str) -> list[dict]:
-    """Stored verify-by-retraining results of a run, newest first."""
+    """Stored verify-by-retraining results of a run, newest first. The verdict is read again from
+    the stored per-seed changes, so results stored under older wording say what was measured."""
     folder = project.run(run).path / "whatif"
     out = []
     for path in folder.glob("*.json") if folder.is_dir() else []:
         if path.name.startswith("baseline-"):
             continue
         try:
-            out.append(json.loads(path.read_text()))
+            r = json.loads(path.read_text())
         except (json.JSONDecodeError, OSError):
             continue
+        changes = [p.get("loss_change") for p in r.get("per_seed") or []]
+        if changes and all(isinstance(c, (int, float)) for c in changes) and "predicted_loss_change" in r:
+            v = noise_verdict(float(r["predicted_loss_change"]), changes)
+            r.update(verdict=v["verdict"], verdict_text=v["verdict_text"], interval95=v["interval95"])
+        out.append(r)
     return sorted(out, key=lambda r: r.get("created", 0), reverse=True)
 
 
@@ -286,14 +293,26 @@ def whatif_key(run: str, remove_ids, seeds) -> str:
 
 
 def noise_verdict(predicted: float, changes) -> dict:
-    """Is the prediction inside the retrain noise? ``changes``: the paired per-seed changes.
+    """What the paired retrains measured against the prediction. ``changes``: the paired per-seed
+    changes of the mean query loss.
 
     A 95% Student-t interval for the mean paired change, mean +- t_{0.975, n-1} * std / sqrt(n)
-    (sample std over seeds). Verdicts: "confirmed" (the interval excludes 0 and holds the
-    prediction), "inside noise" (it holds both 0 and the prediction: the retrain noise is
-    larger than the predicted effect, so retraining can neither confirm nor refute it),
-    "contradicted" (the prediction lies outside the interval). Returns the verdict, the
-    interval and a sentence saying it in words."""
+    (sample std over seeds), read for sign and size separately. Verdicts:
+
+    * "confirmed": the interval excludes 0 and holds the prediction;
+    * "size off": the interval excludes 0 on the prediction's side (the sign is confirmed) but not
+      the prediction: the size is off by ``factor`` = predicted / measured mean (1.5 = 1.5x too
+      large), with ``factor_range`` over the interval;
+    * "inside noise": the interval holds both 0 and the prediction: retraining can neither confirm
+      nor refute an effect this small;
+    * "smaller than predicted": the interval holds 0 but not the prediction: no effect is seen
+      beyond the noise, and its size in the predicted direction is at most the interval's end
+      (``factor_range``: the prediction is at least that many times too large);
+    * "contradicted": only when the sign is wrong beyond the noise (the interval excludes 0 on the
+      side opposite the prediction, or the prediction is exactly 0);
+    * "one seed": the noise is unknown.
+
+    Returns the verdict, the interval, the factor(s) and a sentence saying it in words."""
     from scipy.stats import t as student_t
     d = np.asarray(changes, dtype=np.float64)
     n = len(d)
@@ -303,23 +322,42 @@ def noise_verdict(predicted: float, changes) -> dict:
     lo, hi = mean - half, mean + half
     inside = lo <= predicted <= hi
     zero = lo <= 0.0 <= hi
-    measured = f"the measured change is {mean:+.4f} ± {std:.4f} nats (mean ± std over {n} paired seeds"
+    same_sign = predicted != 0 and (np.sign(predicted) == np.sign(mean)) and not zero
+    measured = f"measured {mean:+.4f} ± {std:.4f} nats (mean ± std over {n} paired seeds"
     interval = f"95% interval [{lo:+.4f}, {hi:+.4f}])"
+    said = f"predicted {predicted:+.4f} nats"
+    factor, factor_range = float("nan"), [float("nan"), float("nan")]
     if n < 2:
-        verdict, text = "one seed", (f"One seed only: {measured}); the retrain noise is unknown, "
+        verdict, text = "one seed", (f"One seed only: {said}, {measured}); the retrain noise is unknown, "
                                      "run at least 3 seeds to judge the prediction.")
     elif inside and not zero:
-        verdict, text = "confirmed", (f"Confirmed: the predicted change {predicted:+.4f} nats is inside the "
-                                      f"retrain noise and the effect is real: {measured}, {interval}.")
+        factor = predicted / mean
+        verdict, text = "confirmed", (f"Confirmed: sign and size: {said} lies inside the retrain noise of "
+                                      f"the {measured}, {interval}.")
     elif inside:
-        verdict, text = "inside noise", (f"The predicted change {predicted:+.4f} nats is inside the retrain "
-                                         f"noise, and so is 0: {measured}, {interval}. Retraining can "
-                                         "neither confirm nor refute an effect this small.")
+        verdict, text = "inside noise", (f"Inside the noise: {said} and 0 both lie inside the retrain noise: "
+                                         f"{measured}, {interval}. Retraining can neither confirm nor refute "
+                                         "an effect this small.")
+    elif same_sign:
+        factor = predicted / mean
+        factor_range = sorted([predicted / lo, predicted / hi])
+        verdict, text = "size off", (f"Sign confirmed, size off by {factor:.2f}x: {said}, {measured}, "
+                                     f"{interval}. The direction is right; the prediction is "
+                                     f"{factor:.2f}x the measured change ({factor_range[0]:.2f}x to "
+                                     f"{factor_range[1]:.2f}x over the interval).")
+    elif zero:
+        end = lo if predicted < 0 else hi          # the most the retrains allow in the predicted direction
+        least = abs(predicted / end) if end != 0 else float("inf")
+        factor_range = [least, float("inf")]
+        verdict, text = "smaller than predicted", (
+            f"Smaller than predicted: no effect beyond the retrain noise ({measured}, {interval}); in the "
+            f"predicted direction the change is at most {end:+.4f} nats, so {said} is at least "
+            f"{least:.2f}x too large. The sign is not established either way.")
     else:
-        side = "larger" if abs(predicted) > max(abs(lo), abs(hi)) else "different"
-        verdict, text = "contradicted", (f"Not confirmed: the predicted change {predicted:+.4f} nats is outside "
-                                         f"the retrain noise ({side} than measured): {measured}, {interval}.")
-    return {"verdict": verdict, "verdict_text": text, "interval95": [lo, hi], "std": std, "mean": mean}
+        verdict, text = "contradicted", (f"Contradicted: the sign is wrong beyond the retrain noise: {said}, "
+                                         f"{measured}, {interval}.")
+    return {"verdict": verdict, "verdict_text": text, "interval95": [lo, hi], "std": std, "mean": mean,
+            "factor": factor, "factor_range": factor_range}
 
 
 def verify_by_retraining(project, remove_ids, seed: int = 0, progress=None, run: str | None = None,
@@ -418,6 +456,8 @@ def whatif_table(results: list[dict]) -> pd.DataFrame:
         rows.append({"removed": r["n_removed"], "predicted Δ loss": r["predicted_loss_change"],
                      "actual Δ loss (mean)": r["actual_loss_change"],
                      "actual Δ loss (std)": r.get("actual_loss_change_std", float("nan")),
+                     "predicted ÷ measured": (r["predicted_loss_change"] / r["actual_loss_change"]
+                                              if r["actual_loss_change"] else float("nan")),
                      "seeds": len(seeds), "verdict": r.get("verdict", "one seed"),
                      "actual Δ accuracy": r["actual_accuracy_change"], "seconds": r["seconds"]})
     return pd.DataFrame(rows)

@@ -261,12 +261,12 @@ def _thumb(x) -> str:
 
 
 def hover_map(project, df: pd.DataFrame, color: str, numeric: bool, extra: dict, colorbar: dict | None) -> None:
-    """The map drawn in the page's own plotly.js (a component), where hovering a point shows the
-    sample's picture: reviewed samples and the most suspicious first when over HOVER_POINTS."""
+    """The map drawn in the page's own plotly.js inside ``st.iframe`` (the supported successor of the
+    deprecated v1 components' html), where hovering a point shows the sample's picture: reviewed
+    samples and the most suspicious first when over HOVER_POINTS."""
     import json
 
     import plotly.express as px
-    import streamlit.components.v1 as components
     if len(df) > HOVER_POINTS:
         keep = df["_reviewed"] | (df["label_issue"].rank(ascending=False) <= HOVER_POINTS // 2)
         rest = df[~keep].sample(max(0, HOVER_POINTS - int(keep.sum())), random_state=0)
@@ -302,7 +302,8 @@ window.addEventListener("load", () => {
   gd.on("plotly_unhover", () => { box.style.display = "none"; });
 });
 </script>""" % json.dumps(thumbs)
-    components.html(html.replace("</body>", script + "</body>"), height=580)
+    st.iframe(html.replace("</body>", script + "</body>"), height=580,
+              alt="Training-set map: hover a point to see its picture")
     st.caption("Hover a point to see its picture. Switch to Select (lasso) to list a region's samples.")
 
 
