@@ -15,6 +15,7 @@ from diffin_core.workspace.jobs import display_order  # noqa: E402
 from diffin_core.engine.adam_batches import check_text  # noqa: E402
 from diffin_core.engine.hvp import text as hvp_text  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
+from diffin_core.run.features import pass_times  # noqa: E402
 
 project = ui.page("Score")
 jm = ui.job_manager()
@@ -105,8 +106,15 @@ runs = project.runs()
 if not runs:
     st.write("None yet. A run is named after its method: diffin-1, then diffin-2, …")
 else:
+    def _took(r) -> dict:
+        """Scores published after X; the feature store (Explore's fast top-k) ready after Y."""
+        t = pass_times(r.path, r.meta)
+        features = (ui.fmt_seconds(t["features_s"]) if t["features_s"] is not None else
+                    f"{ui.fmt_seconds(t['features_own_s'])} (built separately)" if t["separate"] else "no store")
+        return {"scores published after": ui.fmt_seconds(t["scores_s"]), "features ready after": features}
+
     rows = [{"run": r.name, "method": r.method, "scale": methodinfo.info(r.method).scale,
-             "took": ui.fmt_seconds(r.meta.get("seconds")), "device": r.meta.get("device"),
+             **_took(r), "device": r.meta.get("device"),
              "checkpoints": r.meta.get("checkpoints"), "train size": r.meta.get("train_size"),
              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("finished", 0))),
              "settings": " · ".join(filter(None, [methodinfo.settings_text(r.method, r.meta.get("settings", {})),

@@ -93,7 +93,8 @@ def test_scoring_job_runs_to_the_end(workspace, jobs):
     assert any("loss: done" in s for s in texts(at.success))
     runs = table_with(at, "run")
     assert list(runs["run"]) == ["loss-1"] and runs.loc[0, "method"] == "loss"
-    assert runs.loc[0, "took"].endswith(" s") and runs.loc[0, "scale"] == "ranking only"
+    assert runs.loc[0, "scores published after"].endswith(" s") and runs.loc[0, "scale"] == "ranking only"
+    assert runs.loc[0, "features ready after"] == "no store"        # loss has no feature pass
     assert runs.loc[0, "settings"] == "batch 256"  # only what "loss" reads, not Hessian or CG knobs
     assert (workspace / "mnist-sample" / "runs" / "loss-1" / "scores.parquet").is_file()
     assert len(at.get("progress")) == 0
@@ -221,3 +222,27 @@ def test_autoscore_shows_the_shipped_diffin_run_at_once_and_checks_it(workspace,
     assert ("Next: review the suspects", "Review") in links(at)      # usable before the check ends
     for j in jobs.list():
         jobs.cancel(j.id)
+
+
+def test_score_page_shows_when_scores_and_features_were_ready(scored):
+    """Issue 21: "took 14 min 54 s" hid the feature pass that followed (29 min in all): both are shown."""
+    import json
+    from diffin_core.run.features import pass_times
+    run = scored / "runs/loss-1"
+    meta = json.loads((run / "meta.json").read_text())
+    meta["seconds"] = 894.0                                   # scores published after 14 min 54 s
+    (run / "meta.json").write_text(json.dumps(meta))
+    (run / "features").mkdir()
+    (run / "features/meta.json").write_text(json.dumps({"seconds": 846.0, "finished": meta["finished"] + 2 + 846.0}))
+    t = pass_times(run, meta)
+    assert (t["scores_s"], t["features_s"], t["features_own_s"], t["separate"]) == (894.0, 1740.0, 846.0, False)
+    at = new_app(scored, "pages/2_Score.py")
+    assert not at.exception
+    row = table_with(at, "run").set_index("run").loc["loss-1"]
+    assert row["scores published after"] == "14 min 54 s" and row["features ready after"] == "29 min 00 s"
+    # a store built by its own command a day later: its own time, not a sum
+    (run / "features/meta.json").write_text(json.dumps({"seconds": 846.0, "finished": meta["finished"] + 86400}))
+    assert pass_times(run, meta)["separate"] and pass_times(run, meta)["features_s"] is None
+    at.run()
+    row = table_with(at, "run").set_index("run").loc["loss-1"]
+    assert row["features ready after"] == "14 min 06 s (built separately)"

@@ -253,6 +253,34 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
     return meta
 
 
+SEPARATE_GAP_S = 60.0     # a store finished this long after the scores' pass was built by its own command
+
+
+def pass_times(run_dir, meta: dict) -> dict:
+    """How long a run took, pass by pass: {"scores_s": seconds until the scores were published,
+    "features_s": seconds until the feature store was ready (the scores' time plus the feature
+    pass, when the pass followed the scoring in the same command), "features_own_s": the feature
+    pass alone, "separate": True when the store was built later by its own command}. Missing
+    parts are None (no store: a method without one, or skipped)."""
+    scores_s = meta.get("seconds")
+    out = {"scores_s": scores_s, "features_s": None, "features_own_s": None, "separate": False}
+    p = Path(run_dir) / DIRNAME / "meta.json"
+    try:
+        store = json.loads(p.read_text()) if p.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        store = None
+    if not store or store.get("seconds") is None:
+        return out
+    own = float(store["seconds"])
+    out["features_own_s"] = own
+    began = (store.get("finished") or 0) - own
+    if meta.get("finished") is not None and began - float(meta["finished"]) > SEPARATE_GAP_S:
+        out["separate"] = True
+    elif scores_s is not None:
+        out["features_s"] = float(scores_s) + own
+    return out
+
+
 def build_for_run(project, run: str, settings: FeatureSettings | None = None, progress=None) -> Path:
     """The feature pass for an existing diffin run (same score settings as the run)."""
     from diffin_core.methods import ScoreSettings
