@@ -16,6 +16,19 @@ class DiffinError(Exception):
         self.path = None if path is None else str(path)
         super().__init__(self.problem if self.path is None else f"{self.path}: {self.problem}")
 
+    def brief(self) -> str:
+        """What the app shows: the problem, after the file's name only (never the server's folders)."""
+        return self.problem if self.path is None else f"{Path(self.path).name}: {self.problem}"
+
+
+class DecisionError(DiffinError):
+    """A refused review decision (bad id or label, a stale page, another reviewer's decision).
+    ``str()`` names the review log like any input error (the CLI prints it); ``brief()``, what
+    the app shows a reviewer, is the problem alone: the log's file says nothing to them."""
+
+    def brief(self) -> str:
+        return self.problem
+
 
 class JobCancelled(Exception):
     """Raised inside a background job (workspace.jobs) once cancel was requested."""

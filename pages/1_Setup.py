@@ -22,7 +22,7 @@ name = st.text_input("Project folder name (inside the workspace)", value="my-pro
 try:
     folder = ws / appstate.safe_name(name)
 except DiffinError as e:
-    st.error(str(e))
+    st.error(e.brief())
     st.stop()
 st.caption(f"Project folder: `{folder}`")
 
@@ -47,7 +47,7 @@ for role, label, multiple in SPECS:
             try:
                 messages[token] = ("ok", usercode.store_upload(folder, role, f.name, f))  # model code: a child
             except DiffinError as e:
-                messages[token] = ("error", str(e))
+                messages[token] = ("error", e.brief())
         kind, text = messages[token]
         (st.success if kind == "ok" else st.error)(text, icon=":material/check_circle:" if kind == "ok" else ":material/warning:")
 

@@ -172,7 +172,7 @@ if view == VIEWS[0]:
             # from the store alone (rerank=0), or the kept answer: no model code in the server
             helpful, harmful = top_k(project, run, [int(qi)], int(k), rerank=None if (rescored or not fast) else 0)
         except DiffinError as e:
-            st.error(str(e))
+            st.error(e.brief())
         else:
             path = helpful.attrs.get("path", "exact path")
             if "true_label" in scores:                   # captions show the true label when known

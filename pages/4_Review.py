@@ -38,7 +38,7 @@ def _report(fn, *args, **kw):
     try:
         return fn(*args, **kw)
     except DiffinError as e:
-        st.session_state["review_error"] = str(e)
+        st.session_state["review_error"] = e.brief()
         return None
 
 

@@ -85,7 +85,7 @@ if st.button("Write export", key="export_write", type="primary"):
             export.export_subset(out, fmt, tr.x, tr.y, tr.ids, mask, reason=reason, manifest_extra=extra, **common)
         st.session_state["export_last"] = str(out)
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
 
 last = st.session_state.get("export_last")
 if last and Path(last).is_file():

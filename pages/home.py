@@ -25,7 +25,7 @@ def _open_sample() -> None:  # a callback: runs before the page draws, so the li
         ui.set_project(appstate.copy_sample(ws))
         st.session_state.pop("home_project", None)  # the picker follows the opened project
     except DiffinError as e:
-        st.session_state["home_error"] = str(e)
+        st.session_state["home_error"] = e.brief()
 
 
 def _open_text_sample() -> None:
@@ -91,7 +91,7 @@ if opened:
     try:
         project = ui.open_project(opened)
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
     else:
         st.divider()
         st.subheader(f"Open: {project.name}")
@@ -117,7 +117,7 @@ if me.is_admin:                      # accounts (issue 20): the same as `diffin 
             u = acc.add(st.session_state["users_new_name"], st.session_state["users_new_password"],
                         st.session_state["users_new_role"])
         except DiffinError as e:
-            st.session_state["users_msg"] = ("error", str(e))
+            st.session_state["users_msg"] = ("error", e.brief())
         else:
             st.session_state["users_msg"] = ("success", f"Added {u.name} ({u.role}).")
             st.session_state["users_new_name"] = st.session_state["users_new_password"] = ""
@@ -131,7 +131,7 @@ if me.is_admin:                      # accounts (issue 20): the same as `diffin 
             else:
                 acc.set_role(name, action)
         except DiffinError as e:
-            st.session_state["users_msg"] = ("error", str(e))
+            st.session_state["users_msg"] = ("error", e.brief())
         else:
             st.session_state["users_msg"] = ("success", f"{name}: {'removed' if action == 'remove' else action}.")
 

@@ -176,6 +176,9 @@ def test_two_tabs_on_one_sample_the_stale_click_is_refused(scored):
     errors = texts(tab_b.error)
     assert len(errors) == 1, errors
     assert f"sample {ranked[0]} was changed by ann at" in errors[0] and "nothing was written" in errors[0]
+    # the reviewer reads the problem, not the server's path of the review log (issue 21)
+    assert errors[0].startswith(f"sample {ranked[0]} was changed") and "review.sqlite" not in errors[0], errors
+    assert str(scored) not in errors[0] and "/" not in errors[0].split(" was changed")[0]
     state = ReviewLog(scored).state()
     assert state.loc[ranked[0], "action"] == "exclude" and state.loc[ranked[0], "user"] == "ann"
     assert len(ReviewLog(scored).history()) == 1

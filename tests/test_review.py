@@ -145,7 +145,8 @@ def test_bad_decisions_rejected(tmp_path, args, kw, msg):
     log = ReviewLog(tmp_path)
     with pytest.raises(DiffinError, match=msg) as err:
         log.decide(*args, **kw)
-    assert str(err.value).startswith(str(tmp_path / "review.sqlite"))
+    assert str(err.value).startswith(str(tmp_path / "review.sqlite"))    # the CLI names the file
+    assert err.value.brief() == err.value.problem and msg in err.value.brief()   # the app: no path
     assert log.history().empty
 
 
@@ -266,3 +267,16 @@ def test_precision_and_recall_count_keeps_on_mislabelled(tmp_path):
     assert q["precision"] == pytest.approx(2 / 3) and q["recall"] == pytest.approx(2 / 4)
     assert (q["flagged"], q["caught"], q["noisy_reviewed"], q["missed"]) == (3, 2, 4, 2)
     assert log.precision(noisy) == pytest.approx(2 / 3)   # the old precision ignored the keeps
+
+
+def test_app_text_of_errors_names_no_server_folder(tmp_path):
+    """DiffinError.brief(), what the app shows: a refused decision is its problem alone; any other
+    input error keeps the file's name, never the server's folders."""
+    log = ReviewLog(tmp_path)
+    with pytest.raises(DiffinError) as err:
+        log.decide(3, "relabel")
+    assert str(tmp_path) in str(err.value) and str(tmp_path) not in err.value.brief()
+    assert err.value.brief() == "relabel of sample 3 needs a new label"
+    other = DiffinError("row 3 has no label", tmp_path / "data/train.csv")
+    assert other.brief() == "train.csv: row 3 has no label" and str(other).startswith(str(tmp_path))
+    assert DiffinError("plain").brief() == "plain"

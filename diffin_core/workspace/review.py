@@ -43,7 +43,7 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
-from diffin_core.errors import DiffinError
+from diffin_core.errors import DecisionError, DiffinError
 
 DECISIONS = ("keep", "relabel", "exclude")
 DB_NAME = "review.sqlite"
@@ -92,7 +92,7 @@ def _when(ts: str | None) -> str:
     return (ts or "?")[:19].replace("T", " ") + " UTC" if ts else "?"
 
 
-class ReviewConflict(DiffinError):
+class ReviewConflict(DecisionError):
     """A write refused because a sample changed after the page showed it; nothing was written.
 
     ``changes``: one dict per changed sample (sample_id, action, user, ts, id) of its newest event.
@@ -187,9 +187,9 @@ class ReviewLog:
         try:
             i = operator.index(value)
         except TypeError:
-            raise DiffinError(f"{what} {value!r} is not an integer", self.path) from None
+            raise DecisionError(f"{what} {value!r} is not an integer", self.path) from None
         if i < 0:
-            raise DiffinError(f"{what} {i} is negative", self.path)
+            raise DecisionError(f"{what} {i} is negative", self.path)
         return i
 
     @staticmethod
@@ -245,25 +245,25 @@ class ReviewLog:
 
     def _check(self, sample_id, action: str, new_label) -> tuple[int, int | None]:
         if action not in DECISIONS:
-            raise DiffinError(f"unknown review action {action!r} (expected one of "
+            raise DecisionError(f"unknown review action {action!r} (expected one of "
                               f"{', '.join(DECISIONS)})", self.path)
         sid = self._index(sample_id, "sample id")
         num_classes, ids = self.bounds()
         if ids is not None and sid not in ids:
-            raise DiffinError(f"sample id {sid} is not in the training split ({len(ids):,} samples, ids "
+            raise DecisionError(f"sample id {sid} is not in the training split ({len(ids):,} samples, ids "
                               f"{min(ids, default=0)}..{max(ids, default=0)}); nothing was written", self.path)
         if isinstance(new_label, Mapping):
             new_label = new_label.get(sid, new_label.get(sample_id))
         if action == "relabel":
             if new_label is None:
-                raise DiffinError(f"relabel of sample {sid} needs a new label", self.path)
+                raise DecisionError(f"relabel of sample {sid} needs a new label", self.path)
             lab = self._index(new_label, "label")
             if num_classes is not None and lab >= num_classes:
-                raise DiffinError(f"label {lab} is out of range: the project has {num_classes} classes "
+                raise DecisionError(f"label {lab} is out of range: the project has {num_classes} classes "
                                   f"(0..{num_classes - 1}); nothing was written", self.path)
             return sid, lab
         if new_label is not None:
-            raise DiffinError(f"action {action!r} takes no new label", self.path)
+            raise DecisionError(f"action {action!r} takes no new label", self.path)
         return sid, None
 
     # -- settings -----------------------------------------------------------------------
@@ -277,9 +277,9 @@ class ReviewLog:
         try:
             k = operator.index(k)
         except TypeError:
-            raise DiffinError(f"reviewers per sample {k!r} is not an integer", self.path) from None
+            raise DecisionError(f"reviewers per sample {k!r} is not an integer", self.path) from None
         if not 1 <= k <= MAX_REVIEWERS:
-            raise DiffinError(f"reviewers per sample must be 1 to {MAX_REVIEWERS}, not {k}", self.path)
+            raise DecisionError(f"reviewers per sample must be 1 to {MAX_REVIEWERS}, not {k}", self.path)
         self._write(lambda conn: conn.execute(
             "INSERT INTO settings (key, value, user, ts) VALUES ('reviewers_per_sample', ?, ?, ?) "
             "ON CONFLICT(key) DO UPDATE SET value = excluded.value, user = excluded.user, ts = excluded.ts",
@@ -319,7 +319,7 @@ class ReviewLog:
                 if action == "relabel":
                     current = prev_label if prev_action == "relabel" else (given_labels or {}).get(sid)
                     if current is not None and int(current) == lab:
-                        raise DiffinError(f"sample {sid} already has label {lab}: choose a different "
+                        raise DecisionError(f"sample {sid} already has label {lab}: choose a different "
                                           "label to relabel it; nothing was written", self.path)
                 cur = conn.execute(
                     "INSERT INTO events (ts, user, sample_id, action, new_label, prev_action, "
@@ -349,7 +349,7 @@ class ReviewLog:
                     sid = conn.execute("SELECT sample_id FROM events WHERE id = ?", (expect,)).fetchone()
                     if sid is not None:
                         self._check_seen(conn, [sid[0]], {sid[0]: expect}, self._scope(conn, user))
-                    raise DiffinError("the decision this page offered to undo is no longer the latest; "
+                    raise DecisionError("the decision this page offered to undo is no longer the latest; "
                                       "nothing was written", self.path)
                 self._check_seen(conn, [row[1]], {row[1]: expect}, self._scope(conn, user))
             return self._revert(conn, row, user)
@@ -379,7 +379,7 @@ class ReviewLog:
                 if row is None:
                     other = conn.execute(live + " ORDER BY id DESC LIMIT 1", (sid,)).fetchone()
                     if other is not None:
-                        raise DiffinError(f"the decision on sample {sid} is {other[2]}'s ({other[3]}): only "
+                        raise DecisionError(f"the decision on sample {sid} is {other[2]}'s ({other[3]}): only "
                                           f"{other[2]} or an admin can undo it; nothing was written", self.path)
             self._revert(conn, row and row[:3], user)
             return row and row[3]

@@ -92,7 +92,7 @@ def signed_in():
     try:
         has_accounts = acc.any()
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
         st.stop()
     oidc = _oidc_configured()
     auth = st.session_state.get("auth_user")
@@ -115,7 +115,7 @@ def signed_in():
             accounts.check_serving(st.get_option("server.address"), workspace(),
                                    insecure_open="--insecure-open" in sys.argv[1:])
         except DiffinError as e:
-            st.error(str(e))
+            st.error(e.brief())
             st.stop()
         user = accounts.open_user()
     st.session_state["_user"] = user
@@ -195,7 +195,7 @@ def current_project() -> Project | None:
     try:
         project = open_project(path)
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
         return None
     st.session_state["project_dir"] = str(project.root)
     st.query_params["project"] = str(project.root)
@@ -302,7 +302,7 @@ def autoscore() -> None:
         try:
             _autoscore(str(workspace()), methods)
         except DiffinError as e:
-            st.error(str(e))
+            st.error(e.brief())
 
 
 def next_steps(project: Project, runs) -> None:
@@ -484,7 +484,7 @@ def save_selection(project: Project, ids: list[int], source: str, key: str = "se
         try:
             stored = selections.save(project.root, name, ids, source)
         except DiffinError as e:
-            st.error(str(e))
+            st.error(e.brief())
         else:
             st.success(f"Saved {len(set(ids)):,} samples as “{stored}”: the What-if page can remove them.")
 
@@ -495,7 +495,7 @@ def pick_selection(project: Project, key: str) -> list[int]:
     try:
         saved = selections.load(project.root)
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
         return []
     if not saved:
         st.info("No saved selections yet. On the Explore page, open the map, draw a lasso around "
