@@ -7,14 +7,21 @@ changed it and when. Widgets on the card are keyed by sample id, so nothing carr
 The reviewer is the signed-in user (issue 20). With k reviewers per sample (consensus), the
 queue holds the samples this reviewer has not decided; an admin also has the disagreements
 queue, where a decision is a resolution. Logic lives in diffin_core/workspace/review.py.
+
+Pace (issue 21): keyboard shortcuts on the card's buttons (Streamlit's own ``shortcut=``, which
+never fires while typing in a box), a filter over the queue (class, prediction, review state,
+label_issue range, ids, text) kept in the URL, and a session summary (decided per minute, left,
+expected label errors left: diffin_core/workspace/triage.py).
 """
 import sys
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
+from _common import triage_views as tv  # noqa: E402
 from diffin_core.workspace import appstate  # noqa: E402
 from diffin_core.errors import DiffinError  # noqa: E402
 
@@ -82,13 +89,23 @@ def undo_history(expect):
         st.session_state["review_focus"] = int(sid)
 
 
+def skip(sid):
+    """Next: leave this sample undecided and show the next one (skipped samples go to the end of
+    this tab's queue)."""
+    skipped = st.session_state.setdefault("review_skipped", [])
+    if int(sid) not in skipped:
+        skipped.append(int(sid))
+    st.session_state.pop("review_focus", None)
+
+
 noisy = appstate.noisy_ids(scores)
+KEYS = {"keep": "K", "exclude": "X", "relabel": "L", "next": "N", "undo": "U"}   # R and C are Streamlit's own
 
 
 @st.fragment(run_every="5s")
-def live(sid, seen):
-    """Counts, precision/recall and a stale-card warning, redrawn every 5 s: another tab's or
-    reviewer's decisions show up without a reload."""
+def live(sid, seen, queue_ids=()):
+    """Counts, precision/recall, the session summary and a stale-card warning, redrawn every 5 s:
+    another tab's or reviewer's decisions show up without a reload."""
     counts = log.counts(len(scores))
     if k_reviewers > 1:
         mine = len(scores) - len(log.queue_done(user) & set(given_of))
@@ -109,6 +126,7 @@ def live(sid, seen):
         c[6].metric("Recall", "–" if q["recall"] is None else f"{q['recall']:.0%}",
                     help=f"Of the {q['noisy_reviewed']} truly mislabelled samples you reviewed, the share you excluded "
                          f"or relabelled; {q['missed']} were kept.")
+    tv.session_summary(log, user, scores, queue_ids, method, project.num_classes, log.state())
     if sid is not None and log.versions([sid], user=scope)[sid] != seen:
         ev = log.history(sid).iloc[-1]
         st.warning(f"Sample {sid} was changed by {ev['user']} at {str(ev['ts'])[:19].replace('T', ' ')} UTC "
@@ -134,16 +152,22 @@ elif k_reviewers > 1:
     st.caption(f"Consensus review: {k_reviewers} reviewers decide each sample; your queue holds the samples "
                "you have not decided yet. Disagreements go to an admin.")
 head = st.container()
+flt = tv.filter_bar(project, scores, "review_filter", states=not resolving)
 
 for key in ("review_error", "review_note"):
     if key in st.session_state:
         (st.error if key == "review_error" else st.info)(st.session_state.pop(key))
 
 if resolving:
-    queue = scores[scores["sample_id"].isin(disagreements["sample_id"])]
-else:
-    queue = scores[~scores["sample_id"].isin(log.queue_done(user))]
+    queue = tv.apply_filter(project, scores[scores["sample_id"].isin(disagreements["sample_id"])], flt, state)
+else:       # the filter's "undecided" = not yet decided by you (your vote, under consensus)
+    queue = tv.apply_filter(project, scores, flt, state, done=log.queue_done(user))
 queue = queue.sort_values("label_issue", ascending=False, kind="stable")
+skipped = set(st.session_state.get("review_skipped", []))
+if skipped:                           # Next (N): skipped samples at the end of this tab's queue
+    queue = queue.iloc[np.argsort(queue["sample_id"].isin(skipped).to_numpy(), kind="stable")]
+if flt.active():
+    st.caption(f"Queue filtered: {flt.describe(lambda y: ui.label_name(project, y))} · {len(queue):,} samples.")
 rows = scores.set_index("sample_id", drop=False)
 focus = st.session_state.get("review_focus")
 if focus is not None and int(focus) not in rows.index:
@@ -151,14 +175,17 @@ if focus is not None and int(focus) not in rows.index:
 if queue.empty and focus is None:
     with head:
         live(None, None)
-    st.success("No disagreement is waiting." if resolving else "Every sample has a decision"
-               + (" (or your vote, or enough votes)." if k_reviewers > 1 else "."))
+    if flt.active():
+        st.success("No sample matches this filter: widen it above.")
+    else:
+        st.success("No disagreement is waiting." if resolving else "Every sample has a decision"
+                   + (" (or your vote, or enough votes)." if k_reviewers > 1 else "."))
 else:
     cur = rows.loc[int(focus)] if focus is not None else queue.iloc[0]
     sid, given, pred = int(cur["sample_id"]), int(cur["label"]), int(cur["pred"])
     seen = log.versions([sid], user=scope)[sid]
     with head:
-        live(sid, seen)
+        live(sid, seen, tuple(int(s) for s in queue["sample_id"]))
     decided = state.loc[sid] if sid in state.index else None
     current = int(decided["label"]) if decided is not None and decided["action"] == "relabel" else given
     st.subheader(f"Sample {sid}")
@@ -187,16 +214,26 @@ else:
                 st.caption("Your decision here resolves the disagreement (it overrides the votes).")
         st.caption(f"label_issue {cur['label_issue']:.4g} · influence {cur['influence']:.4g} · "
                    f"self-influence {cur['self_influence']:.4g} · loss {cur['loss']:.4g}  ({method})")
-        b = st.columns(3)
-        b[0].button("Keep", key="review_keep", on_click=act, args=([sid], "keep", {sid: seen}), width="stretch")
+        b = st.columns(4)
+        b[0].button("Keep", key="review_keep", on_click=act, args=([sid], "keep", {sid: seen}), width="stretch",
+                    shortcut=KEYS["keep"])
         b[1].button("Exclude", key="review_exclude", on_click=act, args=([sid], "exclude", {sid: seen}),
-                    width="stretch")
+                    width="stretch", shortcut=KEYS["exclude"])
         options = [y for y in labels if y != current]          # never offer the label it already has
         new = st.selectbox("Relabel to", options, key=f"review_new_label_{sid}",
                            index=options.index(pred) if pred in options else 0,
                            format_func=lambda y: ui.label_name(project, y))
+        suggested = int(new) == pred != current         # the key relabels only to the model's suggestion
         b[2].button(f"Relabel to {ui.label_name(project, new)}", key="review_relabel", on_click=act,
-                    args=([sid], "relabel", {sid: seen}, int(new)), width="stretch", type="primary")
+                    args=([sid], "relabel", {sid: seen}, int(new)), width="stretch", type="primary",
+                    shortcut=KEYS["relabel"] if suggested else None)
+        b[3].button("Next", key="review_next", on_click=skip, args=(sid,), width="stretch", shortcut=KEYS["next"],
+                    icon=":material/skip_next:", help="Leave this sample undecided for now and show the next one.")
+        st.caption(f"Keys: **{KEYS['keep']}** keep · **{KEYS['exclude']}** exclude · "
+                   + (f"**{KEYS['relabel']}** relabel to the suggestion ({ui.label_name(project, pred)}) · "
+                      if suggested else "")
+                   + f"**{KEYS['next']}** next · **{KEYS['undo']}** undo your latest decision "
+                   "(keys do nothing while you type in a box)")
         own_vote = False
         if k_reviewers > 1 and not resolving:            # under consensus your undo takes back your vote
             v = log.votes()
@@ -249,6 +286,7 @@ mine = log.last_decision(user)
 if mine is not None:
     st.button(f"History undo: revert your latest decision (sample {mine['sample_id']}, {mine['action']})",
               key="review_undo", icon=":material/history:", on_click=undo_history, args=(mine["id"],),
+              shortcut=KEYS["undo"],
               help=f"Reverts the newest decision by {user} on any sample; press again to walk further back.")
 else:
     st.caption(f"No decision by {user} to undo.")

@@ -33,6 +33,10 @@ def test_filter_parts_combine_with_and(tmp_path):
     assert ids(triage.Filter(given=[1], states=["undecided"])) == []
     assert not triage.Filter().active() and triage.Filter(pred=[2]).active()
     assert triage.Filter(given=[1], states=["keep"]).describe() == "given 1 · state keep"
+    # under consensus a reviewer's queue: "undecided" = not in queue_done(user); voted-on, no state
+    done = {11, 12, 13, 15}
+    assert triage.apply(s, triage.Filter(states=["undecided"]), state, done=done)["sample_id"].tolist() == [10, 14]
+    assert triage.apply(s, triage.Filter(states=["keep"]), state, done=done)["sample_id"].tolist() == [12]
 
 
 def test_text_filter_is_a_case_insensitive_substring():
@@ -117,5 +121,6 @@ def test_expected_errors_counts_undecided_samples_and_checks_itself(tmp_path):
     assert out["left"] == pytest.approx(post[[1, 3, 4, 5]].sum())
     assert out["undecided"] == 4 and out["decided"] == 2 and out["found"] == 1
     assert 1.0 < out["left"] < 3.0          # two high scores left, two low ones
-    assert triage.expected_errors(s, state, 10, "diffin", among=[3, 5])["left"] < 0.2
+    among = triage.expected_errors(s, state, 10, "diffin", among=[3, 5, 0])      # 0 is decided: not counted
+    assert among["left_among"] == pytest.approx(post[[3, 5]].sum()) and among["left_among"] < 0.2
     assert triage.expected_errors(s, state, 10, "tracin") is None      # a ranking, not a LOO loss

@@ -95,15 +95,24 @@ def parse_ids(text: str) -> set[int]:
     return out
 
 
-def review_state(sample_ids, state: pd.DataFrame) -> np.ndarray:
-    """Each sample's review state (STATES) from ReviewLog.state() (index sample_id, column action)."""
-    action = state["action"] if len(state) else pd.Series(dtype=object)
-    return pd.Series(np.asarray(sample_ids)).map(action).fillna("undecided").to_numpy(dtype=object)
+def review_state(sample_ids, state: pd.DataFrame, done=None) -> np.ndarray:
+    """Each sample's review state (STATES) from ReviewLog.state() (index sample_id, column action).
+    ``done`` (ReviewLog.queue_done(user), under consensus): a sample outside it is "undecided" for
+    this reviewer; one inside it without a final decision (voted, waiting) is "" (no state)."""
+    action = dict(zip(state.index.astype(int), state["action"])) if len(state) else {}
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    out = np.array([action.get(int(i), "undecided") for i in ids], dtype=object)
+    if done is not None:
+        inside = np.isin(ids, np.fromiter((int(i) for i in done), dtype=np.int64))
+        out[~inside] = "undecided"
+        out[inside & (out == "undecided")] = ""
+    return out
 
 
-def mask(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, texts=None) -> np.ndarray:
+def mask(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, texts=None, done=None) -> np.ndarray:
     """Boolean mask of the rows of ``scores`` that pass ``f``. ``state``: ReviewLog.state() (needed
-    when f.states is set); ``texts``: a callable rows -> list of str (needed when f.text is set)."""
+    when f.states is set); ``texts``: a callable rows -> list of str (needed when f.text is set);
+    ``done``: see review_state (a reviewer's own queue under consensus)."""
     keep = np.ones(len(scores), dtype=bool)
     if f.given:
         keep &= scores["label"].isin([int(y) for y in f.given]).to_numpy()
@@ -115,7 +124,7 @@ def mask(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, tex
             raise DiffinError(f"unknown review state {sorted(bad)[0]!r} (expected one of {', '.join(STATES)})")
         if state is None:
             raise DiffinError("a filter by review state needs the review log's state")
-        keep &= np.isin(review_state(scores["sample_id"], state), list(f.states))
+        keep &= np.isin(review_state(scores["sample_id"], state, done), list(f.states))
     if f.score_range is not None:
         if f.score_col not in scores.columns:
             raise DiffinError(f"this run has no {f.score_col} column to filter by")
@@ -134,9 +143,9 @@ def mask(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, tex
     return keep
 
 
-def apply(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, texts=None) -> pd.DataFrame:
+def apply(scores: pd.DataFrame, f: Filter, state: pd.DataFrame | None = None, texts=None, done=None) -> pd.DataFrame:
     """The rows of ``scores`` that pass ``f`` (order kept)."""
-    return scores[mask(scores, f, state, texts)]
+    return scores[mask(scores, f, state, texts, done)]
 
 
 def pace(history: pd.DataFrame, user: str, now: datetime | None = None, gap_s: float = SESSION_GAP_S) -> dict:
@@ -197,12 +206,13 @@ def applies(method: str) -> bool:
 
 def expected_errors(scores: pd.DataFrame, state: pd.DataFrame, num_classes: int, method: str,
                     among=None) -> dict | None:
-    """The expected number of label errors among the undecided samples (``among``: sample ids to
-    count over instead, e.g. the filtered queue) and the model's own check on what was decided.
+    """The expected number of label errors among the undecided samples, the same among the sample
+    ids ``among`` (e.g. the filtered queue), and the model's own check on what was decided.
 
     Returns None when the run's label_issue is not a calibrated leave-one-out loss (``applies``);
-    else {left, undecided, noise_rate, total, decided, found (decided wrong), predicted (the
-    model's expected count over the decided samples, without their decisions)}."""
+    else {left, undecided, left_among (None without ``among``), noise_rate, total, decided, found
+    (decided wrong), predicted (the model's expected count over the decided samples, without
+    their decisions)}."""
     if not applies(method) or "label_issue" not in scores.columns:
         return None
     ids = scores["sample_id"].to_numpy()
@@ -210,11 +220,14 @@ def expected_errors(scores: pd.DataFrame, state: pd.DataFrame, num_classes: int,
     known = np.full(len(ids), np.nan)
     known[np.isin(st, ("exclude", "relabel"))] = 1.0
     known[st == "keep"] = 0.0
-    post, e = error_posterior(scores["label_issue"].to_numpy(), num_classes, known)
-    prior, _ = error_posterior(scores["label_issue"].to_numpy(), num_classes)
+    li = scores["label_issue"].to_numpy()
+    post, e = error_posterior(li, num_classes, known)
     undecided = st == "undecided"
-    count = undecided if among is None else undecided & np.isin(ids, np.asarray(list(among)))
     decided = ~undecided
-    return {"left": float(post[count].sum()), "undecided": int(count.sum()), "noise_rate": e,
-            "total": float(post.sum()), "decided": int(decided.sum()), "found": int(np.nansum(known)),
-            "predicted": float(prior[decided].sum())}
+    prior = error_posterior(li, num_classes)[0] if decided.any() else post
+    left_among = None
+    if among is not None:
+        left_among = float(post[undecided & np.isin(ids, np.fromiter((int(i) for i in among), dtype=np.int64))].sum())
+    return {"left": float(post[undecided].sum()), "undecided": int(undecided.sum()), "left_among": left_among,
+            "noise_rate": e, "total": float(post.sum()), "decided": int(decided.sum()),
+            "found": int(np.nansum(known)), "predicted": float(prior[decided].sum())}

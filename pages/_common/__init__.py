@@ -214,10 +214,16 @@ def page(name: str, icon: str = "", heading: str | None = None) -> Project:
 
 
 def chosen_run(project: Project, key: str, label: str = "Run") -> str:
-    """The run picker, defaulting to the preferred run (a diffin run first); stops when none."""
-    run = run_picker(project, key=key, label=label, default=appstate.preferred_run(project.runs()))
+    """The run picker, defaulting to the run in the URL (?run=), else the preferred run (a diffin
+    run first); the choice is written back to the URL, so a reload keeps it. Stops when none."""
+    default = st.query_params.get("run") if key not in st.session_state else None
+    names = [r.name for r in project.runs()]
+    run = run_picker(project, key=key, label=label,
+                     default=default if default in names else appstate.preferred_run(project.runs()))
     if run is None:
         st.stop()
+    if st.query_params.get("run") != run:
+        st.query_params["run"] = run
     return run
 
 

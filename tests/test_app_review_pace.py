@@ -1,0 +1,96 @@
+"""Review's pace (issue 21): the queue filter (kept in the URL), Next, the keyboard shortcuts on the
+card's buttons, and the session summary. The keys themselves are pressed in a real browser in
+tests/test_browser_review_keys.py (AppTest runs no JavaScript)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+from app_fixtures import jobs, loss_run, new_app, scored, texts, workspace  # noqa: F401
+
+from diffin_core.workspace.review import ReviewLog
+
+
+def metrics(at) -> dict:
+    return {m.label: m.value for m in at.metric}
+
+
+def current_sample(at) -> int:
+    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
+    return int(heads[0].split()[1])
+
+
+def test_class_filter_next_and_shortcuts(scored):
+    scores = pd.read_parquet(scored / "runs/loss-1/scores.parquet")
+    threes = scores[scores["label"] == 3].sort_values("label_issue", ascending=False, kind="stable")
+    ranked = threes["sample_id"].tolist()
+    at = new_app(scored, "pages/4_Review.py")
+    at.multiselect(key="review_filter_given").set_value([3]).run()
+    assert current_sample(at) == ranked[0]
+    assert list(at.query_params["given"]) in (["3"], ["3"[0]])
+    assert metrics(at)["Left in this queue"] == f"{len(ranked):,}"
+    # the card's buttons carry their keys (Streamlit draws them and fires them, never in a text box)
+    shortcuts = {b.key: b.proto.shortcut.upper() for b in at.button}
+    assert shortcuts["review_keep"] == "K" and shortcuts["review_exclude"] == "X"
+    assert shortcuts["review_next"] == "N"
+    at.button(key="review_exclude").click().run()
+    assert current_sample(at) == ranked[1]                     # the next 3, not the global next
+    at.button(key="review_next").click().run()                 # skip ranked[1]: undecided, to the end
+    assert current_sample(at) == ranked[2]
+    at.button(key="review_keep").click().run()
+    assert current_sample(at) == ranked[3]
+    assert at.button(key="review_undo").proto.shortcut.upper() == "U"
+    state = ReviewLog(scored).state()
+    assert state.loc[ranked[0], "action"] == "exclude" and state.loc[ranked[2], "action"] == "keep"
+    assert ranked[1] not in state.index
+    assert metrics(at)["Left in this queue"] == f"{len(ranked) - 2:,}"
+    # the state filter: the excluded ones only, e.g. to look again
+    at.multiselect(key="review_filter_states").set_value(["exclude"]).run()
+    assert current_sample(at) == ranked[0]
+    assert metrics(at)["Left in this queue"] == "1"
+
+
+def test_relabel_key_only_when_the_button_relabels_to_the_suggestion(scored):
+    scores = pd.read_parquet(scored / "runs/loss-1/scores.parquet")
+    disagree = scores[scores["label"] != scores["pred"]]
+    at = new_app(scored, "pages/4_Review.py")
+    at.multiselect(key="review_filter_given").set_value([int(disagree["label"].iloc[0])]).run()
+    sid = current_sample(at)
+    row = scores.set_index("sample_id").loc[sid]
+    assert row["pred"] != row["label"]          # the top suspect of a class: the model disagrees
+    assert at.button(key="review_relabel").proto.shortcut.upper() == "L"
+    other = next(y for y in range(10) if y not in (row["pred"], row["label"]))
+    at.selectbox(key=f"review_new_label_{sid}").set_value(other).run()
+    assert not at.button(key="review_relabel").proto.shortcut       # L never relabels to another class
+
+
+def test_filter_and_run_come_back_from_the_url(scored):
+    fresh = new_app(scored)             # a reload: a new session, the page state in the URL only
+    fresh.query_params.update({"given": "5,7", "state": "keep", "run": "loss-1"})
+    fresh.switch_page("pages/4_Review.py").run()
+    assert fresh.multiselect(key="review_filter_given").value == [5, 7]
+    assert fresh.multiselect(key="review_filter_states").value == ["keep"]
+    assert fresh.selectbox(key="review_run").value == "loss-1"
+    assert any("No sample matches this filter" in s for s in texts(fresh.success))
+
+
+def test_session_summary(scored):
+    # a diffin run (its label_issue is an estimated leave-one-out loss): the expected errors show
+    run = scored / "runs" / "diffin-1"
+    shutil.copytree(scored / "runs" / "loss-1", run)
+    meta = json.loads((run / "meta.json").read_text())
+    (run / "meta.json").write_text(json.dumps({**meta, "run": "diffin-1", "method": "diffin",
+                                               "finished": meta["finished"] + 1}))
+    at = new_app(scored, "pages/4_Review.py")
+    assert at.selectbox(key="review_run").value == "diffin-1"
+    m = metrics(at)
+    assert m["Decided per minute"] == "–" and m["Left in this queue"] == "4,000"
+    assert float(m["Expected label errors left"].replace(",", "")) > 0
+    for _ in range(3):
+        at.button(key="review_keep").click().run()
+    m = metrics(at)
+    assert m["Decided per minute"] != "–" and m["Left in this queue"] == "3,997"
+    assert any("were excluded or relabelled" in c for c in texts(at.caption))
+    at.selectbox(key="review_run").set_value("loss-1").run()
+    assert metrics(at)["Expected label errors left"] == "–"      # a ranking, not a LOO loss
