@@ -166,7 +166,7 @@ queue = queue.sort_values("label_issue", ascending=False, kind="stable")
 skipped = set(st.session_state.get("review_skipped", []))
 if skipped:                           # Next (N): skipped samples at the end of this tab's queue
     queue = queue.iloc[np.argsort(queue["sample_id"].isin(skipped).to_numpy(), kind="stable")]
-if flt.active():
+if tv.narrowed("review_filter"):
     st.caption(f"Queue filtered: {flt.describe(lambda y: ui.label_name(project, y))} · {len(queue):,} samples.")
 rows = scores.set_index("sample_id", drop=False)
 focus = st.session_state.get("review_focus")
@@ -175,7 +175,7 @@ if focus is not None and int(focus) not in rows.index:
 if queue.empty and focus is None:
     with head:
         live(None, None)
-    if flt.active():
+    if tv.narrowed("review_filter"):
         st.success("No sample matches this filter: widen it above.")
     else:
         st.success("No disagreement is waiting." if resolving else "Every sample has a decision"

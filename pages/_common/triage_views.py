@@ -104,6 +104,8 @@ def filter_bar(project, scores, key: str, *, states: bool = True, default_states
         text = (c[1].text_input("Text contains", key=k("text"), placeholder="a word or phrase, any case")
                 if project.kind == "text" else "")
     score_range = None if rng is None or tuple(rng) == (lo, hi) else (float(rng[0]), float(rng[1]))
+    st.session_state[k("narrowed")] = bool(given or pred or ids.strip() or text.strip() or score_range is not None
+                                           or (states and list(chosen) != list(default_states)))
     if url:
         to_url("given", sorted(given))
         to_url("pred", sorted(pred))
@@ -114,6 +116,11 @@ def filter_bar(project, scores, key: str, *, states: bool = True, default_states
         to_url("score", None if score_range is None else f"{score_range[0]:.6g}..{score_range[1]:.6g}")
     return triage.Filter(given=list(given), pred=list(pred), states=list(chosen), score_col=score_col,
                          score_range=score_range, ids=ids, text=text)
+
+
+def narrowed(key: str) -> bool:
+    """Whether filter_bar ``key`` narrows anything beyond its default (for captions)."""
+    return bool(st.session_state.get(f"{key}_narrowed"))
 
 
 def apply_filter(project, table, f: triage.Filter, state=None, done=None):
