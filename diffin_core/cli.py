@@ -96,7 +96,7 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
 
 def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
            features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
-           precision: str = "float32", hvp: str = "auto") -> Path:
+           precision: str = "float32", hvp: str = "auto", ray_timeout: Optional[float] = None) -> Path:
     from diffin_core.run.scoring import score
     settings = _settings(device, memory_budget, batch_size, precision, hvp)
     bar = Bar()
@@ -104,7 +104,7 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
         if ray is not None:
             from diffin_core.run.distributed import score_on_ray
             return score_on_ray(project, method, run, settings,
-                                address=None if ray == "local" else ray, progress=bar)
+                                address=None if ray == "local" else ray, progress=bar, timeout=ray_timeout)
         def published(path):
             if features:           # the scores are final now; the feature pass (Explore's fast top-k) follows
                 bar.close()
@@ -133,6 +133,10 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               ray: Optional[str] = typer.Option(None, "--ray", metavar="[ADDRESS]",
                                                 help="shard over Ray: --ray alone starts a local instance; "
                                                      "'auto' or host:6379 joins a cluster (docs/scale.md)"),
+              ray_timeout: Optional[float] = typer.Option(None, "--ray-timeout", metavar="SECONDS",
+                                                          help="give up reaching the Ray cluster (or starting the "
+                                                               "local one) after this long (default: "
+                                                               "$DIFFIN_RAY_TIMEOUT or 60)"),
               no_features: bool = typer.Option(False, "--no-features",
                                                help="skip the feature pass (then `diffin top` takes the exact path)"),
               memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE",
@@ -154,7 +158,8 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
         with warnings.catch_warnings():     # the recipe's approximations: printed below, each once
             warnings.simplefilter("ignore", RecipeWarning)
             out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
-                         memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp)
+                         memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp,
+                         ray_timeout=ray_timeout)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
         meta = json.loads((out / "meta.json").read_text())
         from diffin_core.engine.adam_batches import check_text

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +50,84 @@ def _ray():
     except ImportError:
         raise DiffinError("--ray needs Ray: pip install ray") from None
     return ray
+
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def ray_timeout(value: float | str | None = None) -> float:
+    """Seconds to reach a Ray cluster: ``value``, else ``DIFFIN_RAY_TIMEOUT``, else 60."""
+    raw = value if value is not None else os.environ.get("DIFFIN_RAY_TIMEOUT") or DEFAULT_TIMEOUT_S
+    try:
+        out = float(raw)
+    except (TypeError, ValueError):
+        out = float("nan")
+    if not out > 0 or out == float("inf"):
+        src = "--ray-timeout" if value is not None else "DIFFIN_RAY_TIMEOUT"
+        raise DiffinError(f"{src} must be a positive number of seconds, not {raw!r}")
+    return out
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if not host or not port.isdigit():
+        raise DiffinError(f"--ray {address!r} is not an address like HOST:6379, ray://HOST:10001 or auto")
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, timeout: float) -> None:
+    """One TCP connection to the cluster's port, so that nothing listening is said at once
+    (Ray itself retries for many minutes)."""
+    import socket
+    host, port = _host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=min(timeout, 10.0)).close()
+    except socket.timeout:
+        raise DiffinError(f"the Ray cluster at {address} did not answer within {min(timeout, 10.0):g} s "
+                          "(is the address right and the port open?)") from None
+    except socket.gaierror as e:
+        raise DiffinError(f"cannot reach the Ray cluster at {address}: unknown host {host!r} ({e.strerror})") from None
+    except OSError as e:
+        raise DiffinError(f"cannot reach the Ray cluster at {address}: nothing listens there "
+                          f"({e.strerror or type(e).__name__}); start it with `ray start --head` "
+                          "or check the address") from None
+
+
+def connect(ray, address: str | None, timeout: float | None = None) -> None:
+    """``ray.init`` within ``timeout`` seconds, or one line: the port is probed first, then
+    ``ray.init`` runs in a daemon thread while this one waits in short joins (Ctrl-C stops it at
+    once; after a timeout the thread is left behind, the caller exits). A local instance that
+    cannot start (e.g. ``RAY_TMPDIR`` not a folder) is one line too."""
+    timeout = ray_timeout(timeout)
+    where = address or "a new local instance"
+    if address and address != "auto":
+        _probe(address, timeout)
+    box: dict = {}
+
+    def init():
+        try:
+            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        except BaseException as e:       # handed to the waiting thread
+            box["error"] = e
+    thread = threading.Thread(target=init, name="diffin-ray-init", daemon=True)
+    deadline = time.monotonic() + timeout
+    import logging                       # Ray warns that a thread other than the main one sets no SIGTERM handler
+    logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
+    thread.start()
+    while thread.is_alive() and time.monotonic() < deadline:
+        thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+    if thread.is_alive():
+        raise DiffinError(f"the Ray cluster at {where} did not answer within {timeout:g} s "
+                          "(--ray-timeout or DIFFIN_RAY_TIMEOUT sets the limit)")
+    e = box.get("error")
+    if e is not None:
+        what = f"reach the Ray cluster at {address}" if address else "start a local Ray instance"
+        if isinstance(e, OSError) and e.filename and not address:     # e.g. RAY_TMPDIR is a file
+            raise DiffinError(f"cannot {what}: {e.strerror} (RAY_TMPDIR must be a writable folder)",
+                              e.filename) from None
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise DiffinError(f"cannot {what} ({type(e).__name__}: {text[:200]})") from None
 
 
 def to_device(obj, device):
@@ -174,9 +254,11 @@ def shard_bounds(n: int, shards: int, batch: int) -> list[tuple[int, int]]:
 
 
 def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSettings | None = None,
-                 address: str | None = None, shards: int | None = None, progress=None) -> Path:
+                 address: str | None = None, shards: int | None = None, progress=None,
+                 timeout: float | None = None) -> Path:
     """Score every training sample on Ray (stages in the module docstring); returns the run
-    folder, the same files as ``scoring.score``."""
+    folder, the same files as ``scoring.score``. ``timeout``: seconds to reach the cluster or
+    start the local instance (``connect``; default ``DIFFIN_RAY_TIMEOUT`` or 60)."""
     from diffin_core.project.folder import Project
     from diffin_core.run.scoring import next_run_name, scores_frame, write_run
     ray = _ray()
@@ -197,11 +279,7 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     progress = progress or (lambda d, t, m: None)
     started = time.time()
     if not ray.is_initialized():
-        try:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise DiffinError(f"cannot reach the Ray cluster at {address or 'a new local instance'} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        connect(ray, address, timeout)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     n = len(project.train)
@@ -211,7 +289,11 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     # max_calls=0: GPU workers too stay alive between tasks, keeping their context and plan
     opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
     stages = _stages(project, method, settings)
-    parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
+    try:
+        parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
+    except BaseException:
+        stages.remove_if_empty()         # failed before any shard or plan was saved: no leftover settings.json
+        raise
 
     out = gather(cls(), parts, project.train.y)
     if cls.run is not Attributor.run:
@@ -287,7 +369,10 @@ def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: i
     running = {task.remote(root, cfg, method, [plan], *bounds[i]): i for i in todo}
     try:
         while running:
-            ready, _ = ray.wait(list(running), num_returns=1)
+            # short waits: Ctrl-C is handled between them (a blocking wait held it for ~30 s)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+            if not ready:
+                continue
             i = running.pop(ready[0])
             parts[i] = ray.get(ready[0])
             stages.save_scores(f"rows_{bounds[i][0]}_{bounds[i][1]}", parts[i])
