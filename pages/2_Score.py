@@ -88,6 +88,8 @@ def progress_panel():
             if cols[1].button("Cancel", key=f"score_cancel_{info.id}", icon=":material/cancel:"):
                 jm.cancel(info.id)
                 ui.add_job_ids([info.id])
+        elif info.status == "failed" and info.timed_out:     # jobs.TimeLimit stopped it
+            st.error(f"{info.label}: stopped at its time limit: {info.error}", icon=":material/timer_off:")
         elif info.status == "failed":
             st.error(f"{info.label}: scoring failed: {info.error}", icon=":material/error:")
         elif info.status == "cancelled":

@@ -129,6 +129,18 @@ def test_failed_job_shows_plain_error(scored, jobs):
     assert [r for r in table_with(at, "run")["run"]] == ["loss-1"]
 
 
+def test_a_job_stopped_at_its_time_limit_says_so(scored, jobs):
+    jid = jobs.submit_child("score", "time:sleep", (120,), label="tracin", project_dir=scored,
+                            with_progress=False, timeout=2)     # a scoring job that hangs
+    info = jobs.wait(jid, timeout=60)
+    assert info.status == "failed" and info.timed_out
+    at = new_app(scored, "pages/2_Score.py")
+    errors = [e for e in texts(at.error) if e.startswith("tracin:")]
+    assert errors == [f"tracin: stopped at its time limit: {info.error}"], texts(at.error)
+    assert "its time limit is 2 s" in errors[0]
+    assert [e.proto.icon for e in at.error if e.value.startswith("tracin:")] == [":material/timer_off:"]
+
+
 def test_running_job_listed_above_the_queued(scored, jobs):
     at = new_app(scored, "pages/2_Score.py")
     at.multiselect(key="score_methods").set_value(["loss", "margin", "grad-dot"]).run()

@@ -271,3 +271,57 @@ def test_a_broken_model_py_is_reported_once(tmp_path):
     problems = Project(proj).validate()
     assert len(problems) == len(set(problems)) >= 1
     assert sum("No module named 'nets'" in p for p in problems) <= 1
+
+
+CLAIMER = """
+import sys, time
+from pathlib import Path
+from diffin_core.project.folder import Project
+from diffin_core.run.scoring import run_name
+go, hold = Path(sys.argv[2]), Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.01)
+with run_name(Project(sys.argv[1]), "loss", None) as name:
+    print(name, flush=True)
+    while not hold.exists():            # neither has published its run yet
+        time.sleep(0.01)
+"""
+
+
+def test_two_processes_never_claim_the_same_default_run_name(tmp_path):
+    proj = make_tiny_project(tmp_path / "p")
+    go, hold = tmp_path / "go", tmp_path / "hold"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(proj), str(go), str(hold)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    names = []
+    try:
+        import time
+        time.sleep(0.5)
+        go.touch()                                          # all three ask at once
+        names = [p.stdout.readline().strip() for p in procs]
+        hold.touch()
+        for p in procs:
+            assert p.wait(timeout=120) == 0, p.stderr.read()
+    finally:
+        for p in procs:
+            p.kill()
+    assert sorted(names) == ["loss-1", "loss-2", "loss-3"], names
+    assert not list((proj / "runs").glob(".*.claim"))          # released
+
+
+def test_default_run_names_of_two_scores_at_once_and_a_dead_claim(tmp_path):
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "runs").mkdir()
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    (proj / "runs" / ".loss-1.claim").write_text(str(p.pid))   # a killed score's claim: taken back
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "diffin_core.cli", "score", str(proj), "-m", "loss"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for q in procs:
+        out, err = q.communicate(timeout=300)
+        assert q.returncode == 0, err
+    runs = sorted(r.name for r in (proj / "runs").iterdir() if not r.name.startswith("."))
+    assert runs == ["loss-1", "loss-2"], runs
+    assert not list((proj / "runs").glob(".*.claim"))

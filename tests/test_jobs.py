@@ -1,6 +1,7 @@
 """JobManager: progress, failures, cancellation, one-at-a-time, rate/eta, persistence, copies."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -284,3 +285,130 @@ def test_submit_child_runs_in_another_process(jm):
     bad = jm.wait(jm.submit_child("probe", "os:_exit", (3,), label="exits", with_progress=False), 60)
     assert bad.status == "failed" and bad.error == "exits crashed (exit code 3)"
     assert jm.wait(jm.submit("after", lambda p: "next"), 5).result == "next"
+
+
+# --- issue 20: no project holds the queue; every job has a time limit --------------------------
+
+def test_a_hung_job_in_one_project_does_not_block_another(tmp_path):
+    m = JobManager(workers=2, per_project=1)
+    try:
+        a, b = tmp_path / "a", tmp_path / "b"
+        hang = threading.Event()
+        hung = m.submit("score", lambda p: hang.wait(30), project_dir=a)
+        queued_a = m.submit("score", lambda p: "a2", project_dir=a)       # waits behind a's own job
+        _until(lambda: m.get(hung).status == "running")
+        lock, running, peak = threading.Lock(), [0], [0]
+
+        def fn(p):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+            return "b"
+        bs = [m.submit("score", fn, project_dir=b) for _ in range(3)]
+        assert [m.wait(j, 5).result for j in bs] == ["b", "b", "b"]          # b ran while a's job hung
+        assert peak[0] == 1                                                  # one at a time within b
+        assert m.get(queued_a).status == "queued"                            # a holds only its own slot
+        hang.set()
+        assert m.wait(queued_a, 5).result == "a2"
+    finally:
+        hang.set()
+        m.reset()
+
+
+def test_the_global_cap_holds_across_projects(tmp_path):
+    m = JobManager(workers=2, per_project=1)
+    try:
+        gate, lock, running, peak = threading.Event(), threading.Lock(), [0], [0]
+
+        def fn(p):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            gate.wait(5)
+            with lock:
+                running[0] -= 1
+        ids = [m.submit("score", fn, project_dir=tmp_path / f"p{i}") for i in range(4)]
+        _until(lambda: sum(m.get(i).status == "running" for i in ids) == 2)
+        time.sleep(0.1)
+        assert sum(m.get(i).status == "running" for i in ids) == 2
+        gate.set()
+        assert all(m.wait(i, 5).status == "done" for i in ids) and peak[0] == 2
+    finally:
+        gate.set()
+        m.reset()
+
+
+def test_a_job_past_its_own_time_limit_is_stopped_and_says_so(tmp_path):
+    m = JobManager(workers=1, watch_every=0.05)
+    try:
+        def slow(p):
+            for i in range(10_000):
+                p.update(i, 10_000, "scoring")
+                time.sleep(0.01)
+        jid = m.submit("score", slow, label="tracin", project_dir=tmp_path, time_limit=0.3)
+        info = m.wait(jid, 5)
+        assert info.status == "failed" and info.timed_out, info
+        assert info.error.startswith("timed out after ") and "(its time limit is 0 s)" in info.error, info.error
+        assert "\n" not in info.error
+        on_disk = json.loads((tmp_path / "runs" / ".jobs" / f"{jid}.json").read_text())
+        assert on_disk["timed_out"] is True and on_disk["status"] == "failed"
+        assert m.wait(m.submit("score", lambda p: "next"), 5).result == "next"
+    finally:
+        m.reset()
+
+
+def test_the_default_limit_comes_from_the_jobs_own_eta():
+    limits = jobs.TimeLimit(eta_factor=4, min_s=1, stall_s=1000)
+    now = time.time()
+    info = JobInfo(id="x", kind="score", status="running", started=now - 10, last_update=now - 7,
+                   done=10, total=40, expected_s=2.0)    # at its last update it predicted 2 s in all
+    assert limits.exceeded(info, now) == ("timed out after 10 s: its progress predicted 2 s and the limit is 4x "
+                                          "that, at least 1 s (DIFFIN_JOB_TIME_LIMIT sets one)")
+    assert limits.exceeded(dataclasses.replace(info, expected_s=3.0), now) is None   # 10 s < 4 x 3 s
+    stalled = JobInfo(id="y", kind="score", status="running", started=now - 2000, last_update=now - 1500)
+    assert "no progress for 25 min" in limits.exceeded(stalled, now)
+    assert limits.exceeded(dataclasses.replace(stalled, last_update=now - 10), now) is None
+    assert "its time limit is 5 s" in jobs.TimeLimit(fixed_s=5).exceeded(dataclasses.replace(stalled, last_update=now), now)
+
+
+def test_progress_records_the_predicted_total(jm):
+    gate = threading.Event()
+
+    def fn(p):
+        p.update(0, 100, "scoring")
+        time.sleep(0.2)
+        p.update(50, 100)
+        gate.wait(5)
+    jid = jm.submit("score", fn)
+    _until(lambda: jm.get(jid).done == 50)
+    info = jm.get(jid)
+    assert 0.3 <= info.expected_s <= 1.5, info.expected_s        # 50 in ~0.2 s: ~0.4 s for 100, plus the start
+    gate.set()
+    jm.wait(jid, 5)
+
+
+def test_a_hung_thread_is_left_behind_and_the_queue_moves_on(monkeypatch):
+    monkeypatch.setattr(JobManager, "GRACE_S", 0.2)
+    m = JobManager(workers=1, watch_every=0.05)
+    forever = threading.Event()
+    try:
+        jid = m.submit("score", lambda p: forever.wait(30), label="hung", time_limit=0.2)  # never calls update
+        after = m.submit("score", lambda p: "ran")
+        assert m.wait(after, 10).result == "ran"
+        info = m.get(jid)
+        assert info.status == "failed" and info.timed_out
+        assert info.error.endswith("(its thread did not stop and was left behind)"), info.error
+    finally:
+        forever.set()
+        m.reset()
+
+
+def test_a_child_job_past_its_limit_is_killed(jm):
+    t0 = time.time()
+    jid = jm.submit_child("sleep", "time:sleep", (60,), label="sleeper", with_progress=False, timeout=3)
+    info = jm.wait(jid, 60)
+    assert info.status == "failed" and info.timed_out and "its time limit is 3 s" in info.error, info
+    assert time.time() - t0 < 30

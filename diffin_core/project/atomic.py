@@ -226,3 +226,76 @@ def clean_staging(workspace: str | Path, prefix: str = ".diffin-upload-") -> lis
         _remove(p)
         out.append(p.name)
     return out
+
+
+# --- default names: claimed atomically ---------------------------------------------------------
+#
+# Two processes naming a new run ``<prefix>-N`` at once must not both take N. A name is claimed by
+# creating ``<parent>/.<name>.claim`` with O_EXCL (one creator wins) while the folder itself does
+# not exist; the claim holds the writer's pid and is removed once the folder is published (or the
+# write failed), so nothing is left behind. Claims of dead processes are removed under an
+# exclusive lock on the parent folder (flock, where the OS has it), so no two processes judge
+# the same claim at once.
+
+@contextlib.contextmanager
+def claimed_name(parent: str | Path, prefix: str) -> Iterator[str]:
+    """Yield the first ``<prefix>-N`` (N = 1, 2, ...) that names no entry of ``parent`` and that
+    no live process has claimed; the claim lasts until the ``with`` block ends (publish the
+    folder inside it). A ``parent`` created here is removed again if it is left empty."""
+    parent = Path(parent)
+    created = not parent.exists()
+    parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(parent) as locked:
+        if locked:
+            _drop_dead_claims(parent)
+        i = 1
+        while True:
+            name = f"{prefix}-{i}"
+            i += 1
+            target, claim = parent / name, parent / f".{name}.claim"
+            if target.exists() or target.is_symlink():
+                continue
+            try:
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:      # another live writer holds it
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            if target.exists() or target.is_symlink():     # published by a writer that released its claim
+                claim.unlink(missing_ok=True)
+                continue
+            break
+    try:
+        yield name
+    finally:
+        claim.unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                parent.rmdir()           # only when empty: a failed first run leaves no runs/ behind
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[bool]:
+    try:
+        import fcntl
+        fd = os.open(folder, os.O_RDONLY)
+    except (ImportError, OSError):       # no flock (Windows): O_EXCL alone still keeps names unique
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield True
+    finally:
+        os.close(fd)                     # closing releases the lock
+
+
+def _drop_dead_claims(parent: Path) -> None:
+    """Claims whose writer is gone (killed mid-run); called under the lock only."""
+    for p in parent.glob(".*.claim"):
+        try:
+            pid = int(p.read_text().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _pid_alive(pid):      # a live writer's (this process's included)
+            continue
+        p.unlink(missing_ok=True)

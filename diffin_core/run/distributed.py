@@ -260,7 +260,7 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     folder, the same files as ``scoring.score``. ``timeout``: seconds to reach the cluster or
     start the local instance (``connect``; default ``DIFFIN_RAY_TIMEOUT`` or 60)."""
     from diffin_core.project.folder import Project
-    from diffin_core.run.scoring import next_run_name, scores_frame, write_run
+    from diffin_core.run.scoring import run_name, scores_frame, write_run
     ray = _ray()
     project = project if isinstance(project, Project) else Project(project)
     settings = settings or ScoreSettings()
@@ -273,47 +273,45 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
     if getattr(cls, "needs_recipe", False) and not project.recipe:
         raise DiffinError(f"{method} retrains the model on the driver: add "
                           "`[train] recipe = \"train.py:train\"` to diffin.toml", project.config_path)
-    run = run or next_run_name(project, method)
-    if "/" in run or run.startswith("."):
-        raise DiffinError(f"run name {run!r} must be a plain folder name")
     progress = progress or (lambda d, t, m: None)
-    started = time.time()
-    if not ray.is_initialized():
-        connect(ray, address, timeout)
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    n = len(project.train)
-    root, cfg = str(project.root), settings.to_dict()
-    slots = gpus or max(1, int(resources.get("CPU", 1)))
-    bounds = shard_bounds(n, shards or 4 * slots, settings.batch_size)
-    # max_calls=0: GPU workers too stay alive between tasks, keeping their context and plan
-    opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
-    stages = _stages(project, method, settings)
-    try:
-        parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
-    except BaseException:
-        stages.remove_if_empty()         # failed before any shard or plan was saved: no leftover settings.json
-        raise
+    with run_name(project, method, run) as run:     # a default name is claimed until published
+        started = time.time()
+        if not ray.is_initialized():
+            connect(ray, address, timeout)
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        n = len(project.train)
+        root, cfg = str(project.root), settings.to_dict()
+        slots = gpus or max(1, int(resources.get("CPU", 1)))
+        bounds = shard_bounds(n, shards or 4 * slots, settings.batch_size)
+        # max_calls=0: GPU workers too stay alive between tasks, keeping their context and plan
+        opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
+        stages = _stages(project, method, settings)
+        try:
+            parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
+        except BaseException:
+            stages.remove_if_empty()         # failed before any shard or plan was saved: no leftover settings.json
+            raise
 
-    out = gather(cls(), parts, project.train.y)
-    if cls.run is not Attributor.run:
-        # the method post-processes its run (diffin: label_issue at the checkpoint with the lowest
-        # query loss): its own ``run`` does it on the driver, around the gathered shards
-        from diffin_core.run.context import project_context
-        q = project.query
-        out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
-    df = scores_frame(project.train, out)
-    from diffin_core.engine.precision import not_checked
-    model = project.build_model()
-    meta = {
-        "run": run, "method": method, "settings": cfg, "device": "cuda" if gpus else "cpu",
-        "checkpoints": len(project.manifest.checkpoints), "train_size": n, "query_size": len(project.query),
-        "num_params": int(sum(t.numel() for t in model.parameters())),
-        "seconds": round(time.time() - started, 3), "finished": time.time(),
-        "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
-        "precision": not_checked(settings, "Ray shards score in float32 (the low-precision check runs on local runs only)"),
-    }
-    final = write_run(project, run, df, meta, started)
+        out = gather(cls(), parts, project.train.y)
+        if cls.run is not Attributor.run:
+            # the method post-processes its run (diffin: label_issue at the checkpoint with the lowest
+            # query loss): its own ``run`` does it on the driver, around the gathered shards
+            from diffin_core.run.context import project_context
+            q = project.query
+            out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
+        df = scores_frame(project.train, out)
+        from diffin_core.engine.precision import not_checked
+        model = project.build_model()
+        meta = {
+            "run": run, "method": method, "settings": cfg, "device": "cuda" if gpus else "cpu",
+            "checkpoints": len(project.manifest.checkpoints), "train_size": n, "query_size": len(project.query),
+            "num_params": int(sum(t.numel() for t in model.parameters())),
+            "seconds": round(time.time() - started, 3), "finished": time.time(),
+            "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
+            "precision": not_checked(settings, "Ray shards score in float32 (the low-precision check runs on local runs only)"),
+        }
+        final = write_run(project, run, df, meta, started)
     stages.remove()                      # complete: the resumable stages are not needed
     return final
 

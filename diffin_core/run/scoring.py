@@ -9,6 +9,7 @@ true_label when the train split knows it. Sign: influence > 0 helpful, < 0 harmf
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -70,11 +71,19 @@ def scores_frame(train: Split, out: dict) -> pd.DataFrame:
     return df
 
 
-def next_run_name(project: Project, method: str) -> str:
-    i = 1
-    while (project.runs_dir / f"{method}-{i}").exists():
-        i += 1
-    return f"{method}-{i}"
+@contextlib.contextmanager
+def run_name(project: Project, method: str, run: str | None):
+    """``run`` when given (checked: a plain folder name), else the first free ``<method>-N``,
+    claimed atomically for the ``with`` block (two processes scoring at once never take the same
+    default name; atomic.claimed_name). Publish the run inside the block."""
+    if run:
+        if "/" in run or run.startswith("."):
+            raise DiffinError(f"run name {run!r} must be a plain folder name")
+        yield run
+        return
+    from diffin_core.project.atomic import claimed_name
+    with claimed_name(project.runs_dir, method) as name:
+        yield name
 
 
 def score(project: Project | str | Path, method: str, run: str | None = None,
@@ -92,43 +101,41 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     settings = settings or ScoreSettings()
     if method not in METHODS:
         raise DiffinError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    run = run or next_run_name(project, method)
-    if "/" in run or run.startswith("."):
-        raise DiffinError(f"run name {run!r} must be a plain folder name")
-    started = time.time()
-    ctx = project_context(project, settings, progress)
-    q = project.query
-    qx = np.asarray(q.x)
-    # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
-    # a killed job with the same settings resumes from them (stages.py)
-    ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
-    try:
-        out = run_method(ctx, method, qx, q.y)
-        if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
-            from diffin_core.engine.adam_batches import decide
-            decide(ctx)
-    except BaseException:
-        ctx.stages.remove_if_empty()     # failed before saving any stage: no leftover settings.json
-        raise
-    df = scores_frame(project.train, out)
-    meta = {
-        "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
-        "checkpoints": len(ctx.thetas), "train_size": ctx.n, "query_size": len(q),
-        "num_params": ctx.fm.num_params, "seconds": round(time.time() - started, 3),
-        "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
-                                               "diffin": "0.1.0"},
-        "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
-        "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
-        "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
-        # what of the training recipe the estimate approximates, one line each (empty: modelled exactly)
-        "approximations": (list(getattr(ctx.recipe, "approximations", None) or [])
-                           if getattr(METHODS[method], "uses_recipe", False) else []),
-        "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
-        "hvp": hvp_summary(ctx),         # hvp.py: which Hessian-vector products were used (auto: where, why)
-    }
-    if getattr(ctx, "adam_check", None) is not None:     # Adam's replay: its self-check (adam_batches.py)
-        meta["adam_check"] = ctx.adam_check
-    final = write_run(project, run, df, meta, started)
+    with run_name(project, method, run) as run:     # a default name is claimed until published
+        started = time.time()
+        ctx = project_context(project, settings, progress)
+        q = project.query
+        qx = np.asarray(q.x)
+        # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
+        # a killed job with the same settings resumes from them (stages.py)
+        ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
+        try:
+            out = run_method(ctx, method, qx, q.y)
+            if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
+                from diffin_core.engine.adam_batches import decide
+                decide(ctx)
+        except BaseException:
+            ctx.stages.remove_if_empty()     # failed before saving any stage: no leftover settings.json
+            raise
+        df = scores_frame(project.train, out)
+        meta = {
+            "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
+            "checkpoints": len(ctx.thetas), "train_size": ctx.n, "query_size": len(q),
+            "num_params": ctx.fm.num_params, "seconds": round(time.time() - started, 3),
+            "finished": time.time(), "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                                                   "diffin": "0.1.0"},
+            "memory": ctx.memory.to_dict() if ctx.memory is not None else None,
+            "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
+            "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
+            # what of the training recipe the estimate approximates, one line each (empty: modelled exactly)
+            "approximations": (list(getattr(ctx.recipe, "approximations", None) or [])
+                               if getattr(METHODS[method], "uses_recipe", False) else []),
+            "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
+            "hvp": hvp_summary(ctx),         # hvp.py: which Hessian-vector products were used (auto: where, why)
+        }
+        if getattr(ctx, "adam_check", None) is not None:     # Adam's replay: its self-check (adam_batches.py)
+            meta["adam_check"] = ctx.adam_check
+        final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     if on_published is not None:         # the scores are usable now; the feature pass follows
         on_published(final)

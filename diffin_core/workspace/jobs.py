@@ -1,8 +1,17 @@
-"""Background jobs: one worker thread runs heavy (torch) jobs one at a time.
+"""Background jobs: worker threads run heavy (torch) jobs, at most one per project at a time.
 
 Engine code only, no Streamlit: the app holds one ``JobManager`` in ``@st.cache_resource`` and
 polls ``get()`` from a fragment. A job's state is also kept in
 ``<project_dir>/runs/.jobs/<job_id>.json`` so a reloaded page sees how it ended after a restart.
+
+No project can hold the queue: ``workers`` threads (the global cap) each take the oldest queued
+job whose project has fewer than ``per_project`` jobs running (jobs without a project form one
+group of their own). And no job runs for ever: each has a time limit (``TimeLimit``): a fixed
+number of seconds when given, else ``eta_factor`` x the total its own progress predicted (its
+ETA at its last update), at least ``min_s``, and no progress update for ``stall_s`` seconds. A
+job past its limit is cancelled (a child process is killed at once), marked failed with
+``timed_out`` and a one-line error that says which limit; if its thread does not come back
+within a few seconds it is left behind and a fresh worker takes its place, so the slot frees.
 """
 from __future__ import annotations
 
@@ -10,7 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import queue
 import re
 import threading
 import time
@@ -49,6 +57,10 @@ class JobInfo:
     steps: int | None = None       # (each done == 0 message "... k/m" is one step of m)
     phase: str = ""                # that message with k/m blanked: a new text starts a new phase
     counting_since: float | None = None  # last time done was 0: the items phase starts there
+    last_update: float | None = None     # when progress last arrived (the stall limit counts from it)
+    expected_s: float | None = None      # the run time its progress predicted at the last update
+    time_limit_s: float | None = None    # the job's own fixed limit (None: from its ETA, TimeLimit)
+    timed_out: bool = False              # stopped at its time limit (status "failed", error says which)
 
     @property
     def rate(self) -> float:
@@ -90,11 +102,76 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+@dataclass(frozen=True)
+class TimeLimit:
+    """When a running job is stopped (module docstring). ``fixed_s``: this many seconds for every
+    job without its own ``time_limit`` (``DIFFIN_JOB_TIME_LIMIT``); else ``eta_factor`` x the run
+    time its progress predicted, at least ``min_s``; and never more than ``stall_s`` without a
+    progress update (``DIFFIN_JOB_STALL``)."""
+    fixed_s: float | None = None
+    eta_factor: float = 4.0
+    min_s: float = 15 * 60
+    stall_s: float = 60 * 60
+
+    @classmethod
+    def from_env(cls) -> "TimeLimit":
+        def seconds(name, default):
+            raw = os.environ.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = float(raw)
+            except ValueError:
+                raise DiffinError(f"{name}={raw!r} is not a number of seconds") from None
+            if not value > 0:
+                raise DiffinError(f"{name} must be a positive number of seconds, not {raw!r}")
+            return value
+        return cls(fixed_s=seconds("DIFFIN_JOB_TIME_LIMIT", None), stall_s=seconds("DIFFIN_JOB_STALL", cls.stall_s))
+
+    def exceeded(self, info: JobInfo, now: float) -> str | None:
+        """Why ``info`` (running) is past its limit, in words; None while within it."""
+        if info.started is None:
+            return None
+        ran = now - info.started
+        fixed = info.time_limit_s if info.time_limit_s is not None else self.fixed_s
+        if fixed is not None:
+            return f"timed out after {_dur(ran)} (its time limit is {_dur(fixed)})" if ran > fixed else None
+        if info.expected_s:
+            allowed = max(self.min_s, self.eta_factor * info.expected_s)
+            if ran > allowed:
+                return (f"timed out after {_dur(ran)}: its progress predicted {_dur(info.expected_s)} and the limit "
+                        f"is {self.eta_factor:g}x that, at least {_dur(self.min_s)} (DIFFIN_JOB_TIME_LIMIT sets one)")
+        quiet = now - (info.last_update or info.started)
+        if quiet > self.stall_s:
+            return (f"timed out: no progress for {_dur(quiet)} (the limit is {_dur(self.stall_s)}; "
+                    "DIFFIN_JOB_STALL sets it)")
+        return None
+
+
+def _dur(seconds: float) -> str:
+    seconds = float(seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 class _Job:
     def __init__(self, info: JobInfo, fn: Callable):
         self.info, self.fn = info, fn
         self.cancel = threading.Event()
         self.last_write = 0.0
+        self.timeout: str | None = None      # why it was stopped at its time limit
+        self.stopped_at = 0.0
+        self.worker: "_Worker | None" = None
+
+
+class _Worker:
+    """One worker thread; ``retired`` once it was left behind with a job past its time limit."""
+
+    def __init__(self):
+        self.retired = False
 
 
 class Progress:
@@ -119,6 +196,7 @@ class Progress:
             info.done = int(done)
             if total is not None:
                 info.total = int(total)
+            info.last_update = time.time()
             if message:
                 info.message = " ".join(str(message).split())
             if info.done == 0:
@@ -130,46 +208,62 @@ class Progress:
                     info.steps, info.phase = m, phase
                 elif message:
                     info.step, info.steps, info.phase = 0, None, ""
+            eta = info.eta_s
+            if eta is not None and info.started is not None:   # frozen between updates: a hung job's stays put
+                info.expected_s = info.last_update - info.started + eta
             if time.time() - self._job.last_write >= 0.5:  # at most ~2 writes/s
                 self._m._save(self._job)
         self.check()
 
 
 class JobManager:
-    """Queue of jobs served by ``workers`` daemon threads (keep 1: torch/CUDA work)."""
+    """Queue of jobs served by ``workers`` daemon threads (the global cap), at most
+    ``per_project`` of them on one project's jobs; ``limits``: when a running job is stopped
+    (``TimeLimit``; default from the environment)."""
 
-    def __init__(self, workers: int = 1):
-        self._cv = threading.Condition()  # guards the job table and every JobInfo in it
+    GRACE_S = 5.0          # a job past its limit that ignores cancel is left behind after this
+
+    def __init__(self, workers: int = 1, per_project: int = 1, limits: TimeLimit | None = None,
+                 watch_every: float = 1.0):
+        self._cv = threading.Condition()  # guards the job table, the queue and every JobInfo in it
         self._jobs: dict[str, _Job] = {}
-        self._queue: queue.Queue[_Job] = queue.Queue()
-        for i in range(workers):
-            threading.Thread(target=self._worker, name=f"diffin-job-{i}", daemon=True).start()
+        self._pending: list[_Job] = []    # queued, in submit order
+        self._running: dict[str | None, int] = {}   # project -> jobs running
+        self.workers, self.per_project = max(1, int(workers)), max(1, int(per_project))
+        self.limits = limits or TimeLimit.from_env()
+        self._n = 0
+        for _ in range(self.workers):
+            self._spawn_worker()
+        threading.Thread(target=self._watch, args=(watch_every,), name="diffin-job-watch", daemon=True).start()
 
     # -- public API ---------------------------------------------------------------------
     def submit(self, kind: str, fn: Callable[[Progress], Any], *, label: str = "",
-               project_dir: str | os.PathLike | None = None) -> str:
-        """Queue ``fn(progress)``; returns the job id at once."""
+               project_dir: str | os.PathLike | None = None, time_limit: float | None = None) -> str:
+        """Queue ``fn(progress)``; returns the job id at once. ``time_limit``: seconds this job
+        may run (default: the manager's ``TimeLimit``)."""
         pdir = None if project_dir is None else str(Path(project_dir).resolve())
         job = _Job(JobInfo(id=uuid.uuid4().hex[:8], kind=kind, label=label, project_dir=pdir,
-                           created=time.time()), fn)
+                           created=time.time(), time_limit_s=time_limit), fn)
         with self._cv:
             self._jobs[job.info.id] = job
-            self._save(job)  # before the worker can see it, so "queued" never lands after "running"
-        self._queue.put(job)
+            self._save(job)  # before a worker can see it, so "queued" never lands after "running"
+            self._pending.append(job)
+            self._cv.notify_all()
         return job.info.id
 
     def submit_child(self, kind: str, target: str, args: tuple = (), kwargs: dict | None = None, *,
                      label: str = "", project_dir: str | os.PathLike | None = None,
                      timeout: float | None = None, with_progress: bool = True) -> str:
         """Queue ``target(*args, progress=..., **kwargs)`` (``"module:function"``) to run in a
-        child process (usercode.run): cancel kills it, a crash fails only this job."""
+        child process (usercode.run): cancel kills it, a crash fails only this job. ``timeout``:
+        the job's time limit (seconds; default the manager's ``TimeLimit``): the child is killed."""
         from diffin_core.workspace import usercode
 
         def fn(progress: Progress):
             return usercode.run(target, *args, progress=progress.update if with_progress else None,
-                                cancelled=lambda: progress.cancelled, timeout=timeout, what=label or kind,
+                                cancelled=lambda: progress.cancelled, what=label or kind,
                                 **(kwargs or {}))
-        return self.submit(kind, fn, label=label, project_dir=project_dir)
+        return self.submit(kind, fn, label=label, project_dir=project_dir, time_limit=timeout)
 
     def get(self, job_id: str) -> JobInfo | None:
         with self._cv:
@@ -231,24 +325,48 @@ class JobManager:
             for job_id in list(self._jobs):
                 self.cancel(job_id)
             self._jobs.clear()
+            self._pending.clear()
             self._cv.notify_all()
 
     # -- internals ------------------------------------------------------------------------
-    def _worker(self) -> None:
-        while True:
-            job = self._queue.get()
+    def _spawn_worker(self) -> None:  # at start, and in place of a worker left behind
+        self._n += 1
+        w = _Worker()
+        threading.Thread(target=self._worker, args=(w,), name=f"diffin-job-{self._n}", daemon=True).start()
+
+    def _next(self) -> _Job | None:  # caller holds the lock: the oldest queued job whose project has room
+        self._pending = [j for j in self._pending if j.info.status == "queued" and not j.cancel.is_set()]
+        for job in self._pending:
+            if self._running.get(job.info.project_dir, 0) < self.per_project:
+                self._pending.remove(job)
+                return job
+        return None
+
+    def _worker(self, me: _Worker) -> None:
+        while not me.retired:
+            with self._cv:
+                job = self._next()
+                while job is None:
+                    self._cv.wait()
+                    job = self._next()
+                key = job.info.project_dir
+                self._running[key] = self._running.get(key, 0) + 1
+                job.worker = me
+                job.info.status, job.info.started = "running", time.time()
+                job.info.last_update = job.info.started
+                self._save(job)
+                self._cv.notify_all()
             try:
                 self._run(job)
             except Exception:  # never let a bug here kill the worker
                 log.exception("job %s: internal error", job.info.id)
+            finally:
+                with self._cv:
+                    if not me.retired:           # a retired worker's slot was freed already
+                        self._running[key] -= 1
+                    self._cv.notify_all()
 
     def _run(self, job: _Job) -> None:
-        with self._cv:
-            if job.info.status != "queued" or job.cancel.is_set():
-                return
-            job.info.status, job.info.started = "running", time.time()
-            self._save(job)
-            self._cv.notify_all()
         result, error = None, None
         try:
             result, status = job.fn(Progress(self, job)), "done"
@@ -258,8 +376,42 @@ class JobManager:
             status, error = "failed", _one_line(exc)
             log.info("job %s failed: %s", job.info.id, error, exc_info=not isinstance(exc, DiffinError))
         with self._cv:
+            if job.info.status != "running":     # left behind at its time limit: already failed
+                return
+            if job.timeout is not None:          # stopped at its time limit (cancel raised, or it ended anyway)
+                result, status, error = None, "failed", job.timeout
             job.info.result, job.info.error = result, error
             self._finish(job, status)
+
+    def _watch(self, every: float) -> None:
+        """Stop running jobs past their time limit; leave behind those that ignore it."""
+        while True:
+            time.sleep(every)
+            try:
+                self._check_limits(time.time())
+            except Exception:  # never let a bug here end the watch
+                log.exception("job watch: internal error")
+
+    def _check_limits(self, now: float) -> None:
+        with self._cv:
+            for job in list(self._jobs.values()):
+                info = job.info
+                if info.status != "running":
+                    continue
+                if job.timeout is None:
+                    why = self.limits.exceeded(info, now)
+                    if why is not None:
+                        job.timeout, job.stopped_at = why, now
+                        info.timed_out = True
+                        job.cancel.set()         # a child process is killed at once; a thread at its next update
+                        log.warning("job %s (%s): %s", info.id, info.label or info.kind, why)
+                elif now - job.stopped_at > self.GRACE_S and job.worker is not None and not job.worker.retired:
+                    # it ignores cancel (hung in a thread): fail it, free its slot, start a fresh worker
+                    job.worker.retired = True
+                    self._running[info.project_dir] -= 1
+                    info.error = job.timeout + " (its thread did not stop and was left behind)"
+                    self._finish(job, "failed")
+                    self._spawn_worker()
 
     def _finish(self, job: _Job, status: str) -> None:  # caller holds the lock
         job.info.status, job.info.finished = status, time.time()

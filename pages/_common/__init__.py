@@ -154,8 +154,13 @@ def require(name: str):
 
 @st.cache_resource
 def job_manager() -> JobManager:
-    """The one background worker shared by every session of this server."""
-    return JobManager(workers=1)
+    """The background workers shared by every session of this server: at most one job per project
+    at a time, ``DIFFIN_JOB_WORKERS`` (default 2) in all, each job under its time limit (jobs.py)."""
+    try:
+        workers = int(os.environ.get("DIFFIN_JOB_WORKERS") or 2)
+    except ValueError:
+        workers = 2
+    return JobManager(workers=workers)
 
 
 def workspace() -> Path:
