@@ -242,3 +242,75 @@ def test_blank_6000px_pngs_refused_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(DiffinError, match="decoded images exceed the size limit of 100,000,000 bytes at 'a/1.png'"):
         read_imagefolder_zip(z, max_image_pixels=10**8, max_decoded_bytes=100_000_000)
     assert decoded == []
+
+
+# ---- issue 20: sixteen blank 4096 x 4096 PNGs (4 KB) cost 3.5 GB in the server ------------------
+
+def blank_4096_zip(path, count=16):
+    """The issue's zip: ``count`` blank 4096 x 4096 greyscale PNGs in two classes (a few KB)."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG", optimize=True)
+    return make_zip(path, {f"{'ab'[i % 2]}/{i:02d}.png": buf.getvalue() for i in range(count)})
+
+
+UPLOAD = """
+import resource, sys
+from diffin_core.workspace import usercode
+with open(sys.argv[2], "rb") as f:
+    print(usercode.store_upload(sys.argv[1], "train", "images.zip", f))
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _upload_in_a_fresh_process(project, zip_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = {**__import__("os").environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", UPLOAD, str(project), str(zip_path)], capture_output=True, text=True,
+                       env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    message, peak = r.stdout.strip().splitlines()[-2:]
+    return message, int(peak.split()[1])
+
+
+@pytest.mark.slow
+def test_blank_4096px_pngs_decode_in_a_child_not_in_the_server(tmp_path):
+    big = blank_4096_zip(tmp_path / "big.zip")
+    small = blank_4096_zip(tmp_path / "small.zip", count=2)
+    assert big.stat().st_size < 100_000
+    msg, peak_big = _upload_in_a_fresh_process(tmp_path / "ws" / "p1", big)
+    assert msg == "images.zip: train data OK (16 samples, images [1, 4096, 4096])", msg
+    _, peak_small = _upload_in_a_fresh_process(tmp_path / "ws" / "p2", small)
+    # decoded, the 16 images are 1 GiB of float32: none of it in the calling (server) process
+    assert peak_big - peak_small < 150 * 2**20, (peak_big, peak_small)
+    assert (tmp_path / "ws" / "p1" / "data" / "train.npz").is_file()
+
+
+def test_decoded_total_capped_by_the_memory_budget(tmp_path, monkeypatch):
+    from diffin_core.engine import budget
+    from diffin_core.workspace import safezip
+    z = blank_4096_zip(tmp_path / "imgs.zip")
+    decoded = []
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1) or 1 / 0)
+    monkeypatch.setattr(budget, "free_memory", lambda device="cpu": 1 << 30)     # 1 GiB free: a 512 MiB budget
+    assert safezip.decode_limit() == 512 * 2**20
+    with pytest.raises(DiffinError) as err:
+        read_imagefolder_zip(z)
+    assert str(err.value) == (f"{z}: decoded images exceed the size limit of 536,870,912 bytes at 'b/01.png' (not "
+                              "decoded: 16 images of 4096x4096 are 1,024 MiB or more as float32; the limit is the "
+                              "memory budget, half the free RAM, at most 2 GiB)")
+    assert decoded == []
+    monkeypatch.setattr(budget, "free_memory", lambda device="cpu": 64 << 30)
+    assert safezip.decode_limit() == safezip.MAX_DECODED_BYTES            # never above 2 GiB
+
+
+def test_only_png_jpeg_and_bmp_decoders_are_used(tmp_path):
+    from PIL import Image as PILImage
+    buf = io.BytesIO()
+    PILImage.new("L", (4, 4)).save(buf, format="TIFF")                   # a TIFF named .png
+    z = make_zip(tmp_path / "tiff.zip", {"a/1.png": buf.getvalue()})
+    with pytest.raises(DiffinError, match=r"image 'a/1.png' cannot be read"):
+        read_imagefolder_zip(z)

@@ -7,8 +7,8 @@ members, at most ``max_files`` members, declared uncompressed total at most
 1,000 x 1 MB of zeros in 1.1 MB case), no member over 1 MB with compression ratio above
 ``max_ratio``, and while streaming, no member yielding more bytes than it declares (headers
 are not trusted). Images are measured from their headers before they are decoded: at most
-``max_image_pixels`` (width x height) each and ``max_decoded_bytes`` for the decoded float32
-array. Any refusal is a ``DiffinError`` naming the zip file.
+``max_image_pixels`` (width x height) each and ``max_decoded_bytes`` (the memory budget, at most
+2 GiB) for the decoded float32 array. Any refusal is a ``DiffinError`` naming the zip file.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import numpy as np
 from diffin_core.errors import DiffinError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
+_FORMATS = ("PNG", "JPEG", "BMP")    # the only decoders an ImageFolder zip's images may use
 _CHUNK = 1 << 20
 _RATIO_MIN_SIZE = 1 << 20  # the ratio limits apply to members (and archives) above 1 MB
 MAX_IMAGE_PIXELS = 4096 * 4096      # per image (width x height), checked before decoding
@@ -150,23 +151,39 @@ def safe_extract(zip_path: str | Path, dest_dir: str | Path, *,
     return dest
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def decode_limit() -> int:
+    """The decoded float32 total an ImageFolder zip may have: the memory budget (half the free
+    RAM, engine/budget.py) and at most ``MAX_DECODED_BYTES``."""
+    from diffin_core.engine.budget import default_budget
+    return min(MAX_DECODED_BYTES, default_budget("cpu"))
+
+
 def read_imagefolder_zip(zip_path: str | Path, *, max_total_bytes: int = 2_000_000_000,
                          max_files: int = 200_000, max_ratio: float = 200,
                          max_image_pixels: int = MAX_IMAGE_PIXELS,
-                         max_decoded_bytes: int = MAX_DECODED_BYTES
+                         max_decoded_bytes: int | None = None
                          ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Read an ImageFolder zip (``class/img.png|jpg|jpeg|bmp``, optionally under one top folder).
 
     Returns x float32 (N, C, H, W) in [0, 1], y int64 (N,) class indices, label_names (classes
     sorted by name) and files (member names, in row order). C is 3 if any image is colour,
     else 1. ``__MACOSX/``, dotfiles and non-image files are ignored. Members are read in
-    memory through the same checks as ``safe_extract``. Each image's size is read from its
-    header before decoding: over ``max_image_pixels`` (width x height), or a decoded float32
-    total over ``max_decoded_bytes``, is refused without decoding it.
+    memory through the same checks as ``safe_extract``. Every image's header is read first (no
+    pixel decoded): one over ``max_image_pixels`` (width x height), or a decoded float32 total
+    over ``max_decoded_bytes`` (default ``decode_limit()``: the memory budget, at most 2 GiB),
+    is refused. Then x is allocated once and each image decoded into its row (the peak is x
+    plus one image). Only PNG, JPEG and BMP decoders are used, whatever a file's name says. PIL's
+    own decompression-bomb check (a warning above ``Image.MAX_IMAGE_PIXELS``, 89,478,485 by
+    default, an error above twice that) stays as a backstop behind the stricter per-image cap.
     """
     from PIL import Image
 
     zip_path = Path(zip_path)
+    limit = decode_limit() if max_decoded_bytes is None else int(max_decoded_bytes)
     zf, members = _open_checked(zip_path, _Limits(max_total_bytes, max_files, max_ratio))
     images = [(i, p) for i, p in members
               if p[0] != "__MACOSX" and not any(s.startswith(".") for s in p)
@@ -181,35 +198,48 @@ def read_imagefolder_zip(zip_path: str | Path, *, max_total_bytes: int = 2_000_0
                           zip_path)
     images.sort(key=lambda ip: ip[1])
     label_names = sorted({p[0] for _, p in images})
-    arrays, budget, size, colour = [], [max_total_bytes], None, False
+    budget, size, modes = [max_total_bytes], None, []
+
+    def open_image(info):
+        data = b"".join(_stream(zf, info, zip_path, budget))
+        return Image.open(io.BytesIO(data), formats=_FORMATS)      # reads the header only
+
     with zf:
-        for info, parts in images:
-            data = b"".join(_stream(zf, info, zip_path, budget))
+        for info, parts in images:               # 1: headers only, nothing decoded
             try:
-                img = Image.open(io.BytesIO(data))          # reads the header only
-                w, h = img.size
-                if w * h > max_image_pixels:
-                    raise DiffinError(f"image {info.filename!r} is {w}x{h} = {w * h:,} pixels, above the "
-                                      f"limit of {max_image_pixels:,} per image (not decoded)", zip_path)
-                if size is not None and img.size != size:
-                    raise DiffinError(f"image {info.filename!r} is {img.size[0]}x{img.size[1]}, "
-                                      f"others are {size[0]}x{size[1]}", zip_path)
-                size = img.size
-                mode = "L" if Image.getmodebase(img.mode) == "L" else "RGB"
-                colour |= mode == "RGB"
-                decoded = (len(arrays) + 1) * w * h * (3 if colour else 1) * 4   # float32 result
-                if decoded > max_decoded_bytes:
-                    raise DiffinError(f"decoded images exceed the size limit of {max_decoded_bytes:,} bytes "
-                                      f"at {info.filename!r} (not decoded)", zip_path)
-                arr = np.asarray(img.convert(mode), dtype=np.uint8)
+                img = open_image(info)
             except DiffinError:
                 raise
             except Exception as exc:  # PIL raises many types for bad data
-                raise DiffinError(f"image {info.filename!r} cannot be read ({exc})",
-                                  zip_path) from exc
-            arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    channels = max(a.shape[0] for a in arrays)
-    x = np.stack([np.repeat(a, channels // a.shape[0], axis=0) for a in arrays])
+                raise DiffinError(f"image {info.filename!r} cannot be read ({exc})", zip_path) from exc
+            w, h = img.size
+            if w * h > max_image_pixels:
+                raise DiffinError(f"image {info.filename!r} is {w}x{h} = {w * h:,} pixels, above the "
+                                  f"limit of {max_image_pixels:,} per image (not decoded)", zip_path)
+            if size is not None and img.size != size:
+                raise DiffinError(f"image {info.filename!r} is {img.size[0]}x{img.size[1]}, "
+                                  f"others are {size[0]}x{size[1]}", zip_path)
+            size = img.size
+            modes.append("L" if Image.getmodebase(img.mode) == "L" else "RGB")
+            decoded = len(modes) * w * h * (3 if "RGB" in modes else 1) * 4   # float32 result so far
+            if decoded > limit:
+                raise DiffinError(
+                    f"decoded images exceed the size limit of {limit:,} bytes at {info.filename!r} (not "
+                    f"decoded: {len(images):,} images of {w}x{h} are {_mib(len(images) * w * h * 4)} MiB "
+                    f"or more as float32; the limit is the memory budget, half the free RAM, at most "
+                    f"{MAX_DECODED_BYTES >> 30} GiB)", zip_path)
+        channels = 3 if "RGB" in modes else 1
+        x = np.empty((len(images), channels, size[1], size[0]), dtype=np.float32)
+        budget = [max_total_bytes]
+        for row, ((info, _), mode) in enumerate(zip(images, modes)):      # 2: one image at a time
+            try:
+                arr = np.asarray(open_image(info).convert(mode), dtype=np.uint8)
+            except DiffinError:
+                raise
+            except Exception as exc:
+                raise DiffinError(f"image {info.filename!r} cannot be read ({exc})", zip_path) from exc
+            x[row] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)   # grey broadcasts to C
+            x[row] /= 255.0
     index = {name: k for k, name in enumerate(label_names)}
     y = np.array([index[p[0]] for _, p in images], dtype=np.int64)
-    return x.astype(np.float32) / 255.0, y, label_names, [i.filename for i, _ in images]
+    return x, y, label_names, [i.filename for i, _ in images]

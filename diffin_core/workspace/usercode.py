@@ -59,6 +59,8 @@ def _preparation_data(name, _original=mp_spawn.get_preparation_data):
 mp_spawn.get_preparation_data = _preparation_data
 # Setup's model checks: how long importing and building a model may take (seconds).
 MODEL_TIMEOUT_S = float(os.environ.get("DIFFIN_MODEL_TIMEOUT", "120"))
+# Setup's ImageFolder zips: how long decoding one may take in its child (seconds).
+IMAGES_TIMEOUT_S = 600.0
 _NOISE = ("Current thread", "Thread 0x", "Extension modules", "Traceback", "File ", "Stack (most recent")
 
 
@@ -233,11 +235,19 @@ def _model_is_code(project_dir: Path) -> bool:
 
 def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout: float | None = None) -> str:
     """``uploads.store_upload`` with the model's import and build in a child (a time limit,
-    crashes reported). Data uploads, and checkpoints when no model.py is set, stay in-process."""
+    crashes reported). An ImageFolder zip is decoded in a child too, so its images never take
+    the server's memory (safezip caps the decoded total by the memory budget). Other data
+    uploads, and checkpoints when no model.py is set, stay in-process."""
     project_dir = Path(project_dir)
-    if role not in ("model", "checkpoint") or (role == "checkpoint" and not _model_is_code(project_dir)):
+    image_zip = role in ("train", "query") and Path(str(name)).suffix.lower() == ".zip"
+    if not image_zip and (role not in ("model", "checkpoint")
+                          or (role == "checkpoint" and not _model_is_code(project_dir))):
         from diffin_core.workspace import uploads
         return uploads.store_upload(project_dir, role, name, fileobj)
+    if image_zip:
+        timeout, what = timeout or max(MODEL_TIMEOUT_S, IMAGES_TIMEOUT_S), "reading the images"
+    else:
+        timeout, what = timeout or MODEL_TIMEOUT_S, "the model check"
     project_dir.parent.mkdir(parents=True, exist_ok=True)
     spool = Path(tempfile.mkdtemp(prefix=f".diffin-upload-{os.getpid()}-", dir=project_dir.parent))
     try:
@@ -248,7 +258,7 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
             shutil.copyfileobj(fileobj, out, 1 << 20)
         try:
             return run("diffin_core.workspace.usercode:_store_upload_from_file", str(project_dir), role, str(name), str(tmp),
-                       timeout=timeout or MODEL_TIMEOUT_S, what="the model check")
+                       timeout=timeout, what=what)
         except ChildFailed as e:
             raise DiffinError(e.problem, Path(str(name)).name) from None
     finally:
