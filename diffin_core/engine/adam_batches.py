@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from diffin_core.errors import DiffinError
+from diffin_core.engine.dropout import applied, flag, step_masks
 from diffin_core.engine.functional import no_tf32
 from diffin_core.engine.hvp import product
 
@@ -198,10 +199,12 @@ class _Replay:
         for s in range(lo, hi):
             rows, x, y = _batch(self.ctx, s)
             j, th = self.theta_at(s, state[0])
-            g = _grad(self.ctx, j, th, x, y)
+            masks = step_masks(self.ctx, s, self.ctx.fm_at(j), th.to(self.ctx.thetas[j].dtype), x)
+            with applied(masks):                  # training's dropout masks of step s (dropout.py)
+                g = _grad(self.ctx, j, th, x, y)
             state = self.advance(state, s, g)
             if keep:
-                out.append((s, rows, x, y, j, th, g, state[1], state[2]))
+                out.append((s, rows, x, y, j, th, g, state[1], state[2], masks))
         return state, out
 
     def check(self, end) -> dict | None:
@@ -263,7 +266,7 @@ def segment(ctx, k: int, carry):
     hvp_state: dict = {}                         # one HVP decision for the interval (hvp.py)
     for b in sorted(entry, reverse=True):
         _end, steps = rep.run(b, min(b + block, hi), entry[b], keep=True)
-        for s, rows, x, y, j, theta, g, m, v in reversed(steps):
+        for s, rows, x, y, j, theta, g, m, v, masks in reversed(steps):
             fm = ctx.fm_at(j)
             lr, f = _lr(ctx, s, ut), _clip(ctx, s)
             lam_c, lam_d = _coupled(ctx, ut), _decoupled(ctx, ut)
@@ -278,7 +281,7 @@ def segment(ctx, k: int, carry):
             w = (1 - b1) * am + 2 * (1 - b2) * gd * av       # the adjoint of the step's gradient
             wg = _clip_adjoint(w, g, f)                        # ... of the raw batch gradient (clipping)
             wm, th = wg.to(dt), theta.to(dt)
-            with no_tf32():
+            with no_tf32(), applied(masks):
                 dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
                 hw = product(ctx, k, fm, th, x, y, g, "adam", hvp_state)(wm)
             rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
@@ -327,6 +330,7 @@ def decide(ctx) -> dict | None:
         return getattr(ctx, "adam_check", None)
     summary = check_summary(ctx)
     ctx.adam_check = summary
+    flag(ctx)                                       # dropout masks the check could not redraw exactly
     if summary is not None and not summary["passed"]:
         import warnings
         from diffin_core.engine.recipe import RecipeWarning

@@ -5,7 +5,9 @@ flattened in ``named_parameters`` order); a batch is ``x`` (B, ...) and integer 
 Losses are per-sample (the stated LossSpec: cross-entropy by default) in nats; batch losses are
 means over the batch.
 Buffers (BatchNorm running statistics) are fixed per checkpoint: ``with_buffers`` gives the
-same model bound to one checkpoint's buffers; the model always runs in eval mode.
+same model bound to one checkpoint's buffers; the model runs in eval mode, except inside
+``dropout.applied(masks)`` (a training step's recorded dropout masks, engine/dropout.py), where
+every forward runs the train-mode network with those masks.
 
 Finite-difference HVPs run with TF32 off (``no_tf32``): TF32's ~1e-3 relative precision is
 coarser than the finite-difference step and would turn the difference into noise.
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from diffin_core.engine import precision
+from diffin_core.engine import dropout, precision
 from diffin_core.engine.models import eval_mode
 
 LOSSES = {"cross_entropy"}
@@ -176,6 +178,10 @@ class FunctionalModel:
 
     # --- forward ----------------------------------------------------------------------------
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        masks = dropout.current()           # a training step's dropout masks (engine/dropout.py)
+        if masks is not None:
+            params = self.unflatten(theta)
+            return masks.forward(lambda xs: functional_call(self.model, params, (xs,)), x)
         return functional_call(self.model, self.unflatten(theta), (x,))
 
     def losses(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -197,9 +203,12 @@ class FunctionalModel:
         n, step = len(y), self._slice_rows() or len(y)
         if n <= step:
             return fn(x, y)
+        masks = dropout.current()           # a step's dropout masks: each slice takes its rows
         total = None
         for a in range(0, n, step):
-            part = fn(x[a:a + step], y[a:a + step]) * (min(n, a + step) - a)
+            with (masks.rows(masks.window[0] + a, masks.window[0] + min(n, a + step)) if masks is not None
+                  else contextlib.nullcontext()):
+                part = fn(x[a:a + step], y[a:a + step]) * (min(n, a + step) - a)
             total = part if total is None else total.add_(part)
         return total / n
 
@@ -213,6 +222,22 @@ class FunctionalModel:
         """Per-sample gradients (B, P) via vmap(grad)."""
         def single(t, xi, yi):
             return self.mean_loss(t, xi.unsqueeze(0), yi.unsqueeze(0))
+        masks = dropout.current()
+        if masks is not None:               # a training step's masks: each sample its own row
+            lo, hi = masks.window
+            calls = masks.stacked()
+            affine = [b is not None for _a, b in calls]
+            flat = [t[lo:hi] for a, b in calls for t in (a, b) if t is not None]
+
+            def lane(t, xi, yi, rows):
+                it, mine = iter(rows), []
+                for has_b in affine:
+                    a = next(it).unsqueeze(0)
+                    mine.append((a, next(it).unsqueeze(0) if has_b else None))
+                with masks.one_sample(mine):
+                    return single(t, xi, yi)
+            with precision.autocast():
+                return vmap(grad(lane), in_dims=(None, 0, 0, 0))(theta, x, y, flat).detach()
         with precision.autocast():          # low precision only inside precision.lowered
             return vmap(grad(single), in_dims=(None, 0, 0))(theta, x, y).detach()
 

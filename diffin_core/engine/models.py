@@ -130,11 +130,16 @@ def eval_mode(model: nn.Module) -> nn.Module:
 DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
-def train_mode_randomness(model: nn.Module) -> str | None:
-    """One approximation line when ``model`` has Dropout layers that train with p > 0 (their
-    random masks are not replayed: the engine scores the eval-mode network), else None.
+def train_mode_randomness(model: nn.Module, replayed: bool = False, recorded: bool = False) -> str | None:
+    """One approximation line when ``model`` has Dropout layers that train with p > 0 and their
+    masks are not replayed (the engine then scores the eval-mode network), else None.
+    ``replayed``: the Recorder kept training's generator states and the batch order is recorded,
+    so every step's masks are redrawn (engine/dropout.py): nothing to say. ``recorded``: the
+    states are there but the batch order is not (the line says what is missing).
     The measured cost is in docs/recipes.md ("Dropout"); Adam's replay self-check also fails on
     such a run and the checkpoint estimator scores it (engine/adam_batches.py)."""
+    if replayed:
+        return None
     ps = []
     for mod in model.modules():
         p = getattr(mod, "p", None)
@@ -143,10 +148,14 @@ def train_mode_randomness(model: nn.Module) -> str | None:
         elif type(mod).__name__.lower().endswith(("dropout", "droppath", "stochasticdepth")) and \
                 isinstance(p, (int, float)) and p > 0:
             ps.append(float(p))                 # timm's DropPath, torchvision's StochasticDepth, ...
-    if not ps:
+    if not ps and not recorded:
         return None
-    what = f"p={ps[0]:g}" if len(set(ps)) == 1 else f"p={min(ps):g}..{max(ps):g}"
-    return (f"Dropout ({len(ps)} layer{'s' if len(ps) > 1 else ''}, {what}): training's random masks are not replayed, "
+    what = ("random training forwards" if not ps else
+            f"{len(ps)} layer{'s' if len(ps) > 1 else ''}, p={ps[0]:g}" if len(set(ps)) == 1 else
+            f"{len(ps)} layers, p={min(ps):g}..{max(ps):g}")
+    why = ("the generator states are recorded but the batch order is not: record it, rec.step(batch_ids=...)"
+           if recorded else "record the run with the Recorder and its batch order to replay them")
+    return (f"Dropout ({what}): training's random masks are not replayed ({why}), "
             "the eval-mode network is scored (measured on a digits MLP at p=0.2, Spearman vs leave-one-out on "
             "2 seeds: SGD 0.91/0.85 (0.90/0.95 without dropout), AdamW 0.74/0.88 (0.99/0.98); docs/recipes.md "
             "\"Dropout\")")

@@ -24,16 +24,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from diffin_core.engine.adam_batches import interval
+from diffin_core.engine.adam_batches import _clip, interval
+from diffin_core.engine.dropout import applied, flag, step_masks
 from diffin_core.engine.functional import no_tf32
 from diffin_core.errors import DiffinError
 
 
 def applies(ctx) -> bool:
-    """SGD (not Adam) with a recorded batch order and at least one clipped step."""
+    """SGD (not Adam) with a recorded batch order and at least one clipped step, or recorded
+    dropout masks (engine/dropout.py: each step's train-mode network)."""
     clip = getattr(ctx, "clip", None)
     return (not ctx.recipe.adam and getattr(ctx, "batch_order", None) is not None
-            and clip is not None and bool((clip < 1).any()))
+            and (clip is not None and bool((clip < 1).any()) or getattr(ctx, "rng", None) is not None))
 
 
 def start(u: torch.Tensor):
@@ -70,10 +72,11 @@ def segment(ctx, k: int, carry):
         theta = theta0 if nxt is None or span <= 0 or s <= t0 else theta0 + ((s - t0) / span) * (nxt - theta0)
         rows = ctx.batch_order.batch(s)
         x, y = ctx.tensors(np.asarray(ctx.train.x[rows], dtype=np.float32), np.asarray(ctx.train.y)[rows])
-        with no_tf32():
+        masks = step_masks(ctx, s, fm, theta, x)          # training's dropout masks of step s (dropout.py)
+        with no_tf32(), applied(masks):
             g = fm.batch_grad(theta, x, y)
         eta = (groups.step_lr_vector(s, ut.device, ut.dtype) if groups is not None else float(ctx.step_lrs[s]))
-        f = float(ctx.clip[s])
+        f = _clip(ctx, s)
         cs = 1.0 if (s == 0 and beta > 0) else c
         bs = float(momenta[s]) if momenta is not None and beta > 0 else beta     # a momentum schedule
         gs = bs if (recipe.nesterov and beta > 0) else gamma
@@ -85,12 +88,13 @@ def segment(ctx, k: int, carry):
         else:
             wc = w
         wm = (f * wc).to(dt)
-        with no_tf32():
+        with no_tf32(), applied(masks):
             dz = fm.directional(theta, x, y, wm).cpu().to(torch.float64)
             hw = product(ctx, k, fm, theta, x, y, g, "adam", hvp_state)(wm)
         rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
         ut = ut + hw.to(ut.dtype) + lam * w
         um = bs * am
+    flag(ctx)
     if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
         raise DiffinError(f"non-finite SGD replay at {ctx.label(k)}: refusing to write NaN scores")
     return rows_out, (ut, um), None

@@ -131,6 +131,8 @@ class Context:
     clip: np.ndarray | None = None        # (T,) gradient clipping's factor per step (None: no clipping)
     momenta: np.ndarray | None = None     # (T,) SGD's momentum per step when a schedule changes it
     loss: object | None = None            # functional.LossSpec the per-sample loss (None: cross-entropy)
+    rng: object | None = None             # dropout.ForwardStates: training's generator states per random
+                                          # forward, on the batch-order paths (None: eval-mode network)
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""

@@ -36,6 +36,12 @@ one warning line):
               without rec.clip_grad_norm_ (clipping not recorded: scoring says so)
   top level   "loss": {"name": "cross_entropy", "label_smoothing", "ignore_index", "weight"}
               Recorder(..., loss=nn.CrossEntropyLoss(...)); another loss: {"name", "known": false}
+  top level   "rng": {"device", "files": ["rng_000038.npz", ...], "forwards", "bytes"}   the random
+              generator states of every training forward that drew random numbers (dropout):
+              arrays "step", "rows" (F,), "cpu" (F, 5056) uint8 and "cuda" (F, 16) (a CUDA model)
+              at the forward's start, "after" (F,) a hash of the states it left; one file per
+              checkpoint interval. diffin redraws each step's dropout masks from them
+              (engine/dropout.py)
 Old manifests without these keys still read; the step_lrs and checkpoint lrs are the first
 trainable group's.
 """
@@ -191,6 +197,12 @@ def _structured_keys(raw: dict, path) -> dict:
         if not (isinstance(clip, dict) and _number(clip.get("max_norm")) and isinstance(clip.get("factors"), str)):
             raise DiffinError("'clip' must be an object with a number 'max_norm' and a file name 'factors'", path)
         out["clip"] = clip
+    rng = raw.get("rng")
+    if rng is not None:
+        if not (isinstance(rng, dict) and isinstance(rng.get("files"), list) and rng["files"]
+                and all(isinstance(f, str) and f for f in rng["files"])):
+            raise DiffinError("'rng' must be an object with a non-empty list of file names 'files'", path)
+        out["rng"] = rng
     for key in ("detected_clipping", "loss"):
         v = raw.get(key)
         if v is not None:
@@ -552,6 +564,7 @@ class Recorder:
         self._hook = (optimizer.register_step_pre_hook(self._record_lr)
                       if hasattr(optimizer, "register_step_pre_hook") else None)
         self._batch_hook = model.register_forward_pre_hook(self._record_batch)
+        self.rng = _RngTap(model)          # the generator states of random training forwards (dropout)
 
     def _record_batch(self, module, args):
         if module.training and args and isinstance(args[0], torch.Tensor) and args[0].ndim > 0:
@@ -657,6 +670,7 @@ class Recorder:
                 if self.global_step == 0:
                     self.manifest.extra["batch_size"] = int(len(ids))
         self.global_step += 1
+        self.rng.step = self.global_step
         if self._hook is None:
             self._record_lr(self.optimizer)
         if self._pending_first is not None:            # step 0's D is the one of the first step
@@ -681,6 +695,7 @@ class Recorder:
             else:
                 self._save_exp_avg_sq(c)
         self._write_batch_order()          # so a run killed after this checkpoint keeps its order
+        self._write_rng()
         self._write_manifest()
 
     def _save_exp_avg_sq(self, c: Checkpoint) -> None:
@@ -743,15 +758,130 @@ class Recorder:
                 np.savez(fh, ids=np.concatenate(self.batches), offsets=np.concatenate([[0], np.cumsum(sizes)]))
         self.manifest.batch_order = "batch_order.npz"
 
+    def _write_rng(self) -> None:
+        """The random training forwards since the last checkpoint, in their own rng_<step>.npz
+        (atomically; earlier files are never rewritten): manifest "rng" lists them."""
+        part = self.rng.take(self.global_step)
+        if part is None:
+            return
+        name = f"rng_{self.global_step:06d}.npz"
+        with atomic_path(self.dir / name) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **part)
+        info = self.manifest.extra.setdefault("rng", {"device": self.rng.device, "files": [], "forwards": 0,
+                                                      "bytes": 0})
+        info["files"].append(name)
+        info["forwards"] += int(len(part["step"]))
+        info["bytes"] += int((self.dir / name).stat().st_size)
+        if self.rng.device == "cuda":
+            info["device"] = "cuda"
+
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self._write_batch_order()
             self.save()
+            self._write_rng()
             self._write_manifest()
         if self._hook is not None:
             self._hook.remove()
         self._batch_hook.remove()
+        self.rng.remove()
         return False
+
+
+def batch_rows(args: tuple, kwargs: dict) -> int | None:
+    """The number of rows of a forward call's batch (input_ids, or the first tensor argument)."""
+    for v in [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()]:
+        if isinstance(v, torch.Tensor) and v.ndim > 0:
+            return int(v.shape[0])
+    return None
+
+
+class _RngTap:
+    """Forward hooks that keep the random generator states of every training forward (train
+    mode, gradients on) that drew random numbers (dropout): the CPU state and, for a CUDA model,
+    its device's, at the forward's start, with the forward's rows, its optimiser step and a hash
+    of the states it left (engine/dropout.py redraws the masks from them and checks the hash).
+    A forward that drew nothing costs one state comparison and is not kept."""
+
+    def __init__(self, model: nn.Module):
+        from diffin_core.engine import dropout
+        self._d = dropout
+        self.model, self.device = model, "cpu"
+        self.pending = None
+        self.kept: list[tuple] = []          # (step, rows, cpu state, cuda state or None, after-hash)
+        self.step = 0
+        self.hooks = [model.register_forward_pre_hook(self._before, with_kwargs=True),
+                      model.register_forward_hook(self._after, with_kwargs=True)]
+
+    def _dev(self):
+        p = next(self.model.parameters(), None)
+        return None if p is None else p.device
+
+    def _before(self, module, args, kwargs):
+        self.pending = None
+        if module.training and torch.is_grad_enabled():
+            dev = self._dev()
+            self.pending = (batch_rows(args, kwargs), self._d.get_states(dev), dev)
+        return None
+
+    def _after(self, module, args, kwargs, output):
+        if self.pending is None:
+            return None
+        rows, before, dev = self.pending
+        self.pending = None
+        after = self._d.get_states(dev)
+        if rows is None or all(torch.equal(before[k], after[k]) for k in before):
+            return None
+        if "cuda" in before:
+            self.device = "cuda"
+        self.kept.append((self.step, rows, before["cpu"].numpy().copy(),
+                          before["cuda"].cpu().numpy().copy() if "cuda" in before else None,
+                          self._d.state_hash(after)))
+        return None
+
+    def take(self, step: int) -> dict | None:
+        """The kept forwards of steps before ``step`` as arrays (removed from the tap), or None."""
+        part = [k for k in self.kept if k[0] < step]
+        self.kept = [k for k in self.kept if k[0] >= step]
+        if not part:
+            return None
+        out = {"step": np.array([k[0] for k in part], dtype=np.int64),
+               "rows": np.array([k[1] for k in part], dtype=np.int64),
+               "cpu": np.stack([k[2] for k in part]).astype(np.uint8),
+               "after": np.array([k[4] for k in part], dtype=np.int64)}
+        if all(k[3] is not None for k in part):
+            out["cuda"] = np.stack([k[3] for k in part]).astype(np.uint8)
+        return out
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+def load_rng(manifest: "Manifest"):
+    """The recorded random training forwards (manifest "rng", written by the Recorder) as an
+    engine.dropout.ForwardStates, or None. One-line DiffinError naming a missing or malformed file."""
+    info = manifest.extra.get("rng")
+    if not info:
+        return None
+    from diffin_core.engine.dropout import ForwardStates
+    cols: dict[str, list] = {"step": [], "rows": [], "cpu": [], "after": [], "cuda": []}
+    for name in info["files"]:
+        z, src = _side_array(manifest, name, "random generator state")
+        if not isinstance(z, dict) or any(k not in z for k in ("step", "rows", "cpu", "after")):
+            raise DiffinError("needs arrays 'step', 'rows', 'cpu' and 'after' (the Recorder's rng file)", src)
+        n = len(z["step"])
+        if not (len(z["rows"]) == n == len(z["after"]) == len(z["cpu"])) or z["cpu"].ndim != 2:
+            raise DiffinError("its arrays 'step', 'rows', 'cpu' and 'after' disagree in length", src)
+        for k in ("step", "rows", "cpu", "after"):
+            cols[k].append(z[k])
+        cols["cuda"].append(z.get("cuda"))
+    cuda = None if any(c is None for c in cols["cuda"]) or not cols["cuda"] else np.concatenate(cols["cuda"])
+    return ForwardStates(np.concatenate(cols["step"]).astype(np.int64), np.concatenate(cols["rows"]).astype(np.int64),
+                         np.concatenate(cols["cpu"]).astype(np.uint8), cuda,
+                         np.concatenate(cols["after"]).astype(np.int64), str(info.get("device", "cpu")))
 
 
 def _num(v) -> float:

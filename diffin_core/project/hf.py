@@ -16,7 +16,8 @@ gets all the forwards since the previous one). Beside them, the Trainer's clippi
 (``max_grad_norm`` and every step's gradient norm before clipping, so the clip factor
 ``min(1, max_grad_norm / (norm + 1e-6))`` of each step is known) and its label smoothing
 (``label_smoothing_factor``), in ``trainer.json`` and, where the Recorder can carry them, the
-manifest.
+manifest. Dropout: the Recorder keeps the random generator states of every training forward
+(manifest "rng"), so diffin redraws the masks the Trainer's forwards used (engine/dropout.py).
 
 The rows are positions in ``train_dataset`` as the Trainer indexes it: keep the dataset in the
 order of the project's training split (one row per sample, the same rows), as the sample project
@@ -36,7 +37,7 @@ import torch
 from transformers import TrainerCallback
 
 from diffin_core.project.atomic import write_text
-from diffin_core.project.checkpoints import Recorder, _IndexTap
+from diffin_core.project.checkpoints import Recorder, _IndexTap, batch_rows
 from diffin_core.errors import DiffinError
 
 TRAINER_FILE = "trainer.json"
@@ -57,14 +58,6 @@ class _BatchTap(_IndexTap):
 
     def __setattr__(self, name, value):
         setattr(self.__dict__["inner"], name, value)
-
-
-def _batch_rows(kwargs: dict, args: tuple) -> int | None:
-    """The number of rows of a forward call's batch (input_ids, or the first tensor argument)."""
-    for v in [kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args, *kwargs.values()]:
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return int(v.shape[0])
-    return None
 
 
 class DiffinCallback(TrainerCallback):
@@ -147,7 +140,7 @@ class DiffinCallback(TrainerCallback):
             self._drop_order("a training forward with no batch drawn from the Trainer's sampler")
             return None
         rows = self._tap.fifo.popleft()
-        size = _batch_rows(kwargs, args)
+        size = batch_rows(args, kwargs)
         if size is not None and size != len(rows):
             self._drop_order(f"a training forward of {size} rows where the sampler drew {len(rows)}")
             return None

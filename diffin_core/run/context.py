@@ -15,8 +15,8 @@ from diffin_core.engine.recipe import (Recipe, RecipeWarning, group_map, interpo
 from diffin_core.errors import DiffinError
 from diffin_core.methods import Context, ScoreSettings, pick_device
 from diffin_core.project.checkpoints import (Manifest, check_fits, check_step, complete_state, load_batch_order,
-                                             load_clip_factors, load_exp_avg_sq, load_group_steps, load_step_lrs,
-                                             read_state)
+                                             load_clip_factors, load_exp_avg_sq, load_group_steps, load_rng,
+                                             load_step_lrs, read_state)
 from diffin_core.project.data import Split
 from diffin_core.project.folder import Project
 from diffin_core.project.store import CheckpointStore, Lazy, StateFiles
@@ -26,7 +26,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
                  progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
                  step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None,
-                 groups=None, clip=None, loss=None, momenta=None) -> Context:
+                 groups=None, clip=None, loss=None, momenta=None, rng=None) -> Context:
     """A scoring context from in-memory parts (the project path and the tests both use it).
 
     states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
@@ -35,7 +35,9 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     with ``momentum``. ``exp_avg_sq``: per checkpoint (v (P,) in parameter order, Adam step
     count) or None, giving Adam's frozen preconditioner D. ``exp_avg`` (the same for the first
     moments) with ``batch_order`` (checkpoints.BatchOrder): diffin replays Adam's moments step by
-    step with the real batches (adam_batches.py).
+    step with the real batches (adam_batches.py). ``rng`` (dropout.ForwardStates, with a batch
+    order): every step's dropout masks are redrawn and the train-mode network evaluated
+    (engine/dropout.py); SGD then takes the per-step path (sgd_batches.py).
     """
     settings = settings or ScoreSettings()
     recipe = recipe or Recipe(momentum=float(momentum))
@@ -86,9 +88,11 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
                    buffers=buffers, precond=precond, files=files, moments=moments,
-                   batch_order=batch_order if (moments is not None or (not recipe.adam and clip is not None))
+                   batch_order=batch_order if (moments is not None or (not recipe.adam and (clip is not None
+                                                                                             or rng is not None)))
                    else None, groups=groups, clip=clip,
-                   loss=fm.loss, momenta=None if momenta is None else np.asarray(momenta, dtype=np.float64))
+                   loss=fm.loss, momenta=None if momenta is None else np.asarray(momenta, dtype=np.float64),
+                   rng=rng if batch_order is not None else None)
 
 
 def checkpoint_files(model: torch.nn.Module, m: Manifest) -> StateFiles:
@@ -153,8 +157,9 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
         recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
         eas = None
     firsts = order = None
-    if not recipe.adam and clip is not None and (clip < 1).any():     # SGD, clipped: the per-step path
-        order = load_batch_order(m, len(train))                       # (sgd_batches.py) when recorded
+    rng = load_rng(m)                   # training's generator states: dropout masks redrawn (dropout.py)
+    if not recipe.adam and (clip is not None and (clip < 1).any() or rng is not None):
+        order = load_batch_order(m, len(train))       # SGD clipped or with dropout: the per-step path
     if recipe.adam:
         order = load_batch_order(m, len(train))
         if order is None or any(not c.exp_avg for c in m.checkpoints):
@@ -164,8 +169,8 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
         else:
             firsts = Lazy(len(m.checkpoints), lambda k: load_exp_avg_sq(m, m.checkpoints[k], names, "exp_avg"))
     approx += clip_approximations(m, clip, replayed=order is not None)
-    dropout = train_mode_randomness(model)          # engine/models.py: masks not replayed, measured cost
-    if dropout:
+    dropout = train_mode_randomness(model, rng is not None and order is not None, rng is not None)
+    if dropout:                     # engine/models.py: masks not replayed, measured cost
         approx.append(dropout)
     if groups is not None and len({float(groups.wd[g]) for g in set(groups.tensor_groups) if g >= 0}) > 1:
         if recipe.decoupled and order is None:
@@ -185,7 +190,7 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
                         train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
                         exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order,
-                        groups=groups, clip=clip, loss=loss, momenta=momenta)
+                        groups=groups, clip=clip, loss=loss, momenta=momenta, rng=rng)
 
 
 def resolve_loss(stated, m: Manifest, train: Split):

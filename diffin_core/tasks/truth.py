@@ -152,6 +152,9 @@ class TorchRecipe:
     loss: object = None                # a torch loss module (e.g. nn.CrossEntropyLoss(label_smoothing=0.1));
                                        # its per-sample losses are used (reduction ignored), and recorded
     accumulate: int = 1                # micro-batches per optimiser step (gradient accumulation)
+    random_seed: int | None = None     # train-mode randomness (dropout): torch's generator seeded with it
+                                       # before training, and z left out by loss weight 0 (every forward
+                                       # keeps its shape, so every retraining draws the same masks)
 
     def per_sample(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample training losses (B,) (cross-entropy by default)."""
@@ -185,14 +188,20 @@ def train_torch(recipe: TorchRecipe, x: torch.Tensor, y: torch.Tensor, batches: 
     rec = Recorder(record_dir, model, opt, train_size=len(y), every=every, loss=recipe.loss) if record_dir else None
     if rec:
         rec.__enter__()
+    same_draws = recipe.random_seed is not None
+    if same_draws:
+        torch.manual_seed(recipe.random_seed)
     for idx in batches:
         opt.zero_grad()
         for micro in np.array_split(idx, max(1, int(recipe.accumulate))):      # the batch mean over idx
-            keep = micro if drop is None else micro[micro != drop]
+            keep = micro if drop is None or same_draws else micro[micro != drop]
             if len(keep) == 0:
                 continue
             t = torch.as_tensor(keep)
-            loss = recipe.per_sample(model(x[t]), y[t]).sum() / len(idx)
+            per = recipe.per_sample(model(x[t]), y[t])
+            if same_draws and drop is not None:
+                per = per * torch.as_tensor(keep != drop, dtype=per.dtype)
+            loss = per.sum() / len(idx)
             loss.backward()
         if recipe.clip:
             (rec.clip_grad_norm_ if rec else torch.nn.utils.clip_grad_norm_)(list(model.parameters()), recipe.clip)
@@ -226,13 +235,15 @@ def self_loo_torch(recipe: TorchRecipe, x, y, batches, samples) -> np.ndarray:
                        for z in samples])
 
 
-def digits_mlp(batchnorm: bool = False, seed: int = 0, dtype=torch.float64):
-    """model_fn for the recipe cases: digits MLP 64-32-10 (tanh), optionally with BatchNorm1d."""
+def digits_mlp(batchnorm: bool = False, seed: int = 0, dtype=torch.float64, dropout: float = 0.0):
+    """model_fn for the recipe cases: digits MLP 64-32-10 (tanh), optionally with BatchNorm1d
+    and Dropout(``dropout``) after the hidden layer."""
     from torch import nn
 
     def build():
         torch.manual_seed(seed)
         hidden = [nn.Linear(64, 32)] + ([nn.BatchNorm1d(32)] if batchnorm else []) + [nn.Tanh()]
+        hidden += [nn.Dropout(dropout)] if dropout else []
         return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(32, 10)).to(dtype)
     return build
 
