@@ -399,6 +399,8 @@ def build_plan(ctx, u: torch.Tensor, view_fn: ViewFn | None = None, batches: boo
         item, carry = plan_step(ctx, i, carry, view_fn)
         if item is not None:
             plan.append(item)
+        if view_fn is None:         # a Lanczos view per step (seconds): one report per step, counting up
+            ctx.progress(0, ctx.n, f"diffin: query plan: checkpoint {i + 1}/{ctx.m} done")
     return plan
 
 
@@ -476,5 +478,4 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     w, u, v = op.rows(u, v)
     if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
         raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")
-    ctx.progress(0, ctx.n, f"diffin: propagated the query through checkpoint {k + 1}/{ctx.m}")
     return PlanItem(k, 1.0 / ctx.n, w, op, rows, check), (u, v, *replay)

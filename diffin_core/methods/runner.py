@@ -193,7 +193,7 @@ def _chunks(ctx, start: int, stop: int, size: int, workers: int | None = None):
 
 def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True,
                chunk: int | None = None, workers: int | None = None,   # None: the split's [data] workers
-               progress_base: int | None = None) -> dict[str, np.ndarray]:
+               progress_base: int | None = None, progress_total: int | None = None) -> dict[str, np.ndarray]:
     """Scores of training rows [start, stop) with a prepared plan ``state``.
 
     Returns float64 numpy arrays of length stop - start: "influence", and when ``need_self``
@@ -228,7 +228,7 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
                     probs.append(torch.softmax(fm.logits(ctx.thetas[last], x), -1).to(acc))
             done += len(y)
             if progress_base is not None:
-                ctx.progress(progress_base + done - start, ctx.n if need_self else progress_base + stop - start,
+                ctx.progress(progress_base + done - start, progress_total or ctx.n,
                              f"{method.name}: scoring training samples")
 
     def host(parts):                      # one transfer per output for the whole range
@@ -283,7 +283,8 @@ def _run(method, ctx, qx, qy, need_self: bool, stages: Stages, mem: MemoryPlan) 
             part = stages.load_scores(f"ckpt_{i:03d}")
             if part is None:
                 threads.adapt()
-                part = score_rows(method, ctx, [state[i]], 0, n, False, mem.jvp_chunk, progress_base=i * n)
+                part = score_rows(method, ctx, [state[i]], 0, n, False, mem.jvp_chunk, progress_base=i * n,
+                                  progress_total=total * n)
                 stages.save_scores(f"ckpt_{i:03d}", part)
             infl += part["influence"]
             ctx.progress((i + 1) * n, total * n, f"{method.name}: checkpoint {i + 1}/{total} scored")
