@@ -91,8 +91,11 @@ def test_export_npz_has_decisions_applied(scored):
     at.button(key="export_write").click().run()
     assert not at.error, texts(at.error)
     out = scored / "exports" / "mnist-sample-clean-npz.npz"
+    from diffin_core.workspace.export import written_ids
     with np.load(out) as z:
-        ids, y, x = z["ids"], z["y"], z["x"]
+        y, x = z["y"], z["x"]
+        assert z.files == np.load(scored / "data/train.npz").files       # no array the input did not have
+    ids = written_ids(out)
     assert len(ids) == 4000 - 5 and not set(excluded) & set(ids.tolist())
     assert y[ids.tolist().index(relabelled)] == new_label
     train = np.load(scored / "data/train.npz")
@@ -130,8 +133,8 @@ def test_task_exports(scored):
     at.radio(key="export_source").set_value("drop").run()
     at.number_input(key="export_k").set_value(25).run()
     at.button(key="export_write").click().run()
-    with np.load(scored / "exports" / "mnist-sample-drop-harmful-npz.npz") as z:
-        ids = set(z["ids"].tolist())
+    from diffin_core.workspace.export import written_ids
+    ids = set(written_ids(scored / "exports" / "mnist-sample-drop-harmful-npz.npz").tolist())
     worst = set(scores.nsmallest(25, "influence")["sample_id"])
     assert len(ids) == 3975 and not worst & ids
     at.radio(key="export_source").set_value("coreset").run()
@@ -144,8 +147,7 @@ def test_task_exports(scored):
     for label, n in pd.Series(y).value_counts().items():
         assert abs(n - round(0.2 * counts[label])) <= 1
     from diffin_core.tasks.curate import ccs_selection  # the benchmarked rule, as the CLI's
-    with np.load(scored / "exports" / "mnist-sample-coreset-npz.npz") as z:
-        kept = set(z["ids"].tolist())
+    kept = set(written_ids(scored / "exports" / "mnist-sample-coreset-npz.npz").tolist())
     expect = ccs_selection(scores.influence.to_numpy(), 0.2, scores.label.to_numpy(), prune_low=0.1, seed=0)
     assert kept == set(scores.sample_id[expect])
 

@@ -113,8 +113,9 @@ def test_two_users_undo_consensus_and_the_resolved_export(scored):
     ann.button(key="export_write").click().run()
     assert not ann.error, texts(ann.error)
     out = scored / "exports" / "mnist-sample-clean-npz.npz"
+    from diffin_core.workspace.export import written_ids
     with np.load(out) as z:
-        ids = z["ids"].tolist() if "ids" in z.files else list(range(len(z["y"])))   # nothing excluded: no ids
+        ids = written_ids(out).tolist()                       # the rows' ids, from the decisions manifest
         assert len(ids) == 4000
         row = ids.index(ranked[0])
         assert int(z["y"][row]) == new_label

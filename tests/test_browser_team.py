@@ -160,8 +160,10 @@ def test_two_users_roles_undo_and_a_resolved_disagreement(workspace, tmp_path):
         finally:
             browser.close()
     out = proj / "exports" / "mnist-sample-clean-npz.npz"
+    from diffin_core.workspace.export import written_ids
     with np.load(out) as z:
-        assert ranked[0] not in z["ids"].tolist() and len(z["ids"]) == len(scores) - 1
+        assert "ids" not in z.files and len(z["y"]) == len(scores) - 1
+    assert ranked[0] not in written_ids(out).tolist() and len(written_ids(out)) == len(scores) - 1
     man = json.loads(out.with_name(out.stem + ".decisions.json").read_text())
     s0 = next(s for s in man["samples"] if s["sample_id"] == ranked[0])
     assert (s0["decision"], s0["decided_by"], s0["how"]) == ("exclude", "ann", "resolution")

@@ -209,7 +209,7 @@ def test_npz_with_decisions_keeps_dtypes_and_every_row_array(tmp_path, mnist_lik
     out, split = _export_source(tmp_path, mnist_like, "npz", [(3, "exclude", None), (5, "relabel", 9),
                                                                (6, "keep", None)])
     with np.load(mnist_like) as a, np.load(out) as b:
-        assert b.files == ["x", "y", "true_y", "ids"]
+        assert b.files == ["x", "y", "true_y"]          # the input's arrays and no other (no added ids)
         keep = np.ones(40, bool)
         keep[3] = False
         assert b["x"].dtype == np.uint8 and b["x"].shape == (39, 784)   # not float32 (N, 1, 28, 28)
@@ -219,9 +219,15 @@ def test_npz_with_decisions_keeps_dtypes_and_every_row_array(tmp_path, mnist_lik
         expected[5] = 9
         np.testing.assert_array_equal(b["y"], expected[keep])
         assert b["y"].dtype == a["y"].dtype
-        np.testing.assert_array_equal(b["ids"], np.arange(40)[keep])
-    again = load_split(out)                     # the export reads back with the same ids
-    assert list(again.ids) == [i for i in range(40) if i != 3]
+    # the written rows' ids are in the decisions manifest, with who decided each sample and when
+    np.testing.assert_array_equal(ex.written_ids(out), np.arange(40)[keep])
+    man = json.loads(ex.manifest_path(out).read_text())
+    assert man["written_ids"] == [i for i in range(40) if i != 3] and man["n_written"] == 39
+    decided = {s["sample_id"]: s for s in man["samples"] if s["decision"] != "undecided"}
+    assert sorted(decided) == [3, 5, 6]
+    for s in decided.values():
+        assert s["decided_by"] and s["decided_at"].startswith("20") and s["how"] == "single"
+    assert len(load_split(out).y) == 39
 
 
 CSV = ("sample_id,feat_b,label,feat_a,note\n"
@@ -380,9 +386,11 @@ def test_memmapped_source_is_exported_without_materialising_it(tmp_path, monkeyp
         expected = split.y.copy()
         expected[7] = 9
         np.testing.assert_array_equal(z["y"], expected[keep])
-        np.testing.assert_array_equal(z["ids"], np.arange(n)[keep])
+        ids = ex.written_ids(out) if kind == "npz" else z["ids"]    # a conversion writes x, y, ids
+        np.testing.assert_array_equal(ids, np.arange(n)[keep])
+        np.testing.assert_array_equal(ex.written_ids(out), np.arange(n)[keep])
         if kind == "npz":                      # a faithful copy: every member, in order, uncompressed
-            assert z.files == ["x", "y", "true_y", "ids"]
+            assert z.files == ["x", "y", "true_y"]
             np.testing.assert_array_equal(z["true_y"], split.y[keep])
     if kind == "npz":
         with zipfile.ZipFile(out) as zf:

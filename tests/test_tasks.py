@@ -198,8 +198,10 @@ def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
     n = len(scores)
     out = _cli(["clean", sample_copy, "--run", "loss-1", "--fraction", "0.1", "--out", tmp_path / "clean.npz"], capsys)
     assert "wrote" in out
+    from diffin_core.workspace.export import written_ids
     with np.load(tmp_path / "clean.npz") as z:
-        kept = set(z["ids"].tolist())
+        assert z.files == ["x", "y", "true_y"]                   # the input's arrays, no added ids
+    kept = set(written_ids(tmp_path / "clean.npz").tolist())
     assert len(kept) == n - round(0.1 * n)
     worst = scores.sample_id[scores.label_issue.idxmax()]
     assert worst not in kept
@@ -214,7 +216,7 @@ def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
 
     _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.5", "--out", tmp_path / "core.npz"], capsys)
     with np.load(tmp_path / "core.npz") as z:
-        y, ids = z["y"], z["ids"]
+        y, ids = z["y"], written_ids(tmp_path / "core.npz")
     assert len(ids) == round(0.5 * n)
     full = np.bincount(scores.label.to_numpy(), minlength=10)
     assert np.all(np.abs(np.bincount(y, minlength=10) - 0.5 * full) <= 1)
@@ -226,14 +228,12 @@ def test_cli_clean_delete_coreset(sample_copy, tmp_path, capsys):
     assert set(ids.tolist()) != set(scores.sample_id[top])          # not the old top-by-value rule
     _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.3", "--seed", "4", "--out",
           tmp_path / "core4.npz"], capsys)
-    with np.load(tmp_path / "core4.npz") as z:
-        ids4 = set(z["ids"].tolist())
+    ids4 = set(written_ids(tmp_path / "core4.npz").tolist())
     expect4 = ccs_selection(scores.influence.to_numpy(), 0.3, scores.label.to_numpy(), prune_low=0.1, seed=4)
     assert ids4 == set(scores.sample_id[expect4])
     _cli(["coreset", sample_copy, "--run", "loss-1", "--fraction", "0.5", "--rule", "top", "--out",
           tmp_path / "top.npz"], capsys)
-    with np.load(tmp_path / "top.npz") as z:
-        assert set(z["ids"].tolist()) == set(scores.sample_id[top])
+    assert set(written_ids(tmp_path / "top.npz").tolist()) == set(scores.sample_id[top])
 
 
 def test_cli_errors_are_one_line(sample_copy, tmp_path, capsys):

@@ -4,9 +4,10 @@ Faithful exports: given ``source`` (``project_source(project)``: the split's own
 export keeps the original arrays, dtypes, shapes, ids and column order, byte for byte except
 for the decisions (excluded rows removed, relabels written into the label):
 
-* ``.npz`` -> npz: every array of the file, row arrays filtered, ``y`` relabelled in its own
-  dtype; compressed iff the input was; ``ids`` added only when rows are removed and the input
-  had none (so the rows keep their identity). uint8 (N, 784) stays uint8 (N, 784).
+* ``.npz`` -> npz: every array of the file and no other, row arrays filtered, ``y`` relabelled
+  in its own dtype; compressed iff the input was. uint8 (N, 784) stays uint8 (N, 784). The
+  written rows' sample ids are in the decisions manifest (``written_ids``), not added to a file
+  that had none.
 * ``.csv`` -> csv: the input's lines, minus excluded rows; a relabelled row's label field is
   the only field rewritten.
 * ``.parquet`` -> parquet: the input's Arrow table (schema, column order, metadata), filtered,
@@ -30,8 +31,9 @@ through ``sources.ArraySource`` in its stored dtype. A faithful npz copy streams
 a faithful parquet copy goes row group by row group.
 
 Without ``source`` the arrays given are written the same way. Next to the export, ``<stem>.decisions.json`` records every
-sample's final state, the counts and the caller's ``manifest_extra`` (run, method, score
-columns, settings). Both files are written atomically; an error leaves neither behind.
+sample's final state (with who decided it and when), the sample ids of the written rows in file
+order (``written_ids``: ``written_ids(out_path)``), the counts and the caller's
+``manifest_extra`` (run, method, score columns, settings). Both files are written atomically; an error leaves neither behind.
 """
 from __future__ import annotations
 
@@ -127,6 +129,15 @@ def check_out_path(project, out_path: str | Path) -> Path:
             raise DiffinError(f"refusing to write the export into {what}: it would overwrite what the project "
                               f"reads; write it elsewhere (e.g. {root / 'exports' / out.name})", out)
     return out
+
+
+def written_ids(out_path: str | Path) -> np.ndarray:
+    """The sample ids of an export's rows, in file order, from its decisions manifest."""
+    path = manifest_path(out_path)
+    try:
+        return np.asarray(json.loads(path.read_text(encoding="utf-8"))["written_ids"], dtype=np.int64)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DiffinError(f"no readable decisions manifest with written_ids ({exc})", path) from exc
 
 
 def manifest_path(out_path: str | Path) -> Path:
@@ -239,6 +250,7 @@ def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape,
         "file": out_path.name, "format": fmt,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "n_samples": int(len(ids)), "n_written": int(keep.sum()),
+        "written_ids": [int(i) for i in ids[keep]],      # the written rows' sample ids, in file order
         "counts": {str(k): int(v) for k, v in zip(names, counts)},
         "label_names": None if label_names is None else [str(n) for n in label_names],
         "source": None if source is None else str(source.path),
@@ -495,7 +507,7 @@ def _raw_x(source: Source, n: int) -> np.ndarray | None:
 def _npz_faithful(tmp, source: Source, ids, final, keep, relabel) -> None:
     """Every member of the source npz, in order, streamed member by member and chunk by chunk
     (never a whole array in memory): row arrays filtered by ``keep``, ``y`` relabelled in its own
-    dtype, ``ids`` added when rows are removed and the file had none; compressed iff it was."""
+    dtype, no array added (the rows' ids are in the manifest); compressed iff it was."""
     from diffin_core.project.sources import _npy_header
     n = len(ids)
     with zipfile.ZipFile(source.path) as zf:
@@ -521,8 +533,6 @@ def _npz_faithful(tmp, source: Source, ids, final, keep, relabel) -> None:
             else:
                 members.append((name, dtype, out_shape,
                                 _member_chunks(zf, info, dtype, shape, fortran, keep if filtering and rows else None)))
-        if filtering and "ids" not in heads:       # rows removed: keep their identity (the row index)
-            members.append(("ids", ids.dtype, (int(keep.sum()),), [ids[keep]]))
         _write_npz_stream(tmp, members, compressed)
 
 
