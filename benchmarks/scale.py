@@ -94,19 +94,20 @@ def make_images(folder: Path, n: int, seed: int = 0, block: int = 50_000) -> Non
     np.save(folder / "y.npy", y)
 
 
-def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int = 0) -> Path:
-    """A project folder with n memory-mapped training images and ``checkpoints`` checkpoints."""
+def make_project(root: Path, model: str, n: int, checkpoints: int = 3, seed: int = 0, queries: int = 200) -> Path:
+    """A project folder with n memory-mapped training images, ``queries`` query samples (drawn from
+    the training rows) and ``checkpoints`` checkpoints."""
     import numpy as np
     import torch
     from diffin_core.project.checkpoints import Recorder
-    root = root / f"{model}-{n}"
+    root = root / (f"{model}-{n}" if queries == 200 else f"{model}-{n}-q{queries}")
     if (root / "checkpoints" / "manifest.json").is_file():
         return root
     make_images(root / "data" / "train", n, seed)
     x = np.load(root / "data" / "train" / "x.npy", mmap_mode="r")
     y = np.load(root / "data" / "train" / "y.npy")
     rng = np.random.default_rng(seed + 1)
-    qi = rng.choice(n, min(200, n), replace=False)
+    qi = rng.choice(n, min(queries, n), replace=False)
     np.savez(root / "data" / "query.npz", x=np.asarray(x[np.sort(qi)]), y=y[np.sort(qi)])
     (root / "model.py").write_text(MODEL_PY.format(factory=FACTORIES[model]))
     (root / "diffin.toml").write_text(TOML)

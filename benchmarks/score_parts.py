@@ -1,9 +1,11 @@
 """Where a full `diffin score` spends its time (issue 19, item 2): the parts of diffin's and
-TracIn's full score on the sample project.
+TracIn's full score, on the sample project or on a ResNet-18.
 
     python benchmarks/score_parts.py                    # the sample (4,000 rows), ~10 min on 2 busy cores
     python benchmarks/score_parts.py --n 1000 --repeats 1
     python benchmarks/score_parts.py --side-by-side --configs tracin,diffin --no-feature-pass
+    python benchmarks/score_parts.py --model resnet18 --n 1000 --queries 200 --memory-budget 3500MB \
+        --side-by-side --configs tracin,diffin --repeats 1 --name score_parts_resnet18
 
 Configurations, each in a fresh process (`score(project, method)` as `diffin score` runs it,
 one torch thread so that the machine's other load hits every configuration alike):
@@ -12,13 +14,19 @@ one torch thread so that the machine's other load hits every configuration alike
   diffin-separate   diffin as before this change: the walk, then label_issue's own pass at the
                     checkpoint k* with the lowest query loss (its plan and a second walk);
   diffin            the label_issue walk folded into the scoring walk (one per-sample gradient
-                    per checkpoint for both; methods/diffin.py).
+                    per checkpoint for both; methods/diffin.py), then the feature store.
 Parts (seconds): plan_s (query side of the influence walk), walk_s (the training-set walk;
-with the fold it includes the label walk's extra Ritz work), label_issue_s (k* and the
-label plan; the separate pass when not folded), published_s (wall until scores.parquet is
-written, start-up of the context included), features_s (the feature pass, run after the scores
-are published), total_s. The configurations alternate (ABC ABC ...) and each keeps its fastest
-repeat. Writes results/score_parts.csv and .png (or --out).
+with the fold it includes the label walk's extra Ritz work; on a view-less store, the sketch of
+each gradient too), label_issue_s (k* and the label plan; the separate pass when not folded),
+published_s (wall until scores.parquet is written, start-up of the context included),
+features_s (the feature pass after the scores are published: the whole pass with Hessian views,
+or a view-less store's completion: query rows and files), sketch_in_walk_s (a view-less store's
+sketching inside the walk, features.SketchSink; part of walk_s), total_s, and cpu_s (the
+process's CPU seconds: the work, whatever the load). The sample's feature store has Hessian views; a ResNet-18
+at --memory-budget 3500MB gets the view-less store fed by the walk's own gradients.
+The configurations alternate (ABC ABC ...) and each keeps its fastest repeat; ``--side-by-side``
+starts them at the same moment instead, ``--burners N`` runs N busy processes beside (_load.py).
+Writes results/<name>.csv and .png (or --out).
 """
 from __future__ import annotations
 
@@ -26,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +41,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _load import burners, code_env, frozen_code, load, result_line, run_case  # noqa: E402
 
 CONFIGS = ("tracin", "diffin-separate", "diffin")
 
@@ -42,112 +51,132 @@ def one(project: str, config: str, run: str) -> dict:
     """One configuration in this process; returns its parts."""
     from diffin_core.engine.threads import configure
     configure(1)
+    from diffin_core.engine.budget import parse_bytes
+    from diffin_core.methods import ScoreSettings
     from diffin_core.methods.diffin import DiffIn
-    from diffin_core.run import features as feature_store
     from diffin_core.run.scoring import score
     method = "tracin" if config == "tracin" else "diffin"
     if config == "diffin-separate":
         DiffIn.fold_label_issue = False
+    settings = ScoreSettings(memory_budget=parse_bytes(os.environ.get("PARTS_BUDGET", "0")))
+    features = os.environ.get("PARTS_FEATURES", "1") == "1"
     marks = {}
-
-    def progress(done, total, message=""):
-        if message.startswith("features") and "features" not in marks:
-            marks["features"] = time.perf_counter()
     started = time.perf_counter()
-    out = score(project, method, run, progress=progress, features=False)
-    published = time.perf_counter()
+    out = score(project, method, run, settings=settings, features=features,
+                on_published=lambda _p: marks.setdefault("published", time.perf_counter()))
+    done = time.perf_counter()
+    published = marks.get("published", done)
     meta = json.loads((out / "meta.json").read_text())
-    features_s = None
-    if method in feature_store.METHODS and os.environ.get("PARTS_FEATURES", "1") == "1":
-        from diffin_core.project.folder import Project
-        t = time.perf_counter()
-        feature_store.build_for_run(Project(project), run)
-        features_s = time.perf_counter() - t
+    store = out / "features" / "meta.json"
+    fmeta = json.loads(store.read_text()) if store.is_file() else {}
     tm = meta.get("timings") or {}
-    return {"config": config, "method": method, "train_rows": meta["train_size"], "checkpoints": meta["checkpoints"],
+    has_store = bool(fmeta)
+    return {"config": config, "method": method, "train_rows": meta["train_size"], "query_rows": meta["query_size"],
+            "checkpoints": meta["checkpoints"], "num_params": meta["num_params"],
             "plan_s": tm.get("plan_s"), "walk_s": tm.get("scores_s"), "label_issue_s": tm.get("label_issue_s", 0.0),
             "label_issue_checkpoint": tm.get("label_issue_checkpoint"),
             "label_issue_folded": tm.get("label_issue_folded"),
             "published_s": round(published - started, 2),
-            "features_s": None if features_s is None else round(features_s, 2),
-            "total_s": round(published - started + (features_s or 0.0), 2),
+            "features_s": round(done - published, 2) if has_store else None,
+            "sketch_in_walk_s": fmeta.get("sketch_s") if has_store else None,
+            "store": fmeta.get("kind", "hessian-views") if has_store else None,
+            "store_mb": fmeta.get("store_mb"),
+            "total_s": round(done - started, 2),
+            "grad_chunk": (meta.get("memory") or {}).get("grad_chunk"),
+            "budget_mb": round(settings.memory_budget / 2 ** 20) if settings.memory_budget else None,
             "cpu_s": round(time.process_time(), 1)}       # this process's CPU seconds: the work, whatever the load
+
+
+def make(tmp: Path, model: str, n: int, queries: int) -> Path:
+    """The project: the sample (its first n rows) or scale.py's synthetic ResNet-18 project."""
+    if model == "sample":
+        from threads import make_project
+        return make_project(tmp / "sample", n)
+    from scale import make_project as make_scale
+    return make_scale(tmp, model, n or 1000, checkpoints=3, queries=queries)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=0, help="training rows (0: all 4,000 of the sample)")
+    ap.add_argument("--model", default="sample", choices=("sample", "resnet18"))
+    ap.add_argument("--n", type=int, default=0, help="training rows (0: all 4,000 of the sample; 1,000 for resnet18)")
+    ap.add_argument("--queries", type=int, default=200, help="query rows of the resnet18 project")
+    ap.add_argument("--memory-budget", default="0", help="the scoring runs' --memory-budget (0: auto)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--name", default="score_parts")
     ap.add_argument("--side-by-side", action="store_true",
                     help="run the configurations at the same moment (one process each) instead of in turn")
+    ap.add_argument("--burners", type=int, default=0, help="busy processes running beside the cases")
+    ap.add_argument("--work", type=Path, default=None,
+                    help="build the project here and keep it with its runs (default: a temp folder, removed)")
     ap.add_argument("--one", nargs=3, metavar=("PROJECT", "CONFIG", "RUN"), help=argparse.SUPPRESS)
-    ap.add_argument("--no-feature-pass", action="store_true", help="skip timing the feature pass")
+    ap.add_argument("--no-feature-pass", action="store_true", help="score without the feature store")
     a = ap.parse_args(argv)
-    if a.no_feature_pass:
-        os.environ["PARTS_FEATURES"] = "0"
+    os.environ["PARTS_FEATURES"] = "0" if a.no_feature_pass else "1"
+    os.environ["PARTS_BUDGET"] = str(a.memory_budget)
     if a.one:
         print("RESULT " + json.dumps(one(*a.one)), flush=True)
         return 0
-    from threads import make_project
     import pandas as pd
-    tmp = Path(tempfile.mkdtemp(prefix="diffin-parts-"))
+    tmp = a.work or Path(tempfile.mkdtemp(prefix="diffin-parts-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     rows = []
+    configs = a.configs.split(",")
+
+    def record(config, res, r, **extra):
+        row = result_line(res["stdout"])
+        if res["returncode"] or row is None:
+            print(res["stderr"][-3000:], file=sys.stderr)
+            raise SystemExit(f"{config} failed")
+        row = {**row, "repeat": r, **extra, "wall_s": res["wall_s"], "load_start": res["load_start"],
+               "load_end": res["load_end"], "burners": a.burners}
+        print(row, flush=True)
+        rows.append(row)
     try:
-        project = make_project(tmp / "sample", a.n)
-        code = tmp / "code"                 # every configuration imports the same code, whatever changes meanwhile
-        shutil.copytree(ROOT / "diffin_core", code / "diffin_core", ignore=shutil.ignore_patterns("__pycache__"))
-        env = {**os.environ, "PYTHONPATH": str(code) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        if a.side_by_side:                 # every configuration at the same moment: the same load for all
+        project = make(tmp, a.model, a.n, a.queries)
+        env = code_env(frozen_code(tmp))     # every configuration imports the same code, whatever changes meanwhile
+        with burners(a.burners, 45.0 if a.burners else 0.0):
             for r in range(a.repeats):
-                load0 = os.getloadavg()[0]
-                copies = {}
-                for c in a.configs.split(","):      # one project copy each: no shared resumable stages
-                    copies[c] = tmp / f"sample-{c}-{r}"
-                    shutil.copytree(project, copies[c])
-                procs = {c: subprocess.Popen([sys.executable, __file__, "--one", str(copies[c]), c, f"{c}-{r}"],
-                                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                         for c in a.configs.split(",")}
-                outs = {c: p.communicate() for c, p in procs.items()}
-                for c, (so, se) in outs.items():
-                    line = [ln for ln in so.splitlines() if ln.startswith("RESULT ")]
-                    if procs[c].returncode or not line:
-                        print(se[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{c} failed")
-                    row = {**json.loads(line[0][7:]), "repeat": r, "side_by_side": True, "load_start": round(load0, 2),
-                           "load_end": round(os.getloadavg()[0], 2)}
-                    print(row, flush=True)
-                    rows.append(row)
-        for r in range(0 if a.side_by_side else a.repeats):
-            for config in a.configs.split(","):
-                load0 = os.getloadavg()[0]
-                res = subprocess.run([sys.executable, __file__, "--one", str(project), config, f"{config}-{r}"],
-                                     env=env, capture_output=True, text=True)
-                line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-                if res.returncode or not line:
-                    print(res.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{config} failed")
-                row = {**json.loads(line[0][7:]), "repeat": r, "load_start": round(load0, 2),
-                       "load_end": round(os.getloadavg()[0], 2)}
-                print(row, flush=True)
-                rows.append(row)
+                if a.side_by_side:          # every configuration at the same moment: the same load for all
+                    from concurrent.futures import ThreadPoolExecutor
+                    copies = {}
+                    for c in configs:       # one project copy each: no shared resumable stages
+                        copies[c] = tmp / f"{project.name}-{c}-{r}"
+                        shutil.copytree(project, copies[c])
+                    with ThreadPoolExecutor(len(configs)) as pool:
+                        futs = {c: pool.submit(run_case, [sys.executable, __file__, "--one", str(copies[c]), c,
+                                                          f"{c}-{r}"], env) for c in configs}
+                        results = {c: f.result() for c, f in futs.items()}
+                    for c in configs:
+                        record(c, results[c], r, side_by_side=True)
+                    for c in configs:
+                        if a.work is None:
+                            shutil.rmtree(copies[c], ignore_errors=True)
+                    continue
+                for config in configs:
+                    record(config, run_case([sys.executable, __file__, "--one", str(project), config,
+                                             f"{config}-{r}"], env), r)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if a.work is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(tmp / "code", ignore_errors=True)
     df = pd.DataFrame(rows)
     best = df.loc[df.groupby("config").published_s.idxmin()].set_index("config").reindex(
         [c for c in CONFIGS if c in set(df.config)]).reset_index()
     tr = best[best.config == "tracin"]
     if len(tr):
-        for col in ("published_s", "total_s"):
+        for col in ("published_s", "total_s", "cpu_s"):
             best[f"{col}_vs_tracin"] = (best[col] / float(tr[col].iloc[0])).round(2)
     best["kept"] = "fastest of %d repeats" % a.repeats
+    best.insert(0, "model", a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     best.to_csv(a.out / f"{a.name}.csv", index=False)
     df.to_csv(a.out / f"{a.name}_all.csv", index=False)
     plot(best, a.out / f"{a.name}.png")
-    print(best.to_string(index=False))
+    print(best.to_string(index=False), f"\nload now {load()}")
     return 0
 
 
@@ -171,7 +200,8 @@ def plot(df, path: Path) -> None:
     ax.set_xlabel("seconds (one thread)")
     ax.set_xlim(0, max(left) * 1.35)
     ax.legend(fontsize=7, loc="upper right")
-    ax.set_title(f"Full score of the sample project ({int(df.train_rows.iloc[0]):,} rows, "
+    what = "the sample project" if df.model.iloc[0] == "sample" else df.model.iloc[0]
+    ax.set_title(f"Full score of {what} ({int(df.train_rows.iloc[0]):,} rows, "
                  f"{int(df.checkpoints.iloc[0])} checkpoints)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -23,21 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _load import burners, code_env, frozen_code, run_case as run_child  # noqa: E402
 
-BURNER = "while True: pass"
 DEFAULT_LAUNCH = ("import torch, sys; from diffin_core.cli import main; "       # OpenMP loads first
                   "sys.argv[0] = 'diffin'; main(sys.argv[1:])")
 PRODUCT_LAUNCH = "import sys; from diffin_core.cli import main; main(sys.argv[1:])"
@@ -64,13 +62,6 @@ def make_project(dest: Path, n: int) -> Path:
 CODE = ROOT           # where the scored code is imported from (main: a frozen copy)
 
 
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "DIFFIN_THREADS", "DIFFIN_THREADS_AUTO")}
-    env["PYTHONPATH"] = str(CODE) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def run_case(project: Path, setting: str, condition: str, timeout: float, cpus: int, features: bool = True) -> dict:
     name = f"{setting}-{condition}"
     launch = DEFAULT_LAUNCH if setting == "default" else PRODUCT_LAUNCH
@@ -79,33 +70,18 @@ def run_case(project: Path, setting: str, condition: str, timeout: float, cpus: 
         args.append("--no-features")
     if setting == "default":
         args += ["--threads", str(cpus)]
-    load0 = os.getloadavg()[0]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    proc = subprocess.Popen(args, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = proc.communicate(timeout=timeout)
-        finished = proc.returncode == 0
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-        finished = False
-    finally:
-        if proc.poll() is None:            # stopped from outside (SIGTERM): no orphan left behind
-            proc.kill()
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    res = run_child(args, code_env(CODE, clean_threads=True), timeout, stdout=subprocess.DEVNULL)
+    finished = res["finished"]
     meta_path = project / "runs" / name / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     th = meta.get("threads") or {}
-    if not finished and proc.returncode not in (None, -9):
-        print(err[-2000:], file=sys.stderr)
+    if not finished and res["returncode"] not in (None, -9):
+        print(res["stderr"][-2000:], file=sys.stderr)
     row = {"setting": setting, "condition": condition, "finished": finished,
-           "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+           "wall_s": res["wall_s"], "cpu_s": res["cpu_s"],
            "threads": th.get("torch_threads", cpus if setting == "default" else None),
            "wait_policy": "PASSIVE" if setting == "product" else "unset (libgomp default)",
-           "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
+           "load_start": res["load_start"], "load_end": res["load_end"],
            "load_seen_by_run": th.get("load_1min"), "train_rows": meta.get("train_size")}
     print(row, flush=True)
     return row
@@ -125,23 +101,18 @@ def main(argv=None) -> int:
     global CODE
     from diffin_core.engine.threads import usable_cpus
     cpus = usable_cpus()
-    rows, burners = [], []
+    rows = []
     tmp = Path(tempfile.mkdtemp(prefix="diffin-threads-"))
     try:
         project = make_project(tmp / "sample", a.n)
-        CODE = tmp / "code"                  # every case imports the same code, whatever changes meanwhile
-        shutil.copytree(ROOT / "diffin_core", CODE / "diffin_core", ignore=shutil.ignore_patterns("__pycache__"))
+        CODE = frozen_code(tmp)              # every case imports the same code, whatever changes meanwhile
         feats = not a.no_features
         for setting in ("default", "product"):
             rows.append(run_case(project, setting, "quiet", a.timeout, cpus, feats))
-        burners = [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(2)]
-        time.sleep(a.warmup)
-        for setting in ("product", "default"):
-            rows.append(run_case(project, setting, "loaded", a.timeout, cpus, feats))
+        with burners(2, a.warmup):
+            for setting in ("product", "default"):
+                rows.append(run_case(project, setting, "loaded", a.timeout, cpus, feats))
     finally:
-        for b in burners:
-            b.kill()
-            b.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     import pandas as pd
     df = pd.DataFrame(rows)

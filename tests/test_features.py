@@ -333,3 +333,74 @@ def test_projector_is_seeded_unbiased_and_folds():
     np.testing.assert_allclose(small.numpy(), direct.numpy(), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError):
         fold(f, 4096, 1000)
+
+
+@pytest.mark.parametrize("opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.2),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01),
+], ids=["sgd", "momentum-wd", "adamw"])
+def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
+    """Issues 19/23: where the Hessian views exceed the memory budget (a ResNet-18 at 3.5 GB) the
+    scoring walk's own per-sample gradients feed the store (SketchSink, none computed twice): each
+    per-checkpoint row is the sketch of g_z(theta_k) with its exact norm, the same as a separate
+    pass (`diffin features`) computes; the train rows are the zero-curvature propagation
+    sum_k c_k a_k g_z(theta_k) (the plan through empty views); and a new query's certified top-k
+    is `diffin top --exact`'s. A recipe whose plan is not scalar at zero curvature (AdamW's
+    preconditioner) gets no store, as before."""
+    import warnings
+    from diffin_core.engine.lanczos import SpectralView
+    from diffin_core.engine.propagate import build_plan
+    root = tiny_with(tmp_path / "p", opt)
+    project = Project(root)
+    monkeypatch.setattr(F, "views_fit", lambda ctx, settings=None: False)
+    monkeypatch.setattr(F, "SKETCH_DIM", 512)
+    messages = []
+    run = score(project, "diffin", run="d", progress=lambda d, t, m: messages.append(m))
+    store = F.FeatureStore.open(project, "d")
+    if "adamw" in str(opt(torch.nn.Linear(1, 1).parameters())).lower():
+        assert store is None and any("no view-less store" in m for m in messages)
+        return
+    assert store is not None and not store.has_views and store.meta["rows_filled"] == 0   # all from the walk
+    assert any("checkpoint sketches from the scoring walk" in m for m in messages)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx = F.configured(project_context(project))
+    ks = sorted(c["k"] for c in store.meta["checkpoints"])
+    proj = Projector(ctx.fm.num_params, 512, store.meta["settings"]["seed"] + 1)
+    x, y = ctx.tensors(project.train.x, project.train.y)
+    grads = {k: ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y) for k in ks}
+    effective = torch.zeros(ctx.n, 512, dtype=torch.float64)
+    for c in store.meta["checkpoints"]:
+        k, sk = c["k"], proj(grads[c["k"]]).double()
+        rows = store.per_checkpoint[k].astype(np.float64) * store.ck_snorm[k][:, None]
+        np.testing.assert_allclose(rows, sk.numpy(), atol=2e-3 * float(sk.abs().max()))
+        np.testing.assert_allclose(store.ck_norm2[k], (grads[k].double() ** 2).sum(1).numpy(), rtol=1e-5)
+        effective += c["coef"] * sk
+    np.testing.assert_allclose(store.train_rows(np.arange(ctx.n)), effective.numpy(),
+                               atol=2e-3 * float(effective.abs().max()))
+    # the coefficients are the plan's at zero curvature: for a query gradient u,
+    # sum_k c_k a_k <g_k, u> = sum_k coef <w_k(u; no views), g_k>
+    empty = SpectralView(torch.zeros(0), torch.zeros(ctx.fm.num_params, 0))
+    q = project.query
+    u = ctx.mean_grad(ctx.m - 1, q.x[[1, 2]], q.y[[1, 2]])
+    direct = sum(it.coef * (grads[it.k] @ it.w).double() for it in build_plan(ctx, u, view_fn=lambda k, s: empty))
+    folded = sum(c["coef"] * (grads[c["k"]] @ u).double() for c in store.meta["checkpoints"])
+    np.testing.assert_allclose(folded.numpy(), direct.numpy(), rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
+    # a separate pass (`diffin features`) builds the same store
+    F.build_for_run(project, "d")
+    again = F.FeatureStore.open(project, "d")
+    assert again.meta["rows_filled"] == ctx.n
+    np.testing.assert_allclose(again.per_checkpoint.astype(np.float32), store.per_checkpoint.astype(np.float32),
+                               atol=2e-3)
+    # a new query: the exact path's plan, bounded through the sketches, its top-k rescored exactly
+    for idx in ([3], [4, 9]):
+        exact = query_influence(project, "diffin", idx)
+        fast, label = F.fast_query_influence(project, "d", idx)
+        assert label.startswith("exact path: this query's own plan")
+        for sign in (1, -1):
+            top = np.argsort(-sign * exact, kind="stable")[:10]
+            got = np.argsort(-sign * fast, kind="stable")[:10]
+            assert set(got) == set(top)
+            np.testing.assert_allclose(fast[got], exact[got], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+    assert run.is_dir() and not list(project.runs_dir.glob(".features.tmp-*"))

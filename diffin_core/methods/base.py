@@ -209,6 +209,15 @@ class Context:
         return self.tensors(self.train.x[idx], self.train.y[idx])
 
 
+def tap_grads(ctx, k: int, g: torch.Tensor) -> None:
+    """Hand one chunk's per-sample gradients at checkpoint k to ``ctx.grad_tap`` when the scoring
+    walk has one (runner.score_rows sets the rows; features.SketchSink: the feature store built
+    from the walk's own gradients, none computed twice)."""
+    tap = getattr(ctx, "grad_tap", None)
+    if tap is not None:
+        tap(k, g)
+
+
 def loo_loss(self_influence: np.ndarray, probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Estimated leave-one-out loss of each sample (nats): its final loss plus its
     self-influence, i.e. the loss the model would have on z had z not been trained on.

@@ -39,7 +39,7 @@ from diffin_core.methods import ritz_self
 from diffin_core.engine.adam_batches import decide
 from diffin_core.engine.functional import no_tf32
 from diffin_core.engine.propagate import build_plan, check_finite, plan_start, plan_step, has_momentum, hessian_view, random_start
-from diffin_core.methods.base import Attributor, Context, loo_loss
+from diffin_core.methods.base import Attributor, Context, loo_loss, tap_grads
 from diffin_core.methods.first_order import rowdot
 
 
@@ -117,6 +117,7 @@ class DiffIn(Attributor):
         v = torch.zeros_like(u) if has_momentum(ctx.recipe) else None      # and its momentum adjoint
         for it in plan:
             g = g_final if it.k == last else ctx.fm_at(it.k).per_sample_grads(ctx.thetas[it.k], x, y)
+            tap_grads(ctx, it.k, g)
             if it.rows is None:
                 infl[:, it.k] = it.coef * (g @ it.w).to(infl.dtype)
             w, u, v = it.op.rows(u, v)
@@ -143,6 +144,8 @@ class DiffIn(Attributor):
         sub_i = {it.k: i for i, it in enumerate(fold.plan)}
         for k in sorted(set(main_i) | set(sub_i), reverse=True):     # both plans: latest first
             g = grad(k)
+            if k in main_i:
+                tap_grads(ctx, k, g)
             if k in main_i:
                 main.step(main_i[k], g)
             if k in sub_i:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from diffin_core.methods.base import tap_grads
 from diffin_core.methods.first_order import rowdot
 from diffin_core.engine.propagate import check_finite, has_momentum
 
@@ -91,7 +92,10 @@ def walk(ctx, plan, x, y, grams: Grams):
     w = Walk(ctx, plan, grams, g_final)
     for i in range(len(plan)):
         k = plan[i].k
-        w.step(i, g_final if k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y))
+        g = g_final if k == last else ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
+        tap_grads(ctx, k, g)             # the feature store's sketch from the same gradients (base.py)
+        w.step(i, g)
+        del g
     return w.finish()
 
 

@@ -213,8 +213,15 @@ def score_rows(method, ctx, state, start: int, stop: int, need_self: bool = True
         for j, (x, y) in enumerate(_chunks(ctx, start, stop, chunk, workers)):
             if j % TRIM_CHUNKS == TRIM_CHUNKS - 1:
                 trim_heap()                                   # RSS flat in N (budget.trim_heap)
-            with precision.lowered(ctx):        # bf16/fp16 forward passes when the check chose them
-                res = method.chunk(ctx, state, x, y, need_self)
+            tap = getattr(ctx, "grad_tap", None)
+            if tap is not None:                 # which rows the walk's gradients belong to (base.tap_grads)
+                tap.rows = slice(done, done + len(y))
+            try:
+                with precision.lowered(ctx):    # bf16/fp16 forward passes when the check chose them
+                    res = method.chunk(ctx, state, x, y, need_self)
+            finally:
+                if tap is not None:
+                    tap.rows = None
             i, s = res[0], res[1]
             for key, value in (res[2] if len(res) > 2 else {}).items():
                 extras.setdefault(key, []).append(value.detach().to(acc))

@@ -281,6 +281,192 @@ def pass_times(run_dir, meta: dict) -> dict:
     return out
 
 
+# --- the store without Hessian views: checkpoint sketches from the scoring walk's own gradients ---
+
+SKETCH_DIM = 4096       # columns of a view-less store's per-checkpoint sketch (capped by checkpoint_mb)
+
+
+def views_fit(ctx, settings: FeatureSettings | None = None) -> bool:
+    """Whether the feature pass's Hessian views (view_rank Ritz vectors of P floats per
+    checkpoint) take at most half the memory budget; without a memory plan, yes."""
+    settings = settings or FeatureSettings()
+    mem = getattr(ctx, "memory", None)
+    return mem is None or ctx.m * settings.view_rank * ctx.fm.num_params * 4 <= mem.budget // 2
+
+
+class SketchSink:
+    """The feature store of a run whose Hessian views exceed the memory budget (a ResNet-18 at
+    3.5 GB), built from the per-sample gradients the scoring walk computes anyway (the walk hands
+    them over: methods/base.tap_grads), so no gradient is computed twice. Everything of size N
+    lives in memory-mapped files; in memory only the projection (12 bytes per parameter) and one
+    chunk's sketch. It keeps:
+
+    - the per-checkpoint CountSketch S g_z(theta_k) (m, N, d) and the exact ||g_z(theta_k)||^2:
+      with a query's exact plan they bound every row's influence (FeatureStore.plan_bounds), and
+      the rows that could reach the top k are rescored exactly (certified_rows);
+    - train rows S e_z with e_z = sum_k c_k a_k g_z(theta_k): the plan's propagation with the
+      curvature left out (no views: each segment acts as at Hessian 0, a scalar a_k per
+      checkpoint). Approximate (the store's own grid, the class heatmap and the reverse view;
+      store_agreement measures it per run), never an exact answer.
+    Applies to plans whose segments act as scalars at zero curvature (one parameter group, no
+    Adam preconditioner); ``create`` returns None otherwise (the exact path answers, as before)."""
+
+    def __init__(self, ctx, tmp: Path, settings: FeatureSettings, dim: int, alphas: dict):
+        self.ctx, self.tmp, self.settings, self.dim = ctx, Path(tmp), settings, int(dim)
+        self.alphas = alphas                                 # {k: c_k a_k}, the plan's checkpoints
+        n, m = ctx.n, ctx.m
+        self.proj = Projector(ctx.fm.num_params, self.dim, settings.seed + 1, device=ctx.device)
+        self.per_ck = np.lib.format.open_memmap(self.tmp / "train_ck.npy", mode="w+", dtype=np.float16,
+                                                shape=(m, n, self.dim))
+        self.acc = np.lib.format.open_memmap(self.tmp / ".effective.npy", mode="w+", dtype=np.float32,
+                                             shape=(n, self.dim))
+        self.ck_norm2 = np.zeros((m, n), dtype=np.float64)
+        self.ck_snorm = np.zeros((m, n), dtype=np.float32)
+        self.seen = np.zeros((m, n), dtype=bool)
+        self.rows = None                                     # set by runner.score_rows per chunk
+        self.seconds = 0.0                                   # time spent sketching (meta.json)
+
+    @classmethod
+    def create(cls, ctx, parent: Path, settings: FeatureSettings | None = None) -> "SketchSink | None":
+        from diffin_core.engine.propagate import build_plan, random_start
+        from diffin_core.project.atomic import recover_dirs
+        settings = settings or FeatureSettings()
+        p = ctx.fm.num_params
+        empty = SpectralView(torch.zeros(0, dtype=ctx.dtype, device=ctx.device),
+                             torch.zeros(p, 0, dtype=ctx.dtype, device=ctx.device))
+        u = random_start(ctx, ctx.m - 1, salt=2000)
+        alphas = {}
+        for it in build_plan(ctx, u, view_fn=lambda k, starts: empty):
+            if it.op.scale is not None or it.op.expand is not None or getattr(it, "rows", None) is not None:
+                return None
+            a = float(it.w.double() @ u.double() / (u.double() @ u.double()))
+            if float(torch.linalg.vector_norm(it.w.double() - a * u.double())) > 1e-5 * float(
+                    torch.linalg.vector_norm(it.w.double())) + 1e-30:
+                return None                                  # not a scalar at zero curvature
+            alphas[it.k] = it.coef * a
+        del u
+        n = ctx.n
+        dim = min(SKETCH_DIM, int(settings.checkpoint_mb * 2 ** 20 / (2 * max(ctx.m * n, 1))))
+        if dim < 256 or not alphas:
+            return None
+        parent = Path(parent)
+        parent.mkdir(parents=True, exist_ok=True)
+        recover_dirs(parent)
+        tmp = parent / f".{DIRNAME}.tmp-{os.getpid()}-{time.time_ns()}"     # the pid: recover_dirs knows it
+        tmp.mkdir(parents=True)
+        return cls(ctx, tmp, settings, dim, alphas)
+
+    def __call__(self, k: int, g: torch.Tensor) -> None:
+        """One chunk's per-sample gradients (B, P) at checkpoint k, rows ``self.rows``."""
+        sl = self.rows
+        if sl is None or k not in self.alphas:
+            return
+        t = time.perf_counter()
+        f = self.proj(g)
+        unit, norm = _unit_rows(f)
+        self.per_ck[k, sl], self.ck_snorm[k, sl] = unit, norm
+        self.ck_norm2[k, sl] = (g.double() ** 2).sum(1).cpu().numpy()
+        self.acc[sl] += (self.alphas[k] * f).cpu().numpy()
+        self.seen[k, sl] = True
+        self.seconds += time.perf_counter() - t
+
+    def fill(self, progress=None) -> int:
+        """Sketch the rows the walk did not hand over (rows resumed from saved stages, a Ray
+        run): their per-sample gradients are computed here. Returns how many rows."""
+        ctx = self.ctx
+        ks = sorted(self.alphas)
+        missing = np.flatnonzero(~self.seen[ks].all(0))
+        size = ctx.chunk_rows(True) if getattr(ctx, "memory", None) is not None else 256
+        for a in range(0, len(missing), size):
+            r = missing[a:a + size]
+            x, y = ctx.tensors(ctx.train.x[r], ctx.train.y[r])
+            for k in ks:
+                todo = ~self.seen[k, r]
+                if todo.any():
+                    rr = r[todo]
+                    g = ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x[torch.as_tensor(todo)], y[torch.as_tensor(todo)])
+                    for i, row in enumerate(rr):         # rows need not be contiguous
+                        self.rows = slice(int(row), int(row) + 1)
+                        self(k, g[i:i + 1])
+                    self.rows = None
+            if progress:
+                progress(a + len(r), len(missing), "features: sketching rows the walk did not see")
+        return int(len(missing))
+
+    def finish(self, query, out: Path, num_classes: int | None = None, progress=None) -> dict:
+        """Complete the store (query rows, class sums, meta) and move it to ``out``."""
+        from diffin_core.project.atomic import write_text
+        ctx, tmp, n, d = self.ctx, self.tmp, self.ctx.n, self.dim
+        started = time.time()
+        try:
+            filled = self.fill(progress)
+            self.per_ck.flush()
+            del self.per_ck
+            labels = np.asarray(ctx.train.y, dtype=np.int64)
+            c = int(num_classes or (labels.max() + 1 if n else 0))
+            sums = np.zeros((c, d), dtype=np.float64)
+            train = np.lib.format.open_memmap(tmp / "train.npy", mode="w+", dtype=np.float16, shape=(n, d))
+            norms = np.zeros(n, dtype=np.float32)
+            for a in range(0, n, 16384):
+                f = torch.from_numpy(np.asarray(self.acc[a:a + 16384]))
+                train[a:a + 16384], norms[a:a + 16384] = _unit_rows(f)
+                np.add.at(sums, labels[a:a + 16384], train[a:a + 16384].astype(np.float64) * norms[a:a + 16384, None])
+            train.flush()
+            del train, self.acc
+            (tmp / ".effective.npy").unlink()
+            np.save(tmp / "train_ck_norm2.npy", self.ck_norm2)
+            np.save(tmp / "train_ck_snorm.npy", self.ck_snorm)
+            np.save(tmp / "train_norm.npy", norms)
+            np.save(tmp / "class_sums.npy", sums.astype(np.float32))
+            q_rows, q_norm = [], []
+            last = ctx.m - 1
+            size = ctx.chunk_rows(True) if getattr(ctx, "memory", None) is not None else 256
+            for _sl, x, y in ctx.chunks(query, size=size):
+                r, nn_ = _unit_rows(self.proj(ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y)))
+                q_rows.append(r)
+                q_norm.append(nn_)
+            np.save(tmp / "query.npy", np.concatenate(q_rows) if q_rows else np.zeros((0, d), np.float16))
+            np.save(tmp / "query_norm.npy", np.concatenate(q_norm) if q_norm else np.zeros(0, np.float32))
+            size_b = sum(f.stat().st_size for f in tmp.iterdir())
+            settings = replace(self.settings, dim=d, view_rank=0, checkpoint_dim=d, seed=self.settings.seed)
+            ks = sorted(self.alphas, reverse=True)
+            meta = {"version": VERSION, "kind": "checkpoint-sketch", "settings": settings.to_dict(),
+                    "projection_seed": self.settings.seed + 1, "n_train": n, "n_query": len(query),
+                    "checkpoint_dim": d, "num_params": ctx.fm.num_params, "num_classes": c,
+                    "checkpoints": [{"k": k, "step": int(ctx.steps[k]), "coef": float(self.alphas[k]),
+                                     "lr": float(ctx.lrs[k]), "segment": float(ctx.segments[k])} for k in ks],
+                    "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
+                    "views_s": 0.0, "sketch_s": round(self.seconds, 3), "rows_filled": filled,
+                    "seconds": round(time.time() - started, 3),     # after the walk (its sketching: sketch_s)
+                    "store_mb": round(size_b / 2 ** 20, 3), "finished": time.time(),
+                    "approximations": ["the store's own ranking (train rows) leaves the curvature out (no Hessian "
+                                       "views: they exceed the memory budget); exact answers come from the query's "
+                                       "own plan, bounded through the per-checkpoint sketches and rescored"]}
+            write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+            out = Path(out)
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        finally:
+            self.close()
+        return meta
+
+    def close(self) -> None:
+        """Drop the temp folder (after finish it is gone already)."""
+        self.per_ck = self.acc = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def sketch_pass(ctx, query, out: Path, settings: FeatureSettings | None = None, progress=None,
+                num_classes: int | None = None) -> dict | None:
+    """The view-less store (SketchSink) by its own pass over the training set, for a run scored
+    before (`diffin features`); None where it does not apply."""
+    sink = SketchSink.create(ctx, Path(out).parent, settings)
+    if sink is None:
+        return None
+    return sink.finish(query, out, num_classes, progress)
+
+
 def build_for_run(project, run: str, settings: FeatureSettings | None = None, progress=None) -> Path:
     """The feature pass for an existing diffin run (same score settings as the run)."""
     from diffin_core.methods import ScoreSettings
@@ -289,11 +475,19 @@ def build_for_run(project, run: str, settings: FeatureSettings | None = None, pr
     if info.method not in METHODS:
         raise DiffinError(f"run {run!r} used {info.method!r}: the feature store approximates "
                           f"{', '.join(METHODS)} runs only", info.path)
+    from diffin_core.methods import runner
+    from diffin_core.methods.diffin import DiffIn
     ctx = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})), progress)
+    runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))      # the run's chunks and Hessian batch
     if getattr(ctx, "batch_order", None) is not None:
         raise DiffinError(f"run {run!r} scored Adam with the recorded batch order (adam_batches.py), which the "
                           "feature store does not approximate: `diffin top` takes the exact path", info.path)
     out = info.path / DIRNAME
+    if not views_fit(ctx, settings):
+        if sketch_pass(ctx, project.query, out, settings, progress, num_classes=project.num_classes) is None:
+            raise DiffinError(f"run {run!r}: the feature store's Hessian views exceed the memory budget and this "
+                              "recipe has no view-less store: `diffin top` takes the exact path", info.path)
+        return out
     build(ctx, project.query, out, settings, progress, num_classes=project.num_classes)
     return out
 
@@ -339,7 +533,14 @@ class FeatureStore:
         return store
 
     @property
+    def has_views(self) -> bool:
+        """False for a view-less store (SketchSink: checkpoint sketches only)."""
+        return self.meta.get("kind") != "checkpoint-sketch"
+
+    @property
     def views(self) -> dict[int, SpectralView]:
+        if not self.has_views:
+            raise DiffinError("this feature store has no Hessian views (they exceed the memory budget)", self.path)
         if self._views is None:
             from safetensors.torch import load_file
             t = load_file(str(self.path / "views.safetensors"))
@@ -360,6 +561,9 @@ class FeatureStore:
         if r:
             return (f"fast path: projected features (d = {self.dim}) shortlisted the top {r} per side, "
                     f"rescored by the exact path (this query's own plan)")
+        if not self.has_views:
+            return (f"fast path: projected features alone (d = {self.dim}, no Hessian views: curvature left out; "
+                    f"approximate, not rescored)")
         return (f"fast path: projected features alone (d = {self.dim}, {s['view_rank']} stored Hessian "
                 f"eigenpairs per checkpoint; approximate, not rescored)")
 
@@ -452,8 +656,19 @@ def _context(project, run: str):
     if key not in _CTX:
         _CTX.clear()
         info = project.run(run)
-        _CTX[key] = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})))
+        _CTX[key] = configured(project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {}))))
     return _CTX[key]
+
+
+def configured(ctx):
+    """``ctx`` set up as the runner sets up `diffin top --exact` (runner.configure with diffin's
+    influence-only memory plan): the same Hessian batch (budget.hessian_batch_for cuts it for large
+    models, e.g. 32 rows for a ResNet-18 on 1,000 samples), chunks and HVP slices, so that a plan
+    made here is the exact path's plan."""
+    from diffin_core.methods import runner
+    from diffin_core.methods.diffin import DiffIn
+    runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, False))
+    return ctx
 
 
 def view_rows(ctx, store: FeatureStore, qx, qy, rows) -> np.ndarray:
@@ -523,8 +738,11 @@ def cached_plan(ctx, run_dir, query_indices):
 
 def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     """The exact path's influence (B,) of training ``rows`` under ``plan``: DiffIn.chunk (one jvp
-    per checkpoint) on just those rows, so each value equals the exact path's score of that row."""
+    per checkpoint) on just those rows, so each value equals the exact path's score of that row.
+    At most ``chunk`` rows at a time, fewer when the context's memory plan says so (jvp rows)."""
     from diffin_core.methods.diffin import DiffIn
+    if getattr(ctx, "memory", None) is not None:
+        chunk = max(1, min(chunk, ctx.memory.jvp_chunk))
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty(len(rows))
     order = np.argsort(rows)                              # ascending reads from a memmapped split

@@ -109,14 +109,23 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
         # a killed job with the same settings resumes from them (stages.py)
         ctx.stages = Stages(project.runs_dir / ".stages", stage_settings(project, method, settings, qx, q.y, True))
+        from diffin_core.run import features as feature_store
+        sink = None
         try:
+            if features and method in feature_store.METHODS:
+                sink = sketch_sink(project, ctx, method, feature_store)
+            ctx.grad_tap = sink              # the walk hands its per-sample gradients to the store's sketch
             out = run_method(ctx, method, qx, q.y)
             if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
                 from diffin_core.engine.adam_batches import decide
                 decide(ctx)
         except BaseException:
             ctx.stages.remove_if_empty()     # failed before saving any stage: no leftover settings.json
+            if sink is not None:
+                sink.close()
             raise
+        finally:
+            ctx.grad_tap = None
         df = scores_frame(project.train, out)
         meta = {
             "run": run, "method": method, "settings": settings.to_dict(), "device": str(ctx.device),
@@ -139,29 +148,38 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     if on_published is not None:         # the scores are usable now; the feature pass follows
         on_published(final)
-    from diffin_core.run import features as feature_store
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
         features = False            # the store approximates the checkpoint estimator, not Adam's replay
         if progress:
             progress(ctx.n, ctx.n, "features: skipped (Adam's batch-order influence has no feature store; "
                      "`diffin top` takes the exact path)")
-    if features and method in feature_store.METHODS and not feature_pass_fits(ctx, feature_store):
-        features = False
+    if sink is not None:
         if progress:
-            progress(ctx.n, ctx.n, "features: skipped (its Hessian views exceed the memory budget; "
-                     "`diffin top` takes the exact path)")
-    if features and method in feature_store.METHODS:
+            progress(ctx.n, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (the Hessian "
+                     "views exceed the memory budget)")
+        sink.finish(q, final / feature_store.DIRNAME, project.num_classes, progress)
+    elif features and method in feature_store.METHODS and not feature_store.views_fit(ctx):
+        if progress:
+            progress(ctx.n, ctx.n, "features: skipped (its Hessian views exceed the memory budget and this recipe "
+                     "has no view-less store; `diffin top` takes the exact path)")
+    elif features and method in feature_store.METHODS:
         feature_store.build(ctx, q, final / feature_store.DIRNAME, progress=progress,
                             num_classes=project.num_classes)
     return final
 
 
-def feature_pass_fits(ctx: Context, feature_store) -> bool:
-    """The feature pass holds view_rank Ritz vectors of P floats per checkpoint: only when
-    they take at most half the memory budget."""
-    mem = ctx.memory
-    need = ctx.m * feature_store.FeatureSettings().view_rank * ctx.fm.num_params * 4
-    return mem is None or need <= mem.budget // 2
+def sketch_sink(project: Project, ctx: Context, method: str, feature_store):
+    """The view-less feature store fed by the scoring walk (features.SketchSink) when the Hessian
+    views exceed the memory budget, else None (the feature pass after publishing, or none).
+    The runner's memory plan is made here first, as runner.run will make it."""
+    if method != "diffin":
+        return None
+    from diffin_core.methods import runner
+    from diffin_core.methods.diffin import DiffIn
+    runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))
+    if getattr(ctx, "batch_order", None) is not None or feature_store.views_fit(ctx):
+        return None
+    return feature_store.SketchSink.create(ctx, project.runs_dir)
 
 
 def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
