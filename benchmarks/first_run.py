@@ -40,6 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from served_app import CHROMIUM, CHROMIUM_ARGS, IDLE, free_port  # noqa: E402  (the browser tests' own set-up)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _load import burners  # noqa: E402  (the speed benchmarks' shared runner)
 
 
 def runs_of(project: Path) -> dict:
@@ -151,18 +153,13 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     import pandas as pd
     tmp = Path(tempfile.mkdtemp(prefix="diffin-first-run-"))
-    rows, burners = [], []
+    rows = []
     try:
         for condition in a.conditions.split(","):
-            if condition == "loaded" and not burners:
-                burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-                time.sleep(a.warmup)
-            for case in a.cases.split(","):
-                rows.append(one_case(case, condition, a.timeout, tmp))
+            with burners(2 if condition == "loaded" else 0, a.warmup):     # _load.py
+                for case in a.cases.split(","):
+                    rows.append(one_case(case, condition, a.timeout, tmp))
     finally:
-        for b in burners:
-            b.kill()
-            b.wait()
         shutil.rmtree(tmp, ignore_errors=True)
     df = pd.DataFrame(rows)
     df.insert(0, "timeout_s", a.timeout)
