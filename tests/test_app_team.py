@@ -7,6 +7,7 @@ resolves it, and the export carries the resolved decision and every vote.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,55 @@ def test_the_app_refuses_to_serve_beyond_loopback_without_accounts(workspace, mo
         assert not at.error and "diffin: sign in" not in texts(at.title)
     finally:
         config.set_option("server.address", old)
+
+
+# --- OIDC (st.login) configured from secrets.toml: the configuration path, no real provider ------
+AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
+        "client_id": "diffin-test", "client_secret": "not-a-secret",
+        "server_metadata_url": "https://idp.invalid/.well-known/openid-configuration"}
+
+
+def test_oidc_from_secrets_offers_the_provider_and_signs_in_its_user(workspace):
+    from streamlit.testing.v1 import AppTest
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.secrets["auth"] = dict(AUTH)                # no local accounts: OIDC alone requires sign-in
+    at.user = {"is_logged_in": False}
+    at.run()
+    assert not at.exception and texts(at.title) == ["diffin: sign in"]
+    assert [b.label for b in at.button if b.key == "signin_oidc"] == ["Sign in with your identity provider"]
+    # back from the provider (st.user filled by Streamlit): the e-mail names the reviewer
+    add_users(workspace, **{"ann@example.org": "admin"})
+    for email, role in (("ann@example.org", "admin"), ("carl@example.org", "reviewer")):
+        at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+        at.secrets["auth"] = dict(AUTH)
+        at.user = {"is_logged_in": True, "email": email, "name": email.split("@")[0].title()}
+        at.run()
+        assert not at.exception and "diffin: sign in" not in texts(at.title)
+        assert at.session_state["auth_user"] == {"name": email, "source": "oidc"}
+        assert any(f"Signed in as **{email}** ({role})" in c for c in texts(at.sidebar.caption)), texts(at.sidebar.caption)
+
+
+def test_oidc_configured_reads_the_auth_table_of_secrets_toml(tmp_path, monkeypatch, capsys):
+    from diffin_core.cli import main
+    from diffin_core.workspace.accounts import oidc_configured
+    folder = tmp_path / ".streamlit"
+    folder.mkdir()
+    assert not oidc_configured((folder,))                               # no secrets.toml
+    (folder / "secrets.toml").write_text('[other]\nkey = "v"\n')
+    assert not oidc_configured((folder,))                               # no [auth] table
+    (folder / "secrets.toml").write_text("[auth\nbroken")
+    assert not oidc_configured((folder,))                               # unreadable: not configured
+    (folder / "secrets.toml").write_text("[auth]\n" + "".join(f'{k} = "{v}"\n' for k, v in AUTH.items()))
+    assert oidc_configured((tmp_path / "none", folder))
+    # serve-check: OIDC counts as sign-in beyond loopback (read from ./.streamlit/secrets.toml)
+    monkeypatch.delenv("DIFFIN_INSECURE_OPEN", raising=False)
+    monkeypatch.chdir(tmp_path)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    main(["serve-check", "--address", "0.0.0.0", "--workspace", str(ws)])
+    assert "OIDC from secrets.toml" in capsys.readouterr().err
+    (folder / "secrets.toml").unlink()
+    if not oidc_configured((Path.home() / ".streamlit",)):              # this machine's own: none
+        with pytest.raises(SystemExit) as e:
+            main(["serve-check", "--address", "0.0.0.0", "--workspace", str(ws)])
+        assert e.value.code == 2 and "refusing to serve on 0.0.0.0" in capsys.readouterr().err

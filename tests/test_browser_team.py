@@ -1,10 +1,10 @@
 """Two users in a real browser (issue 20): `streamlit run` with accounts, Chromium via Playwright.
 
-Set-up (not in the browser): the sample project with a "loss" run, 2 reviewers per sample, and
-the accounts ann (admin) and bob (reviewer). Then, each in their own browser context:
-bob signs in, his sidebar has no Setup/Score/Export and /Setup does not open it; ann excludes
-a sample that bob keeps, the disagreement reaches ann's queue, she resolves it, and her export
-carries the resolved decision with both votes. (B cannot undo A's decision: tests/test_app_team.py.)
+Set-up (not in the browser): the sample project with a "loss" run and the accounts ann (admin)
+and bob (reviewer). Then, each in their own browser context: bob signs in, his sidebar has no
+Setup/Score/Export and /Setup does not open it; ann excludes a sample, bob opens it and cannot
+undo her decision; with 2 reviewers per sample bob keeps it, the disagreement reaches ann's
+queue, she resolves it, and her export carries the resolved decision with both votes.
 """
 from __future__ import annotations
 
@@ -34,13 +34,10 @@ def workspace(tmp_path):
     from diffin_core.project.sample import SAMPLE_DIR
     from diffin_core.run.scoring import score
     from diffin_core.workspace.accounts import Accounts
-    from diffin_core.workspace.review import ReviewLog
     ws = tmp_path / "ws"
     proj = ws / "mnist-sample"
     shutil.copytree(SAMPLE_DIR / "mnist", proj, ignore=shutil.ignore_patterns("runs", "review.sqlite*", "exports"))
     score(proj, "loss", run="loss-1")
-    with ReviewLog(proj) as log:
-        log.set_reviewers_per_sample(2, user="ann")
     Accounts(ws).add("ann", PW, "admin")
     Accounts(ws).add("bob", PW, "reviewer")
     return ws
@@ -119,15 +116,37 @@ def test_two_users_roles_undo_and_a_resolved_disagreement(workspace, tmp_path):
             assert nav_titles(ann) == ["Home", "Setup", "Score", "Explore", "Review", "Export", "What-if"]
             go(ann, "Review", "Review suspects")
             assert current_sample(ann) == ranked[0]
-            click(ann, "review_exclude")                      # ann's vote: exclude
+            click(ann, "review_exclude")                      # one reviewer per sample: ann's decision
             wait_sample(ann, ranked[1])
+            from diffin_core.workspace.review import ReviewLog
 
-            # bob's queue still has ranked[0] (one vote of 2); he keeps it: a disagreement
+            # bob opens ann's sample by id and cannot undo her decision
+            go(bob, "Review", "Review suspects")
+            assert current_sample(bob) == ranked[1]
+            bob.get_by_text("Open a sample by id", exact=False).click()
+            bob.get_by_role("spinbutton", name="Sample id").fill(str(ranked[0]))
+            bob.get_by_role("spinbutton", name="Sample id").press("Enter")
+            idle(bob)
+            bob.get_by_role("button", name="Show it on the card").click()
+            wait_sample(bob, ranked[0])
+            bob.get_by_role("button", name=f"Undo the decision on sample {ranked[0]}").click()
+            bob.get_by_text("is ann's (exclude): only ann or an admin can undo it", exact=False).wait_for()
+            idle(bob)
+            with ReviewLog(proj) as log:
+                state = log.state()
+            assert (state.loc[ranked[0], "action"], state.loc[ranked[0], "user"]) == ("exclude", "ann")
+            if not bob.get_by_role("button", name="Back to the queue").is_visible():
+                bob.get_by_text("Open a sample by id", exact=False).click()     # the rerun folded it
+            bob.get_by_role("button", name="Back to the queue").click()
+            wait_sample(bob, ranked[1])
+
+            # now 2 reviewers per sample: bob's queue has ranked[0] (one vote of 2); he keeps it: a disagreement
+            with ReviewLog(proj) as log:
+                log.set_reviewers_per_sample(2, user="ann")
             go(bob, "Review", "Review suspects")
             assert current_sample(bob) == ranked[0]
             click(bob, "review_keep")
             wait_sample(bob, ranked[1])
-            from diffin_core.workspace.review import ReviewLog
             with ReviewLog(proj) as log:
                 assert log.disagreements()["sample_id"].tolist() == [ranked[0]]
 
