@@ -141,6 +141,20 @@ def test_model_py_may_import_a_sibling_module_and_no_bytecode_is_written(tmp_pat
     assert not list(proj.rglob("__pycache__"))
 
 
+def test_with_the_project_on_pythonpath_the_cli_writes_no_bytecode(tmp_path):
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "nets.py").write_text("from diffin_core.engine.models import MLP\n\n\ndef make():\n"
+                                  "    return MLP(6, (8,), 3)\n")
+    (proj / "model.py").write_text("from nets import make\n\n\ndef build():\n    return make()\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(proj)]), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    r = subprocess.run([sys.executable, "-m", "diffin_core.cli", "score", str(proj), "-m", "loss", "--run", "pp"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (proj / "runs/pp/scores.parquet").is_file()
+    assert not list(proj.rglob("__pycache__")) and not list(proj.rglob("*.pyc"))
+
+
 def test_os_exit_in_model_py_says_so_in_one_line(tmp_path):
     proj = make_tiny_project(tmp_path / "p")
     (proj / "model.py").write_text("import os\n\n\ndef build():\n    os._exit(3)\n")

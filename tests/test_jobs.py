@@ -390,6 +390,22 @@ def test_progress_records_the_predicted_total(jm):
     jm.wait(jid, 5)
 
 
+def test_a_new_phase_drops_the_last_phases_prediction(jm):
+    gate = threading.Event()
+
+    def fn(p):
+        p.update(0, 100, "scoring")
+        time.sleep(0.1)
+        p.update(50, 100)
+        p.update(0, 10, "features: 1/3")                 # a later phase (the feature pass) begins
+        gate.wait(5)
+    jid = jm.submit("score", fn)
+    _until(lambda: jm.get(jid).message == "features: 1/3")
+    assert jm.get(jid).expected_s is None                # scoring's 0.2 s no longer limits the feature pass
+    gate.set()
+    jm.wait(jid, 5)
+
+
 def test_a_hung_thread_is_left_behind_and_the_queue_moves_on(monkeypatch):
     monkeypatch.setattr(JobManager, "GRACE_S", 0.2)
     m = JobManager(workers=1, watch_every=0.05)

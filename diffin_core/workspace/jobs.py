@@ -209,7 +209,9 @@ class Progress:
                 elif message:
                     info.step, info.steps, info.phase = 0, None, ""
             eta = info.eta_s
-            if eta is not None and info.started is not None:   # frozen between updates: a hung job's stays put
+            if info.done == 0:                   # a new phase: its items have no ETA yet (the stall limit holds)
+                info.expected_s = None
+            elif eta is not None and info.started is not None:   # frozen between updates: a hung job's stays put
                 info.expected_s = info.last_update - info.started + eta
             if time.time() - self._job.last_write >= 0.5:  # at most ~2 writes/s
                 self._m._save(self._job)
