@@ -117,6 +117,10 @@ def test_a_draw_the_replay_cannot_make_is_named(tmp_path):
     fm = FunctionalModel(Net().double())
     dropout.capture(rng, 0, fm, fm.theta_of(model), x)
     assert "left the generator in another state" in dropout.problem_line(rng)
+    later = load_rng(m)
+    later = dropout.ForwardStates(later.step + 5, later.rows, later.cpu, None, later.after)
+    assert dropout.capture(later, 0, fm, fm.theta_of(model), x) is None       # step 0's forward not recorded
+    assert "no generator state was recorded" in dropout.problem_line(later)
 
     class Noisy(Net):
         def forward(self, x):

@@ -30,7 +30,8 @@ and every interval must land within ``CHECK_TOL``. Measured (digits MLP 64-32-10
 checkpoint per epoch = 38 steps, a float64 run replayed in float32): misses of 1e-7 .. 2e-5, and
 Spearman 0.983 / 0.989 (fd / exact HVPs) against true leave-one-out, where each step taken at its
 owning checkpoint's weights (the previous path; its first moment misses the recorded one by 87%)
-scored 0.786 (benchmarks/recipes.py, "adamw-one-group": 0.993 / 0.982 on seeds 0 / 1). A run the replay cannot follow (Dropout 0.2 in training: misses of 15-59%; also
+scored 0.786 (benchmarks/recipes.py, "adamw-one-group": 0.993 / 0.982 on seeds 0 / 1). A run the replay cannot follow (Dropout 0.2 recorded without the generator states: misses of 15-59%;
+with them the masks are redrawn, engine/dropout.py, and the misses are 1e-7; also
 train-mode BatchNorm, an unrecorded loss or clipping) fails the check, and diffin then scores
 with the checkpoint estimator (propagate.py: v frozen, each sample spread over every step), which
 measured better there (Spearman 0.74 vs 0.28), and says so in one RecipeWarning line; the check
@@ -314,7 +315,8 @@ def check_summary(ctx) -> dict | None:
             f"{what} misses the recorded one by {100 * bad[key]:.0f}% at {ctx.label(bad['checkpoint'] + 1)}): "
             + (f"no weights are recorded before {ctx.label(0)}, so steps 0..{bad['interval'][1] - 1} are taken at "
                "the nearest checkpoint's weights (save one at step 0)" if "theta" not in bad else
-               "training did something the replay does not (dropout or other train-mode randomness, train-mode "
+               "training did something the replay does not (dropout without recorded generator states, other "
+               "train-mode randomness, train-mode "
                "BatchNorm, an unrecorded loss or clipping)")
             + "; scored with the checkpoint estimator instead "
             "(Adam's v frozen per checkpoint, each sample spread over every step)")

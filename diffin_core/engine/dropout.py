@@ -299,6 +299,8 @@ def capture(record: ForwardStates, s: int, fm, theta: torch.Tensor, x: torch.Ten
     ``record.problems`` and the masks drawn are used."""
     idx = record.forwards(s)
     if not idx:
+        if len(record.step):              # other steps drew: this one's forward went unrecorded
+            record.note("missing", s)
         return None
     sizes = [int(record.rows[i]) for i in idx]
     if sum(sizes) != len(x):
@@ -336,7 +338,8 @@ def step_masks(ctx, s: int, fm, theta: torch.Tensor, x: torch.Tensor) -> StepMas
     return capture(record, s, fm, theta, x)
 
 
-PROBLEMS = {"rows": "the recorded forwards' rows do not add up to the step's batch",
+PROBLEMS = {"missing": "no generator state was recorded for the step's forward",
+            "rows": "the recorded forwards' rows do not add up to the step's batch",
             "device": "the masks were drawn on another device type than the one scoring",
             "other": "the forward drew random numbers outside dropout",
             "hash": "the redrawn masks left the generator in another state than training did"}

@@ -831,8 +831,9 @@ class _RngTap:
         rows, before, dev = self.pending
         self.pending = None
         after = self._d.get_states(dev)
-        if rows is None or all(torch.equal(before[k], after[k]) for k in before):
+        if all(torch.equal(before[k], after[k]) for k in before):
             return None
+        rows = -1 if rows is None else rows           # (unknown rows: scoring names the step)
         if "cuda" in before:
             self.device = "cuda"
         self.kept.append((self.step, rows, before["cpu"].numpy().copy(),
