@@ -133,3 +133,51 @@ def test_resume_is_refused(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True)
     with pytest.raises(DiffinError, match="resumes at step 7"):
         cb.on_train_begin(args, State(), None, model=tiny_bert(), optimizer=object())
+
+
+def test_the_trainers_dropout_masks_are_redrawn(tmp_path):
+    """BERT's dropout (0.1 in its hidden layers and attention: nn.Dropout modules and the
+    attention's functional dropout) under the Trainer, 2 micro-batches a step: the callback's
+    Recorder keeps every training forward's generator state, and the engine's redrawn masks give
+    the logits the Trainer's own forwards computed (engine/dropout.py)."""
+    from diffin_core.engine import dropout
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.engine.textmodel import adapt
+    from diffin_core.project.checkpoints import load_rng
+    seen = []                                       # (weights, logits) of every training forward
+
+    class Logits(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            def pre(module, a, k):
+                if module.training:
+                    seen.append([torch.cat([p.detach().reshape(-1).clone() for p in module.parameters()])])
+            def post(module, a, k, out):
+                if module.training:
+                    seen[-1].append(out.logits.detach().clone())
+            self.handles = [model.register_forward_pre_hook(pre, with_kwargs=True),
+                            model.register_forward_hook(post, with_kwargs=True)]
+
+        def on_train_end(self, *a, **k):
+            for h in self.handles:
+                h.remove()
+    args = TrainingArguments(output_dir=str(tmp_path / "hf_out"), per_device_train_batch_size=4,
+                             gradient_accumulation_steps=2, num_train_epochs=1, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, seed=3)
+    data = RowsDataset(16)
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=data, callbacks=[Logits()])
+    trainer.add_callback(DiffinCallback(tmp_path / "proj", every=2))
+    trainer.train()
+    manifest, batches = recorded_batches(tmp_path / "proj")
+    rng = load_rng(manifest)
+    assert manifest.extra["rng"]["forwards"] == len(seen) == 4 and list(rng.rows) == [4, 4, 4, 4]
+    fm = FunctionalModel(adapt(tiny_bert()))
+    for s, rows in enumerate(batches):
+        x = torch.stack([data.x[rows], data.mask[rows]], 1).float()
+        theta = seen[2 * s][0]
+        masks = dropout.capture(rng, s, fm, theta, x)
+        assert len(masks.parts) == 2 and len(masks.parts[0][1]) >= 4      # embeddings, attention, outputs
+        with dropout.applied(masks):
+            out = fm.logits(theta, x)
+        assert torch.allclose(out, torch.cat([seen[2 * s][1], seen[2 * s + 1][1]]), atol=1e-5)
+        assert not torch.allclose(fm.logits(theta, x), out, atol=1e-5)
+    assert rng.problems == {}
