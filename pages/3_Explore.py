@@ -4,11 +4,13 @@ from pathlib import Path
 
 import numpy as np
 import plotly.express as px
+import plotly.graph_objects as go
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as ui  # noqa: E402
 from _common import influence_views as iv  # noqa: E402
+from _common import triage_views as tri  # noqa: E402
 from diffin_core.tasks import compare
 from diffin_core.tasks import maps  # noqa: E402
 from diffin_core.run import features as F  # noqa: E402
@@ -66,6 +68,15 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
     wait()
 
 
+def _saved_selections() -> dict:
+    from diffin_core.workspace import selections
+    try:
+        return selections.load(project.root)
+    except DiffinError as e:
+        st.error(e.brief())
+        return {}
+
+
 def plan_ahead(project, run: str, qi: int, k: int) -> None:
     """Answer the next queries of ``qi``'s class in the background (features.answer_ahead), so that
     opening them draws the exact grid at once; bounded (features.AHEAD), cancelled by any query the
@@ -90,15 +101,38 @@ VIEWS = ["Top-k for a query", "Map", "Histograms", "Compare runs", "Training sam
 SEARCH = "Search"                 # text projects: find training samples by their text or id
 if project.kind == "text":
     VIEWS.insert(1, SEARCH)
+# the view, the query, the training sample and the saved selection live in the URL too (issue 21):
+# a reload, or a link sent to someone, opens the same view
+SLUGS = {"Top-k for a query": "topk", "Map": "map", "Histograms": "histograms", "Compare runs": "compare",
+         "Training sample": "sample", "Class heatmap": "heatmap", SEARCH: "search"}
+tri.from_url("explore_view", "view", lambda v: next(n for n in VIEWS if SLUGS[n] == v))
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
+tri.to_url("view", SLUGS[view], "topk")
 MAP_POINTS = 20_000
+review_state = ui.review_log(str(project.root)).state()
+if view in ("Top-k for a query", "Map", "Class heatmap"):     # the views that draw sample grids
+    flt = tri.filter_bar(project, scores, "explore_filter", default_states=(), url=False)
+
+
+def filtered(table, what: str):
+    """A grid's rows that pass the filter; says how many it hides."""
+    if not tri.narrowed("explore_filter"):
+        return table
+    out = tri.apply_filter(project, table, flt, review_state)
+    if len(out) < len(table):
+        st.caption(f"The filter ({flt.describe(lambda y: ui.label_name(project, y))}) hides {len(table) - len(out)} "
+                   f"of {len(table)} {what}.")
+    return out
+
 
 # --- top-k ---------------------------------------------------------------------------------
 if view == VIEWS[0]:
     q = project.query
     c = st.columns([1, 1, 2])
+    tri.from_url("explore_query", "query", lambda v: min(max(int(v), 0), len(q) - 1))
     st.session_state.setdefault("explore_query", 0)
     qi = c[0].number_input("Query sample index", 0, len(q) - 1, key="explore_query")
+    tri.to_url("query", int(qi), 0)
     k = c[1].slider("k", 1, 32, 8, key="explore_k")
     if project.kind == "image":
         with c[2]:
@@ -182,9 +216,9 @@ if view == VIEWS[0]:
                        f" The store alone is approximate: {iv.agreement_note(iv.agreement(project, run))}."))
             status = st.container()          # above the grids, filled after them: the grid is sent first
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
-            ui.sample_grid(project, helpful)
+            ui.sample_grid(project, filtered(helpful, "most helpful (raise k to see more)"))
             st.markdown("**Most harmful** (removing them would lower this query's loss)")
-            ui.sample_grid(project, harmful)
+            ui.sample_grid(project, filtered(harmful, "most harmful (raise k to see more)"))
             if fast and not rescored:
                 with status:
                     rescore_grid(project, run, int(qi), auto, int(k))
@@ -265,6 +299,14 @@ elif view == VIEWS[VIEWS.index("Map")]:
                                   tv.texts(project.train, [ui.row_of(project, s) for s in df["sample_id"]])])
             df["_text"] = df["_text"].str.replace("\n", " ")
             hover.append("_text")
+        saved = _saved_selections()
+        if st.session_state.get("explore_saved_pending") in saved:        # just saved: draw it
+            st.session_state["explore_saved"] = st.session_state.pop("explore_saved_pending")
+        shown_name = tri.url_selectbox(
+            "Draw a saved selection on the map", [""] + list(saved), "explore_saved", "selection",
+            format_func=lambda n: "none" if not n else f"{n} ({len(saved[n]['ids']):,} samples)")
+        if "explore_saved_note" in st.session_state:
+            st.success(st.session_state.pop("explore_saved_note"))
         fig = px.scatter(df, x="umap_x", y="umap_y", color="label_name" if color == "label" else color,
                          custom_data=hover,
                          render_mode="webgl", height=560, opacity=0.7, **extra)
@@ -274,6 +316,13 @@ elif view == VIEWS[VIEWS.index("Map")]:
         fig.update_layout(dragmode="lasso", margin={"l": 0, "r": 0, "t": 20, "b": 0})
         if numeric:
             fig.update_layout(coloraxis_colorbar=colorbar)
+        in_saved = df[df["sample_id"].isin(saved[shown_name]["ids"])] if shown_name else df.iloc[:0]
+        if shown_name:              # rings around the saved selection's points, above the others
+            fig.add_trace(go.Scattergl(
+                x=in_saved["umap_x"], y=in_saved["umap_y"], mode="markers", name=f"selection: {shown_name}",
+                customdata=in_saved[hover].to_numpy(), hovertemplate=fig.data[0].hovertemplate,
+                marker={"size": 9, "symbol": "circle-open", "color": "#111", "line": {"width": 1.5}}))
+            fig.update_layout(legend={"orientation": "h", "y": 1.08})
         event = st.plotly_chart(fig, key="explore_map", on_select="rerun", selection_mode=("lasso", "points"))
         ids = ui.selected_ids(event)
         if ids:
@@ -281,8 +330,21 @@ elif view == VIEWS[VIEWS.index("Map")]:
         if ids:
             chosen = df[df["sample_id"].isin(ids)].sort_values("label_issue", ascending=False)
             st.markdown(f"**{len(chosen):,} selected** (the 48 most suspicious shown)")
-            ui.sample_grid(project, chosen.head(48), score_col="label_issue")
-            ui.save_selection(project, chosen["sample_id"].tolist(), f"Explore lasso, run {run}", key="explore_sel")
+            ui.sample_grid(project, filtered(chosen, "selected").head(48), score_col="label_issue")
+            stored = ui.save_selection(project, chosen["sample_id"].tolist(), f"Explore lasso, run {run}",
+                                       key="explore_sel")
+            if stored:                       # drawn on the map and named in the URL from now on
+                st.session_state["explore_saved_pending"] = stored
+                st.session_state["explore_saved_note"] = (f"Saved {len(chosen):,} samples as “{stored}”: ringed on "
+                                                          "the map, kept after a reload; What-if can remove them.")
+                st.rerun()
+        elif shown_name:
+            missing = len(set(saved[shown_name]["ids"])) - len(in_saved)
+            st.markdown(f"**Saved selection “{shown_name}”: {len(saved[shown_name]['ids']):,} samples** "
+                        f"(ringed on the map{f'; {missing:,} not drawn' if missing else ''}; the 48 most "
+                        "suspicious shown). Draw a lasso to select others.")
+            ui.sample_grid(project, filtered(in_saved.sort_values("label_issue", ascending=False), "in the selection")
+                           .head(48), score_col="label_issue")
         else:
             st.caption("Draw a lasso around points to list those samples here.")
 
@@ -330,9 +392,11 @@ elif view == "Compare runs":
 elif view == "Training sample":
     ids = scores["sample_id"]
     default = (st.session_state.get("explore_last_topk") or [int(scores.sort_values("label_issue").iloc[-1]["sample_id"])])[0]
+    tri.from_url("explore_sample", "sample", int)
     st.session_state.setdefault("explore_sample", int(default))
     c = st.columns([1, 3])
     sid = int(c[0].number_input("Training sample id", int(ids.min()), int(ids.max()), key="explore_sample"))
+    tri.to_url("sample", sid)
     if sid not in ui.positions(str(project.root), (project.root / "diffin.toml").stat().st_mtime):
         st.error(f"No training sample has id {sid}.")
     else:

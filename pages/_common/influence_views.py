@@ -172,13 +172,21 @@ def class_matrix(project, run: str) -> pd.DataFrame:
 
 
 def heatmap_figure(df: pd.DataFrame) -> go.Figure:
+    """The heatmap, with an invisible marker on every cell's centre: plotly selects no heatmap
+    cell on a click (issue 21: clicks did nothing), but it selects the nearest marker, and with no
+    hover cut-off the nearest centre is the cell under the pointer."""
     z = df.to_numpy()
     lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    xs, ys = [f"query {c}" for c in df.columns], [f"train {r}" for r in df.index]
     fig = go.Figure(go.Heatmap(
-        z=z, x=[f"query {c}" for c in df.columns], y=[f"train {r}" for r in df.index],
-        colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim,
-        colorbar={"title": "influence", "tickvals": [-lim, 0, lim], "ticktext": ["harmful", "0", "helpful"]},
-        hovertemplate="training class %{y} on %{x}: %{z:.3g}<extra></extra>"))
+        z=z, x=xs, y=ys, colorscale="RdBu", zmid=0, zmin=-lim, zmax=lim, hoverinfo="skip",
+        colorbar={"title": "influence", "tickvals": [-lim, 0, lim], "ticktext": ["harmful", "0", "helpful"]}))
+    gx, gy = np.meshgrid(np.arange(len(xs)), np.arange(len(ys)))
+    fig.add_trace(go.Scatter(
+        x=[xs[i] for i in gx.ravel()], y=[ys[j] for j in gy.ravel()], customdata=z.ravel(), mode="markers",
+        marker={"size": 24, "symbol": "square", "opacity": 0}, showlegend=False,
+        hovertemplate="training class %{y} on %{x}: %{customdata:.3g}<extra></extra>"))
+    fig.update_layout(hoverdistance=-1, clickmode="event+select")
     fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 30, "b": 10},
                       xaxis_title="query class (mean loss of its query samples)",
                       yaxis_title="given training class (sum over its samples)")

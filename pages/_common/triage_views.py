@@ -136,7 +136,7 @@ def apply_filter(project, table, f: triage.Filter, state=None, done=None):
     try:
         return triage.apply(table, f, state, texts, done)
     except DiffinError as e:
-        st.error(str(e))
+        st.error(e.brief())
         return table
 
 
