@@ -29,7 +29,7 @@ def test_class_filter_next_and_shortcuts(scored):
     at.multiselect(key="review_filter_given").set_value([3]).run()
     assert current_sample(at) == ranked[0]
     assert list(at.query_params["given"]) in (["3"], ["3"[0]])
-    assert metrics(at)["Left in this queue"] == f"{len(ranked):,}"
+    assert metrics(at)["Left in this queue"] == str(len(ranked))
     # the card's buttons carry their keys (Streamlit draws them and fires them, never in a text box)
     shortcuts = {b.key: b.proto.shortcut.upper() for b in at.button}
     assert shortcuts["review_keep"] == "K" and shortcuts["review_exclude"] == "X"
@@ -44,7 +44,7 @@ def test_class_filter_next_and_shortcuts(scored):
     state = ReviewLog(scored).state()
     assert state.loc[ranked[0], "action"] == "exclude" and state.loc[ranked[2], "action"] == "keep"
     assert ranked[1] not in state.index
-    assert metrics(at)["Left in this queue"] == f"{len(ranked) - 2:,}"
+    assert metrics(at)["Left in this queue"] == str(len(ranked) - 2)
     # the state filter: the excluded ones only, e.g. to look again
     at.multiselect(key="review_filter_states").set_value(["exclude"]).run()
     assert current_sample(at) == ranked[0]
@@ -85,12 +85,15 @@ def test_session_summary(scored):
     at = new_app(scored, "pages/4_Review.py")
     assert at.selectbox(key="review_run").value == "diffin-1"
     m = metrics(at)
-    assert m["Decided per minute"] == "–" and m["Left in this queue"] == "4,000"
-    assert float(m["Expected label errors left"].replace(",", "")) > 0
+    assert m["Decided per minute"] == "–" and m["Left in this queue"] == "4000"
+    assert float(m["Expected label errors left"]) > 0 and "…of them in this queue" not in m
     for _ in range(3):
         at.button(key="review_keep").click().run()
     m = metrics(at)
-    assert m["Decided per minute"] != "–" and m["Left in this queue"] == "3,997"
+    assert m["Decided per minute"] != "–" and m["Left in this queue"] == "3997"
     assert any("were excluded or relabelled" in c for c in texts(at.caption))
+    at.multiselect(key="review_filter_given").set_value([3]).run()      # a filtered queue: its own share
+    m = metrics(at)
+    assert 0 <= float(m["…of them in this queue"]) <= float(m["Expected label errors left"])
     at.selectbox(key="review_run").set_value("loss-1").run()
     assert metrics(at)["Expected label errors left"] == "–"      # a ranking, not a LOO loss

@@ -151,7 +151,7 @@ def session_summary(log, user: str, scores, queue_ids, method: str, num_classes:
                 help=f"Your decisions in this session ({pace['decisions']} in {pace['minutes']:.1f} min; a pause over "
                      f"{triage.SESSION_GAP_S / 60:.0f} min starts a new session).")
     left = len(queue_ids)
-    c[1].metric("Left in this queue", f"{left:,}",
+    c[1].metric("Left in this queue", str(left),
                 help="Samples the card will still show with the current filter." +
                      (f" At your pace about {ui.fmt_seconds(left / rate * 60)}." if rate else ""))
     est = triage.expected_errors(scores, state, num_classes, method, among=queue_ids)
@@ -160,14 +160,15 @@ def session_summary(log, user: str, scores, queue_ids, method: str, num_classes:
                     help=f"Not estimated for a {method} run: its label_issue is a ranking, not a calibrated "
                          "leave-one-out loss. Review a diffin run for this figure.")
         return
-    c[2].metric("Expected label errors left", f"{est['left']:,.0f}",
+    c[2].metric("Expected label errors left", f"{est['left']:.0f}",
                 help=f"Among the {est['undecided']:,} undecided samples: the sum of each one's probability that its "
                      "label is wrong, read from label_issue (an estimated leave-one-out loss: exp(-label_issue) is "
                      "the held-out probability of the given label), with a noise rate fitted to the whole run and "
                      f"your decisions ({100 * est['noise_rate']:.1f}%) and flips assumed spread evenly over the "
                      "other classes. On the sample project it estimated 351 where 400 labels were flipped "
                      "(benchmarks/results/review_estimate.csv).")
-    c[3].metric("…of them in this queue", f"{est['left_among']:,.0f}")
+    if left < est["undecided"]:            # a filtered queue: its own share
+        c[3].metric("…of them in this queue", f"{est['left_among']:.0f}")
     if est["decided"]:
         st.caption(f"Check on what was decided: the estimate expected {est['predicted']:.0f} label errors among the "
                    f"{est['decided']:,} decided samples; {est['found']:,} were excluded or relabelled.")
