@@ -91,7 +91,7 @@ def label_rows(seed: int, work: Path) -> list[dict]:
     flipped = case["train"].true_y != case["train"].y
     rows = []
     for method in ("diffin", "loss", "cleanlab", "tracin", "cleanlab-cv"):
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         ctx, approx = context(case)
         if method == "cleanlab-cv":
             ctx.trainer = lambda x, y, s: train_text(case["model_fn"], recipe, torch.as_tensor(x, dtype=torch.float64),
@@ -101,7 +101,9 @@ def label_rows(seed: int, work: Path) -> list[dict]:
         score = out["label_issue"] if method != "tracin" else out["self_influence"]
         rows.append(dict(part="labels", recipe="trainer-defaults", seed=seed, method=method, checkpoints=0,
                          value=float(roc_auc_score(flipped, score)), seconds=time.time() - t0,
-                         note=" | ".join(approx)[:300]))
+                         cpu_seconds=time.process_time() - c0,
+                         note=(f"{int(flipped.sum())} of {len(flipped)} flipped, query accuracy {case['accuracy']:.3f}; "
+                               + " | ".join(approx))[:300]))
         print(rows[-1], flush=True)
     return rows
 
@@ -112,7 +114,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--work", default=None, help="keep the cases here (default: a temp folder)")
+    ap.add_argument("--out", default=str(OUT), help="the CSV its rows replace (default results/text.csv)")
     a = ap.parse_args()
+    out = Path(a.out)
     work = Path(a.work or tempfile.mkdtemp(prefix="diffin-text-"))
     rows = []
     for seed in a.seeds:
@@ -122,14 +126,14 @@ def main() -> None:
         else:
             rows += label_rows(seed, work)
         df = pd.DataFrame(rows)
-        old = pd.read_csv(OUT) if OUT.is_file() else None
+        old = pd.read_csv(out) if out.is_file() else None
         if old is not None:
             keys = set(zip(df.part, df.recipe, df.seed))
             old = old[[k not in keys for k in zip(old.part, old.recipe, old.seed)]]
             df = pd.concat([old, df], ignore_index=True)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(OUT, index=False, float_format="%.4f")
-    print(pd.read_csv(OUT).to_string())
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False, float_format="%.4f")
+    print(pd.read_csv(out).to_string())
 
 
 if __name__ == "__main__":

@@ -50,13 +50,35 @@ def timed(cmd: list[str]) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(rss / 1024), "load_1min_before": round(load, 1)}
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr).group(1)) for k in ("User", "System"))
+    return {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "peak_rss_mb": round(rss / 1024),
+            "load_1min_before": round(load, 1), "load_1min_after": round(os.getloadavg()[0], 1)}
+
+
+def parts(project: Path, run: str) -> dict:
+    """Where a run's time went (meta.json, wall seconds): the query plan, the training-set walk,
+    label_issue's share, the feature store's own pass and its kind."""
+    import json
+    run_dir = project / "runs" / run
+    meta = json.loads((run_dir / "meta.json").read_text())
+    t = meta.get("timings") or {}
+    out = {"plan_s": t.get("plan_s"), "walk_s": t.get("scores_s"), "label_issue_s": t.get("label_issue_s"),
+           "published_s": meta.get("seconds"), "hvp": json.dumps((meta.get("hvp") or {}).get("lanczos_views")),
+           "adam_check": (meta.get("adam_check") or {}).get("passed") if isinstance(meta.get("adam_check"), dict) else None}
+    store = run_dir / "features" / "meta.json"
+    if store.is_file():
+        f = json.loads(store.read_text())
+        out.update(features_s=f.get("seconds"), features_views_s=f.get("views_s"), store_kind=f.get("kind", "views"),
+                   store_mb=f.get("store_mb"))
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", default=str(ROOT / "sample_data" / "sms-spam"))
-    ap.add_argument("--methods", default="loss,tracin,diffin")
+    ap.add_argument("--methods", default="loss,tracin,diffin",
+                    help="comma-separated; METHOD+FLAG+FLAG adds CLI flags (diffin+--no-features)")
+    ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--infer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.infer:
@@ -71,20 +93,26 @@ def main() -> None:
     rows = [{"what": "plain inference (final checkpoint, train + query)",
              **timed([sys.executable, __file__, "--infer", str(project)]), "samples": n_train + n_query}]
     for m in a.methods.split(","):
-        rows.append({"what": f"diffin score -m {m}", **timed([sys.executable, "-m", "diffin_core.cli", "score",
-                                                            str(project), "-m", m, "--run", f"cost-{m}"]),
-                     "samples": n_train})
+        name, *flags = m.split("+")                      # diffin+--no-features: a variant with CLI flags
+        run = f"cost-{name}{'-' + str(len(rows)) if flags else ''}"
+        rows.append({"what": f"diffin score -m {name} {' '.join(flags)}".strip(),
+                     **timed([sys.executable, "-m", "diffin_core.cli", "score", str(project), "-m", name, "--run", run,
+                              *flags]),
+                     "samples": n_train, **parts(project, run)})
     for r in rows:
         r["samples_per_s"] = round(r["samples"] / r["wall_s"], 1)
+        r["samples_per_cpu_s"] = round(r["samples"] / r["cpu_s"], 1)
         r.update(train=n_train, query=n_query, checkpoints=len(p.manifest.checkpoints), cpus=os.cpu_count(),
                  threads=os.environ.get("OMP_NUM_THREADS", ""))
         print(r)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    with open(OUT, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    print(OUT)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ def _settings(device: str = "auto", memory_budget: Optional[str] = None, batch_s
 
 
 def _score(project, method: str, run: Optional[str], device: str, ray: Optional[str] = None,
-           features: bool = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
+           features: bool | str = True, memory_budget: Optional[str] = None, batch_size: Optional[int] = None,
            precision: str = "float32", hvp: str = "auto", ray_timeout: Optional[float] = None) -> Path:
     from diffin_core.run.scoring import score
     settings = _settings(device, memory_budget, batch_size, precision, hvp)
@@ -191,6 +191,11 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                                                                "$DIFFIN_RAY_TIMEOUT or 60)"),
               no_features: bool = typer.Option(False, "--no-features",
                                                help="skip the feature pass (then `diffin top` takes the exact path)"),
+              sketch_features: bool = typer.Option(False, "--sketch-features",
+                                                   help="the feature store from the scoring walk's own gradients, "
+                                                        "without Hessian views: no pass after the scores; top-k "
+                                                        "answers stay exact (certified), the store's own ranking "
+                                                        "leaves the curvature out"),
               memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE",
                                                           help=MEMORY_HELP),
               batch_size: Optional[int] = typer.Option(None, "--batch-size", help=BATCH_HELP),
@@ -209,7 +214,7 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
     for m in method:
         with warnings.catch_warnings():     # the recipe's approximations: printed below, each once
             warnings.simplefilter("ignore", RecipeWarning)
-            out = _score(project, m, run if len(method) == 1 else None, device, ray, features=not no_features,
+            out = _score(project, m, run if len(method) == 1 else None, device, ray, features=False if no_features else ("sketch" if sketch_features else True),
                          memory_budget=memory_budget, batch_size=batch_size, precision=precision, hvp=hvp,
                          ray_timeout=ray_timeout)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")

@@ -346,8 +346,8 @@ def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
     per-checkpoint row is the sketch of g_z(theta_k) with its exact norm, the same as a separate
     pass (`diffin features`) computes; the train rows are the zero-curvature propagation
     sum_k c_k a_k g_z(theta_k) (the plan through empty views); and a new query's certified top-k
-    is `diffin top --exact`'s. A recipe whose plan is not scalar at zero curvature (AdamW's
-    preconditioner) gets no store, as before."""
+    is `diffin top --exact`'s. AdamW's plan at zero curvature is diagonal (its preconditioner),
+    not scalar: its train rows are sum_k S (c_k d_k * g_z(theta_k)) (issue 18: the Trainer's AdamW)."""
     import warnings
     from diffin_core.engine.lanczos import SpectralView
     from diffin_core.engine.propagate import build_plan
@@ -358,15 +358,16 @@ def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
     messages = []
     run = score(project, "diffin", run="d", progress=lambda d, t, m: messages.append(m))
     store = F.FeatureStore.open(project, "d")
-    if "adamw" in str(opt(torch.nn.Linear(1, 1).parameters())).lower():
-        assert store is None and any("no view-less store" in m for m in messages)
-        return
+    adam = "adamw" in str(opt(torch.nn.Linear(1, 1).parameters())).lower()
     assert store is not None and not store.has_views and store.meta["rows_filled"] == 0   # all from the walk
     assert any("checkpoint sketches from the scoring walk" in m for m in messages)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ctx = F.configured(project_context(project))
     ks = sorted(c["k"] for c in store.meta["checkpoints"])
+    assert all(c["diagonal"] == adam for c in store.meta["checkpoints"])
+    maps = F.zero_curvature_maps(ctx)
+    assert sorted(maps) == ks
     proj = Projector(ctx.fm.num_params, 512, store.meta["settings"]["seed"] + 1)
     x, y = ctx.tensors(project.train.x, project.train.y)
     grads = {k: ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y) for k in ks}
@@ -376,16 +377,16 @@ def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
         rows = store.per_checkpoint[k].astype(np.float64) * store.ck_snorm[k][:, None]
         np.testing.assert_allclose(rows, sk.numpy(), atol=2e-3 * float(sk.abs().max()))
         np.testing.assert_allclose(store.ck_norm2[k], (grads[k].double() ** 2).sum(1).numpy(), rtol=1e-5)
-        effective += c["coef"] * sk
+        effective += proj(maps[k] * grads[k]).double() if adam else c["coef"] * sk
     np.testing.assert_allclose(store.train_rows(np.arange(ctx.n)), effective.numpy(),
                                atol=2e-3 * float(effective.abs().max()))
-    # the coefficients are the plan's at zero curvature: for a query gradient u,
-    # sum_k c_k a_k <g_k, u> = sum_k coef <w_k(u; no views), g_k>
+    # the maps are the plan's at zero curvature: for a query gradient u (not a probe),
+    # sum_k <c_k d_k g_k, u> = sum_k coef <w_k(u; no views), g_k>
     empty = SpectralView(torch.zeros(0), torch.zeros(ctx.fm.num_params, 0))
     q = project.query
     u = ctx.mean_grad(ctx.m - 1, q.x[[1, 2]], q.y[[1, 2]])
     direct = sum(it.coef * (grads[it.k] @ it.w).double() for it in build_plan(ctx, u, view_fn=lambda k, s: empty))
-    folded = sum(c["coef"] * (grads[c["k"]] @ u).double() for c in store.meta["checkpoints"])
+    folded = sum(((maps[k] * grads[k]) @ u).double() for k in ks)
     np.testing.assert_allclose(folded.numpy(), direct.numpy(), rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
     # a separate pass (`diffin features`) builds the same store
     F.build_for_run(project, "d")

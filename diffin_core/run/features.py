@@ -294,6 +294,43 @@ def views_fit(ctx, settings: FeatureSettings | None = None) -> bool:
     return mem is None or ctx.m * settings.view_rank * ctx.fm.num_params * 4 <= mem.budget // 2
 
 
+def zero_curvature_maps(ctx, tol: float = 1e-5) -> dict | None:
+    """{k: c_k d_k}: with the curvature left out (empty Hessian views) the query plan maps a query
+    gradient u to w_k = d_k * u at each of its checkpoints, d_k a scalar (SGD with one parameter
+    group: a float here) or a diagonal (Adam's preconditioner, per-group lrs or decay: a (P,)
+    tensor of the parameters' dtype). Read off one seeded probe and checked on a second (relative
+    error below ``tol``), so influence(z) = <u, sum_k c_k d_k g_z(theta_k)> at zero curvature.
+    None where the plan is not diagonal (Adam's batch-order rows) or the diagonals would take
+    more than a quarter of the memory budget."""
+    from diffin_core.engine.propagate import build_plan, random_start
+    p = ctx.fm.num_params
+    empty = SpectralView(torch.zeros(0, dtype=ctx.dtype, device=ctx.device),
+                         torch.zeros(p, 0, dtype=ctx.dtype, device=ctx.device))
+    probes = [random_start(ctx, ctx.m - 1, salt=2000 + i) for i in range(2)]
+    plans = [build_plan(ctx, u, view_fn=lambda k, starts: empty) for u in probes]
+    second = {it.k: it for it in plans[1]}
+    u1, u2 = probes[0].double(), probes[1].double()
+    out, diagonals = {}, 0
+    for it in plans[0]:
+        if getattr(it, "rows", None) is not None or it.k not in second:
+            return None
+        w1, w2 = it.w.double(), second[it.k].w.double()
+        room = tol * float(torch.linalg.vector_norm(w2)) + 1e-30
+        a = float(w1 @ u1 / (u1 @ u1))
+        if float(torch.linalg.vector_norm(w2 - a * u2)) <= room:
+            out[it.k] = it.coef * a
+            continue
+        d = torch.where(u1 != 0, w1 / torch.where(u1 != 0, u1, torch.ones_like(u1)), torch.zeros_like(u1))
+        if float(torch.linalg.vector_norm(w2 - d * u2)) > room:
+            return None                                  # not diagonal at zero curvature
+        out[it.k] = (it.coef * d).to(ctx.dtype)
+        diagonals += 1
+    mem = getattr(ctx, "memory", None)
+    if mem is not None and diagonals * p * torch.tensor([], dtype=ctx.dtype).element_size() > mem.budget // 4:
+        return None
+    return out
+
+
 class SketchSink:
     """The feature store of a run whose Hessian views exceed the memory budget (a ResNet-18 at
     3.5 GB), built from the per-sample gradients the scoring walk computes anyway (the walk hands
@@ -304,16 +341,18 @@ class SketchSink:
     - the per-checkpoint CountSketch S g_z(theta_k) (m, N, d) and the exact ||g_z(theta_k)||^2:
       with a query's exact plan they bound every row's influence (FeatureStore.plan_bounds), and
       the rows that could reach the top k are rescored exactly (certified_rows);
-    - train rows S e_z with e_z = sum_k c_k a_k g_z(theta_k): the plan's propagation with the
-      curvature left out (no views: each segment acts as at Hessian 0, a scalar a_k per
+    - train rows S e_z with e_z = sum_k c_k d_k g_z(theta_k): the plan's propagation with the
+      curvature left out (no views: each segment acts as at Hessian 0, a scalar or diagonal d_k per
       checkpoint). Approximate (the store's own grid, the class heatmap and the reverse view;
       store_agreement measures it per run), never an exact answer.
-    Applies to plans whose segments act as scalars at zero curvature (one parameter group, no
-    Adam preconditioner); ``create`` returns None otherwise (the exact path answers, as before)."""
+    Applies to plans whose segments act as diagonals at zero curvature (zero_curvature_maps: SGD,
+    Adam's preconditioner, per-group hyper-parameters); ``create`` returns None otherwise (Adam's
+    batch-order rows: the exact path answers, as before)."""
 
     def __init__(self, ctx, tmp: Path, settings: FeatureSettings, dim: int, alphas: dict):
         self.ctx, self.tmp, self.settings, self.dim = ctx, Path(tmp), settings, int(dim)
-        self.alphas = alphas                                 # {k: c_k a_k}, the plan's checkpoints
+        self.alphas = alphas                                 # zero_curvature_maps: the plan's checkpoints
+        self.reason = "they exceed the memory budget"
         n, m = ctx.n, ctx.m
         self.proj = Projector(ctx.fm.num_params, self.dim, settings.seed + 1, device=ctx.device)
         self.per_ck = np.lib.format.open_memmap(self.tmp / "train_ck.npy", mode="w+", dtype=np.float16,
@@ -327,24 +366,13 @@ class SketchSink:
         self.seconds = 0.0                                   # time spent sketching (meta.json)
 
     @classmethod
-    def create(cls, ctx, parent: Path, settings: FeatureSettings | None = None) -> "SketchSink | None":
-        from diffin_core.engine.propagate import build_plan, random_start
+    def create(cls, ctx, parent: Path, settings: FeatureSettings | None = None,
+               reason: str = "they exceed the memory budget") -> "SketchSink | None":
+        """The sink for ``ctx``, or None where the plan is not diagonal at zero curvature or its
+        sketch would be too small. ``reason``: why the store has no Hessian views (meta.json)."""
         from diffin_core.project.atomic import recover_dirs
         settings = settings or FeatureSettings()
-        p = ctx.fm.num_params
-        empty = SpectralView(torch.zeros(0, dtype=ctx.dtype, device=ctx.device),
-                             torch.zeros(p, 0, dtype=ctx.dtype, device=ctx.device))
-        u = random_start(ctx, ctx.m - 1, salt=2000)
-        alphas = {}
-        for it in build_plan(ctx, u, view_fn=lambda k, starts: empty):
-            if it.op.scale is not None or it.op.expand is not None or getattr(it, "rows", None) is not None:
-                return None
-            a = float(it.w.double() @ u.double() / (u.double() @ u.double()))
-            if float(torch.linalg.vector_norm(it.w.double() - a * u.double())) > 1e-5 * float(
-                    torch.linalg.vector_norm(it.w.double())) + 1e-30:
-                return None                                  # not a scalar at zero curvature
-            alphas[it.k] = it.coef * a
-        del u
+        alphas = zero_curvature_maps(ctx)
         n = ctx.n
         dim = min(SKETCH_DIM, int(settings.checkpoint_mb * 2 ** 20 / (2 * max(ctx.m * n, 1))))
         if dim < 256 or not alphas:
@@ -354,7 +382,9 @@ class SketchSink:
         recover_dirs(parent)
         tmp = parent / f".{DIRNAME}.tmp-{os.getpid()}-{time.time_ns()}"     # the pid: recover_dirs knows it
         tmp.mkdir(parents=True)
-        return cls(ctx, tmp, settings, dim, alphas)
+        sink = cls(ctx, tmp, settings, dim, alphas)
+        sink.reason = reason
+        return sink
 
     def __call__(self, k: int, g: torch.Tensor) -> None:
         """One chunk's per-sample gradients (B, P) at checkpoint k, rows ``self.rows``."""
@@ -366,7 +396,8 @@ class SketchSink:
         unit, norm = _unit_rows(f)
         self.per_ck[k, sl], self.ck_snorm[k, sl] = unit, norm
         self.ck_norm2[k, sl] = (g.double() ** 2).sum(1).cpu().numpy()
-        self.acc[sl] += (self.alphas[k] * f).cpu().numpy()
+        a = self.alphas[k]                   # c_k a_k, or c_k d_k (P,): Adam's D, per-group lrs
+        self.acc[sl] += (a * f if isinstance(a, float) else self.proj(g * a)).cpu().numpy()
         self.seen[k, sl] = True
         self.seconds += time.perf_counter() - t
 
@@ -433,14 +464,16 @@ class SketchSink:
             meta = {"version": VERSION, "kind": "checkpoint-sketch", "settings": settings.to_dict(),
                     "projection_seed": self.settings.seed + 1, "n_train": n, "n_query": len(query),
                     "checkpoint_dim": d, "num_params": ctx.fm.num_params, "num_classes": c,
-                    "checkpoints": [{"k": k, "step": int(ctx.steps[k]), "coef": float(self.alphas[k]),
+                    "checkpoints": [{"k": k, "step": int(ctx.steps[k]),
+                                     "coef": self.alphas[k] if isinstance(self.alphas[k], float) else None,
+                                     "diagonal": not isinstance(self.alphas[k], float),
                                      "lr": float(ctx.lrs[k]), "segment": float(ctx.segments[k])} for k in ks],
                     "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
                     "views_s": 0.0, "sketch_s": round(self.seconds, 3), "rows_filled": filled,
                     "seconds": round(time.time() - started, 3),     # after the walk (its sketching: sketch_s)
                     "store_mb": round(size_b / 2 ** 20, 3), "finished": time.time(),
-                    "approximations": ["the store's own ranking (train rows) leaves the curvature out (no Hessian "
-                                       "views: they exceed the memory budget); exact answers come from the query's "
+                    "approximations": [f"the store's own ranking (train rows) leaves the curvature out (no Hessian "
+                                       f"views: {self.reason}); exact answers come from the query's "
                                        "own plan, bounded through the per-checkpoint sketches and rescored"]}
             write_text(tmp / "meta.json", json.dumps(meta, indent=1))
             out = Path(out)

@@ -87,7 +87,7 @@ def run_name(project: Project, method: str, run: str | None):
 
 
 def score(project: Project | str | Path, method: str, run: str | None = None,
-          settings: ScoreSettings | None = None, progress=None, features: bool = True,
+          settings: ScoreSettings | None = None, progress=None, features: bool | str = True,
           on_published=None) -> Path:
     """Score every training sample on the mean query loss; returns the run folder.
 
@@ -96,6 +96,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     to runs/<run>/features/, after which any query's top-k takes a fraction of a second. It runs
     after the scores are published (``on_published(run folder)`` is called between the two;
     the app's pages show the run at once and say that its feature store is being built).
+    ``features="sketch"``: the view-less store, fed by the scoring walk itself (sketch_sink).
     """
     project = project if isinstance(project, Project) else Project(project)
     settings = settings or ScoreSettings()
@@ -113,7 +114,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         sink = None
         try:
             if features and method in feature_store.METHODS:
-                sink = sketch_sink(project, ctx, method, feature_store)
+                sink = sketch_sink(project, ctx, method, feature_store, prefer=features == "sketch")
             ctx.grad_tap = sink              # the walk hands its per-sample gradients to the store's sketch
             out = run_method(ctx, method, qx, q.y)
             if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
@@ -155,8 +156,8 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
                      "`diffin top` takes the exact path)")
     if sink is not None:
         if progress:
-            progress(ctx.n, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (the Hessian "
-                     "views exceed the memory budget)")
+            progress(ctx.n, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (Hessian "
+                     f"views: {sink.reason})")
         sink.finish(q, final / feature_store.DIRNAME, project.num_classes, progress)
     elif features and method in feature_store.METHODS and not feature_store.views_fit(ctx):
         if progress:
@@ -168,18 +169,21 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     return final
 
 
-def sketch_sink(project: Project, ctx: Context, method: str, feature_store):
+def sketch_sink(project: Project, ctx: Context, method: str, feature_store, prefer: bool = False):
     """The view-less feature store fed by the scoring walk (features.SketchSink) when the Hessian
-    views exceed the memory budget, else None (the feature pass after publishing, or none).
+    views exceed the memory budget or ``prefer`` (`diffin score --sketch-features`: no pass after
+    the scores), else None (the feature pass after publishing, or none).
     The runner's memory plan is made here first, as runner.run will make it."""
     if method != "diffin":
         return None
     from diffin_core.methods import runner
     from diffin_core.methods.diffin import DiffIn
     runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))
-    if getattr(ctx, "batch_order", None) is not None or feature_store.views_fit(ctx):
+    fit = feature_store.views_fit(ctx)
+    if getattr(ctx, "batch_order", None) is not None or (fit and not prefer):
         return None
-    return feature_store.SketchSink.create(ctx, project.runs_dir)
+    reason = "left out as asked (--sketch-features)" if fit else "they exceed the memory budget"
+    return feature_store.SketchSink.create(ctx, project.runs_dir, reason=reason)
 
 
 def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
