@@ -59,13 +59,8 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
         st.error(f"Rescoring failed: {info.error}")
         return
 
-    @st.fragment(run_every=1.0)
-    def wait():
-        job = jm.get(st.session_state[jkey])
-        if job is None or job.status not in ("queued", "running"):
-            st.rerun()
-        st.caption(f"Rescoring the shortlist with the exact path in the background: {job.status}")
-    wait()
+    ui.wait_for_job(st.session_state[jkey],
+                    lambda job: f"Rescoring the shortlist with the exact path in the background: {job.status}")
 
 
 def _saved_selections() -> dict:
@@ -180,14 +175,10 @@ if view == VIEWS[0]:
             if info.status == "failed":
                 st.error(f"Top-k failed: {info.error}")
             else:
-                @st.fragment(run_every=1.0)
-                def topk_progress():
-                    job = jm.get(st.session_state[job_key])
-                    if job is None or job.status not in ("queued", "running"):
-                        st.rerun()
-                    st.progress(job.fraction, text=f"Scoring the training set against query {int(qi)} "
-                                f"in the background (cached afterwards): {job.status} · {job.message}")
-                topk_progress()
+                ui.wait_for_job(st.session_state[job_key],
+                                lambda job: f"Scoring the training set against query {int(qi)} in the background "
+                                            f"(cached afterwards): {job.status} · {job.message}",
+                                fraction=lambda job: job.fraction)
             st.stop()
         rescored = fast and iv.answered(project, run, int(qi), int(k))
         if fast and not rescored and auto:
@@ -255,13 +246,7 @@ elif view == VIEWS[VIEWS.index("Map")]:
                     label=f"map of {run} ({kind})", project_dir=root)
                 st.rerun()
         else:
-            @st.fragment(run_every=1.0)
-            def map_progress():
-                info = jm.get(job_id)
-                if info is None or info.status not in ("queued", "running"):
-                    st.rerun()
-                st.progress(info.fraction, text=f"{info.status}: {info.message}")
-            map_progress()
+            ui.wait_for_job(job_id, lambda job: f"{job.status}: {job.message}", fraction=lambda job: job.fraction)
     else:
         state = ui.review_log(str(project.root)).state()
         df = scores.merge(coords, on="sample_id")

@@ -70,20 +70,17 @@ with right:
     if "home_error" in st.session_state:
         st.error(st.session_state.pop("home_error"))
     if st.session_state.get("home_text_job"):
-        @st.fragment(run_every=1.0)
-        def _text_build():
-            job = ui.job_manager().get(st.session_state["home_text_job"])
-            if job is None or job.status in ("done", "failed", "cancelled"):
-                st.session_state.pop("home_text_job", None)
-                if job is not None and job.status == "failed":
-                    st.session_state["home_error"] = f"Building the text sample failed: {job.error}"
-                elif appstate.text_sample_ready(ws):
-                    ui.set_project(appstate.text_sample_dir(ws))
-                    st.session_state.pop("home_project", None)
-                st.rerun(scope="app")
-            st.progress(job.fraction, text=f"Building the SMS spam sample in the background: {job.status}"
-                        + (f" · {job.message}" if job.message else ""))
-        _text_build()
+        def _text_built(job):
+            st.session_state.pop("home_text_job", None)
+            if job is not None and job.status == "failed":
+                st.session_state["home_error"] = f"Building the text sample failed: {job.error}"
+            elif appstate.text_sample_ready(ws):
+                ui.set_project(appstate.text_sample_dir(ws))
+                st.session_state.pop("home_project", None)
+        ui.wait_for_job(st.session_state["home_text_job"],
+                        lambda job: f"Building the SMS spam sample in the background: {job.status}"
+                                    + (f" · {job.message}" if job.message else ""),
+                        fraction=lambda job: job.fraction, on_end=_text_built)
 
 opened = (st.session_state.get("project_dir") or st.query_params.get("project")
           or appstate.last_project(ws))  # the workspace's only project opens by itself

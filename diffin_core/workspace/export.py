@@ -602,27 +602,12 @@ def _csv_faithful(tmp, source: Source, y, final, keep, relabel) -> None:
 
 
 def _parquet_faithful(tmp, source: Source, y, final, keep, relabel) -> None:
-    """The source's Arrow table row group by row group (schema and metadata kept): rows filtered,
-    the label column replaced in its own type."""
+    """The source's Arrow table (relabel_parquet), the label column holding the final label ids."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    pf = pq.ParquetFile(source.path)
-    if pf.metadata.num_rows != len(y):
-        raise _rows_mismatch(source, pf.metadata.num_rows, len(y))
-    schema = pf.schema_arrow
-    col = schema.get_field_index(source.label_column)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        a = 0
-        for g in range(pf.metadata.num_row_groups):
-            table = pf.read_row_group(g)
-            b = a + table.num_rows
-            if relabel[a:b].any():
-                field = schema.field(col)
-                table = table.set_column(col, field, pa.array(final[a:b], type=pa.int64()).cast(field.type))
-            if not keep[a:b].all():
-                table = table.filter(pa.array(keep[a:b]))
-            writer.write_table(table.replace_schema_metadata(schema.metadata))
-            a = b
+    from diffin_core.workspace.parquetcopy import relabel_parquet
+    relabel_parquet(tmp, source.path, source.label_column, keep, relabel,
+                    lambda old, a, b: pa.array(final[a:b], type=pa.int64()).cast(old.type),
+                    lambda found, n: _rows_mismatch(source, found, n))
 
 
 def _imagefolder_copy(tmp, source: Source, ids, final, keep, label_names) -> None:

@@ -207,29 +207,16 @@ def _label_array(pa, old_column, final, labels: _Labels):
 
 
 def _parquet_faithful(tmp: Path, path: Path, label_column: str, final, keep, relabel, labels: _Labels) -> None:
+    """The file's Arrow table (export.relabel_parquet); only relabelled rows get a new label, written
+    as the column wrote its labels (a name in a string column, else the id in its own type)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
-    pf = pq.ParquetFile(path)
-    if pf.metadata.num_rows != len(keep):
-        raise _mismatch(path, pf.metadata.num_rows, len(keep))
-    schema = pf.schema_arrow
-    col = schema.get_field_index(label_column)
-    if col < 0:
-        raise DiffinError(f"no label column {label_column!r}", path)
-    with pq.ParquetWriter(tmp, schema) as writer:
-        a = 0
-        for g in range(pf.metadata.num_row_groups):
-            table = pf.read_row_group(g)
-            b = a + table.num_rows
-            if relabel[a:b].any():
-                old = table.column(col).combine_chunks()
-                new = _label_array(pa, old, final[a:b], labels)
-                table = table.set_column(col, schema.field(col), pa.array(
-                    [n if r else o for n, o, r in zip(new.to_pylist(), old.to_pylist(), relabel[a:b])], type=old.type))
-            if not keep[a:b].all():
-                table = table.filter(pa.array(keep[a:b]))
-            writer.write_table(table.replace_schema_metadata(schema.metadata))
-            a = b
+    from diffin_core.workspace.parquetcopy import relabel_parquet
+
+    def column(old, a, b):
+        new = _label_array(pa, old, final[a:b], labels)
+        return pa.array([n if r else o for n, o, r in zip(new.to_pylist(), old.to_pylist(), relabel[a:b])],
+                        type=old.type)
+    relabel_parquet(tmp, path, label_column, keep, relabel, column, lambda found, n: _mismatch(path, found, n))
 
 
 # --- conversions: the same table in another format ------------------------------------------------

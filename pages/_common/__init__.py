@@ -163,6 +163,27 @@ def job_manager() -> JobManager:
     return JobManager(workers=workers)
 
 
+def wait_for_job(job_id: str, text, fraction=None, on_end=None) -> None:
+    """Redraw every second while the background job ``job_id`` is queued or running, then rerun the
+    whole page (which draws the job's result). ``text(job) -> str`` says what is awaited: a
+    caption, or a progress bar at ``fraction(job)`` when given (e.g. ``lambda j: j.fraction``);
+    ``on_end(job)`` (job None when it is gone) runs once it has ended, before the rerun."""
+    jm = job_manager()
+
+    @st.fragment(run_every=1.0)
+    def wait():
+        job = jm.get(job_id)
+        if job is None or job.status not in ("queued", "running"):
+            if on_end is not None:
+                on_end(job)
+            st.rerun(scope="app")
+        if fraction is None:
+            st.caption(text(job))
+        else:
+            st.progress(fraction(job), text=text(job))
+    wait()
+
+
 def workspace() -> Path:
     if "workspace" not in st.session_state:
         st.session_state["workspace"] = str(appstate.workspace_dir(sys.argv[1:]))

@@ -113,14 +113,9 @@ def contributions(project, run: str, sample_id: int, query_indices=None, key: st
         st.error(f"Per-checkpoint contributions failed: {info.error}")
         return None
 
-    @st.fragment(run_every=1.0)
-    def wait():
-        job = jm.get(st.session_state[jkey])
-        if job is None or job.status not in ("queued", "running"):
-            st.rerun()
-        st.progress(0.5 if job.status == "running" else 0.0,
-                    text=f"Per-checkpoint contributions of sample {int(sample_id)} (background, cached): {job.status}")
-    wait()
+    ui.wait_for_job(st.session_state[jkey],
+                    lambda job: f"Per-checkpoint contributions of sample {int(sample_id)} (background, cached): {job.status}",
+                    fraction=lambda job: 0.5 if job.status == "running" else 0.0)
     return None
 
 

@@ -155,13 +155,8 @@ def highlight_section(project, sample_id: int, jm) -> None:
             st.rerun()
         return
     if job.status in ("queued", "running"):
-        @st.fragment(run_every=1.0)
-        def wait():
-            info = jm.get(st.session_state[key])
-            if info is None or info.status not in ("queued", "running"):
-                st.rerun()
-            st.caption(f"Computing the token highlights in the background: {info.status}")
-        wait()
+        import _common as ui
+        ui.wait_for_job(st.session_state[key], lambda job: f"Computing the token highlights in the background: {job.status}")
         return
     if job.status == "failed":
         st.caption(f"No token highlights: {job.error}")
