@@ -59,7 +59,7 @@ def test_failures_are_one_line_and_worker_keeps_going(jm):
 
     a, b = jm.submit("score", bad), jm.submit("score", crash)
     c = jm.submit("score", lambda p: "ok")
-    assert jm.wait(a, 5).error == "data/train.csv: no column named 'label'"
+    assert jm.wait(a, 5).error == "train.csv: no column named 'label'"     # the file's name, no folders
     assert jm.wait(a, 5).status == "failed"
     assert jm.wait(b, 5).error == "ValueError: line one line two"
     info = jm.wait(c, 5)

@@ -98,7 +98,8 @@ class JobInfo:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc) if isinstance(exc, DiffinError) else f"{type(exc).__name__}: {exc}"
+    # shown in the app: a DiffinError names its file without the server's folders (brief)
+    text = exc.brief() if isinstance(exc, DiffinError) else f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
 
 
