@@ -128,6 +128,14 @@ if view == VIEWS[0]:
     st.session_state.setdefault("explore_query", 0)
     qi = c[0].number_input("Query sample index", 0, len(q) - 1, key="explore_query")
     tri.to_url("query", int(qi), 0)
+    nav = st.columns([1, 1, 2, 2], vertical_alignment="center")     # keys: never while typing in a box
+
+    def _step_query(d: int) -> None:
+        st.session_state["explore_query"] = min(max(int(st.session_state.get("explore_query", 0)) + d, 0), len(q) - 1)
+    nav[0].button("Previous query", key="explore_prev_query", on_click=_step_query, args=(-1,), shortcut="Left",
+                  icon=":material/chevron_left:", disabled=int(qi) <= 0, width="stretch")
+    nav[1].button("Next query", key="explore_next_query", on_click=_step_query, args=(1,), shortcut="Right",
+                  icon=":material/chevron_right:", disabled=int(qi) >= len(q) - 1, width="stretch")
     k = c[1].slider("k", 1, 32, 8, key="explore_k")
     if project.kind == "image":
         with c[2]:
@@ -148,7 +156,9 @@ if view == VIEWS[0]:
             st.caption(f"query #{int(qi)} · label {ui.label_name(project, q.y[int(qi)])}")
             st.html(tv.card_html(tv.texts(q, [int(qi)])[0], 400))
         tv.query_picker(project, "explore_query")
-    if st.button("Find the most helpful and harmful training samples", key="explore_topk", type="primary"):
+    nav[3].caption("Keys: ← previous query · → next query · F find")
+    if nav[2].button("Find the most helpful and harmful training samples", key="explore_topk", type="primary",
+                     shortcut="F", width="stretch"):
         st.session_state["explore_topk_for"] = (run, int(qi))
     fast = iv.store(project, run) is not None          # the run's feature store: answers at once
     auto = fast and st.toggle(

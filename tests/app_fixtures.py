@@ -98,6 +98,17 @@ def texts(elements) -> list[str]:
     return [e.value for e in elements]
 
 
+def metrics(at) -> dict:
+    """{label: value} of the page's st.metric elements."""
+    return {m.label: m.value for m in at.metric}
+
+
+def current_sample(at) -> int:
+    """The sample id on Review's card (its "Sample N" subheader)."""
+    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
+    return int(heads[0].split()[1])
+
+
 def table_with(at, column: str):
     """The first dataframe on the page that has ``column`` (AppTest does not key dataframes)."""
     for d in at.dataframe:

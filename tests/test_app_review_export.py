@@ -7,18 +7,10 @@ import zipfile
 
 import numpy as np
 import pandas as pd
-from app_fixtures import add_users, jobs, loss_run, new_app, scored, table_with, texts, workspace  # noqa: F401
+from app_fixtures import (add_users, current_sample, jobs, loss_run, metrics, new_app, scored,  # noqa: F401
+                          table_with, texts, workspace)
 
 from diffin_core.workspace.review import ReviewLog
-
-
-def metrics(at) -> dict:
-    return {m.label: m.value for m in at.metric}
-
-
-def current_sample(at) -> int:
-    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
-    return int(heads[0].split()[1])
 
 
 def test_review_actions_persist_into_a_fresh_session(scored):

@@ -7,18 +7,9 @@ import json
 import shutil
 
 import pandas as pd
-from app_fixtures import jobs, loss_run, new_app, scored, texts, workspace  # noqa: F401
+from app_fixtures import current_sample, jobs, loss_run, metrics, new_app, scored, texts, workspace  # noqa: F401
 
 from diffin_core.workspace.review import ReviewLog
-
-
-def metrics(at) -> dict:
-    return {m.label: m.value for m in at.metric}
-
-
-def current_sample(at) -> int:
-    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
-    return int(heads[0].split()[1])
 
 
 def test_class_filter_next_and_shortcuts(scored):
@@ -97,3 +88,22 @@ def test_session_summary(scored):
     assert 0 <= float(m["…of them in this queue"]) <= float(m["Expected label errors left"])
     at.selectbox(key="review_run").set_value("loss-1").run()
     assert metrics(at)["Expected label errors left"] == "–"      # a ranking, not a LOO loss
+
+
+def test_explore_steps_queries_by_key_and_keeps_its_view_in_the_url(scored):
+    at = new_app(scored, "pages/3_Explore.py")
+    keys = {b.key: (b.proto.shortcut or "").upper() for b in at.button}
+    assert keys["explore_next_query"] == "RIGHT" and keys["explore_prev_query"] == "LEFT"
+    assert keys["explore_topk"] == "F"
+    at.button(key="explore_next_query").click().run()
+    at.button(key="explore_next_query").click().run()
+    assert at.number_input(key="explore_query").value == 2 and at.query_params["query"] in ("2", ["2"])
+    at.button(key="explore_prev_query").click().run()
+    assert at.number_input(key="explore_query").value == 1
+    at.radio(key="explore_view").set_value("Histograms").run()
+    assert at.query_params["view"] in ("histograms", ["histograms"])
+    fresh = new_app(scored)                       # a reload: the URL alone
+    fresh.query_params.update({"view": "topk", "query": "7"})
+    fresh.switch_page("pages/3_Explore.py").run()
+    assert fresh.radio(key="explore_view").value == "Top-k for a query"
+    assert fresh.number_input(key="explore_query").value == 7

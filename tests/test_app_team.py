@@ -12,15 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from app_fixtures import (APP, PAGES, TIMEOUT, add_users, jobs, loss_run, new_app, scored, sign_in,  # noqa: F401
-                          texts, workspace)
+from app_fixtures import (APP, PAGES, TIMEOUT, add_users, current_sample, jobs, loss_run, new_app,  # noqa: F401
+                          scored, sign_in, texts, workspace)
 
 from diffin_core.workspace.review import ReviewLog
-
-
-def current_sample(at) -> int:
-    heads = [h for h in texts(at.subheader) if h.startswith("Sample ")]
-    return int(heads[0].split()[1])
 
 
 def test_sign_in_is_required_once_the_workspace_has_accounts(workspace):
