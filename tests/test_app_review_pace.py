@@ -7,7 +7,9 @@ import json
 import shutil
 
 import pandas as pd
+import pytest
 from app_fixtures import current_sample, jobs, loss_run, metrics, new_app, scored, texts, workspace  # noqa: F401
+from text_fixtures import text_project, text_sample  # noqa: F401
 
 from diffin_core.workspace.review import ReviewLog
 
@@ -107,3 +109,22 @@ def test_explore_steps_queries_by_key_and_keeps_its_view_in_the_url(scored):
     fresh.switch_page("pages/3_Explore.py").run()
     assert fresh.radio(key="explore_view").value == "Top-k for a query"
     assert fresh.number_input(key="explore_query").value == 7
+
+
+@pytest.mark.slow
+def test_review_filter_searches_the_text(workspace, text_project, jobs):
+    train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    text_of = dict(zip(train["sample_id"].astype(int), train["text"]))
+    hits = {s for s, t in text_of.items() if "call" in t.casefold()}
+    assert 2 <= len(hits) < len(text_of)
+    at = new_app(text_project, "pages/4_Review.py")
+    at.text_input(key="review_filter_text").set_value("CALL").run()       # any case
+    assert metrics(at)["Left in this queue"] == str(len(hits))
+    seen = []
+    for _ in range(2):
+        sid = current_sample(at)
+        assert sid in hits and "call" in text_of[sid].casefold()
+        seen.append(sid)
+        at.button(key="review_keep").click().run()
+    assert metrics(at)["Left in this queue"] == str(len(hits) - 2)
+    assert at.query_params["text"] in ("CALL", ["CALL"])
