@@ -58,6 +58,8 @@ def test_one_bar_per_phase_with_its_own_eta(monkeypatch):
         bar(min(done, 4000), 4000, "diffin: scoring training samples")
     clock.t += 4
     bar(4000, 4000, "diffin: scoring training samples")
+    bar.close()                               # the scores are published (the CLI closes the bar)
+    bar(0, 4000, "features: skipped (its Hessian views exceed the memory budget)")
     bar.close()
     text = out.getvalue()
     drawn = frames(text)
@@ -76,6 +78,7 @@ def test_one_bar_per_phase_with_its_own_eta(monkeypatch):
     # the announcements are lines of their own, each once
     assert text.count("diffin: preparing query vectors\n") == 1
     assert text.count("label issues at checkpoint 9/12") == 1
+    assert text.endswith("features: skipped (its Hessian views exceed the memory budget)\n")   # a line, no bar
 
 
 def test_the_same_steps_again_start_a_new_bar_and_a_falling_count_a_new_item_bar():

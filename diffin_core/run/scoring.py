@@ -152,16 +152,16 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
         features = False            # the store approximates the checkpoint estimator, not Adam's replay
         if progress:
-            progress(ctx.n, ctx.n, "features: skipped (Adam's batch-order influence has no feature store; "
+            progress(0, ctx.n, "features: skipped (Adam's batch-order influence has no feature store; "
                      "`diffin top` takes the exact path)")
     if sink is not None:
         if progress:
-            progress(ctx.n, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (Hessian "
+            progress(0, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (Hessian "
                      f"views: {sink.reason})")
         sink.finish(q, final / feature_store.DIRNAME, project.num_classes, progress)
     elif features and method in feature_store.METHODS and not feature_store.views_fit(ctx):
         if progress:
-            progress(ctx.n, ctx.n, "features: skipped (its Hessian views exceed the memory budget and this recipe "
+            progress(0, ctx.n, "features: skipped (its Hessian views exceed the memory budget and this recipe "
                      "has no view-less store; `diffin top` takes the exact path)")
     elif features and method in feature_store.METHODS:
         feature_store.build(ctx, q, final / feature_store.DIRNAME, progress=progress,
