@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -248,6 +249,9 @@ def test_cli_errors_are_one_line(sample_copy, tmp_path, capsys):
 def test_cli_verify_prints_predicted_and_actual(tiny_project, capsys):
     out = _cli(["verify", tiny_project, "--run", "diffin-1", "--k", "10"], capsys)
     assert "predicted change" in out and "actual change" in out
+    # what the paired retrains measured, in the words of noise_verdict (issue 21)
+    assert re.search(r"^(Confirmed|Sign confirmed, size off by [\d.]+x|Inside the noise|Smaller than predicted|"
+                     r"Contradicted): ", out, flags=re.M), out
     assert len(list((tiny_project / "runs/diffin-1/whatif").glob("*.json"))) >= 2
 
 
