@@ -181,8 +181,12 @@ def check_data(path: Path, label: str) -> dict:
         if path.suffix.lower() in (".csv", ".parquet") and "holds text" in e.problem:
             return check_text_data(path, label)          # a text column: a text classifier's data
         raise DiffinError(e.problem, label) from None
-    x = split.x
-    info = {"n": len(split), "num_labels": int(split.y.max()) + 1, "min_label": int(split.y.min()),
+    return split_info(split.x, split.y)
+
+
+def split_info(x, y) -> dict:
+    """What a loaded split tells about the project: kind, image_shape or features, size, labels."""
+    info = {"n": len(y), "num_labels": int(y.max()) + 1, "min_label": int(y.min()),
             "sample_shape": [int(d) for d in x.shape[1:]]}
     if x.ndim == 4:
         info.update(kind="image", image_shape=list(x.shape[1:]))
@@ -413,10 +417,11 @@ def _store_data(project_dir: Path, role: str, name: str, tmp: Path, staging: Pat
         npz = staging / f"{role}.npz"
         with atomic_path(npz) as t, open(t, "wb") as fh:   # files: each row's image in the zip
             np.savez_compressed(fh, x=x, y=y, files=np.array(files, dtype=str))
+        info = split_info(x, y)          # from the array just written: not loaded a second time
+        del x
         images, tmp, extra = tmp, npz, {"label_names": label_names}
     else:
-        images = None
-    info = check_data(tmp, name)
+        images, info = None, check_data(tmp, name)
     _check_fits_data(project_dir, role, info, name, draft.get("model_outputs") if draft.get("model") else None)
     rel = f"data/{role}{tmp.suffix.lower()}"
     # the original ImageFolder zip stays beside the npz, so an export can copy its files as they were
