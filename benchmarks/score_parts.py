@@ -55,6 +55,7 @@ def one(project: str, config: str, run: str) -> dict:
     from diffin_core.methods import ScoreSettings
     from diffin_core.methods.diffin import DiffIn
     from diffin_core.run.scoring import score
+    from scale import peak_rss_mb
     method = "tracin" if config == "tracin" else "diffin"
     if config == "diffin-separate":
         DiffIn.fold_label_issue = False
@@ -84,6 +85,7 @@ def one(project: str, config: str, run: str) -> dict:
             "total_s": round(done - started, 2),
             "grad_chunk": (meta.get("memory") or {}).get("grad_chunk"),
             "budget_mb": round(settings.memory_budget / 2 ** 20) if settings.memory_budget else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "cpu_s": round(time.process_time(), 1)}       # this process's CPU seconds: the work, whatever the load
 
 

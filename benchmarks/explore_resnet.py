@@ -1,0 +1,137 @@
+"""Explore on a ResNet-18 whose Hessian views exceed the memory budget (issue 23's ResNet row): a new
+query's exact top-10 through the view-less feature store (features.SketchSink), in two phases that
+can run at the same time on a busy machine (each in its own process; CPU seconds are the measure):
+
+    python benchmarks/explore_resnet.py plan  PROJECT --query 3 --budget 3500MB --work DIR
+    python benchmarks/explore_resnet.py query PROJECT --run diffin-0 --query 3 --work DIR
+
+plan   the query's own exact plan, exactly as `diffin top` makes it (features.exact_plan: the run's
+       settings and memory plan, Lanczos from the query at every checkpoint, the engine's HVPs), its
+       CPU seconds, then the exact path's value of every training row under that plan (one jvp per
+       checkpoint and row: `diffin top --exact`'s numbers); writes DIR/plan-q<Q>.npz (w_k),
+       DIR/exact-q<Q>.npy and DIR/plan-q<Q>.json. Needs no run: the plan does not depend on it.
+query  on a diffin run of the same project with its store: puts the plan where the run keeps plans
+       (answers.plan_path; a ResNet's plan, m x P floats, is above answers.PLAN_MAX_BYTES, so the
+       product does not keep it itself) and times the real CLI, `diffin top PROJECT --run RUN -q Q
+       --k 10`: the store's bounds and the exact rescoring of the rows they cannot rule out (its CPU
+       seconds and peak RSS), then the same command again (the answer kept with the run). The new
+       query's CPU = the plan's + this. Top-10 overlap against the exact values of phase 1.
+       Appends the row (model resnet18) to benchmarks/results/explore.csv (bench explore_resnet.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+RESULTS = ROOT / "benchmarks" / "results"
+K = 10
+
+
+def plan_phase(a) -> None:
+    from diffin_core.engine.threads import configure
+    configure(1)
+    from diffin_core.engine.budget import parse_bytes
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.methods.diffin import DiffIn
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import project_context
+    from diffin_core.run.features import configured, rescore_rows
+    from scale import peak_rss_mb
+    project = Project(a.project)
+    ctx = configured(project_context(project, ScoreSettings(memory_budget=parse_bytes(a.budget))))
+    q, idx = project.query, [int(a.query)]
+    c0, w0 = time.process_time(), time.perf_counter()
+    plan = DiffIn().prepare(ctx, q.x[idx], q.y[idx])
+    plan_cpu, plan_wall = time.process_time() - c0, time.perf_counter() - w0
+    c1 = time.process_time()
+    exact = rescore_rows(ctx, plan, np.arange(ctx.n))
+    exact_cpu = time.process_time() - c1
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / f"plan-q{a.query}.npz", **{f"w{it.k}": it.w.detach().cpu().numpy() for it in plan})
+    np.save(work / f"exact-q{a.query}.npy", exact)
+    rec = {"query": int(a.query), "plan_cpu_s": round(plan_cpu, 2), "plan_wall_s": round(plan_wall, 2),
+           "exact_all_rows_cpu_s": round(exact_cpu, 2), "hessian_rows": int(ctx.hessian_rows),
+           "hvp": getattr(ctx, "hvp_log", None), "peak_rss_mb": round(peak_rss_mb(), 1),
+           "load_end": round(os.getloadavg()[0], 2)}
+    (work / f"plan-q{a.query}.json").write_text(json.dumps(rec, indent=1, default=str))
+    print(json.dumps(rec, default=str), flush=True)
+
+
+def query_phase(a) -> None:
+    import pandas as pd
+    from diffin_core.project.folder import Project
+    from diffin_core.run import answers
+    from diffin_core.run.features import FeatureStore
+    from explore_query import cli, parse
+    project = Project(a.project)
+    run_dir = project.run(a.run).path
+    for sub in ("answers", "topk"):
+        shutil.rmtree(run_dir / sub, ignore_errors=True)
+    work = Path(a.work)
+    dest = answers.plan_path(run_dir, [int(a.query)])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / f"plan-q{a.query}.npz", dest)
+    planned = json.loads((work / f"plan-q{a.query}.json").read_text())
+    exact = np.load(work / f"exact-q{a.query}.npy")
+    startup = statistics.median(cli("--help")[0] for _ in range(3))
+    load0 = os.getloadavg()[0]
+    wall, cpu, rss, out = cli("top", a.project, "--run", a.run, "-q", str(a.query), "--k", str(K))
+    wall2, cpu2, _, out2 = cli("top", a.project, "--run", a.run, "-q", str(a.query), "--k", str(K))
+    assert "answered before" in out2, out2[:300]
+    label = out.splitlines()[0]
+    m = re.search(r"the (\d+) rows", label)
+    h, hv, mm, mv = parse(out)
+    ids = np.asarray(project.train.ids)
+    top_h = set(ids[np.argsort(-exact, kind="stable")[:K]].tolist())
+    top_m = set(ids[np.argsort(exact, kind="stable")[:K]].tolist())
+    overlap = (len(set(h) & top_h) + len(set(mm) & top_m)) / (2 * K)
+    pos = {int(s): i for i, s in enumerate(ids)}
+    diff = max(abs(v - exact[pos[i]]) for i, v in zip(h + mm, hv + mv))
+    store = FeatureStore.open(project, a.run)
+    size = sum(p.stat().st_size for p in (run_dir / "features").rglob("*") if p.is_file()) / 2 ** 20
+    row = {"model": "resnet18", "N": len(project.train), "d": store.dim, "checkpoint_dim": store.checkpoint_dim,
+           "queries": 1, "new_query_s": round(planned["plan_wall_s"] + wall - startup, 2),
+           "new_query_cpu_s": round(planned["plan_cpu_s"] + cpu, 2),
+           "plan_ms": round(planned["plan_cpu_s"] * 1000), "rescore_ms": round(cpu * 1000),
+           "asked_before_s": round(wall2 - startup, 3), "asked_before_cpu_s": round(cpu2, 3),
+           "topk_overlap": overlap, "topk_overlap_min": overlap, "max_abs_diff": diff,
+           "max_abs_value": float(np.abs(exact).max()),
+           "rescored_rows": int(m.group(1)) if m else np.nan, "store_mb": round(size, 1),
+           "peak_rss_mb": round(max(rss, planned["peak_rss_mb"]), 1), "cli_startup_s": round(startup, 2),
+           "load_avg": round(load0, 2), "bench": "explore_resnet.py"}
+    print(label, flush=True)
+    csv = RESULTS / "explore.csv"
+    base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
+    if len(base) and "bench" in base:
+        base = base[~((base["bench"] == "explore_resnet.py") & (base["model"] == "resnet18"))]
+    pd.concat([base, pd.DataFrame([row])], ignore_index=True).to_csv(csv, index=False)
+    print(pd.DataFrame([row]).T.to_string())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("phase", choices=("plan", "query"))
+    ap.add_argument("project")
+    ap.add_argument("--query", type=int, default=3)
+    ap.add_argument("--run", default="diffin-0")
+    ap.add_argument("--budget", default="3500MB", help="the run's --memory-budget (plan phase)")
+    ap.add_argument("--work", default="/tmp/diffin_explore_resnet")
+    a = ap.parse_args(argv)
+    (plan_phase if a.phase == "plan" else query_phase)(a)
+
+
+if __name__ == "__main__":
+    main()
