@@ -64,9 +64,9 @@ def one(project: str, config: str, run: str) -> dict:
     marks = {}
     started = time.perf_counter()
     out = score(project, method, run, settings=settings, features=features,
-                on_published=lambda _p: marks.setdefault("published", time.perf_counter()))
-    done = time.perf_counter()
-    published = marks.get("published", done)
+                on_published=lambda _p: marks.setdefault("published", (time.perf_counter(), time.process_time())))
+    done, done_cpu = time.perf_counter(), time.process_time()
+    published, published_cpu = marks.get("published", (done, done_cpu))
     meta = json.loads((out / "meta.json").read_text())
     store = out / "features" / "meta.json"
     fmeta = json.loads(store.read_text()) if store.is_file() else {}
@@ -80,6 +80,10 @@ def one(project: str, config: str, run: str) -> dict:
             "published_s": round(published - started, 2),
             "features_s": round(done - published, 2) if has_store else None,
             "sketch_in_walk_s": fmeta.get("sketch_s") if has_store else None,
+            "plan_cpu_s": tm.get("plan_cpu_s"), "walk_cpu_s": tm.get("scores_cpu_s"),
+            "sketch_in_walk_cpu_s": fmeta.get("sketch_cpu_s") if has_store else None,
+            "published_cpu_s": round(published_cpu, 1),
+            "features_cpu_s": round(done_cpu - published_cpu, 1) if has_store else None,
             "store": fmeta.get("kind", "hessian-views") if has_store else None,
             "store_mb": fmeta.get("store_mb"),
             "total_s": round(done - started, 2),

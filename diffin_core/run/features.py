@@ -363,7 +363,7 @@ class SketchSink:
         self.ck_snorm = np.zeros((m, n), dtype=np.float32)
         self.seen = np.zeros((m, n), dtype=bool)
         self.rows = None                                     # set by runner.score_rows per chunk
-        self.seconds = 0.0                                   # time spent sketching (meta.json)
+        self.seconds = self.cpu_seconds = 0.0                # time spent sketching (meta.json)
 
     @classmethod
     def create(cls, ctx, parent: Path, settings: FeatureSettings | None = None,
@@ -391,7 +391,7 @@ class SketchSink:
         sl = self.rows
         if sl is None or k not in self.alphas:
             return
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         f = self.proj(g)
         unit, norm = _unit_rows(f)
         self.per_ck[k, sl], self.ck_snorm[k, sl] = unit, norm
@@ -400,6 +400,7 @@ class SketchSink:
         self.acc[sl] += (a * f if isinstance(a, float) else self.proj(g * a)).cpu().numpy()
         self.seen[k, sl] = True
         self.seconds += time.perf_counter() - t
+        self.cpu_seconds += time.process_time() - c
 
     def fill(self, progress=None) -> int:
         """Sketch the rows the walk did not hand over (rows resumed from saved stages, a Ray
@@ -469,7 +470,8 @@ class SketchSink:
                                      "diagonal": not isinstance(self.alphas[k], float),
                                      "lr": float(ctx.lrs[k]), "segment": float(ctx.segments[k])} for k in ks],
                     "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
-                    "views_s": 0.0, "sketch_s": round(self.seconds, 3), "rows_filled": filled,
+                    "views_s": 0.0, "sketch_s": round(self.seconds, 3), "sketch_cpu_s": round(self.cpu_seconds, 3),
+                    "rows_filled": filled,
                     "seconds": round(time.time() - started, 3),     # after the walk (its sketching: sketch_s)
                     "store_mb": round(size_b / 2 ** 20, 3), "finished": time.time(),
                     "approximations": [f"the store's own ranking (train rows) leaves the curvature out (no Hessian "
