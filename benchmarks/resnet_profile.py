@@ -1,0 +1,91 @@
+"""What a full score of a ResNet-18 spends its CPU on (issue 19, item 2): the unit costs behind
+score_parts_resnet18.csv, in CPU seconds of one thread (the work, whatever the machine's load).
+
+    python benchmarks/resnet_profile.py PROJECT [--repeats 3]
+
+PROJECT: scale.py's synthetic ResNet-18 project (make_project(..., "resnet18", n)). Measured at the
+last checkpoint, on the run's chunk sizes for --memory-budget 3500MB (5 rows of per-sample
+gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch_for):
+  per_sample_grad     vmap(grad) of a 5-row chunk, per row (the walk's unit; every method pays it
+                      once per row and checkpoint)
+  per_sample_loop     the same gradients one row at a time (a plain loop), per row
+  sketch              the view-less store's CountSketch of those gradients, per row (SketchSink)
+  batch_grad_32       one gradient of the 32-row Hessian batch
+  hvp_fd_32 / hvp_exact_32   one Hessian-vector product on that batch, finite differences (one
+                      extra gradient) and forward-over-reverse; fd_rel_error = |fd - exact| / |exact|
+                      (hvp="auto" takes exact products when it is above 1%)
+  jvp                 one directional derivative per row (the influence-only path, a rescored row)
+The median of --repeats. Writes results/resnet_profile.csv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("project")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "resnet_profile.csv")
+    a = ap.parse_args(argv)
+    from diffin_core.engine.threads import configure
+    configure(1)
+    import pandas as pd
+    import torch
+    from diffin_core.engine.projector import Projector
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import project_context
+    project = Project(a.project)
+    ctx = project_context(project, ScoreSettings())
+    k = ctx.m - 1
+    fm, theta = ctx.fm_at(k), ctx.thetas[k]
+    x5, y5 = ctx.tensors(project.train.x[:5], project.train.y[:5])
+    x32, y32 = ctx.tensors(project.train.x[:32], project.train.y[:32])
+    proj = Projector(ctx.fm.num_params, 4096, 1)
+    v = torch.randn_like(theta)
+    g0 = fm.batch_grad(theta, x32, y32)
+    g5 = fm.per_sample_grads(theta, x5, y5)
+
+    def loop():
+        return torch.stack([fm.batch_grad(theta, x5[i:i + 1], y5[i:i + 1]) for i in range(5)])
+    units = {"per_sample_grad": (lambda: fm.per_sample_grads(theta, x5, y5), 5),
+             "per_sample_loop": (loop, 5),
+             "sketch": (lambda: proj(g5), 5),
+             "batch_grad_32": (lambda: fm.batch_grad(theta, x32, y32), 1),
+             "hvp_fd_32": (lambda: fm.hvp_fd(theta, x32, y32, v, base_grad=g0), 1),
+             "hvp_exact_32": (lambda: fm.hvp_exact(theta, x32, y32, v), 1),
+             "jvp": (lambda: fm.directional(theta, x5, y5, v), 5)}
+    rows = []
+    for name, (fn, per) in units.items():
+        fn()                                              # warm
+        times = []
+        for _ in range(a.repeats):
+            c = time.process_time()
+            fn()
+            times.append((time.process_time() - c) / per)
+        rows.append({"unit": name, "cpu_s": round(statistics.median(times), 4), "per": "row" if per > 1 else "call",
+                     "repeats": a.repeats})
+        print(rows[-1], flush=True)
+    fd, ex = fm.hvp_fd(theta, x32, y32, v, base_grad=g0), fm.hvp_exact(theta, x32, y32, v)
+    err = float(torch.linalg.vector_norm(fd - ex) / torch.linalg.vector_norm(ex))
+    df = pd.DataFrame(rows)
+    df["num_params"] = ctx.fm.num_params
+    df["fd_rel_error"] = round(err, 3)
+    df["load_end"] = round(os.getloadavg()[0], 2)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(a.out, index=False)
+    print(df.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
