@@ -405,3 +405,78 @@ def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
             assert set(got) == set(top)
             np.testing.assert_allclose(fast[got], exact[got], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
     assert run.is_dir() and not list(project.runs_dir.glob(".features.tmp-*"))
+
+
+def test_per_checkpoint_sketches_are_independent_and_the_basis_shrinks_sigma(tmp_path):
+    """Issue 23: the store keeps each row's coordinates in a per-checkpoint gradient basis exactly
+    and sketches only the rest, with one independent CountSketch per checkpoint, so sigma (summed
+    variances) bounds the estimate's error: no row strays beyond 4 sigma (a shared sketch put rows
+    at 4.8-5 sigma on the sample CNN), and sigma is smaller than without the basis."""
+    project = Project(make_tiny_project(tmp_path / "p", n=160))
+    run = score(project, "diffin", run="d", features=False)
+    ctx = project_context(project)
+    stores = {}
+    for r in (0, 24):
+        out = tmp_path / f"store{r}"
+        F.build(ctx, project.query, out, F.FeatureSettings(dim=64, view_rank=4, checkpoint_dim=256, checkpoint_mb=8,
+                                                           checkpoint_basis=r))
+        stores[r] = F.FeatureStore(out)
+    s0, s24 = stores[0], stores[24]
+    assert s24.meta["version"] == 3 and s24.basis_rank == 24 and s0.basis_rank == 0
+    assert set(s24.bases) == {it.k for it in F.segment_ops(ctx, s24.views)}
+    b = next(iter(s24.bases.values()))
+    assert torch.allclose(b.T @ b, torch.eye(24), atol=1e-5)                        # orthonormal
+    seeds = {F.sketch_seed(0, k) for k in range(ctx.m)}
+    assert len(seeds) == ctx.m and F.sketch_seed(0, 5, independent=False) == F.sketch_seed(0, 0, independent=False)
+    q = project.query
+    ratios = []
+    for idx in ([2], [5], [7, 11]):
+        plan = F.exact_plan(ctx, q.x[idx], q.y[idx])
+        exact = F.rescore_rows(ctx, plan, np.arange(ctx.n))
+        for store in (s0, s24):
+            est, sigma = store.plan_bounds(plan)
+            assert np.all(np.abs(est - exact) <= 4 * sigma + 1e-7 * np.abs(exact).max())
+        ratios.append(np.median(s24.plan_bounds(plan)[1] / s0.plan_bounds(plan)[1]))
+    assert max(ratios) < 0.9
+    # a store with one sketch for every checkpoint (version 2, view-less): sigma is the sum of the
+    # per-checkpoint deviations, which bounds the error for any correlation between them
+    meta = json.loads((tmp_path / "store0/meta.json").read_text())
+    (tmp_path / "store0/meta.json").write_text(json.dumps({**meta, "independent_sketches": False}))
+    est2, dev = F.FeatureStore(tmp_path / "store0").plan_bounds(plan)
+    assert np.all(dev >= s0.plan_bounds(plan)[1] * (1 - 1e-9))
+
+
+def test_query_plans_adopt_the_runs_hvp_decisions(tmp_path, monkeypatch):
+    """Issue 23: `--hvp auto` probes each Lanczos view's first product both ways. A run records its
+    decision and error per checkpoint; a query on that run (fast path and `--exact` alike) takes
+    finite differences without a new probe where the run measured them within ADOPT_TOL, and its
+    plan is the same as with probing (the view uses the chosen kind's products throughout)."""
+    from diffin_core.engine import hvp
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.methods.diffin import DiffIn
+    project = Project(make_tiny_project(tmp_path / "p"))
+    score(project, "diffin", run="d", features=False)
+    views = project.run("d").meta["hvp"]["views"]
+    assert views and all(v["used"] == "fd" and v["fd_error"] <= hvp.ADOPT_TOL for v in views.values())
+    calls = []
+    real = FunctionalModel.hvp_exact
+    monkeypatch.setattr(FunctionalModel, "hvp_exact", lambda self, *a, **kw: (calls.append(1), real(self, *a, **kw))[1])
+    q = project.query
+    probed = DiffIn().prepare(project_context(project), q.x[[3]], q.y[[3]])      # a context without the run's log
+    assert calls
+    calls.clear()
+    ctx = F._context(project, "d")
+    assert set(ctx.hvp_views) == {int(k) for k in views}
+    adopted = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+    assert not calls                                                                # no probe
+    for a, b in zip(adopted, probed):
+        torch.testing.assert_close(a.w, b.w, rtol=1e-6, atol=1e-9)
+    assert all(e.get("adopted") for e in ctx.hvp_log if e["where"] == "lanczos")
+    # a run that measured a larger error, or chose exact products, is probed again there
+    fresh = project_context(project)
+    hvp.adopt(fresh, {"setting": "auto", "views": {"0": {"used": "fd", "fd_error": 0.009},
+                                                   "1": {"used": "exact", "fd_error": 0.2},
+                                                   "2": {"used": "fd", "fd_error": 0.001}}})
+    assert fresh.hvp_views == {2: "fd"}
+    hvp.adopt(fresh2 := project_context(project), {"setting": "fd", "views": {"2": {"used": "fd", "fd_error": 0.0}}})
+    assert getattr(fresh2, "hvp_views", None) is None

@@ -10,7 +10,12 @@ auto   (the default) exact where finite differences are measured not to be accur
          true leave-one-out at one checkpoint per epoch went 0.983 (fd) -> 0.989 (exact).
        - every Lanczos view (one per checkpoint): its first product is made both ways; when the
          finite difference misses the exact product by more than ``AUTO_TOL`` the view uses exact
-         products, else finite differences (cheaper). The measured error is recorded.
+         products, else finite differences (cheaper), the first one included. The measured error
+         is recorded per checkpoint (meta.json "hvp" "views").
+       - a query on a finished run (`diffin top`, Explore: ``adopt``): a checkpoint where the run
+         measured finite differences within ``AUTO_TOL / 2`` takes them without a new probe (the
+         probe's exact product cost about 4 gradients, a third of a new query's plan on the
+         sample CNN); elsewhere it probes as above.
        A model whose exact product fails (an op without forward-mode AD) falls back to finite
        differences, and that is recorded too.
 What was used lands in meta.json ("hvp": summary()).
@@ -65,6 +70,10 @@ def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = 
         fn = state.get("fn")
         if fn is not None:
             return (exact if fn == "exact" else fd)(v)
+        if where == "lanczos" and (getattr(ctx, "hvp_views", None) or {}).get(int(k)) == "fd":
+            state["fn"] = "fd"                 # the run measured fd accurate here (adopt)
+            _log(ctx).append({"checkpoint": int(k), "where": where, "used": "fd", "adopted": True})
+            return fd(v)
         try:
             e = exact(v)
         except (RuntimeError, NotImplementedError) as err:
@@ -81,8 +90,22 @@ def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = 
         state["fn"] = "exact" if not err <= AUTO_TOL else "fd"
         _log(ctx).append({"checkpoint": int(k), "where": where, "used": state["fn"],
                           "fd_error": round(err, 6)})
-        return e
+        return e if state["fn"] == "exact" else f
     return auto
+
+
+ADOPT_TOL = AUTO_TOL / 2    # a run's measured fd error a query's plan trusts without probing again
+
+
+def adopt(ctx, summary_dict: dict | None) -> None:
+    """Let query plans on a finished run reuse its per-checkpoint decisions (``summary()["views"]``):
+    finite differences without a probe where the run measured them within ADOPT_TOL; every other
+    checkpoint probes. Runs scored before the decisions were recorded adopt nothing."""
+    views = (summary_dict or {}).get("views") or {}
+    if (summary_dict or {}).get("setting") != "auto":
+        return
+    ctx.hvp_views = {int(k): "fd" for k, rec in views.items()
+                     if rec.get("used") == "fd" and rec.get("fd_error", 1.0) <= ADOPT_TOL}
 
 
 def summary(ctx) -> dict:
@@ -96,6 +119,16 @@ def summary(ctx) -> dict:
         views = [e for e in log if e["where"] == "lanczos"]
         out["lanczos_views"] = {"exact": sum(e["used"] == "exact" for e in views),
                                 "fd": sum(e["used"] == "fd" for e in views)}
+        per: dict = {}                     # per checkpoint: exact if any probe chose it, the largest error
+        for e in views:
+            if "fd_error" not in e:
+                continue
+            rec = per.setdefault(str(e["checkpoint"]), {"used": "fd", "fd_error": 0.0})
+            rec["fd_error"] = max(rec["fd_error"], e["fd_error"])
+            if e["used"] == "exact":
+                rec["used"] = "exact"
+        if per:
+            out["views"] = per
         if errs:
             out["fd_error_max"] = max(errs)
         adam = [e for e in log if e["where"] == "adam"]

@@ -49,7 +49,9 @@ from diffin_core.engine.lanczos import SpectralView, lanczos
 from diffin_core.engine.projector import Projector
 
 DIRNAME = "features"
-VERSION = 2                    # 2: CountSketch projection (1: dense Gaussian)
+VERSION = 3                    # 3: one independent sketch per checkpoint ("independent_sketches") and a
+                               # per-checkpoint gradient basis (2: one sketch shared by every checkpoint,
+                               # as a view-less store still has; 1: dense Gaussian)
 METHODS = ("diffin",)          # runs whose exact path this store approximates
 SHORTLIST_FRACTION = 0.02      # default shortlist per side: 2% of N ...
 SHORTLIST_MIN = 100            # ... and at least this many rows (benchmarks/explore.py)
@@ -70,6 +72,13 @@ class FeatureSettings:
                                # query's exact plan it bounds every row's influence (certified_rows)
     checkpoint_mb: int = 512   # ... kept only up to this size (m * N * d * 2 bytes): d shrinks to fit,
                                # and below 256 columns the store has none
+    checkpoint_basis: int = 64  # per checkpoint, the top principal directions of the per-sample gradients
+                               # (fitted on basis_rows seeded rows): each row's coordinates there are
+                               # kept exactly, only the rest is sketched (a smaller error, so fewer rows
+                               # to rescore: benchmarks/explore_profile.py); 0: none
+    basis_rows: int = 512      # rows the basis is fitted on
+    basis_mb: int = 64         # the bases (m * P * r * 4 bytes) kept only up to this size: r shrinks to
+                               # fit, and below 8 directions the store has none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +91,38 @@ def checkpoint_sketch_dim(settings: FeatureSettings, m: int, n: int) -> int:
         return 0
     d = min(int(settings.checkpoint_dim), int(settings.checkpoint_mb * 2 ** 20 / (2 * m * n)))
     return d if d >= 256 else 0
+
+
+def checkpoint_basis_rank(settings: FeatureSettings, m: int, n: int, num_params: int) -> int:
+    """Directions of the per-checkpoint gradient basis: settings.checkpoint_basis, shrunk to fit
+    basis_mb (float32) and to half the fitted rows; 0 when fewer than 8 are left."""
+    if settings.checkpoint_basis <= 0 or m * num_params == 0:
+        return 0
+    fit = min(int(settings.basis_rows), int(n))
+    r = min(int(settings.checkpoint_basis), int(settings.basis_mb * 2 ** 20 / (4 * m * num_params)), fit // 2,
+            int(num_params) // 2)
+    return r if r >= 8 else 0
+
+
+def sketch_seed(seed: int, k: int, independent: bool = True) -> int:
+    """The per-checkpoint sketch's seed: one independent CountSketch per checkpoint (meta.json
+    "independent_sketches"), so the checkpoints' sketching errors are independent and their
+    variances add; otherwise one sketch for every checkpoint (a version-2 store, a view-less store:
+    errors correlated across checkpoints)."""
+    return int(seed) + 1 + 1009 * (int(k) + 1) if independent else int(seed) + 1
+
+
+def fit_basis(ctx, k: int, rows: np.ndarray, r: int, chunk: int = 256) -> torch.Tensor:
+    """(P, r) orthonormal: the top ``r`` right singular vectors of checkpoint k's per-sample
+    gradients on ``rows`` (its uncentred principal directions)."""
+    fm, theta = ctx.fm_at(k), ctx.thetas[k]
+    parts = []
+    for a in range(0, len(rows), chunk):
+        x, y = ctx.tensors(ctx.train.x[rows[a:a + chunk]], ctx.train.y[rows[a:a + chunk]])
+        parts.append(fm.per_sample_grads(theta, x, y).double())
+    _, _, vt = torch.linalg.svd(torch.cat(parts), full_matrices=False)
+    q, _ = torch.linalg.qr(vt[:r].T)                      # orthonormal to float64 rounding
+    return q.to(dtype=torch.float32)
 
 
 # --- the propagation, shared by the pass and the queries -------------------------------------
@@ -189,11 +230,23 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         sums = np.zeros((c, d), dtype=np.float64)
         rows = settings.chunk_size or (ctx.chunk_rows(True) if getattr(ctx, "memory", None) is not None else 256)
         dk = checkpoint_sketch_dim(settings, ctx.m, n)
+        rb = checkpoint_basis_rank(settings, ctx.m, n, ctx.fm.num_params) if dk else 0
         if dk:
-            proj_k = Projector(ctx.fm.num_params, dk, settings.seed + 1, device=ctx.device)
+            proj_k = {it.k: Projector(ctx.fm.num_params, dk, sketch_seed(settings.seed, it.k), device=ctx.device)
+                      for it in items}
             per_ck = np.lib.format.open_memmap(tmp / "train_ck.npy", mode="w+", dtype=np.float16, shape=(ctx.m, n, dk))
-            ck_norm2 = np.zeros((ctx.m, n), dtype=np.float64)          # ||g_z(theta_k)||^2, exact
+            ck_norm2 = np.zeros((ctx.m, n), dtype=np.float64)          # ||sketched part of g_z(theta_k)||^2, exact
             ck_snorm = np.zeros((ctx.m, n), dtype=np.float32)          # lengths of the sketched rows
+        bases = {}
+        if rb:
+            fit = np.sort(np.random.default_rng([settings.seed, 4409]).choice(n, min(n, settings.basis_rows),
+                                                                               replace=False))
+            for it in items:
+                bases[it.k] = fit_basis(ctx, it.k, fit, rb).to(ctx.device)
+                progress(0, n, f"features: gradient basis of checkpoint {it.k + 1}/{ctx.m}")
+            save_file({f"basis_{k}": b.contiguous().cpu() for k, b in bases.items()}, str(tmp / "ck_basis.safetensors"))
+            ck_coef = np.lib.format.open_memmap(tmp / "train_ck_coef.npy", mode="w+", dtype=np.float32,
+                                                shape=(ctx.m, n, rb))
         for sl, x, y in ctx.chunks(size=rows):
             direct = torch.zeros(len(y), dtype=torch.float64, device=ctx.device)
 
@@ -201,8 +254,13 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
                 if on_grads is not None:
                     on_grads(k, sl, g)
                 if dk:
-                    per_ck[k, sl], ck_snorm[k, sl] = _unit_rows(proj_k(g))
-                    ck_norm2[k, sl] = (g.double() ** 2).sum(1).cpu().numpy()
+                    rest = g
+                    if k in bases:                 # exact coordinates in the basis, the rest sketched
+                        c = g.float() @ bases[k]
+                        ck_coef[k, sl] = c.cpu().numpy()
+                        rest = g.double() - c.double() @ bases[k].double().T
+                    per_ck[k, sl], ck_snorm[k, sl] = _unit_rows(proj_k[k](rest))
+                    ck_norm2[k, sl] = (rest.double() ** 2).sum(1).cpu().numpy()
                 if first and probe is not None:
                     direct.add_(plan_w[k][0] * (g @ plan_w[k][1]).double())
             if sl.start == 0 and probe is not None:
@@ -223,6 +281,9 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
             del per_ck
             np.save(tmp / "train_ck_norm2.npy", ck_norm2)
             np.save(tmp / "train_ck_snorm.npy", ck_snorm)
+        if rb:
+            ck_coef.flush()
+            del ck_coef
         np.save(tmp / "train_norm.npy", norms)
         np.save(tmp / "class_sums.npy", sums.astype(np.float32))
         q_rows, q_norm = [], []
@@ -237,6 +298,7 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
         np.save(tmp / "query_norm.npy", np.concatenate(q_norm) if q_norm else np.zeros(0, np.float32))
         size = sum(p.stat().st_size for p in tmp.iterdir())
         meta = {"version": VERSION, "settings": settings.to_dict(), "n_train": n, "n_query": len(query),
+                "checkpoint_basis": rb, "independent_sketches": True,
                 "checkpoint_dim": dk,
                 "num_params": ctx.fm.num_params, "num_classes": c,
                 "checkpoints": [{"k": it.k, "step": int(ctx.steps[it.k]), "coef": float(it.coef),
@@ -545,7 +607,8 @@ class FeatureStore:
             raise DiffinError(f"the feature store is unreadable ({e}); rebuild it with `diffin features`",
                               self.path) from e
         self.dim = int(self.meta["settings"]["dim"])
-        self._views = None
+        self._views = self._bases = None
+        self.basis_rank = 0
         self.checkpoint_dim = int(self.meta.get("checkpoint_dim", 0) or 0)
         self.per_checkpoint = self.ck_norm2 = None
         if self.checkpoint_dim:
@@ -553,6 +616,9 @@ class FeatureStore:
                 self.per_checkpoint = np.load(self.path / "train_ck.npy", mmap_mode="r")     # (m, N, dk)
                 self.ck_norm2 = np.load(self.path / "train_ck_norm2.npy")                     # (m, N)
                 self.ck_snorm = np.load(self.path / "train_ck_snorm.npy")                     # (m, N)
+                self.basis_rank = int(self.meta.get("checkpoint_basis", 0) or 0)
+                self.ck_coef = (np.load(self.path / "train_ck_coef.npy", mmap_mode="r")           # (m, N, r)
+                                if self.basis_rank else None)
             except (OSError, ValueError) as e:
                 raise DiffinError(f"the feature store is unreadable ({e}); rebuild it with `diffin features`",
                                   self.path) from e
@@ -583,6 +649,17 @@ class FeatureStore:
                            for c in self.meta["checkpoints"]}
         return self._views
 
+    @property
+    def bases(self) -> dict[int, torch.Tensor]:
+        """Per checkpoint k the (P, r) gradient basis whose coordinates are kept exactly ({} without)."""
+        if self._bases is None:
+            self._bases = {}
+            if self.basis_rank:
+                from safetensors.torch import load_file
+                t = load_file(str(self.path / "ck_basis.safetensors"))
+                self._bases = {int(name.split("_")[1]): v for name, v in t.items()}
+        return self._bases
+
     def shortlist(self) -> int:
         """Candidates per side the exact path rescores by default: settings.rerank, or when that
         is -1, SHORTLIST_FRACTION of the training set (at least SHORTLIST_MIN)."""
@@ -605,26 +682,39 @@ class FeatureStore:
     # --- products --------------------------------------------------------------------------
     def plan_bounds(self, plan, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
         """(estimate (N,), sigma (N,)) of every row's influence under a query's exact ``plan``:
-        sum_k coef_k <S w_k, S g_z(theta_k)> through the per-checkpoint sketch S (CountSketch,
-        unbiased), and the square root of its variance bound sum_k coef_k^2 * 2 ||w_k||^2
-        ||g_z(theta_k)||^2 / d (projector.py; exact norms stored). A plan item that holds its rows
-        (Adam's batch order) adds them exactly."""
+        sum_k coef_k <w_k, g_z(theta_k)> with, per checkpoint, the coordinates in its gradient basis
+        B_k exact (<B_k^T w_k, B_k^T g_z>) and the rest through its CountSketch S_k (unbiased):
+        <S_k P w_k, S_k P g_z>, P = I - B_k B_k^T. sigma bounds the estimate's standard deviation:
+        each sketched term's variance is at most 2 ||P w_k||^2 ||P g_z||^2 / d (projector.py; the
+        exact norms are stored); the checkpoints' sketches are independent ("independent_sketches",
+        version 3), so their variances add. A store with one sketch for every checkpoint (version 2,
+        a view-less store) has errors that may be correlated across checkpoints: its sigma is the sum
+        of the per-checkpoint deviations (a bound for any correlation). A plan item that holds its rows (Adam's batch order) adds them exactly."""
         n, dk = int(self.meta["n_train"]), self.checkpoint_dim
-        proj = Projector(int(self.meta["num_params"]), dk, int(self.meta["settings"]["seed"]) + 1)
-        est, var = np.zeros(n), np.zeros(n)
+        independent, seed = bool(self.meta.get("independent_sketches")), int(self.meta["settings"]["seed"])
+        est, var, dev = np.zeros(n), np.zeros(n), np.zeros(n)
         for it in plan:
             if getattr(it, "rows", None) is not None:
                 est += it.rows.double().cpu().numpy()
                 continue
             w = it.w.detach().float().cpu()
-            sw = proj(w)
+            basis = self.bases.get(it.k)
+            cw = None
+            if basis is not None:
+                cw = (basis.T @ w).numpy()
+                w = (w.double() - basis.double() @ torch.from_numpy(cw).double()).float()
+            sw = Projector(int(self.meta["num_params"]), dk, sketch_seed(seed, it.k, independent))(w)
             for a in range(0, n, chunk):
                 with warnings.catch_warnings():           # a read-only memmap: only read here
                     warnings.simplefilter("ignore", UserWarning)
                     block = torch.from_numpy(np.asarray(self.per_checkpoint[it.k, a:a + chunk])).float()
                 est[a:a + chunk] += it.coef * (block @ sw).double().numpy() * self.ck_snorm[it.k, a:a + chunk]
-            var += it.coef ** 2 * 2.0 * float(w.double().square().sum()) * self.ck_norm2[it.k] / dk
-        return est, np.sqrt(var)
+                if cw is not None:
+                    est[a:a + chunk] += it.coef * (np.asarray(self.ck_coef[it.k, a:a + chunk]) @ cw).astype(np.float64)
+            term = it.coef ** 2 * 2.0 * float(w.double().square().sum()) * self.ck_norm2[it.k] / dk
+            var += term
+            dev += np.sqrt(term)
+        return est, (np.sqrt(var) if independent else dev)
 
     def query_rows(self, idx) -> np.ndarray:
         """Projected per-query gradients (len(idx), d) float32, in influence units."""
@@ -691,7 +781,9 @@ def _context(project, run: str):
     if key not in _CTX:
         _CTX.clear()
         info = project.run(run)
-        _CTX[key] = configured(project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {}))))
+        _CTX[key] = ctx = configured(project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {}))))
+        from diffin_core.engine.hvp import adopt
+        adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions (hvp.py)
     return _CTX[key]
 
 

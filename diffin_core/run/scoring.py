@@ -242,7 +242,10 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
             settings.memory_budget = int(memory_budget)
         if batch_size is not None:
             settings.batch_size = int(batch_size)
-        infl = query_influence(project, info.method, idx, settings, progress)
+        from diffin_core.engine.hvp import adopt
+        ctx = project_context(project, settings, progress)
+        adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions, as the fast path
+        infl = query_influence(project, info.method, idx, settings, progress, ctx=ctx)
         answers.save_exact(info.path, idx, infl)
         ans = answers.Answer(infl, np.ones(len(infl), dtype=bool), "exact path")
     infl, path = ans.influence, ans.path
