@@ -13,8 +13,17 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
                                   exact = scoring.top_k(exact=True) in this process (all N rows),
                                   and max_abs_diff the largest |value - exact value| over the rows
                                   both show;
-  rescored_rows                   rows the fast path rescored exactly (its label says how many).
-The answers are removed first (each query is new) and the exact ones are computed last.
+  rescored_rows                   rows the fast path rescored exactly (its label says how many);
+  ahead_per_min / ahead_cpu_s     planning ahead: the app's background job (features.answer_ahead
+                                  in a spawned child, as the page runs it) on ``--ahead`` new
+                                  queries of one class: queries answered per wall minute, CPU s each;
+  user_job_s / user_job_ahead_s   a new query as the app's job (rescore_for in a spawned child,
+                                  start-up included) alone, and asked while planning ahead runs
+                                  (the page cancels the ahead job first): planning ahead must not
+                                  slow it.
+``--burners 2`` runs the whole measurement beside two CPU burners (benchmarks/_load.py), the
+row's ``condition`` says which. The answers are removed first (each query is new) and the exact
+ones are computed last.
 Appends one row per model (medians over the queries) to benchmarks/results/explore.csv (its other
 rows, written by benchmarks/explore.py, are kept) and per-query rows to explore_query.csv.
 """
@@ -36,6 +45,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 K = 10
 
@@ -71,16 +81,59 @@ def parse(out: str) -> tuple[list[int], list[float], list[int], list[float]]:
 
 
 def main() -> None:
-    from diffin_core.project.folder import Project
-    from diffin_core.run.features import FeatureStore
-    from diffin_core.run.scoring import top_k
     ap = argparse.ArgumentParser()
     ap.add_argument("project")
     ap.add_argument("--run", default="diffin")
     ap.add_argument("--model", required=True, help="the row's model label (sample-cnn, mnist-4k, ...)")
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ahead", type=int, default=6, help="queries the planning-ahead job answers (0: skip)")
+    ap.add_argument("--burners", type=int, default=0, help="CPU burners beside the measurement")
+    ap.add_argument("--warmup", type=float, default=30, help="seconds the burners run first")
     a = ap.parse_args()
+    from _load import burners
+    with burners(a.burners, a.warmup):
+        measure(a)
+
+
+def app_job(jm, target: str, args: tuple, kwargs: dict) -> float:
+    """Wall seconds of one app job (a spawned child, as the page submits it) to its end."""
+    t = time.perf_counter()
+    job = jm.submit_child("bench", target, args, kwargs, label="bench", with_progress=False)
+    info = jm.wait(job, timeout=1800)
+    if info is None or info.status != "done":
+        raise SystemExit(f"{target} did not finish: {getattr(info, 'status', None)} {getattr(info, 'error', '')}")
+    return time.perf_counter() - t
+
+
+def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
+    """Throughput of the planning-ahead job, and a user's new query with and without it running."""
+    from diffin_core.run import features as F
+    from diffin_core.workspace.jobs import JobManager
+    root, jm = str(project.root), JobManager()
+    y = np.asarray(project.query.y)
+    cls = int(y[picks[0]])
+    fresh = [int(i) for i in np.flatnonzero(y == cls) if int(i) not in picks]
+    ahead, user = fresh[:n], fresh[n:n + 2]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = app_job(jm, "diffin_core.run.features:answer_ahead", (root, run, ahead), {})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    alone = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[0]]), {})
+    rest = [int(i) for i in np.flatnonzero(y != cls)][:F.AHEAD]        # an ahead job still busy
+    job = jm.submit_child("plan-ahead", "diffin_core.run.features:answer_ahead", (root, run, rest), {},
+                          label="ahead", with_progress=True)
+    time.sleep(3.0)
+    jm.cancel(job)                                                     # what the page does first
+    beside = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[1]]), {})
+    return {"ahead_queries": len(ahead), "ahead_per_min": 60 * len(ahead) / wall, "ahead_cpu_s": cpu / len(ahead),
+            "user_job_s": alone, "user_job_ahead_s": beside}
+
+
+def measure(a) -> None:
+    from diffin_core.project.folder import Project
+    from diffin_core.run.features import FeatureStore
+    from diffin_core.run.scoring import top_k
     project = Project(a.project)
     run_dir = project.run(a.run).path
     for sub in ("answers", "topk"):
@@ -103,6 +156,8 @@ def main() -> None:
                      "rescored_rows": int(m.group(1)) if m else np.nan, "path": label.strip("()"), "out": out})
         print(f"[explore_query] q{qi}: new {wall - startup:.2f} s (cpu {cpu:.2f}), again {wall2 - startup:.3f} s",
               flush=True)
+    load = os.getloadavg()[0]
+    ahead = planning_ahead(project, a.run, picks, a.ahead) if a.ahead else {}
     for r in recs:                        # the exact path last (it would answer the query otherwise)
         h, hv, m_, mv = parse(r.pop("out"))
         eh, em = top_k(project, a.run, [r["query"]], k=K, exact=True)
@@ -112,10 +167,14 @@ def main() -> None:
         r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
         r["max_abs_value"] = max(abs(e) for e in ex.values())
     df = pd.DataFrame(recs)
+    condition = "quiet" if not a.burners else f"{a.burners} burners"
     df.insert(0, "model", a.model)
+    df.insert(1, "condition", condition)
     per_query = RESULTS / "explore_query.csv"
     old = pd.read_csv(per_query) if per_query.is_file() else pd.DataFrame()
-    old = old[old["model"] != a.model] if len(old) else old
+    if len(old) and "condition" not in old:
+        old["condition"] = "quiet"
+    old = old[(old["model"] != a.model) | (old["condition"] != condition)] if len(old) else old
     pd.concat([old, df], ignore_index=True).round(4).to_csv(per_query, index=False)
     size = sum(p.stat().st_size for p in (run_dir / "features").rglob("*") if p.is_file()) / 2 ** 20
     row = {"model": a.model, "N": len(project.train), "d": store.dim if store else np.nan,
@@ -126,11 +185,12 @@ def main() -> None:
            "topk_overlap": df["topk_overlap"].mean(), "topk_overlap_min": df["topk_overlap"].min(),
            "max_abs_diff": df["max_abs_diff"].max(), "rescored_rows": df["rescored_rows"].median(),
            "store_mb": round(size, 1), "peak_rss_mb": df["peak_rss_mb"].max(), "cli_startup_s": startup,
-           "load_avg": os.getloadavg()[0], "bench": "explore_query.py"}
+           **ahead, "condition": condition, "load_avg": load, "bench": "explore_query.py"}
     csv = RESULTS / "explore.csv"
     base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
     if len(base) and "bench" in base:
-        base = base[~((base["bench"] == "explore_query.py") & (base["model"] == a.model))]
+        cond = base["condition"].fillna("quiet") if "condition" in base else "quiet"
+        base = base[~((base["bench"] == "explore_query.py") & (base["model"] == a.model) & (cond == condition))]
     pd.concat([base, pd.DataFrame([row])], ignore_index=True).to_csv(csv, index=False)
     print(pd.DataFrame([row]).round(3).T.to_string())
 

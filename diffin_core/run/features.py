@@ -1022,9 +1022,12 @@ def certified_rows(est: np.ndarray, sigma: np.ndarray, rescore, k: int = CERTIFI
 
 
 def certified_label(store, rows: int, k: int) -> str:
+    old = store.has_views and not store.meta.get("independent_sketches")
     return (f"exact path: this query's own plan; the {rows} rows that a per-checkpoint sketch "
             f"(d = {store.checkpoint_dim}) could not rule out of the top {k} at "
-            f"{CERTIFIED_Z:g} standard deviations were rescored exactly")
+            f"{CERTIFIED_Z:g} standard deviations were rescored exactly"
+            + ("; an older store (one sketch for every checkpoint): `diffin features` rebuilds it with a "
+               "tighter bound, so fewer rows" if old else ""))
 
 
 def fast_query_influence(project, run: str, query_indices, rerank: int | None = None,
