@@ -68,7 +68,7 @@ def main() -> None:
     store = F.FeatureStore.open(project, a.run)
     old = F.FeatureStore(a.compare_store) if a.compare_store else None
     ctx = F._context(project, a.run)                                    # adopts the run's HVP decisions
-    probing = project_context(project, replace(ScoreSettings(), **project.run(a.run).meta.get("settings", {})))
+    probing = F.configured(project_context(project, replace(ScoreSettings(), **project.run(a.run).meta.get("settings", {}))))
     q = project.query
     picks = np.random.default_rng(a.seed).choice(len(q), a.queries, replace=False)
     rows = []

@@ -462,7 +462,7 @@ def test_query_plans_adopt_the_runs_hvp_decisions(tmp_path, monkeypatch):
     real = FunctionalModel.hvp_exact
     monkeypatch.setattr(FunctionalModel, "hvp_exact", lambda self, *a, **kw: (calls.append(1), real(self, *a, **kw))[1])
     q = project.query
-    probed = DiffIn().prepare(project_context(project), q.x[[3]], q.y[[3]])      # a context without the run's log
+    probed = DiffIn().prepare(F.configured(project_context(project)), q.x[[3]], q.y[[3]])   # without the run's log
     assert calls
     calls.clear()
     ctx = F._context(project, "d")
