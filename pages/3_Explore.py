@@ -132,9 +132,9 @@ if view == VIEWS[0]:
 
     def _step_query(d: int) -> None:
         st.session_state["explore_query"] = min(max(int(st.session_state.get("explore_query", 0)) + d, 0), len(q) - 1)
-    nav[0].button("Previous query", key="explore_prev_query", on_click=_step_query, args=(-1,), shortcut="Left",
+    nav[0].button("Previous query", key="explore_prev_query", on_click=_step_query, args=(-1,), shortcut="P",
                   icon=":material/chevron_left:", disabled=int(qi) <= 0, width="stretch")
-    nav[1].button("Next query", key="explore_next_query", on_click=_step_query, args=(1,), shortcut="Right",
+    nav[1].button("Next query", key="explore_next_query", on_click=_step_query, args=(1,), shortcut="N",
                   icon=":material/chevron_right:", disabled=int(qi) >= len(q) - 1, width="stretch")
     k = c[1].slider("k", 1, 32, 8, key="explore_k")
     if project.kind == "image":
@@ -156,7 +156,7 @@ if view == VIEWS[0]:
             st.caption(f"query #{int(qi)} · label {ui.label_name(project, q.y[int(qi)])}")
             st.html(tv.card_html(tv.texts(q, [int(qi)])[0], 400))
         tv.query_picker(project, "explore_query")
-    nav[3].caption("Keys: ← previous query · → next query · F find")
+    nav[3].caption("Keys: P previous query · N next query · F find")
     if nav[2].button("Find the most helpful and harmful training samples", key="explore_topk", type="primary",
                      shortcut="F", width="stretch"):
         st.session_state["explore_topk_for"] = (run, int(qi))

@@ -95,7 +95,7 @@ def test_session_summary(scored):
 def test_explore_steps_queries_by_key_and_keeps_its_view_in_the_url(scored):
     at = new_app(scored, "pages/3_Explore.py")
     keys = {b.key: (b.proto.shortcut or "").upper() for b in at.button}
-    assert keys["explore_next_query"] == "RIGHT" and keys["explore_prev_query"] == "LEFT"
+    assert keys["explore_next_query"] == "N" and keys["explore_prev_query"] == "P"
     assert keys["explore_topk"] == "F"
     at.button(key="explore_next_query").click().run()
     at.button(key="explore_next_query").click().run()
