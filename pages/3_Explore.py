@@ -104,7 +104,6 @@ tri.from_url("explore_view", "view", lambda v: next(n for n in VIEWS if SLUGS[n]
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
 tri.to_url("view", SLUGS[view], "topk")
 MAP_POINTS = 20_000
-review_state = ui.review_log(str(project.root)).state()
 if view in ("Top-k for a query", "Map", "Class heatmap"):     # the views that draw sample grids
     flt = tri.filter_bar(project, scores, "explore_filter", default_states=(), url=False)
 
@@ -113,7 +112,7 @@ def filtered(table, what: str):
     """A grid's rows that pass the filter; says how many it hides."""
     if not tri.narrowed("explore_filter"):
         return table
-    out = tri.apply_filter(project, table, flt, review_state)
+    out = tri.apply_filter(project, table, flt, ui.review_log(str(project.root)).state() if flt.states else None)
     if len(out) < len(table):
         st.caption(f"The filter ({flt.describe(lambda y: ui.label_name(project, y))}) hides {len(table) - len(out)} "
                    f"of {len(table)} {what}.")
