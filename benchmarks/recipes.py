@@ -15,7 +15,7 @@ Truth = L_Q(theta_T without z) - L_Q(theta_T), L_Q the training loss on the quer
 
 CSV columns: recipe, seed, diffin (Spearman), tracin (Spearman; TracIn's Adam variant for Adam and
 RMSprop recipes), tracin_method, ratio (median |diffin| / median |truth|), seconds (diffin's
-scoring), warnings (every RecipeWarning line, and the Adam self-check), refused (diffin's
+scoring), tracin_seconds (TracIn's, the same run), truth_seconds, warnings (every RecipeWarning line, and the Adam self-check), refused (diffin's
 one-line refusal, if any), target_met ("yes": Spearman >= 0.9 and ratio in [0.8, 1.25], or a
 one-line refusal; else "NO").
 """
@@ -68,6 +68,7 @@ SPECS = [
     Spec("dropout-0.2", dropout=0.2),
     Spec("sgd-dropout-0.2", "SGD", dropout=0.2),
     Spec("label-smoothing-0.1", smoothing=0.1),
+    Spec("sgd-label-smoothing-0.1", "SGD", smoothing=0.1),
     Spec("grad-accumulation-2x16", accumulate=2),
     Spec("rmsprop", "RMSprop"),
     Spec("all-at-once (fine-tuning)", groups="nodecay", clip="half", dropout=0.1, smoothing=0.1, accumulate=2),
@@ -207,10 +208,10 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
         c = case(spec, seed, folder, samples)
         est, lines, refused, secs = score(spec, seed, folder, c, "diffin")
         peer = "tracin-adam" if spec.optimizer in ("AdamW", "RMSprop") else "tracin"
-        t_est, _l, t_refused, _s = score(spec, seed, folder, c, peer)
+        t_est, _l, t_refused, t_secs = score(spec, seed, folder, c, peer)
         if t_est is None and peer == "tracin-adam":
             peer = "tracin"
-            t_est, _l, t_refused, _s = score(spec, seed, folder, c, peer)
+            t_est, _l, t_refused, t_secs = score(spec, seed, folder, c, peer)
         t1 = time.time()            # the truth only where something scored (a refused recipe needs none)
         truth = c["truth"]() if (est is not None or t_est is not None) else np.full(samples, np.nan)
         truth_s = time.time() - t1
@@ -220,7 +221,7 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
     notes = [n for n in dict.fromkeys(c["recorder_warnings"] + lines) if "torch.jit" not in n]   # torch's own noise
     out = dict(recipe=spec.name, seed=seed, diffin=round(rho, 4),
                tracin=round(float(spearmanr(t_est, truth)[0]), 4) if t_est is not None else float("nan"),
-               tracin_method=peer, ratio=round(ratio, 4), seconds=round(secs, 1), truth_seconds=round(truth_s, 1),
+               tracin_method=peer, ratio=round(ratio, 4), seconds=round(secs, 1), tracin_seconds=round(t_secs, 1), truth_seconds=round(truth_s, 1),
                warnings=" | ".join(n.replace("\n", " ") for n in notes), refused=(refused or "").replace("\n", " "),
                target_met=met)
     print({k: v for k, v in out.items() if k != "warnings"}, "\n   warnings:", out["warnings"][:400], flush=True)

@@ -219,10 +219,10 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
                          ray_timeout=ray_timeout)
         typer.echo(f"{m}: wrote {out / 'scores.parquet'}")
         meta = json.loads((out / "meta.json").read_text())
-        from diffin_core.engine.adam_batches import check_text
+        from diffin_core.engine.adam_batches import check_text, meta_check
         from diffin_core.engine.hvp import text as hvp_text
         hv = meta.get("hvp") or {}
-        for line in (summary(meta.get("precision")), check_text(meta.get("adam_check")),
+        for line in (summary(meta.get("precision")), check_text(meta_check(meta)),
                      hvp_text(hv) if len(hv) > 1 else ""):
             if line:
                 typer.echo(f"{m}: {line}")

@@ -12,7 +12,7 @@ import _common as ui  # noqa: E402
 from diffin_core.tasks import methodinfo
 from diffin_core.engine import precision  # noqa: E402
 from diffin_core.workspace.jobs import display_order  # noqa: E402
-from diffin_core.engine.adam_batches import check_text  # noqa: E402
+from diffin_core.engine.adam_batches import check_text, meta_check  # noqa: E402
 from diffin_core.engine.hvp import text as hvp_text  # noqa: E402
 from diffin_core.methods import METHODS  # noqa: E402
 from diffin_core.run.features import pass_times  # noqa: E402
@@ -121,12 +121,12 @@ else:
              "finished": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.meta.get("finished", 0))),
              "settings": " · ".join(filter(None, [methodinfo.settings_text(r.method, r.meta.get("settings", {})),
                                                     precision.summary(r.meta.get("precision"))])),
-             "checks": " · ".join(filter(None, [check_text(r.meta.get("adam_check")),
+             "checks": " · ".join(filter(None, [check_text(meta_check(r.meta)),
                                                 hvp_text(r.meta.get("hvp") or {}) if len(r.meta.get("hvp") or {}) > 1
                                                 else ""]))} for r in runs]
     st.dataframe(pd.DataFrame(rows), key="score_runs", hide_index=True, width="stretch")
     for r in runs:                  # what each run's estimate approximates of the training recipe
-        failed = (r.meta.get("adam_check") or {}).get("message")    # a failed self-check: a warning, not a caption
+        failed = (meta_check(r.meta) or {}).get("message")    # a failed self-check: a warning, not a caption
         if failed:
             st.warning(f"{r.name}: {failed}", icon=":material/warning:")
         for entry in r.meta.get("approximations") or []:

@@ -64,6 +64,25 @@ def test_ray_matches_single_process(cluster, tiny, method):
     assert local["influence"].std() > 0 and np.isfinite(sharded["self_influence"]).all()
 
 
+@pytest.mark.parametrize("method", ["diffin", "tracin"])
+def test_ray_run_writes_the_same_approximations_as_a_local_run(cluster, tiny, tmp_path, method):
+    """meta.json "approximations" of a Ray run: the same lines, in the same order, as a local run
+    of the same project (here a manifest without per-step lrs: one line; diffin's plan adds the
+    large-step line on the plan task), and the loss-based methods none."""
+    import shutil
+    root = tmp_path / "approx"
+    shutil.copytree(tiny, root, ignore=shutil.ignore_patterns("runs"))
+    raw = json.loads((root / "checkpoints/manifest.json").read_text())
+    raw.pop("step_lrs"), raw.pop("group_steps", None)
+    (root / "checkpoints/manifest.json").write_text(json.dumps(raw))
+    local = json.loads((score(root, method, run="local", settings=SETTINGS, features=False) / "meta.json").read_text())
+    sharded = json.loads((score_on_ray(root, method, run="ray", settings=SETTINGS, shards=3) / "meta.json").read_text())
+    assert local["approximations"] and any("no per-step lrs" in a for a in local["approximations"])
+    assert sharded["approximations"] == local["approximations"]
+    loss = json.loads((score_on_ray(root, "loss", run="ray-loss", settings=SETTINGS, shards=3) / "meta.json").read_text())
+    assert loss["approximations"] == []
+
+
 def test_cli_ray_flag_without_address(cluster, tiny, capsys):
     main(["score", str(tiny), "-m", "tracin", "--run", "cli-ray", "--ray"])
     assert "wrote" in capsys.readouterr().out

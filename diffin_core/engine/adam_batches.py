@@ -138,7 +138,17 @@ class _Replay:
 
     ``held``: every step at the recorded weights of the checkpoint that owns it (only before the
     first checkpoint, where no weights are recorded); else theta is replayed with torch's Adam update. States are (theta, m, v) before a step, in
-    the accumulation dtype."""
+    the accumulation dtype. (sgd_batches.SGDReplay: the same for SGD, states (theta, buffer).)"""
+    name = "Adam"
+    keys = ("theta", "m", "v")                  # what the self-check compares at the next checkpoint
+    what = {"theta": "weight vector", "m": "exp_avg", "v": "exp_avg_sq"}
+    fallback = "the checkpoint estimator (Adam's v frozen per checkpoint, each sample spread over every step)"
+
+    @staticmethod
+    def fall_back(ctx) -> str:
+        """After a failed self-check: the checkpoint estimator scores (no batch-order path)."""
+        ctx.batch_order = None
+        return "checkpoint estimator"
 
     def __init__(self, ctx, k: int, held: bool):
         self.ctx, self.k, self.held = ctx, k, held
@@ -195,7 +205,8 @@ class _Replay:
 
     def run(self, lo: int, hi: int, state, keep: bool = False):
         """Replay steps [lo, hi) from ``state``; returns (state before hi, per-step records
-        (s, rows, x, y, j, theta_s, G_s, m_s, v_s) when ``keep``)."""
+        (s, rows, x, y, j, theta_s, G_s, *the state after step s but theta: Adam's m_s, v_s; SGD's
+        buffer) when ``keep``)."""
         out = []
         for s in range(lo, hi):
             rows, x, y = _batch(self.ctx, s)
@@ -205,8 +216,26 @@ class _Replay:
                 g = _grad(self.ctx, j, th, x, y)
             state = self.advance(state, s, g)
             if keep:
-                out.append((s, rows, x, y, j, th, g, state[1], state[2], masks))
+                out.append((s, rows, x, y, j, th, g, *state[1:], masks))
         return state, out
+
+    def latest_first(self):
+        """Every step of the interval as ``run(keep=True)`` records, latest first: the state at
+        about sqrt(L) block starts of the L steps is kept and each block replayed again when its
+        turn comes (memory: one block's records)."""
+        lo, hi = self.a, self.b
+        if hi <= lo:
+            return
+        block = max(1, int(math.ceil(math.sqrt(hi - lo))))
+        entry: dict[int, tuple] = {}             # the state entering each block start in [lo, hi)
+        state = self.entry
+        for b in range(lo, hi, block):
+            entry[b] = state
+            if b + block < hi:
+                state, _ = self.run(b, b + block, state)
+        for b in sorted(entry, reverse=True):
+            _end, steps = self.run(b, min(b + block, hi), entry[b], keep=True)
+            yield from reversed(steps)
 
     def check(self, end) -> dict | None:
         """The replay's miss at the next checkpoint (module doc), or None (no next checkpoint)."""
@@ -229,13 +258,19 @@ def _passes(check: dict | None) -> bool:
     return check is None or all(v <= CHECK_TOL for v in check.values())
 
 
+def replay_class(ctx):
+    """The forward replay of the context's optimiser: ctx.replay (sgd_batches.SGDReplay for SGD,
+    set by the scoring context), else Adam's (_Replay)."""
+    return getattr(ctx, "replay", None) or _Replay
+
+
 def interval_check(ctx, k: int) -> dict | None:
     """The self-check of checkpoint k's interval: {"interval": [a, b], "theta", "m", "v"} (the
     replay's relative misses at the next checkpoint), or None (no next checkpoint; the weights
     before the first checkpoint are held, not replayed). Computed once per context."""
     cache = ctx.adam_checks
     if k not in cache:
-        rep = _Replay(ctx, k, held=False)
+        rep = replay_class(ctx)(ctx, k, held=False)
         rec = None
         if rep.b > rep.a:
             end, _ = rep.run(rep.a, rep.b, rep.entry)
@@ -251,84 +286,75 @@ def segment(ctx, k: int, carry):
     ut, um, uv = carry
     rows_out = torch.zeros(ctx.n, dtype=torch.float64)
     rep, record = _Replay(ctx, k, held=False), ctx.adam_checks.get(k)
-    lo, hi = rep.a, rep.b
-    if hi <= lo:
+    if rep.b <= rep.a:
         return rows_out, carry, record
     b1, b2 = rep.b1, rep.b2
     eps = ctx.recipe.eps
-    block = max(1, int(math.ceil(math.sqrt(hi - lo))))
-    entry: dict[int, tuple] = {}                 # the state entering each block start in [lo, hi)
-    state = rep.entry
-    for b in range(lo, hi, block):
-        entry[b] = state
-        if b + block < hi:
-            state, _ = rep.run(b, b + block, state)
     dt = ctx.thetas[k].dtype
     hvp_state: dict = {}                         # one HVP decision for the interval (hvp.py)
-    for b in sorted(entry, reverse=True):
-        _end, steps = rep.run(b, min(b + block, hi), entry[b], keep=True)
-        for s, rows, x, y, j, theta, g, m, v, masks in reversed(steps):
-            fm = ctx.fm_at(j)
-            lr, f = _lr(ctx, s, ut), _clip(ctx, s)
-            lam_c, lam_d = _coupled(ctx, ut), _decoupled(ctx, ut)
-            t = s + 1 + rep.offset
-            c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
-            sq = (v / c2).clamp_min(0).sqrt()
-            D = 1.0 / (sq + eps)
-            gam = torch.where(sq > 0, (m / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
-            gd = f * g.to(ut.dtype) + lam_c * theta.to(ut.dtype)
-            am = um - (lr / c1) * D * ut
-            av = uv + lr * gam * ut
-            w = (1 - b1) * am + 2 * (1 - b2) * gd * av       # the adjoint of the step's gradient
-            wg = _clip_adjoint(w, g, f)                        # ... of the raw batch gradient (clipping)
-            wm, th = wg.to(dt), theta.to(dt)
-            with no_tf32(), applied(masks):
-                dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
-                hw = product(ctx, k, fm, th, x, y, g, "adam", hvp_state)(wm)
-            rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
-            ut = (1.0 - lr * lam_d) * ut + hw.to(ut.dtype) + lam_c * w
-            um, uv = b1 * am, b2 * av
-        if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
-            raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")
+    for s, rows, x, y, j, theta, g, m, v, masks in rep.latest_first():
+        fm = ctx.fm_at(j)
+        lr, f = _lr(ctx, s, ut), _clip(ctx, s)
+        lam_c, lam_d = _coupled(ctx, ut), _decoupled(ctx, ut)
+        t = s + 1 + rep.offset
+        c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        sq = (v / c2).clamp_min(0).sqrt()
+        D = 1.0 / (sq + eps)
+        gam = torch.where(sq > 0, (m / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
+        gd = f * g.to(ut.dtype) + lam_c * theta.to(ut.dtype)
+        am = um - (lr / c1) * D * ut
+        av = uv + lr * gam * ut
+        w = (1 - b1) * am + 2 * (1 - b2) * gd * av       # the adjoint of the step's gradient
+        wg = _clip_adjoint(w, g, f)                        # ... of the raw batch gradient (clipping)
+        wm, th = wg.to(dt), theta.to(dt)
+        with no_tf32(), applied(masks):
+            dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
+            hw = product(ctx, k, fm, th, x, y, g, "adam", hvp_state)(wm)
+        rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
+        ut = (1.0 - lr * lam_d) * ut + hw.to(ut.dtype) + lam_c * w
+        um, uv = b1 * am, b2 * av
+    if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
+        raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")
     return rows_out, (ut, um, uv), record
 
 
 def check_summary(ctx) -> dict | None:
-    """meta.json "adam_check": the replay's self-check over every checkpoint interval, or None
-    when the batch-order path is not on offer. ``passed``: every interval's theta, m and v land
-    within CHECK_TOL of the recorded ones; else ``message`` is the one warning line."""
+    """meta.json "adam_check" ("sgd_check" for SGD's replay, sgd_batches.py): the replay's
+    self-check over every checkpoint interval, or None when the batch-order path is not on offer.
+    ``passed``: every interval's theta and optimiser state (Adam: m and v; SGD: the momentum
+    buffer) land within CHECK_TOL of the recorded ones; else ``message`` is the one warning line."""
     if getattr(ctx, "batch_order", None) is None or ctx.moments is None:
         return None
+    rep = replay_class(ctx)
     per = [{"checkpoint": k, **{kk: (round(v, 8) if isinstance(v, float) else v) for kk, v in rec.items()}}
            for k in range(ctx.m) if (rec := interval_check(ctx, k)) is not None]
-    keys = ("theta", "m", "v")
+    keys = rep.keys
     worst = {key: max((r.get(key, 0.0) for r in per), default=0.0) for key in keys}
     failed = [r for r in per if not _passes({key: r[key] for key in keys if key in r})]
-    out = {"tolerance": CHECK_TOL, "passed": not failed, "intervals": len(per), "failed": len(failed),
-           "worst": worst, "per_checkpoint": per}
+    out = {"replay": rep.name, "tolerance": CHECK_TOL, "passed": not failed, "intervals": len(per),
+           "failed": len(failed), "worst": worst, "per_checkpoint": per}
     if failed:
         bad = max(failed, key=lambda r: max(r.get(key, 0.0) for key in keys))
         key = max((key for key in keys if key in bad), key=bad.get)
-        what = {"theta": "weights", "m": "exp_avg", "v": "exp_avg_sq"}[key]
         out["message"] = (
-            f"Adam replay self-check failed at {len(failed)} of {len(per)} checkpoint intervals (worst: the replayed "
-            f"{what} misses the recorded one by {100 * bad[key]:.0f}% at {ctx.label(bad['checkpoint'] + 1)}): "
+            f"{rep.name} replay self-check failed at {len(failed)} of {len(per)} checkpoint intervals (worst: the "
+            f"replayed {rep.what[key]} misses the recorded one by {100 * bad[key]:.0f}% at "
+            f"{ctx.label(bad['checkpoint'] + 1)}): "
             + (f"no weights are recorded before {ctx.label(0)}, so steps 0..{bad['interval'][1] - 1} are taken at "
                "the nearest checkpoint's weights (save one at step 0)" if "theta" not in bad else
                "training did something the replay does not (dropout without recorded generator states, other "
                "train-mode randomness, train-mode "
                "BatchNorm, an unrecorded loss or clipping)")
-            + "; scored with the checkpoint estimator instead "
-            "(Adam's v frozen per checkpoint, each sample spread over every step)")
+            + f"; scored with {rep.fallback(ctx) if callable(rep.fallback) else rep.fallback} instead")
     return out
 
 
 def decide(ctx) -> dict | None:
-    """Run the self-check before the plan; a failed check turns the batch-order path off for this
-    context (ctx.batch_order = None: the checkpoint estimator scores) and warns in one line.
-    Sets and returns ctx.adam_check (None when the path was not on offer)."""
+    """Run the self-check before the plan; a failed check turns the replay off for this context
+    (Adam: ctx.batch_order = None, the checkpoint estimator scores; SGD: sgd_batches.fall_back)
+    and warns in one line. Sets and returns ctx.adam_check (None when the path was not on offer)."""
     if getattr(ctx, "adam_check", None) is not None or getattr(ctx, "batch_order", None) is None \
-            or not ctx.recipe.adam:                 # (SGD's batch-order path, sgd_batches.py, has no check)
+            or ctx.moments is None:
         return getattr(ctx, "adam_check", None)
     summary = check_summary(ctx)
     ctx.adam_check = summary
@@ -336,8 +362,7 @@ def decide(ctx) -> dict | None:
     if summary is not None and not summary["passed"]:
         import warnings
         from diffin_core.engine.recipe import RecipeWarning
-        ctx.batch_order = None
-        summary["fallback"] = "checkpoint estimator"
+        summary["fallback"] = replay_class(ctx).fall_back(ctx)
         approx = getattr(ctx.recipe, "approximations", None)
         if isinstance(approx, list) and summary["message"] not in approx:
             approx.append(summary["message"])          # meta.json "approximations": the run's own line
@@ -345,12 +370,23 @@ def decide(ctx) -> dict | None:
     return summary
 
 
+def check_key(ctx) -> str:
+    """meta.json's key for the replay's self-check: "adam_check" or "sgd_check"."""
+    return "adam_check" if ctx.recipe.adam else "sgd_check"
+
+
+def meta_check(meta: dict) -> dict | None:
+    """A run's replay self-check from its meta.json (Adam's or SGD's), or None."""
+    return meta.get("adam_check") or meta.get("sgd_check")
+
+
 def check_text(summary: dict | None) -> str:
     """One short line for the Score page: 'Adam replay check: passed (worst miss 0.0003%)'."""
     if not summary:
         return ""
     worst = max(summary.get("worst", {}).values(), default=0.0)
+    name = summary.get("replay", "Adam")
     if summary.get("passed"):
-        return f"Adam replay check: passed, {summary.get('intervals', 0)} intervals (worst miss {100 * worst:.2g}%)"
-    return (f"Adam replay check: FAILED at {summary.get('failed')} of {summary.get('intervals')} intervals "
-            f"(worst miss {100 * worst:.0f}%): scored with the checkpoint estimator")
+        return f"{name} replay check: passed, {summary.get('intervals', 0)} intervals (worst miss {100 * worst:.2g}%)"
+    return (f"{name} replay check: FAILED at {summary.get('failed')} of {summary.get('intervals')} intervals "
+            f"(worst miss {100 * worst:.0f}%): scored with {summary.get('fallback', 'the checkpoint estimator')}")

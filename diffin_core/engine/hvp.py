@@ -16,6 +16,9 @@ auto   (the default) exact where finite differences are measured not to be accur
          measured finite differences within ``AUTO_TOL / 2`` takes them without a new probe (the
          probe's exact product cost about 4 gradients, a third of a new query's plan on the
          sample CNN); elsewhere it probes as above.
+       - SGD's per-step replay (sgd_batches.py): probed the same way once per checkpoint interval:
+         its directions are not preconditioned, and exact products cost several finite
+         differences on a small batch.
        A model whose exact product fails (an op without forward-mode AD) falls back to finite
        differences, and that is recorded too.
 What was used lands in meta.json ("hvp": summary()).
@@ -50,7 +53,8 @@ def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = 
             state: dict | None = None):
     """hv(v) -> H v of the batch (x, y) at ``theta`` (fm: the model with checkpoint k's buffers);
     ``g0``: the batch gradient at theta (finite differences' base). ``where``: "lanczos" (auto:
-    probe the first product) or "adam" (auto: exact). ``state``: a dict shared by products that
+    probe the first product), "sgd" (SGD's replay: probed likewise, once per ``state``) or
+    "adam" (auto: exact). ``state``: a dict shared by products that
     should follow one decision (Adam's replay: every step of a checkpoint's interval)."""
     mode = check_mode(getattr(ctx.settings, "hvp", "fd"))
     eps = ctx.settings.eps
@@ -131,9 +135,10 @@ def summary(ctx) -> dict:
             out["views"] = per
         if errs:
             out["fd_error_max"] = max(errs)
-        adam = [e for e in log if e["where"] == "adam"]
-        if adam:
-            out["adam_replay"] = "exact" if all(e["used"] == "exact" for e in adam) else "fd"
+        for name in ("adam", "sgd"):
+            used = [e for e in log if e["where"] == name]
+            if used:
+                out[f"{name}_replay"] = "exact" if all(e["used"] == "exact" for e in used) else "fd"
         why = [e["why"] for e in log if "why" in e]
         if why:
             out["fallback"] = why[0]
@@ -151,8 +156,9 @@ def text(summary_dict: dict | None) -> str:
         parts.append(f"exact in {views['exact']} of {views['exact'] + views['fd']} views")
     if "fd_error_max" in summary_dict:
         parts.append(f"fd error up to {100 * summary_dict['fd_error_max']:.2g}%")
-    if "adam_replay" in summary_dict:
-        parts.append(f"Adam replay {summary_dict['adam_replay']}")
+    for name in ("adam", "sgd"):
+        if f"{name}_replay" in summary_dict:
+            parts.append(f"{name.upper() if name == 'sgd' else 'Adam'} replay {summary_dict[f'{name}_replay']}")
     if "fallback" in summary_dict:
         parts.append(summary_dict["fallback"])
     return parts[0] + (": " + ", ".join(parts[1:]) if len(parts) > 1 else "")

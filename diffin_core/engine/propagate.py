@@ -411,7 +411,7 @@ def plan_start(ctx, u: torch.Tensor, batches: bool = False):
     if batches and getattr(ctx, "batch_order", None) is not None:
         if ctx.recipe.adam:
             from diffin_core.engine.adam_batches import start
-        else:                                   # SGD with clipped steps (sgd_batches.applies)
+        else:                                   # SGD (sgd_batches.applies)
             from diffin_core.engine.sgd_batches import start
         carry = carry + (start(u),)
     return carry
@@ -420,7 +420,7 @@ def plan_start(ctx, u: torch.Tensor, batches: bool = False):
 SHARP_LIMIT = 0.25      # lr x the segment's largest Ritz value above which SGD's checkpoint walk is unvalidated
 
 
-def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int) -> None:
+def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: bool = False) -> None:
     """SGD's checkpoint walk: one approximation line (RecipeWarning, and the recipe's
     approximations for meta.json) the first time a segment's largest step lr times its largest
     Ritz value (the operator M: per-group lr scale included) exceeds SHARP_LIMIT. Measured on the
@@ -428,7 +428,9 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int) -> None:
     "The recipe table"): at 0.12 (lr 0.05) Spearman 0.90 / 0.95 against leave-one-out; at
     0.46-0.47 (one lr 0.2; the head at lr 0.5) 0.10 (seed 1) and 0.69 / 0.43, while leave-one-out
     there is linear in the sample's weight (0.99) and denser checkpoints (every 12 or 4 steps) do
-    not help (0.48, 0.52): the walk's linearisation is not validated at such steps."""
+    not help (0.48, 0.52): the walk's linearisation is not validated at such steps. ``replayed``:
+    the influence came from SGD's replay (sgd_batches.py, exact there); only self-influence and
+    label_issue take the walk, and the line says so."""
     if getattr(ctx, "sharpness_noted", False) or hi <= lo or view.values.numel() == 0:
         return
     value = float(np.max(ctx.step_lrs[lo:hi])) * float(view.values.max())
@@ -438,8 +440,12 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int) -> None:
     import warnings
     from diffin_core.engine.recipe import RecipeWarning
     line = (f"SGD steps large against the loss curvature (lr x the largest Hessian Ritz value {value:.2f} at "
-            f"{ctx.label(k)}, above {SHARP_LIMIT}): the checkpoint walk is not validated there (measured "
-            "Spearman vs leave-one-out 0.90-0.95 at 0.12, 0.10-0.69 at 0.46-0.47; docs/recipes.md "
+            f"{ctx.label(k)}, above {SHARP_LIMIT}): "
+            + ("influence is replayed step by step, but self-influence and label_issue take the checkpoint walk, "
+               "which is not validated there" if replayed else
+               "the checkpoint walk is not validated there (record the batch order, rec.step(batch_ids=...), and "
+               "diffin replays the steps)")
+            + " (measured Spearman vs leave-one-out 0.90-0.95 at 0.12, 0.10-0.69 at 0.46-0.47; docs/recipes.md "
             "\"The recipe table\")")
     approx = getattr(ctx.recipe, "approximations", None)
     if isinstance(approx, list) and line not in approx:
@@ -473,8 +479,8 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     else:
         view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.hessian_rows, k))
     op = segment_op(ctx, k, view, lo, hi)
-    if rows is None and not ctx.recipe.adam:
-        note_sharpness(ctx, k, view, lo, hi)
+    if not ctx.recipe.adam and (rows is None or ctx.moments is not None):
+        note_sharpness(ctx, k, view, lo, hi, replayed=rows is not None)
     w, u, v = op.rows(u, v)
     if not (torch.isfinite(w).all() and torch.isfinite(u).all()):
         raise DiffinError(f"non-finite query propagation at {ctx.label(k)}: refusing to write NaN scores")

@@ -1,41 +1,60 @@
-"""SGD with gradient clipping and the recorded batch order: the per-step adjoint, real batches.
+"""SGD with the recorded batch order: the per-step adjoint over the replayed trajectory.
 
-A clipped step's update uses c g / |g|: removing z changes it by f (I - g g^T / |g|^2) dg, not
-f dg, so the clip factor alone (the checkpoint walk, propagate.py) misses how z's own gradient
-moves the norm: measured Spearman 0.50 against leave-one-out with every step clipped
-(benchmarks/recipe_features.py). With the batch order recorded, diffin walks the steps one by
-one instead, the way adam_batches.py does for Adam: z enters exactly the batches it was in and
-each clipped step's gradient response is projected off that batch's gradient g_s.
+diffin takes this path for SGD when the manifest records the batch order (``rec.step(batch_ids=...)``
+or ``rec.track(loader)``) and, with momentum, SGD's momentum buffer beside every checkpoint after
+step 0 (the Recorder saves it). Two things the checkpoint walk (propagate.py) cannot model are
+then exact:
+- large steps. The walk takes every step's Hessian at its owning checkpoint's weights, which is
+  wrong once lr x curvature is large (measured: Spearman 0.43-0.69 against leave-one-out at lr x
+  lambda_max 0.3-0.47, a head at lr 0.5). Here the weights between checkpoints are rebuilt by
+  torch's own SGD update, and each step's Hessian and gradients are taken at the replayed weights.
+- z's membership. z enters exactly the steps whose batches held it (not g_z / N at every step).
+- clipping. A clipped step's update uses c g / |g|: removing z changes it by f (I - g^ g^T) dg, not
+  f dg (the walk holds the factor fixed: measured Spearman 0.50 with every step clipped).
+
+The replay (SGDReplay, on adam_batches' machinery): from checkpoint k's weights and momentum
+buffer, torch's SGD update (per-group lrs, coupled weight decay added after clipping, momentum /
+dampening / nesterov, a momentum schedule, the recorded clip factors; the first step's buffer is
+its gradient) with each step's recorded batch gives theta_s and G_s up to the next checkpoint,
+where the replay is anchored again to the recorded state. Its self-check compares the replayed
+weights and buffer with the next checkpoint's (meta.json "sgd_check", Score page, the same
+tolerance as Adam's); a failed check (dropout without recorded generator states, train-mode
+BatchNorm, an unrecorded loss or clipping) falls back, in one line, to what ran before the replay:
+the walk, or for clipped runs and recorded dropout masks this per-step path with the weights on
+the line between the two checkpoints around each step. Recorded dropout masks (engine/dropout.py)
+are redrawn for every step's gradients, HVPs and jvps, in the replay as in the adjoint.
 
 Per step s (lr eta_s, per coordinate with per-group lrs; f_s the clip factor; P_s = I - g^ g^T
-when f_s < 1, else I; torch's SGD order: coupled weight decay added after clipping):
+when f_s < 1, else I; torch's SGD order):
     dg  = f_s P_s (H dtheta - r_s) + lambda dtheta          r_s = g_z / |B_s| for z in B_s
     dmu' = beta dmu + c_s dg           dtheta' = dtheta - eta (alpha dg + gamma dmu')
 The adjoint (ut, um) starts at (g_Q(theta_T), 0) and goes back step by step:
     am = um - gamma eta ut      w = c_s am - alpha eta ut      wm = f_s P_s w
     ut <- ut + H wm + lambda w       um <- beta am
     influence(z) -= <wm, g_z> / |B_s|  for z in B_s                        (nats; > 0 helpful)
-theta, H and g_s of step s are taken on the line between the two recorded checkpoints around it
-(SGD's momentum buffer is not recorded, so theta is not replayed; buffers: the earlier one's). Cost per query: per
-training step one batch gradient, one HVP and one jvp on its batch.
+H: under --hvp auto, the first product of each interval is made both ways and the interval keeps
+finite differences when they agree within 1%, else exact products (hvp.py). Cost per query: per
+training step two batch gradients (the replay to the block starts and the block's recompute),
+one HVP and one jvp on its batch; once per context, the check's batch gradient per step.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from diffin_core.engine.adam_batches import _clip, interval
-from diffin_core.engine.dropout import applied, flag, step_masks
+from diffin_core.engine.adam_batches import _Replay, _clip, _coupled, _lr, interval
+from diffin_core.engine.dropout import applied, flag
 from diffin_core.engine.functional import no_tf32
 from diffin_core.errors import DiffinError
 
 
 def applies(ctx) -> bool:
-    """SGD (not Adam) with a recorded batch order and at least one clipped step, or recorded
-    dropout masks (engine/dropout.py: each step's train-mode network)."""
+    """SGD (not Adam) with a recorded batch order: the weights replayed (ctx.moments: the
+    momentum buffers are recorded), or at least one clipped step, or recorded dropout masks
+    (engine/dropout.py: each step's train-mode network; weights on the line without the replay)."""
     clip = getattr(ctx, "clip", None)
     return (not ctx.recipe.adam and getattr(ctx, "batch_order", None) is not None
-            and (clip is not None and bool((clip < 1).any()) or getattr(ctx, "rng", None) is not None))
+            and (ctx.moments is not None or (clip is not None and bool((clip < 1).any()))
+                 or getattr(ctx, "rng", None) is not None))
 
 
 def start(u: torch.Tensor):
@@ -44,42 +63,145 @@ def start(u: torch.Tensor):
     return ut.clone(), torch.zeros_like(ut)
 
 
+def constants(recipe):
+    """(beta, c, alpha, gamma) of torch's SGD (as propagate.step_constants)."""
+    if recipe.momentum > 0:
+        beta = recipe.momentum
+        return (beta, 1.0 - recipe.dampening) + ((1.0, beta) if recipe.nesterov else (0.0, 1.0))
+    return 0.0, 1.0, 0.0, 1.0
+
+
+def _momentum(ctx, s: int, beta: float) -> float:
+    """Step s's momentum: the recorded schedule's (OneCycleLR's cycle_momentum), else beta."""
+    momenta = getattr(ctx, "momenta", None)
+    return float(momenta[s]) if momenta is not None and beta > 0 else beta
+
+
+class SGDReplay(_Replay):
+    """SGD's forward replay of one interval [a, b) from checkpoint k: states (theta, buffer)
+    before a step, in the accumulation dtype (buffer None before torch's first step).
+
+    ``held``: the weights of step s on the line between the interval's two recorded checkpoints
+    (the path for clipped runs whose weights cannot be replayed: no momentum buffers recorded, or
+    a failed check), with no check; before the first checkpoint (a recording that began late),
+    the first checkpoint's weights."""
+    name = "SGD"
+    keys = ("theta", "buf")
+    what = {"theta": "weight vector", "buf": "momentum buffer"}
+
+    @staticmethod
+    def fallback(ctx) -> str:
+        return fallback_text(ctx)
+
+    @staticmethod
+    def fall_back(ctx) -> str:
+        return fall_back(ctx)
+
+    def __init__(self, ctx, k: int, held: bool):
+        self.ctx, self.k, self.held = ctx, k, held
+        self.a, self.b = interval(ctx, k)
+        self.beta, self.c, self.alpha, self.gamma = constants(ctx.recipe)
+        moments = ctx.moments
+        self.acc = torch.float32 if ctx.thetas[k].device.type == "mps" else torch.float64
+        theta = ctx.thetas[k].to(self.acc)
+        t_k = int(ctx.steps[k])
+        self.late = k == 0 and t_k > 0                # no weights before the first checkpoint
+        buf = None
+        if moments is None:
+            self.held = True
+        elif self.beta > 0 and t_k > 0 and not self.late:
+            rec = moments[k][0]
+            buf = None if rec is None else rec.clone()
+        self.entry = (theta, buf)
+
+    def theta_at(self, s: int, theta: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(checkpoint whose buffers apply, theta used at step s)."""
+        ctx, k = self.ctx, self.k
+        if self.late and s < int(ctx.steps[0]):
+            return 0, ctx.thetas[0].to(self.acc)
+        if not self.held:
+            return k, theta
+        t0 = int(ctx.steps[k])
+        if k + 1 >= ctx.m or s <= t0:
+            return k, ctx.thetas[k].to(self.acc)
+        span = int(ctx.steps[k + 1]) - t0
+        a, b = ctx.thetas[k].to(self.acc), ctx.thetas[k + 1].to(self.acc)
+        return k, a + ((s - t0) / span) * (b - a)
+
+    def advance(self, state, s: int, g: torch.Tensor):
+        """The state before step s + 1: torch's SGD step with gradient ``g`` (at theta_at(s))."""
+        ctx = self.ctx
+        theta, buf = state
+        _j, th = self.theta_at(s, theta)
+        d = _clip(ctx, s) * g.to(self.acc) + _coupled(ctx, th) * th
+        if self.beta > 0:
+            bs = _momentum(ctx, s, self.beta)
+            buf = d.clone() if buf is None else bs * buf + self.c * d
+            d = d + bs * buf if ctx.recipe.nesterov else buf
+        if self.late and s < int(ctx.steps[0]):     # before the first checkpoint: held at its weights,
+            if s + 1 < int(ctx.steps[0]) or ctx.moments is None:    # then replayed from its recorded state
+                return theta, None
+            rec = ctx.moments[0][0] if self.beta > 0 else None
+            return ctx.thetas[0].to(self.acc), (None if rec is None else rec.clone())
+        return theta - _lr(ctx, s, theta) * d, buf
+
+    def check(self, end) -> dict | None:
+        """The replay's miss at the next checkpoint: weights (of the interval's movement) and
+        momentum buffer (relative), or None (no next checkpoint, or the weights are held)."""
+        ctx, k = self.ctx, self.k
+        if self.held or k + 1 >= ctx.m or self.b <= self.a or int(ctx.steps[k + 1]) != self.b:
+            return None
+        theta, buf = end
+        rec_theta = ctx.thetas[k + 1].to(self.acc)
+
+        def rel(a, b, scale):
+            return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(scale).clamp_min(1e-300))
+        out = {"theta": rel(theta, rec_theta, rec_theta - ctx.thetas[k].to(self.acc))}
+        rec_buf = ctx.moments[k + 1][0]
+        if self.beta > 0 and rec_buf is not None and buf is not None:
+            out["buf"] = rel(buf, rec_buf, rec_buf)
+        return out
+
+
+def fallback_text(ctx) -> str:
+    clip = getattr(ctx, "clip", None)
+    if clip is not None and bool((clip < 1).any()) or getattr(ctx, "rng", None) is not None:
+        return "the weights on the line between checkpoints (the per-step path of clipping and dropout masks)"
+    return "the checkpoint walk (each step at its checkpoint's weights, each sample spread over every step)"
+
+
+def fall_back(ctx) -> str:
+    """After a failed self-check: clipped runs keep the per-step path with the weights on the
+    line between checkpoints (ctx.moments = None), others take the checkpoint walk
+    (ctx.batch_order = None). Returns the fallback's name for the check's record."""
+    clip = getattr(ctx, "clip", None)
+    ctx.moments = None
+    if clip is not None and bool((clip < 1).any()) or getattr(ctx, "rng", None) is not None:
+        return "line"
+    ctx.batch_order = None
+    return "checkpoint walk"
+
+
 def segment(ctx, k: int, carry):
     """Checkpoint k's interval, latest step first: (influence (N,) float64 on the CPU from the
-    samples of its batches, the adjoint carried to the interval's start, None)."""
+    samples of its batches, the adjoint carried to the interval's start, the check's record)."""
     from diffin_core.engine.hvp import product
     ut, um = carry
     rows_out = torch.zeros(ctx.n, dtype=torch.float64)
-    lo, hi = interval(ctx, k)
-    if hi <= lo:
-        return rows_out, carry, None
-    recipe, groups = ctx.recipe, getattr(ctx, "groups", None)
-    beta, c, alpha, gamma = 0.0, 1.0, 0.0, 1.0          # torch's SGD (as propagate.step_constants)
-    if recipe.momentum > 0:
-        beta, c = recipe.momentum, 1.0 - recipe.dampening
-        alpha, gamma = (1.0, beta) if recipe.nesterov else (0.0, 1.0)
-    lam = (groups.decay_vector(ut.device, ut.dtype) if groups is not None
-           else (recipe.weight_decay if not recipe.decoupled else 0.0))
-    momenta = getattr(ctx, "momenta", None)
-    theta0, fm = ctx.thetas[k], ctx.fm_at(k)
-    dt = theta0.dtype
-    t0 = int(ctx.steps[k])
-    nxt = ctx.thetas[k + 1] if k + 1 < ctx.m else None
-    span = (int(ctx.steps[k + 1]) - t0) if nxt is not None else 0
+    rep = SGDReplay(ctx, k, held=False)
+    record = ctx.adam_checks.get(k) if not rep.held else None
+    if rep.b <= rep.a:
+        return rows_out, carry, record
+    beta, c, alpha, gamma = rep.beta, rep.c, rep.alpha, rep.gamma
+    dt = ctx.thetas[k].dtype
     hvp_state: dict = {}
-    for s in range(hi - 1, lo - 1, -1):
-        # the weights at step s: on the line between the interval's two recorded checkpoints
-        theta = theta0 if nxt is None or span <= 0 or s <= t0 else theta0 + ((s - t0) / span) * (nxt - theta0)
-        rows = ctx.batch_order.batch(s)
-        x, y = ctx.tensors(np.asarray(ctx.train.x[rows], dtype=np.float32), np.asarray(ctx.train.y)[rows])
-        masks = step_masks(ctx, s, fm, theta, x)          # training's dropout masks of step s (dropout.py)
-        with no_tf32(), applied(masks):
-            g = fm.batch_grad(theta, x, y)
-        eta = (groups.step_lr_vector(s, ut.device, ut.dtype) if groups is not None else float(ctx.step_lrs[s]))
-        f = _clip(ctx, s)
+    for s, rows, x, y, j, theta, g, _buf, masks in rep.latest_first():
+        fm = ctx.fm_at(j)
+        eta, f = _lr(ctx, s, ut), _clip(ctx, s)
+        lam = _coupled(ctx, ut)
         cs = 1.0 if (s == 0 and beta > 0) else c
-        bs = float(momenta[s]) if momenta is not None and beta > 0 else beta     # a momentum schedule
-        gs = bs if (recipe.nesterov and beta > 0) else gamma
+        bs = _momentum(ctx, s, beta)
+        gs = bs if (ctx.recipe.nesterov and beta > 0) else gamma
         am = um - gs * eta * ut
         w = cs * am - alpha * eta * ut
         if f < 1.0:
@@ -87,14 +209,14 @@ def segment(ctx, k: int, carry):
             wc = w - gh * (gh @ w)
         else:
             wc = w
-        wm = (f * wc).to(dt)
+        wm, th = (f * wc).to(dt), theta.to(dt)
         with no_tf32(), applied(masks):
-            dz = fm.directional(theta, x, y, wm).cpu().to(torch.float64)
-            hw = product(ctx, k, fm, theta, x, y, g, "adam", hvp_state)(wm)
+            dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
+            hw = product(ctx, k, fm, th, x, y, g, "sgd", hvp_state)(wm)
         rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
         ut = ut + hw.to(ut.dtype) + lam * w
         um = bs * am
     flag(ctx)
     if not (torch.isfinite(ut).all() and torch.isfinite(rows_out).all()):
         raise DiffinError(f"non-finite SGD replay at {ctx.label(k)}: refusing to write NaN scores")
-    return rows_out, (ut, um), None
+    return rows_out, (ut, um), record

@@ -124,6 +124,8 @@ class Context:
     moments: Sequence | None = None       # Adam with a batch order: per checkpoint (exp_avg (P,),
                                           # exp_avg_sq (P,), Adam's step count) (adam_batches.py)
     batch_order: object | None = None     # checkpoints.BatchOrder: every step's batch rows, or None
+    replay: object | None = None          # the forward replay class of the batch-order path (SGD:
+                                          # sgd_batches.SGDReplay; None: Adam's, adam_batches._Replay)
     adam_checks: dict = field(default_factory=dict)   # adam_batches.choose: per checkpoint interval,
                                           # (held weights?, the replay's self-check record)
     groups: object | None = None          # recipe.GroupMap: per-group lr scale / weight decay / frozen

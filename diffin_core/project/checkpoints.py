@@ -19,6 +19,10 @@ one warning line):
               checkpoint it holds the state after the first step (the D of that step).
   checkpoint  "exp_avg": "ckpt_000040.exp_avg.safetensors"   Adam/AdamW: the first moments, the
               same layout and metadata as exp_avg_sq (written beside it by the Recorder)
+  checkpoint  "momentum_buffer": "ckpt_000040.momentum_buffer.safetensors"   SGD with momentum:
+              torch's momentum buffers at the checkpoint (same layout; none for the step-0
+              checkpoint, where torch has none yet). With the batch order, diffin replays SGD's
+              weights step by step from each checkpoint (sgd_batches.py)
   top level   "batch_order": "batch_order.npz"           the training-split rows of every
               optimiser step's batch: int64 arrays "ids" (all batches concatenated) and
               "offsets" (T+1,), batch s = ids[offsets[s]:offsets[s+1]] (rows 0..N-1 of the
@@ -72,6 +76,9 @@ RECIPE_KEYS = {"dampening": float, "nesterov": bool, "weight_decay": float, "dec
                "betas": list, "eps": float, "amsgrad": bool, "batch_size": float}
 
 
+STATE_KEYS = ("exp_avg_sq", "exp_avg", "momentum_buffer")     # optimiser state files beside a checkpoint
+
+
 @dataclass
 class Checkpoint:
     file: str
@@ -79,13 +86,13 @@ class Checkpoint:
     lr: float
     exp_avg_sq: str | None = None     # Adam's second moments beside the checkpoint (optional)
     exp_avg: str | None = None        # Adam's first moments beside the checkpoint (optional)
+    momentum_buffer: str | None = None    # SGD's momentum buffers beside the checkpoint (optional)
 
     def to_dict(self) -> dict:
         out = {"file": self.file, "step": self.step, "lr": self.lr}
-        if self.exp_avg_sq:
-            out["exp_avg_sq"] = self.exp_avg_sq
-        if self.exp_avg:
-            out["exp_avg"] = self.exp_avg
+        for key in STATE_KEYS:
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         return out
 
 
@@ -139,7 +146,7 @@ def read_manifest(path: str | Path) -> Manifest:
         if step < 0 or not lr >= 0:
             raise DiffinError(f"checkpoint {i} needs step >= 0 and lr >= 0", path)
         moments = []
-        for key in ("exp_avg_sq", "exp_avg"):
+        for key in STATE_KEYS:
             name = c.get(key)
             if name is not None and (not isinstance(name, str) or not name):
                 raise DiffinError(f"checkpoint {i} has an {key!r} that is not a file name", path)
@@ -409,7 +416,7 @@ def load_step_lrs(manifest: Manifest) -> np.ndarray | None:
 def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str],
                     key: str = "exp_avg_sq") -> tuple[torch.Tensor, int] | None:
     """(flat exp_avg_sq (P,) in ``names`` order, Adam's step count) of one checkpoint, or None
-    (``key="exp_avg"``: the first moments, same layout).
+    (``key="exp_avg"``: the first moments, same layout; ``"momentum_buffer"``: SGD's buffers).
 
     Refused with one line when the file's checkpoint_step contradicts the manifest."""
     if not getattr(c, key):
@@ -422,10 +429,11 @@ def load_exp_avg_sq(manifest: Manifest, c: Checkpoint, names: list[str],
     parts = []
     for n in names:
         if n not in state:
-            raise DiffinError(f"no {'second' if key == 'exp_avg_sq' else 'first'} moments for parameter {n!r}", src)
+            what = {"exp_avg_sq": "second moments", "exp_avg": "first moments"}.get(key, "momentum buffer")
+            raise DiffinError(f"no {what} for parameter {n!r}", src)
         parts.append(state[n].reshape(-1).double())
     v = torch.cat(parts)
-    if not (torch.isfinite(v).all() and (key == "exp_avg" or (v >= 0).all())):
+    if not (torch.isfinite(v).all() and (key != "exp_avg_sq" or (v >= 0).all())):
         raise DiffinError(f"{key} must be finite{' and >= 0' if key == 'exp_avg_sq' else ''}", src)
     return v, int(float(meta.get("step", max(c.step, 1))))
 
@@ -516,10 +524,11 @@ class Recorder:
     the optimiser's type and hyper-parameters (momentum, dampening, nesterov, weight decay,
     betas, eps), the lr of every optimiser step (step_lrs.npy, read by a step pre-hook, so the
     order of scheduler.step() and rec.step() does not matter) and, for Adam/AdamW, exp_avg_sq
-    and exp_avg beside each checkpoint. The engine models all of these exactly (see propagate.py).
+    and exp_avg beside each checkpoint (for SGD with momentum, its momentum buffer). The engine
+    models all of these exactly (see propagate.py).
 
     The batch order (batch_order.npz, rewritten at every checkpoint): diffin then replays
-    Adam's moments with each step's real batch (adam_batches.py). Either wrap the loader,
+    training between checkpoints with each step's real batch (adam_batches.py, sgd_batches.py). Either wrap the loader,
     ``for x, y in rec.track(loader): ...; rec.step()`` (a torch DataLoader over the training split
     in its row order: the indices its batch sampler yields, drawn in the main process, so shuffle,
     a seeded generator, drop_last and num_workers > 0 all work), or pass them,
@@ -694,31 +703,44 @@ class Recorder:
                 self._pending_first = c
             else:
                 self._save_exp_avg_sq(c)
+        elif self.global_step > 0 and self._sgd_momentum():
+            self._save_state(c, ("momentum_buffer",))
         self._write_batch_order()          # so a run killed after this checkpoint keeps its order
         self._write_rng()
         self._write_manifest()
 
     def _save_exp_avg_sq(self, c: Checkpoint) -> None:
-        """Adam's second moments now, beside checkpoint c (zeros for parameters without state)."""
+        """Adam's second and first moments now, beside checkpoint c."""
+        self._save_state(c, ("exp_avg_sq", "exp_avg"))
+
+    def _sgd_momentum(self) -> bool:
+        """SGD with momentum in some trainable group: its buffers are part of the state to replay."""
+        return self.manifest.optimizer == "SGD" and any(
+            _num(g.get("momentum")) > 0 for g in self.optimizer.param_groups)
+
+    def _save_state(self, c: Checkpoint, keys) -> None:
+        """The optimiser state ``keys`` (exp_avg_sq, exp_avg, momentum_buffer) now, one safetensors
+        file each beside checkpoint c, in float32 (zeros for parameters without that state);
+        metadata "step" = the largest step count in the state (Adam's bias correction)."""
         from safetensors.torch import save_file
-        tensors, step = {}, 0
-        for n, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
+        step = 0
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        for _n, p in named:
             st = self.optimizer.state.get(p, {})
-            v = st.get("exp_avg_sq")
-            tensors[n] = (torch.zeros_like(p) if v is None else v).detach().float().cpu().contiguous()
             if "step" in st:
                 step = max(step, int(float(st["step"])))
-        firsts = {n: (torch.zeros_like(p) if self.optimizer.state.get(p, {}).get("exp_avg") is None
-                      else self.optimizer.state[p]["exp_avg"]).detach().float().cpu().contiguous()
-                  for n, p in self.model.named_parameters() if p.requires_grad}
         meta = {"step": str(step), "checkpoint_step": str(c.step)}
-        c.exp_avg_sq = c.file.replace(".safetensors", ".exp_avg_sq.safetensors")
-        c.exp_avg = c.file.replace(".safetensors", ".exp_avg.safetensors")
-        for name, ts in ((c.exp_avg_sq, tensors), (c.exp_avg, firsts)):
+        for key in keys:
+            ts = {}
+            # SGD's buffers for every parameter (a frozen one's are zeros: it never moves), so the
+            # replay finds them whichever parameters the scoring model marks trainable
+            for n, p in (self.model.named_parameters() if key == "momentum_buffer" else named):
+                v = self.optimizer.state.get(p, {}).get(key)
+                ts[n] = (torch.zeros_like(p) if v is None else v).detach().float().cpu().contiguous()
+            name = c.file.replace(".safetensors", f".{key}.safetensors")
             with atomic_path(self.dir / name) as tmp:
                 save_file(ts, str(tmp), metadata=meta)
+            setattr(c, key, name)
 
     def _write_manifest(self) -> None:
         if len(self.lrs) == self.global_step:

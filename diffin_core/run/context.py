@@ -26,7 +26,7 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                  train: Split, settings: ScoreSettings | None = None, momentum: float = 0.0,
                  progress=None, dtype=torch.float32, *, recipe: Recipe | None = None,
                  step_lrs=None, exp_avg_sq=None, files=None, exp_avg=None, batch_order=None,
-                 groups=None, clip=None, loss=None, momenta=None, rng=None) -> Context:
+                 groups=None, clip=None, loss=None, momenta=None, rng=None, momentum_buffers=None) -> Context:
     """A scoring context from in-memory parts (the project path and the tests both use it).
 
     states: each checkpoint's state_dict (parameters and buffers, e.g. BatchNorm statistics:
@@ -37,7 +37,11 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
     moments) with ``batch_order`` (checkpoints.BatchOrder): diffin replays Adam's moments step by
     step with the real batches (adam_batches.py). ``rng`` (dropout.ForwardStates, with a batch
     order): every step's dropout masks are redrawn and the train-mode network evaluated
-    (engine/dropout.py); SGD then takes the per-step path (sgd_batches.py).
+    (engine/dropout.py); SGD then takes the per-step path (sgd_batches.py). SGD with ``batch_order``:
+    ``momentum_buffers`` per checkpoint ((buffer (P,), count) or None: at step 0, or SGD without
+    momentum), a list (not None) when the checkpoints record what SGD's replay needs; diffin then
+    replays the weights step by step (sgd_batches.py). Without it, the per-step path runs only for
+    clipped SGD or recorded dropout masks (weights on the line between checkpoints).
     """
     settings = settings or ScoreSettings()
     recipe = recipe or Recipe(momentum=float(momentum))
@@ -78,19 +82,27 @@ def make_context(model: torch.nn.Module, states: list[dict], steps: list[int], l
                 dtype=dtype, device=device)
         precond = Lazy(len(exp_avg_sq), scale, keep=1) if lazy else [scale(k) for k in range(len(exp_avg_sq))]
     moments = None
+    acc = torch.float32 if device.type == "mps" else torch.float64       # MPS has no float64
     if exp_avg is not None and exp_avg_sq is not None and batch_order is not None and recipe.adam:
-        acc = torch.float32 if device.type == "mps" else torch.float64       # MPS has no float64
-
         def load(k):       # (m, v, Adam's step count) of checkpoint k, float64 on the device
             m1, v2 = exp_avg[k], exp_avg_sq[k]
             return m1[0].to(device=device, dtype=acc), v2[0].to(device=device, dtype=acc), int(v2[1])
         moments = Lazy(len(exp_avg), load, keep=2)
+    elif batch_order is not None and not recipe.adam and momentum_buffers is not None:
+        def load_buffer(k):      # (SGD's momentum buffer or None, None, 0): None at step 0 / without momentum
+            b = momentum_buffers[k]
+            return (None if b is None else b[0].to(device=device, dtype=acc)), None, 0
+        moments = Lazy(len(steps), load_buffer, keep=2)
+    replay = None
+    if not recipe.adam:             # SGD's forward replay (the batch-order path's state, its self-check)
+        from diffin_core.engine.sgd_batches import SGDReplay
+        replay = SGDReplay
     return Context(fm, thetas, list(steps), eff, seg, train, settings, device,
                    progress or (lambda d, t, m: None), recipe=recipe, step_lrs=step_lrs, bounds=bounds,
                    buffers=buffers, precond=precond, files=files, moments=moments,
                    batch_order=batch_order if (moments is not None or (not recipe.adam and (clip is not None
                                                                                              or rng is not None)))
-                   else None, groups=groups, clip=clip,
+                   else None, groups=groups, clip=clip, replay=replay,
                    loss=fm.loss, momenta=None if momenta is None else np.asarray(momenta, dtype=np.float64),
                    rng=rng if batch_order is not None else None)
 
@@ -150,16 +162,19 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     approx = list(recipe.approximations) + group_approx
     loss, loss_approx = resolve_loss(loss, m, train)
     approx += loss_approx
+    if recipe.adam and loss.fn is None and loss.label_smoothing > 0:
+        approx.append(smoothing_line(loss.label_smoothing))
     if step_lrs is None:
         approx.append("the lr inside each segment (no per-step lrs: interpolated between checkpoints)")
     if recipe.adam and (eas is None or any(not c.exp_avg_sq for c in m.checkpoints)):
         approx.append("Adam's preconditioner (no exp_avg_sq recorded: modelled as SGD with the same lr)")
         recipe = Recipe("SGD", weight_decay=recipe.weight_decay, decoupled=recipe.decoupled)
         eas = None
-    firsts = order = None
+    firsts = order = bufs = None
     rng = load_rng(m)                   # training's generator states: dropout masks redrawn (dropout.py)
-    if not recipe.adam and (clip is not None and (clip < 1).any() or rng is not None):
-        order = load_batch_order(m, len(train))       # SGD clipped or with dropout: the per-step path
+    if not recipe.adam:                 # SGD: the per-step replay (sgd_batches.py) when the batch order is recorded
+        order = load_batch_order(m, len(train))
+        bufs = sgd_buffers(m, recipe, names) if order is not None else None
     if recipe.adam:
         order = load_batch_order(m, len(train))
         if order is None or any(not c.exp_avg for c in m.checkpoints):
@@ -190,7 +205,31 @@ def manifest_context(model: torch.nn.Module, m: Manifest, train: Split, settings
     return make_context(model, states, [c.step for c in m.checkpoints], [c.lr for c in m.checkpoints],
                         train, settings, m.momentum, progress, recipe=recipe, step_lrs=step_lrs,
                         exp_avg_sq=eas, files=[c.file for c in m.checkpoints], exp_avg=firsts, batch_order=order,
-                        groups=groups, clip=clip, loss=loss, momenta=momenta, rng=rng)
+                        groups=groups, clip=clip, loss=loss, momenta=momenta, rng=rng,
+                        momentum_buffers=bufs)
+
+
+def sgd_buffers(m: Manifest, recipe: Recipe, names: list[str]):
+    """SGD's momentum buffer per checkpoint (lazily read; None at step 0, where torch has none, and
+    for every checkpoint without momentum), or None when a checkpoint after step 0 lacks the file
+    (recorded before the Recorder saved them): the weights cannot be replayed then."""
+    momentum = recipe.momentum > 0 or bool((m.extra.get("param_groups") and any(
+        float(g.get("momentum", 0) or 0) > 0 for g in m.extra["param_groups"])))
+    if not momentum:
+        return [None] * len(m.checkpoints)
+    if any(c.step > 0 and not c.momentum_buffer for c in m.checkpoints):
+        return None
+    return Lazy(len(m.checkpoints), lambda k: (load_exp_avg_sq(m, m.checkpoints[k], names, "momentum_buffer")
+                                               if m.checkpoints[k].step > 0 else None))
+
+
+def smoothing_line(eps: float) -> str:
+    """The approximation line of Adam/AdamW trained with label smoothing (docs/recipes.md "Loss"):
+    diffin's influence is the linear response to z's weight, which matches down-weighting z there,
+    but removing all of z measured 1.3-1.4x that (SGD with the same smoothing: linear)."""
+    return (f"label smoothing ({eps:g}) with Adam: influence is the linear response to removing z; on the digits "
+            "AdamW benchmark removal moved the query loss 1.3-1.4x that (sizes 0.73-0.74x true leave-one-out, "
+            "ranking 0.99 unaffected; SGD with the same smoothing was linear; docs/recipes.md \"Loss\")")
 
 
 def resolve_loss(stated, m: Manifest, train: Split):

@@ -236,8 +236,14 @@ def _worker_threads() -> None:
 
 
 def _plan_task(root: str, settings: dict, method: str):
+    """(the plan, what its context noted while planning: {"approximations", "check", "hvp"})."""
     _worker_threads()
-    return _scorer(root, settings).plan(method)
+    scorer = _scorer(root, settings)
+    plan = scorer.plan(method)
+    from diffin_core.engine.hvp import summary as hvp_summary
+    ctx = scorer.ctx
+    return plan, {"approximations": list(getattr(ctx.recipe, "approximations", None) or []),
+                  "check": getattr(ctx, "adam_check", None), "hvp": hvp_summary(ctx)}
 
 
 def _score_task(root: str, settings: dict, method: str, boxed_plan: list, start: int, stop: int) -> dict:
@@ -288,18 +294,25 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
         opts = {"num_gpus": 1, "num_cpus": 1, "max_calls": 0} if gpus else {"num_cpus": 1}
         stages = _stages(project, method, settings)
         try:
-            parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages)
+            noted: dict = {}                 # what the plan task's context noted (approximations, check)
+            parts = _run_shards(ray, opts, root, cfg, method, bounds, n, progress, stages, noted)
         except BaseException:
             stages.remove_if_empty()         # failed before any shard or plan was saved: no leftover settings.json
             raise
 
         out = gather(cls(), parts, project.train.y)
+        from diffin_core.run.context import project_context
+        from diffin_core.run.scoring import approximations
+        ctx = project_context(project, settings, progress)     # the recipe's approximations, as a local run
         if cls.run is not Attributor.run:
             # the method post-processes its run (diffin: label_issue at the checkpoint with the lowest
             # query loss): its own ``run`` does it on the driver, around the gathered shards
-            from diffin_core.run.context import project_context
             q = project.query
-            out = _around(cls, out).run(project_context(project, settings, progress), np.asarray(q.x), q.y, True)
+            out = _around(cls, out).run(ctx, np.asarray(q.x), q.y, True)
+        check = noted.get("check")
+        if method == "diffin":               # the replay's self-check and its line (a resumed plan: made here)
+            from diffin_core.engine.adam_batches import decide
+            check = decide(ctx) if check is None else check
         df = scores_frame(project.train, out)
         from diffin_core.engine.precision import not_checked
         model = project.build_model()
@@ -310,7 +323,14 @@ def score_on_ray(project, method: str, run: str | None = None, settings: ScoreSe
             "seconds": round(time.time() - started, 3), "finished": time.time(),
             "ray": {"address": address or "local", "shards": len(bounds), "slots": slots, "gpus": gpus},
             "precision": not_checked(settings, "Ray shards score in float32 (the low-precision check runs on local runs only)"),
+            "approximations": approximations(ctx, method, noted.get("approximations"),
+                                             [check["message"]] if check and check.get("message") else []),
         }
+        if noted.get("hvp"):
+            meta["hvp"] = noted["hvp"]
+        if check is not None:
+            from diffin_core.engine.adam_batches import check_key
+            meta[check_key(ctx)] = check
         final = write_run(project, run, df, meta, started)
     stages.remove()                      # complete: the resumable stages are not needed
     return final
@@ -349,11 +369,12 @@ def _around(cls, out: dict) -> Attributor:
 
 
 def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: int, progress,
-                stages) -> list[dict]:
+                stages, noted: dict | None = None) -> list[dict]:
     """The plan task, then every shard not already in ``stages`` as a task (Ray spreads them
     over the free slots); each result is saved as it arrives (``rows_a_b``), so a killed run
     resumes with the missing shards. Results in row order. A DiffinError inside a task is
-    raised here as itself."""
+    raised here as itself. ``noted`` receives what the plan task's context noted (approximations,
+    the replay's check, the HVPs used) when the plan task ran."""
     parts: list = [stages.load_scores(f"rows_{a}_{b}") for a, b in bounds]
     done = sum(b - a for (a, b), part in zip(bounds, parts) if part is not None)
     if done:
@@ -362,7 +383,7 @@ def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: i
     if not todo:
         return parts
     progress(done, n, f"{method}: preparing query vectors on Ray")
-    plan = ray.remote(_plan_task).options(**opts).remote(root, cfg, method)
+    plan, info = ray.remote(_plan_task).options(num_returns=2, **opts).remote(root, cfg, method)
     task = ray.remote(_score_task).options(**opts)
     running = {task.remote(root, cfg, method, [plan], *bounds[i]): i for i in todo}
     try:
@@ -376,6 +397,8 @@ def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: i
             stages.save_scores(f"rows_{bounds[i][0]}_{bounds[i][1]}", parts[i])
             done += bounds[i][1] - bounds[i][0]
             progress(done, n, f"{method}: scored {done} of {n} rows on Ray ({len(bounds)} shards)")
+        if noted is not None:
+            noted.update(ray.get(info))
     except ray.exceptions.RayError as e:
         cause = _diffin_cause(e)
         if cause is not None:

@@ -577,7 +577,7 @@ def build_for_run(project, run: str, settings: FeatureSettings | None = None, pr
     ctx = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})), progress)
     runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))      # the run's chunks and Hessian batch
     if getattr(ctx, "batch_order", None) is not None:
-        raise DiffinError(f"run {run!r} scored Adam with the recorded batch order (adam_batches.py), which the "
+        raise DiffinError(f"run {run!r} scored with the recorded batch order (adam_batches.py, sgd_batches.py), which the "
                           "feature store does not approximate: `diffin top` takes the exact path", info.path)
     out = info.path / DIRNAME
     if not views_fit(ctx, settings):

@@ -50,6 +50,18 @@ def stage_settings(project: Project, method: str, settings: ScoreSettings, qx, q
 
 
 
+def approximations(ctx: Context, method: str, *more: list) -> list[str]:
+    """meta.json "approximations": what of the training recipe the method's estimate approximates,
+    one line each, in order, each once (empty: modelled exactly, or a method that does not use
+    the recipe). ``more``: lines noted elsewhere (a Ray plan task's context)."""
+    if not getattr(METHODS[method], "uses_recipe", False):
+        return []
+    lines = list(getattr(ctx.recipe, "approximations", None) or [])
+    for extra in more:
+        lines += list(extra or [])
+    return list(dict.fromkeys(lines))
+
+
 def run_method(ctx: Context, method: str, qx: np.ndarray, qy: np.ndarray, need_self: bool = True) -> dict:
     if method not in METHODS:
         raise DiffinError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -117,7 +129,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
                 sink = sketch_sink(project, ctx, method, feature_store, prefer=features == "sketch")
             ctx.grad_tap = sink              # the walk hands its per-sample gradients to the store's sketch
             out = run_method(ctx, method, qx, q.y)
-            if method == "diffin":          # Adam's replay self-check (already made unless the plan was resumed)
+            if method == "diffin":          # the replay's self-check (already made unless the plan was resumed)
                 from diffin_core.engine.adam_batches import decide
                 decide(ctx)
         except BaseException:
@@ -138,13 +150,13 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
             "timings": getattr(ctx, "timings", None),        # plan_s (query side), scores_s (training set)
             "precision": ctx.precision,      # precision.decide: the precision used and its check against float32
             # what of the training recipe the estimate approximates, one line each (empty: modelled exactly)
-            "approximations": (list(getattr(ctx.recipe, "approximations", None) or [])
-                               if getattr(METHODS[method], "uses_recipe", False) else []),
+            "approximations": approximations(ctx, method),
             "threads": threads.record(),     # torch threads, their source, the CPUs and load seen (threads.py)
             "hvp": hvp_summary(ctx),         # hvp.py: which Hessian-vector products were used (auto: where, why)
         }
-        if getattr(ctx, "adam_check", None) is not None:     # Adam's replay: its self-check (adam_batches.py)
-            meta["adam_check"] = ctx.adam_check
+        if getattr(ctx, "adam_check", None) is not None:     # Adam's / SGD's replay: its self-check (adam_batches.py)
+            from diffin_core.engine.adam_batches import check_key
+            meta[check_key(ctx)] = ctx.adam_check
         final = write_run(project, run, df, meta, started)
     ctx.stages.remove()                  # the run is complete: its resumable stages are not needed
     if on_published is not None:         # the scores are usable now; the feature pass follows
@@ -152,7 +164,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
         features = False            # the store approximates the checkpoint estimator, not Adam's replay
         if progress:
-            progress(0, ctx.n, "features: skipped (Adam's batch-order influence has no feature store; "
+            progress(0, ctx.n, "features: skipped (the batch-order replay's influence has no feature store; "
                      "`diffin top` takes the exact path)")
     if sink is not None:
         if progress:
