@@ -40,9 +40,10 @@ if own in formats:                                 # the input's own format firs
     formats.insert(0, own)
 fmt = st.selectbox("Format", formats, key="export_format",
                    format_func=lambda f: f"{f} (same as the input: byte-faithful)" if f == own else f"{f} (converted)",
-                   help="Kept rows only; relabels written into the label; every decision in the .decisions.json "
-                        "beside it. The input's own format keeps its arrays, dtypes, shapes, ids and column order; "
-                        "other formats convert the stored values (uint8 stays 0-255).")
+                   help="Kept rows only; relabels written into the label; every decision (who, when) and the "
+                        "written rows' sample ids in the .decisions.json beside it. The input's own format keeps "
+                        "its arrays, dtypes, shapes, ids and column order and adds nothing; other formats convert "
+                        "the stored values (uint8 stays 0-255).")
 run = None
 if runs:
     run = ui.run_picker(project, key="export_run", label="Scores from run",
