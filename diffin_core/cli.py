@@ -99,7 +99,7 @@ class Bar:
         # its clock starts at the previous report; "printed" just after that (tqdm's delay test), so
         # close() always draws the final state even when the whole phase took under mininterval
         self.bar.start_t, self.bar.last_print_t = self.since - 2e-6, self.since
-        self.key = key
+        self.key, self.said = key, None       # an announcement after this bar is printed again
 
     def close(self):
         if self.bar is not None:
