@@ -428,3 +428,33 @@ def test_a_child_job_past_its_limit_is_killed(jm):
     info = jm.wait(jid, 60)
     assert info.status == "failed" and info.timed_out and "its time limit is 3 s" in info.error, info
     assert time.time() - t0 < 30
+
+
+def test_the_apps_worker_count(monkeypatch):
+    import torch
+    monkeypatch.delenv("DIFFIN_JOB_WORKERS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert jobs.default_workers() == 2
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert jobs.default_workers() == 1            # one GPU's free memory is not planned twice
+    monkeypatch.setenv("DIFFIN_JOB_WORKERS", "3")
+    assert jobs.default_workers() == 3
+    monkeypatch.setenv("DIFFIN_JOB_WORKERS", "none")
+    with pytest.raises(DiffinError, match="DIFFIN_JOB_WORKERS='none' must be a whole number of workers"):
+        jobs.default_workers()
+
+
+def test_projects_take_turns_on_a_single_worker(tmp_path):
+    m = JobManager(workers=1)
+    try:
+        gate, order = threading.Event(), []
+        first = m.submit("score", lambda p: gate.wait(5), project_dir=tmp_path / "a")
+        _until(lambda: m.get(first).status == "running")
+        ids = [m.submit("score", lambda p, k=k: order.append(k), project_dir=tmp_path / k[0])
+               for k in ("a1", "a2", "a3", "b1", "c1")]
+        gate.set()
+        assert all(m.wait(i, 5).status == "done" for i in ids)
+        assert order == ["b1", "c1", "a1", "a2", "a3"], order     # a ran last: b and c go before its queue
+    finally:
+        gate.set()
+        m.reset()

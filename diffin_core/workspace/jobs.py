@@ -4,9 +4,10 @@ Engine code only, no Streamlit: the app holds one ``JobManager`` in ``@st.cache_
 polls ``get()`` from a fragment. A job's state is also kept in
 ``<project_dir>/runs/.jobs/<job_id>.json`` so a reloaded page sees how it ended after a restart.
 
-No project can hold the queue: ``workers`` threads (the global cap) each take the oldest queued
-job whose project has fewer than ``per_project`` jobs running (jobs without a project form one
-group of their own). And no job runs for ever: each has a time limit (``TimeLimit``): a fixed
+No project can hold the queue: ``workers`` threads (the global cap) each take a queued job whose
+project has fewer than ``per_project`` jobs running, projects taking turns (the one that started
+a job least recently goes first; a project's own jobs run in order; jobs without a project form
+one group of their own). And no job runs for ever: each has a time limit (``TimeLimit``): a fixed
 number of seconds when given, else ``eta_factor`` x the total its own progress predicted (its
 ETA at its last update), at least ``min_s``, and no progress update for ``stall_s`` seconds. A
 job past its limit is cancelled (a child process is killed at once), marked failed with
@@ -232,6 +233,7 @@ class JobManager:
         self._jobs: dict[str, _Job] = {}
         self._pending: list[_Job] = []    # queued, in submit order
         self._running: dict[str | None, int] = {}   # project -> jobs running
+        self._last_start: dict[str | None, float] = {}   # project -> when it last started a job
         self.workers, self.per_project = max(1, int(workers)), max(1, int(per_project))
         self.limits = limits or TimeLimit.from_env()
         self._n = 0
@@ -337,13 +339,18 @@ class JobManager:
         w = _Worker()
         threading.Thread(target=self._worker, args=(w,), name=f"diffin-job-{self._n}", daemon=True).start()
 
-    def _next(self) -> _Job | None:  # caller holds the lock: the oldest queued job whose project has room
+    def _next(self) -> _Job | None:
+        """(caller holds the lock) The next job to start: among queued jobs whose project has room,
+        the oldest of the project that started a job least recently (a project's own jobs in
+        order; projects take turns, so one with many queued jobs cannot hold the queue)."""
         self._pending = [j for j in self._pending if j.info.status == "queued" and not j.cancel.is_set()]
-        for job in self._pending:
-            if self._running.get(job.info.project_dir, 0) < self.per_project:
-                self._pending.remove(job)
-                return job
-        return None
+        ready = [j for j in self._pending if self._running.get(j.info.project_dir, 0) < self.per_project]
+        if not ready:
+            return None
+        job = min(ready, key=lambda j: (self._last_start.get(j.info.project_dir, 0.0), j.info.created))
+        self._pending.remove(job)
+        self._last_start[job.info.project_dir] = time.monotonic()
+        return job
 
     def _worker(self, me: _Worker) -> None:
         while not me.retired:
@@ -431,6 +438,23 @@ class JobManager:
                        json.dumps(d, indent=1, default=str))
         except OSError as exc:
             log.warning("job %s: could not write its status: %s", job.info.id, exc)
+
+
+def default_workers() -> int:
+    """The app's global cap: ``DIFFIN_JOB_WORKERS``, else 2 on a CPU machine and 1 with CUDA (two
+    scoring jobs starting together would each plan for 80% of the same free VRAM; the time
+    limits still free the queue from a hung job)."""
+    raw = os.environ.get("DIFFIN_JOB_WORKERS", "").strip()
+    if raw:
+        try:
+            n = int(raw)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise DiffinError(f"DIFFIN_JOB_WORKERS={raw!r} must be a whole number of workers, at least 1")
+        return n
+    import torch
+    return 1 if torch.cuda.is_available() else 2
 
 
 def display_order(infos: list[JobInfo]) -> list[JobInfo]:

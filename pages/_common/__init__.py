@@ -155,11 +155,13 @@ def require(name: str):
 @st.cache_resource
 def job_manager() -> JobManager:
     """The background workers shared by every session of this server: at most one job per project
-    at a time, ``DIFFIN_JOB_WORKERS`` (default 2) in all, each job under its time limit (jobs.py)."""
+    at a time, ``jobs.default_workers()`` in all, each job under its time limit (jobs.py)."""
+    from diffin_core.workspace.jobs import default_workers
     try:
-        workers = int(os.environ.get("DIFFIN_JOB_WORKERS") or 2)
-    except ValueError:
-        workers = 2
+        workers = default_workers()
+    except DiffinError as e:            # a bad DIFFIN_JOB_WORKERS: said on the page, nothing runs
+        st.error(e.brief())
+        st.stop()
     return JobManager(workers=workers)
 
 
