@@ -480,3 +480,27 @@ def test_query_plans_adopt_the_runs_hvp_decisions(tmp_path, monkeypatch):
     assert fresh.hvp_views == {2: "fd"}
     hvp.adopt(fresh2 := project_context(project), {"setting": "fd", "views": {"2": {"used": "fd", "fd_error": 0.0}}})
     assert getattr(fresh2, "hvp_views", None) is None
+
+
+def test_sketch_features_asked_where_views_fit(tmp_path, monkeypatch):
+    """`diffin score --sketch-features` (score(features="sketch")): the view-less store from the
+    scoring walk even where the Hessian views fit the budget, so no feature pass follows the
+    scores (the views pass is not called); its meta says why it has no views, and a new query's
+    certified top-k is still the exact path's."""
+    root = tiny_with(tmp_path / "p", lambda ps: torch.optim.AdamW(ps, lr=0.01, weight_decay=0.01))
+    project = Project(root)
+    monkeypatch.setattr(F, "SKETCH_DIM", 512)
+    monkeypatch.setattr(F, "build", lambda *a, **k: pytest.fail("the views pass ran"))
+    assert F.views_fit(F.configured(project_context(project)))
+    messages = []
+    score(project, "diffin", run="s", features="sketch", progress=lambda d, t, m: messages.append(m))
+    store = F.FeatureStore.open(project, "s")
+    assert store is not None and not store.has_views and store.meta["rows_filled"] == 0
+    assert "left out as asked" in store.meta["approximations"][0]
+    assert any("left out as asked" in m for m in messages)
+    exact = query_influence(project, "diffin", [5])
+    fast, label = F.fast_query_influence(project, "s", [5])
+    assert label.startswith("exact path: this query's own plan")
+    for sign in (1, -1):
+        top = np.argsort(-sign * exact, kind="stable")[:10]
+        assert set(np.argsort(-sign * fast, kind="stable")[:10]) == set(top)
