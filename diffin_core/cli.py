@@ -613,13 +613,25 @@ def _guard_os_exit() -> None:
     os._exit = _exit
 
 
+def _exit(code: int) -> None:
+    """sys.exit, or os._exit after a Ray connection was abandoned mid-``ray.init`` (its C++
+    threads abort the interpreter's teardown: exit status -6 after seconds, not ``code``)."""
+    ray_mod = sys.modules.get("diffin_core.run.distributed")
+    if ray_mod is not None and ray_mod.init_abandoned():
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv=None) -> None:
     _guard_os_exit()
     try:
         rc = app(args=_bare_ray(sys.argv[1:] if argv is None else argv), prog_name="diffin", standalone_mode=False)
     except DiffinError as e:
         typer.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
         rc = 130
     except Exception as e:  # click usage errors
@@ -633,7 +645,7 @@ def main(argv=None) -> None:
     # standalone_mode=False: typer turns Ctrl-C into a returned 130 and typer.Exit(n) into n
     if rc == 130:
         typer.echo("\nerror: interrupted (Ctrl-C)", err=True)
-        sys.exit(130)
+        _exit(130)
     if isinstance(rc, int) and rc:
         sys.exit(rc)
 

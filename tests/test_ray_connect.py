@@ -127,7 +127,7 @@ def test_ctrl_c_while_connecting_is_prompt(proj, silent_port):
     reader.join(5)
     assert p.returncode == 130, (p.returncode, "".join(lines))
     assert "error: interrupted (Ctrl-C)" in "".join(lines) and "Traceback" not in "".join(lines)
-    assert took < 10, took                   # was: about 30 s
+    assert took < 5, took                    # was: about 30 s (then seconds and SIGABRT in Ray's teardown)
 
 
 def test_a_local_instance_that_cannot_start_is_one_line(proj, tmp_path):

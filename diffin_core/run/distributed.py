@@ -94,6 +94,15 @@ def _probe(address: str, timeout: float) -> None:
                           "or check the address") from None
 
 
+_ABANDONED = threading.Event()   # a ray.init thread was left behind (timeout or Ctrl-C)
+
+
+def init_abandoned() -> bool:
+    """True once ``connect`` left a ``ray.init`` thread behind: the process should then end
+    with ``os._exit`` (Ray's teardown at interpreter exit can hang or abort with SIGABRT)."""
+    return _ABANDONED.is_set()
+
+
 def connect(ray, address: str | None, timeout: float | None = None) -> None:
     """``ray.init`` within ``timeout`` seconds, or one line: the port is probed first, then
     ``ray.init`` runs in a daemon thread while this one waits in short joins (Ctrl-C stops it at
@@ -115,9 +124,14 @@ def connect(ray, address: str | None, timeout: float | None = None) -> None:
     import logging                       # Ray warns that a thread other than the main one sets no SIGTERM handler
     logging.getLogger("ray._private.worker").addFilter(lambda r: "SIGTERM handler" not in r.getMessage())
     thread.start()
-    while thread.is_alive() and time.monotonic() < deadline:
-        thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+    try:
+        while thread.is_alive() and time.monotonic() < deadline:
+            thread.join(min(0.2, max(0.0, deadline - time.monotonic())))
+    except BaseException:                # Ctrl-C: the thread is left inside ray.init
+        _ABANDONED.set()
+        raise
     if thread.is_alive():
+        _ABANDONED.set()
         raise DiffinError(f"the Ray cluster at {where} did not answer within {timeout:g} s "
                           "(--ray-timeout or DIFFIN_RAY_TIMEOUT sets the limit)")
     e = box.get("error")
@@ -406,7 +420,9 @@ def _run_shards(ray, opts: dict, root: str, cfg: dict, method: str, bounds, n: i
         raise
     finally:
         for ref in running:              # an error or an interrupt: stop what is still queued
-            ray.cancel(ref)
+            # force: a worker process interrupted mid-task (e.g. inside a lazy import) is killed and
+            # replaced, never reused half-initialised by the next run's tasks
+            ray.cancel(ref, force=True)
     return parts
 
 
