@@ -183,3 +183,45 @@ def test_dropout_replayed_matches_leave_one_out_with_the_same_masks(dropout_case
     _ctx, est_old, lines_old = _score(c, old)
     assert any("Dropout (1 layer, p=0.2): training's random masks are not replayed" in ln for ln in lines_old)
     assert spearmanr(est_old, c["truth"])[0] < rho
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Rows with random augmentation noise (drawn in the worker that loads them)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(self.x.shape[1], dtype=self.x.dtype), self.y[i]
+
+
+def test_masks_survive_shuffling_workers_and_augmentation(tmp_path):
+    """A DataLoader loop that draws from the global generator between forwards (the shuffling
+    sampler's epoch seed) and in 2 worker processes (augmentation): the states are read at each
+    forward's start, so every step's masks are still training's own."""
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    model = Net().double().train()
+    opt = SGD(model.parameters(), lr=0.1)
+    loader = torch.utils.data.DataLoader(_Noisy(x, y), batch_size=4, shuffle=True, num_workers=2)
+    seen = []
+    torch.manual_seed(11)
+    with Recorder(tmp_path, model, opt, train_size=12, every=3) as rec:
+        for _epoch in range(2):
+            for xb, yb in rec.track(loader):
+                theta = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+                out = model(xb)
+                seen.append((theta, xb, out.detach().clone()))
+                opt.zero_grad()
+                F.cross_entropy(out, yb).backward()
+                opt.step()
+                rec.step()
+    m = read_manifest(tmp_path / "checkpoints" / "manifest.json")
+    rng, fm = load_rng(m), FunctionalModel(Net().double())
+    assert m.extra["rng"]["forwards"] == 6 and m.batch_order
+    for s, (theta, xb, out) in enumerate(seen):
+        with dropout.applied(dropout.capture(rng, s, fm, theta, xb)):
+            assert torch.allclose(fm.logits(theta, xb), out, atol=1e-12)
+    assert rng.problems == {}
