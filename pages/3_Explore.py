@@ -100,7 +100,7 @@ if project.kind == "text":
 # a reload, or a link sent to someone, opens the same view
 SLUGS = {"Top-k for a query": "topk", "Map": "map", "Histograms": "histograms", "Compare runs": "compare",
          "Training sample": "sample", "Class heatmap": "heatmap", SEARCH: "search"}
-tri.from_url("explore_view", "view", lambda v: next(n for n in VIEWS if SLUGS[n] == v))
+tri.from_url("explore_view", "view", {SLUGS[n]: n for n in VIEWS}.__getitem__)
 view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibility="collapsed")
 tri.to_url("view", SLUGS[view], "topk")
 MAP_POINTS = 20_000

@@ -128,3 +128,15 @@ def test_review_filter_searches_the_text(workspace, text_project, jobs):
         at.button(key="review_keep").click().run()
     assert metrics(at)["Left in this queue"] == str(len(hits) - 2)
     assert at.query_params["text"] in ("CALL", ["CALL"])
+
+
+def test_a_bad_url_value_falls_back_to_the_default(scored):
+    at = new_app(scored)
+    at.query_params.update({"view": "nonsense", "query": "x", "given": "a,b", "state": "maybe", "run": "nope"})
+    at.switch_page("pages/3_Explore.py").run()
+    assert not at.exception and at.radio(key="explore_view").value == "Top-k for a query"
+    assert at.number_input(key="explore_query").value == 0
+    at.switch_page("pages/4_Review.py").run()
+    assert not at.exception and at.multiselect(key="review_filter_given").value == []
+    assert at.multiselect(key="review_filter_states").value == ["undecided"]
+    assert at.selectbox(key="review_run").value == "loss-1"

@@ -21,7 +21,7 @@ def from_url(key: str, param: str, parse=str) -> None:
         return
     try:
         st.session_state[key] = parse(st.query_params[param])
-    except (ValueError, TypeError, DiffinError):
+    except (ValueError, TypeError, KeyError, DiffinError):
         pass
 
 
@@ -40,7 +40,10 @@ def _ints(text: str) -> list[int]:
 
 
 def _strs(text: str) -> list[str]:
-    return [v for v in str(text).split(",") if v in triage.STATES]
+    out = [v for v in str(text).split(",") if v in triage.STATES]
+    if not out:
+        raise ValueError(f"no review state in {text!r}")
+    return out
 
 
 def url_selectbox(label: str, options: list, key: str, param: str, parse=str, **kw):
