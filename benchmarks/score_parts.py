@@ -120,11 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--one", nargs=3, metavar=("PROJECT", "CONFIG", "RUN"), help=argparse.SUPPRESS)
     ap.add_argument("--no-feature-pass", action="store_true", help="score without the feature store")
     a = ap.parse_args(argv)
-    os.environ["PARTS_FEATURES"] = "0" if a.no_feature_pass else "1"
-    os.environ["PARTS_BUDGET"] = str(a.memory_budget)
-    if a.one:
+    if a.one:                    # the driver's settings come through the environment
         print("RESULT " + json.dumps(one(*a.one)), flush=True)
         return 0
+    os.environ["PARTS_FEATURES"] = "0" if a.no_feature_pass else "1"
+    os.environ["PARTS_BUDGET"] = str(a.memory_budget)
     import pandas as pd
     tmp = a.work or Path(tempfile.mkdtemp(prefix="diffin-parts-"))
     tmp.mkdir(parents=True, exist_ok=True)

@@ -353,7 +353,7 @@ def test_view_less_store_from_the_scoring_walk(tmp_path, monkeypatch, opt):
     from diffin_core.engine.propagate import build_plan
     root = tiny_with(tmp_path / "p", opt)
     project = Project(root)
-    monkeypatch.setattr(F, "views_fit", lambda ctx, settings=None: False)
+    monkeypatch.setattr(F, "views_fit", lambda ctx, settings=None, memory=None: False)
     monkeypatch.setattr(F, "SKETCH_DIM", 512)
     messages = []
     run = score(project, "diffin", run="d", progress=lambda d, t, m: messages.append(m))

@@ -348,11 +348,12 @@ def pass_times(run_dir, meta: dict) -> dict:
 SKETCH_DIM = 4096       # columns of a view-less store's per-checkpoint sketch (capped by checkpoint_mb)
 
 
-def views_fit(ctx, settings: FeatureSettings | None = None) -> bool:
+def views_fit(ctx, settings: FeatureSettings | None = None, memory=None) -> bool:
     """Whether the feature pass's Hessian views (view_rank Ritz vectors of P floats per
-    checkpoint) take at most half the memory budget; without a memory plan, yes."""
+    checkpoint) take at most half the memory budget (``memory``, else the context's memory plan);
+    without a memory plan, yes."""
     settings = settings or FeatureSettings()
-    mem = getattr(ctx, "memory", None)
+    mem = memory if memory is not None else getattr(ctx, "memory", None)
     return mem is None or ctx.m * settings.view_rank * ctx.fm.num_params * 4 <= mem.budget // 2
 
 

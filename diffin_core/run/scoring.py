@@ -185,13 +185,13 @@ def sketch_sink(project: Project, ctx: Context, method: str, feature_store, pref
     """The view-less feature store fed by the scoring walk (features.SketchSink) when the Hessian
     views exceed the memory budget or ``prefer`` (`diffin score --sketch-features`: no pass after
     the scores), else None (the feature pass after publishing, or none).
-    The runner's memory plan is made here first, as runner.run will make it."""
+    The budget is the runner's memory plan, made here as runner.run will make it (the context is
+    not configured here: runner.run does that, and records the Hessian batch it cuts)."""
     if method != "diffin":
         return None
     from diffin_core.methods import runner
     from diffin_core.methods.diffin import DiffIn
-    runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))
-    fit = feature_store.views_fit(ctx)
+    fit = feature_store.views_fit(ctx, memory=runner.memory_plan(DiffIn(), ctx, True))
     if getattr(ctx, "batch_order", None) is not None or (fit and not prefer):
         return None
     reason = "left out as asked (--sketch-features)" if fit else "they exceed the memory budget"
