@@ -113,11 +113,13 @@ def query_phase(a) -> None:
            "peak_rss_mb": round(max(rss, planned["peak_rss_mb"]), 1), "cli_startup_s": round(startup, 2),
            "load_avg": round(load0, 2), "bench": "explore_resnet.py"}
     print(label, flush=True)
-    csv = RESULTS / "explore.csv"
-    base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()
-    if len(base) and "bench" in base:
-        base = base[~((base["bench"] == "explore_resnet.py") & (base["model"] == "resnet18"))]
-    pd.concat([base, pd.DataFrame([row])], ignore_index=True).to_csv(csv, index=False)
+    csv = RESULTS / "explore.csv"        # its row appended (replacing an older one) in the file's own columns:
+    lines = csv.read_text().splitlines() if csv.is_file() else []     # the other rows are left as written
+    header = lines[0].split(",") if lines else list(row)
+    keep = [ln for ln in lines[1:] if not (ln.split(",")[0] == "resnet18" and ln.endswith(",explore_resnet.py"))]
+    cell = ["" if row.get(k) is None or (isinstance(row.get(k), float) and np.isnan(row[k])) else str(row[k])
+            for k in header]
+    csv.write_text("\n".join([",".join(header)] + keep + [",".join(cell)]) + "\n")
     print(pd.DataFrame([row]).T.to_string())
 
 
