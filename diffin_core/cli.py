@@ -8,10 +8,8 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -35,62 +33,43 @@ def _root(threads: Optional[str] = typer.Option(None, "--threads", metavar="N|au
         configure(threads)
 
 
-_STEP_AT_END = re.compile(r"(\d+)\s*/\s*(\d+)(?:\s+done)?$")    # "... checkpoint 3/12 (done)"
-
-
 class Bar:
     """The engine's ``progress(done, total, message)`` reports as one tqdm bar per phase, each with
     its own rate and ETA (counted from the end of the phase before, not from the command's start).
-
-    * A step report: ``done == 0`` and the message ends with "k/m" (or "k/m done"), e.g. one query-plan
-      checkpoint. Consecutive step reports with the same text (k/m blanked) and m are one bar of m
-      steps; the steps are counted, so a k that counts down still fills the bar forwards.
-    * An item report: ``done > 0`` of ``total`` (samples scored). They are one bar while the total
-      stays and done does not fall back; the description follows the latest message.
-    * Anything else with ``done == 0`` announces a phase: one line (no empty "0/4000" bar); the bar
-      before it is closed.
+    Which reports are steps, items or announcements: workspace/phases.py (the app's job progress
+    reads them the same way). A step phase is one bar of m steps, an item phase one bar of its
+    total (the description follows the latest message); an announcement is one line (no empty
+    "0/4000" bar) and closes the bar before it.
     """
 
     def __init__(self, file=None):
+        from diffin_core.workspace.phases import Phases
         self.file = file              # default: sys.stderr at the first report
         self.bar = None
-        self.key = None
-        self.said = None              # the last announcement printed (said once)
-        self.since = time.time()      # when the last report came: a new phase starts there
+        self.phases = Phases()
 
     def __call__(self, done: int, total: int | None = None, message: str = "") -> None:
-        now, message = time.time(), " ".join(str(message).split())
-        try:
-            step = _STEP_AT_END.search(message) if not done else None
-            if step and int(step[2]) > 0:
-                m = int(step[2])
-                key = ("steps", _STEP_AT_END.sub("#", message), m)
-                if key != self.key or self.bar.n >= m:      # a new phase, or the same one again
-                    self._open(key, m, "step")
-                    # the bar is the one counter: the message's own k (which may count down) is left out
-                    self.bar.set_description(_STEP_AT_END.sub("", message).rstrip(" :")[:60], refresh=False)
-                self.bar.update(min(1, m - self.bar.n))
-                return
-            if not done or not total:
-                if message and message != self.said:
-                    self.close()
-                    self.said = message
-                    self._out().write(message + "\n")
-                    self._out().flush()
-                return
-            if self.key != ("items", int(total)) or done < self.bar.n:
-                self._open(("items", int(total)), int(total), "sample")
-            self.bar.set_description(message[:60], refresh=False)
-            self.bar.update(int(done) - self.bar.n)
-        finally:
-            self.since = now
+        r = self.phases.report(done, total, message)
+        if r.kind == "announce":
+            if r.new:
+                self.close()
+                self._out().write(r.text + "\n")
+                self._out().flush()
+            return
+        if r.new:
+            self._open(r.total, "step" if r.kind == "steps" else "sample")
+            if r.kind == "steps":   # the bar is the one counter: the message's own k is left out
+                self.bar.set_description(r.text[:60], refresh=False)
+        if r.kind == "items":
+            self.bar.set_description(r.text[:60], refresh=False)
+        self.bar.update(r.n - self.bar.n)
 
     def _out(self):
         if self.file is None:
             self.file = sys.stderr
         return self.file
 
-    def _open(self, key, total: int, unit: str) -> None:
+    def _open(self, total: int, unit: str) -> None:
         """A new bar whose clock starts at the previous report (the end of the phase before)."""
         from tqdm import tqdm
         self.close()
@@ -98,13 +77,13 @@ class Bar:
                         delay=1e-6)       # drawn at its first count, never as an empty bar
         # its clock starts at the previous report; "printed" just after that (tqdm's delay test), so
         # close() always draws the final state even when the whole phase took under mininterval
-        self.bar.start_t, self.bar.last_print_t = self.since - 2e-6, self.since
-        self.key, self.said = key, None       # an announcement after this bar is printed again
+        since = self.phases.since
+        self.bar.start_t, self.bar.last_print_t = since - 2e-6, since
 
     def close(self):
         if self.bar is not None:
             self.bar.close()
-        self.bar, self.key = None, None
+        self.bar = None
 
 
 def _at_least(option: str, value, low) -> None:

@@ -1,5 +1,4 @@
 """Score the open project in the background: choose methods, watch progress, cancel."""
-import re
 import sys
 import time
 from pathlib import Path
@@ -66,7 +65,7 @@ def _progress_text(info) -> str:
     if info.status == "queued":
         return f"{info.label}: queued"
     if info.in_phase:  # e.g. diffin carrying the query back through the checkpoints
-        what = re.sub(r"\s*\d+\s*/\s*\d+", "", message).strip()  # "checkpoint 7/12" counts down: show steps done
+        what = info.phase.removeprefix(f"{info.label}: ")  # its k may count down: show the steps done
         return f"{info.label}: {what} ({info.step} of {info.steps} done)"
     if not info.done:
         return f"{info.label}: {message or 'starting'}"

@@ -458,3 +458,40 @@ def test_projects_take_turns_on_a_single_worker(tmp_path):
     finally:
         gate.set()
         m.reset()
+
+
+def test_job_phases_are_the_cli_bars(jm):
+    """The app's job progress reads the engine's reports as the CLI's bars do (workspace/phases.py):
+    a k/m inside the text ("label issues at checkpoint 9/12 (step 504 ...)") is an announcement, not
+    a step; the same steps again after m of m start a new phase at 1; items count on their own."""
+    import io
+
+    from diffin_core.cli import Bar
+    plan = [(0, 4000, f"diffin: query plan: checkpoint {i}/12 done") for i in range(1, 13)]
+    reports = [(0, 4000, "diffin: preparing query vectors"), *plan, *plan[:2],
+               (0, 4000, "diffin: label issues at checkpoint 9/12 (step 504, ckpt_000504.safetensors) "
+                         "(the lowest query loss): its plan, then one walk for both"),
+               (256, 4000, "diffin: scoring training samples"), (4000, 4000, "diffin: scoring training samples"),
+               *[(0, 4000, f"features: Hessian view of checkpoint {k}/3") for k in (3, 2, 1)]]
+    bar, seen, ids = Bar(file=io.StringIO()), [], []
+
+    def fn(p):
+        for r in reports:
+            p.update(*r)
+            bar(*r)
+            info = jm.get(ids[0])
+            b = bar.bar if bar.bar is not None and bar.bar.unit == "step" else None
+            seen.append(((info.step, info.steps, info.phase, info.in_phase),
+                         (b.n, b.total, b.desc.removesuffix(": "), True) if b is not None else (0, None, "", False)))
+        return "ok"
+
+    ids.append(jm.submit("score", fn))
+    assert jm.wait(ids[0], 10).status == "done"
+    assert [job for job, _ in seen] == [cli for _, cli in seen]          # the same phases, step for step
+    steps = [job[:2] for job, _ in seen]
+    assert steps[0] == (0, None)                                         # an announcement
+    assert steps[1:13] == [(k, 12) for k in range(1, 13)]
+    assert steps[13:15] == [(1, 12), (2, 12)]                            # the plan again: a new phase
+    assert steps[15] == (0, None)                                        # "checkpoint 9/12 (step 504 ...)": no step
+    assert seen[1][0][2] == "diffin: query plan: checkpoint"
+    assert steps[16:18] == [(0, None)] * 2 and steps[18:] == [(1, 3), (2, 3), (3, 3)]

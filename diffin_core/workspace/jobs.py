@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -29,13 +28,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from diffin_core.project.atomic import write_text
+from diffin_core.workspace.phases import Phases
 from diffin_core.errors import DiffinError, JobCancelled
 
 log = logging.getLogger(__name__)
 _BOOT = uuid.uuid4().hex  # tells this process apart from an earlier one that had the same pid
 _ACTIVE = ("queued", "running")
 INTERRUPTED = "interrupted (the server stopped)"
-_STEP = re.compile(r"(\d+)\s*/\s*(\d+)")  # "checkpoint 3/12" in a progress message
 
 
 @dataclass
@@ -54,10 +53,10 @@ class JobInfo:
     created: float = 0.0
     started: float | None = None
     finished: float | None = None
-    step: int = 0                  # a phase before the counted items: steps done of ``steps``
-    steps: int | None = None       # (each done == 0 message "... k/m" is one step of m)
-    phase: str = ""                # that message with k/m blanked: a new text starts a new phase
-    counting_since: float | None = None  # last time done was 0: the items phase starts there
+    step: int = 0                  # a step phase (phases.py, as the CLI's bars): steps done of ``steps``
+    steps: int | None = None       # (each done == 0 message ending "... k/m" is one step of m)
+    phase: str = ""                # that phase's text without its k/m
+    counting_since: float | None = None  # when the current phase's clock started (its rate counts from there)
     last_update: float | None = None     # when progress last arrived (the stall limit counts from it)
     expected_s: float | None = None      # the run time its progress predicted at the last update
     time_limit_s: float | None = None    # the job's own fixed limit (None: from its ETA, TimeLimit)
@@ -181,6 +180,7 @@ class Progress:
 
     def __init__(self, manager: "JobManager", job: _Job):
         self._m, self._job = manager, job
+        self._phases = Phases()           # how its reports read: steps, items, announcements
 
     @property
     def cancelled(self) -> bool:
@@ -201,15 +201,13 @@ class Progress:
             info.last_update = time.time()
             if message:
                 info.message = " ".join(str(message).split())
-            if info.done == 0:
-                info.counting_since = time.time()
-                k_of_m = _STEP.search(str(message)) if message else None
-                if k_of_m and int(k_of_m[2]) > 0:  # one message per step; k may count down
-                    m, phase = int(k_of_m[2]), _STEP.sub("#", info.message)
-                    info.step = min(info.step + 1, m) if (info.steps, info.phase) == (m, phase) else 1
-                    info.steps, info.phase = m, phase
-                elif message:
-                    info.step, info.steps, info.phase = 0, None, ""
+            r = self._phases.report(info.done, info.total, info.message if message else "", now=info.last_update)
+            if r.kind == "steps":                # one bar of m steps in the CLI: step k of m here
+                info.step, info.steps, info.phase = r.n, r.total, r.text
+            elif r.new or r.kind == "items":     # an announcement or counted items: no steps
+                info.step, info.steps, info.phase = 0, None, ""
+            if r.new:                            # a phase's clock starts at the report before it
+                info.counting_since = self._phases.since if r.kind == "items" else info.last_update
             eta = info.eta_s
             if info.done == 0:                   # a new phase: its items have no ETA yet (the stall limit holds)
                 info.expected_s = None
