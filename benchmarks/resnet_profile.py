@@ -15,7 +15,10 @@ gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch
                       extra gradient) and forward-over-reverse; fd_rel_error = |fd - exact| / |exact|
                       (hvp="auto" takes exact products when it is above 1%)
   jvp                 one directional derivative per row (the influence-only path, a rescored row)
-The median of --repeats. Writes results/resnet_profile.csv.
+  sink_call           the view-less store's whole share of the walk per row (features.SketchSink
+                      on those 5 gradients: the sketch, the exact norms, the rows written to disk)
+The median of --repeats. ``--units a,b`` measures only those and merges them into the CSV's other
+rows. Writes results/resnet_profile.csv.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("project")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "resnet_profile.csv")
+    ap.add_argument("--units", default="", help="comma list of units (default: all)")
     a = ap.parse_args(argv)
     from diffin_core.engine.threads import configure
     configure(1)
@@ -64,6 +68,20 @@ def main(argv=None) -> int:
              "hvp_fd_32": (lambda: fm.hvp_fd(theta, x32, y32, v, base_grad=g0), 1),
              "hvp_exact_32": (lambda: fm.hvp_exact(theta, x32, y32, v), 1),
              "jvp": (lambda: fm.directional(theta, x5, y5, v), 5)}
+    if not a.units or "sink_call" in a.units:
+        import tempfile
+        from diffin_core.methods import runner
+        from diffin_core.methods.diffin import DiffIn
+        from diffin_core.run.features import SketchSink
+        runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))
+        sink = SketchSink.create(ctx, Path(tempfile.mkdtemp(prefix="diffin-prof-")))
+
+        def sink_call():
+            sink.rows = slice(0, 5)
+            sink(k, g5)
+        units["sink_call"] = (sink_call, 5)
+    if a.units:
+        units = {u: units[u] for u in a.units.split(",")}
     rows = []
     for name, (fn, per) in units.items():
         fn()                                              # warm
@@ -77,6 +95,10 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     fd, ex = fm.hvp_fd(theta, x32, y32, v, base_grad=g0), fm.hvp_exact(theta, x32, y32, v)
     err = float(torch.linalg.vector_norm(fd - ex) / torch.linalg.vector_norm(ex))
+    if a.units and a.out.is_file():          # the other units' rows are kept
+        old = pd.read_csv(a.out)
+        rows = old[~old.unit.isin([r["unit"] for r in rows])].drop(
+            columns=["num_params", "fd_rel_error", "load_end"], errors="ignore").to_dict("records") + rows
     df = pd.DataFrame(rows)
     df["num_params"] = ctx.fm.num_params
     df["fd_rel_error"] = round(err, 3)
