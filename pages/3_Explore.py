@@ -105,7 +105,7 @@ view = st.radio("View", VIEWS, horizontal=True, key="explore_view", label_visibi
 tri.to_url("view", SLUGS[view], "topk")
 MAP_POINTS = 20_000
 if view in ("Top-k for a query", "Map", "Class heatmap"):     # the views that draw sample grids
-    flt = tri.filter_bar(project, scores, "explore_filter", default_states=(), url=False)
+    flt = tri.filter_bar(project, scores, "explore_filter", default_states=())     # kept in the URL, as Review's
 
 
 def filtered(table, what: str):

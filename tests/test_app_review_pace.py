@@ -140,3 +140,31 @@ def test_a_bad_url_value_falls_back_to_the_default(scored):
     assert not at.exception and at.multiselect(key="review_filter_given").value == []
     assert at.multiselect(key="review_filter_states").value == ["undecided"]
     assert at.selectbox(key="review_run").value == "loss-1"
+
+
+def test_explore_filter_is_kept_in_the_url(scored):
+    """Explore's grid filter (class, prediction, state, score range) lives in the URL as Review's
+    does (triage_views.filter_bar): set on the page it is written there; a reload brings it back."""
+    at = new_app(scored, "pages/3_Explore.py")
+    at.multiselect(key="explore_filter_given").set_value([3]).run()
+    at.multiselect(key="explore_filter_pred").set_value([5, 3]).run()
+    at.multiselect(key="explore_filter_states").set_value(["keep"]).run()
+    assert not at.exception
+    assert at.query_params["given"] in ("3", ["3"]) and at.query_params["pred"] in ("3,5", ["3,5"])
+    assert at.query_params["state"] in ("keep", ["keep"])
+    lo, hi = at.slider(key="explore_filter_score").value
+    at.slider(key="explore_filter_score").set_value((lo + (hi - lo) / 2, hi)).run()
+    a, b = (float(v) for v in "".join(at.query_params["score"]).split(".."))
+    assert a == pytest.approx(lo + (hi - lo) / 2, rel=1e-5) and b == pytest.approx(hi, rel=1e-5)
+    fresh = new_app(scored)                       # a reload: the URL alone
+    fresh.query_params.update({"view": "topk", "given": "3", "pred": "3,5", "state": "keep",
+                               "score": f"{a:.6g}..{b:.6g}"})
+    fresh.switch_page("pages/3_Explore.py").run()
+    assert not fresh.exception
+    assert fresh.multiselect(key="explore_filter_given").value == [3]
+    assert fresh.multiselect(key="explore_filter_pred").value == [3, 5]
+    assert fresh.multiselect(key="explore_filter_states").value == ["keep"]
+    assert fresh.slider(key="explore_filter_score").value[0] == pytest.approx(a, rel=1e-5)
+    assert any(e.label.startswith("Filter (on)") for e in fresh.expander)
+    fresh.multiselect(key="explore_filter_given").set_value([]).run()     # cleared: gone from the URL
+    assert "given" not in fresh.query_params
