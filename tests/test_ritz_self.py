@@ -141,9 +141,10 @@ def test_the_walk_makes_no_host_round_trip_per_chunk(monkeypatch, momentum, weig
         outs[chunk] = runner.score_rows(method, ctx, plan, 0, 48, True, chunk)
         counts[chunk] = reads["n"]
     assert counts[48] > 0 and counts[6] == counts[48] == counts[4], counts     # the per-range reads only
-    for chunk in (6, 4):
-        for key in ("influence", "self_influence", "probs"):
-            np.testing.assert_allclose(outs[chunk][key], outs[48][key], rtol=1e-5, atol=1e-10)
+    for chunk in (6, 4):                            # float32: a chunk size changes the GEMM
+        for key in ("influence", "self_influence", "probs"):   # blocking, by ulps of the scale
+            scale = np.abs(outs[48][key]).max()
+            np.testing.assert_allclose(outs[chunk][key], outs[48][key], rtol=1e-5, atol=1e-5 * scale)
 
 
 def test_a_non_finite_score_is_still_one_line_after_the_deferred_check():
