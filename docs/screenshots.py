@@ -1,11 +1,15 @@
 """Regenerate docs/*.png: one screenshot per page of the sample project after scoring.
 
-    python docs/screenshots.py                       # a fresh temp workspace, ~3-4 min on CPU
+    python docs/screenshots.py                       # a fresh temp workspace, ~10 min on CPU
     python docs/screenshots.py --workspace DIR       # reuse DIR (runs and the map are kept)
+    python docs/screenshots.py --workspace DIR --prepare-only
 
-Steps: copy the sample project into the workspace, score it with "diffin" and "loss" (skipped for
-runs already there), compute the UMAP map of the diffin run, record a few review decisions
-through the engine (so Review/Export show progress), then serve the app with `streamlit run` on
+Steps: copy the sample project into the workspace with its shipped diffin run (as a first start
+does; run/prebuilt.py) and check that run, rescored if the check fails (skipped once done); score
+it with "loss"; compute the UMAP map of the diffin run (of its stored features when
+it has a feature store: the map Explore shows first); record a few review decisions through the
+engine (so Review/Export show progress); verify removing the 20 most harmful by paired retraining
+on 2 seeds (so What-if shows a verdict; skipped once done); then serve the app with `streamlit run` on
 127.0.0.1 and photograph each page with Playwright on Debian's chromium (/usr/bin/chromium).
 The viewport is tall (Streamlit scrolls inside its own container) and each shot is cropped to the
 page's content; PNGs over 500 KB are re-encoded with a 256-colour palette. Icons are Streamlit's
@@ -38,22 +42,38 @@ def log(msg: str) -> None:
 def prepare(workspace: Path) -> Path:
     """The scored sample project (diffin + loss runs, the diffin map, a few decisions)."""
     from diffin_core.workspace import appstate
+    from diffin_core.tasks import curate as tasks
     from diffin_core.tasks import maps
     from diffin_core.project.folder import Project
+    from diffin_core.project.sample import SAMPLE_DIR
     from diffin_core.workspace.review import ReviewLog
+    from diffin_core.run import prebuilt
+    from diffin_core.run.features import FeatureStore
     from diffin_core.run.scoring import score
 
     project_dir = appstate.copy_sample(workspace)
-    for method in ("diffin", "loss"):
-        if not (project_dir / "runs" / f"{method}-1" / "scores.parquet").is_file():
-            t = time.time()
-            score(project_dir, method, run=f"{method}-1")
-            log(f"scored {method} in {time.time() - t:.0f} s")
-    project = Project(project_dir)
-    if maps.load(project, "diffin-1") is None:
+    prebuilt.install(SAMPLE_DIR / "mnist", project_dir)          # runs/diffin-1, as a first start has it
+    if prebuilt.status(Project(project_dir).run("diffin-1").meta) == "unverified":
         t = time.time()
-        maps.compute(project, "diffin-1")
-        log(f"UMAP map in {time.time() - t:.0f} s")
+        rec = prebuilt.verify_then_rescore(str(project_dir))     # what a first start's background job does
+        log(f"shipped run check: {rec['status']}{', rescored' if rec.get('rescored') else ''} "
+            f"in {time.time() - t:.0f} s")
+    if not (project_dir / "runs" / "loss-1" / "scores.parquet").is_file():
+        t = time.time()
+        score(project_dir, "loss", run="loss-1")
+        log(f"scored loss in {time.time() - t:.0f} s")
+    project = Project(project_dir)
+    if not tasks.whatif_results(project, "diffin-1"):
+        t = time.time()
+        sc = project.scores("diffin-1")
+        harmful = sc["sample_id"].to_numpy()[tasks.drop_most_harmful(sc, 20)]
+        tasks.verify_by_retraining(project, harmful, run="diffin-1", seeds=[0, 1])
+        log(f"What-if verification in {time.time() - t:.0f} s")
+    kind = "stored" if FeatureStore.open(project, "diffin-1") is not None else "activations"
+    if maps.load(project, "diffin-1", kind) is None:      # the map Explore shows first
+        t = time.time()
+        maps.compute(project, "diffin-1", kind=kind)
+        log(f"UMAP map ({kind}) in {time.time() - t:.0f} s")
     with ReviewLog(project_dir) as rl:
         if rl.state().empty:
             sc = project.scores("diffin-1").sort_values("label_issue", ascending=False, kind="stable")
@@ -159,6 +179,7 @@ def photograph(url: str) -> list[Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workspace", type=Path, help="workspace to use (default: a fresh temp folder)")
+    ap.add_argument("--prepare-only", action="store_true", help="prepare the workspace, take no shots")
     args = ap.parse_args()
     if not Path(CHROMIUM).is_file():
         sys.exit(f"{CHROMIUM} is missing: apt-get install -y chromium")
@@ -166,6 +187,8 @@ def main() -> None:
         ws = (args.workspace or Path(tmp) / "ws").resolve()
         ws.mkdir(parents=True, exist_ok=True)
         prepare(ws)
+        if args.prepare_only:
+            return
         with Server(ws, Path(tmp) / "streamlit.log") as srv:
             photograph(srv.url)
 
