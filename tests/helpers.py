@@ -72,3 +72,18 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 def manifest(root: Path) -> dict:
     return json.loads((root / "checkpoints/manifest.json").read_text())
+
+
+def run_cli(args, capsys, stdin: str | None = None, monkeypatch=None):
+    """(exit code, stdout, stderr) of `diffin ARGS` run in this process."""
+    from diffin_core.cli import main
+    if stdin is not None:
+        import io
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

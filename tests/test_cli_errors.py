@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffin_core.cli import app, main
+from diffin_core.cli import app
 
-from helpers import make_tiny_project
+from helpers import make_tiny_project, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,19 +30,6 @@ def scored(tmp_path_factory):
     proj = make_tiny_project(tmp_path_factory.mktemp("cli") / "proj")
     score(proj, "loss", run="loss-1")
     return proj
-
-
-def run_cli(args, capsys, stdin: str | None = None, monkeypatch=None):
-    if stdin is not None:
-        import io
-        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # (verb, arguments with P = the scored project, W = a workspace, F = a plain file, the message)

@@ -16,9 +16,8 @@ import pytest
 
 pytest.importorskip("ray", reason="ray is not installed (pip install ray): the --ray path is untested")
 
-from diffin_core.cli import main  # noqa: E402
 
-from helpers import make_tiny_project  # noqa: E402
+from helpers import make_tiny_project, run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,16 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory):
     return make_tiny_project(tmp_path_factory.mktemp("rayc") / "p")
-
-
-def _cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _closed_port() -> int:
@@ -67,7 +56,7 @@ def _error_lines(err: str) -> list[str]:
 def test_nothing_listening_is_one_line_at_once(proj, capsys):
     port = _closed_port()
     t0 = time.monotonic()
-    code, out, err = _cli(["score", proj, "-m", "tracin", "--ray", f"127.0.0.1:{port}"], capsys)
+    code, out, err = run_cli(["score", proj, "-m", "tracin", "--ray", f"127.0.0.1:{port}"], capsys)
     assert code == 2, (code, out, err)
     assert time.monotonic() - t0 < 30
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -83,7 +72,7 @@ def test_nothing_listening_is_one_line_at_once(proj, capsys):
 ])
 def test_a_bad_address_or_timeout_is_one_line(proj, capsys, args, message):
     import re
-    code, out, err = _cli(["score", proj, "-m", "tracin", *args], capsys)
+    code, out, err = run_cli(["score", proj, "-m", "tracin", *args], capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), err
 

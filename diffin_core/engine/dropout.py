@@ -147,12 +147,9 @@ def train_flags(model: nn.Module):
     return ctx()
 
 
-class _Capture(TorchFunctionMode):
-    """Draws each dropout call's noise on ones (and zeros, for alpha dropout), keeping it."""
-
-    def __init__(self, device):
-        super().__init__()
-        self.device, self.calls, self.after_last = device, [], None
+class _DropoutMode(TorchFunctionMode):
+    """Passes every call through except a dropout-family call that draws, which goes to
+    ``self.dropout(func, x, p)``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -161,6 +158,17 @@ class _Capture(TorchFunctionMode):
         x, p, training, _inplace = _parse(func, args, kwargs)
         if not draws(p, training):
             return func(*args, **kwargs)
+        return self.dropout(func, x, p)
+
+
+class _Capture(_DropoutMode):
+    """Draws each dropout call's noise on ones (and zeros, for alpha dropout), keeping it."""
+
+    def __init__(self, device):
+        super().__init__()
+        self.device, self.calls, self.after_last = device, [], None
+
+    def dropout(self, func, x, p):
         mul = _FUNCS[func][0]
         base = func.__name__.rstrip("_")
         fn = getattr(torch, base) if func.__name__.endswith("_") else func
@@ -177,20 +185,14 @@ class _Capture(TorchFunctionMode):
         return x * a if b is None else x * a + b
 
 
-class _Apply(TorchFunctionMode):
+class _Apply(_DropoutMode):
     """Answers the i-th dropout call with x * A_i (+ B_i)."""
 
     def __init__(self, calls):
         super().__init__()
         self.calls, self.i = calls, 0
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func not in _FUNCS:
-            return func(*args, **kwargs)
-        x, p, training, _inplace = _parse(func, args, kwargs)
-        if not draws(p, training):
-            return func(*args, **kwargs)
+    def dropout(self, func, x, p):
         if self.i >= len(self.calls):
             raise DiffinError(f"the model made more dropout calls ({self.i + 1}) than training's forward did "
                               f"({len(self.calls)}): its masks cannot be replayed")
