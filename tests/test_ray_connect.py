@@ -45,8 +45,12 @@ def silent_port():
 
 def _spawn(args, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # a test run started in the background (`pytest &` in a non-interactive shell) ignores SIGINT,
+    # and a child inherits that: Python then installs no KeyboardInterrupt handler and the Ctrl-C
+    # test's SIGINT is dropped (a 30 s timeout). Restore the default, as a terminal's Ctrl-C finds it.
     return subprocess.Popen([sys.executable, "-m", "diffin_core.cli", *map(str, args)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _error_lines(err: str) -> list[str]:
