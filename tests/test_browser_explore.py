@@ -110,7 +110,14 @@ def test_five_queries_of_one_class_planned_ahead(workspace, tmp_path):
         helpful, harmful = top_k(project, run, [qi], k=8, exact=True)
         exact = [(int(s), float(v)) for t in (helpful, harmful) for s, v in zip(t["sample_id"], t["influence"])]
         got = _pairs(cards)
-        assert [i for i, _ in got] == [i for i, _ in exact], (qi, got, exact)      # the same rows, in order
-        for (_, text), (_, value) in zip(got, exact):      # printed to 3 significant digits: equal to that
-            assert float(text) == pytest.approx(value, rel=5.1e-3), (qi, text, value)
+        for half in (slice(0, 8), slice(8, 16)):            # helpful, then harmful
+            want = dict(exact[half])
+            assert [i for i, _ in got[half]] and {i for i, _ in got[half]} == set(want), (qi, got, exact)
+            for i, text in got[half]:                       # printed to 3 significant digits: equal to that
+                assert float(text) == pytest.approx(want[i], rel=5.1e-3), (qi, i, text, want[i])
+            # in --exact's order, except rows whose values agree to the printed digits (a near-tie
+            # such as 0.00109053 vs 0.00109029 may fall either way between two float32 walks)
+            rank = [abs(want[i]) for i, _ in got[half]]
+            for a, b in zip(rank, rank[1:]):
+                assert a >= b or a == pytest.approx(b, rel=5e-4), (qi, got, exact)
     assert max(seconds) < AHEAD_GRID_BUDGET_S, f"a planned-ahead grid took {max(seconds):.2f} s"
