@@ -28,6 +28,23 @@ def _until(cond, timeout=3.0):
         time.sleep(0.005)
 
 
+class _Peak:
+    """A job function that counts how many of its calls run at once (``.peak``); each call waits
+    ``hold()`` and returns ``result``."""
+
+    def __init__(self, hold, result=None):
+        self.hold, self.result, self.lock, self.running, self.peak = hold, result, threading.Lock(), 0, 0
+
+    def __call__(self, p):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        self.hold()
+        with self.lock:
+            self.running -= 1
+        return self.result
+
+
 def test_progress_then_result(jm):
     gate = threading.Event()
 
@@ -105,19 +122,10 @@ def test_queued_job_cancelled_never_runs(jm, tmp_path):
 
 
 def test_jobs_run_one_at_a_time(jm):
-    lock, running, peak = threading.Lock(), [0], [0]
-
-    def fn(p):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        time.sleep(0.03)
-        with lock:
-            running[0] -= 1
-
+    fn = _Peak(lambda: time.sleep(0.03))
     ids = [jm.submit("score", fn) for _ in range(4)]
     infos = [jm.wait(i, 5) for i in ids]
-    assert all(i.status == "done" for i in infos) and peak[0] == 1
+    assert all(i.status == "done" for i in infos) and fn.peak == 1
     for a, b in zip(infos, infos[1:]):  # FIFO and no overlap
         assert a.finished <= b.started
     assert [i.id for i in jm.list()] == ids[::-1]  # newest first
@@ -297,19 +305,10 @@ def test_a_hung_job_in_one_project_does_not_block_another(tmp_path):
         hung = m.submit("score", lambda p: hang.wait(30), project_dir=a)
         queued_a = m.submit("score", lambda p: "a2", project_dir=a)       # waits behind a's own job
         _until(lambda: m.get(hung).status == "running")
-        lock, running, peak = threading.Lock(), [0], [0]
-
-        def fn(p):
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(0.05)
-            with lock:
-                running[0] -= 1
-            return "b"
+        fn = _Peak(lambda: time.sleep(0.05), "b")
         bs = [m.submit("score", fn, project_dir=b) for _ in range(3)]
         assert [m.wait(j, 5).result for j in bs] == ["b", "b", "b"]          # b ran while a's job hung
-        assert peak[0] == 1                                                  # one at a time within b
+        assert fn.peak == 1                                                  # one at a time within b
         assert m.get(queued_a).status == "queued"                            # a holds only its own slot
         hang.set()
         assert m.wait(queued_a, 5).result == "a2"
@@ -321,21 +320,14 @@ def test_a_hung_job_in_one_project_does_not_block_another(tmp_path):
 def test_the_global_cap_holds_across_projects(tmp_path):
     m = JobManager(workers=2, per_project=1)
     try:
-        gate, lock, running, peak = threading.Event(), threading.Lock(), [0], [0]
-
-        def fn(p):
-            with lock:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            gate.wait(5)
-            with lock:
-                running[0] -= 1
+        gate = threading.Event()
+        fn = _Peak(lambda: gate.wait(5))
         ids = [m.submit("score", fn, project_dir=tmp_path / f"p{i}") for i in range(4)]
         _until(lambda: sum(m.get(i).status == "running" for i in ids) == 2)
         time.sleep(0.1)
         assert sum(m.get(i).status == "running" for i in ids) == 2
         gate.set()
-        assert all(m.wait(i, 5).status == "done" for i in ids) and peak[0] == 2
+        assert all(m.wait(i, 5).status == "done" for i in ids) and fn.peak == 2
     finally:
         gate.set()
         m.reset()
