@@ -137,11 +137,22 @@ def _score(project, method: str, run: Optional[str], device: str, ray: Optional[
             from diffin_core.run.distributed import score_on_ray
             return score_on_ray(project, method, run, settings,
                                 address=None if ray == "local" else ray, progress=bar, timeout=ray_timeout)
+        kept: list[Path] = []
+
         def published(path):
+            kept.append(path)
             if features:           # the scores are final now; the feature pass (Explore's fast top-k) follows
                 bar.close()
                 typer.echo(f"{method}: wrote {path / 'scores.parquet'}; building its feature store...")
-        return score(project, method, run, settings, progress=bar, features=features, on_published=published)
+        try:
+            return score(project, method, run, settings, progress=bar, features=features, on_published=published)
+        except KeyboardInterrupt:
+            if kept:               # Ctrl-C in the feature pass: the published scores stay, say so
+                bar.close()
+                typer.echo(f"diffin: Ctrl-C in the feature pass: {kept[0] / 'scores.parquet'} is kept, its "
+                           f"feature store is not built (`diffin features {project} --run {kept[0].name}` "
+                           "builds it; `diffin top` takes the exact path meanwhile)", err=True)
+            raise
     finally:
         bar.close()
 

@@ -308,14 +308,20 @@ def test_ctrl_c_on_score_exits_130_with_one_line(proj, when):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err = []
-    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(64), b"")), daemon=True)
+    # os.read returns what the pipe holds now (a buffered read(64) waits for 64 bytes, so a line could
+    # sit unseen until the next write: under load the signal then landed after the run was published)
+    fd = proc.stderr.fileno()
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: os.read(fd, 65536), b"")), daemon=True)
     reader.start()
     deadline = time.monotonic() + 60
     if when == "importing":
         time.sleep(0.8)                              # inside the command, importing torch
     else:
-        while b"%|" not in b"".join(err) and time.monotonic() < deadline:   # the engine is running
-            time.sleep(0.05)
+        # the engine is running: its first announcement comes before the query plan's walk over every
+        # checkpoint (seconds), the scores are published only after it
+        while (b"preparing query vectors" not in b"".join(err) and b"%|" not in b"".join(err)
+               and time.monotonic() < deadline):
+            time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     reader.join(timeout=10)
@@ -327,3 +333,30 @@ def test_ctrl_c_on_score_exits_130_with_one_line(proj, when):
     # no run published (runs/.stages may keep resumable stage results: that is on purpose)
     assert not (proj / "runs").exists() or [p.name for p in (proj / "runs").iterdir()
                                             if not p.name.startswith(".stages")] == []
+
+
+def test_ctrl_c_in_the_feature_pass_keeps_the_published_scores_and_says_so(proj):
+    cmd = [sys.executable, "-c", "from diffin_core.cli import main; main()", "score", str(proj), "--method", "diffin"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out, err = [], []
+    for pipe, sink in ((proc.stdout, out), (proc.stderr, err)):
+        fd = pipe.fileno()
+        threading.Thread(target=lambda fd=fd, sink=sink: sink.extend(iter(lambda: os.read(fd, 65536), b"")),
+                         daemon=True).start()
+    deadline = time.monotonic() + 120
+    while b"building its feature store" not in b"".join(out) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    time.sleep(0.2)
+    text = b"".join(err).decode()
+    assert "Traceback" not in text
+    assert text.rstrip().endswith("error: interrupted (Ctrl-C)"), text[-2000:]
+    run = proj / "runs" / "diffin-1"
+    assert f"Ctrl-C in the feature pass: {run / 'scores.parquet'} is kept" in text
+    assert "diffin features" in text
+    import pyarrow.parquet as pq
+    table = pq.read_table(run / "scores.parquet")              # the published scores are whole
+    assert table.num_rows == 96 and "influence" in table.column_names
+    assert not (run / "features").exists()                      # no half-built store published
