@@ -327,3 +327,28 @@ def test_early_stopped_loo_logit_loss_linearises_to_the_products_rule(digits_run
     assert np.all(cand >= rule - 1e-9)
     assert not np.allclose(cand, rule)
     assert roc_auc_score(flipped, cand) > 0.9
+
+
+def test_one_run_states_the_sharp_steps_line_once(digits_run):
+    """One diffin run whose label_issue plan walks a truncated copy of the context (folded into
+    the scoring walk, label_issue.truncate_context) states "SGD steps large against the loss
+    curvature" once: one RecipeWarning, one line in the recipe's approximations (meta.json; the
+    CLI prints those), naming the checkpoint out of the whole run's count (the sample project
+    printed it twice, "checkpoint 9/10" from the label plan and "9/12" from the main walk)."""
+    import warnings
+    from diffin_core.engine.propagate import SHARP_LINE
+    from diffin_core.engine.recipe import RecipeWarning
+    from diffin_core.methods.label_issue import best_checkpoint, query_loss_by_checkpoint
+    from diffin_core.run.scoring import approximations
+    r = digits_run
+    ctx = _ctx(r)
+    flipped = r["train"].y != r["train"].true_y
+    qx, qy = r["train"].x[flipped], r["train"].true_y[flipped]    # an early query-loss minimum
+    assert best_checkpoint(query_loss_by_checkpoint(ctx, qx, qy), ctx.steps) < ctx.m - 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_method(ctx, "diffin", qx, qy)
+    said = [str(w.message) for w in caught if issubclass(w.category, RecipeWarning) and SHARP_LINE in str(w.message)]
+    lines = [a for a in approximations(ctx, "diffin") if a.startswith(SHARP_LINE)]
+    assert len(said) == 1 and lines == said, (said, lines)            # lr 0.5 on this model: above the limit
+    assert f"/{ctx.m} (step" in lines[0]

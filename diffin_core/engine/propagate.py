@@ -418,6 +418,7 @@ def plan_start(ctx, u: torch.Tensor, batches: bool = False):
 
 
 SHARP_LIMIT = 0.25      # lr x the segment's largest Ritz value above which SGD's checkpoint walk is unvalidated
+SHARP_LINE = "SGD steps large against the loss curvature"     # how note_sharpness's line begins
 
 
 def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: bool = False) -> None:
@@ -430,8 +431,16 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: 
     there is linear in the sample's weight (0.99) and denser checkpoints (every 12 or 4 steps) do
     not help (0.48, 0.52): the walk's linearisation is not validated at such steps. ``replayed``:
     the influence came from SGD's replay (sgd_batches.py, exact there); only self-influence and
-    label_issue take the walk, and the line says so."""
+    label_issue take the walk, and the line says so.
+
+    Once per run: label_issue's plan walks a truncated copy of the context (label_issue.
+    truncate_context) that shares the recipe, so the note is kept on the recipe's approximations
+    (one line of this kind) as well as on the context."""
+    approx = getattr(ctx.recipe, "approximations", None)
     if getattr(ctx, "sharpness_noted", False) or hi <= lo or view.values.numel() == 0:
+        return
+    if isinstance(approx, list) and any(a.startswith(SHARP_LINE) for a in approx):
+        ctx.sharpness_noted = True          # the run already states it (its other walk noted first)
         return
     value = float(np.max(ctx.step_lrs[lo:hi])) * float(view.values.max())
     if not value > SHARP_LIMIT:
@@ -439,7 +448,7 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: 
     ctx.sharpness_noted = True
     import warnings
     from diffin_core.engine.recipe import RecipeWarning
-    line = (f"SGD steps large against the loss curvature (lr x the largest Hessian Ritz value {value:.2f} at "
+    line = (f"{SHARP_LINE} (lr x the largest Hessian Ritz value {value:.2f} at "
             f"{ctx.label(k)}, above {SHARP_LIMIT}): "
             + ("influence is replayed step by step, but self-influence and label_issue take the checkpoint walk, "
                "which is not validated there" if replayed else
@@ -447,7 +456,6 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: 
                "diffin replays the steps)")
             + " (measured Spearman vs leave-one-out 0.90-0.95 at 0.12, 0.10-0.69 at 0.46-0.47; docs/recipes.md "
             "\"The recipe table\")")
-    approx = getattr(ctx.recipe, "approximations", None)
     if isinstance(approx, list) and line not in approx:
         approx.append(line)
     warnings.warn(RecipeWarning(line), stacklevel=3)

@@ -135,6 +135,8 @@ class Context:
     loss: object | None = None            # functional.LossSpec the per-sample loss (None: cross-entropy)
     rng: object | None = None             # dropout.ForwardStates: training's generator states per random
                                           # forward, on the batch-order paths (None: eval-mode network)
+    of_checkpoints: int | None = None     # a truncated context (label_issue.truncate_context): the
+                                          # full run's checkpoint count, so messages name its checkpoints
 
     def fm_at(self, k: int) -> FunctionalModel:
         """The model bound to checkpoint k's buffers (its own BatchNorm statistics)."""
@@ -153,7 +155,7 @@ class Context:
     def label(self, k: int) -> str:
         """'checkpoint 3/10 (step 200, ckpt_000200.safetensors)' for one-line messages."""
         name = f", {self.files[k]}" if self.files is not None else ""
-        return f"checkpoint {k + 1}/{self.m} (step {self.steps[k]}{name})"
+        return f"checkpoint {k + 1}/{self.of_checkpoints or self.m} (step {self.steps[k]}{name})"
 
     @property
     def acc_dtype(self) -> torch.dtype:

@@ -265,6 +265,8 @@ def truncate_context(ctx, k: int):
     steps = list(ctx.steps[:k + 1])
     names = {f.name for f in dataclasses.fields(ctx)}
     change = {"thetas": _Prefix(ctx.thetas, k + 1), "steps": steps}
+    if "of_checkpoints" in names:               # messages keep the full run's count: "checkpoint 9/12"
+        change["of_checkpoints"] = getattr(ctx, "of_checkpoints", None) or ctx.m
     seg = segment_lengths(steps)
     lrs = np.asarray(ctx.lrs[:k + 1], dtype=np.float64)
     if "bounds" in names and getattr(ctx, "bounds", None) is not None:
