@@ -37,10 +37,14 @@ with the checkpoint estimator (propagate.py: v frozen, each sample spread over e
 measured better there (Spearman 0.74 vs 0.28), and says so in one RecipeWarning line; the check
 is recorded in meta.json ("adam_check") and shown on the Score page.
 
-Cost: the check, once per context, one batch gradient per training step; per query, per step two
-batch gradients (the replay to the block starts and the block's recompute), one HVP (exact by
-default, hvp.py) and one jvp on its batch. Memory: the state at
-about sqrt(L) block starts of an L-step interval and one block's (theta, m, v, G) at a time.
+Cost: the check, once per context (a query on a finished run adopts the run's: adopt_check), one
+batch gradient per training step; per query, per step one batch gradient and one dropout-mask
+draw (the replay; two where an interval's records exceed a quarter of the memory budget: the
+replay to the block starts and the block's recompute), and one fused forward-over-reverse pass
+giving both the HVP (exact by default, hvp.py) and the per-sample jvps of its batch. Memory: the
+whole interval's (theta, m, v, G, masks) when they fit that share, else the state at about
+sqrt(L) block starts of an L-step interval and one block's records at a time. A query's top-k
+(influence alone) needs nothing else: methods/diffin.replay_step skips the Lanczos views.
 """
 from __future__ import annotations
 
@@ -220,12 +224,26 @@ class _Replay:
         return state, out
 
     def latest_first(self):
-        """Every step of the interval as ``run(keep=True)`` records, latest first: the state at
-        about sqrt(L) block starts of the L steps is kept and each block replayed again when its
-        turn comes (memory: one block's records)."""
+        """Every step of the interval as ``run(keep=True)`` records, latest first. When the whole
+        interval's records fit a quarter of the run's memory budget (ctx.memory; measured on the
+        first step's record: weights, moments, gradient, dropout masks) the interval is replayed
+        once and its records handed out latest first, each dropped as it is handed out. Else the
+        state at about sqrt(L) block starts of the L steps is kept and each block replayed again
+        when its turn comes (memory: one block's records; about two replays of every step)."""
         lo, hi = self.a, self.b
         if hi <= lo:
             return
+        budget = int(getattr(getattr(self.ctx, "memory", None), "budget", 0) or 0) // 4
+        if budget > 0:
+            state, steps = self.run(lo, lo + 1, self.entry, keep=True)
+            if _record_bytes(steps[0]) * (hi - lo) <= budget:
+                _end, rest = self.run(lo + 1, hi, state, keep=True)
+                steps += rest
+                del rest
+                while steps:
+                    yield steps.pop()
+                return
+            del steps, state
         block = max(1, int(math.ceil(math.sqrt(hi - lo))))
         entry: dict[int, tuple] = {}             # the state entering each block start in [lo, hi)
         state = self.entry
@@ -252,6 +270,41 @@ class _Replay:
         if not self.held:
             out["theta"] = rel(theta, rec_theta, rec_theta - ctx.thetas[k].to(self.acc))
         return out
+
+
+def _record_bytes(record) -> int:
+    """Bytes a replayed step's record holds (its tensors and its dropout masks)."""
+    total = 0
+    for item in record:
+        if isinstance(item, torch.Tensor):
+            total += item.numel() * item.element_size()
+        elif hasattr(item, "parts"):                    # dropout.StepMasks
+            for _n, calls in item.parts:
+                for a, b in calls:
+                    total += sum(t.numel() * t.element_size() for t in (a, b) if t is not None)
+    return total
+
+
+def _hvp_and_directional(ctx, k: int, fm, th, x, y, g, wm, state: dict):
+    """(H wm, the step's per-sample <g_i, wm>) of the batch: one fused forward-over-reverse pass
+    (functional.hvp_directional) where the replay's products are exact (settings.hvp "exact", or
+    "auto", which takes exact ones here: hvp.py), else the directional jvp and hvp.product apart.
+    ``state``: the interval's HVP decision (hvp.product's); a model whose fused pass fails (an op
+    without forward-mode AD) goes the separate way, where product() records its fallback."""
+    mode = getattr(ctx.settings, "hvp", "fd")
+    if mode == "exact" or (mode == "auto" and state.get("fn", "exact") == "exact" and not state.get("apart")):
+        try:
+            hw, dz = fm.hvp_directional(th, x, y, wm)
+        except (RuntimeError, NotImplementedError):
+            state["apart"] = True
+        else:
+            if mode == "auto" and "fn" not in state:       # the log entry product() makes
+                from diffin_core.engine.hvp import _log
+                state["fn"] = "exact"
+                _log(ctx).append({"checkpoint": int(k), "where": "adam", "used": "exact"})
+            return hw, dz
+    dz = fm.directional(th, x, y, wm)
+    return product(ctx, k, fm, th, x, y, g, "adam", state)(wm), dz
 
 
 def _passes(check: dict | None) -> bool:
@@ -308,8 +361,8 @@ def segment(ctx, k: int, carry):
         wg = _clip_adjoint(w, g, f)                        # ... of the raw batch gradient (clipping)
         wm, th = wg.to(dt), theta.to(dt)
         with no_tf32(), applied(masks):
-            dz = fm.directional(th, x, y, wm).cpu().to(torch.float64)
-            hw = product(ctx, k, fm, th, x, y, g, "adam", hvp_state)(wm)
+            hw, dz = _hvp_and_directional(ctx, k, fm, th, x, y, g, wm, hvp_state)
+        dz = dz.cpu().to(torch.float64)
         rows_out.index_add_(0, torch.as_tensor(rows), -dz / len(rows))
         ut = (1.0 - lr * lam_d) * ut + hw.to(ut.dtype) + lam_c * w
         um, uv = b1 * am, b2 * av
@@ -367,6 +420,45 @@ def decide(ctx) -> dict | None:
         if isinstance(approx, list) and summary["message"] not in approx:
             approx.append(summary["message"])          # meta.json "approximations": the run's own line
         warnings.warn(RecipeWarning(summary["message"]), stacklevel=3)
+    return summary
+
+
+def adopt_check(ctx, meta: dict | None) -> dict | None:
+    """A query on a finished run (``diffin top``, Explore's exact path) takes the run's own replay
+    self-check from its meta.json instead of replaying every interval again (one batch gradient
+    and one dropout-mask draw per training step: 3.9 s of CPU on the text sample). The check is a
+    function of the recorded data alone (checkpoints, moments, batch order, generator states), which
+    the run was scored on, so its verdict is the one a new check would reach; a failed one turns the
+    replay off as decide() does. Adopted only when it is complete (every interval of this context)
+    and of this context's replay; returns the adopted summary, else None (then decide() checks)."""
+    summary = meta_check(meta or {})
+    if not isinstance(summary, dict) or getattr(ctx, "adam_check", None) is not None \
+            or getattr(ctx, "batch_order", None) is None or ctx.moments is None:
+        return None
+    rep = replay_class(ctx)
+    per = summary.get("per_checkpoint")
+    if summary.get("replay") != rep.name or not isinstance(per, list) or "passed" not in summary:
+        return None
+    records: dict = {}
+    for r in per:
+        try:
+            k = int(r["checkpoint"])
+            a, b = (int(v) for v in r["interval"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        if not 0 <= k < ctx.m or (a, b) != interval(ctx, k):
+            return None                               # another trajectory than this context's
+        records[k] = {kk: v for kk, v in r.items() if kk != "checkpoint"}
+    if len(records) != int(summary.get("intervals", -1)):
+        return None
+    summary = {kk: v for kk, v in summary.items() if kk != "fallback"}
+    ctx.adam_checks.update({k: records.get(k) for k in range(ctx.m)})     # None: no next checkpoint
+    ctx.adam_check = summary
+    if not summary["passed"]:
+        summary["fallback"] = rep.fall_back(ctx)
+        approx = getattr(ctx.recipe, "approximations", None)
+        if isinstance(approx, list) and summary.get("message") and summary["message"] not in approx:
+            approx.append(summary["message"])
     return summary
 
 

@@ -254,9 +254,11 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
             settings.memory_budget = int(memory_budget)
         if batch_size is not None:
             settings.batch_size = int(batch_size)
+        from diffin_core.engine.adam_batches import adopt_check
         from diffin_core.engine.hvp import adopt
         ctx = project_context(project, settings, progress)
         adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions, as the fast path
+        adopt_check(ctx, info.meta)             # and its replay self-check (a batch-order run)
         infl = query_influence(project, info.method, idx, settings, progress, ctx=ctx)
         answers.save_exact(info.path, idx, infl)
         ans = answers.Answer(infl, np.ones(len(infl), dtype=bool), "exact path")
