@@ -220,3 +220,21 @@ def test_text_sample_new_query_equals_the_full_plan(tmp_path, monkeypatch):
     order = np.argsort(-ref, kind="stable")[:10]
     assert set(helpful["sample_id"]) == set(np.asarray(project.train.ids)[order])
     shutil.rmtree(root, ignore_errors=True)
+
+
+def test_direct_walk_in_place_equals_segment_rows(adamw_dropout, monkeypatch):
+    """Adam's self-influence walk (DiffIn.direct_walk) with its adjoints carried in place
+    (_rows_into) gives what SegmentOp.rows gives, checkpoint by checkpoint."""
+    from diffin_core.methods import diffin as diffin_mod
+    case = adamw_dropout
+    ctx = _ctx(case)
+    runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))
+    plan = DiffIn().prepare(ctx, *_query(case, np.arange(40)))
+    tr = case["train"]
+    x, y = ctx.tensors(np.asarray(tr.x[:48], dtype=np.float32), np.asarray(tr.y)[:48])
+    assert diffin_mod._in_place(plan[0].op, torch.zeros(2, ctx.fm.num_params), torch.zeros(2, ctx.fm.num_params))
+    infl, selfs = DiffIn().direct_walk(ctx, plan, x, y)
+    monkeypatch.setattr(diffin_mod, "_in_place", lambda *a: False)
+    infl0, selfs0 = DiffIn().direct_walk(ctx, plan, x, y)
+    assert torch.equal(infl, infl0)
+    torch.testing.assert_close(selfs, selfs0, rtol=1e-5, atol=1e-6 * float(selfs0.abs().max()))
