@@ -7,6 +7,16 @@ Each method runs as its own `python -m diffin_core.cli score DIR -m METHOD` unde
 checkpoint's forward pass over the training and query texts in eval mode (this script's
 `--infer`, also under time -v). The 1-minute load average before each run is recorded: on a
 shared machine the wall times scale with it. Writes benchmarks/results/text_cost.csv.
+
+    python benchmarks/text_cost.py --before /path/to/old/checkout --queries 3
+
+``--before DIR``: every `diffin` command also runs with the code in DIR (a checkout of an earlier
+commit: `git worktree add --detach DIR COMMIT`), right after the current code's, so the two are
+measured in the same conditions; the rows' ``code`` says which ("before <commit>" / "after
+<commit>"). ``--queries N``: then N new queries on the current code's diffin run, each
+`diffin top DIR --run cost-diffin -q Q --k 10` on a query never asked (its answers removed
+first), with each code in turn; ``topk_equal`` / ``max_rel_diff``: the current code's answer
+(runs/<run>/topk/qQ.npy, all N rows) against the earlier code's for the same query.
 """
 from __future__ import annotations
 
@@ -14,6 +24,7 @@ import argparse
 import csv
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,11 +52,11 @@ def infer(project_dir: str) -> None:
     print(f"inferred {n} samples")
 
 
-def timed(cmd: list[str]) -> dict:
+def timed(cmd: list[str], root: Path = ROOT) -> dict:
     load = os.getloadavg()[0]
     t0 = time.monotonic()
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], cwd=root, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(root)})
     wall = time.monotonic() - t0
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
@@ -73,12 +84,49 @@ def parts(project: Path, run: str) -> dict:
     return out
 
 
+def commit(root: Path) -> str:
+    r = subprocess.run(["git", "-C", str(root), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    return r.stdout.strip() or "?"
+
+
+def new_queries(project: Path, run: str, codes: list, n: int, seed: int, n_train: int) -> list[dict]:
+    """``n`` new queries on ``run`` with each code: `diffin top` timed, answers removed before each,
+    the current code's answer compared with the other's."""
+    import numpy as np
+    from diffin_core.project.folder import Project
+    q = Project(project).query
+    rng = np.random.default_rng(seed)
+    picks = [int(i) for i in rng.choice(len(q), n, replace=False)]
+    run_dir = project / "runs" / run
+    out = []
+    for qi in picks:
+        answers = {}
+        for code, root in codes:
+            for sub in ("answers", "topk"):
+                shutil.rmtree(run_dir / sub, ignore_errors=True)
+            row = {"what": f"diffin top --run {run} -q {qi} --k 10 (new query)", "code": code, "query": qi,
+                   **timed([sys.executable, "-m", "diffin_core.cli", "top", str(project), "--run", run, "-q", str(qi),
+                            "--k", "10"], root), "samples": n_train}
+            answers[code] = np.load(run_dir / "topk" / f"q{qi}.npy")
+            out.append(row)
+        if len(codes) > 1:
+            new, old = answers[codes[0][0]], answers[codes[1][0]]
+            same = (set(np.argsort(-new, kind="stable")[:10]) == set(np.argsort(-old, kind="stable")[:10])
+                    and set(np.argsort(new, kind="stable")[:10]) == set(np.argsort(old, kind="stable")[:10]))
+            for row in out[-len(codes):]:
+                row.update(topk_equal=same, max_rel_diff=float(np.abs(new - old).max() / np.abs(old).max()))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--project", default=str(ROOT / "sample_data" / "sms-spam"))
     ap.add_argument("--methods", default="loss,tracin,diffin",
                     help="comma-separated; METHOD+FLAG+FLAG adds CLI flags (diffin+--no-features)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--before", help="a checkout of earlier code: each diffin command runs with it too")
+    ap.add_argument("--queries", type=int, default=0, help="new queries timed on the diffin run (each code)")
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--infer", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.infer:
@@ -92,13 +140,18 @@ def main() -> None:
     n_train, n_query = len(p.train), len(p.query)
     rows = [{"what": "plain inference (final checkpoint, train + query)",
              **timed([sys.executable, __file__, "--infer", str(project)]), "samples": n_train + n_query}]
+    codes = [("after " + commit(ROOT), ROOT)] + ([("before " + commit(Path(a.before)), Path(a.before))]
+                                                  if a.before else [])
     for m in a.methods.split(","):
         name, *flags = m.split("+")                      # diffin+--no-features: a variant with CLI flags
-        run = f"cost-{name}{'-' + str(len(rows)) if flags else ''}"
-        rows.append({"what": f"diffin score -m {name} {' '.join(flags)}".strip(),
-                     **timed([sys.executable, "-m", "diffin_core.cli", "score", str(project), "-m", name, "--run", run,
-                              *flags]),
-                     "samples": n_train, **parts(project, run)})
+        for code, root in codes if name == "diffin" else codes[:1]:
+            run = f"cost-{name}{'-' + str(len(rows)) if flags else ''}{'-before' if root != ROOT else ''}"
+            rows.append({"what": f"diffin score -m {name} {' '.join(flags)}".strip(), "code": code,
+                         **timed([sys.executable, "-m", "diffin_core.cli", "score", str(project), "-m", name, "--run",
+                                  run, *flags], root),
+                         "samples": n_train, **parts(project, run)})
+    if a.queries:
+        rows += new_queries(project, "cost-diffin", codes, a.queries, a.seed, n_train)
     for r in rows:
         r["samples_per_s"] = round(r["samples"] / r["wall_s"], 1)
         r["samples_per_cpu_s"] = round(r["samples"] / r["cpu_s"], 1)
