@@ -176,6 +176,10 @@ if view == VIEWS[0]:
             info = jm.get(st.session_state.get(job_key, ""))
             if info is None or info.status in ("cancelled",):
                 root, query = str(project.root), int(qi)
+                ahead = st.session_state.pop("explore_ahead_job", None)
+                if ahead:                  # the user's query first: planning ahead waits behind it
+                    jm.cancel(ahead)
+                    st.session_state.pop("explore_ahead_for", None)
 
                 # fills the on-disk cache the grid below reads; model.py runs in a child process
                 st.session_state[job_key] = jm.submit_child("topk", "diffin_core.run.scoring:top_k", (root, run, [query], 1),
@@ -222,8 +226,8 @@ if view == VIEWS[0]:
             if fast and not rescored:
                 with status:
                     rescore_grid(project, run, int(qi), auto, int(k))
-            elif fast and auto:
-                with status:
+            elif (fast and auto) or (not fast and project.run(run).method == "diffin"):
+                with status:       # a run without a store (Adam's batch-order replay): its exact path
                     plan_ahead(project, run, int(qi), int(k))
             st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 

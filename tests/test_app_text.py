@@ -109,3 +109,27 @@ def test_review_shows_the_whole_text_and_export_is_faithful(opened, text_project
     assert got_lines == expect
     man = json.loads(out.with_name(out.stem + ".decisions.json").read_text())
     assert man["faithful"] and man["n_written"] == 160 - len(excluded)
+
+
+def test_explore_plans_ahead_on_a_run_without_a_store(opened, text_project, jobs):
+    """A diffin run of the text sample (Adam's batch-order replay: no feature store): after the
+    first query's grid, the next queries of its class are answered in the background by their
+    exact path, so opening them reads the kept answer (diffin top's "(cached)")."""
+    from diffin_core.run import answers
+    from diffin_core.run.features import plan_ahead_queue
+    from diffin_core.run.scoring import score
+    from diffin_core.project.folder import Project
+    score(text_project, "diffin", run="diffin-1")
+    project = Project(text_project)
+    assert not (text_project / "runs/diffin-1/features/meta.json").is_file()
+    at = opened
+    at.switch_page("pages/3_Explore.py").run()
+    at.selectbox(key="explore_run").set_value("diffin-1").run()
+    at.button(key="explore_topk").click().run()
+    wait_jobs(at, jobs, 600)                       # the query's own exact path, then its grid
+    assert not at.exception, at.exception
+    assert any("Planning ahead" in c for c in texts(at.caption)), texts(at.caption)
+    wait_jobs(at, jobs, 900)                       # the planning-ahead job
+    for qi in plan_ahead_queue(project, "diffin-1", 0):
+        a = answers.load(project.run("diffin-1").path, [qi])
+        assert a is not None and a.all_exact, qi

@@ -219,6 +219,14 @@ def test_text_sample_new_query_equals_the_full_plan(tmp_path, monkeypatch):
     assert list(harmful["sample_id"]) == list(ex_harm["sample_id"])
     order = np.argsort(-ref, kind="stable")[:10]
     assert set(helpful["sample_id"]) == set(np.asarray(project.train.ids)[order])
+
+    # planning ahead on a run without a store: the exact path's answers, one context for all
+    from diffin_core.run.features import answer_ahead
+    assert answer_ahead(str(root), "d", [5, 7, 9]) == 2                 # query 5 was answered above
+    (root / "runs" / "d" / "topk" / "q5.npy").unlink()
+    assert answer_ahead(str(root), "d", [5]) == 1
+    np.testing.assert_allclose(np.load(root / "runs" / "d" / "topk" / "q5.npy"), infl, rtol=0, atol=1e-12)
+    assert (root / "runs" / "d" / "topk" / "q9.npy").is_file()
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -230,6 +230,26 @@ def topk_cache_path(project: Project, run: str, query_indices) -> Path:
     return exact_path(project.run(run).path, query_indices)
 
 
+def exact_context(project: Project, run: str, progress=None, memory_budget: int | None = None,
+                  batch_size: int | None = None) -> Context:
+    """The scoring context of a finished run's exact path: the run's settings (``memory_budget``,
+    ``batch_size``: chunking only, the scores stay the run's), its measured HVP decisions and its
+    replay self-check adopted (hvp.adopt, adam_batches.adopt_check). One context serves many
+    queries (features.answer_ahead)."""
+    from diffin_core.engine.adam_batches import adopt_check
+    from diffin_core.engine.hvp import adopt
+    info = project.run(run)
+    settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
+    if memory_budget is not None:
+        settings.memory_budget = int(memory_budget)
+    if batch_size is not None:
+        settings.batch_size = int(batch_size)
+    ctx = project_context(project, settings, progress)
+    adopt(ctx, info.meta.get("hvp"))            # the run's measured HVP decisions, as the fast path
+    adopt_check(ctx, info.meta)                 # and its replay self-check (a batch-order run)
+    return ctx
+
+
 def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
           progress=None, exact: bool = False, memory_budget: int | None = None, rerank: int | None = None,
           batch_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -249,17 +269,8 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     if ans is not None and rerank is None and not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
         ans = answers.load(info.path, idx, exact_only=True)   # a deeper grid than the fast path certified:
     if ans is None:                                            # the exact path (every row)
-        settings = replace(ScoreSettings(), **info.meta.get("settings", {}))
-        if memory_budget is not None:           # chunking only: the scores stay the run's
-            settings.memory_budget = int(memory_budget)
-        if batch_size is not None:
-            settings.batch_size = int(batch_size)
-        from diffin_core.engine.adam_batches import adopt_check
-        from diffin_core.engine.hvp import adopt
-        ctx = project_context(project, settings, progress)
-        adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions, as the fast path
-        adopt_check(ctx, info.meta)             # and its replay self-check (a batch-order run)
-        infl = query_influence(project, info.method, idx, settings, progress, ctx=ctx)
+        ctx = exact_context(project, run, progress, memory_budget, batch_size)
+        infl = query_influence(project, info.method, idx, ctx.settings, progress, ctx=ctx)
         answers.save_exact(info.path, idx, infl)
         ans = answers.Answer(infl, np.ones(len(infl), dtype=bool), "exact path")
     infl, path = ans.influence, ans.path
