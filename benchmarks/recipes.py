@@ -10,8 +10,9 @@ on 45 training samples: retrain with the same initial weights, batch order, drop
 schedule, with z's loss weight 0 in every batch holding it (the batch keeps its denominator).
 Truth = L_Q(theta_T without z) - L_Q(theta_T), L_Q the training loss on the query split.
 
-    python benchmarks/recipes.py [--seeds 0 1] [--only adamw] [--samples 45]
-        -> benchmarks/results/recipes.csv + recipes.png  (--only: reruns those rows, keeps the rest)
+    python benchmarks/recipes.py [--seeds 0 1] [--only adamw [--exact]] [--samples 45]
+        -> benchmarks/results/recipes.csv + recipes.png  (--only: reruns those rows, keeps the rest;
+           --exact: only the recipe named exactly so, e.g. "dropout-0.2" without "sgd-dropout-0.2")
 
 CSV columns: recipe, seed, diffin (Spearman), tracin (Spearman; TracIn's Adam variant for Adam and
 RMSprop recipes), tracin_method, ratio (median |diffin| / median |truth|), seconds (diffin's
@@ -228,8 +229,10 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
     return out
 
 
-def main(seeds=(0, 1), only: str | None = None, samples: int = 45, out: Path = HERE / "results") -> pd.DataFrame:
-    rows = [row(spec, seed, samples) for spec in SPECS if not only or only in spec.name for seed in seeds]
+def main(seeds=(0, 1), only: str | None = None, samples: int = 45, out: Path = HERE / "results",
+         exact: bool = False) -> pd.DataFrame:
+    rows = [row(spec, seed, samples) for spec in SPECS
+            if not only or (only == spec.name if exact else only in spec.name) for seed in seeds]
     df = pd.DataFrame(rows)
     path = out / "recipes.csv"
     if only and path.is_file():
@@ -279,8 +282,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--only", help="rerun only recipes whose name contains this; other CSV rows kept")
+    ap.add_argument("--exact", action="store_true", help="--only names one recipe exactly")
     ap.add_argument("--samples", type=int, default=45)
     ap.add_argument("--out", type=Path, default=HERE / "results", help="folder for recipes.csv / .png")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(main(tuple(args.seeds), args.only, args.samples, args.out).drop(columns=["warnings"]).to_string())
+    print(main(tuple(args.seeds), args.only, args.samples, args.out, args.exact).drop(columns=["warnings"]).to_string())
