@@ -3,6 +3,7 @@ sample project has a diffin run, quiet and beside two CPU burners.
 
     python benchmarks/first_run.py                      # ~10-25 min on 2 busy cores
     python benchmarks/first_run.py --cases shipped --timeout 300
+    python benchmarks/first_run.py --cases install,shipped --timeout 480   # + the .venv install
 
 Each case: `git clone` of this repository's HEAD into a temp folder, then what `bash
 scripts/run.sh` runs after its install: `streamlit run app.py` with DIFFIN_AUTOSCORE=diffin,tracin,loss
@@ -17,11 +18,15 @@ seconds from the server's start:
   checked_s      the shipped run's check finished (its meta.json says verified or failed), or,
                  without a shipped run, the same as diffin_s;
   all_s          diffin, tracin and loss all have runs (when within the timeout).
-Cases: ``shipped`` (the repository as it is: the sample ships its diffin run, checked in the
-background) and ``scored`` (the clone without sample_data/mnist/prebuilt: the old path, diffin
-scored before any run shows), each quiet and loaded (+2 `while True: pass` burners, started
-``--warmup`` seconds before). The 1-minute load average at each case's start and end is recorded.
-Writes results/first_run.csv (or --out).
+Cases: ``install`` (the newcomer's path itself: `bash scripts/run.sh` in the clone, which creates
+the clone's own .venv, installs torch and diffin into it with this machine's pip settings and
+cache, and serves; every time counts from run.sh's start, and install_s is health_s: the install
+plus the server's start), ``shipped`` (the repository as it is: the sample ships its diffin run,
+checked in the background) and ``scored`` (the clone without sample_data/mnist/prebuilt: the old
+path, diffin scored before any run shows), each quiet and loaded (+2 `while True: pass` burners,
+started ``--warmup`` seconds before). The 1-minute load average at each case's start and end is
+recorded, with the UTC date and the commit measured. Writes results/first_run.csv (or --out);
+rows of the (case, condition) pairs not run now are kept as they are.
 """
 from __future__ import annotations
 
@@ -44,6 +49,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _load import burners  # noqa: E402  (the speed benchmarks' shared runner)
 
 
+HEAD = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                      capture_output=True, text=True).stdout.strip()
+
+
 def runs_of(project: Path) -> dict:
     out = {}
     for meta in (project / "runs").glob("*/meta.json"):
@@ -58,6 +67,17 @@ def runs_of(project: Path) -> dict:
     return out
 
 
+def install_env(env: dict, port: int) -> dict:
+    """The environment of a newcomer's shell for `bash scripts/run.sh`: this benchmark's own
+    virtual environment and PYTHONPATH removed (run.sh makes the clone's .venv), the port set."""
+    venv = Path(sys.prefix)
+    path = [d for d in env.get("PATH", "").split(os.pathsep)
+            if d and not Path(d).resolve().is_relative_to(venv.resolve())]
+    out = {k: v for k, v in env.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
+    out.update({"PATH": os.pathsep.join(path), "DIFFIN_PORT": str(port), "DIFFIN_ADDRESS": "127.0.0.1"})
+    return out
+
+
 def one_case(case: str, condition: str, timeout: float, tmp: Path) -> dict:
     clone = tmp / f"clone-{case}-{condition}"
     subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(clone)], check=True)
@@ -69,14 +89,19 @@ def one_case(case: str, condition: str, timeout: float, tmp: Path) -> dict:
            if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "DIFFIN_THREADS")}
     env.update({"PYTHONPATH": str(clone), "DIFFIN_AUTOSCORE": "diffin,tracin,loss", "PYTHONUNBUFFERED": "1",
                 "DIFFIN_WORKSPACE": str(ws)})
-    cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
-           "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none", "--", "--workspace", str(ws)]
+    if case == "install":                 # the README's first command, in a shell without our .venv
+        env = install_env(env, port)
+        cmd = ["bash", "scripts/run.sh"]
+    else:
+        cmd = [sys.executable, "-m", "streamlit", "run", "app.py", "--server.headless", "true",
+               "--server.address", "127.0.0.1", "--server.port", str(port), "--browser.gatherUsageStats", "false",
+               "--server.fileWatcherType", "none", "--", "--workspace", str(ws)]
     log = open(tmp / f"server-{case}-{condition}.log", "wb")
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=clone, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    row = {"case": case, "condition": condition, "load_start": round(load0, 2)}
+    row = {"case": case, "condition": condition, "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+           "commit": HEAD, "load_start": round(load0, 2)}
 
     def since():
         return round(time.perf_counter() - t0, 1)
@@ -90,6 +115,11 @@ def one_case(case: str, condition: str, timeout: float, tmp: Path) -> dict:
                         break
             except OSError:
                 time.sleep(0.2)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{cmd[0]} exited with {proc.returncode} before serving "
+                                   f"(log: {tmp / f'server-{case}-{condition}.log'})")
+        if case == "install":
+            row["install_s"] = row.get("health_s")
         from playwright.sync_api import sync_playwright
         project = ws / "mnist-sample"
         with sync_playwright() as p:
@@ -163,8 +193,14 @@ def main(argv=None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     df = pd.DataFrame(rows)
     df.insert(0, "timeout_s", a.timeout)
+    out = a.out / f"{a.name}.csv"
+    if out.is_file():                     # rows of the (case, condition) pairs not run now stay
+        old = pd.read_csv(out)
+        ran = set(zip(df["case"], df["condition"]))
+        old = old[[(c, k) not in ran for c, k in zip(old["case"], old["condition"])]]
+        df = pd.concat([df, old], ignore_index=True)
     a.out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(a.out / f"{a.name}.csv", index=False)
+    df.to_csv(out, index=False)
     print(df.to_string(index=False))
     return 0
 
