@@ -171,6 +171,14 @@ def one_case(case: str, condition: str, timeout: float, tmp: Path) -> dict:
     return row
 
 
+def merge_rows(new, old):
+    """The rows measured now, then the earlier rows of the (case, condition) pairs not run now."""
+    import pandas as pd
+    ran = set(zip(new["case"], new["condition"]))
+    kept = old[[(c, k) not in ran for c, k in zip(old["case"], old["condition"])]]
+    return pd.concat([new, kept], ignore_index=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="shipped,scored")
@@ -194,11 +202,8 @@ def main(argv=None) -> int:
     df = pd.DataFrame(rows)
     df.insert(0, "timeout_s", a.timeout)
     out = a.out / f"{a.name}.csv"
-    if out.is_file():                     # rows of the (case, condition) pairs not run now stay
-        old = pd.read_csv(out)
-        ran = set(zip(df["case"], df["condition"]))
-        old = old[[(c, k) not in ran for c, k in zip(old["case"], old["condition"])]]
-        df = pd.concat([df, old], ignore_index=True)
+    if out.is_file():
+        df = merge_rows(df, pd.read_csv(out))
     a.out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
     print(df.to_string(index=False))
