@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from diffin_core.errors import DiffinError
-from diffin_core.engine.functional import no_tf32
+from diffin_core.engine.functional import no_tf32, single_threaded
 from diffin_core.engine.lanczos import SpectralView, lanczos
 from diffin_core.engine.recipe import Recipe, bias_correction1
 
@@ -245,16 +245,17 @@ def coupled_decay(ctx):
     return recipe.weight_decay if recipe.adam else 0.0
 
 
-def hessian_matvec(ctx, k: int, batch, scaled: bool = True):
+def hessian_matvec(ctx, k: int, batch, scaled: bool = True, g0: torch.Tensor | None = None):
     """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and the batch
-    gradient. M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay);
+    gradient (``g0``: that gradient when the caller has it, e.g. base_grad's cache). M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay);
     S (H + Lambda) S with per-group hyper-parameters (S = preconditioner_scale).
     HVPs per settings.hvp (hvp.py; finite differences with TF32 off); a non-finite product raises a one-line DiffinError
     naming the checkpoint."""
     x, y = batch
     fm, theta = ctx.fm_at(k), ctx.thetas[k]
-    with no_tf32():
-        g0 = fm.batch_grad(theta, x, y)
+    if g0 is None:
+        with no_tf32():
+            g0 = fm.batch_grad(theta, x, y)
     from .hvp import product
     hv = product(ctx, k, fm, theta, x, y, g0)          # settings.hvp: fd, exact or auto (hvp.py)
     S = preconditioner_scale(ctx, k) if scaled else None
@@ -322,14 +323,44 @@ def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
                      expand)
 
 
-def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True):
+def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True,
+                 g0: torch.Tensor | None = None):
     """(Lanczos view of M_k, g0). ``starts``: one (P,) vector or a list (the first gets
-    ``steps`` = settings.lanczos_steps iterations, each further one half as many)."""
+    ``steps`` = settings.lanczos_steps iterations, each further one half as many); ``g0``: the
+    batch's gradient at theta_k when known (base_grad)."""
     steps = steps or ctx.settings.lanczos_steps
     starts = [starts] if isinstance(starts, torch.Tensor) else list(starts)
-    matvec, g0 = hessian_matvec(ctx, k, batch, scaled)
+    matvec, g0 = hessian_matvec(ctx, k, batch, scaled, g0)
     counts = [steps] + [max(2, steps // 2)] * (len(starts) - 1)
     return lanczos(matvec, starts, counts), g0
+
+
+def base_grad_key(ctx, k: int) -> tuple:
+    """What checkpoint k's Hessian batch gradient depends on besides the run: the checkpoint, the
+    batch (rows, seed), the slices and, where they round by it (FunctionalModel.threads_round: one
+    large slice), torch's threads."""
+    rows = min(int(ctx.hessian_rows), int(ctx.n))
+    fm = ctx.fm_at(k)
+    return (int(k), rows, int(ctx.settings.seed), int(fm.max_rows or rows),
+            torch.get_num_threads() if fm.threads_round(rows) else 0)
+
+
+def base_grad(ctx, k: int, batch) -> torch.Tensor:
+    """The gradient of checkpoint k's fixed Hessian batch at theta_k: the base of its
+    finite-difference HVPs, the same for every query. Kept in ``ctx.base_grads`` (a dict, or
+    None: not kept) under base_grad_key, so that a context answering several queries (the app's
+    worker, planning ahead, `diffin top` with the run's kept ones, features.BaseGrads) computes it
+    once per checkpoint; the same bits as a fresh one (the same computation)."""
+    cache = getattr(ctx, "base_grads", None)
+    key = base_grad_key(ctx, k)
+    if cache is not None and key in cache:
+        return cache[key]
+    x, y = batch
+    with no_tf32():
+        g0 = ctx.fm_at(k).batch_grad(ctx.thetas[k], x, y)
+    if cache is not None:
+        cache[key] = g0
+    return g0
 
 
 def random_start(ctx, k: int, salt: int = 0) -> torch.Tensor:
@@ -458,13 +489,21 @@ def note_sharpness(ctx, k: int, view: SpectralView, lo: int, hi: int, replayed: 
             "\"The recipe table\")")
     if isinstance(approx, list) and line not in approx:
         approx.append(line)
-    warnings.warn(RecipeWarning(line), stacklevel=3)
+    warnings.warn(RecipeWarning(line), stacklevel=4)
 
 
 def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     """Step i of build_plan (checkpoint k = m-1-i): (PlanItem or None, carry for step i+1).
     One checkpoint's Lanczos view and vectors; runner saves each step's item and carry, so a
-    killed job resumes at the next checkpoint."""
+    killed job resumes at the next checkpoint. Where the model's batch gradients round the same at
+    any thread count (FunctionalModel.threads_round false: the sample CNN), the whole step runs
+    single-threaded (functional.single_threaded; its batch gradients' slices still spread over the
+    free threads), so the plan is the same bits on any machine load."""
+    with single_threaded(not ctx.fm.threads_round(min(int(ctx.hessian_rows), int(ctx.n)))):
+        return _plan_step(ctx, i, carry, view_fn)
+
+
+def _plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     u, v, *replay = carry
     k = ctx.m - 1 - i
     lo, hi = int(ctx.bounds[k]), int(ctx.bounds[k + 1])
@@ -485,7 +524,8 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     if view_fn is not None:
         view = view_fn(k, starts)
     else:
-        view, _ = hessian_view(ctx, k, starts, ctx.sample_batch(ctx.hessian_rows, k))
+        batch = ctx.sample_batch(ctx.hessian_rows, k)
+        view, _ = hessian_view(ctx, k, starts, batch, g0=base_grad(ctx, k, batch))
     op = segment_op(ctx, k, view, lo, hi)
     if not ctx.recipe.adam and (rows is None or ctx.moments is not None):
         note_sharpness(ctx, k, view, lo, hi, replayed=rows is not None)

@@ -792,7 +792,55 @@ def _context(project, run: str):
         _CTX[key] = ctx = configured(project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {}))))
         from diffin_core.engine.hvp import adopt
         adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions (hvp.py)
+        ctx.base_grads = BaseGrads(info.path, ctx)   # the Hessian batches' gradients, once per run
     return _CTX[key]
+
+
+class BaseGrads(dict):
+    """The base of every query plan's finite-difference HVPs: per checkpoint, the gradient of its
+    fixed Hessian batch at theta_k (propagate.base_grad, keyed by propagate.base_grad_key), the
+    same for every query. Kept in memory for the context's life and with the run
+    (``runs/<run>/answers/hessian_base.npz``, when at most answers.PLAN_MAX_BYTES), so that a new
+    query's plan, in any process, skips one batch gradient per checkpoint (12 of the sample's 133).
+    A rescored run (its folder is swapped whole) drops it; a key that does not match (other
+    settings, threads) is computed again."""
+
+    NAME = "hessian_base.npz"
+
+    def __init__(self, run_dir, ctx):
+        super().__init__()
+        from diffin_core.run import answers
+        self.path = Path(run_dir) / answers.DIRNAME / self.NAME
+        self.saved = 0
+        self._like = (ctx.fm.num_params, ctx.device, ctx.thetas[ctx.m - 1].dtype) if ctx.m else None
+        try:
+            with np.load(self.path, allow_pickle=False) as z:
+                keys = json.loads(str(z["keys"]))
+                for i, key in enumerate(keys):
+                    g = torch.from_numpy(np.array(z[f"g{i}"]))
+                    if self._like and g.numel() == self._like[0]:
+                        self[tuple(key)] = g.to(device=self._like[1], dtype=self._like[2])
+        except (OSError, ValueError, KeyError):
+            self.clear()                        # none kept, or unreadable: computed again
+        self.saved = len(self)
+
+    def save(self) -> None:
+        """Write the kept gradients when some were added since (atomic; skipped above the plan cap)."""
+        from diffin_core.project.atomic import atomic_path
+        from diffin_core.run import answers
+        if len(self) <= self.saved:
+            return
+        items = list(self.items())
+        if sum(g.numel() * g.element_size() for _, g in items) > answers.PLAN_MAX_BYTES:
+            return
+        try:
+            with atomic_path(self.path, suffix=".npz") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, keys=np.asarray(json.dumps([list(k) for k, _ in items])),
+                             **{f"g{i}": g.detach().cpu().numpy() for i, (_, g) in enumerate(items)})
+            self.saved = len(self)
+        except OSError:
+            pass                                # a read-only run folder: kept in memory only
 
 
 def configured(ctx):
@@ -837,6 +885,8 @@ def exact_plan(ctx, qx, qy, key=None, run_dir=None, query_indices=None):
         plan = DiffIn().prepare(ctx, qx, qy)
         if run_dir is not None and query_indices is not None:
             keep_plan(run_dir, query_indices, plan)
+        if isinstance(getattr(ctx, "base_grads", None), BaseGrads):
+            ctx.base_grads.save()
     if key is not None:
         if len(_PLANS) >= 8:
             _PLANS.pop(next(iter(_PLANS)))

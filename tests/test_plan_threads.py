@@ -1,0 +1,112 @@
+"""Issue 23, a new query's plan made cheaper without changing it: batch gradients whose slices run
+one thread each (in parallel where torch has several threads) give the same bits at any thread
+count, and the Hessian batches' gradients kept with the run (features.BaseGrads) give the same
+plan as fresh ones, with one batch gradient fewer per checkpoint."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from diffin_core.engine.functional import FunctionalModel, _reverse_grad, available_threads, single_threaded
+from diffin_core.engine.models import SmallCNN
+from diffin_core.methods.diffin import DiffIn
+from diffin_core.project.folder import Project
+from diffin_core.run import features as F
+from diffin_core.run.context import project_context
+from diffin_core.run.scoring import score, top_k
+
+from helpers import make_tiny_project
+
+
+def _threads(n):
+    class At:
+        def __enter__(self):
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(n)
+
+        def __exit__(self, *exc):
+            torch.set_num_threads(self.saved)
+    return At()
+
+
+def test_batch_gradient_same_bits_at_any_thread_count():
+    torch.manual_seed(0)
+    model = SmallCNN()
+    fm = FunctionalModel(model)
+    fm.max_rows = 64
+    theta = fm.theta_of(model)
+    x, y = torch.rand(150, 1, 28, 28), torch.randint(0, 10, (150,))     # 3 slices, the last short
+    with _threads(1):                                                   # the slices in turn, as before
+        ref = fm._sliced(lambda xs, ys: _reverse_grad(fm.mean_loss, theta, xs, ys), x, y)
+        one = fm.batch_grad(theta, x, y)
+        q1 = fm.batch_grad(theta, x[:1], y[:1])                         # one small slice
+    assert torch.equal(one, ref)
+    for n in (2, 3):
+        with _threads(n):
+            assert torch.equal(fm.batch_grad(theta, x, y), ref)
+            assert torch.equal(fm.batch_grad(theta, x[:1], y[:1]), q1)
+            assert torch.get_num_threads() == n                         # restored
+    assert len(fm._replicas) == 2                                       # a module copy per extra thread
+    # inside single_threaded, batch gradients still see the threads outside it
+    with _threads(2), single_threaded():
+        assert torch.get_num_threads() == 1 and available_threads() == 2
+        assert torch.equal(fm.batch_grad(theta, x, y), ref)
+    # a torch.func transform slices in the caller's thread as before (same value, float rounding)
+    g = torch.func.vmap(lambda t: fm.batch_grad(t, x, y))(theta[None])[0]
+    torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-7)
+
+
+def test_plan_same_at_any_thread_count_and_with_the_runs_kept_base_gradients(tmp_path, monkeypatch):
+    project = Project(make_tiny_project(tmp_path / "p"))
+    score(project, "diffin", run="d")
+    q = project.query
+    F._CTX.clear()
+    ctx = F._context(project, "d")
+    assert isinstance(ctx.base_grads, F.BaseGrads) and not ctx.base_grads
+    kept, ctx.base_grads = ctx.base_grads, None
+    with _threads(1):
+        fresh = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+    with _threads(2):
+        two = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+    assert all(torch.equal(a.w, b.w) for a, b in zip(fresh, two))     # the same bits on 2 threads
+    ctx.base_grads = kept
+    with _threads(1):
+        first = F.exact_plan(ctx, q.x[[3]], q.y[[3]])                   # fills and saves the base
+    assert len(kept) == ctx.m and kept.path.is_file()
+    assert all(torch.equal(a.w, b.w) for a, b in zip(fresh, first))
+    # another process: the run's kept base gradients, one batch gradient fewer per checkpoint
+    F._CTX.clear()
+    ctx2 = F._context(project, "d")
+    assert len(ctx2.base_grads) == ctx.m
+    calls = []
+    real = FunctionalModel.batch_grad
+    monkeypatch.setattr(FunctionalModel, "batch_grad", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    with _threads(2):
+        again = DiffIn().prepare(ctx2, q.x[[3]], q.y[[3]])
+    n_kept = len(calls)
+    ctx2.base_grads = None
+    calls.clear()
+    with _threads(1):
+        DiffIn().prepare(ctx2, q.x[[3]], q.y[[3]])
+    assert n_kept == len(calls) - ctx.m
+    assert all(torch.equal(a.w, b.w) for a, b in zip(fresh, again))
+    monkeypatch.undo()
+    # the fast path's values are `diffin top --exact`'s
+    fast_h, fast_m = top_k(project, "d", [5], k=5)
+    assert fast_h.attrs["path"].startswith("exact path: this query's own plan")
+    exact_h, exact_m = top_k(project, "d", [5], k=5, exact=True)
+    for f, e in ((fast_h, exact_h), (fast_m, exact_m)):
+        assert list(f["sample_id"]) == list(e["sample_id"])
+        np.testing.assert_allclose(f["influence"], e["influence"], rtol=1e-6, atol=0)
+    # a kept base of other settings (another Hessian batch) is not used
+    F._CTX.clear()
+    ctx3 = F._context(project, "d")
+    monkeypatch.setattr(ctx3.settings, "hessian_batch", 32)
+    from diffin_core.engine.propagate import base_grad_key
+    assert base_grad_key(ctx3, ctx3.m - 1) not in ctx3.base_grads
+    # a plan made by the exact path's own context (no kept base) is the same
+    exact_ctx = F.configured(project_context(project))
+    from diffin_core.engine.hvp import adopt
+    adopt(exact_ctx, project.run("d").meta.get("hvp"))
+    plan_exact = DiffIn().prepare(exact_ctx, q.x[[3]], q.y[[3]])
+    assert all(torch.equal(a.w, b.w) for a, b in zip(fresh, plan_exact))
