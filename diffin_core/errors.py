@@ -32,3 +32,13 @@ class DecisionError(DiffinError):
 
 class JobCancelled(Exception):
     """Raised inside a background job (workspace.jobs) once cancel was requested."""
+
+
+_cancel_check = None        # set in a warm child (workspace.usercode): true once its call was cancelled
+
+
+def check_cancelled() -> None:
+    """Raise JobCancelled when the warm child's current call was cancelled (a no-op elsewhere):
+    long computations call it between their steps (the query plan, once per checkpoint)."""
+    if _cancel_check is not None and _cancel_check():
+        raise JobCancelled()

@@ -50,7 +50,7 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
         st.session_state[jkey] = jm.submit_child(
             "rescore", "diffin_core.run.features:rescore_for", (str(project.root), run, [int(qi)]), {"k": int(k)},
             label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
-            with_progress=False)
+            with_progress=False, warm=F.warm_key(project, run))     # the run's warm child: no start-up after the first
         st.session_state["explore_rescore_active"] = jkey
         if not auto:
             st.rerun()
@@ -85,7 +85,7 @@ def plan_ahead(project, run: str, qi: int, k: int) -> None:
         st.session_state["explore_ahead_job"] = jm.submit_child(
             "plan-ahead", "diffin_core.run.features:answer_ahead", (str(project.root), run, todo), {"k": int(k)},
             label=f"planning ahead: {len(todo)} queries of query {int(qi)}'s class ({run})",
-            project_dir=str(project.root))
+            project_dir=str(project.root), warm=F.warm_key(project, run))
         st.session_state["explore_ahead_for"] = want
     if queue:
         st.caption(f"Planning ahead (the next {len(queue)} queries of this class, in the background): "

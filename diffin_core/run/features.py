@@ -785,7 +785,9 @@ def _context(project, run: str):
     from diffin_core.methods import ScoreSettings
     from diffin_core.run.context import project_context
     man = project.manifest_path
-    key = (str(project.root), run, man.stat().st_mtime if man.exists() else 0)
+    meta = project.run(run).path / "meta.json"
+    key = (str(project.root), run, man.stat().st_mtime if man.exists() else 0,
+           meta.stat().st_mtime if meta.exists() else 0)      # a rescored run: a new context
     if key not in _CTX:
         _CTX.clear()
         info = project.run(run)
@@ -793,7 +795,29 @@ def _context(project, run: str):
         from diffin_core.engine.hvp import adopt
         adopt(ctx, info.meta.get("hvp"))        # the run's measured HVP decisions (hvp.py)
         ctx.base_grads = BaseGrads(info.path, ctx)   # the Hessian batches' gradients, once per run
+        ctx.progress = _check_cancelled               # a warm child's cancelled call stops at the next checkpoint
     return _CTX[key]
+
+
+def _check_cancelled(done=0, total=None, message: str = "") -> None:
+    from diffin_core.errors import check_cancelled
+    check_cancelled()
+
+
+def warm_key(project, run: str) -> str:
+    """The key of the app's warm child for a run's queries (usercode.run ``warm``): the project,
+    the run and the modification times of what a kept context depends on (the run's meta.json and
+    store, the project's manifest, config and model files), so that a rescored run, a rebuilt store
+    or a new model starts a fresh child."""
+    root = Path(project.root)
+    parts = [str(root.resolve()), run]
+    for p in (project.run(run).path / "meta.json", project.run(run).path / DIRNAME / "meta.json",
+              project.manifest_path, root / "diffin.toml", *sorted(root.glob("*.py")), *sorted(root.glob("*.pt2"))):
+        try:
+            parts.append(f"{p.stat().st_mtime_ns}")
+        except OSError:
+            parts.append("-")
+    return "explore:" + ":".join(parts)
 
 
 class BaseGrads(dict):
@@ -1212,10 +1236,12 @@ def answer_ahead(root: str, run: str, queries, progress=None, k: int = CERTIFIED
     how many it answered."""
     from diffin_core.project.folder import Project
     from diffin_core.run import answers
+    from diffin_core.errors import check_cancelled
     project = Project(root)
     d, made = project.run(run).path, 0
     store, ctx = FeatureStore.open(project, run), None
     for i, qi in enumerate(queries):
+        check_cancelled()
         a = answers.load(d, [int(qi)])
         if a is None or not a.covers(k):
             if store is not None:

@@ -256,15 +256,17 @@ class JobManager:
 
     def submit_child(self, kind: str, target: str, args: tuple = (), kwargs: dict | None = None, *,
                      label: str = "", project_dir: str | os.PathLike | None = None,
-                     timeout: float | None = None, with_progress: bool = True) -> str:
+                     timeout: float | None = None, with_progress: bool = True, warm: str | None = None) -> str:
         """Queue ``target(*args, progress=..., **kwargs)`` (``"module:function"``) to run in a
         child process (usercode.run): cancel kills it, a crash fails only this job. ``timeout``:
-        the job's time limit (seconds; default the manager's ``TimeLimit``): the child is killed."""
+        the job's time limit (seconds; default the manager's ``TimeLimit``): the child is killed.
+        ``warm``: run it in the warm child of that key (usercode.run: kept for the next call; a
+        cancel asks the call to stop and keeps the child)."""
         from diffin_core.workspace import usercode
 
         def fn(progress: Progress):
             return usercode.run(target, *args, progress=progress.update if with_progress else None,
-                                cancelled=lambda: progress.cancelled, what=label or kind,
+                                cancelled=lambda: progress.cancelled, what=label or kind, warm=warm,
                                 **(kwargs or {}))
         return self.submit(kind, fn, label=label, project_dir=project_dir, time_limit=timeout)
 

@@ -16,6 +16,13 @@ runs ``"module:function"(*args, **kwargs)`` and the calling thread supervises it
 The child never writes ``__pycache__`` (``sys.dont_write_bytecode``), and ``load_source``
 imports a user file without writing bytecode next to it in any process.
 Starting a child costs about 2-3 s (a fresh interpreter importing torch).
+
+``run(..., warm=KEY)`` keeps the child for the next call with the same key (a *warm* child: the
+Explore page's queries of one run, whose model, checkpoints and store it keeps loaded): calls run
+in it one at a time, with the same progress, cancel, time limit and crash handling; a cancel asks
+the call to stop (``errors.check_cancelled`` between its steps) and keeps the child when it does
+within ``CANCEL_GRACE_S``; a time limit, a crash or an unexpected exception retires it. At most
+``WARM_MAX`` are kept, each until ``WARM_IDLE_S`` seconds unused.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import threading
 import time
 import traceback
 import types
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,13 +139,16 @@ def _exit_text(code: int | None) -> str:
 
 
 def run(target: str, *args, progress: Callable | None = None, cancelled: Callable[[], bool] | None = None,
-        timeout: float | None = None, what: str = "user code", **kwargs) -> Any:
+        timeout: float | None = None, what: str = "user code", warm: str | None = None, **kwargs) -> Any:
     """``target(*args, **kwargs)`` (target = ``"package.module:function"``) in a spawned child.
 
     With ``progress`` the target gets a ``progress=`` keyword and its calls are forwarded here.
     Returns the target's (picklable) result. Raises JobCancelled when ``cancelled()`` turns
-    true, DiffinError on an exception, a crash or the time limit. The child is gone on return.
+    true, DiffinError on an exception, a crash or the time limit. The child is gone on return,
+    unless ``warm`` names a warm child to run it in (module doc).
     """
+    if warm is not None:
+        return _run_warm(str(warm), target, args, kwargs, progress, cancelled, timeout, what)
     fd, log_path = tempfile.mkstemp(prefix="diffin-child-", suffix=".log")
     os.close(fd)
     q = SPAWN.Queue()
@@ -184,6 +195,210 @@ def run(target: str, *args, progress: Callable | None = None, cancelled: Callabl
             os.unlink(log_path)
         except OSError:
             pass
+
+
+# --- warm children: one process for a series of calls --------------------------------------------
+WARM_IDLE_S = float(os.environ.get("DIFFIN_WARM_IDLE", "600"))
+WARM_MAX = 2
+CANCEL_GRACE_S = 10.0
+
+
+class _WarmProgress(_ChildProgress):
+    """progress() in a warm child: tagged with the call, raises JobCancelled once cancelled."""
+
+    def __init__(self, q, call_id: str, cancel):
+        super().__init__(q)
+        self.call_id, self.cancel = call_id, cancel
+
+    def __call__(self, done, total=None, message: str = "") -> None:
+        if self.cancel.is_set():
+            raise JobCancelled()
+        now = time.monotonic()
+        final = total is not None and int(done) >= int(total)
+        if message != self.last_msg or final or now - self.last >= 0.05:
+            self.q.put((self.call_id, "progress", int(done), None if total is None else int(total), str(message)))
+            self.last, self.last_msg = now, message
+
+
+def _warm_child(inq, outq, cancel, log_path: str) -> None:
+    sys.dont_write_bytecode = True
+    log = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+    os.dup2(log.fileno(), 2)
+    sys.stderr = log
+    faulthandler.enable(file=log)
+    from diffin_core import errors
+    errors._cancel_check = cancel.is_set
+    while True:
+        msg = inq.get()
+        if msg is None:
+            return
+        call_id, target, args, kwargs, with_progress = msg
+        try:
+            module, fn = target.split(":")
+            call = getattr(importlib.import_module(module), fn)
+            if with_progress:
+                kwargs = dict(kwargs, progress=_WarmProgress(outq, call_id, cancel))
+            outq.put((call_id, "done", call(*args, **kwargs)))
+        except JobCancelled:
+            outq.put((call_id, "cancelled"))
+        except DiffinError as e:                     # an input problem: the child stays usable
+            outq.put((call_id, "error", _one_line(e), True))
+        except BaseException as e:  # noqa: BLE001 - user code: the parent retires this child
+            traceback.print_exc(file=log)
+            outq.put((call_id, "error", _one_line(e), False))
+            return
+        finally:
+            log.flush()
+
+
+class _Warm:
+    """A warm child and what the parent needs to talk to it."""
+
+    def __init__(self, key: str):
+        self.key = key
+        fd, self.log_path = tempfile.mkstemp(prefix="diffin-warm-", suffix=".log")
+        os.close(fd)
+        self.inq, self.outq, self.cancel = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Event()
+        self.proc = SPAWN.Process(target=_warm_child, args=(self.inq, self.outq, self.cancel, self.log_path),
+                                  name="diffin-warm", daemon=True)
+        self.lock = threading.Lock()
+        self.last_used = time.monotonic()
+        self.calls = 0
+        _BARE.on = True
+        try:
+            self.proc.start()
+        finally:
+            _BARE.on = False
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join(10)
+        for q in (self.inq, self.outq):
+            q.close()
+            q.cancel_join_thread()
+        try:
+            os.unlink(self.log_path)
+        except OSError:
+            pass
+
+
+_WARM: dict[str, _Warm] = {}
+_WARM_LOCK = threading.Lock()
+_REAPER: list = []
+
+
+def _retire(w: _Warm) -> None:
+    with _WARM_LOCK:
+        if _WARM.get(w.key) is w:
+            del _WARM[w.key]
+    w.close()
+
+
+def _reap() -> None:
+    while True:
+        time.sleep(min(30.0, max(1.0, WARM_IDLE_S / 4)))
+        now = time.monotonic()
+        with _WARM_LOCK:
+            idle = [w for w in _WARM.values() if now - w.last_used > WARM_IDLE_S and not w.lock.locked()]
+        for w in idle:
+            _retire(w)
+
+
+def _warm_for(key: str) -> _Warm:
+    """The warm child for ``key`` (started when there is none, or it died)."""
+    stale = []
+    with _WARM_LOCK:
+        w = _WARM.get(key)
+        if w is not None and not w.alive():
+            stale.append(_WARM.pop(key))
+            w = None
+        if w is None:
+            spare = sorted((v for v in _WARM.values() if not v.lock.locked()), key=lambda v: v.last_used)
+            while len(_WARM) >= WARM_MAX and spare:
+                stale.append(_WARM.pop(spare.pop(0).key))
+            w = _WARM[key] = _Warm(key)
+        if not _REAPER:
+            _REAPER.append(threading.Thread(target=_reap, name="diffin-warm-reaper", daemon=True))
+            _REAPER[0].start()
+    for v in stale:
+        v.close()
+    return w
+
+
+def warm_pids() -> dict[str, int]:
+    """{key: pid} of the warm children alive (for tests and the page's status)."""
+    with _WARM_LOCK:
+        return {k: w.proc.pid for k, w in _WARM.items() if w.alive()}
+
+
+def close_warm(key: str | None = None) -> None:
+    """Stop the warm child of ``key`` (every one when None)."""
+    with _WARM_LOCK:
+        ws = [w for k, w in _WARM.items() if key is None or k == key]
+    for w in ws:
+        _retire(w)
+
+
+def _run_warm(key: str, target: str, args: tuple, kwargs: dict, progress, cancelled, timeout, what) -> Any:
+    w = _warm_for(key)
+    with w.lock:
+        if not w.alive():                               # died while this call waited for it
+            _retire(w)
+            w = _warm_for(key)
+        w.cancel.clear()
+        call_id = uuid.uuid4().hex
+        w.inq.put((call_id, target, args, kwargs, progress is not None))
+        start, keep, dead_polls = time.monotonic(), False, 0
+        try:
+            while True:
+                try:
+                    msg = w.outq.get(timeout=0.05)
+                except queue.Empty:
+                    msg = None
+                if msg is not None and msg[0] == call_id:
+                    if msg[1] == "progress":
+                        progress(*msg[2:])              # raises JobCancelled when the job was cancelled
+                        continue
+                    if msg[1] == "done":
+                        keep = True
+                        return msg[2]
+                    if msg[1] == "cancelled":
+                        keep = True
+                        raise JobCancelled()
+                    keep = bool(msg[3])
+                    raise DiffinError(msg[2])
+                if cancelled is not None and cancelled():
+                    raise JobCancelled()
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise ChildFailed(f"{what} did not finish within {timeout:g} s and was stopped")
+                if not w.alive():
+                    dead_polls += 1
+                    if dead_polls < 5:
+                        continue
+                    last = last_error_line(Path(w.log_path).read_text(encoding="utf-8", errors="replace"))
+                    raise ChildFailed(f"{what} crashed ({_exit_text(w.proc.exitcode)})" + (f": {last}" if last else ""))
+        except JobCancelled:
+            if not keep and w.alive():                  # ask it to stop; keep it when it does in time
+                w.cancel.set()
+                end = time.monotonic() + CANCEL_GRACE_S
+                while time.monotonic() < end and w.alive():
+                    try:
+                        msg = w.outq.get(timeout=0.05)
+                    except queue.Empty:
+                        continue
+                    if msg[0] == call_id and msg[1] in ("cancelled", "done", "error"):
+                        keep = msg[1] != "error" or bool(msg[3])
+                        break
+            raise
+        finally:
+            w.calls += 1
+            w.last_used = time.monotonic()
+            if not keep:
+                _retire(w)
 
 
 # --- what the app runs in a child --------------------------------------------------------------
