@@ -14,13 +14,16 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
                                   and max_abs_diff the largest |value - exact value| over the rows
                                   both show;
   rescored_rows                   rows the fast path rescored exactly (its label says how many);
+  user_job_s                      a new query as the app's job in a fresh child (rescore_for,
+                                  start-up included: what every query cost before the warm child);
+  user_job_warm_first_s           the same in the run's warm child, its first call (it starts it);
   ahead_per_min / ahead_cpu_s     planning ahead: the app's background job (features.answer_ahead
-                                  in a spawned child, as the page runs it) on ``--ahead`` new
+                                  in the run's warm child, as the page runs it) on ``--ahead`` new
                                   queries of one class: queries answered per wall minute, CPU s each;
-  user_job_s / user_job_ahead_s   a new query as the app's job (rescore_for in a spawned child,
-                                  start-up included) alone, and asked while planning ahead runs
-                                  (the page cancels the ahead job first): planning ahead must not
-                                  slow it.
+  user_job_ahead_s                a new query in the warm child asked while planning ahead runs
+                                  there (the page cancels the ahead job first, the child stays):
+                                  planning ahead must not slow it; app_worker says whether the
+                                  child stayed the same process.
 ``--burners 2`` runs the whole measurement beside two CPU burners (benchmarks/_load.py), the
 row's ``condition`` says which. The answers are removed first (each query is new) and the exact
 ones are computed last.
@@ -96,38 +99,54 @@ def main() -> None:
         measure(a)
 
 
-def app_job(jm, target: str, args: tuple, kwargs: dict) -> float:
-    """Wall seconds of one app job (a spawned child, as the page submits it) to its end."""
+def app_job(jm, target: str, args: tuple, kwargs: dict, warm: str | None = None) -> float:
+    """Wall seconds of one app job (a spawned child, or the run's warm child, as the page submits
+    it) to its end."""
     t = time.perf_counter()
-    job = jm.submit_child("bench", target, args, kwargs, label="bench", with_progress=False)
+    job = jm.submit_child("bench", target, args, kwargs, label="bench", with_progress=False, warm=warm)
     info = jm.wait(job, timeout=1800)
     if info is None or info.status != "done":
         raise SystemExit(f"{target} did not finish: {getattr(info, 'status', None)} {getattr(info, 'error', '')}")
     return time.perf_counter() - t
 
 
+def proc_cpu(pid: int) -> float:
+    """user + system CPU seconds of a live process (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
-    """Throughput of the planning-ahead job, and a user's new query with and without it running."""
+    """The app's jobs: a new query in a fresh child (what every query cost before the warm child),
+    then, in the run's warm child as the page runs them now, a first query (starting it), planning
+    ahead (throughput) and a new query asked while planning ahead runs (the page cancels it first):
+    planning ahead must not slow it."""
     from diffin_core.run import features as F
+    from diffin_core.workspace import usercode
     from diffin_core.workspace.jobs import JobManager
     root, jm = str(project.root), JobManager()
     y = np.asarray(project.query.y)
     cls = int(y[picks[0]])
     fresh = [int(i) for i in np.flatnonzero(y == cls) if int(i) not in picks]
-    ahead, user = fresh[:n], fresh[n:n + 2]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    wall = app_job(jm, "diffin_core.run.features:answer_ahead", (root, run, ahead), {})
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    ahead, user = fresh[:n], fresh[n:n + 3]
+    key = F.warm_key(project, run)
     alone = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[0]]), {})
-    rest = [int(i) for i in np.flatnonzero(y != cls)][:F.AHEAD]        # an ahead job still busy
+    first = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[1]]), {}, warm=key)
+    pid = usercode.warm_pids()[key]
+    cpu0 = proc_cpu(pid)
+    wall = app_job(jm, "diffin_core.run.features:answer_ahead", (root, run, ahead), {}, warm=key)
+    cpu = proc_cpu(pid) - cpu0
+    rest = [int(i) for i in np.flatnonzero(y != cls) if int(i) not in picks][:F.AHEAD]   # an ahead job still busy
     job = jm.submit_child("plan-ahead", "diffin_core.run.features:answer_ahead", (root, run, rest), {},
-                          label="ahead", with_progress=True)
+                          label="ahead", with_progress=True, warm=key)
     time.sleep(3.0)
     jm.cancel(job)                                                     # what the page does first
-    beside = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[1]]), {})
+    beside = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[2]]), {}, warm=key)
+    same = usercode.warm_pids().get(key) == pid
+    usercode.close_warm(key)
     return {"ahead_queries": len(ahead), "ahead_per_min": 60 * len(ahead) / wall, "ahead_cpu_s": cpu / len(ahead),
-            "user_job_s": alone, "user_job_ahead_s": beside}
+            "user_job_s": alone, "user_job_warm_first_s": first, "user_job_ahead_s": beside,
+            "app_worker": "warm" if same else "warm (restarted)"}
 
 
 def measure(a) -> None:

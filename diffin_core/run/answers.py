@@ -209,11 +209,19 @@ def print_cached(project_dir: Path, run: str, query_indices, k: int, echo=print,
     ans = load(run_dir, query_indices, exact_only)
     if ans is None or not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
         return False
+    return print_answer(run_dir, ans, k, echo,
+                        f"({ans.path})" if "cached" in ans.path else f"({ans.path}; answered before)")
+
+
+def print_answer(run_dir: Path, ans: Answer, k: int, echo=print, header: str | None = None) -> bool:
+    """Print ``ans``'s top ``k`` of each side as `diffin top` does, from the run's kept columns
+    (numpy only); False when they are not kept yet (the caller prints through pandas, which keeps
+    them)."""
     cols = load_columns(run_dir)
     if cols is None or len(cols["sample_id"]) != len(ans.influence):
         return False
     order = np.argsort(-ans.influence, kind="stable")
-    echo(f"({ans.path})" if "cached" in ans.path else f"({ans.path}; answered before)")
+    echo(header if header is not None else f"({ans.path})")
     for title, rows in ((HELPFUL_TITLE, order[:k]), (HARMFUL_TITLE, order[::-1][:k])):
         echo(f"\n{title}:")
         echo(format_table(cols, rows, ans.influence))
