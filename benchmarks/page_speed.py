@@ -27,7 +27,7 @@ Explore is measured as opened ("explore": the top-k view), after "Find the most 
 harmful" for query 0 ("explore+topk": the two image grids too), and for its Map and Histograms
 views ("explore+map", "explore+hist": from choosing the view until it is drawn; the map shows at
 most 20,000 of the 50,000 points). Results: benchmarks/results/page_speed.csv (page, mode, n_train, median_s,
-p90_s) and page_speed.png.
+p90_s, load: the 1-minute load average when the row was done, date: UTC) and page_speed.png.
 """
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def bench_apptest(workspace: Path, project: Path, repeats: int, n: int) -> list[
         log(f"apptest {name:13s} first {first:6.2f} s · median {med:.3f} s · p90 {p90:.3f} s"
             + (f"  ({charts} plotly charts drawn)" if charts else ""))
         rows.append({"page": name, "mode": "apptest", "n_train": n,
-                     "median_s": round(med, 4), "p90_s": round(p90, 4)})
+                     "median_s": round(med, 4), "p90_s": round(p90, 4), "load": round(os.getloadavg()[0], 2)})
         if name == "explore+topk":
             at.session_state["explore_topk_for"] = None
     return rows
@@ -282,7 +282,8 @@ def bench_browser(workspace: Path, project: Path, repeats: int, n: int) -> list[
                     med, p90 = stats(times)
                     log(f"browser {name:13s} median {med:.3f} s · p90 {p90:.3f} s  ({', '.join(f'{t:.2f}' for t in times)})")
                     rows.append({"page": name, "mode": "browser", "n_train": n,
-                                 "median_s": round(med, 4), "p90_s": round(p90, 4)})
+                                 "median_s": round(med, 4), "p90_s": round(p90, 4),
+                                 "load": round(os.getloadavg()[0], 2)})
             finally:
                 browser.close()
     return rows
@@ -308,7 +309,7 @@ def plot(df: pd.DataFrame, path: Path, note: str = "") -> None:
             if np.isfinite(v):
                 ax.text(x, max(v, top) + 0.03, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
     ax.axhline(TARGET_S, color="#c44e52", ls="--", lw=1, label=f"target {TARGET_S:.0f} s")
-    ax.set_xticks(np.arange(len(pages)), pages)
+    ax.set_xticks(np.arange(len(pages)), pages, rotation=20, fontsize=8)
     ax.set_ylabel("seconds to render (whiskers: p90)")
     n = int(df["n_train"].iloc[0])
     ax.set_title(f"diffin page render time with {n:,} scored training samples"
@@ -320,6 +321,12 @@ def plot(df: pd.DataFrame, path: Path, note: str = "") -> None:
     plt.close(fig)
 
 
+def plot_note(df: pd.DataFrame) -> str:
+    """The plot's second title line: the machine and the load while the rows were measured."""
+    return (f"{os.cpu_count()} CPUs, load {df['load'].min():.1f}-{df['load'].max():.1f} during the run, "
+            f"{df['date'].iloc[0]} UTC\nbrowser: headless chromium, software GL (--disable-gpu) · apptest: script run only")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=50_000, help="training samples (default 50,000)")
@@ -327,7 +334,11 @@ def main() -> None:
     ap.add_argument("--workspace", type=Path, help="where to build/reuse the project (default: temp)")
     ap.add_argument("--no-browser", action="store_true", help="AppTest only")
     ap.add_argument("--out", type=Path, default=RESULTS / "page_speed.csv")
+    ap.add_argument("--plot-only", action="store_true", help="redraw the plot of --out's CSV, measure nothing")
     args = ap.parse_args()
+    if args.plot_only:
+        plot(pd.read_csv(args.out), args.out.with_suffix(".png"), plot_note(pd.read_csv(args.out)))
+        return
 
     load = os.getloadavg()[0]
     note = (f"{os.cpu_count()} CPUs, load {load:.1f} at start · browser: headless chromium, software GL "
@@ -343,10 +354,11 @@ def main() -> None:
                 rows += bench_browser(ws, project, args.repeats, args.n)
             else:
                 log(f"{CHROMIUM} missing: browser mode skipped")
-    df = pd.DataFrame(rows, columns=["page", "mode", "n_train", "median_s", "p90_s"])
+    df = pd.DataFrame(rows, columns=["page", "mode", "n_train", "median_s", "p90_s", "load"])
+    df["date"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(args.out, index=False)
-    plot(df, args.out.with_suffix(".png"), note)
+    plot(df, args.out.with_suffix(".png"), plot_note(df))
     log(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     print(df.to_string(index=False))
     slow = df[df["median_s"] >= TARGET_S]
