@@ -504,3 +504,38 @@ def test_sketch_features_asked_where_views_fit(tmp_path, monkeypatch):
     for sign in (1, -1):
         top = np.argsort(-sign * exact, kind="stable")[:10]
         assert set(np.argsort(-sign * fast, kind="stable")[:10]) == set(top)
+
+
+def test_views_after_a_far_off_probe_take_exact_products_unprobed(tmp_path, monkeypatch):
+    """Issue 19: `--hvp auto` probes a view's first product both ways. Once a view of the plan
+    measured finite differences FAR_TOL or more off (a ResNet-18: 7-10x at every checkpoint), the
+    later views take exact products without the probe, and no view of exact products computes the
+    batch gradient (finite differences' base). The plan is the same as with --hvp exact."""
+    from diffin_core.engine import hvp
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.methods.diffin import DiffIn
+    project = Project(make_tiny_project(tmp_path / "p"))
+    q = project.query
+    real_exact, real_grad = FunctionalModel.hvp_exact, FunctionalModel.batch_grad
+    fd_calls, hessian_grads = [], []
+    monkeypatch.setattr(FunctionalModel, "hvp_fd",          # finite differences 100% off
+                        lambda self, theta, x, y, v, **kw: (fd_calls.append(1), 2 * real_exact(self, theta, x, y, v))[1])
+    monkeypatch.setattr(FunctionalModel, "batch_grad",
+                        lambda self, theta, x, y: (hessian_grads.append(len(y)), real_grad(self, theta, x, y))[1])
+    ctx = F.configured(project_context(project, ScoreSettings(hvp="auto")))
+    rows = min(ctx.hessian_rows, ctx.n)
+    auto = DiffIn().prepare(ctx, q.x, q.y)
+    views = [e for e in ctx.hvp_log if e["where"] == "lanczos"]
+    assert len(views) == len(auto) > 2 and len(fd_calls) == 1
+    assert views[0]["used"] == "exact" and views[0]["fd_error"] >= hvp.FAR_TOL
+    assert all(e["used"] == "exact" and e["inherited"] == views[0]["checkpoint"] for e in views[1:])
+    assert hessian_grads.count(rows) == 1                  # only the probe's finite difference needed it
+    s = hvp.summary(ctx)
+    assert s["lanczos_views"] == {"exact": len(auto), "fd": 0} and list(s["views"]) == [str(views[0]["checkpoint"])]
+    hessian_grads.clear()
+    ctx_e = F.configured(project_context(project, ScoreSettings(hvp="exact")))
+    exact = DiffIn().prepare(ctx_e, q.x, q.y)
+    assert hessian_grads.count(rows) == 0
+    for a, b in zip(auto, exact):
+        assert a.k == b.k and torch.equal(a.w, b.w)

@@ -11,7 +11,12 @@ auto   (the default) exact where finite differences are measured not to be accur
        - every Lanczos view (one per checkpoint): its first product is made both ways; when the
          finite difference misses the exact product by more than ``AUTO_TOL`` the view uses exact
          products, else finite differences (cheaper), the first one included. The measured error
-         is recorded per checkpoint (meta.json "hvp" "views").
+         is recorded per checkpoint (meta.json "hvp" "views"). Once a view of the context has
+         measured finite differences ``FAR_TOL`` or more off, the later views take exact products
+         without a probe ("inherited" in the log): a ResNet-18 (ReLU kinks, 11.2M parameters)
+         missed by 7-10x at every checkpoint, the same in float64 and with central differences at
+         any step (docs/performance.md), and each probe cost a batch gradient and a finite
+         difference (2.4 s there). Exact products are never the less accurate choice.
        - a query on a finished run (`diffin top`, Explore: ``adopt``): a checkpoint where the run
          measured finite differences within ``AUTO_TOL / 2`` takes them without a new probe (the
          probe's exact product cost about 4 gradients, a third of a new query's plan on the
@@ -28,6 +33,7 @@ from __future__ import annotations
 import torch
 
 AUTO_TOL = 0.01        # relative error of a finite-difference HVP above which auto takes exact ones
+FAR_TOL = 10 * AUTO_TOL   # a view's error from which the context's later views take exact ones unprobed
 MODES = ("auto", "exact", "fd")
 
 
@@ -49,10 +55,20 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = "lanczos",
+def _far_off(ctx) -> int | None:
+    """The checkpoint of a view of this context whose probe measured finite differences FAR_TOL
+    or more off, or None."""
+    for e in getattr(ctx, "hvp_log", None) or []:
+        if e["where"] == "lanczos" and e.get("fd_error", 0.0) >= FAR_TOL:
+            return int(e["checkpoint"])
+    return None
+
+
+def product(ctx, k: int, fm, theta, x, y, g0, where: str = "lanczos",
             state: dict | None = None):
     """hv(v) -> H v of the batch (x, y) at ``theta`` (fm: the model with checkpoint k's buffers);
-    ``g0``: the batch gradient at theta (finite differences' base). ``where``: "lanczos" (auto:
+    ``g0``: the batch gradient at theta (finite differences' base), or a function giving it
+    (computed only when a finite difference is made). ``where``: "lanczos" (auto:
     probe the first product), "sgd" (SGD's replay: probed likewise, once per ``state``) or
     "adam" (auto: exact). ``state``: a dict shared by products that
     should follow one decision (Adam's replay: every step of a checkpoint's interval)."""
@@ -60,7 +76,7 @@ def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = 
     eps = ctx.settings.eps
 
     def fd(v):
-        return fm.hvp_fd(theta, x, y, v, base_grad=g0, eps=eps)
+        return fm.hvp_fd(theta, x, y, v, base_grad=g0() if callable(g0) else g0, eps=eps)
 
     def exact(v):
         return fm.hvp_exact(theta, x, y, v)
@@ -78,6 +94,16 @@ def product(ctx, k: int, fm, theta, x, y, g0: torch.Tensor | None, where: str = 
             state["fn"] = "fd"                 # the run measured fd accurate here (adopt)
             _log(ctx).append({"checkpoint": int(k), "where": where, "used": "fd", "adopted": True})
             return fd(v)
+        far = _far_off(ctx) if where == "lanczos" else None
+        if far is not None:
+            try:
+                e = exact(v)
+            except (RuntimeError, NotImplementedError):
+                e = None
+            if e is not None:
+                state["fn"] = "exact"
+                _log(ctx).append({"checkpoint": int(k), "where": where, "used": "exact", "inherited": far})
+                return e
         try:
             e = exact(v)
         except (RuntimeError, NotImplementedError) as err:

@@ -245,17 +245,27 @@ def coupled_decay(ctx):
     return recipe.weight_decay if recipe.adam else 0.0
 
 
-def hessian_matvec(ctx, k: int, batch, scaled: bool = True, g0: torch.Tensor | None = None):
-    """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and the batch
-    gradient (``g0``: that gradient when the caller has it, e.g. base_grad's cache). M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay);
+def hessian_matvec(ctx, k: int, batch, scaled: bool = True, g0=None):
+    """(matvec, g0): the segment operator M of checkpoint k on a fixed batch, and a function giving
+    the batch gradient, computed at most once and only when asked (finite differences: views of
+    exact products never need it). ``g0``: that gradient when the caller has it, or a function
+    giving it (base_grad's cache). M = H (SGD), D^1/2 H D^1/2 (+ lambda D, Adam with coupled weight decay);
     S (H + Lambda) S with per-group hyper-parameters (S = preconditioner_scale).
     HVPs per settings.hvp (hvp.py; finite differences with TF32 off); a non-finite product raises a one-line DiffinError
     naming the checkpoint."""
     x, y = batch
     fm, theta = ctx.fm_at(k), ctx.thetas[k]
-    if g0 is None:
-        with no_tf32():
-            g0 = fm.batch_grad(theta, x, y)
+    base: list = [] if g0 is None or callable(g0) else [g0]
+    given = g0 if callable(g0) else None
+
+    def g0():
+        if not base:
+            if given is not None:
+                base.append(given())
+            else:
+                with no_tf32():
+                    base.append(fm.batch_grad(theta, x, y))
+        return base[0]
     from .hvp import product
     hv = product(ctx, k, fm, theta, x, y, g0)          # settings.hvp: fd, exact or auto (hvp.py)
     S = preconditioner_scale(ctx, k) if scaled else None
@@ -323,11 +333,10 @@ def segment_op(ctx, k: int, view: SpectralView, lo: int, hi: int) -> SegmentOp:
                      expand)
 
 
-def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True,
-                 g0: torch.Tensor | None = None):
-    """(Lanczos view of M_k, g0). ``starts``: one (P,) vector or a list (the first gets
-    ``steps`` = settings.lanczos_steps iterations, each further one half as many); ``g0``: the
-    batch's gradient at theta_k when known (base_grad)."""
+def hessian_view(ctx, k: int, starts, batch, steps: int | None = None, scaled: bool = True, g0=None):
+    """(Lanczos view of M_k, g0: a function giving the batch gradient). ``starts``: one (P,)
+    vector or a list (the first gets ``steps`` = settings.lanczos_steps iterations, each further
+    one half as many); ``g0``: the batch's gradient at theta_k, or a function giving it (base_grad)."""
     steps = steps or ctx.settings.lanczos_steps
     starts = [starts] if isinstance(starts, torch.Tensor) else list(starts)
     matvec, g0 = hessian_matvec(ctx, k, batch, scaled, g0)
@@ -525,7 +534,7 @@ def _plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
         view = view_fn(k, starts)
     else:
         batch = ctx.sample_batch(ctx.hessian_rows, k)
-        view, _ = hessian_view(ctx, k, starts, batch, g0=base_grad(ctx, k, batch))
+        view, _ = hessian_view(ctx, k, starts, batch, g0=lambda: base_grad(ctx, k, batch))   # only if fd
     op = segment_op(ctx, k, view, lo, hi)
     if not ctx.recipe.adam and (rows is None or ctx.moments is not None):
         note_sharpness(ctx, k, view, lo, hi, replayed=rows is not None)

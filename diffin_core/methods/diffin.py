@@ -321,6 +321,7 @@ class DiffInPaper(Attributor):
                 continue
             xb, yb = ctx.sample_batch(ctx.settings.paper_batch, k, salt=1)
             view, gb = hessian_view(ctx, k, random_start(ctx, k, salt=1), (xb, yb), scaled=False)
+            gb = gb()
             gq = ctx.mean_grad(k, qx, qy)
             hb_gq = ctx.fm_at(k).hvp_fd(ctx.thetas[k], xb, yb, gq, eps=ctx.settings.eps)
             h = ctx.settings.eps / torch.linalg.vector_norm(gb).clamp_min(1e-30)
