@@ -533,6 +533,7 @@ def test_views_after_a_far_off_probe_take_exact_products_unprobed(tmp_path, monk
     assert hessian_grads.count(rows) == 1                  # only the probe's finite difference needed it
     s = hvp.summary(ctx)
     assert s["lanczos_views"] == {"exact": len(auto), "fd": 0} and list(s["views"]) == [str(views[0]["checkpoint"])]
+    assert s["view_products"] == {str(it.k): it.op.view.values.numel() for it in auto}   # products per view
     hessian_grads.clear()
     ctx_e = F.configured(project_context(project, ScoreSettings(hvp="exact")))
     exact = DiffIn().prepare(ctx_e, q.x, q.y)

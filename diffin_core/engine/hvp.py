@@ -165,6 +165,9 @@ def summary(ctx) -> dict:
             used = [e for e in log if e["where"] == name]
             if used:
                 out[f"{name}_replay"] = "exact" if all(e["used"] == "exact" for e in used) else "fd"
+        sizes = {str(e["checkpoint"]): e["products"] for e in log if e["where"] == "view"}
+        if sizes:                          # the Hessian-vector products each plan view took
+            out["view_products"] = sizes
         why = [e["why"] for e in log if "why" in e]
         if why:
             out["fallback"] = why[0]

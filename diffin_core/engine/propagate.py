@@ -535,6 +535,8 @@ def _plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     else:
         batch = ctx.sample_batch(ctx.hessian_rows, k)
         view, _ = hessian_view(ctx, k, starts, batch, g0=lambda: base_grad(ctx, k, batch))   # only if fd
+        from diffin_core.engine.hvp import _log          # the products this view took (meta.json hvp.view_products)
+        _log(ctx).append({"checkpoint": int(k), "where": "view", "products": int(view.values.numel())})
     op = segment_op(ctx, k, view, lo, hi)
     if not ctx.recipe.adam and (rows is None or ctx.moments is not None):
         note_sharpness(ctx, k, view, lo, hi, replayed=rows is not None)
