@@ -104,7 +104,7 @@ def new_queries(project: Path, run: str, codes: list, n: int, seed: int, n_train
         for code, root in codes:
             for sub in ("answers", "topk"):
                 shutil.rmtree(run_dir / sub, ignore_errors=True)
-            row = {"what": f"diffin top --run {run} -q {qi} --k 10 (new query)", "code": code, "query": qi,
+            row = {"what": f"diffin top --run {run} -q {qi} --k 10 (new query)", "code": code, "query_index": qi,
                    **timed([sys.executable, "-m", "diffin_core.cli", "top", str(project), "--run", run, "-q", str(qi),
                             "--k", "10"], root), "samples": n_train}
             answers[code] = np.load(run_dir / "topk" / f"q{qi}.npy")
