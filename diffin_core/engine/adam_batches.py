@@ -40,7 +40,7 @@ is recorded in meta.json ("adam_check") and shown on the Score page.
 Cost: the check, once per context (a query on a finished run adopts the run's: adopt_check), one
 batch gradient per training step; per query, per step one batch gradient and one dropout-mask
 draw (the replay; two where an interval's records exceed a quarter of the memory budget: the
-replay to the block starts and the block's recompute), and one fused forward-over-reverse pass
+replay to the block starts and the block's recompute), and one fused reverse-over-reverse pass
 giving both the HVP (exact by default, hvp.py) and the per-sample jvps of its batch. Memory: the
 whole interval's (theta, m, v, G, masks) when they fit that share, else the state at about
 sqrt(L) block starts of an L-step interval and one block's records at a time. A query's top-k
@@ -286,11 +286,11 @@ def _record_bytes(record) -> int:
 
 
 def _hvp_and_directional(ctx, k: int, fm, th, x, y, g, wm, state: dict):
-    """(H wm, the step's per-sample <g_i, wm>) of the batch: one fused forward-over-reverse pass
+    """(H wm, the step's per-sample <g_i, wm>) of the batch: one fused reverse-over-reverse pass
     (functional.hvp_directional) where the replay's products are exact (settings.hvp "exact", or
     "auto", which takes exact ones here: hvp.py), else the directional jvp and hvp.product apart.
     ``state``: the interval's HVP decision (hvp.product's); a model whose fused pass fails (an op
-    without forward-mode AD) goes the separate way, where product() records its fallback."""
+    without a double backward) goes the separate way, where product() records its fallback."""
     mode = getattr(ctx.settings, "hvp", "fd")
     if mode == "exact" or (mode == "auto" and state.get("fn", "exact") == "exact" and not state.get("apart")):
         try:
