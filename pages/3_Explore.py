@@ -63,6 +63,20 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
                     lambda job: f"Rescoring the shortlist with the exact path in the background: {job.status}")
 
 
+def warm_up(project, run: str) -> None:
+    """Start the run's warm child (features.warm_up: its model, checkpoints and store loaded) when the
+    Top-k view opens, once per session and run state: the first query then costs its plan only."""
+    from diffin_core.workspace import usercode
+    key = F.warm_key(project, run)
+    if st.session_state.get("explore_warm") == key:
+        return
+    st.session_state["explore_warm"] = key
+    if key not in usercode.warm_pids() and not jm.active(str(project.root)):
+        jm.submit_child("warm-up", "diffin_core.run.features:warm_up", (str(project.root), run), {},
+                        label=f"loading {run} for Explore", project_dir=str(project.root),
+                        with_progress=False, warm=key)
+
+
 def _saved_selections() -> dict:
     from diffin_core.workspace import selections
     try:
@@ -72,7 +86,7 @@ def _saved_selections() -> dict:
         return {}
 
 
-def plan_ahead(project, run: str, qi: int, k: int) -> None:
+def plan_ahead(project, run: str, qi: int, k: int, warm: bool = False) -> None:
     """Answer the next queries of ``qi``'s class in the background (features.answer_ahead), so that
     opening them draws the exact grid at once; bounded (features.AHEAD), cancelled by any query the
     user asks (rescore_grid), and visible: how many are ready and queued."""
@@ -85,7 +99,7 @@ def plan_ahead(project, run: str, qi: int, k: int) -> None:
         st.session_state["explore_ahead_job"] = jm.submit_child(
             "plan-ahead", "diffin_core.run.features:answer_ahead", (str(project.root), run, todo), {"k": int(k)},
             label=f"planning ahead: {len(todo)} queries of query {int(qi)}'s class ({run})",
-            project_dir=str(project.root), warm=F.warm_key(project, run))
+            project_dir=str(project.root), warm=F.warm_key(project, run) if warm else None)
         st.session_state["explore_ahead_for"] = want
     if queue:
         st.caption(f"Planning ahead (the next {len(queue)} queries of this class, in the background): "
@@ -166,6 +180,8 @@ if view == VIEWS[0]:
              "a query asked before is read at once). The store's quick, approximate grid is drawn first only "
              "where this run has measured it to agree with the exact one. Off: the store's grid alone, "
              "labelled approximate, with a button to rescore.")
+    if fast and auto:
+        warm_up(project, run)
     if fast and st.session_state.get("explore_topk_for") != (run, int(qi)):
         st.caption("This run has a feature store: a query asked before is read at once; a new one is "
                    "rescored by the exact path in the background.")
@@ -228,7 +244,7 @@ if view == VIEWS[0]:
                     rescore_grid(project, run, int(qi), auto, int(k))
             elif (fast and auto) or (not fast and project.run(run).method == "diffin"):
                 with status:       # a run without a store (Adam's batch-order replay): its exact path
-                    plan_ahead(project, run, int(qi), int(k))
+                    plan_ahead(project, run, int(qi), int(k), warm=fast)   # a store's run: in its warm child
             st.session_state["explore_last_topk"] = [int(s) for s in harmful["sample_id"]][:1]
 
 # --- map -----------------------------------------------------------------------------------

@@ -819,6 +819,20 @@ def warm_key(project, run: str) -> str:
     return "explore:" + ":".join(parts)
 
 
+def warm_up(root: str, run: str) -> int:
+    """Explore's first job on a run with a store, in the run's warm child (usercode.run ``warm``)
+    before any query is asked: the run's context (model, checkpoints, the kept Hessian batch
+    gradients) and its store loaded, so that the first query costs its plan only. Returns the
+    checkpoints."""
+    from diffin_core.project.folder import Project
+    project = Project(root)
+    ctx = _context(project, run)
+    FeatureStore.open(project, run)
+    for k in range(ctx.m):
+        ctx.thetas[k]
+    return int(ctx.m)
+
+
 class BaseGrads(dict):
     """The base of every query plan's finite-difference HVPs: per checkpoint, the gradient of its
     fixed Hessian batch at theta_k (propagate.base_grad, keyed by propagate.base_grad_key), the
@@ -954,7 +968,9 @@ def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     out = np.empty(len(rows))
     order = np.argsort(rows)                              # ascending reads from a memmapped split
+    from diffin_core.errors import check_cancelled
     for a in range(0, len(rows), chunk):
+        check_cancelled()                                 # a warm child's cancelled call stops here
         r = rows[order[a:a + chunk]]
         x, y = ctx.tensors(ctx.train.x[r], ctx.train.y[r])
         out[order[a:a + chunk]] = DiffIn().chunk(ctx, plan, x, y, need_self=False)[0].double().cpu().numpy()
