@@ -63,20 +63,6 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
                     lambda job: f"Rescoring the shortlist with the exact path in the background: {job.status}")
 
 
-def warm_up(project, run: str) -> None:
-    """Start the run's warm child (features.warm_up: its model, checkpoints and store loaded) when the
-    Top-k view opens, once per session and run state: the first query then costs its plan only."""
-    from diffin_core.workspace import usercode
-    key = F.warm_key(project, run)
-    if st.session_state.get("explore_warm") == key:
-        return
-    st.session_state["explore_warm"] = key
-    if key not in usercode.warm_pids() and not jm.active(str(project.root)):
-        jm.submit_child("warm-up", "diffin_core.run.features:warm_up", (str(project.root), run), {},
-                        label=f"loading {run} for Explore", project_dir=str(project.root),
-                        with_progress=False, warm=key)
-
-
 def _saved_selections() -> dict:
     from diffin_core.workspace import selections
     try:
@@ -180,8 +166,6 @@ if view == VIEWS[0]:
              "a query asked before is read at once). The store's quick, approximate grid is drawn first only "
              "where this run has measured it to agree with the exact one. Off: the store's grid alone, "
              "labelled approximate, with a button to rescore.")
-    if fast and auto:
-        warm_up(project, run)
     if fast and st.session_state.get("explore_topk_for") != (run, int(qi)):
         st.caption("This run has a feature store: a query asked before is read at once; a new one is "
                    "rescored by the exact path in the background.")

@@ -819,20 +819,6 @@ def warm_key(project, run: str) -> str:
     return "explore:" + ":".join(parts)
 
 
-def warm_up(root: str, run: str) -> int:
-    """Explore's first job on a run with a store, in the run's warm child (usercode.run ``warm``)
-    before any query is asked: the run's context (model, checkpoints, the kept Hessian batch
-    gradients) and its store loaded, so that the first query costs its plan only. Returns the
-    checkpoints."""
-    from diffin_core.project.folder import Project
-    project = Project(root)
-    ctx = _context(project, run)
-    FeatureStore.open(project, run)
-    for k in range(ctx.m):
-        ctx.thetas[k]
-    return int(ctx.m)
-
-
 class BaseGrads(dict):
     """The base of every query plan's finite-difference HVPs: per checkpoint, the gradient of its
     fixed Hessian batch at theta_k (propagate.base_grad, keyed by propagate.base_grad_key), the
