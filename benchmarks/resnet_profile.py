@@ -14,6 +14,9 @@ gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch
   hvp_fd_32 / hvp_exact_32   one Hessian-vector product on that batch, finite differences (one
                       extra gradient) and forward-over-reverse; fd_rel_error = |fd - exact| / |exact|
                       (hvp="auto" takes exact products when it is above 1%)
+  hvp_double_backward_32 / hvp_forward_ad_32   the same exact product by reverse-over-reverse
+                      (autograd.grad of the gradient with create_graph) and by autograd's forward-mode
+                      dual numbers through the backward (is another exact product cheaper?)
   jvp                 one directional derivative per row (the influence-only path, a rescored row)
   sink_call           the view-less store's whole share of the walk per row (features.SketchSink
                       on those 5 gradients: the sketch, the exact norms, the rows written to disk)
@@ -59,6 +62,20 @@ def main(argv=None) -> int:
     g0 = fm.batch_grad(theta, x32, y32)
     g5 = fm.per_sample_grads(theta, x5, y5)
 
+    def double_backward():                   # reverse-over-reverse: the exact product another way
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            g, = torch.autograd.grad(fm.mean_loss(t, x32, y32), t, create_graph=True)
+            return torch.autograd.grad(g, t, grad_outputs=v)[0]
+
+    def forward_ad():                        # autograd's forward-mode dual numbers through the backward
+        import torch.autograd.forward_ad as fwad
+        with torch.enable_grad():
+            t = theta.detach().requires_grad_(True)
+            with fwad.dual_level():
+                g, = torch.autograd.grad(fm.mean_loss(fwad.make_dual(t, v), x32, y32), t)
+                return fwad.unpack_dual(g).tangent
+
     def loop():
         return torch.stack([fm.batch_grad(theta, x5[i:i + 1], y5[i:i + 1]) for i in range(5)])
     units = {"per_sample_grad": (lambda: fm.per_sample_grads(theta, x5, y5), 5),
@@ -67,6 +84,8 @@ def main(argv=None) -> int:
              "batch_grad_32": (lambda: fm.batch_grad(theta, x32, y32), 1),
              "hvp_fd_32": (lambda: fm.hvp_fd(theta, x32, y32, v, base_grad=g0), 1),
              "hvp_exact_32": (lambda: fm.hvp_exact(theta, x32, y32, v), 1),
+             "hvp_double_backward_32": (lambda: double_backward(), 1),
+             "hvp_forward_ad_32": (lambda: forward_ad(), 1),
              "jvp": (lambda: fm.directional(theta, x5, y5, v), 5)}
     if not a.units or "sink_call" in a.units:
         import tempfile
