@@ -15,8 +15,8 @@ is several times that) of:
   plan_kept_s        the same plan with the run's kept Hessian batch gradients (features.BaseGrads:
                      one batch gradient fewer per checkpoint); plan_kept_ratio = plan_s / plan_kept_s
   plan_wall_1t_s     wall seconds of that plan on 1 torch thread, plan_wall_2t_s on 2 (the batch
-  plan_wall_2t_s     gradients' slices on two threads, FunctionalModel._sliced_grad); wall_2t_ratio:
-                     their ratio (about 2 on two free cores; near 1 on a loaded machine)
+  plan_wall_2t_s     gradients' slices on two threads, FunctionalModel._sliced_grad with SLICE_WORKERS 2;
+                     off by default); wall_2t_ratio: their ratio
   plan_same_bits     1 when the fresh, kept and 2-thread plans are the same bits (each w_k)
   vmap4_ratio        4 batch gradients at 4 thetas one after the other, CPU time over the same 4 under
                      torch.func.vmap (one batched call, as vmapping checkpoints or queries would make
@@ -127,8 +127,11 @@ def main() -> None:
         with threads(1):
             plan_k, t_kept = cpu(lambda: DiffIn().prepare(ctx, q.x[[qi]], q.y[[qi]]))
             _, w1 = wall(lambda: DiffIn().prepare(ctx, q.x[[qi]], q.y[[qi]]))
+        from diffin_core.engine import functional
+        saved, functional.SLICE_WORKERS = functional.SLICE_WORKERS, 2
         with threads(2):
             plan_2, w2 = wall(lambda: DiffIn().prepare(ctx, q.x[[qi]], q.y[[qi]]))
+        functional.SLICE_WORKERS = saved
         same = all(torch.equal(a_.w, b_.w) and torch.equal(a_.w, c_.w) for a_, b_, c_ in zip(plan, plan_k, plan_2))
         scale = max(float(it.w.abs().max()) for it in plan)
         diff = max(float((a_.w - b_.w).abs().max()) for a_, b_ in zip(plan, probed)) / scale

@@ -29,7 +29,9 @@ def _threads(n):
     return At()
 
 
-def test_batch_gradient_same_bits_at_any_thread_count():
+def test_batch_gradient_same_bits_at_any_thread_count(monkeypatch):
+    from diffin_core.engine import functional
+    monkeypatch.setattr(functional, "SLICE_WORKERS", 3)              # the slices on parallel threads too
     torch.manual_seed(0)
     model = SmallCNN()
     fm = FunctionalModel(model)

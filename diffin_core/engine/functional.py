@@ -135,7 +135,11 @@ def _reverse_grad(fn, theta: torch.Tensor, x, y) -> torch.Tensor:
         return torch.autograd.grad(fn(t, x, y), t)[0].detach()
 
 
-SLICE_WORKERS = 8                   # threads at most for the slices of one batch gradient
+SLICE_WORKERS = 1                   # threads at most for the slices of one batch gradient: 1, since on the
+                                    # 2-core dev machine two measured 0.72-0.96x of one at load 1-3 (the GIL and
+                                    # a 64-row slice's few ms; benchmarks/results/explore_profile.csv wall_2t_ratio);
+                                    # the same bits with more (tests/test_plan_threads.py)
+_POOL_SIZE = 8
 SINGLE_THREAD_WORK = 1 << 24        # slice rows x P up to which batch gradients run one thread a slice (_sliced_grad)
 _REPLICA_LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
@@ -145,7 +149,7 @@ def _pool() -> ThreadPoolExecutor:
     global _POOL
     with _REPLICA_LOCK:
         if _POOL is None:
-            _POOL = ThreadPoolExecutor(SLICE_WORKERS, thread_name_prefix="diffin-slices")
+            _POOL = ThreadPoolExecutor(_POOL_SIZE, thread_name_prefix="diffin-slices")
         return _POOL
 
 
@@ -283,11 +287,10 @@ class FunctionalModel:
 
     def _sliced_grad(self, theta, x, y) -> torch.Tensor | None:
         """The batch-mean gradient over slices of ``_slice_rows()`` rows, each slice's ops on ONE
-        intra-op thread, the slices spread over up to available_threads() threads, each on its own
-        module copy, and summed in slice order: the same bits whatever the thread count (a 2-thread
+        intra-op thread, the slices spread over up to min(available_threads(), SLICE_WORKERS) threads
+        (1 by default), each on its own module copy, and summed in slice order: the same bits whatever the thread count (a 2-thread
         kernel rounds otherwise, and finite-difference HVPs amplify that rounding: measured 0.5% on
-        the sample CNN's plan, 4e-4 on its top influence values), and on free cores up to
-        threads-fold faster. For slices small enough (rows x P at most SINGLE_THREAD_WORK, as the
+        the sample CNN's plan, 4e-4 on its top influence values). For slices small enough (rows x P at most SINGLE_THREAD_WORK, as the
         sample CNN's 64-row slices and a query's gradient); None where this does not apply (larger
         slices keep the intra-op threads: threads_round; dropout masks, a torch.func transform, not
         CPU, a subclass with its own forward): the caller slices as before."""
@@ -297,7 +300,7 @@ class FunctionalModel:
                 or torch._C._functorch.peek_interpreter_stack() is not None):
             return None
         starts = list(range(0, n, step))
-        workers = max(1, min(available_threads(), len(starts), SLICE_WORKERS))
+        workers = max(1, min(available_threads(), len(starts), SLICE_WORKERS, _POOL_SIZE))
         models = [self._replica(i) for i in range(workers)]
         if any(m is None for m in models):
             models, workers = [self], 1
@@ -324,8 +327,7 @@ class FunctionalModel:
         """Gradient of the batch-mean loss (P,): reverse mode on a leaf copy of ``theta``
         (torch.autograd; the same gradient as torch.func.grad to float rounding, about 1.4x faster
         on the sample CNN's 256-row Hessian batch, where the query plan spends its time). A batch of
-        several slices runs them single-threaded, on parallel threads where torch has several
-        (_sliced_grad: the same bits at any thread count)."""
+        several slices runs them single-threaded (_sliced_grad: the same bits at any thread count)."""
         out = self._sliced_grad(theta, x, y)
         if out is not None:
             return out

@@ -506,8 +506,7 @@ def plan_step(ctx, i: int, carry, view_fn: ViewFn | None = None):
     One checkpoint's Lanczos view and vectors; runner saves each step's item and carry, so a
     killed job resumes at the next checkpoint. Where the model's batch gradients round the same at
     any thread count (FunctionalModel.threads_round false: the sample CNN), the whole step runs
-    single-threaded (functional.single_threaded; its batch gradients' slices still spread over the
-    free threads), so the plan is the same bits on any machine load."""
+    single-threaded (functional.single_threaded), so the plan is the same bits on any machine load."""
     with single_threaded(not ctx.fm.threads_round(min(int(ctx.hessian_rows), int(ctx.n)))):
         return _plan_step(ctx, i, carry, view_fn)
 
