@@ -40,10 +40,7 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
                 help="Runs the exact path's own plan for this query and rescores the store's shortlist "
                      "(top 2% per side) in the background; the grid then shows exact values."):
             return
-        ahead = st.session_state.pop("explore_ahead_job", None)
-        if ahead:                          # the user's query first: planning ahead waits behind it
-            jm.cancel(ahead)
-            st.session_state.pop("explore_ahead_for", None)
+        ui.user_first()                    # the user's query first: planning ahead waits behind it
         earlier = st.session_state.get("explore_rescore_active")
         if earlier and earlier != jkey:
             jm.cancel(st.session_state.get(earlier, ""))       # a stale query's rescore: not needed
@@ -176,10 +173,7 @@ if view == VIEWS[0]:
             info = jm.get(st.session_state.get(job_key, ""))
             if info is None or info.status in ("cancelled",):
                 root, query = str(project.root), int(qi)
-                ahead = st.session_state.pop("explore_ahead_job", None)
-                if ahead:                  # the user's query first: planning ahead waits behind it
-                    jm.cancel(ahead)
-                    st.session_state.pop("explore_ahead_for", None)
+                ui.user_first()            # the user's query first: planning ahead waits behind it
 
                 # fills the on-disk cache the grid below reads; model.py runs in a child process
                 st.session_state[job_key] = jm.submit_child("topk", "diffin_core.run.scoring:top_k", (root, run, [query], 1),
@@ -254,6 +248,7 @@ elif view == VIEWS[VIEWS.index("Map")]:
                 st.error(f"The map failed: {job.error}")
             if st.button("Compute the map", key="explore_map_compute"):
                 root = str(project.root)
+                ui.user_first()
                 st.session_state[f"explore_map_job_{run}_{kind}"] = jm.submit(
                     "umap", lambda p: str(maps.compute(ui.open_project(root), run, progress=p.update, kind=kind)),
                     label=f"map of {run} ({kind})", project_dir=root)

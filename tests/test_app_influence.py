@@ -289,3 +289,26 @@ def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
     assert tables[0]["sample_id"].tolist() == project.train.ids[order[:5]].tolist()
     np.testing.assert_allclose(tables[0]["influence"], kept[order[:5]], rtol=1e-12)
     assert len(jobs.list()) >= n_jobs
+
+
+def test_the_training_sample_view_goes_before_planning_ahead(tiny, jobs):
+    """A project runs one job at a time: opening a training sample's per-checkpoint plot while the
+    next queries are planned ahead cancels planning ahead (the plot would wait behind up to
+    features.AHEAD queries); back on the grid, planning ahead is queued again."""
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(0).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    (first,) = jobs.list()
+    assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
+    at.run()
+    (ahead,) = [j for j in jobs.list() if j.kind == "plan-ahead"]
+    at.radio(key="explore_view").set_value("Training sample").run()
+    assert not at.exception
+    (plot,) = [j for j in jobs.list() if j.kind == "contributions"]
+    assert jobs.wait(ahead.id, timeout=120).status == "cancelled"
+    assert jobs.wait(plot.id, timeout=300).status == "done", jobs.get(plot.id).error
+    at.radio(key="explore_view").set_value("Top-k for a query").run()
+    assert not at.exception
+    again = [j for j in jobs.list() if j.kind == "plan-ahead" and j.id != ahead.id]
+    assert len(again) == 1 and again[0].status in ("queued", "running", "done")

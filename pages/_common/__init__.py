@@ -165,6 +165,17 @@ def job_manager() -> JobManager:
     return JobManager(workers=workers)
 
 
+def user_first() -> None:
+    """Cancel this session's planning-ahead job (Explore) before a job the user asked for: a
+    project runs one job at a time, so a queued top-k, rescore, per-checkpoint plot or map would
+    otherwise wait behind up to ``features.AHEAD`` planned queries. Explore's grid queues planning
+    ahead again once the user's job is done."""
+    ahead = st.session_state.pop("explore_ahead_job", None)
+    if ahead:
+        job_manager().cancel(ahead)
+        st.session_state.pop("explore_ahead_for", None)
+
+
 def wait_for_job(job_id: str, text, fraction=None, on_end=None) -> None:
     """Redraw every second while the background job ``job_id`` is queued or running, then rerun the
     whole page (which draws the job's result). ``text(job) -> str`` says what is awaited: a

@@ -104,6 +104,7 @@ def contributions(project, run: str, sample_id: int, query_indices=None, key: st
     info = jm.get(st.session_state.get(jkey, ""))
     if info is None or info.status == "cancelled":
         qi = None if query_indices is None else [int(i) for i in np.atleast_1d(query_indices)]
+        ui.user_first()        # the plot the user opened, not the queries planned ahead, runs next
         st.session_state[jkey] = jm.submit_child(
             "contributions", "diffin_core.run.features:contributions_for", (str(project.root), run, int(sample_id), qi),
             label=f"per-checkpoint contributions of sample {int(sample_id)} ({run})", project_dir=str(project.root),

@@ -148,6 +148,8 @@ def highlight_section(project, sample_id: int, jm) -> None:
         if st.button("Highlight the tokens that matter", key=f"review_tokens_{int(sample_id)}",
                      help="Gradient x input on the word embeddings at the final checkpoint, for the given label: "
                           "red tokens raise this sample's loss (they speak against its label), blue ones lower it."):
+            import _common as ui
+            ui.user_first()
             st.session_state[key] = jm.submit_child("tokens", "diffin_core.tasks.tokens:token_saliency",
                                                     (str(project.root), int(sample_id)),
                                                     label=f"token highlights of sample {int(sample_id)}",
