@@ -116,7 +116,7 @@ def query_phase(a) -> None:
     csv = RESULTS / "explore.csv"        # its row appended (replacing an older one) in the file's own columns:
     lines = csv.read_text().splitlines() if csv.is_file() else []     # the other rows are left as written
     header = lines[0].split(",") if lines else list(row)
-    keep = [ln for ln in lines[1:] if not (ln.split(",")[0] == "resnet18" and ln.endswith(",explore_resnet.py"))]
+    keep = [ln for ln in lines[1:] if not (ln.split(",")[0] == "resnet18" and "explore_resnet.py" in ln.split(","))]
     cell = ["" if row.get(k) is None or (isinstance(row.get(k), float) and np.isnan(row[k])) else str(row[k])
             for k in header]
     csv.write_text("\n".join([",".join(header)] + keep + [",".join(cell)]) + "\n")
