@@ -32,24 +32,16 @@ def rel(a, b) -> float:
 
 
 def digits(steps: list[int], checkpoints: int) -> list[dict]:
-    import torch
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
-    from diffin_core.engine.functional import FunctionalModel
     from diffin_core.engine.models import MLP
     from diffin_core.methods import ScoreSettings
     from diffin_core.run.context import make_context
     from diffin_core.run.scoring import run_method
-    from diffin_core.tasks.truth import batch_order, cosine_lrs, digits_case, leave_one_out, train_sgd
-    torch.manual_seed(0)
-    train, query = digits_case(noise=0.1, n_train=800, seed=0)
+    from diffin_core.tasks.truth import digits_sgd_run, leave_one_out, train_sgd
+    r = digits_sgd_run()
+    train, query, fm, x, y, qx, qy, traj = r.train, r.query, r.fm, r.x, r.y, r.qx, r.qy, r.traj
     flipped = np.asarray(train.y) != np.asarray(train.true_y)
-    model = MLP(64, (32,), 10).double()
-    fm = FunctionalModel(model)
-    x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(train.y)
-    qx, qy = torch.as_tensor(query.x, dtype=torch.float64), torch.as_tensor(query.y)
-    batches = batch_order(800, 32, 8, seed=0)
-    traj = train_sgd(fm, fm.theta_of(model), x, y, batches, cosine_lrs(0.2, len(batches)))
     rng = np.random.default_rng(1)
     samples = np.concatenate([rng.choice(np.flatnonzero(flipped), 10, replace=False),
                               rng.choice(np.flatnonzero(~flipped), 30, replace=False)])

@@ -255,6 +255,18 @@ def test_store_grid_first_only_where_measured_to_agree(tiny, jobs):
     jobs.wait(job.id, timeout=300)
 
 
+def first_grid(tiny, jobs):
+    """Explore with query 0's exact top-5 drawn (its job done): the app then plans ahead."""
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(0).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    (first,) = jobs.list()
+    assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
+    at.run()
+    return at
+
+
 def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
     """Issue 23: once a query's exact grid is drawn, the background job answers the next queries
     of its class (bounded, visible as ready / queued); opening one of them then draws its exact
@@ -263,13 +275,7 @@ def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
     from diffin_core.run import answers
     project = Project(tiny)
     y = project.query.y
-    at = new_app(tiny, "pages/3_Explore.py")
-    at.number_input(key="explore_query").set_value(0).run()
-    at.slider(key="explore_k").set_value(5).run()
-    at.button(key="explore_topk").click().run()
-    (first,) = jobs.list()
-    assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
-    at.run()
+    at = first_grid(tiny, jobs)
     assert not at.exception
     ahead = [j for j in jobs.list() if j.kind == "plan-ahead"]
     assert len(ahead) == 1
@@ -295,13 +301,7 @@ def test_the_training_sample_view_goes_before_planning_ahead(tiny, jobs):
     """A project runs one job at a time: opening a training sample's per-checkpoint plot while the
     next queries are planned ahead cancels planning ahead (the plot would wait behind up to
     features.AHEAD queries); back on the grid, planning ahead is queued again."""
-    at = new_app(tiny, "pages/3_Explore.py")
-    at.number_input(key="explore_query").set_value(0).run()
-    at.slider(key="explore_k").set_value(5).run()
-    at.button(key="explore_topk").click().run()
-    (first,) = jobs.list()
-    assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
-    at.run()
+    at = first_grid(tiny, jobs)
     (ahead,) = [j for j in jobs.list() if j.kind == "plan-ahead"]
     at.radio(key="explore_view").set_value("Training sample").run()
     assert not at.exception

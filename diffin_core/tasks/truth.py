@@ -136,6 +136,36 @@ def digits_case(noise: float = 0.1, n_train: int = 1200, seed: int = 0, dtype=to
     return train, query
 
 
+@dataclass
+class DigitsRun:
+    """The float64 digits MLP (64-32-10) trained by plain SGD on a known batch order: what a
+    ground-truth study needs (splits, the functional model, tensors, the trajectory)."""
+    train: Split
+    query: Split
+    fm: FunctionalModel
+    x: torch.Tensor
+    y: torch.Tensor
+    qx: torch.Tensor
+    qy: torch.Tensor
+    traj: Trajectory
+
+
+def digits_sgd_run(n_train: int = 800, epochs: int = 8, batch: int = 32, lr0: float = 0.2,
+                   noise: float = 0.1, seed: int = 0) -> DigitsRun:
+    """digits_case's splits, an MLP(64, (32,), 10) in float64 (torch seed 0) trained by
+    ``train_sgd`` under a cosine lr from ``lr0``, every step saved."""
+    from diffin_core.engine.models import MLP
+    torch.manual_seed(0)
+    train, query = digits_case(noise=noise, n_train=n_train, seed=seed)
+    model = MLP(64, (32,), 10).double()
+    fm = FunctionalModel(model)
+    x, y = torch.as_tensor(train.x, dtype=torch.float64), torch.as_tensor(train.y)
+    qx, qy = torch.as_tensor(query.x, dtype=torch.float64), torch.as_tensor(query.y)
+    batches = batch_order(n_train, batch, epochs, seed=seed)
+    traj = train_sgd(fm, fm.theta_of(model), x, y, batches, cosine_lrs(lr0, len(batches)))
+    return DigitsRun(train, query, fm, x, y, qx, qy, traj)
+
+
 # --- real recipes: torch's own optimisers, schedulers and BatchNorm, recorded by the Recorder ---
 @dataclass
 class TorchRecipe:
