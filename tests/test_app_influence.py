@@ -256,14 +256,14 @@ def test_store_grid_first_only_where_measured_to_agree(tiny, jobs):
 
 
 def first_grid(tiny, jobs):
-    """Explore with query 0's exact top-5 drawn (its job done): the app then plans ahead."""
+    """Explore with query 0's exact top-5 asked and its job done: the next run draws the grid
+    and plans ahead."""
     at = new_app(tiny, "pages/3_Explore.py")
     at.number_input(key="explore_query").set_value(0).run()
     at.slider(key="explore_k").set_value(5).run()
     at.button(key="explore_topk").click().run()
     (first,) = jobs.list()
     assert jobs.wait(first.id, timeout=300).status == "done", jobs.get(first.id).error
-    at.run()
     return at
 
 
@@ -276,6 +276,7 @@ def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
     project = Project(tiny)
     y = project.query.y
     at = first_grid(tiny, jobs)
+    at.run()
     assert not at.exception
     ahead = [j for j in jobs.list() if j.kind == "plan-ahead"]
     assert len(ahead) == 1
@@ -300,13 +301,24 @@ def test_plan_ahead_answers_the_class_then_its_grids_draw_at_once(tiny, jobs):
 def test_the_training_sample_view_goes_before_planning_ahead(tiny, jobs):
     """A project runs one job at a time: opening a training sample's per-checkpoint plot while the
     next queries are planned ahead cancels planning ahead (the plot would wait behind up to
-    features.AHEAD queries); back on the grid, planning ahead is queued again."""
+    features.AHEAD queries); back on the grid, planning ahead is queued again. A job holding the
+    project's slot keeps planning ahead queued, so the order does not depend on the machine's pace."""
+    import threading
+    release = threading.Event()
     at = first_grid(tiny, jobs)
-    (ahead,) = [j for j in jobs.list() if j.kind == "plan-ahead"]
-    at.radio(key="explore_view").set_value("Training sample").run()
-    assert not at.exception
-    (plot,) = [j for j in jobs.list() if j.kind == "contributions"]
-    assert jobs.wait(ahead.id, timeout=120).status == "cancelled"
+    blocker = jobs.submit("hold", lambda p: release.wait(120), label="holds the project's slot",
+                          project_dir=str(tiny))
+    try:
+        at.run()                                   # the grid queues planning ahead behind the holder
+        (ahead,) = [j for j in jobs.list() if j.kind == "plan-ahead"]
+        assert jobs.get(ahead.id).status == "queued"
+        at.radio(key="explore_view").set_value("Training sample").run()
+        assert not at.exception
+        (plot,) = [j for j in jobs.list() if j.kind == "contributions"]
+        assert jobs.get(ahead.id).status == "cancelled"
+    finally:
+        release.set()
+    assert jobs.wait(blocker, timeout=60).status == "done"
     assert jobs.wait(plot.id, timeout=300).status == "done", jobs.get(plot.id).error
     at.radio(key="explore_view").set_value("Top-k for a query").run()
     assert not at.exception
