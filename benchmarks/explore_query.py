@@ -17,7 +17,7 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
   user_job_s                      a new query as the app's job in a fresh child (rescore_for,
                                   start-up included: what every query cost before the warm child);
   user_job_warm_first_s           the same in the run's warm child, its first call (it starts it);
-  ahead_per_min / ahead_cpu_s     planning ahead: the app's background job (features.answer_ahead
+  ahead_per_min / ahead_cpu_s     planning ahead: the app's background job (scoring.answer_ahead
                                   in the run's warm child, as the page runs it) on ``--ahead`` new
                                   queries of one class: queries answered per wall minute, CPU s each;
   user_job_ahead_s                a new query in the warm child asked while planning ahead runs
@@ -134,10 +134,10 @@ def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
     first = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[1]]), {}, warm=key)
     pid = usercode.warm_pids()[key]
     cpu0 = proc_cpu(pid)
-    wall = app_job(jm, "diffin_core.run.features:answer_ahead", (root, run, ahead), {}, warm=key)
+    wall = app_job(jm, "diffin_core.run.scoring:answer_ahead", (root, run, ahead), {}, warm=key)
     cpu = proc_cpu(pid) - cpu0
     rest = [int(i) for i in np.flatnonzero(y != cls) if int(i) not in picks][:F.AHEAD]   # an ahead job still busy
-    job = jm.submit_child("plan-ahead", "diffin_core.run.features:answer_ahead", (root, run, rest), {},
+    job = jm.submit_child("plan-ahead", "diffin_core.run.scoring:answer_ahead", (root, run, rest), {},
                           label="ahead", with_progress=True, warm=key)
     time.sleep(3.0)
     jm.cancel(job)                                                     # what the page does first

@@ -70,7 +70,7 @@ def _saved_selections() -> dict:
 
 
 def plan_ahead(project, run: str, qi: int, k: int, warm: bool = False) -> None:
-    """Answer the next queries of ``qi``'s class in the background (features.answer_ahead), so that
+    """Answer the next queries of ``qi``'s class in the background (scoring.answer_ahead), so that
     opening them draws the exact grid at once; bounded (features.AHEAD), cancelled by any query the
     user asks (rescore_grid), and visible: how many are ready and queued."""
     queue = F.plan_ahead_queue(project, run, qi)
@@ -80,7 +80,7 @@ def plan_ahead(project, run: str, qi: int, k: int, warm: bool = False) -> None:
     busy = info is not None and info.status in ("queued", "running")
     if todo and not busy and st.session_state.get("explore_ahead_for") != want:
         st.session_state["explore_ahead_job"] = jm.submit_child(
-            "plan-ahead", "diffin_core.run.features:answer_ahead", (str(project.root), run, todo), {"k": int(k)},
+            "plan-ahead", "diffin_core.run.scoring:answer_ahead", (str(project.root), run, todo), {"k": int(k)},
             label=f"planning ahead: {len(todo)} queries of query {int(qi)}'s class ({run})",
             project_dir=str(project.root), warm=F.warm_key(project, run) if warm else None)
         st.session_state["explore_ahead_for"] = want

@@ -221,7 +221,7 @@ def test_text_sample_new_query_equals_the_full_plan(tmp_path, monkeypatch):
     assert set(helpful["sample_id"]) == set(np.asarray(project.train.ids)[order])
 
     # planning ahead on a run without a store: the exact path's answers, one context for all
-    from diffin_core.run.features import answer_ahead
+    from diffin_core.run.scoring import answer_ahead
     assert answer_ahead(str(root), "d", [5, 7, 9]) == 2                 # query 5 was answered above
     (root / "runs" / "d" / "topk" / "q5.npy").unlink()
     assert answer_ahead(str(root), "d", [5]) == 1

@@ -1230,35 +1230,6 @@ def plan_ahead_queue(project, run: str, qi: int, size: int = AHEAD) -> list[int]
     return [int(i) for i in after[:size]]
 
 
-def answer_ahead(root: str, run: str, queries, progress=None, k: int = CERTIFIED_K) -> int:
-    """The app's planning-ahead job (a usercode child; cancelled when the user asks a query of
-    their own): the fast path's answer for each query not answered yet, each kept with the run as
-    it finishes; on a run without a feature store (Adam's batch-order replay, `--no-features`)
-    the exact path's, every query through one scoring context (scoring.exact_context). Returns
-    how many it answered."""
-    from diffin_core.project.folder import Project
-    from diffin_core.run import answers
-    from diffin_core.errors import check_cancelled
-    project = Project(root)
-    d, made = project.run(run).path, 0
-    store, ctx = FeatureStore.open(project, run), None
-    for i, qi in enumerate(queries):
-        check_cancelled()
-        a = answers.load(d, [int(qi)])
-        if a is None or not a.covers(k):
-            if store is not None:
-                fast_answer(project, run, [int(qi)], store=store, k=k)
-            else:
-                from diffin_core.run.scoring import exact_context, query_influence
-                ctx = ctx or exact_context(project, run)
-                infl = query_influence(project, project.run(run).method, [int(qi)], ctx.settings, ctx=ctx)
-                answers.save_exact(d, [int(qi)], infl)
-            made += 1
-        if progress:
-            progress(i + 1, len(queries), f"planned ahead: query {int(qi)}")
-    return made
-
-
 def shortlists(approx: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
     """Row indices of the ``r`` largest and the ``r`` smallest values (the helpful and harmful
     shortlists)."""

@@ -235,7 +235,7 @@ def exact_context(project: Project, run: str, progress=None, memory_budget: int 
     """The scoring context of a finished run's exact path: the run's settings (``memory_budget``,
     ``batch_size``: chunking only, the scores stay the run's), its measured HVP decisions and its
     replay self-check adopted (hvp.adopt, adam_batches.adopt_check). One context serves many
-    queries (features.answer_ahead)."""
+    queries (answer_ahead)."""
     from diffin_core.engine.adam_batches import adopt_check
     from diffin_core.engine.hvp import adopt
     info = project.run(run)
@@ -283,3 +283,32 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     harmful = table.iloc[order[::-1][:k]].reset_index(drop=True)
     helpful.attrs["path"] = harmful.attrs["path"] = path
     return helpful, harmful
+
+
+def answer_ahead(root: str, run: str, queries, progress=None, k: int | None = None) -> int:
+    """The app's planning-ahead job (a usercode child; cancelled when the user asks a query of
+    their own): the fast path's answer for each query not answered yet, each kept with the run as
+    it finishes; on a run without a feature store (Adam's batch-order replay, `--no-features`)
+    the exact path's, every query through one scoring context (exact_context). Returns
+    how many it answered."""
+    from diffin_core.errors import check_cancelled
+    from diffin_core.run import answers
+    from diffin_core.run import features
+    k = features.CERTIFIED_K if k is None else k
+    project = Project(root)
+    d, made = project.run(run).path, 0
+    store, ctx = features.FeatureStore.open(project, run), None
+    for i, qi in enumerate(queries):
+        check_cancelled()
+        a = answers.load(d, [int(qi)])
+        if a is None or not a.covers(k):
+            if store is not None:
+                features.fast_answer(project, run, [int(qi)], store=store, k=k)
+            else:
+                ctx = ctx or exact_context(project, run)
+                infl = query_influence(project, project.run(run).method, [int(qi)], ctx.settings, ctx=ctx)
+                answers.save_exact(d, [int(qi)], infl)
+            made += 1
+        if progress:
+            progress(i + 1, len(queries), f"planned ahead: query {int(qi)}")
+    return made
