@@ -310,12 +310,9 @@ class FunctionalModel:
             return [(i, _reverse_grad(fm.mean_loss, theta, x[a:a + step], y[a:a + step]))
                     for i, a in enumerate(starts) if i % workers == w]
         with single_threaded():
-            if workers == 1:
-                parts = run(0)
-            else:
-                parts = [p for f in [_pool().submit(run, w) for w in range(workers)] for p in f.result()]
-        if len(parts) == 1:
-            return parts[0][1]
+            if workers == 1:                # _sliced's own slice-order sum: the same bits as below
+                return self._sliced(lambda xs, ys: _reverse_grad(self.mean_loss, theta, xs, ys), x, y)
+            parts = [p for f in [_pool().submit(run, w) for w in range(workers)] for p in f.result()]
         parts.sort(key=lambda p: p[0])
         total = None
         for i, part in parts:
