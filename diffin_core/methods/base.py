@@ -131,6 +131,9 @@ class Context:
     groups: object | None = None          # recipe.GroupMap: per-group lr scale / weight decay / frozen
                                           # parameters (None: one lr and weight decay for all)
     clip: np.ndarray | None = None        # (T,) gradient clipping's factor per step (None: no clipping)
+    clip_max_norm: float | None = None    # clip_grad_norm_'s max norm (2-norm) on the batch-order paths:
+                                          # the removal through each clipped gradient exactly (adam_batches.clip_removal)
+    clip_stats: dict = field(default_factory=dict)    # clip_removal's per-step records (once per context)
     momenta: np.ndarray | None = None     # (T,) SGD's momentum per step when a schedule changes it
     loss: object | None = None            # functional.LossSpec the per-sample loss (None: cross-entropy)
     rng: object | None = None             # dropout.ForwardStates: training's generator states per random
