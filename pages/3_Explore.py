@@ -402,5 +402,5 @@ elif view == "Training sample":
             iv.reverse_view(project, run, sid, key="explore_rev")
 
 # --- class by class --------------------------------------------------------------------------
-else:
-    iv.class_heatmap(project, run, key="explore_cls")
+else:                  # the filter picks the cell's samples before they are ranked
+    iv.class_heatmap(project, run, key="explore_cls", keep=lambda t: filtered(t, "samples of this training class"))

@@ -324,3 +324,38 @@ def test_the_training_sample_view_goes_before_planning_ahead(tiny, jobs):
     assert not at.exception
     again = [j for j in jobs.list() if j.kind == "plan-ahead" and j.id != ahead.id]
     assert len(again) == 1 and again[0].status in ("queued", "running", "done")
+
+
+def test_class_heatmap_cells_follow_the_explore_filter_and_say_they_are_approximate(tiny):
+    """Issue 21: the Filter shown above the Class heatmap filtered nothing there (its cells listed
+    the class's top 8 whatever the filter said), and the cell's values, the feature store's
+    projection, were not labelled approximate. A cell's two grids are now its top rows among the
+    samples the filter passes, and the view says how its values were computed, with the error the
+    run measured."""
+    project = Project(tiny)
+    store = F.FeatureStore.open(project, "diffin-1")
+    rows = np.nonzero(project.train.y == 2)[0]
+    infl = store.query_influence(np.nonzero(project.query.y == 0)[0])[rows]
+    order = np.argsort(-infl, kind="stable")
+    chosen = rows[order[-4:]]                        # the class's 4 least helpful: never in an unfiltered top 8
+    ids = project.train.ids[chosen]
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Class heatmap").run()
+    at.selectbox(key="explore_cls_train_class").set_value(2).run()
+    at.selectbox(key="explore_cls_query_class").set_value(0).run()
+    assert any("approximate" in t and "feature store" in t for t in texts(at.caption))
+    at.text_input(key="explore_filter_ids").set_value(", ".join(str(int(s)) for s in ids)).run()
+    assert not at.exception
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    by_value = ids[np.argsort(-store.query_influence(np.nonzero(project.query.y == 0)[0])[chosen], kind="stable")]
+    assert tables[0]["sample_id"].tolist() == by_value.tolist()
+    assert tables[1]["sample_id"].tolist() == by_value[::-1].tolist()
+    # the score range (label_issue, the filter's score) applies to the cell's rows too
+    at.text_input(key="explore_filter_ids").set_value("").run()
+    lo, hi = at.slider(key="explore_filter_score").value
+    cut = float(np.median(project.scores("diffin-1")["label_issue"]))
+    at.slider(key="explore_filter_score").set_value((lo, cut)).run()
+    assert not at.exception and not at.error
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    assert len(tables[0]) > 0 and (tables[0]["label_issue"] <= cut + 1e-9).all()
+    assert (tables[1]["label_issue"] <= cut + 1e-9).all()

@@ -190,9 +190,10 @@ def heatmap_figure(df: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def cell_samples(project, run: str, train_class: int, query_class: int, k: int = 8):
+def cell_samples(project, run: str, train_class: int, query_class: int, k: int = 8, keep=None):
     """Training samples of ``train_class`` ranked by influence on the query samples of
-    ``query_class`` (projected): (helpful table, harmful table)."""
+    ``query_class`` (projected): (helpful table, harmful table). ``keep`` (table -> table, e.g.
+    Explore's filter) narrows the class's rows before they are ranked: the top ``k`` among those."""
     s = store(project, run)
     q = project.query
     qi = np.nonzero(q.y == query_class)[0]
@@ -206,14 +207,18 @@ def cell_samples(project, run: str, train_class: int, query_class: int, k: int =
     ids = project.train.ids[rows]
     table = pd.DataFrame({"sample_id": ids, "label": project.train.y[rows],
                           "pred": scores.loc[ids, "pred"].to_numpy(), "influence": infl.astype(np.float64)})
-    if "true_label" in scores:
-        table["true_label"] = scores.loc[ids, "true_label"].to_numpy()
-    order = np.argsort(-infl, kind="stable")
+    for col in ("label_issue", "true_label"):        # the filter's score; the true label when known
+        if col in scores:
+            table[col] = scores.loc[ids, col].to_numpy()
+    if keep is not None:
+        table = keep(table)
+    order = np.argsort(-table["influence"].to_numpy(), kind="stable")
     return table.iloc[order[:k]].reset_index(drop=True), table.iloc[order[::-1][:k]].reset_index(drop=True)
 
 
-def class_heatmap(project, run: str, key: str) -> None:
-    """The class-by-class heatmap; a clicked cell (or the two selectboxes) lists its samples."""
+def class_heatmap(project, run: str, key: str, keep=None) -> None:
+    """The class-by-class heatmap; a clicked cell (or the two selectboxes) lists its samples (the
+    top ones among those ``keep`` passes: Explore's filter)."""
     s = store(project, run)
     if s is None:
         no_store_note(project, run)
@@ -221,6 +226,8 @@ def class_heatmap(project, run: str, key: str) -> None:
     df = class_matrix(project, run)
     st.caption("Each cell: how much the training samples given class a (row) together help (> 0) or "
                "harm (< 0) the mean loss of the query samples of class b (column); from the stored features.")
+    st.caption(f"Every value in this view is the feature store's projection (approximate; "
+               f"{agreement_note(agreement(project, run))}). A query's exact values are in its Top-k view.")
     event = st.plotly_chart(heatmap_figure(df), key=f"{key}_heatmap", on_select="rerun", selection_mode="points")
     classes = list(range(len(df.index)))
     qclasses = list(range(len(df.columns)))
@@ -241,7 +248,7 @@ def class_heatmap(project, run: str, key: str) -> None:
                        format_func=lambda y: ui.label_name(project, y))
     st.markdown(f"Cell ({ui.label_name(project, a)}, {ui.label_name(project, b)}): "
                 f"**{df.iloc[a, b]:+.4g}**")
-    helpful, harmful = cell_samples(project, run, a, b)
+    helpful, harmful = cell_samples(project, run, a, b, keep=keep)
     st.markdown(f"**Training samples labelled {ui.label_name(project, a)} that help query class "
                 f"{ui.label_name(project, b)} most**")
     ui.sample_grid(project, helpful)
