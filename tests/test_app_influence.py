@@ -359,3 +359,28 @@ def test_class_heatmap_cells_follow_the_explore_filter_and_say_they_are_approxim
     tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
     assert len(tables[0]) > 0 and (tables[0]["label_issue"] <= cut + 1e-9).all()
     assert (tables[1]["label_issue"] <= cut + 1e-9).all()
+
+
+def test_checkpoint_plot_names_the_runs_value_and_warns_where_they_differ(tiny, jobs):
+    """Issue 21: the plot's caption said its sum was the run's influence without comparing the two
+    (that is how +0.0003933 stood beside the run's -7.976e-05). It now prints the run's value
+    beside the sum, and a plot that does not add up to it (a stale cache, a rescored run) is a
+    warning naming both numbers, never a silent claim."""
+    import pandas as pd
+    project = Project(tiny)
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.radio(key="explore_view").set_value("Training sample").run()
+    at.number_input(key="explore_sample").set_value(11).run()
+    wait_jobs(at, jobs)
+    run_value = float(project.scores("diffin-1").set_index("sample_id").loc[11, "influence"])
+    total = [t for t in texts(at.caption) if t.startswith("Per-checkpoint contributions sum to")][0]
+    assert f"the run's value {run_value:+.4g}" in total and not at.warning
+    path = F.contributions_path(project, "diffin-1", 11)
+    df = pd.read_json(path, orient="records")
+    df["contribution"] = -df["contribution"] * 3 - 1e-3          # no longer the run's value
+    path.write_text(df.to_json(orient="records"))
+    at.run()
+    assert not [t for t in texts(at.caption) if t.startswith("Per-checkpoint contributions sum to")]
+    (warning,) = [w.value for w in at.warning]
+    assert f"{float(df['contribution'].sum()):+.4g}" in warning and f"{run_value:+.4g}" in warning
+    assert "do not add up" in warning

@@ -14,6 +14,9 @@ import _common as ui
 from diffin_core.run import features
 
 HELPFUL, HARMFUL = "#2166ac", "#b2182b"       # the RdBu ends: blue helpful, red harmful
+# how close the per-checkpoint sum must come to the run's value (float32 jvps one row at a time
+# against the run's chunks: 2e-4 relative measured, tests/test_features.py), else a warning
+ADD_UP_REL, ADD_UP_ABS = 2e-3, 1e-6
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)
@@ -154,9 +157,20 @@ def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_
     st.plotly_chart(contributions_figure(df, f"When in training sample {sample_id} mattered for {which}"),
                     key=f"{key}_checkpoints")
     peak = df.iloc[int(np.argmax(np.abs(df["contribution"].to_numpy())))]
+    ref = None
+    if query_indices is None:              # the run's own number for (sample, query set): scores.parquet
+        col = ui.scores(project, run)["influence"]
+        ref = float(col[ui.scores(project, run)["sample_id"] == int(sample_id)].iloc[0])
+        scale = float(np.nanmax(np.abs(col.to_numpy()))) if col.notna().any() else 0.0
+        if not np.isfinite(ref) or abs(total - ref) > ADD_UP_REL * max(abs(total), abs(ref)) + ADD_UP_ABS * scale:
+            st.warning(f"These per-checkpoint contributions do not add up to the run's value: they sum to "
+                       f"{total:+.4g}, the run says {ref:+.4g} for sample {sample_id} on {which}. The plot "
+                       "was computed for another state of this run (rescored since?); trust the run's value.")
+            return
+    said = "" if ref is None else f"; the run's value {ref:+.4g}"
     st.caption(f"Per-checkpoint contributions sum to {total:+.4g} ({'helpful' if total >= 0 else 'harmful'}): "
                f"the run's influence of this sample on {which}, by the exact path (the run's own plan for "
-               f"those queries); largest at step {int(peak['step'])} ({peak['contribution']:+.3g}).")
+               f"those queries{said}); largest at step {int(peak['step'])} ({peak['contribution']:+.3g}).")
 
 
 def class_matrix(project, run: str) -> pd.DataFrame:
