@@ -213,10 +213,19 @@ if view == VIEWS[0]:
             st.caption(f"Produced by the {path}." + ("" if (rescored or not fast) else
                        f" The store alone is approximate: {iv.agreement_note(iv.agreement(project, run))}."))
             status = st.container()          # above the grids, filled after them: the grid is sent first
+            within = (iv.filtered_top(project, run, int(qi), int(k), lambda t: filtered(t, "training samples"),
+                                      kept=rescored or not fast) if tri.narrowed("explore_filter") else None)
+            if within is not None:           # the top k among the samples the filter passes
+                helpful, harmful = within
+                approx = not (helpful["exact"].all() and harmful["exact"].all())
+                st.caption(f"The grids show the top {int(k)} among the samples the filter passes, by this "
+                           "query's influence" + (": ≈ marks values not rescored by the exact path (the feature "
+                           f"store's, approximate: {iv.agreement_note(iv.agreement(project, run))}); their order "
+                           "among themselves is the store's." if approx else ", every value the exact path's."))
             st.markdown("**Most helpful** (removing them would raise this query's loss)")
-            ui.sample_grid(project, filtered(helpful, "most helpful (raise k to see more)"))
+            ui.sample_grid(project, helpful if within is not None else filtered(helpful, "most helpful (raise k to see more)"))
             st.markdown("**Most harmful** (removing them would lower this query's loss)")
-            ui.sample_grid(project, filtered(harmful, "most harmful (raise k to see more)"))
+            ui.sample_grid(project, harmful if within is not None else filtered(harmful, "most harmful (raise k to see more)"))
             if fast and not rescored:
                 with status:
                     rescore_grid(project, run, int(qi), auto, int(k))

@@ -384,3 +384,37 @@ def test_checkpoint_plot_names_the_runs_value_and_warns_where_they_differ(tiny, 
     (warning,) = [w.value for w in at.warning]
     assert f"{float(df['contribution'].sum()):+.4g}" in warning and f"{run_value:+.4g}" in warning
     assert "do not add up" in warning
+
+
+def test_topk_filter_ranks_the_top_k_within_the_filter(tiny, jobs):
+    """Issue 21 (filters in Explore's grids): a class filter over a query's top-k used to hide the
+    rows of the overall top k that were of other classes (often leaving one or none: "raise k");
+    the grids are now the top k among the samples the filter passes, read from the query's kept
+    answer, each value the exact path's or marked ≈ (the store's, not rescored) and said so."""
+    from diffin_core.run import answers
+    project = Project(tiny)
+    at = new_app(tiny, "pages/3_Explore.py")
+    at.number_input(key="explore_query").set_value(6).run()
+    at.slider(key="explore_k").set_value(5).run()
+    at.button(key="explore_topk").click().run()
+    (job,) = jobs.list()
+    assert jobs.wait(job.id, timeout=300).status == "done", jobs.get(job.id).error
+    at.run()
+    a = answers.load(project.run("diffin-1").path, [6])
+    top = np.argsort(-a.influence, kind="stable")[:5]
+    y = project.train.y
+    cls = min(range(3), key=lambda c: int(np.sum(y[top] == c)))      # the class least present in the top 5
+    at.multiselect(key="explore_filter_given").set_value([cls]).run()
+    assert not at.exception
+    tables = [d.value for d in at.dataframe if "influence" in d.value.columns]
+    rows = np.flatnonzero(y == cls)
+    best = rows[np.argsort(-a.influence[rows], kind="stable")]
+    for table, want in ((tables[0], best[:5]), (tables[1], best[::-1][:5])):
+        assert table["sample_id"].tolist() == project.train.ids[want].tolist()
+        assert (table["label"] == cls).all()
+        np.testing.assert_allclose(table["influence"], a.influence[want], rtol=1e-12)
+        assert table["exact"].tolist() == a.exact[want].tolist()
+    shown = set(np.concatenate([best[:5], best[::-1][:5]]).tolist())
+    said = " ".join(texts(at.caption))
+    assert "top 5 among" in said
+    assert ("≈" in said) == (not a.exact[list(shown)].all())

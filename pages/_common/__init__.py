@@ -514,8 +514,9 @@ def sample_grid(project: Project, table, columns: int = 8, score_col: str = "inf
                 st.image(image(x[row_of(project, sid)]), width="stretch")
                 true = (f" (true {label_name(project, r['true_label'])})"      # when the data knows it
                         if "true_label" in r and r["true_label"] == r["true_label"] else "")
+                approx = "≈" if "exact" in r and not r["exact"] else ""      # a value not the exact path's
                 st.caption(f"#{sid} · label {label_name(project, r['label'])}{true} · pred {label_name(project, r['pred'])}"
-                           f" · {score_col} {r[score_col]:+.3g}")
+                           f" · {score_col} {approx}{r[score_col]:+.3g}")
 
 
 def save_selection(project: Project, ids: list[int], source: str, key: str = "selection") -> str | None:

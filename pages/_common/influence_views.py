@@ -86,6 +86,32 @@ def agreement_note(a: dict | None) -> str:
             f"{100 * a['sign_flips']:.0f}% of pairs ({a['error_queries']} answered queries)")
 
 
+def filtered_top(project, run: str, qi: int, k: int, keep, kept: bool):
+    """(helpful, harmful): the top ``k`` of query ``qi``'s influence among the training samples that
+    ``keep`` (a table -> table filter, Explore's) passes, with an ``exact`` column. ``kept``: read
+    the query's kept answer (the exact path's values, the rest the store's where it certified
+    only its top rows); else the store alone (every value approximate). None without either."""
+    from diffin_core.run import answers
+    if kept:
+        a = answers.load(project.run(run).path, [int(qi)])
+        if a is None:
+            return None
+        values, exact = a.influence, a.exact
+    else:
+        s = store(project, run)
+        if s is None:
+            return None
+        values = s.query_influence([int(qi)]).astype(np.float64)
+        exact = np.zeros(len(values), dtype=bool)
+    scores = ui.scores(project, run)
+    table = scores[["sample_id", "label", "pred", "label_issue"]
+                   + (["true_label"] if "true_label" in scores else [])].copy()
+    table["influence"], table["exact"] = values, exact
+    table = keep(table)
+    order = np.argsort(-table["influence"].to_numpy(), kind="stable")
+    return table.iloc[order[:k]].reset_index(drop=True), table.iloc[order[::-1][:k]].reset_index(drop=True)
+
+
 def reverse_table(project, run: str, sample_id: int, k: int = 8):
     """(helped, values, exact, harmed, values, exact): the query samples one training sample helps /
     harms most. Exact path values where that query has been answered, else the store's (≈)."""

@@ -56,9 +56,10 @@ def text_grid(project, table, rows, score_col: str, label_name, columns: int = 2
                 true = (f" (true {label_name(project, r['true_label'])})"
                         if "true_label" in r and r["true_label"] == r["true_label"] else "")
                 score = r.get(score_col)
+                approx = "≈" if "exact" in r and not r["exact"] else ""      # a value not the exact path's
                 st.caption(f"#{int(r['sample_id'])} · label **{label_name(project, r['label'])}**{true} · "
                            f"pred {label_name(project, r['pred'])}"
-                           + (f" · {score_col} {score:+.3g}" if score is not None and score == score else ""))
+                           + (f" · {score_col} {approx}{score:+.3g}" if score is not None and score == score else ""))
 
 
 def search(project, scores, key: str, label_name, limit: int = 50) -> None:
