@@ -211,3 +211,51 @@ def test_a_click_on_a_heatmap_cell_opens_it(workspace, tmp_path):
         idle(page)
         assert shown_value(page, "explore_cls_train_class").strip().endswith("2")
         assert shown_value(page, "explore_cls_query_class").strip().endswith("6")
+
+
+def test_a_lasso_drawn_and_saved_is_ringed_on_the_map_after_a_reload(workspace, tmp_path):
+    """Issue 21: "a lasso selection is gone after a reload unless saved, and the map cannot show a
+    saved selection again". Drawn with the mouse on the map (the test's coordinates put each
+    class in its own column, class 0 leftmost), saved under a name: the map rings it at once, the
+    URL names it, and after a reload the Map view draws it again with its samples listed."""
+    from diffin_core.workspace import selections
+    proj = workspace / PROJECT
+    scores = pd.read_parquet(proj / "runs/diffin-1/scores.parquet").set_index("sample_id")
+    name = "left column"
+    with browser_page(workspace, tmp_path / "streamlit.log") as page:
+        open_page(page, "Explore", "Explore")
+        page.locator("[data-testid='stRadio']").first.get_by_text("Map", exact=True).click()
+        idle(page)
+        plot = page.locator(".st-key-explore_map .nsewdrag").first
+        plot.wait_for()
+        b = plot.bounding_box()
+        # a lasso around the leftmost 6% of the plot (class 0's column: x = 0 ± 1.5 of -1.5..28.5)
+        path = [(0.002, 0.02), (0.06, 0.02), (0.06, 0.98), (0.002, 0.98), (0.002, 0.03)]
+        page.mouse.move(b["x"] + b["width"] * path[0][0], b["y"] + b["height"] * path[0][1])
+        page.mouse.down()
+        for (x0, y0), (x1, y1) in zip(path, path[1:]):
+            for t in np.linspace(0, 1, 8)[1:]:
+                page.mouse.move(b["x"] + b["width"] * (x0 + t * (x1 - x0)), b["y"] + b["height"] * (y0 + t * (y1 - y0)))
+        page.mouse.up()
+        page.get_by_text(re.compile(r"^\d[\d,]* selected")).first.wait_for(timeout=60_000)
+        idle(page)
+        n = int(page.get_by_text(re.compile(r"^\d[\d,]* selected")).first.inner_text().split()[0].replace(",", ""))
+        assert n > 0
+        page.locator(".st-key-explore_sel_name input").fill(name)
+        page.locator(".st-key-explore_sel_name input").press("Enter")
+        idle(page)
+        page.get_by_role("button", name=re.compile(r"Save selection")).click()
+        page.get_by_text(f"Saved {n:,} samples as “{name}”", exact=False).wait_for(timeout=60_000)
+        idle(page)
+        saved = selections.load(proj)[name]["ids"]
+        assert len(saved) == n and all(int(scores.loc[int(s), "label"]) == 0 for s in saved)
+        page.locator(".legendtext", has_text=f"selection: {name}").first.wait_for()      # ringed at once
+        page.wait_for_function(f"() => new URLSearchParams(location.search).get('selection') === {name!r}")
+
+        page.reload()
+        page.wait_for_selector(IDLE)
+        page.get_by_role("heading", name="Explore").wait_for()
+        idle(page)
+        page.locator(".legendtext", has_text=f"selection: {name}").first.wait_for()
+        page.get_by_text(f"Saved selection “{name}”: {n:,} samples", exact=False).wait_for()
+        assert name in shown_value(page, "explore_saved")
