@@ -20,7 +20,6 @@ This module imports numpy only (no torch, no pandas): the CLI prints an answered
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +32,8 @@ PLAN_MAX_BYTES = 64 << 20          # plans larger than this (m * P * 4 bytes) ar
 
 def query_key(query_indices) -> str:
     """'q3_17' for query samples {3, 17}; a digest beyond 100 characters (never a truncation)."""
-    idx = sorted(set(int(i) for i in np.atleast_1d(query_indices)))
-    key = "q" + "_".join(map(str, idx))
-    return key if len(key) <= 100 else "qset-" + hashlib.sha1(key.encode()).hexdigest()
+    from diffin_core.run.printed import query_key as key_of     # one rule, stdlib only (printed.py)
+    return key_of(np.atleast_1d(query_indices).tolist())
 
 
 def store_stamp(run_dir: Path) -> float:
