@@ -112,3 +112,55 @@ def test_plan_same_at_any_thread_count_and_with_the_runs_kept_base_gradients(tmp
     adopt(exact_ctx, project.run("d").meta.get("hvp"))
     plan_exact = DiffIn().prepare(exact_ctx, q.x[[3]], q.y[[3]])
     assert all(torch.equal(a.w, b.w) for a, b in zip(fresh, plan_exact))
+
+
+def test_a_forked_twin_gives_the_same_plan_and_rescored_values(tmp_path, monkeypatch):
+    """Issue 23: the process's twin (engine/twin.py) computes the later half of every batch
+    gradient's slices and of the rescored rows; the plan and the values are the same bits as one
+    process's, the twin ignores a model it does not know, and a dead twin leaves the work here."""
+    from diffin_core.engine import functional, twin
+    monkeypatch.setattr(twin, "usable", lambda: True)                  # whatever this machine's CPUs
+    project = Project(make_tiny_project(tmp_path / "p"))
+    score(project, "diffin", run="d")
+    q = project.query
+    F._CTX.clear()
+    ctx = F._context(project, "d")
+    with _threads(1):
+        alone = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+        rows = np.arange(ctx.n)
+        here = F.rescore_rows(ctx, alone, rows)
+    assert getattr(ctx, "twin", None) is None and functional._TWIN is None
+    tw = F.with_twin(ctx)
+    assert tw is not None and tw.alive and functional._TWIN is tw
+    calls = []
+    real = tw.submit
+    monkeypatch.setattr(tw, "submit", lambda *a: (calls.append(a[0]), real(*a))[1])
+    with _threads(1):
+        paired = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+        both = F.rescore_rows(ctx, paired, rows)
+    assert "grad" in calls and "rescore" in calls                      # the twin took its halves
+    assert all(torch.equal(a.w, b.w) for a, b in zip(alone, paired))
+    assert np.array_equal(here, both)
+    # a model the twin does not know (made after its fork): computed here, the same bits
+    torch.manual_seed(0)
+    other = FunctionalModel(SmallCNN())
+    other.max_rows = 64
+    theta = other.theta_of(other.model)
+    x, y = torch.rand(150, 1, 28, 28), torch.randint(0, 10, (150,))
+    calls.clear()
+    with _threads(1):
+        g = other.batch_grad(theta, x, y)
+    assert calls == [] and torch.equal(g, other._sliced(lambda a, b: _reverse_grad(other.mean_loss, theta, a, b), x, y))
+    # the twin gone: the plan is made here, the same
+    monkeypatch.undo()
+    os_pid = tw.pid
+    import os
+    import signal
+    os.kill(os_pid, signal.SIGKILL)
+    os.waitpid(os_pid, 0)
+    with _threads(1):
+        after = DiffIn().prepare(ctx, q.x[[3]], q.y[[3]])
+    assert not tw.alive
+    assert all(torch.equal(a.w, b.w) for a, b in zip(alone, after))
+    functional.stop_twin()
+    assert functional._TWIN is None

@@ -153,6 +153,41 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
+_TWIN = None                        # engine.twin.Twin of this process (start_twin), or None
+_TWIN_MODELS: list = []             # the models it knows (as they were at its fork)
+
+
+def start_twin(models, tasks: dict | None = None):
+    """Fork this process's twin (engine/twin.py) for the batch gradients of ``models`` (the
+    FunctionalModels whose slices it may take) and ``tasks`` (name -> fn, run there); once per
+    process. None where no twin applies (twin.usable)."""
+    global _TWIN
+    from diffin_core.engine import twin
+    if _TWIN is not None and _TWIN.alive:
+        return _TWIN
+    if not twin.usable():
+        return None
+    _TWIN_MODELS[:] = list(models)
+    _TWIN = twin.Twin({"grad": _twin_grad, **(tasks or {})})
+    import atexit
+    atexit.register(stop_twin)          # waited for at exit: its CPU is counted with this process's
+    return _TWIN
+
+
+def stop_twin() -> None:
+    global _TWIN
+    if _TWIN is not None:
+        _TWIN.close()
+        _TWIN = None
+    _TWIN_MODELS.clear()
+
+
+def _twin_grad(index: int, step: int, theta, x, y) -> list:
+    """In the twin: the slice gradients of x (its rows from one slice start on), one thread."""
+    fm = _TWIN_MODELS[index]
+    return [_reverse_grad(fm.mean_loss, theta, x[a:a + step], y[a:a + step]) for a in range(0, len(y), step)]
+
+
 _OUTER_THREADS = 0                  # torch's thread count outside single_threaded (0: not inside)
 
 
@@ -310,15 +345,43 @@ class FunctionalModel:
             return [(i, _reverse_grad(fm.mean_loss, theta, x[a:a + step], y[a:a + step]))
                     for i, a in enumerate(starts) if i % workers == w]
         with single_threaded():
-            if workers == 1:                # _sliced's own slice-order sum: the same bits as below
+            twin = self._twin_half(theta, x, y, starts, step) if workers == 1 else None
+            if twin is not None:            # the later slices in the forked twin, the first here
+                pending, h = twin
+                parts = []
+                try:
+                    parts = [(i, _reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]))
+                             for i, a in enumerate(starts[:h])]
+                finally:
+                    theirs = pending.result()           # always collected: the twin is free again
+                if theirs is None:                      # the twin failed: its slices here
+                    theirs = [_reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]) for a in starts[h:]]
+                parts += list(zip(range(h, len(starts)), theirs))
+            elif workers == 1:              # _sliced's own slice-order sum: the same bits as below
                 return self._sliced(lambda xs, ys: _reverse_grad(self.mean_loss, theta, xs, ys), x, y)
-            parts = [p for f in [_pool().submit(run, w) for w in range(workers)] for p in f.result()]
+            else:
+                parts = [p for f in [_pool().submit(run, w) for w in range(workers)] for p in f.result()]
         parts.sort(key=lambda p: p[0])
         total = None
         for i, part in parts:
             part = part * (min(n, starts[i] + step) - starts[i])
             total = part if total is None else total.add_(part)
         return total / n
+
+    def _twin_half(self, theta, x, y, starts, step):
+        """(pending, h): the slices from ``starts[h]`` on sent to the process's twin (engine/twin.py),
+        or None where it does not apply (no twin, this model not one it knows, fewer than 2 slices,
+        low precision active, the tensors do not fit its mapping or it is busy)."""
+        twin = _TWIN
+        if twin is None or len(starts) < 2 or not isinstance(x, torch.Tensor) or precision._ACTIVE.get() is not None:
+            return None
+        index = next((i for i, m in enumerate(_TWIN_MODELS) if m is self), None)
+        if index is None:
+            return None
+        h = (len(starts) + 1) // 2
+        a = starts[h]
+        pending = twin.submit("grad", (index, step), [theta, x[a:], y[a:]])
+        return None if pending is None else (pending, h)
 
     def batch_grad(self, theta, x, y) -> torch.Tensor:
         """Gradient of the batch-mean loss (P,): reverse mode on a leaf copy of ``theta``

@@ -789,6 +789,8 @@ def _context(project, run: str):
            meta.stat().st_mtime if meta.exists() else 0)      # a rescored run: a new context
     if key not in _CTX:
         _CTX.clear()
+        from diffin_core.engine.functional import stop_twin
+        stop_twin()                                   # a twin forked for the previous context
         info = project.run(run)
         _CTX[key] = ctx = configured(project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {}))))
         from diffin_core.engine.hvp import adopt
@@ -905,6 +907,7 @@ def exact_plan(ctx, qx, qy, key=None, run_dir=None, query_indices=None):
     if run_dir is not None and query_indices is not None:
         plan = cached_plan(ctx, run_dir, query_indices)
     if plan is None:
+        with_twin(ctx)
         plan = DiffIn().prepare(ctx, qx, qy)
         if run_dir is not None and query_indices is not None:
             keep_plan(run_dir, query_indices, plan)
@@ -944,10 +947,61 @@ def cached_plan(ctx, run_dir, query_indices):
     return items
 
 
+TWIN_ROWS = 64          # rescorings of at least this many rows give the twin half of them
+
+
+def with_twin(ctx):
+    """This process's twin (engine/twin.py), forked now for ``ctx`` if there is none: it takes half
+    of each batch gradient's slices in a plan (the same bits) and half of the rows rescore_rows
+    rescores. Only for contexts whose plans run single-threaded (plan_step: small slices, the
+    sample CNN); None elsewhere (a ResNet's plan keeps its intra-op threads)."""
+    from diffin_core.engine import functional
+    if ctx.fm.threads_round(min(int(ctx.hessian_rows), int(ctx.n))) or ctx.device.type != "cpu" \
+            or getattr(ctx, "batch_order", None) is not None:
+        return None
+    if functional._TWIN is not None and functional._TWIN.alive and getattr(ctx, "twin", None) is functional._TWIN:
+        return ctx.twin
+    models = [ctx.fm] + [ctx.fm_at(k) for k in range(ctx.m)]
+    ctx.twin = functional.start_twin(list({id(m): m for m in models}.values()),
+                                     {"rescore": lambda ks, coefs, rows, *ws: [_rescore_here(ctx, ks, coefs, rows, ws)]})
+    return ctx.twin
+
+
+def _rescore_here(ctx, ks, coefs, rows, ws):
+    """In the twin: rescore_rows on its half of the rows, under the plan's (k, coef, w_k)."""
+    from diffin_core.engine.propagate import PlanItem
+    plan = [PlanItem(int(k), float(c), w, None, None) for k, c, w in zip(ks, coefs, ws)]
+    return torch.from_numpy(_rescore_rows(ctx, plan, rows.numpy()))
+
+
 def rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     """The exact path's influence (B,) of training ``rows`` under ``plan``: DiffIn.chunk (one jvp
     per checkpoint) on just those rows, so each value equals the exact path's score of that row.
-    At most ``chunk`` rows at a time, fewer when the context's memory plan says so (jvp rows)."""
+    At most ``chunk`` rows at a time, fewer when the context's memory plan says so (jvp rows).
+    Where the process has a twin for ``ctx`` (with_twin), it rescores the later half of the rows
+    (each row's value does not depend on the rows beside it in a chunk: tested)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    twin = getattr(ctx, "twin", None)
+    if (twin is None or not twin.alive or len(rows) < TWIN_ROWS
+            or any(getattr(it, "rows", None) is not None for it in plan)):
+        return _rescore_rows(ctx, plan, rows, chunk)
+    order = np.argsort(rows, kind="stable")
+    h = (len(rows) + 1) // 2
+    mine, theirs = rows[order[:h]], rows[order[h:]]
+    pending = twin.submit("rescore", ([it.k for it in plan], [float(it.coef) for it in plan]),
+                          [torch.from_numpy(theirs)] + [it.w for it in plan])
+    if pending is None:
+        return _rescore_rows(ctx, plan, rows, chunk)
+    out = np.empty(len(rows))
+    try:
+        out[order[:h]] = _rescore_rows(ctx, plan, mine, chunk)
+    finally:
+        got = pending.result()
+    out[order[h:]] = got[0].numpy() if got is not None else _rescore_rows(ctx, plan, theirs, chunk)
+    return out
+
+
+def _rescore_rows(ctx, plan, rows, chunk: int = 1024) -> np.ndarray:
     from diffin_core.methods.diffin import DiffIn
     if getattr(ctx, "memory", None) is not None:
         chunk = max(1, min(chunk, ctx.memory.jvp_chunk))

@@ -1,0 +1,166 @@
+"""A forked twin of this process: a second core for a query's plan, the same bits (issue 23).
+
+A new query's plan is about 120 sequential batch gradients of the Hessian batch (the sample CNN:
+four 64-row slices each, ~6 ms a slice on one thread). Threads did not pay for them (the GIL and a
+slice of a few ms: functional.SLICE_WORKERS). A twin is this process forked once its context is
+loaded (model, checkpoints, data: shared copy-on-write, nothing loaded again); it computes the
+second half of each batch gradient's slices while this process computes the first, both on one
+thread, and the slices are summed here in slice order, as ``FunctionalModel._sliced`` sums them.
+The same operations on the same data in the same order: the same bits as one process (tested in
+tests/test_plan_threads.py). A twin also rescores half of a query's rows (features.rescore_rows).
+
+Transport: one shared anonymous mapping (``NBYTES``) for tensors and a pipe for small messages;
+one call at a time (a busy or dead twin: the caller computes locally). The twin exits when this
+process closes its end of the pipe or dies (it reads EOF), ignores SIGINT (Ctrl-C reaches the
+parent, which reports it) and never runs the parent's exit handlers (``os._exit``).
+
+Where it applies (``start``): Linux/macOS fork, at least 2 CPUs this process may use, and
+``DIFFIN_TWIN`` not 0. Forking a process that already runs threads is safe here because the twin
+only runs torch on one intra-op thread and its own loop.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import threading
+from multiprocessing import Pipe
+from typing import Callable
+
+import torch
+
+NBYTES = 64 << 20            # the shared mapping: tensors of one call in and out (pages used on touch)
+ALIGN = 64
+
+
+class Twin:
+    def __init__(self, tasks: dict[str, Callable], nbytes: int = NBYTES):
+        """Fork now. ``tasks``: name -> fn(*args, *tensors) -> list of tensors, run in the twin
+        (they see this process's objects as they were at the fork)."""
+        self.nbytes = int(nbytes)
+        self.mm = mmap.mmap(-1, self.nbytes)          # MAP_SHARED | MAP_ANONYMOUS: both sides see it
+        self.tasks = dict(tasks)
+        self.lock = threading.Lock()
+        self.alive = True
+        ours, theirs = Pipe(duplex=True)
+        pid = os.fork()
+        if pid == 0:                                  # the twin
+            ours.close()
+            _serve(self, theirs)                      # never returns
+        theirs.close()
+        self.conn, self.pid = ours, pid
+
+    # --- this process's side ---------------------------------------------------------------
+    def fits(self, tensors) -> bool:
+        return sum(_padded(t.numel() * t.element_size()) for t in tensors) <= self.nbytes
+
+    def submit(self, name: str, args: tuple, tensors: list[torch.Tensor]) -> "Pending | None":
+        """Start ``name`` in the twin; None when it is busy, dead or the tensors do not fit (the
+        caller computes locally). The tensors are copied out before this returns."""
+        if not self.alive or not self.fits(tensors) or not self.lock.acquire(blocking=False):
+            return None
+        try:
+            metas, off = [], 0
+            for t in tensors:
+                t = t.detach().contiguous()
+                if t.device.type != "cpu":
+                    raise ValueError("the twin runs on the CPU")
+                n = t.numel() * t.element_size()
+                _view(self.mm, off, t.shape, t.dtype).copy_(t)
+                metas.append((off, tuple(t.shape), t.dtype))
+                off += _padded(n)
+            self.conn.send((name, args, metas))
+        except ValueError:                            # not a CPU tensor
+            self.lock.release()
+            return None
+        except (OSError, EOFError):                   # the twin is gone
+            self.lock.release()
+            self.alive = False
+            return None
+        return Pending(self)
+
+    def close(self) -> None:
+        if self.alive:
+            self.alive = False
+            try:
+                self.conn.close()
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+
+
+class Pending:
+    def __init__(self, twin: Twin):
+        self.twin = twin
+
+    def result(self) -> list[torch.Tensor] | None:
+        """The task's tensors (copies), or None when the twin failed (the caller computes them)."""
+        twin = self.twin
+        try:
+            status, payload = twin.conn.recv()
+            if status != "ok":
+                return None
+            return [_view(twin.mm, off, shape, dtype).clone() for off, shape, dtype in payload]
+        except (OSError, EOFError):
+            twin.alive = False
+            return None
+        finally:
+            twin.lock.release()
+
+
+def _padded(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _view(mm, off: int, shape, dtype) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mm, dtype=dtype, count=n, offset=off).view(shape)
+
+
+def _serve(twin: Twin, conn) -> None:
+    """The twin's loop: one task at a time until the parent goes away."""
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        torch.set_num_threads(1)
+        from diffin_core.engine import functional
+        functional._TWIN = None                      # no twin of the twin
+        while True:
+            try:
+                name, args, metas = conn.recv()
+            except (EOFError, OSError):
+                break
+            try:
+                ins = [_view(twin.mm, off, shape, dtype).clone() for off, shape, dtype in metas]
+                outs = twin.tasks[name](*args, *ins)
+                metas, off = [], 0
+                for t in outs:
+                    t = t.detach().contiguous()
+                    _view(twin.mm, off, t.shape, t.dtype).copy_(t)
+                    metas.append((off, tuple(t.shape), t.dtype))
+                    off += _padded(t.numel() * t.element_size())
+                    if off > twin.nbytes:
+                        raise ValueError("the twin's answer does not fit its mapping")
+                conn.send(("ok", metas))
+            except Exception as e:                    # the parent computes it itself
+                conn.send(("error", repr(e)))
+    except BaseException:
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def usable() -> bool:
+    """Whether a twin may start here: fork exists, DIFFIN_TWIN is not 0, and this process may use
+    at least 2 CPUs."""
+    if os.environ.get("DIFFIN_TWIN", "1").strip() in ("0", "no", "off", "false") or not hasattr(os, "fork"):
+        return False
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return cpus >= 2
