@@ -2,6 +2,7 @@
 
     diffin score PROJECT --method diffin [--run NAME] [--device auto] [--ray [ADDRESS]]
     diffin top PROJECT --run NAME --query-index 3 [--k 10]
+    diffin serve PROJECT --run NAME            (keeps the run warm for diffin top)
     diffin demo [--workspace ./workspace] [--sample mnist|text]
     diffin methods
 """
@@ -235,11 +236,29 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
     """Print the most helpful and most harmful training samples for query sample(s)."""
     _at_least("--k", k, 1)
     _at_least("--shortlist", shortlist, 0)
+    from diffin_core.run import printed
+    if shortlist is None and printed.print_kept(project, run, query_index, k, typer.echo, exact_only=exact):
+        return                                    # asked before at this k: one text file read (stdlib only)
     from diffin_core.run.answers import print_cached
-    if shortlist is None and print_cached(project, run, query_index, k, typer.echo, exact_only=exact):
+    lines: list[str] = []
+
+    def echo(text: str) -> None:                  # what is printed, kept for asking again (printed.keep)
+        typer.echo(text)
+        lines.append(text)
+    if shortlist is None and print_cached(project, run, query_index, k, echo, exact_only=exact):
+        printed.keep(project, run, query_index, k, lines, exact_only=exact)
         return                                    # answered before: read, no model (nor torch) loaded
-    if not exact and shortlist is None and memory_budget is None and batch_size is None \
-            and _print_fast(project, run, query_index, k):
+    plain = not exact and shortlist is None and memory_budget is None and batch_size is None
+    if plain:                                     # a run served warm (diffin serve): answered there
+        from diffin_core.run import serve
+        said = serve.ask(project, run, query_index, k)
+        if said is not None and said != "ok":
+            raise DiffinError(said)
+        if said == "ok" and _print_served(project, run, query_index, k, echo):
+            printed.keep(project, run, query_index, k, lines)
+            return
+    if plain and _print_fast(project, run, query_index, k, echo):
+        printed.keep(project, run, query_index, k, lines)
         return                                    # a new query on a run with a store: without pandas
     from diffin_core.run.scoring import top_k
     over = _settings("auto", memory_budget, batch_size)
@@ -255,9 +274,22 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
                          ("most harmful (removing them lowers the query loss)", harmful)):
         typer.echo(f"\n{title}:")
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if shortlist is None:                         # its printout kept for asking again (printed.keep)
+        lines.clear()
+        if print_cached(project, run, query_index, k, lines.append, exact_only=exact):
+            printed.keep(project, run, query_index, k, lines, exact_only=exact)
 
 
-def _print_fast(project: Path, run: str, query_index, k: int) -> bool:
+def _print_served(project: Path, run: str, query_index, k: int, echo) -> bool:
+    """Print the answer `diffin serve` just kept (numpy only, no torch); False when it cannot be
+    read that way (the caller answers in process, which reads the kept answer)."""
+    from diffin_core.run.answers import load, print_answer
+    run_dir = Path(project) / "runs" / run
+    ans = load(run_dir, query_index)
+    return ans is not None and ans.covers(k) and print_answer(run_dir, ans, k, echo)
+
+
+def _print_fast(project: Path, run: str, query_index, k: int, echo=typer.echo) -> bool:
     """A new query's certified answer (features.fast_answer, the same answer `diffin top` keeps)
     printed from the run's kept columns, without importing pandas (about 0.4 s of CPU); False
     where that does not apply (no store, no kept columns yet, a deeper grid than certified): the
@@ -272,7 +304,18 @@ def _print_fast(project: Path, run: str, query_index, k: int) -> bool:
     ans = fast_answer(proj, run, sorted(set(int(i) for i in query_index)), k=k)
     if ans is None or not ans.covers(k):
         return False
-    return print_answer(run_dir, ans, k, typer.echo)
+    return print_answer(run_dir, ans, k, echo)
+
+
+@app.command("serve")
+def serve_cmd(project: Path = typer.Argument(..., help="project folder"),
+              run: str = typer.Option(..., help="a finished diffin run with a feature store"),
+              idle: float = typer.Option(1800.0, help="seconds without a query after which it stops")):
+    """Keep a run's query worker warm: `diffin top` on this run then answers a new query without
+    starting Python's torch or loading the run (stops on Ctrl-C or when idle)."""
+    _at_least("--idle", idle, 1)
+    from diffin_core.run.serve import serve
+    serve(project, run, idle=idle, echo=typer.echo)
 
 
 @app.command("features")
