@@ -164,3 +164,19 @@ def test_a_forked_twin_gives_the_same_plan_and_rescored_values(tmp_path, monkeyp
     assert all(torch.equal(a.w, b.w) for a, b in zip(alone, after))
     functional.stop_twin()
     assert functional._TWIN is None
+
+
+def test_the_twin_is_left_out_while_it_does_not_pay():
+    """Each window of calls is timed; after one where this process waited for the twin more than
+    PAYS x its own half (a loaded machine), the next BACKOFF calls run here, then it is tried again."""
+    from diffin_core.engine import twin
+    t = twin.Twin.__new__(twin.Twin)                                    # no fork: the bookkeeping only
+    t.alive, t.own, t.waited, t.calls, t.skip = True, 0.0, 0.0, 0, 0
+    for _ in range(twin.WINDOW):
+        assert t.wanted()
+        t.note(0.010, 0.002)                                            # its half ready in time: it pays
+    assert t.skip == 0 and t.wanted()
+    for _ in range(twin.WINDOW):
+        t.note(0.010, 0.020)                                            # waiting twice our half
+    assert [t.wanted() for _ in range(twin.BACKOFF)] == [False] * twin.BACKOFF
+    assert t.wanted()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -349,11 +350,14 @@ class FunctionalModel:
             if twin is not None:            # the later slices in the forked twin, the first here
                 pending, h = twin
                 parts = []
+                t0 = time.perf_counter()
                 try:
                     parts = [(i, _reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]))
                              for i, a in enumerate(starts[:h])]
                 finally:
+                    t1 = time.perf_counter()
                     theirs = pending.result()           # always collected: the twin is free again
+                    pending.twin.note(t1 - t0, time.perf_counter() - t1)
                 if theirs is None:                      # the twin failed: its slices here
                     theirs = [_reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]) for a in starts[h:]]
                 parts += list(zip(range(h, len(starts)), theirs))
@@ -374,6 +378,8 @@ class FunctionalModel:
         low precision active, the tensors do not fit its mapping or it is busy)."""
         twin = _TWIN
         if twin is None or len(starts) < 2 or not isinstance(x, torch.Tensor) or precision._ACTIVE.get() is not None:
+            return None
+        if not any(m is self for m in _TWIN_MODELS) or not twin.wanted():
             return None
         index = next((i for i, m in enumerate(_TWIN_MODELS) if m is self), None)
         if index is None:
