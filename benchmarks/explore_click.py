@@ -95,7 +95,8 @@ def measure(a) -> None:
                                "--idle", "900"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
     t_serve = time.perf_counter()
-    server.stdout.readline()                                           # "serving run ..." once warm
+    if not server.stdout.readline().startswith("serving run"):        # once warm
+        raise SystemExit("diffin serve did not start (another server on this run?)")
     serve_ready_s = time.perf_counter() - t_serve
     recs = []
     try:

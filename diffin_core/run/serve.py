@@ -96,7 +96,11 @@ def serve(project_dir, run: str, idle: float = IDLE_S, echo=print) -> None:
                 raise DiffinError(f"a server already answers run {run!r} ({path})", info.path)
             except OSError:
                 path.unlink()                         # a stale socket
-        srv.bind(str(path))
+        try:
+            srv.bind(str(path))
+        except OSError as e:                          # another server bound it first
+            raise DiffinError(f"cannot serve run {run!r} at {path}: {e.strerror or e}", info.path)
+        mine = path.stat().st_ino
         srv.listen(8)
         srv.settimeout(idle)
         echo(f"serving run {run!r} of {project.root} for diffin top (socket {path}); "
@@ -112,7 +116,8 @@ def serve(project_dir, run: str, idle: float = IDLE_S, echo=print) -> None:
                     _answer(conn, project, run, state, warm, F)
         finally:
             try:
-                path.unlink()
+                if path.stat().st_ino == mine:        # never another server's socket
+                    path.unlink()
             except OSError:
                 pass
 
