@@ -166,17 +166,27 @@ def test_a_forked_twin_gives_the_same_plan_and_rescored_values(tmp_path, monkeyp
     assert functional._TWIN is None
 
 
-def test_the_twin_is_left_out_while_it_does_not_pay():
-    """Each window of calls is timed; after one where this process waited for the twin more than
-    PAYS x its own half (a loaded machine), the next BACKOFF calls run here, then it is tried again."""
+def test_the_twin_takes_the_calls_only_where_it_is_faster():
+    """Batch gradients are timed PROBE with the twin and PROBE alone, then RUN go the faster way,
+    and both are timed again (a loaded machine: alone; a free core: the twin)."""
     from diffin_core.engine import twin
     t = twin.Twin.__new__(twin.Twin)                                    # no fork: the bookkeeping only
-    t.alive, t.own, t.waited, t.calls, t.skip = True, 0.0, 0.0, 0, 0
-    for _ in range(twin.WINDOW):
-        assert t.wanted()
-        t.note(0.010, 0.002)                                            # its half ready in time: it pays
-    assert t.skip == 0 and t.wanted()
-    for _ in range(twin.WINDOW):
-        t.note(0.010, 0.020)                                            # waiting twice our half
-    assert [t.wanted() for _ in range(twin.BACKOFF)] == [False] * twin.BACKOFF
-    assert t.wanted()
+    t.alive = True
+    t._plan = [("twin", twin.PROBE), ("alone", twin.PROBE)]
+    t._walls = {"twin": [0.0, 0], "alone": [0.0, 0]}
+
+    def cycle(twin_s, alone_s):
+        ways = []
+        for _ in range(2 * twin.PROBE):
+            ways.append(t.wanted())
+            t.note(twin_s if ways[-1] else alone_s, ways[-1])
+        assert ways == [True] * twin.PROBE + [False] * twin.PROBE
+        ways = []
+        for _ in range(twin.RUN):
+            ways.append(t.wanted())
+            t.note(twin_s if ways[-1] else alone_s, ways[-1])
+        return ways
+    assert cycle(0.030, 0.020) == [False] * twin.RUN                    # the twin slower: alone
+    assert cycle(0.012, 0.020) == [True] * twin.RUN                     # a free core: the twin
+    t.alive = False
+    assert not t.wanted()

@@ -355,14 +355,19 @@ class FunctionalModel:
                     parts = [(i, _reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]))
                              for i, a in enumerate(starts[:h])]
                 finally:
-                    t1 = time.perf_counter()
                     theirs = pending.result()           # always collected: the twin is free again
-                    pending.twin.note(t1 - t0, time.perf_counter() - t1)
+                    pending.twin.note(time.perf_counter() - t0, True)
                 if theirs is None:                      # the twin failed: its slices here
                     theirs = [_reverse_grad(self.mean_loss, theta, x[a:a + step], y[a:a + step]) for a in starts[h:]]
                 parts += list(zip(range(h, len(starts)), theirs))
             elif workers == 1:              # _sliced's own slice-order sum: the same bits as below
-                return self._sliced(lambda xs, ys: _reverse_grad(self.mean_loss, theta, xs, ys), x, y)
+                timed = _TWIN if (_TWIN is not None and len(starts) >= 2
+                                  and any(m is self for m in _TWIN_MODELS)) else None
+                t0 = time.perf_counter()
+                out = self._sliced(lambda xs, ys: _reverse_grad(self.mean_loss, theta, xs, ys), x, y)
+                if timed is not None:           # timed against the twin's calls (Twin.wanted)
+                    timed.note(time.perf_counter() - t0, False)
+                return out
             else:
                 parts = [p for f in [_pool().submit(run, w) for w in range(workers)] for p in f.result()]
         parts.sort(key=lambda p: p[0])

@@ -31,9 +31,8 @@ import torch
 
 NBYTES = 64 << 20            # the shared mapping: tensors of one call in and out (pages used on touch)
 ALIGN = 64
-WINDOW = 12                  # calls measured before deciding whether the twin pays
-PAYS = 0.8                   # it pays while this process waits for it under 0.8 x its own half's time
-BACKOFF = 96                 # calls computed here alone after a window where it did not pay
+PROBE = 6                    # batch gradients timed each way (with the twin, then here alone) ...
+RUN = 36                     # ... before this many go the faster way; then both are timed again
 
 
 class Twin:
@@ -45,8 +44,8 @@ class Twin:
         self.tasks = dict(tasks)
         self.lock = threading.Lock()
         self.alive = True
-        self.own = self.waited = 0.0                  # this window's seconds: our half, waiting for its half
-        self.calls = self.skip = 0
+        self._plan = [("twin", PROBE), ("alone", PROBE)]   # (way, calls) still to make, in order
+        self._walls = {"twin": [0.0, 0], "alone": [0.0, 0]}
         ours, theirs = Pipe(duplex=True)
         pid = os.fork()
         if pid == 0:                                  # the twin
@@ -57,25 +56,33 @@ class Twin:
 
     # --- this process's side ---------------------------------------------------------------
     def wanted(self) -> bool:
-        """Whether to give it the next call. With a free core the twin's half is ready when ours is;
-        on a loaded machine each call waits for the twin to be scheduled (measured at load 11-13 on
-        2 cores: 1.26-1.37x slower than alone, benchmarks/explore_click.py). So each WINDOW of
-        calls is timed (``note``); after one where we waited more than PAYS x our own half, the
-        next BACKOFF calls run here alone, then it is tried again. The same bits either way."""
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        return self.alive
+        """Whether to give it the next batch gradient. With a free core the twin's half is ready
+        when ours is; on a loaded machine both halves wait to be scheduled, and the two processes
+        may get no more CPU than one (the scheduler shares a session's processes; measured at load
+        10-13 on 2 cores: 1.16-1.37x slower than alone, benchmarks/explore_click.py). So the calls
+        are timed: PROBE with the twin, PROBE alone, then RUN the faster way, and again. The
+        same bits either way."""
+        return self.alive and self._plan[0][0] == "twin"
 
-    def note(self, own: float, waited: float) -> None:
-        self.own += own
-        self.waited += waited
-        self.calls += 1
-        if self.calls >= WINDOW:
-            if self.waited > PAYS * self.own:
-                self.skip = BACKOFF
-            self.own = self.waited = 0.0
-            self.calls = 0
+    def note(self, seconds: float, twin: bool) -> None:
+        """One batch gradient's wall time, made with the twin or alone (wanted's bookkeeping)."""
+        way = "twin" if twin else "alone"
+        w = self._walls[way]
+        w[0] += seconds
+        w[1] += 1
+        left = self._plan[0][1] - 1
+        self._plan[0] = (self._plan[0][0], left)
+        if left > 0:
+            return
+        self._plan.pop(0)
+        if not self._plan:
+            if self._walls["twin"][1] and self._walls["alone"][1]:
+                mean = {k: v[0] / v[1] for k, v in self._walls.items()}
+                best = "twin" if mean["twin"] < mean["alone"] else "alone"
+            else:
+                best = "alone"
+            self._walls = {"twin": [0.0, 0], "alone": [0.0, 0]}
+            self._plan = [(best, RUN), ("twin", PROBE), ("alone", PROBE)]
 
     def fits(self, tensors) -> bool:
         return sum(_padded(t.numel() * t.element_size()) for t in tensors) <= self.nbytes
