@@ -14,15 +14,17 @@ one call at a time (a busy or dead twin: the caller computes locally). The twin 
 process closes its end of the pipe or dies (it reads EOF), ignores SIGINT (Ctrl-C reaches the
 parent, which reports it) and never runs the parent's exit handlers (``os._exit``).
 
-Where it applies (``start``): Linux/macOS fork, at least 2 CPUs this process may use, and
-``DIFFIN_TWIN`` not 0. Forking a process that already runs threads is safe here because the twin
-only runs torch on one intra-op thread and its own loop.
+Where it applies (``usable``): Linux, at least 2 CPUs this process may use, and
+``DIFFIN_TWIN`` not 0. The twin runs only its loop and torch on one intra-op thread; should it
+ever not answer within ``TIMEOUT_S`` (a lock another thread held at the fork, say), it is killed
+and its part computed here.
 """
 from __future__ import annotations
 
 import mmap
 import os
 import signal
+import sys
 import threading
 from multiprocessing import Pipe
 from typing import Callable
@@ -31,6 +33,7 @@ import torch
 
 NBYTES = 64 << 20            # the shared mapping: tensors of one call in and out (pages used on touch)
 ALIGN = 64
+TIMEOUT_S = 300.0            # a call not answered in this long: the twin is killed, the work done here
 PROBE = 6                    # batch gradients timed each way (with the twin, then here alone) ...
 RUN = 36                     # ... before this many go the faster way; then both are timed again
 
@@ -112,6 +115,14 @@ class Twin:
             return None
         return Pending(self)
 
+    def kill(self) -> None:
+        self.alive = False
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except OSError:
+            pass
+
     def close(self) -> None:
         if self.alive:
             self.alive = False
@@ -130,6 +141,9 @@ class Pending:
         """The task's tensors (copies), or None when the twin failed (the caller computes them)."""
         twin = self.twin
         try:
+            if not twin.conn.poll(TIMEOUT_S):
+                twin.kill()
+                return None
             status, payload = twin.conn.recv()
             if status != "ok":
                 return None
@@ -188,10 +202,10 @@ def _serve(twin: Twin, conn) -> None:
 
 
 def usable() -> bool:
-    """Whether a twin may start here: fork exists, DIFFIN_TWIN is not 0, and this process may use
-    at least 2 CPUs."""
-    if os.environ.get("DIFFIN_TWIN", "1").strip() in ("0", "no", "off", "false") or not hasattr(os, "fork"):
-        return False
+    """Whether a twin may start here: Linux, DIFFIN_TWIN is not 0, and this process may use at
+    least 2 CPUs."""
+    if os.environ.get("DIFFIN_TWIN", "1").strip() in ("0", "no", "off", "false") or not sys.platform.startswith("linux"):
+        return False                                  # (macOS: its system libraries are not fork-safe)
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
