@@ -679,6 +679,38 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
+def _click_kinds() -> dict[str, tuple[type, ...]]:
+    """click's exception classes, from click itself and from typer's vendored copy (typer >= 0.2x
+    raises ``typer._click.exceptions.*``, which are not click's: an ``except click...`` misses them)."""
+    import importlib
+    found = {"exit": [], "abort": [], "usage": [], "click": []}
+    for mod, names in (("click.exceptions", {"exit": "Exit", "abort": "Abort", "usage": "UsageError",
+                                             "click": "ClickException"}),
+                       ("typer._click.exceptions", {"usage": "UsageError", "click": "ClickException"}),
+                       ("typer.exceptions", {"exit": "Exit", "abort": "Abort"})):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        for kind, name in names.items():
+            cls = getattr(m, name, None)
+            if isinstance(cls, type):
+                found[kind].append(cls)
+    return {k: tuple(v) for k, v in found.items()}
+
+
+def _usage_error(e) -> None:
+    """A usage error (a word for a number, an unknown option or command, a missing argument) as
+    one line, ``error: ... (see diffin VERB --help)``, exit status 2 (click's own for usage)."""
+    message = " ".join(str(e.format_message()).split())
+    ctx = getattr(e, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "diffin"
+    hint = f" (see {path} --help)" if isinstance(e, _click_kinds()["usage"]) else ""
+    typer.echo(f"error: {message}{hint}", err=True)
+    code = getattr(e, "exit_code", 2)
+    sys.exit(code if isinstance(code, int) and code else 2)
+
+
 def main(argv=None) -> None:
     _guard_os_exit()
     try:
@@ -688,13 +720,15 @@ def main(argv=None) -> None:
         _exit(2)
     except KeyboardInterrupt:
         rc = 130
-    except Exception as e:  # click usage errors
-        import click
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors (click's own, or the click that newer typer vendors)
+        kinds = _click_kinds()
+        if isinstance(e, kinds["exit"]):
+            sys.exit(getattr(e, "exit_code", 0))
+        if isinstance(e, kinds["abort"]):
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        if isinstance(e, kinds["usage"]) or isinstance(e, kinds["click"]):
+            _usage_error(e)
         raise
     # standalone_mode=False: typer turns Ctrl-C into a returned 130 and typer.Exit(n) into n
     if rc == 130:

@@ -106,6 +106,53 @@ def test_bad_input_is_one_line_and_exit_2(verb, args, message, scored, tmp_path,
     assert re.search(message, lines[0]), lines[0]
 
 
+def _verbs() -> list[str]:
+    import typer.main
+    group = typer.main.get_command(app)
+    verbs = []
+    for name, cmd in sorted(group.commands.items()):
+        sub = getattr(cmd, "commands", None)
+        verbs += [f"{name} {s}" for s in sorted(sub)] if sub else [name]
+    return verbs
+
+
+# usage errors (typer/click's own): a word for a number, an option or command that does not
+# exist, a missing argument or option value; every verb gets an unknown option
+USAGE = [(v, ["--no-such-option"], r"No such option: --no-such-option \(see diffin .*--help\)") for v in _verbs()] + [
+    ("top", ["P", "--run", "loss-1", "-q", "abc"], r"Invalid value for '--query-index' / '-q': .*valid integer"),
+    ("top", ["P", "--run", "loss-1", "-q", "1e9"], r"Invalid value for '--query-index' / '-q'"),
+    ("score", ["P", "-m", "loss", "--batch-size", "x"], r"Invalid value for '--batch-size'"),
+    ("clean", ["P", "--run", "loss-1", "--fraction", "half", "--out", "W/c.npz"], r"Invalid value for '--fraction'"),
+    ("score", [], r"Missing argument 'PROJECT'|Missing argument 'project'"),
+    ("top", ["P", "--run"], r"Option '--run' requires an argument"),
+    ("no-such-verb", [], r"No such command 'no-such-verb'"),
+]
+
+
+@pytest.mark.parametrize("verb,args,message", USAGE, ids=[f"{v}:{' '.join(a)}" for v, a, _ in USAGE])
+def test_usage_errors_are_one_line_and_exit_2(verb, args, message, scored, tmp_path, capsys):
+    """typer >= 0.2x raises its own (vendored) click exceptions: they must not reach the user as a
+    traceback either."""
+    subst = {"P": str(scored)}
+    argv = verb.split() + [subst.get(a, a.replace("W/", f"{tmp_path}/")) for a in args]
+    code, out, err = run_cli(argv, capsys)
+    assert "Traceback" not in out + err
+    assert code == 2, (code, out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_a_usage_error_in_a_fresh_process_is_one_line():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "diffin_core.cli", "top", "nowhere", "--run", "r", "-q", "abc"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert [ln for ln in r.stderr.splitlines() if ln.strip()] == [
+        "error: Invalid value for '--query-index' / '-q': Input should be a valid integer, unable to parse string "
+        "as an integer (see diffin top --help)"], r.stderr
+
+
 def test_methods_lists_and_help_shows_no_doubled_percent(capsys):
     code, out, _ = run_cli(["methods"], capsys)
     assert code == 0 and "diffin" in out
