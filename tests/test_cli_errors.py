@@ -59,6 +59,10 @@ CASES = [
     ("coreset", ["P", "--run", "loss-1", "--out", "P/data/core.npz"], r"refusing to write the export into the project's data/ folder"),
     ("coreset", ["P", "--run", "loss-1", "--fraction", "0", "--out", "W/c.npz"], r"--fraction must be in \(0, 1\], not 0"),
     ("coreset", ["P", "--run", "loss-1", "--rule", "bogus", "--out", "W/c.npz"], r"unknown coreset rule 'bogus'"),
+    ("coreset", ["P", "--run", "loss-1", "--fraction", "0.001", "--out", "W/c.npz"],
+     r"the selection keeps none of the 96 training samples: nothing to export"),
+    ("clean", ["P", "--run", "loss-1", "--out", "W"], r"is a folder: --out takes a file name"),
+    ("delete", ["P", "--run", "loss-1", "--k", "3", "--out", "F/d.npz"], r"cannot write the export \(.*\)"),
     ("verify", ["P", "--run", "loss-1", "--k", "0"], r"--k must be at least 1, not 0"),
     ("verify", ["P", "--run", "loss-1"], r"no \[train\] recipe"),
     ("bench", ["--workers", "0"], r"--workers must be at least 1, not 0"),
@@ -94,7 +98,7 @@ def test_bad_input_is_one_line_and_exit_2(verb, args, message, scored, tmp_path,
     ws = tmp_path / "ws"
     ws.mkdir()
     subst = {"P": str(scored), "W": str(ws), "F": str(plain), "{missing}": str(tmp_path / "missing")}
-    argv = verb.split() + [subst.get(a, a.replace("W/", f"{ws}/").replace("P/", f"{scored}/")) for a in args]
+    argv = verb.split() + [subst.get(a, a.replace("W/", f"{ws}/").replace("P/", f"{scored}/").replace("F/", f"{plain}/")) for a in args]
     from helpers import tree_digest
     before = tree_digest(scored / "data"), tree_digest(scored / "checkpoints")
     code, out, err = run_cli(argv, capsys, stdin="short\n", monkeypatch=monkeypatch)
@@ -159,6 +163,40 @@ def test_methods_lists_and_help_shows_no_doubled_percent(capsys):
     code, out, _ = run_cli(["score", "--help"], capsys)
     flat = " ".join(out.replace("│", " ").split())
     assert "%%" not in out and "80 percent of the free VRAM" in flat, flat
+
+
+def test_exports_never_overwrite_any_file_the_project_reads(tmp_path, capsys):
+    """Beyond data/ and checkpoints/: the [train] recipe, modules model.py imports (files and
+    package folders), the review log, Setup's draft, the text cache; a new file beside them is fine."""
+    from diffin_core.errors import DiffinError
+    from diffin_core.project.folder import Project
+    from diffin_core.workspace.export import check_out_path
+    proj = make_tiny_project(tmp_path / "p")
+    (proj / "diffin.toml").write_text((proj / "diffin.toml").read_text() + '\n[train]\nrecipe = "fit.py:train"\n')
+    (proj / "fit.py").write_text("def train(x, y, seed, checkpoint_dir):\n    pass\n")
+    (proj / "nets.py").write_text("X = 1\n")
+    (proj / "blocks").mkdir()
+    (proj / "blocks" / "__init__.py").write_text("")
+    (proj / "review.sqlite").write_bytes(b"")
+    (proj / ".setup.json").write_text("{}")
+    (proj / "tokenized").mkdir()
+    project = Project(proj)
+    for target, what in [("fit.py", "the project's own fit.py"), ("nets.py", "the project's own nets.py"),
+                         ("blocks/more.npz", "the project's blocks/ folder"),
+                         ("review.sqlite", "the project's own review.sqlite"),
+                         ("review.sqlite-wal", "the project's own review.sqlite-wal"),
+                         (".setup.json", "the project's own .setup.json"),
+                         ("tokenized/t.npz", "the project's tokenized/ folder")]:
+        with pytest.raises(DiffinError, match=re.escape(f"refusing to write the export into {what}")):
+            check_out_path(project, proj / target)
+    assert check_out_path(project, proj / "clean.npz") == (proj / "clean.npz").resolve()
+    assert check_out_path(project, proj / "exports" / "fit.npz") == (proj / "exports" / "fit.npz").resolve()
+    score_before = (proj / "fit.py").read_bytes()
+    from diffin_core.run.scoring import score
+    score(proj, "loss", run="loss-1")
+    code, _, err = run_cli(["clean", proj, "--run", "loss-1", "--out", proj / "fit.py"], capsys)
+    assert code == 2 and "refusing to write the export into the project's own fit.py" in err, err
+    assert (proj / "fit.py").read_bytes() == score_before
 
 
 # --- issue 20's sweep, one test each ------------------------------------------------------------

@@ -129,7 +129,7 @@ def test_error_mid_export_leaves_no_file(tmp_path, data, monkeypatch):
         return b"png"
 
     monkeypatch.setattr(ex, "_png", failing_png)
-    with pytest.raises(OSError):
+    with pytest.raises(DiffinError, match=r"clean.zip: cannot write the export \(disk full\)"):   # one line
         ex.export_split(tmp_path / "clean.zip", "imagefolder", x, y, ids, state,
                         manifest_extra=EXTRA)
     assert len(calls) == 3

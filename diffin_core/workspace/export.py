@@ -104,13 +104,24 @@ def check_out_path(project, out_path: str | Path) -> Path:
     or runs, or the decisions manifest written beside the export landing on one of those.
     Returns the resolved path. (Inside the project, ``exports/`` is the place for exports.)"""
     out = Path(out_path).expanduser().resolve()
+    if out.is_dir():
+        raise DiffinError(f"is a folder: --out takes a file name (e.g. {out / 'clean.npz'})", out)
     root = project.root
     cfg = project.config
-    files = {project.config_path, project.manifest_path}
-    folders = {project.manifest_path.parent, root / "runs"}
+    files = {project.config_path, project.manifest_path, root / ".setup.json"}
+    files |= {root / f"review.sqlite{end}" for end in ("", "-wal", "-shm", "-journal")}
+    folders = {project.manifest_path.parent, root / "runs", root / "tokenized"}
     for key in ("factory", "program"):
         if key in cfg.get("model", {}):
             files.add(project.path(str(cfg["model"][key]).split(":")[0]))
+    if cfg.get("train", {}).get("recipe"):
+        files.add(project.path(str(cfg["train"]["recipe"]).split(":")[0]))
+    # modules model.py may import: .py files and package folders at the project's top
+    files |= set(root.glob("*.py"))
+    folders |= {d for d in root.iterdir() if d.is_dir() and (d / "__init__.py").is_file()} if root.is_dir() else set()
+    files = {f.resolve() for f in files}
+    folders = {d.resolve() for d in folders}
+    root = root.resolve()
     for split in ("train", "query"):
         if split in cfg.get("data", {}):
             p = project.path(cfg["data"][split])
@@ -231,6 +242,9 @@ def export_subset(out_path: str | Path, fmt: str, x: np.ndarray, y: np.ndarray,
     keep_mask = np.asarray(keep_mask, dtype=bool)
     if keep_mask.shape != y.shape:
         raise DiffinError(f"keep_mask has shape {keep_mask.shape}, expected {y.shape}", out_path)
+    if len(keep_mask) and not keep_mask.any():
+        raise DiffinError(f"the selection keeps none of the {len(keep_mask)} training samples: nothing to export "
+                          "(keep a larger fraction, or drop fewer)", out_path)
     decision = np.where(keep_mask, "keep", "exclude")
     return _export(out_path, fmt, x, y, ids, y.copy(), decision, label_names, image_shape,
                    {"kind": "subset", "reason": reason, **(manifest_extra or {})}, source)
@@ -264,13 +278,19 @@ def _export(out_path, fmt, x, y, ids, final, decision, label_names, image_shape,
         text = json.dumps(manifest, indent=1, default=_json_default)
     except TypeError as exc:
         raise DiffinError(f"manifest_extra is not JSON-serialisable ({exc})", out_path) from exc
-    with atomic_path(out_path) as tmp:
-        if source is not None:
-            _write_from_source(tmp, fmt, source, x, ids, y, final, decision, label_names, image_shape, out_path)
-        else:
-            _write_arrays(tmp, fmt, x, y, ids, final, decision, label_names, image_shape, out_path)
-        with atomic_path(manifest_path(out_path)) as mtmp:
-            mtmp.write_text(text, encoding="utf-8")
+    if out_path.is_dir():
+        raise DiffinError(f"is a folder: --out takes a file name (e.g. {out_path / 'clean.npz'})", out_path)
+    try:
+        with atomic_path(out_path) as tmp:
+            if source is not None:
+                _write_from_source(tmp, fmt, source, x, ids, y, final, decision, label_names, image_shape, out_path)
+            else:
+                _write_arrays(tmp, fmt, x, y, ids, final, decision, label_names, image_shape, out_path)
+            with atomic_path(manifest_path(out_path)) as mtmp:
+                mtmp.write_text(text, encoding="utf-8")
+    except OSError as exc:     # a folder that cannot be made or written, a full disk: one line
+        raise DiffinError(f"cannot write the export ({exc.strerror or str(exc) or type(exc).__name__})",
+                          out_path) from None
     return out_path
 
 
