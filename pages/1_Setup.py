@@ -79,7 +79,8 @@ missing = uploads.missing_parts(folder)
 if missing:
     st.info(f"Still needed: {', '.join(missing)}.")
 if st.button("Create project", key="setup_finish", type="primary", disabled=bool(missing)):
-    problems = usercode.finish(folder, edited, image_shape=shape, max_length=max_length)   # builds the model in a child
+    problems = usercode.finish(folder, edited, image_shape=shape, max_length=max_length,   # builds the model in a child
+                               brief=True)                                          # no server folders
     for p in problems:
         st.error(p)
     if not problems:

@@ -258,3 +258,38 @@ def test_score_page_shows_when_scores_and_features_were_ready(scored):
     at.run()
     row = table_with(at, "run").set_index("run").loc["loss-1"]
     assert row["features ready after"] == "14 min 06 s (built separately)"
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_a_text_column_declared_tabular_is_one_line_on_every_page_without_server_folders(workspace, ext):
+    """Issue 20: a CSV or parquet with a string column under kind = "tabular" was a traceback with
+    the server's paths in the browser (Home listed the full path, Score raised)."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from helpers import make_tiny_project
+    proj = make_tiny_project(workspace / "tab")
+    for split in ("train", "query"):
+        with np.load(proj / f"data/{split}.npz") as z:
+            df = pd.DataFrame(z["x"], columns=[f"f{i}" for i in range(z["x"].shape[1])])
+            df["note"] = [f"row {i}" for i in range(len(df))]          # a text column
+            df["label"] = z["y"]
+        getattr(df, "to_csv" if ext == "csv" else "to_parquet")(proj / f"data/{split}.{ext}",
+                                                              **({"index": False} if ext == "csv" else {}))
+    toml = (proj / "diffin.toml").read_text().replace("train.npz", f"train.{ext}").replace("query.npz", f"query.{ext}")
+    (proj / "diffin.toml").write_text(toml)
+    shutil.rmtree(proj / "runs", ignore_errors=True)
+    want = (f"train.{ext}: column 'note' holds text, not numbers: for a text classifier set [data] kind = \"text\" "
+            "and text_column = 'note' in diffin.toml")
+    at = new_app(proj)
+    assert not at.exception, at.exception
+    assert texts(at.error) == [want], texts(at.error)
+    for page in ("pages/2_Score.py", "pages/3_Explore.py", "pages/4_Review.py", "pages/5_Export.py", "pages/6_What-if.py"):
+        at.switch_page(page).run()
+        assert not at.exception, (page, [e.value for e in at.exception])
+        assert want in texts(at.error) or (page != "pages/2_Score.py" and not at.error), (page, texts(at.error))
+        assert not any(str(workspace) in e for e in texts(at.error)), (page, texts(at.error))

@@ -202,3 +202,6 @@ def test_create_reports_each_problem_once(workspace):
     table = uploads.checkpoint_table(folder)
     problems = uploads.finish(folder, table)
     assert len(problems) == 1 and "label 11 is out of range" in problems[0], problems
+    shown = uploads.finish(folder, table, brief=True)          # what the Setup page shows: no server folders
+    assert len(shown) == 1 and shown[0].startswith("train.npz: ") and "label 11 is out of range" in shown[0], shown
+    assert str(workspace) not in shown[0]

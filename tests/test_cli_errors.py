@@ -32,11 +32,33 @@ def scored(tmp_path_factory):
     return proj
 
 
+def _device_cases() -> list:
+    """--device naming hardware this machine lacks (issue 20: cuda / mps were tracebacks)."""
+    import torch
+    cases = []
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        cases.append(("score", ["P", "-m", "loss", "--device", f"cuda:{n}"],
+                      rf"--device cuda:{n}: there are only {n} CUDA devices"))
+    else:
+        for dev in ("cuda", "cuda:1"):
+            cases.append(("score", ["P", "-m", "loss", "--device", dev], rf"--device {dev}: this machine has no usable CUDA GPU"))
+        cases.append(("demo", ["--workspace", "W", "-m", "loss", "--device", "cuda"], r"--device cuda: this machine has no usable CUDA GPU"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available():
+        cases.append(("score", ["P", "-m", "loss", "--device", "mps"], r"--device mps: MPS \(Apple GPU\) is not available on this machine"))
+    return cases
+
+
+_DEVICE_CASES = _device_cases()
+
 # (verb, arguments with P = the scored project, W = a workspace, F = a plain file, the message)
 CASES = [
     ("score", ["{missing}"], r"no diffin.toml here"),
     ("score", ["P", "-m", "nope"], r"unknown method 'nope'"),
     ("score", ["P", "-m", "loss", "--device", "banana"], r"--device 'banana' is not a device"),
+    *_DEVICE_CASES,
+    ("score", ["P", "-m", "loss", "--device", "xla"], r"--device 'xla': diffin runs on cpu, cuda or mps"),
     ("score", ["P", "-m", "loss", "--memory-budget", "lots"], r"memory budget 'lots' is not a size"),
     ("score", ["P", "-m", "loss", "--batch-size", "0"], r"--batch-size must be at least 1, not 0"),
     ("score", ["P", "-m", "loss", "--precision", "float8"], r"float8"),
@@ -197,6 +219,28 @@ def test_exports_never_overwrite_any_file_the_project_reads(tmp_path, capsys):
     code, _, err = run_cli(["clean", proj, "--run", "loss-1", "--out", proj / "fit.py"], capsys)
     assert code == 2 and "refusing to write the export into the project's own fit.py" in err, err
     assert (proj / "fit.py").read_bytes() == score_before
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet"])
+def test_a_text_column_declared_tabular_is_one_line_in_the_cli(tmp_path, capsys, ext):
+    import pandas as pd
+    proj = make_tiny_project(tmp_path / "p")
+    for split in ("train", "query"):
+        with np.load(proj / f"data/{split}.npz") as z:
+            df = pd.DataFrame(z["x"], columns=[f"f{i}" for i in range(z["x"].shape[1])])
+            df.insert(2, "note", [f"row {i}" for i in range(len(df))])
+            df["label"] = z["y"]
+        if ext == "csv":
+            df.to_csv(proj / f"data/{split}.csv", index=False)
+        else:
+            df.to_parquet(proj / f"data/{split}.parquet")
+    toml = (proj / "diffin.toml").read_text()
+    (proj / "diffin.toml").write_text(toml.replace(".npz", f".{ext}"))
+    code, out, err = run_cli(["score", proj, "-m", "loss"], capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in out + err, (code, err)
+    assert lines == [f"error: {proj / 'data' / ('train.' + ext)}: column 'note' holds text, not numbers: for a "
+                         "text classifier set [data] kind = \"text\" and text_column = 'note' in diffin.toml"], err
 
 
 # --- issue 20's sweep, one test each ------------------------------------------------------------

@@ -456,15 +456,17 @@ class Project:
         model.load_state_dict(self.checkpoint_states(model)[-1])
         return eval_mode(model)
 
-    def validate(self) -> list[str]:
-        """Load everything once; return a list of one-line problems (empty when all is well)."""
+    def validate(self, brief: bool = False) -> list[str]:
+        """Load everything once; return a list of one-line problems (empty when all is well).
+        ``brief``: each names its file without the folders (``DiffinError.brief``, for the app)."""
         problems = []
         for check in (lambda: self.train, lambda: self.query, lambda: self.manifest, self.checkpoint_states):
             try:
                 check()
             except DiffinError as e:
-                if str(e) not in problems:       # one broken model.py fails every check alike: say it once
-                    problems.append(str(e))
+                line = e.brief() if brief else str(e)
+                if line not in problems:         # one broken model.py fails every check alike: say it once
+                    problems.append(line)
         return problems
 
     # --- runs -------------------------------------------------------------------------------

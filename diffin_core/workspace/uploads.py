@@ -493,9 +493,10 @@ def missing_parts(project_dir: str | Path) -> list[str]:
 
 
 def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] | None = None,
-           name: str | None = None, max_length: int = 128) -> list[str]:
+           name: str | None = None, max_length: int = 128, brief: bool = False) -> list[str]:
     """Write manifest.json and diffin.toml from the draft and the step/lr ``table``; returns the
-    problems (empty = the project loads). With problems, the previous files are put back."""
+    problems (empty = the project loads). With problems, the previous files are put back.
+    ``brief``: the problems name files without their folders (the app's Setup page)."""
     from diffin_core.project.folder import CONFIG_NAME, Project
     project_dir = Path(project_dir)
     draft = read_draft(project_dir)
@@ -537,9 +538,9 @@ def finish(project_dir: str | Path, table: pd.DataFrame, image_shape: list[int] 
     for rel, text in files.items():
         write_text(project_dir / rel, text)
     try:
-        problems = Project(project_dir).validate()
+        problems = Project(project_dir).validate(brief=brief)
     except DiffinError as e:
-        problems = [str(e)]
+        problems = [e.brief() if brief else str(e)]
     except Exception as e:  # a user model can fail in many ways
         problems = [f"{project_dir.name}: the project does not load ({type(e).__name__}: {e})"]
     problems = list(dict.fromkeys(problems))   # train, query and manifest can fail on the same file

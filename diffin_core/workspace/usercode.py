@@ -412,19 +412,20 @@ def describe_model(project_dir: str) -> str:
     return f"{type(model).__name__}, {params:,} parameters, {project.num_classes} classes"
 
 
-def validate_project(project_dir: str) -> list[str]:
+def validate_project(project_dir: str, brief: bool = False) -> list[str]:
     """(child) ``Project.validate()``: one line per problem, empty when the project loads."""
     from diffin_core.project.folder import Project
-    return Project(project_dir).validate()
+    return Project(project_dir).validate(brief=brief)
 
 
-def check_project(project_dir: str | Path, timeout: float | None = None) -> list[str]:
-    """The project's problems, found by loading it (model included) in a child with a time limit."""
+def check_project(project_dir: str | Path, timeout: float | None = None, brief: bool = False) -> list[str]:
+    """The project's problems, found by loading it (model included) in a child with a time limit.
+    ``brief``: files named without their folders (what the app shows: no server paths)."""
     try:
-        return run("diffin_core.workspace.usercode:validate_project", str(project_dir),
+        return run("diffin_core.workspace.usercode:validate_project", str(project_dir), brief,
                    timeout=timeout or MODEL_TIMEOUT_S, what="loading the project (model.py)")
     except DiffinError as e:
-        return [str(e)]
+        return [e.brief() if brief else str(e)]
 
 
 def _store_upload_from_file(project_dir: str, role: str, name: str, path: str) -> str:
@@ -485,11 +486,12 @@ def store_upload(project_dir: str | Path, role: str, name: str, fileobj, timeout
 
 
 def finish(project_dir: str | Path, table, image_shape=None, name: str | None = None,
-           timeout: float | None = None, max_length: int = 128) -> list[str]:
-    """``uploads.finish`` (which builds the model to check the project loads) in a child."""
+           timeout: float | None = None, max_length: int = 128, brief: bool = False) -> list[str]:
+    """``uploads.finish`` (which builds the model to check the project loads) in a child.
+    ``brief``: problems name files without their folders (what the app shows)."""
     try:
         return run("diffin_core.workspace.uploads:finish", str(project_dir), table, image_shape, name,
                    timeout=timeout or MODEL_TIMEOUT_S, what="checking the project (model.py)",
-                   max_length=int(max_length))
+                   max_length=int(max_length), brief=brief)
     except DiffinError as e:
-        return [str(e)]
+        return [e.brief() if brief else str(e)]

@@ -249,6 +249,12 @@ def page(name: str, icon: str = "", heading: str | None = None) -> Project:
     project = current_project()
     if project is None:
         st.stop()
+    try:        # a split that does not load (e.g. a text column under kind = "tabular"): one line, no traceback
+        project.train, project.query
+    except DiffinError as e:
+        st.error(e.brief())
+        page_link("pages/home.py", "Go to Home")
+        st.stop()
     return project
 
 
@@ -308,7 +314,7 @@ def label_name(project: Project, y) -> str:
 @st.cache_data(max_entries=32, show_spinner="Loading the project (its model.py runs in a separate process)…")
 def _problems(root: str, stamp: tuple) -> list[str]:
     from diffin_core.workspace.usercode import check_project
-    return check_project(root)
+    return check_project(root, brief=True)            # file names without the server's folders
 
 
 def project_problems(project: Project) -> list[str]:
