@@ -161,6 +161,25 @@ def test_the_app_refuses_to_serve_beyond_loopback_without_accounts(workspace, mo
         config.set_option("server.address", old)
 
 
+def test_a_visitor_from_another_machine_is_refused_without_accounts(workspace, monkeypatch):
+    """No server.address set (Streamlit then listens on every interface): a session whose
+    connection comes from another machine gets the refusal, not the single-user app."""
+    import _common
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.delenv("DIFFIN_INSECURE_OPEN", raising=False)
+    monkeypatch.setattr(_common, "client_address", lambda: "10.0.0.7")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert any("refusing to serve 10.0.0.7 without accounts" in e for e in texts(at.error)), texts(at.error)
+    assert not at.button and not at.selectbox
+    monkeypatch.setattr(_common, "client_address", lambda: None)     # this machine's own browser
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert not at.error and "diffin: sign in" not in texts(at.title)
+    add_users(workspace, ann="admin")                                   # with accounts: the sign-in
+    monkeypatch.setattr(_common, "client_address", lambda: "10.0.0.7")
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT).run()
+    assert texts(at.title) == ["diffin: sign in"] and not at.error
+
+
 # --- OIDC (st.login) configured from secrets.toml: the configuration path, no real provider ------
 AUTH = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x" * 32,
         "client_id": "diffin-test", "client_secret": "not-a-secret",

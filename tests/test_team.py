@@ -63,6 +63,23 @@ def test_serving_beyond_loopback_needs_accounts_or_a_deliberate_flag(tmp_path, m
     assert check_serving("0.0.0.0", tmp_path) == "accounts"
 
 
+def test_a_visitor_from_another_machine_is_refused_without_accounts(tmp_path, monkeypatch):
+    """Streamlit started without server.address (run from another folder: no .streamlit/config.toml)
+    listens on every interface while the app reads no address: the connection's own address decides."""
+    monkeypatch.delenv("DIFFIN_INSECURE_OPEN", raising=False)
+    for client in (None, "127.0.0.1", "::1", "127.0.0.5", "::ffff:127.0.0.1"):
+        assert check_serving(None, tmp_path, client=client) == "local"
+    for address in (None, "", "127.0.0.1"):
+        with pytest.raises(DiffinError, match=r"refusing to serve ::ffff:10\.0\.0\.7 without accounts"):
+            check_serving(address, tmp_path, client="::ffff:10.0.0.7")
+        with pytest.raises(DiffinError, match=r"refusing to serve 10\.0\.0\.7 without accounts: this server is "
+                                              r"reachable from other machines.*--insecure-open"):
+            check_serving(address, tmp_path, client="10.0.0.7")
+    assert check_serving(None, tmp_path, insecure_open=True, client="10.0.0.7") == "open"
+    Accounts(tmp_path).add("ann", PW, "admin")
+    assert check_serving(None, tmp_path, client="10.0.0.7") == "accounts"
+
+
 def _cli(args, capsys, stdin: str | None = None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr("sys.stdin", io.StringIO(stdin))

@@ -191,7 +191,15 @@ def is_local(address: str | None) -> bool:
     if address is None or address == "":
         return True
     a = str(address).strip().lower()
-    return a in _LOCAL or a.startswith("127.")
+    if a in _LOCAL or a.startswith("127."):
+        return True
+    import ipaddress
+    try:
+        ip = ipaddress.ip_address(a.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)           # ::ffff:127.0.0.1, a dual-stack socket's view
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def insecure_open_flag() -> bool:
@@ -212,18 +220,29 @@ def oidc_configured(folders: tuple[str | Path, ...] = (".streamlit", Path.home()
 
 
 def check_serving(address: str | None, workspace: str | Path, insecure_open: bool = False,
-                  oidc: bool = False) -> str:
+                  oidc: bool = False, client: str | None = None) -> str:
     """Refuse (DiffinError) to serve beyond 127.0.0.1 without accounts unless opened on purpose.
+
+    ``client``: the address a session's connection comes from (the app passes it; None = this
+    machine). A client that is not loopback is refused like a non-loopback ``address``: Streamlit
+    started without ``server.address`` listens on every interface while the app reads no address.
 
     Returns the mode: "local" (loopback, no accounts: one unsigned user), "accounts" (sign-in
     required: local accounts or ``oidc``) or "open" (no sign-in beyond loopback, chosen with
     --insecure-open)."""
     if oidc or Accounts(workspace).any():
         return "accounts"
-    if is_local(address):
+    remote_client = client is not None and not is_local(client)
+    if is_local(address) and not remote_client:
         return "local"
     if insecure_open or insecure_open_flag():
         return "open"
+    if remote_client:
+        raise DiffinError(
+            f"refusing to serve {client} without accounts: this server is reachable from other machines, and "
+            f"anyone who can reach it could upload a model.py that runs on it. Add an account with `diffin users "
+            f"add NAME --role admin`, or pass --insecure-open ({INSECURE_ENV}=1) to serve without sign-in on purpose",
+            Path(workspace) / FILE_NAME)
     raise DiffinError(
         f"refusing to serve on {address} without accounts: anyone who can reach it could upload a "
         f"model.py that runs on this server. Add one with `diffin users add NAME --role admin "

@@ -82,6 +82,16 @@ def _sign_in_form(oidc: bool) -> None:
         st.error(st.session_state.pop("signin_error"))
 
 
+def client_address() -> str | None:
+    """The address this session's browser connects from; None from this machine (loopback) or
+    where Streamlit does not say (its test harness answers with a mock, not an address)."""
+    try:
+        ip = st.context.ip_address
+    except Exception:
+        return None
+    return ip if isinstance(ip, str) and ip else None
+
+
 def signed_in():
     """The signed-in user (accounts.User); without one, draws the sign-in form and stops.
 
@@ -113,7 +123,7 @@ def signed_in():
             st.stop()
         try:
             accounts.check_serving(st.get_option("server.address"), workspace(),
-                                   insecure_open="--insecure-open" in sys.argv[1:])
+                                   insecure_open="--insecure-open" in sys.argv[1:], client=client_address())
         except DiffinError as e:
             st.error(e.brief())
             st.stop()
