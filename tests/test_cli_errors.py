@@ -365,6 +365,26 @@ def test_a_failed_score_leaves_no_stage_folder(tmp_path, monkeypatch, capsys):
     assert not stages.exists() or not any(stages.iterdir()), list(stages.rglob("*"))
 
 
+def test_stages_no_job_can_resume_are_removed(tmp_path):
+    """A failed job's saved stages stay for a resume with the same inputs; once the checkpoints
+    (or the training split) changed, the next job of that method removes them."""
+    from diffin_core.project.stages import Stages, StageSettings
+    old = StageSettings("diffin", {"precision": "float32"}, "q", "t", [["ckpt_0.safetensors", 10, 1, 0, 0.1]])
+    st = Stages(tmp_path, old)
+    st.save_scores("ckpt_000", {"influence": np.zeros(3)})
+    other_settings = StageSettings("diffin", {"precision": "bfloat16"}, "q", "t", old.checkpoints)
+    Stages(tmp_path, other_settings).save_scores("ckpt_000", {"influence": np.ones(3)})
+    tracin = Stages(tmp_path, StageSettings("tracin", {}, "q", "t", old.checkpoints))
+    assert st.root.is_dir() and tracin.root.is_dir()          # same inputs: both kept
+    rerecorded = StageSettings("diffin", {"precision": "float32"}, "q", "t", [["ckpt_0.safetensors", 10, 2, 0, 0.1]])
+    new = Stages(tmp_path, rerecorded)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([new.root.name, tracin.root.name]), left
+    Stages(tmp_path, StageSettings("diffin", {"precision": "float32"}, "q", "t2", rerecorded.checkpoints))
+    assert not new.root.exists()                              # a new training split: gone too
+    assert tracin.root.is_dir()                               # another method's: its own next job decides
+
+
 def test_setup_takes_the_modules_model_py_imports(tmp_path):
     import io
     import zipfile

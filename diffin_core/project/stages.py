@@ -160,10 +160,28 @@ class Stages:
                 same = False
             if not same:
                 shutil.rmtree(self.root, ignore_errors=True)
+        self._prune_stale()
         for sub in ("plan", "scores"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         if not meta.is_file():
             write_text(meta, json.dumps(settings.to_dict(), indent=1))
+
+    def _prune_stale(self) -> None:
+        """Remove this method's other stage folders that no job can resume: saved for a training
+        split or checkpoint files that are not the project's any more (a killed or failed job's
+        stages, left behind once the checkpoints were re-recorded or the data re-uploaded).
+        Folders of the same inputs with other settings stay (another job may be using them)."""
+        mine = self.settings.to_dict()
+        for other in self.root.parent.glob(f"{self.settings.method}-*"):
+            if other == self.root or not other.is_dir():
+                continue
+            try:
+                theirs = json.loads((other / "settings.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue                            # being written right now, or not ours: leave it
+            if theirs.get("method") == mine["method"] and (
+                    theirs.get("train_digest") != mine["train_digest"] or theirs.get("checkpoints") != mine["checkpoints"]):
+                shutil.rmtree(other, ignore_errors=True)
 
     @property
     def enabled(self) -> bool:
