@@ -249,6 +249,9 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
         printed.keep(project, run, query_index, k, lines, exact_only=exact)
         return                                    # answered before: read, no model (nor torch) loaded
     plain = not exact and shortlist is None and memory_budget is None and batch_size is None
+    if plain and _print_span(project, run, query_index, k, echo):
+        printed.keep(project, run, query_index, k, lines)
+        return                                    # a batch-order Adam run's query-span store: numpy only
     if plain:                                     # a run served warm (diffin serve): answered there
         from diffin_core.run import serve
         said = serve.ask(project, run, query_index, k)
@@ -289,6 +292,19 @@ def _print_served(project: Path, run: str, query_index, k: int, echo) -> bool:
     return ans is not None and ans.covers(k) and print_answer(run_dir, ans, k, echo)
 
 
+def _print_span(project: Path, run: str, query_index, k: int, echo=typer.echo) -> bool:
+    """A new query on a run with a query-span store (run/span.py): its answer (exact where the
+    query's gradient lies in the store's span, else labelled approximate), printed and kept with
+    the run, with numpy alone (no torch, no pandas); False without such a store or kept columns."""
+    from diffin_core.run.answers import load_columns, print_answer
+    from diffin_core.run.span import answer_new
+    run_dir = Path(project) / "runs" / run
+    if load_columns(run_dir) is None:
+        return False
+    ans = answer_new(run_dir, query_index)
+    return ans is not None and print_answer(run_dir, ans, k, echo)
+
+
 def _print_fast(project: Path, run: str, query_index, k: int, echo=typer.echo) -> bool:
     """A new query's certified answer (features.fast_answer, the same answer `diffin top` keeps)
     printed from the run's kept columns, without importing pandas (about 0.4 s of CPU); False
@@ -302,7 +318,7 @@ def _print_fast(project: Path, run: str, query_index, k: int, echo=typer.echo) -
     if load_columns(run_dir) is None or not (run_dir / "features" / "meta.json").is_file():
         return False
     ans = fast_answer(proj, run, sorted(set(int(i) for i in query_index)), k=k)
-    if ans is None or not ans.covers(k):
+    if ans is None or not (ans.covers(k) or ans.labelled):
         return False
     return print_answer(run_dir, ans, k, echo)
 

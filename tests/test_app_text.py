@@ -119,7 +119,7 @@ def test_explore_plans_ahead_on_a_run_without_a_store(opened, text_project, jobs
     from diffin_core.run.features import plan_ahead_queue
     from diffin_core.run.scoring import score
     from diffin_core.project.folder import Project
-    score(text_project, "diffin", run="diffin-1")
+    score(text_project, "diffin", run="diffin-1", features=False)     # no store (its query-span store: test_span_store)
     project = Project(text_project)
     assert not (text_project / "runs/diffin-1/features/meta.json").is_file()
     at = opened

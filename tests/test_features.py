@@ -277,7 +277,8 @@ def test_checkpoint_contributions_sum_to_the_runs_value(tmp_path, opt):
     root = tiny_with(tmp_path / "p", opt, batches)
     project = Project(root)
     score(project, "diffin", run="d")
-    assert (project.run("d").path / "features").exists() != batches     # batch order: no store
+    store_meta = json.loads((project.run("d").path / "features" / "meta.json").read_text())
+    assert (store_meta.get("kind") == "query-span") == batches     # batch order: the query-span store
     run_scores = project.scores("d")["influence"].to_numpy()
     q = project.query
     ctx = F._context(project, "d")

@@ -194,7 +194,7 @@ def test_text_sample_new_query_equals_the_full_plan(tmp_path, monkeypatch):
     from diffin_core.run.context import project_context
     from diffin_core.run.scoring import score, top_k
     root = build_text_sample(tmp_path / "sms", n_train=96, n_query=24, epochs=2)
-    score(root, "diffin", run="d")
+    score(root, "diffin", run="d", features=False)      # the replay path (the store's: test_span_store)
     project = Project(root)
     meta = project.run("d").meta
     assert meta["adam_check"]["passed"]

@@ -469,6 +469,69 @@ def segment(ctx, k: int, carry):
     return rows_out, (ut, um, uv), record
 
 
+def _hvp_and_directional_many(ctx, k: int, fm, th, x, y, g, Wm, state: dict):
+    """_hvp_and_directional for the K rows of ``Wm``: (H Wm^T (K, P), <g_i, wm_j> (K, B)), one
+    shared first backward where the products are exact (functional.hvp_directional_many), else
+    row by row the way the single-direction replay goes (the same products)."""
+    mode = getattr(ctx.settings, "hvp", "fd")
+    if mode == "exact" or (mode == "auto" and state.get("fn", "exact") == "exact" and not state.get("apart")):
+        try:
+            out = fm.hvp_directional_many(th, x, y, Wm)
+        except (RuntimeError, NotImplementedError):
+            state["apart"] = True
+        else:
+            state.setdefault("fn", "exact")
+            return out
+    parts = [_hvp_and_directional(ctx, k, fm, th, x, y, g, w, state) for w in Wm]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def segment_many(ctx, k: int, carry):
+    """``segment`` for K query directions at once (the rows of carry's (K, P) adjoints): the
+    forward replay of the interval is made once and each step's HVPs share one first backward.
+    Returns (influence (K, N) float64, the carry at the interval's start). Linear in the
+    directions, so row j is ``segment``'s influence for direction j (float rounding aside:
+    tests/test_span_store.py). features.span_build uses it for a batch-order run's store."""
+    UT, UM, UV = carry
+    K = UT.shape[0]
+    rows_out = torch.zeros(K, ctx.n, dtype=torch.float64)
+    rep = _Replay(ctx, k, held=False)
+    if rep.b <= rep.a:
+        return rows_out, carry
+    b1, b2 = rep.b1, rep.b2
+    eps = ctx.recipe.eps
+    dt = ctx.thetas[k].dtype
+    hvp_state: dict = {}
+    for s, rows, x, y, j, theta, g, m, v, masks in rep.latest_first():
+        fm = ctx.fm_at(j)
+        lr, f = _lr(ctx, s, UT[0]), _clip(ctx, s)
+        lam_c, lam_d = _coupled(ctx, UT[0]), _decoupled(ctx, UT[0])
+        t = s + 1 + rep.offset
+        c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+        sq = (v / c2).clamp_min(0).sqrt()
+        D = 1.0 / (sq + eps)
+        gam = torch.where(sq > 0, (m / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
+        gd = f * g.to(UT.dtype) + lam_c * theta.to(UT.dtype)
+        AM = UM - (lr / c1) * D * UT
+        AV = UV + lr * gam * UT
+        W = (1 - b1) * AM + 2 * (1 - b2) * gd * AV
+        if f < 1.0:                                  # _clip_adjoint, row by row
+            gh = g.to(W.dtype) / torch.linalg.vector_norm(g.to(W.dtype)).clamp_min(1e-300)
+            Wg = f * (W - (W @ gh)[:, None] * gh[None, :])
+        else:
+            Wg = W
+        th = theta.to(dt)
+        with no_tf32(), applied(masks):
+            HW, DZ = _hvp_and_directional_many(ctx, k, fm, th, x, y, g, Wg.to(dt), hvp_state)
+        rows_out.index_add_(1, torch.as_tensor(rows), -DZ.cpu().to(torch.float64) / len(rows))
+        UT = (1.0 - lr * lam_d) * UT + HW.to(UT.dtype) + lam_c * W
+        UM, UV = b1 * AM, b2 * AV
+        del AM, AV, W, Wg, HW
+    if not (torch.isfinite(UT).all() and torch.isfinite(rows_out).all()):
+        raise DiffinError(f"non-finite Adam replay at {ctx.label(k)}: refusing to write NaN scores")
+    return rows_out, (UT, UM, UV)
+
+
 def check_summary(ctx) -> dict | None:
     """meta.json "adam_check" ("sgd_check" for SGD's replay, sgd_batches.py): the replay's
     self-check over every checkpoint interval, or None when the batch-order path is not on offer.

@@ -52,6 +52,8 @@ class Answer:
     path: str                      # how it was computed (shown beside the grid)
     certified: int = 0             # the top k per side proven to be the exact path's (0: not proven;
                                    # an all-exact answer needs none)
+    labelled: bool = False         # an approximate answer shown as such, its path saying what it left out and
+                                   # its measured error (a batch-order run's query-span store, features.SpanStore)
 
     def covers(self, k: int) -> bool:
         """Whether its top k per side are the exact path's top k (every row exact, or certified)."""
@@ -60,6 +62,11 @@ class Answer:
     @property
     def all_exact(self) -> bool:
         return bool(self.exact.all())
+
+    def shown(self, k: int) -> bool:
+        """Whether `diffin top` may print its top ``k`` as they are: the exact path's top k (covers),
+        its top k rows rescored exactly (uncertified store answers), or a labelled approximation."""
+        return self.covers(k) or (not self.certified and self.top_exact(k)) or self.labelled
 
     def top_exact(self, k: int) -> bool:
         """Whether the k most helpful and k most harmful rows all carry exact values."""
@@ -95,7 +102,8 @@ def load(run_dir: Path, query_indices, exact_only: bool = False) -> Answer | Non
             if float(z["store"]) and float(z["store"]) != store_stamp(run_dir):
                 return None                         # made with an older store: not this store's answer
             return Answer(np.asarray(z["influence"], dtype=np.float64), np.asarray(z["exact"], dtype=bool),
-                          str(z["path"]), int(z["certified"]) if "certified" in z.files else 0)
+                          str(z["path"]), int(z["certified"]) if "certified" in z.files else 0,
+                          bool(z["labelled"]) if "labelled" in z.files else False)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -110,7 +118,7 @@ def save_exact(run_dir: Path, query_indices, influence: np.ndarray) -> Path:
 
 
 def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray, path: str,
-         uses_store: bool = False, certified: int = 0) -> Path:
+         uses_store: bool = False, certified: int = 0, labelled: bool = False) -> Path:
     """Keep an answer with the run (atomic: temp file + rename)."""
     from diffin_core.project.atomic import atomic_path
     out = answer_path(run_dir, query_indices)
@@ -118,7 +126,7 @@ def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray,
         with open(tmp, "wb") as f:
             np.savez(f, influence=np.asarray(influence, dtype=np.float64), exact=np.asarray(exact, dtype=bool),
                      path=np.asarray(str(path)), store=np.asarray(store_stamp(run_dir) if uses_store else 0.0),
-                     certified=np.asarray(int(certified)))
+                     certified=np.asarray(int(certified)), labelled=np.asarray(bool(labelled)))
     return out
 
 
@@ -205,7 +213,7 @@ def print_cached(project_dir: Path, run: str, query_indices, k: int, echo=print,
     if not (run_dir / "meta.json").is_file() or not (run_dir / "scores.parquet").is_file():
         return False
     ans = load(run_dir, query_indices, exact_only)
-    if ans is None or not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
+    if ans is None or not ans.shown(k):
         return False
     return print_answer(run_dir, ans, k, echo,
                         f"({ans.path})" if "cached" in ans.path else f"({ans.path}; answered before)")

@@ -571,6 +571,191 @@ def sketch_pass(ctx, query, out: Path, settings: FeatureSettings | None = None, 
     return sink.finish(query, out, num_classes, progress)
 
 
+# --- the store of a batch-order Adam run: its replay through the span of the query gradients -------
+
+from diffin_core.run.span import SPAN_EXACT_TOL, SpanStore, is_span, set_residual as _set_residual, top_overlap  # noqa: E402
+
+SPAN_RANK = 64          # directions replayed at most (the text sample: 99.98% of the query gradients' energy)
+SPAN_ENERGY = 1 - 1e-12  # ... and no more than the query gradients' span needs (then every query is exact)
+SPAN_CHECKS = 1         # queries the pass replays in full to measure the store against (saved as answers)
+SPAN_GRAM_MAX = 2048    # query sets up to this size keep their gradients' Gram matrix (a set's exact residual)
+
+
+def span_applies(ctx) -> bool:
+    """Whether a run's store is the query-span store: Adam's batch-order replay (its self-check passed)."""
+    return getattr(ctx, "batch_order", None) is not None and ctx.recipe.adam and ctx.moments is not None
+
+
+def _query_grads(ctx, query, rows=None, chunk: int = 64) -> torch.Tensor:
+    """(len(rows), P) float64: each query sample's loss gradient at the final weights."""
+    last = ctx.m - 1
+    rows = np.arange(len(query)) if rows is None else np.asarray(rows, dtype=np.int64)
+    parts = []
+    for a in range(0, len(rows), chunk):
+        r = rows[a:a + chunk]
+        x, y = ctx.tensors(query.x[r], np.asarray(query.y)[r])
+        parts.append(ctx.fm_at(last).per_sample_grads(ctx.thetas[last], x, y).double())
+    return torch.cat(parts) if parts else torch.zeros(0, ctx.fm.num_params, dtype=torch.float64)
+
+
+def span_replay(ctx, basis: torch.Tensor, progress=None, block: int | None = None) -> np.ndarray:
+    """(r, N) float64: row j is Adam's batch-order replay influence (adam_batches.segment, every
+    interval latest first) with the query gradient ``basis[j]`` (P,). The directions go back
+    together (adam_batches.segment_many), ``block`` at a time (default: as many as a quarter of
+    the memory budget holds, about ten P-vectors of float64 each)."""
+    from diffin_core.engine.adam_batches import segment_many
+    r, p = basis.shape
+    if block is None:
+        budget = int(getattr(getattr(ctx, "memory", None), "budget", 0) or 0) // 4
+        block = r if budget <= 0 else max(1, min(r, budget // (10 * p * 8)))
+    out = np.zeros((r, ctx.n))
+    ks = [k for k in range(ctx.m - 1, -1, -1) if ctx.bounds[k + 1] > ctx.bounds[k]]
+    for a in range(0, r, block):
+        B = basis[a:a + block].to(device=ctx.device, dtype=torch.float64)
+        carry = (B.clone(), torch.zeros_like(B), torch.zeros_like(B))
+        for i, k in enumerate(ks):
+            rows, carry = segment_many(ctx, k, carry)
+            out[a:a + block] += rows.numpy()
+            if progress:
+                progress(a * len(ks) + (i + 1) * min(block, r - a), r * len(ks),
+                         f"features: replaying {r} query directions, checkpoint {k + 1}/{ctx.m}")
+        del carry
+    return out
+
+
+def span_build(ctx, query, out: Path, settings: FeatureSettings | None = None, progress=None,
+               num_classes: int | None = None, reference: np.ndarray | None = None,
+               run_dir: Path | None = None, rank: int | None = None, checks: int | None = None) -> dict:
+    """The store of a batch-order Adam run ("query-span"). Adam's replay (adam_batches.py) is
+    linear in the query gradient u = g_Q(theta_T): influence(z, u) = sum_j c_j influence(z, b_j)
+    for u = sum_j c_j b_j. So the pass replays the top ``rank`` principal directions b_j of the
+    query samples' own gradients (all of them when the query set spans fewer: then every query,
+    and every set of queries, is answered as the exact path answers it, to float rounding), and a
+    query's answer is one (r,) x (r, N) product of its coefficients c = B^T u with the stored rows.
+    The part of u outside the span is left out: such an answer is approximate, and says by how
+    much (the residual's share of u) and how far the store was measured from the full replay.
+
+    Measured here: ``reference`` (the run's own influence, the whole query set's replay) against
+    the store's answer for the whole set, and ``checks`` single queries (those with the largest
+    residual) replayed in full (their exact answers are kept with the run when ``run_dir``).
+    Written in the FeatureStore layout (train.npy: the N rows of R^T, query.npy: the coefficients)
+    so the class heatmap, the reverse view and the map read it as any store; the float64 rows
+    and coefficients beside them give the answers."""
+    from diffin_core.project.atomic import recover_dirs, write_text
+    settings = settings or FeatureSettings()
+    progress = progress or (lambda d, t, m: None)
+    rank = SPAN_RANK if rank is None else int(rank)
+    checks = SPAN_CHECKS if checks is None else int(checks)
+    out = Path(out)
+    started, cpu0 = time.time(), time.process_time()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_dirs(out.parent)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    tmp.mkdir(parents=True)
+    try:
+        nq, n, p = len(query), ctx.n, ctx.fm.num_params
+        budget = int(getattr(getattr(ctx, "memory", None), "budget", 0) or 0)
+        fit = nq if budget <= 0 else max(1, min(nq, budget // 4 // (8 * p)))
+        held = np.arange(nq) if fit >= nq else np.sort(
+            np.random.default_rng([settings.seed, 7919]).choice(nq, fit, replace=False))
+        progress(0, n, f"features: the gradients of {nq} query samples")
+        U = _query_grads(ctx, query, held)
+        _, sv, vt = torch.linalg.svd(U, full_matrices=False)
+        energy = torch.cumsum(sv ** 2, 0) / (sv ** 2).sum().clamp_min(1e-300)
+        numerical = int((sv > sv[0] * 1e-10).sum()) if len(sv) else 0
+        need = int(torch.searchsorted(energy, torch.tensor(SPAN_ENERGY, dtype=energy.dtype)).item()) + 1 if len(sv) else 0
+        r = max(1, min(rank, numerical, need, len(sv)))
+        basis = vt[:r].contiguous()                                   # (r, P) orthonormal rows
+        # every query's coefficients and residual (the held rows are in U already)
+        coef = np.zeros((nq, r))
+        unorm = np.zeros(nq)
+        resid = np.zeros(nq)
+        gram = np.zeros((nq, nq)) if nq <= SPAN_GRAM_MAX else None
+        pos = {int(q): i for i, q in enumerate(held)}
+        for a in range(0, nq, 256):
+            rows = np.arange(a, min(nq, a + 256))
+            G = U[[pos[int(q)] for q in rows]] if all(int(q) in pos for q in rows) else _query_grads(ctx, query, rows)
+            c = G @ basis.T
+            coef[rows] = c.numpy()
+            unorm[rows] = torch.linalg.vector_norm(G, dim=1).numpy()
+            resid[rows] = torch.linalg.vector_norm(G - c @ basis, dim=1).numpy()
+            if gram is not None:
+                for b in range(0, nq, 256):
+                    cols = np.arange(b, min(nq, b + 256))
+                    H = U[[pos[int(q)] for q in cols]] if all(int(q) in pos for q in cols) else _query_grads(ctx, query, cols)
+                    gram[np.ix_(rows, cols)] = (G @ H.T).numpy()
+        del U
+        t_grads = time.time() - started
+        R = span_replay(ctx, basis, progress)                           # (r, N)
+        t_replay = time.time() - started - t_grads
+        # the FeatureStore layout: train rows R^T, query rows the coefficients
+        train_u, train_n = _unit_rows(torch.from_numpy(R.T.copy()))
+        np.save(tmp / "train.npy", train_u)
+        np.save(tmp / "train_norm.npy", train_n)
+        q_u, q_n = _unit_rows(torch.from_numpy(coef))
+        np.save(tmp / "query.npy", q_u)
+        np.save(tmp / "query_norm.npy", q_n)
+        labels = np.asarray(ctx.train.y, dtype=np.int64)
+        c_ = int(num_classes or (labels.max() + 1 if n else 0))
+        sums = np.zeros((c_, r))
+        np.add.at(sums, labels, train_u.astype(np.float64) * train_n[:, None])
+        np.save(tmp / "class_sums.npy", sums.astype(np.float32))
+        np.save(tmp / "span_rows.npy", R)
+        np.save(tmp / "span_coef.npy", coef)
+        np.save(tmp / "span_unorm.npy", unorm)
+        np.save(tmp / "span_resid.npy", resid)
+        if gram is not None:
+            np.save(tmp / "span_gram.npy", gram)
+        measured = []
+        if reference is not None and len(reference) == n and nq:
+            est = coef.mean(0) @ R
+            ref = np.asarray(reference, dtype=np.float64)
+            measured.append({"query": "all", "top10": top_overlap(est, ref),
+                             "max_error": float(np.abs(est - ref).max() / max(np.abs(ref).max(), 1e-300)),
+                             "residual": _set_residual(np.arange(nq), unorm, resid, coef, gram)})
+        if checks > 0 and nq:
+            from diffin_core.methods.diffin import DiffIn
+            rel = resid / np.maximum(unorm, 1e-300)
+            for qi in np.argsort(-rel, kind="stable")[:checks]:
+                progress(0, n, f"features: query {int(qi)} replayed in full (the store's check)")
+                t = time.process_time()
+                ex = DiffIn().run(ctx, query.x[[int(qi)]], np.asarray(query.y)[[int(qi)]], need_self=False)["influence"]
+                cpu = time.process_time() - t
+                est = coef[int(qi)] @ R
+                measured.append({"query": int(qi), "top10": top_overlap(est, ex),
+                                 "max_error": float(np.abs(est - ex).max() / max(np.abs(ex).max(), 1e-300)),
+                                 "residual": float(rel[int(qi)]), "replay_cpu_s": round(cpu, 3)})
+                if run_dir is not None:
+                    from diffin_core.run import answers
+                    answers.save_exact(run_dir, [int(qi)], ex)
+        size = sum(f.stat().st_size for f in tmp.iterdir())
+        meta = {"version": VERSION, "kind": "query-span",
+                "settings": replace(settings, dim=r, view_rank=0, checkpoint_dim=0, checkpoint_basis=0,
+                                    rerank=0).to_dict(),
+                "n_train": n, "n_query": nq, "num_params": p, "num_classes": c_, "checkpoint_dim": 0,
+                "rank": r, "rank_cap": rank, "span_energy": float(energy[r - 1]) if len(sv) else 1.0,
+                "basis_queries": int(len(held)), "numerical_rank": numerical,
+                "residual_median": float(np.median(resid / np.maximum(unorm, 1e-300))) if nq else 0.0,
+                "residual_max": float(np.max(resid / np.maximum(unorm, 1e-300))) if nq else 0.0,
+                "exact_queries": int(np.sum(resid <= SPAN_EXACT_TOL * np.maximum(unorm, 1e-300))),
+                "measured": measured, "checkpoints": [],
+                "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
+                "grads_s": round(t_grads, 3), "replay_s": round(t_replay, 3),
+                "cpu_s": round(time.process_time() - cpu0, 3),
+                "seconds": round(time.time() - started, 3), "store_mb": round(size / 2 ** 20, 3),
+                "finished": time.time(),
+                "approximations": [] if r >= numerical else
+                [f"a query's answer from the store leaves out the part of its gradient outside the {r} replayed "
+                 "directions (its share and the measured agreement are shown with it); `diffin top --exact` replays it"]}
+        write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
 def build_for_run(project, run: str, settings: FeatureSettings | None = None, progress=None) -> Path:
     """The feature pass for an existing diffin run (same score settings as the run)."""
     from diffin_core.methods import ScoreSettings
@@ -584,7 +769,17 @@ def build_for_run(project, run: str, settings: FeatureSettings | None = None, pr
     ctx = project_context(project, replace(ScoreSettings(), **info.meta.get("settings", {})), progress)
     runner.configure(ctx, runner.memory_plan(DiffIn(), ctx, True))      # the run's chunks and Hessian batch
     if getattr(ctx, "batch_order", None) is not None:
-        raise DiffinError(f"run {run!r} scored with the recorded batch order (adam_batches.py, sgd_batches.py), which the "
+        from diffin_core.engine.adam_batches import adopt_check, decide
+        from diffin_core.engine.hvp import adopt
+        adopt(ctx, info.meta.get("hvp"))
+        adopt_check(ctx, info.meta)
+        decide(ctx)
+        if span_applies(ctx):
+            reference = project.scores(run)["influence"].to_numpy() if (info.path / "scores.parquet").is_file() else None
+            span_build(ctx, project.query, info.path / DIRNAME, settings, progress, num_classes=project.num_classes,
+                       reference=reference, run_dir=info.path)
+            return info.path / DIRNAME
+        raise DiffinError(f"run {run!r} scored with SGD's recorded batch order (sgd_batches.py), which the "
                           "feature store does not approximate: `diffin top` takes the exact path", info.path)
     out = info.path / DIRNAME
     if not views_fit(ctx, settings):
@@ -642,8 +837,8 @@ class FeatureStore:
 
     @property
     def has_views(self) -> bool:
-        """False for a view-less store (SketchSink: checkpoint sketches only)."""
-        return self.meta.get("kind") != "checkpoint-sketch"
+        """False for a view-less store (SketchSink: checkpoint sketches only; a query-span store)."""
+        return self.meta.get("kind") not in ("checkpoint-sketch", "query-span")
 
     @property
     def views(self) -> dict[int, SpectralView]:
@@ -1088,6 +1283,14 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
     if idx.min() < 0 or idx.max() >= nq:
         raise DiffinError(f"query index out of range: the query set has {nq} samples (0..{nq - 1})")
     run_dir = project.run(run).path
+    if is_span(store.meta):                        # a batch-order Adam run: its replay through the query span
+        saved = answers.load(run_dir, idx) if rerank is None else None
+        if saved is not None:
+            return saved
+        if rerank is None:
+            from diffin_core.run.span import answer_new
+            return answer_new(run_dir, idx)
+        return SpanStore(store.path).answer(idx, run_dir)
     certify = rerank is None and store.per_checkpoint is not None and store.meta["n_train"] > 0
     k = max(int(k), CERTIFIED_K)
     saved = answers.load(run_dir, idx) if rerank is None else None
@@ -1187,7 +1390,13 @@ def rescore_for(root: str, run: str, query_indices, progress=None, k: int = CERT
     a top-``k`` grid (fast_answer), kept with the run. Returns the answer's path."""
     from diffin_core.project.folder import Project
     project = Project(root)
-    fast_answer(project, run, query_indices, k=k)
+    ans = fast_answer(project, run, query_indices, k=k)
+    if ans is not None and ans.labelled:           # a query-span store's approximation: rescored exactly, i.e.
+        from diffin_core.run import answers       # the whole replay (every row's terms need its adjoints)
+        from diffin_core.run.scoring import exact_context, query_influence
+        ctx = exact_context(project, run, progress)
+        infl = query_influence(project, project.run(run).method, query_indices, ctx.settings, progress, ctx=ctx)
+        return str(answers.save_exact(project.run(run).path, query_indices, infl))
     return str(rescored_path(project, run, query_indices))
 
 

@@ -162,9 +162,12 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     if on_published is not None:         # the scores are usable now; the feature pass follows
         on_published(final)
     if features and method == "diffin" and getattr(ctx, "batch_order", None) is not None:
-        features = False            # the store approximates the checkpoint estimator, not Adam's replay
-        if progress:
-            progress(0, ctx.n, "features: skipped (the batch-order replay's influence has no feature store; "
+        features = False            # the views' store approximates the checkpoint estimator, not the replay
+        if feature_store.span_applies(ctx):     # Adam's replay: its store replays the query gradients' span
+            feature_store.span_build(ctx, q, final / feature_store.DIRNAME, progress=progress,
+                                     num_classes=project.num_classes, reference=out["influence"], run_dir=final)
+        elif progress:
+            progress(0, ctx.n, "features: skipped (SGD's batch-order replay has no feature store; "
                      "`diffin top` takes the exact path)")
     if sink is not None:
         if progress:
@@ -266,7 +269,7 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
     ans = answers.load(info.path, idx, exact_only=exact) if rerank is None else None
     if not exact and (ans is None or (ans.certified and not ans.covers(k))):
         ans = fast_answer(project, run, idx, rerank=rerank, k=k)
-    if ans is not None and rerank is None and not (ans.covers(k) or (not ans.certified and ans.top_exact(k))):
+    if ans is not None and rerank is None and not ans.shown(k):
         ans = answers.load(info.path, idx, exact_only=True)   # a deeper grid than the fast path certified:
     if ans is None:                                            # the exact path (every row)
         ctx = exact_context(project, run, progress, memory_budget, batch_size)
@@ -303,8 +306,8 @@ def answer_ahead(root: str, run: str, queries, progress=None, k: int | None = No
         a = answers.load(d, [int(qi)])
         if a is None or not a.covers(k):
             if store is not None:
-                features.fast_answer(project, run, [int(qi)], store=store, k=k)
-            else:
+                a = features.fast_answer(project, run, [int(qi)], store=store, k=k)
+            if a is None or a.labelled:     # no store, or a query-span store's approximation: the exact replay
                 ctx = ctx or exact_context(project, run)
                 infl = query_influence(project, project.run(run).method, [int(qi)], ctx.settings, ctx=ctx)
                 answers.save_exact(d, [int(qi)], infl)
