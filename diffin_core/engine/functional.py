@@ -492,26 +492,28 @@ class FunctionalModel:
             parts.append(dl)
         return total / n, torch.cat(parts)
 
-    def hvp_directional_many(self, theta, x, y, V) -> tuple[torch.Tensor, torch.Tensor]:
+    def hvp_directional_many(self, theta, x, y, V, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hvp_directional for K directions at once: (H V^T (K, P), <g_i, v_j> (K, B)) from one
         first backward (create_graph) shared by K second backwards (retain_graph). Measured on the
         text sample's BERT (batch 32): about 25 ms a direction at K = 64 against 47-58 ms for one
         fused pass (vmap over the directions, forward-over-reverse or is_grads_batched, was no
         faster). Same quantities as K calls of hvp_directional (float rounding aside). Under a
-        torch.func transform: K calls of hvp_directional."""
+        torch.func transform: K calls of hvp_directional. ``out``: a (K, P) buffer of theta's dtype
+        the products are written into when the batch is one slice (else a new tensor)."""
         V = V.reshape(-1, theta.numel())
         if torch._C._functorch.peek_interpreter_stack() is not None:
             parts = [self.hvp_directional(theta, x, y, v) for v in V]
             return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
-        def one(xs, ys):
+        def one(xs, ys, buf=None):
             with torch.enable_grad():
                 t = theta.detach().requires_grad_(True)
                 losses = self.losses(t, xs, ys)
                 a = torch.full(losses.shape, 1.0 / len(ys), dtype=losses.dtype, device=losses.device,
                                requires_grad=True)
                 g, = torch.autograd.grad(losses, t, grad_outputs=a, create_graph=True)
-                hv = torch.zeros(len(V), theta.numel(), dtype=theta.dtype, device=theta.device)
+                hv = (buf.zero_() if buf is not None else
+                      torch.zeros(len(V), theta.numel(), dtype=theta.dtype, device=theta.device))
                 dl = torch.zeros(len(V), len(ys), dtype=losses.dtype, device=losses.device)
                 for i in range(len(V)):
                     h, d = torch.autograd.grad(g, (t, a), grad_outputs=V[i].to(g.dtype),
@@ -523,7 +525,8 @@ class FunctionalModel:
             return hv, dl
         n, step = len(y), self._slice_rows() or len(y)
         if n <= step:
-            return one(x, y)
+            ok = out is not None and out.shape == (len(V), theta.numel()) and out.dtype == theta.dtype
+            return one(x, y, out if ok else None)
         masks = dropout.current()           # a step's dropout masks: each slice takes its rows
         total, parts = None, []
         for a in range(0, n, step):

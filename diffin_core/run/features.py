@@ -575,7 +575,9 @@ def sketch_pass(ctx, query, out: Path, settings: FeatureSettings | None = None, 
 
 from diffin_core.run.span import SPAN_EXACT_TOL, SpanStore, is_span, set_residual as _set_residual, top_overlap  # noqa: E402
 
-SPAN_RANK = 64          # directions replayed at most (the text sample: 99.98% of the query gradients' energy)
+SPAN_RANK = 64          # directions replayed at most (the text sample: 99.98% of the query gradients' energy) ...
+SPAN_WORK = 1 << 23     # ... or more for small models: up to SPAN_WORK / P directions (the second backwards of a
+                        # step cost about directions x P: the digits MLP's 2,410 parameters take every query's)
 SPAN_ENERGY = 1 - 1e-12  # ... and no more than the query gradients' span needs (then every query is exact)
 SPAN_CHECKS = 1         # queries the pass replays in full to measure the store against (saved as answers)
 SPAN_GRAM_MAX = 2048    # query sets up to this size keep their gradients' Gram matrix (a set's exact residual)
@@ -644,7 +646,7 @@ def span_build(ctx, query, out: Path, settings: FeatureSettings | None = None, p
     from diffin_core.project.atomic import recover_dirs, write_text
     settings = settings or FeatureSettings()
     progress = progress or (lambda d, t, m: None)
-    rank = SPAN_RANK if rank is None else int(rank)
+    rank = max(SPAN_RANK, SPAN_WORK // max(ctx.fm.num_params, 1)) if rank is None else int(rank)
     checks = SPAN_CHECKS if checks is None else int(checks)
     out = Path(out)
     started, cpu0 = time.time(), time.process_time()
