@@ -194,6 +194,28 @@ def test_clipped_sgd_sizes_take_the_removal_through_the_clip_exactly(max_norm, s
         assert lin_size < 0.8, lin_size
 
 
+def test_clipped_sgd_with_dropout_masks_and_sliced_per_sample_gradients(tmp_path, monkeypatch):
+    """clip_removal's per-sample pass under a step's recorded dropout masks (each row its own masks),
+    and in slices of a few rows (the memory cap of large models): the same scores as one slice, and
+    the target met (measured: Spearman 0.98 / size 0.86 linear, 1.00 / 0.99 exact, 30 samples)."""
+    from diffin_core.engine import adam_batches
+    recipe = TorchRecipe("clip-dropout", digits_mlp(dropout=0.2), lambda p: SGD(p, lr=0.05, momentum=0.9,
+                                                                                  weight_decay=5e-3),
+                         _cos, clip=0.6, random_seed=3)
+    case = _case(recipe, tmp_path)
+    ctx, rho, size = _score(case, recipe, tmp_path)
+    assert ctx.rng is not None and ctx.clip_max_norm == 0.6 and bool((ctx.clip < 1).any())
+    assert rho >= 0.95 and 0.8 <= size <= 1.25, (rho, size)
+    whole = run_method(ctx, "diffin", case["query"].x, case["query"].y, need_self=False)["influence"]
+    monkeypatch.setattr(adam_batches, "CLIP_ROWS_BYTES", 8 * ctx.fm.num_params * 5)      # 5 rows a slice
+    m = read_manifest(tmp_path / "checkpoints/manifest.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RecipeWarning)
+        sliced_ctx = manifest_context(recipe.model_fn(), m, case["train"], ScoreSettings(device="cpu"))
+    sliced = run_method(sliced_ctx, "diffin", case["query"].x, case["query"].y, need_self=False)["influence"]
+    np.testing.assert_allclose(sliced, whole, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("kind", ["sgd-momentum", "nesterov", "adamw", "adam-coupled"])
 def test_per_group_and_clip_segment_maps_equal_the_linear_recursion_on_a_quadratic(kind, clip):
