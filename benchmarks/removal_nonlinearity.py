@@ -61,7 +61,7 @@ class Case:
             self.lrs.append(dummy.param_groups[0]["lr"])
             dummy.step()
             sched.step()
-        self.batch_grad = grad(lambda t, xb, yb, wb: (self.losses(t, xb, yb) * wb).sum() / BATCH)
+        self.batch_grad = grad(lambda t, xb, yb, wb: (self.losses(t, xb, yb) * wb).sum() / len(wb))   # the batch's own size
         self.one_grad = grad(lambda t, xi, yi: self.losses(t, xi[None], yi[None])[0])
         self.query_grad = grad(lambda t: self.losses(t, self.qx, self.qy).mean())
         self.v_base: list[torch.Tensor] = []
@@ -101,7 +101,7 @@ class Case:
             m = B1 * m + (1 - B1) * g
             v = self.v_base[s] if fix_v else B2 * v + (1 - B2) * g * g
             if src and hit:
-                v = v + src * (1 - B2) * (self.one_grad(th, self.x[z], self.y[z]) / BATCH) ** 2
+                v = v + src * (1 - B2) * (self.one_grad(th, self.x[z], self.y[z]) / len(idx)) ** 2
             if keep_v:
                 self.v_base.append(v.clone())
             c1, c2 = 1 - B1 ** (s + 1), 1 - B2 ** (s + 1)
@@ -141,6 +141,9 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
                  lin_size=size(d.lin, d.rem), removal_over_linear=1 / size(d.lin, d.rem),
                  rem_above_lin=float((d.rem > d.lin).mean()), median_excess=float((d.rem - d.lin).median()),
                  median_abs_lin=float(d.lin.abs().median()), gdr_size=size(d.gdr, d.rem))
+        top = d.lin.abs().rank(ascending=False) <= 10        # the ten largest linear responses
+        r.update(top10_lin_size=size(d.lin[top], d.rem[top]), rest_lin_size=size(d.lin[~top], d.rem[~top]),
+                 top10_median_ratio=float((d.lin[top] / d.rem[top]).median()))
         p = d.dropna(subset=["src"]) if "src" in d else d.iloc[:0]
         if len(p):
             r.update(parts=len(p), part_lin_size=size(p.lin, p.rem),
@@ -150,19 +153,28 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def main(seeds, samples: int, parts: int, out: Path) -> pd.DataFrame:
+def main(seeds, samples: int, parts: int, out: Path, only: list[str] | None = None) -> pd.DataFrame:
+    """Every recipe (or ``only`` those), each recipe and seed written as it finishes (rows of
+    recipes not rerun are kept)."""
     torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "removal_nonlinearity.csv"
+    old = pd.read_csv(path) if only and path.is_file() else None
     rows = []
     for name, (opt, sm) in RECIPES.items():
+        if only and name not in only:
+            continue
         for seed in seeds:
             case = Case(seed, opt, sm)
             idx = np.random.default_rng(seed + 1).choice(N_TRAIN, samples, replace=False)
             rows += [dict(recipe=name, seed=seed, **r) for r in sample_rows(case, idx, parts)]
-    df = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "removal_nonlinearity.csv", index=False, float_format="%.6g")
-    s = summary(df)
-    s.to_csv(out / "removal_nonlinearity_summary.csv", index=False, float_format="%.4g")
+            df = pd.DataFrame(rows)
+            if old is not None:
+                keep = old[~old.set_index(["recipe", "seed"]).index.isin(df.set_index(["recipe", "seed"]).index)]
+                df = pd.concat([keep, df], ignore_index=True)
+            df.to_csv(path, index=False, float_format="%.6g")
+            s = summary(df)
+            s.to_csv(out / "removal_nonlinearity_summary.csv", index=False, float_format="%.4g")
     return s
 
 
@@ -172,5 +184,6 @@ if __name__ == "__main__":
     ap.add_argument("--samples", type=int, default=45)
     ap.add_argument("--parts", type=int, default=20, help="samples (of the first) that also take fixv / src")
     ap.add_argument("--out", type=Path, default=HERE / "results")
+    ap.add_argument("--only", nargs="+", choices=list(RECIPES), help="rerun these recipes, keep the others' rows")
     a = ap.parse_args()
-    print(main(a.seeds, a.samples, a.parts, a.out).to_string())
+    print(main(a.seeds, a.samples, a.parts, a.out, a.only).to_string())

@@ -379,7 +379,7 @@ def test_label_smoothing_recorded_and_used_by_every_estimator(tmp_path):
 
 
 def test_label_smoothing_with_adam_is_named_in_one_line(tmp_path):
-    """AdamW with label smoothing: removal is not linear there (measured 1.24-1.29x the exact linear
+    """AdamW with label smoothing: removal is not linear there (measured 1.35-1.38x the exact linear
     response diffin estimates, benchmarks/removal_nonlinearity.py; sizes 0.73-0.74x in
     benchmarks/recipes.py "label-smoothing-0.1"), so the run says so in one line with those figures;
     the SGD run above (within the target) has no such line."""
@@ -402,7 +402,7 @@ def test_label_smoothing_with_adam_is_named_in_one_line(tmp_path):
     with pytest.warns(RecipeWarning) as caught:
         ctx = manifest_context(digits_mlp()(), m, train, ScoreSettings(device="cpu"))
     lines = [a for a in ctx.recipe.approximations if "label smoothing (0.1) with Adam" in a]
-    assert len(lines) == 1 and "\n" not in lines[0] and "1.24-1.29x" in lines[0], ctx.recipe.approximations
+    assert len(lines) == 1 and "\n" not in lines[0] and "1.35-1.38x" in lines[0], ctx.recipe.approximations
     assert any(lines[0] in str(w.message) for w in caught)
 
 
