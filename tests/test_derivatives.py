@@ -115,3 +115,41 @@ def test_no_tf32_turns_both_flags_off_and_restores_them():
             assert torch.backends.cudnn.allow_tf32 is value
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_retained_graph_hvp_equals_the_exact_product():
+    """Issue 19: a Lanczos view's exact products keep the batch's gradient graph
+    (FunctionalModel.hvp_retained, reverse-over-reverse): every product of one closure equals
+    hvp_exact's (forward-over-reverse) to float rounding, whole or in slices (the slice-order
+    mean), on a BatchNorm CNN in eval mode with its own buffers; and hvp.product takes it for
+    views (the graph is built once per view, not once per product)."""
+    from types import SimpleNamespace
+    from diffin_core.engine import hvp
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10))
+    model.train()
+    model(torch.rand(16, 1, 8, 8))                    # running statistics not at their initial values
+    fm = FunctionalModel(model)
+    theta = fm.theta_of(model)
+    x, y = _batch((1, 8, 8), n=20)
+    vs = [torch.randn(fm.num_params, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    for rows in (None, 8):                            # one graph; three slices (8, 8, 4 rows)
+        fm.max_rows = rows
+        hv = fm.hvp_retained(theta, x, y)
+        for v in vs:
+            exact = fm.hvp_exact(theta, x, y, v)
+            torch.testing.assert_close(hv(v), exact, rtol=1e-5, atol=1e-6)
+    fm.max_rows = None
+    builds = []
+    real = FunctionalModel.hvp_retained
+    FunctionalModel.hvp_retained = lambda self, *a: (builds.append(1), real(self, *a))[1]
+    try:
+        ctx = SimpleNamespace(settings=SimpleNamespace(hvp="exact", eps=1e-3), memory=None)
+        mv = hvp.product(ctx, 0, fm, theta, x, y, None)
+        outs = [mv(v) for v in vs]
+    finally:
+        FunctionalModel.hvp_retained = real
+    assert builds == [1]
+    for v, out in zip(vs, outs):
+        torch.testing.assert_close(out, fm.hvp_exact(theta, x, y, v), rtol=1e-5, atol=1e-6)

@@ -459,9 +459,14 @@ def test_query_plans_adopt_the_runs_hvp_decisions(tmp_path, monkeypatch):
     score(project, "diffin", run="d", features=False)
     views = project.run("d").meta["hvp"]["views"]
     assert views and all(v["used"] == "fd" and v["fd_error"] <= hvp.ADOPT_TOL for v in views.values())
-    calls = []
-    real = FunctionalModel.hvp_exact
+    calls = []                                  # exact products, either kind (a view keeps its graph: hvp_retained)
+    real, real_kept = FunctionalModel.hvp_exact, FunctionalModel.hvp_retained
     monkeypatch.setattr(FunctionalModel, "hvp_exact", lambda self, *a, **kw: (calls.append(1), real(self, *a, **kw))[1])
+
+    def kept(self, *a):
+        hv = real_kept(self, *a)
+        return None if hv is None else (lambda v: (calls.append(1), hv(v))[1])
+    monkeypatch.setattr(FunctionalModel, "hvp_retained", kept)
     q = project.query
     probed = DiffIn().prepare(F.configured(project_context(project)), q.x[[3]], q.y[[3]])   # without the run's log
     assert calls
