@@ -17,6 +17,9 @@ gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch
   hvp_double_backward_32 / hvp_forward_ad_32   the same exact product by reverse-over-reverse
                       (autograd.grad of the gradient with create_graph) and by autograd's forward-mode
                       dual numbers through the backward (is another exact product cheaper?)
+  hvp_retained_graph_32 / hvp_retained_32   the exact product as a Lanczos view now makes it
+                      (FunctionalModel.hvp_retained): a view's first product (the batch's gradient
+                      graph built, then one backward through it), and each later one (that backward)
   jvp                 one directional derivative per row (the influence-only path, a rescored row)
   sink_call           the view-less store's whole share of the walk per row (features.SketchSink
                       on those 5 gradients: the sketch, the exact norms, the rows written to disk)
@@ -76,6 +79,9 @@ def main(argv=None) -> int:
                 g, = torch.autograd.grad(fm.mean_loss(fwad.make_dual(t, v), x32, y32), t)
                 return fwad.unpack_dual(g).tangent
 
+    kept = fm.hvp_retained(theta, x32, y32)
+    kept(v)                                  # the graph, built once (what every later product reuses)
+
     def loop():
         return torch.stack([fm.batch_grad(theta, x5[i:i + 1], y5[i:i + 1]) for i in range(5)])
     units = {"per_sample_grad": (lambda: fm.per_sample_grads(theta, x5, y5), 5),
@@ -86,6 +92,8 @@ def main(argv=None) -> int:
              "hvp_exact_32": (lambda: fm.hvp_exact(theta, x32, y32, v), 1),
              "hvp_double_backward_32": (lambda: double_backward(), 1),
              "hvp_forward_ad_32": (lambda: forward_ad(), 1),
+             "hvp_retained_graph_32": (lambda: fm.hvp_retained(theta, x32, y32)(v), 1),   # build + one product
+             "hvp_retained_32": (lambda: kept(v), 1),
              "jvp": (lambda: fm.directional(theta, x5, y5, v), 5)}
     if not a.units or "sink_call" in a.units:
         import tempfile
