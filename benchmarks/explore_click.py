@@ -13,6 +13,12 @@ Hessian batch gradients stay: every mode has them):
              its twin's CPU during the call
   again      the served query asked again (its kept printout: run/printed.py); again_npz the same
              with the printout removed (the answer's .npz read with numpy, the previous pass)
+``--split``: instead, in this process (the run's context loaded once, as in `diffin serve`), each
+query's features.fast_answer (plan, bounds, certified rescoring) with the twin taking every batch
+gradient it can (its timing gate off) and then alone, recording this process's CPU seconds
+(``parent_cpu_s``), the twin's (``twin_cpu_s``) and the wall: on a loaded machine the wall measures
+the machine, while ``parent_cpu_s`` is what the answer's critical path costs where the second core
+is free (the twin's half runs beside it), an estimate, labelled so in the CSV (``mode`` split-*).
 Each wall time minus the CLI's start-up (`diffin --help`, median of 3, measured in the run). The
 printed rows of every mode must be the same (ids and values: the same bits); top-10 overlap and
 largest difference against scoring.top_k(exact=True) (all N rows) computed last.
@@ -70,10 +76,59 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--burners", type=int, default=0)
     ap.add_argument("--warmup", type=float, default=30)
+    ap.add_argument("--split", action="store_true", help="in process: CPU of this process and its twin")
     a = ap.parse_args()
     from _load import burners
     with burners(a.burners, a.warmup):
-        measure(a)
+        split(a) if a.split else measure(a)
+
+
+def split(a) -> None:
+    from diffin_core.engine import functional
+    from diffin_core.project.folder import Project
+    from diffin_core.run import features as F
+    project = Project(a.project)
+    run_dir = project.run(a.run).path
+    q = project.query
+    rng = np.random.default_rng(a.seed)
+    classes = rng.permutation(np.unique(q.y))
+    picks = [int(rng.choice(np.flatnonzero(q.y == c))) for c in classes[: a.queries]]
+    ctx = F._context(project, a.run)
+    tw = F.with_twin(ctx)
+    if tw is None:
+        raise SystemExit("no twin here (DIFFIN_TWIN=0, or one CPU)")
+    tw.wanted = lambda: tw.alive                                       # every call it can take
+    load0 = os.getloadavg()[0]
+    recs = []
+    for qi in picks:
+        rec = {"query": qi}
+        for mode in ("twin", "alone"):
+            forget(run_dir, qi)
+            F._PLANS.clear()
+            ctx.twin, functional._TWIN = (tw, tw) if mode == "twin" else (None, None)
+            t, c, c2 = time.perf_counter(), time.process_time(), proc_cpu(tw.pid)
+            ans = F.fast_answer(project, a.run, [qi], k=K)
+            rec[f"{mode}_wall_s"] = time.perf_counter() - t
+            rec[f"{mode}_parent_cpu_s"] = time.process_time() - c
+            rec[f"{mode}_twin_cpu_s"] = proc_cpu(tw.pid) - c2
+            rec[f"{mode}_rows"] = int(ans.exact.sum())
+            rec[f"{mode}_infl"] = ans.influence.copy()
+        rec["same_bits"] = int(np.array_equal(rec.pop("twin_infl"), rec.pop("alone_infl")))
+        recs.append(rec)
+        print(f"[explore_click --split] q{qi}: " + ", ".join(f"{k} {v:.3f}" for k, v in rec.items()
+                                                            if isinstance(v, float)), flush=True)
+    ctx.twin, functional._TWIN = tw, tw
+    df = pd.DataFrame(recs)
+    df.insert(0, "model", a.model)
+    df.insert(1, "condition", "no burners" if not a.burners else f"{a.burners} burners")
+    df["mode"] = "split (in process, context loaded)"
+    df["load_avg"] = round((load0 + os.getloadavg()[0]) / 2, 1)
+    df["bench"] = "explore_click.py --split"
+    df["measured"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
+    per_query = RESULTS / "explore_query.csv"
+    old = pd.read_csv(per_query) if per_query.is_file() else pd.DataFrame()
+    pd.concat([old, df], ignore_index=True).round(4).to_csv(per_query, index=False)
+    print(df.round(3).to_string())
 
 
 def measure(a) -> None:
@@ -151,7 +206,7 @@ def measure(a) -> None:
         both = [(v, ex[i]) for i, v in zip(h + m_, hv + mv) if i in ex]
         r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
     df = pd.DataFrame(recs)
-    condition = "quiet" if not a.burners else f"{a.burners} burners"
+    condition = "no burners" if not a.burners else f"{a.burners} burners"
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     df.insert(0, "model", a.model)
     df.insert(1, "condition", condition)
