@@ -205,3 +205,27 @@ def test_create_reports_each_problem_once(workspace):
     shown = uploads.finish(folder, table, brief=True)          # what the Setup page shows: no server folders
     assert len(shown) == 1 and shown[0].startswith("train.npz: ") and "label 11 is out of range" in shown[0], shown
     assert str(workspace) not in shown[0]
+
+
+def test_setup_page_takes_the_modules_model_py_imports(workspace):
+    """Issue 20: a model.py with `from nets import Net` failed at Setup; the page takes the modules
+    first (several .py files, or a .zip of them), then model.py builds in a child, no bytecode."""
+    folder = workspace / "my-project"
+    at = new_app(page="pages/1_Setup.py")
+    model = (b"from nets import make\nfrom blocks.width import WIDTH\n\n\ndef build():\n"
+             b"    return make(WIDTH)\n")
+    upload(at, "model", ("model.py", model, "text/x-python"))
+    assert any("No module named 'nets'" in e for e in texts(at.error)), texts(at.error)
+    nets = (b"import torch\n\n\ndef make(width):\n    return torch.nn.Sequential(torch.nn.Flatten(), "
+            b"torch.nn.Linear(784, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))\n")
+    upload(at, "modules", [("nets.py", nets, "text/x-python"),
+                           ("blocks.zip", _zip({"blocks/__init__.py": b"", "blocks/width.py": b"WIDTH = 16\n"}),
+                            "application/zip")])
+    assert any("nets.py: module saved beside model.py" in s for s in texts(at.success)), texts(at.success)
+    assert any("blocks.zip: 2 module file(s) saved" in s for s in texts(at.success)), texts(at.success)
+    at = new_app(page="pages/1_Setup.py")                   # a fresh session: model.py again
+    upload(at, "model", ("model.py", model, "text/x-python"))
+    assert not at.error, texts(at.error)
+    assert any("model OK (Sequential" in s for s in texts(at.success)), texts(at.success)
+    assert (folder / "nets.py").is_file() and (folder / "blocks" / "width.py").is_file()
+    assert not list(folder.rglob("__pycache__"))
