@@ -421,6 +421,13 @@ def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], k
     typer.echo(f"kept {int(keep.sum())} of {len(keep)} samples ({len(keep) - int(keep.sum())} excluded): wrote {out}")
 
 
+def _check_out(project_dir: Path, out: Path) -> None:
+    """Refuse an --out over what the project reads (export.check_out_path) before any work."""
+    from diffin_core.workspace.export import check_out_path
+    from diffin_core.project.folder import Project
+    check_out_path(Project(project_dir), out)
+
+
 def _run_scores(project_dir: Path, run: str):
     from diffin_core.project.folder import Project
     project = Project(project_dir)
@@ -439,6 +446,7 @@ def clean_cmd(project: Path = typer.Argument(..., help="project folder"),
               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the top FRACTION most likely mislabelled samples."""
     _fraction("--fraction", fraction, one_ok=False)
+    _check_out(project, out)
     from diffin_core.tasks.curate import cleaning_selection
     flagged = cleaning_selection(_run_scores(project, run), fraction)
     _subset_export(project, run, out, fmt, ~flagged, f"cleaning: dropped the top {fraction:g} by label_issue",
@@ -453,6 +461,7 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
     """Export the training split without the K samples most harmful for the query set."""
     _at_least("--k", k, 1)
+    _check_out(project, out)
     from diffin_core.tasks.curate import drop_most_harmful, predicted_loss_change
     scores = _run_scores(project, run)
     removed = drop_most_harmful(scores, k)
@@ -477,6 +486,7 @@ def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
     """Export a coreset of FRACTION of the samples, class-balanced: by default coverage-centric
     sampling (CCS) over the run's influence (tasks.coreset_keep)."""
     _fraction("--fraction", fraction)
+    _check_out(project, out)
     from diffin_core.tasks.curate import coreset_keep, coreset_selection
     scores = _run_scores(project, run)
     rule = "random" if value == "random" else rule

@@ -179,6 +179,13 @@ def test_a_usage_error_in_a_fresh_process_is_one_line():
         "as an integer (see diffin top --help)"], r.stderr
 
 
+@pytest.mark.parametrize("verb", [["clean"], ["delete", "--k", "3"], ["coreset"]])
+def test_a_refused_export_path_is_checked_before_any_work_is_printed(verb, scored, capsys):
+    code, out, err = run_cli([verb[0], scored, "--run", "loss-1", *verb[1:], "--out", scored / "data" / "x.npz"], capsys)
+    assert code == 2 and "refusing to write the export into the project's data/ folder" in err, err
+    assert out == "", out                          # delete printed its predicted loss change first
+
+
 def test_methods_lists_and_help_shows_no_doubled_percent(capsys):
     code, out, _ = run_cli(["methods"], capsys)
     assert code == 0 and "diffin" in out
