@@ -185,8 +185,9 @@ def reverse_view(project, run: str, sample_id: int, key: str, k: int = 8, query_
     peak = df.iloc[int(np.argmax(np.abs(df["contribution"].to_numpy())))]
     ref = None
     if query_indices is None:              # the run's own number for (sample, query set): scores.parquet
-        col = ui.scores(project, run)["influence"]
-        ref = float(col[ui.scores(project, run)["sample_id"] == int(sample_id)].iloc[0])
+        sc = ui.scores(project, run)
+        col = sc["influence"]
+        ref = float(col[sc["sample_id"] == int(sample_id)].iloc[0])
         scale = float(np.nanmax(np.abs(col.to_numpy()))) if col.notna().any() else 0.0
         if not np.isfinite(ref) or abs(total - ref) > ADD_UP_REL * max(abs(total), abs(ref)) + ADD_UP_ABS * scale:
             st.warning(f"These per-checkpoint contributions do not add up to the run's value: they sum to "
