@@ -130,8 +130,8 @@ def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
     fresh = [int(i) for i in np.flatnonzero(y == cls) if int(i) not in picks]
     ahead, user = fresh[:n], fresh[n:n + 3]
     key = F.warm_key(project, run)
-    alone = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[0]]), {})
-    first = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[1]]), {}, warm=key)
+    alone = app_job(jm, "diffin_core.run.scoring:rescore_for", (root, run, [user[0]]), {})
+    first = app_job(jm, "diffin_core.run.scoring:rescore_for", (root, run, [user[1]]), {}, warm=key)
     pid = usercode.warm_pids()[key]
     cpu0 = proc_cpu(pid)
     wall = app_job(jm, "diffin_core.run.scoring:answer_ahead", (root, run, ahead), {}, warm=key)
@@ -141,7 +141,7 @@ def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
                           label="ahead", with_progress=True, warm=key)
     time.sleep(3.0)
     jm.cancel(job)                                                     # what the page does first
-    beside = app_job(jm, "diffin_core.run.features:rescore_for", (root, run, [user[2]]), {}, warm=key)
+    beside = app_job(jm, "diffin_core.run.scoring:rescore_for", (root, run, [user[2]]), {}, warm=key)
     same = usercode.warm_pids().get(key) == pid
     usercode.close_warm(key)
     return {"ahead_queries": len(ahead), "ahead_per_min": 60 * len(ahead) / wall, "ahead_cpu_s": cpu / len(ahead),

@@ -239,18 +239,18 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
     from diffin_core.run import printed
     if shortlist is None and printed.print_kept(project, run, query_index, k, typer.echo, exact_only=exact):
         return                                    # asked before at this k: one text file read (stdlib only)
-    from diffin_core.run.answers import print_cached
+    from diffin_core.run.answers import keep_printout, print_cached
     lines: list[str] = []
 
-    def echo(text: str) -> None:                  # what is printed, kept for asking again (printed.keep)
+    def echo(text: str) -> None:                  # what is printed, kept for asking again (answers.keep_printout)
         typer.echo(text)
         lines.append(text)
     if shortlist is None and print_cached(project, run, query_index, k, echo, exact_only=exact):
-        printed.keep(project, run, query_index, k, lines, exact_only=exact)
+        keep_printout(project, run, query_index, k, lines, exact_only=exact)
         return                                    # answered before: read, no model (nor torch) loaded
     plain = not exact and shortlist is None and memory_budget is None and batch_size is None
     if plain and _print_span(project, run, query_index, k, echo):
-        printed.keep(project, run, query_index, k, lines)
+        keep_printout(project, run, query_index, k, lines)
         return                                    # a batch-order Adam run's query-span store: numpy only
     if plain:                                     # a run served warm (diffin serve): answered there
         from diffin_core.run import serve
@@ -258,10 +258,10 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
         if said is not None and said != "ok":
             raise DiffinError(said)
         if said == "ok" and _print_served(project, run, query_index, k, echo):
-            printed.keep(project, run, query_index, k, lines)
+            keep_printout(project, run, query_index, k, lines)
             return
     if plain and _print_fast(project, run, query_index, k, echo):
-        printed.keep(project, run, query_index, k, lines)
+        keep_printout(project, run, query_index, k, lines)
         return                                    # a new query on a run with a store: without pandas
     from diffin_core.run.scoring import top_k
     over = _settings("auto", memory_budget, batch_size)
@@ -277,10 +277,10 @@ def top_cmd(project: Path = typer.Argument(...), run: str = typer.Option(..., he
                          ("most harmful (removing them lowers the query loss)", harmful)):
         typer.echo(f"\n{title}:")
         typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    if shortlist is None:                         # its printout kept for asking again (printed.keep)
+    if shortlist is None:                         # its printout kept for asking again (answers.keep_printout)
         lines.clear()
         if print_cached(project, run, query_index, k, lines.append, exact_only=exact):
-            printed.keep(project, run, query_index, k, lines, exact_only=exact)
+            keep_printout(project, run, query_index, k, lines, exact_only=exact)
 
 
 def _print_served(project: Path, run: str, query_index, k: int, echo) -> bool:

@@ -30,7 +30,7 @@ for _entry in project.run(run).meta.get("approximations") or []:      # what the
 def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
     """Rescore the store's shortlist for query ``qi`` by the exact path in the background
     worker's child process (the model never runs in the server); the grid then redraws from the
-    cache that job writes (features.rescore_for). ``auto``: start at once, cancelling this
+    cache that job writes (scoring.rescore_for). ``auto``: start at once, cancelling this
     session's rescore of an earlier query that has not finished; otherwise offer a button."""
     jkey = f"explore_rescore_job_{run}_{qi}_{max(int(k), 10)}"
     info = jm.get(st.session_state.get(jkey, ""))
@@ -45,7 +45,7 @@ def rescore_grid(project, run: str, qi: int, auto: bool, k: int = 10) -> None:
         if earlier and earlier != jkey:
             jm.cancel(st.session_state.get(earlier, ""))       # a stale query's rescore: not needed
         st.session_state[jkey] = jm.submit_child(
-            "rescore", "diffin_core.run.features:rescore_for", (str(project.root), run, [int(qi)]), {"k": int(k)},
+            "rescore", "diffin_core.run.scoring:rescore_for", (str(project.root), run, [int(qi)]), {"k": int(k)},
             label=f"rescore top-k for query {int(qi)} ({run})", project_dir=str(project.root),
             with_progress=False, warm=F.warm_key(project, run))     # the run's warm child: no start-up after the first
         st.session_state["explore_rescore_active"] = jkey

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from torch.nn import functional as F_
 
 from diffin_core.run import features as F
+from diffin_core.run import scoring as S
 from diffin_core.project.checkpoints import Recorder
 from diffin_core.errors import DiffinError
 from diffin_core.methods import ScoreSettings
@@ -131,7 +132,7 @@ def test_shortlist_is_rescored_by_the_exact_path(tmp_path):
     via_views = F.view_rows(ctx, store, q.x[idx], q.y[idx], cand)
     assert np.abs(via_views - exact[cand]).max() > 1e-3 * np.abs(exact).max()
     # rescore_for (the app's job) caches the rescored influence; later calls read it, no model run
-    path = F.rescore_for(str(root), "d", idx)
+    path = S.rescore_for(str(root), "d", idx)
     monkey = pytest.MonkeyPatch()
     monkey.setattr(F, "exact_plan", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model ran")))
     try:

@@ -24,6 +24,7 @@ from diffin_core.methods.diffin import DiffIn
 from diffin_core.project.folder import Project
 from diffin_core.run import answers
 from diffin_core.run import features as F
+from diffin_core.run import scoring as S
 from diffin_core.run import span
 from diffin_core.run.scoring import exact_context, score, top_k
 from tests.test_features import tiny_with
@@ -111,7 +112,7 @@ def test_a_cut_span_is_labelled_and_rescored_in_full(tmp_path):
     # --exact replays it in full; the app's rescoring job does too and keeps it
     h_ex, _ = top_k(project, "d", [qi], k=3, exact=True)
     assert h_ex.attrs["path"].startswith("exact path")
-    F.rescore_for(str(root), "d", [qi])
+    S.rescore_for(str(root), "d", [qi])
     kept = answers.load(run, [qi])
     assert kept.all_exact
     np.testing.assert_allclose(kept.influence, ex, rtol=0, atol=1e-6 * np.abs(ex).max())

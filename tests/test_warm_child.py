@@ -61,7 +61,7 @@ def test_crash_time_limit_and_ignored_cancel_retire_the_child(monkeypatch):
 
 
 def test_the_runs_warm_child_answers_queries_as_the_exact_path(tmp_path):
-    """The Explore page's jobs (features.rescore_for, scoring.answer_ahead) in the run's warm child: one
+    """The Explore page's jobs (scoring.rescore_for, scoring.answer_ahead) in the run's warm child: one
     process for every query of the run, each answer's top-k values those of `diffin top --exact`."""
     import numpy as np
     from diffin_core.project.folder import Project
@@ -71,7 +71,7 @@ def test_the_runs_warm_child_answers_queries_as_the_exact_path(tmp_path):
     project = Project(make_tiny_project(tmp_path / "p"))
     score(project, "diffin", run="d")
     key = F.warm_key(project, "d")
-    usercode.run("diffin_core.run.features:rescore_for", str(project.root), "d", [3], warm=key)
+    usercode.run("diffin_core.run.scoring:rescore_for", str(project.root), "d", [3], warm=key)
     pid = usercode.warm_pids()[key]
     assert usercode.run("diffin_core.run.scoring:answer_ahead", str(project.root), "d", [4, 5], warm=key) == 2
     assert usercode.warm_pids()[key] == pid

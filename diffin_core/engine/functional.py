@@ -169,10 +169,16 @@ def start_twin(models, tasks: dict | None = None):
     if not twin.usable():
         return None
     _TWIN_MODELS[:] = list(models)
-    _TWIN = twin.Twin({"grad": _twin_grad, **(tasks or {})})
+    _TWIN = twin.Twin({"grad": _twin_grad, **(tasks or {})}, in_twin=_forget_twin)
     import atexit
     atexit.register(stop_twin)          # waited for at exit: its CPU is counted with this process's
     return _TWIN
+
+
+def _forget_twin() -> None:
+    """In the twin: no twin of the twin."""
+    global _TWIN
+    _TWIN = None
 
 
 def stop_twin() -> None:

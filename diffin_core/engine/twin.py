@@ -39,9 +39,12 @@ RUN = 36                     # ... before this many go the faster way; then both
 
 
 class Twin:
-    def __init__(self, tasks: dict[str, Callable], nbytes: int = NBYTES):
+    def __init__(self, tasks: dict[str, Callable], nbytes: int = NBYTES,
+                 in_twin: Callable[[], None] | None = None):
         """Fork now. ``tasks``: name -> fn(*args, *tensors) -> list of tensors, run in the twin
-        (they see this process's objects as they were at the fork)."""
+        (they see this process's objects as they were at the fork). ``in_twin``: called once in
+        the twin before its first task (the caller's own clean-up, e.g. forgetting its twin)."""
+        self.in_twin = in_twin
         self.nbytes = int(nbytes)
         self.mm = mmap.mmap(-1, self.nbytes)          # MAP_SHARED | MAP_ANONYMOUS: both sides see it
         self.tasks = dict(tasks)
@@ -174,8 +177,8 @@ def _serve(twin: Twin, conn) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)
-        from diffin_core.engine import functional
-        functional._TWIN = None                      # no twin of the twin
+        if twin.in_twin is not None:
+            twin.in_twin()                           # e.g. functional: no twin of the twin
         while True:
             try:
                 name, args, metas = conn.recv()

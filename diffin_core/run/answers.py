@@ -232,3 +232,35 @@ def print_answer(run_dir: Path, ans: Answer, k: int, echo=print, header: str | N
         echo(f"\n{title}:")
         echo(format_table(cols, rows, ans.influence))
     return True
+
+
+def keep_printout(project_dir, run: str, query_indices, k: int, lines: list[str], exact_only: bool = False) -> Path | None:
+    """Keep ``lines`` (what print_cached / print_answer just printed for this query and k) as the
+    printout an asked-again `diffin top` shows (printed.print_kept reads it, stdlib only): its
+    first line as print_cached prints it (the answer's path, 'answered before'). None when there
+    is no kept answer to tie it to."""
+    from diffin_core.project.atomic import atomic_path
+    from diffin_core.run import printed
+    run_dir = Path(project_dir) / "runs" / run
+    src = printed._source(run_dir, printed.query_key(query_indices), exact_only)
+    if src is None or len(lines) < 2:
+        return None
+    ans = load(run_dir, query_indices, exact_only)
+    if ans is None:
+        return None
+    store = 0.0
+    if src.suffix == ".npz":
+        import numpy as np
+        try:
+            with np.load(src, allow_pickle=False) as z:
+                store = float(z["store"])
+        except (OSError, ValueError, KeyError):
+            return None
+    header = f"({ans.path})" if "cached" in ans.path else f"({ans.path}; answered before)"
+    out = printed.text_path(src, k)
+    try:
+        with atomic_path(out, suffix=".txt") as tmp:
+            tmp.write_text("\n".join([f"{printed.HEADER} {printed._stamp(src)} {store!r}", header, *lines[1:]]) + "\n")
+    except OSError:
+        return None                                   # a read-only run folder: printed, not kept
+    return out

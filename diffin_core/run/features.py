@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from diffin_core.errors import DiffinError
-from diffin_core.engine.lanczos import SpectralView, lanczos
+from diffin_core.engine.lanczos import SpectralView
 from diffin_core.engine.projector import Projector
 
 DIRNAME = "features"
@@ -1385,21 +1385,6 @@ def rescored_path(project, run: str, query_indices) -> Path:
     store)."""
     from diffin_core.run import answers
     return answers.answer_path(project.run(run).path, query_indices)
-
-
-def rescore_for(root: str, run: str, query_indices, progress=None, k: int = CERTIFIED_K) -> str:
-    """The app's background job (usercode child: it runs the model): the fast path's answer for
-    a top-``k`` grid (fast_answer), kept with the run. Returns the answer's path."""
-    from diffin_core.project.folder import Project
-    project = Project(root)
-    ans = fast_answer(project, run, query_indices, k=k)
-    if ans is not None and ans.labelled:           # a query-span store's approximation: rescored exactly, i.e.
-        from diffin_core.run import answers       # the whole replay (every row's terms need its adjoints)
-        from diffin_core.run.scoring import exact_context, query_influence
-        ctx = exact_context(project, run, progress)
-        infl = query_influence(project, project.run(run).method, query_indices, ctx.settings, progress, ctx=ctx)
-        return str(answers.save_exact(project.run(run).path, query_indices, infl))
-    return str(rescored_path(project, run, query_indices))
 
 
 # --- how far the store's own numbers are from the exact path, measured on this run ----------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 HEADER = "#diffin-printed"
@@ -60,7 +59,7 @@ def text_path(source: Path, k: int) -> Path:
 
 def print_kept(project_dir, run: str, query_indices, k: int, echo=print, exact_only: bool = False) -> bool:
     """Print the kept printout of this query's answer at this k; False when there is none or it is
-    stale (the caller then reads the answer, and keeps its printout: ``keep``)."""
+    stale (the caller then reads the answer, and keeps its printout: answers.keep_printout)."""
     run_dir = Path(project_dir) / "runs" / run
     try:
         if not (run_dir / "meta.json").is_file() or not (run_dir / "scores.parquet").is_file():
@@ -79,34 +78,3 @@ def print_kept(project_dir, run: str, query_indices, k: int, echo=print, exact_o
         return False
     echo(body.rstrip("\n"))
     return True
-
-
-def keep(project_dir, run: str, query_indices, k: int, lines: list[str], exact_only: bool = False) -> Path | None:
-    """Keep ``lines`` (what answers.print_cached / print_answer just printed for this query and k)
-    as the printout an asked-again `diffin top` shows: its first line as print_cached prints it
-    (the answer's path, 'answered before'). None when there is no kept answer to tie it to."""
-    from diffin_core.project.atomic import atomic_path
-    from diffin_core.run import answers
-    run_dir = Path(project_dir) / "runs" / run
-    src = _source(run_dir, query_key(query_indices), exact_only)
-    if src is None or len(lines) < 2:
-        return None
-    ans = answers.load(run_dir, query_indices, exact_only)
-    if ans is None:
-        return None
-    store = 0.0
-    if src.suffix == ".npz":
-        import numpy as np
-        try:
-            with np.load(src, allow_pickle=False) as z:
-                store = float(z["store"])
-        except (OSError, ValueError, KeyError):
-            return None
-    header = f"({ans.path})" if "cached" in ans.path else f"({ans.path}; answered before)"
-    out = text_path(src, k)
-    try:
-        with atomic_path(out, suffix=".txt") as tmp:
-            tmp.write_text("\n".join([f"{HEADER} {_stamp(src)} {store!r}", header, *lines[1:]]) + "\n")
-    except OSError:
-        return None                                   # a read-only run folder: printed, not kept
-    return out

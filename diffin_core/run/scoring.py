@@ -315,3 +315,18 @@ def answer_ahead(root: str, run: str, queries, progress=None, k: int | None = No
         if progress:
             progress(i + 1, len(queries), f"planned ahead: query {int(qi)}")
     return made
+
+
+def rescore_for(root: str, run: str, query_indices, progress=None, k: int | None = None) -> str:
+    """The app's background job (usercode child: it runs the model): the fast path's answer for
+    a top-``k`` grid (features.fast_answer), kept with the run. Returns the answer's path."""
+    from diffin_core.run import answers, features
+    k = features.CERTIFIED_K if k is None else k
+    project = Project(root)
+    ans = features.fast_answer(project, run, query_indices, k=k)
+    if ans is not None and ans.labelled:   # a query-span store's approximation: rescored exactly, i.e. the
+        # whole replay (every row's terms need its adjoints)
+        ctx = exact_context(project, run, progress)
+        infl = query_influence(project, project.run(run).method, query_indices, ctx.settings, progress, ctx=ctx)
+        return str(answers.save_exact(project.run(run).path, query_indices, infl))
+    return str(features.rescored_path(project, run, query_indices))
