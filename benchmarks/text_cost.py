@@ -79,8 +79,8 @@ def parts(project: Path, run: str) -> dict:
     store = run_dir / "features" / "meta.json"
     if store.is_file():
         f = json.loads(store.read_text())
-        out.update(features_s=f.get("seconds"), features_views_s=f.get("views_s"), store_kind=f.get("kind", "views"),
-                   store_mb=f.get("store_mb"))
+        out.update(features_s=f.get("seconds"), features_cpu_s=f.get("cpu_s"), features_views_s=f.get("views_s"),
+                   store_kind=f.get("kind", "views"), store_mb=f.get("store_mb"))
     return out
 
 

@@ -496,9 +496,10 @@ def _tiny_adamw_project(tmp_path):
 
 
 def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
-    """A project trained with AdamW and recorded with its batch order: `diffin score` writes no
-    feature store (it approximates the checkpoint estimator, not the replay), top-k takes the
-    exact path and ranks by the run's own influence; a later feature pass is refused in one line."""
+    """A project trained with AdamW and recorded with its batch order: `diffin score` writes the
+    replay's own store (the query-span store, run/span.py; not the checkpoint estimator's views),
+    whose top-k here (every query gradient in its span) is the exact path's and ranks by the
+    run's own influence, as `--exact` does; a later feature pass rebuilds it."""
     from diffin_core.project.checkpoints import Recorder
     from diffin_core.run.features import build_for_run
     from diffin_core.run.scoring import query_influence, score, top_k
@@ -511,13 +512,15 @@ def test_adam_batch_order_project_scores_top_k_by_the_exact_path(tmp_path):
                 rec.step(batch_ids=idx)
     project = Project(root)
     run = score(project, "diffin", run="d")
-    assert not (run / "features").exists()
+    import json
+    assert json.loads((run / "features" / "meta.json").read_text())["kind"] == "query-span"
     helpful, _harmful = top_k(project, "d", [3], k=5)
     infl = query_influence(project, "diffin", [3])
-    assert helpful.attrs["path"] == "exact path" and helpful["sample_id"].tolist() == list(np.argsort(-infl)[:5])
-    with pytest.raises(DiffinError, match="batch order") as err:
-        build_for_run(project, "d")
-    assert "\n" not in str(err.value)
+    assert helpful.attrs["path"].startswith("exact path: Adam's batch-order replay, read from the store")
+    assert helpful["sample_id"].tolist() == list(np.argsort(-infl)[:5])
+    exact, _ = top_k(project, "d", [3], k=5, exact=True)
+    assert exact.attrs["path"] == "exact path" and exact["sample_id"].tolist() == helpful["sample_id"].tolist()
+    assert build_for_run(project, "d") == run / "features"
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -584,8 +584,13 @@ SPAN_GRAM_MAX = 2048    # query sets up to this size keep their gradients' Gram 
 
 
 def span_applies(ctx) -> bool:
-    """Whether a run's store is the query-span store: Adam's batch-order replay (its self-check passed)."""
-    return getattr(ctx, "batch_order", None) is not None and ctx.recipe.adam and ctx.moments is not None
+    """Whether a run's store is the query-span store: Adam's batch-order replay (its self-check
+    passed), where one replayed direction (about ten float64 P-vectors) and the gradients of at
+    least 8 query samples fit half the memory budget."""
+    if getattr(ctx, "batch_order", None) is None or not ctx.recipe.adam or ctx.moments is None:
+        return False
+    budget = int(getattr(getattr(ctx, "memory", None), "budget", 0) or 0)
+    return budget <= 0 or 18 * 8 * ctx.fm.num_params <= budget // 2
 
 
 def _query_grads(ctx, query, rows=None, chunk: int = 64) -> torch.Tensor:
@@ -781,8 +786,9 @@ def build_for_run(project, run: str, settings: FeatureSettings | None = None, pr
             span_build(ctx, project.query, info.path / DIRNAME, settings, progress, num_classes=project.num_classes,
                        reference=reference, run_dir=info.path)
             return info.path / DIRNAME
-        raise DiffinError(f"run {run!r} scored with SGD's recorded batch order (sgd_batches.py), which the "
-                          "feature store does not approximate: `diffin top` takes the exact path", info.path)
+        raise DiffinError(f"run {run!r} scored with a recorded batch order: SGD's replay (sgd_batches.py) has no "
+                          "feature store, and Adam's replayed directions must fit half the memory budget: `diffin top` "
+                          "takes the exact path", info.path)
     out = info.path / DIRNAME
     if not views_fit(ctx, settings):
         if sketch_pass(ctx, project.query, out, settings, progress, num_classes=project.num_classes) is None:

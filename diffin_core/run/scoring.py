@@ -167,8 +167,8 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
             feature_store.span_build(ctx, q, final / feature_store.DIRNAME, progress=progress,
                                      num_classes=project.num_classes, reference=out["influence"], run_dir=final)
         elif progress:
-            progress(0, ctx.n, "features: skipped (SGD's batch-order replay has no feature store; "
-                     "`diffin top` takes the exact path)")
+            progress(0, ctx.n, "features: skipped (SGD's batch-order replay has no feature store, and Adam's "
+                     "replayed directions must fit half the memory budget; `diffin top` takes the exact path)")
     if sink is not None:
         if progress:
             progress(0, ctx.n, "features: checkpoint sketches from the scoring walk's gradients (Hessian "
