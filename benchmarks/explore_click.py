@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 K = 10
 
-from explore_query import cli, parse, proc_cpu   # noqa: E402
+from explore_query import against_exact, cli, parse, proc_cpu   # noqa: E402
 
 
 def tree_cpu(pid: int) -> float:
@@ -83,16 +82,21 @@ def main() -> None:
         split(a) if a.split else measure(a)
 
 
+def pick_queries(project, a) -> list[int]:
+    """One query of each of a.queries classes, in a seeded random class order."""
+    q = project.query
+    rng = np.random.default_rng(a.seed)
+    classes = rng.permutation(np.unique(q.y))
+    return [int(rng.choice(np.flatnonzero(q.y == c))) for c in classes[: a.queries]]
+
+
 def split(a) -> None:
     from diffin_core.engine import functional
     from diffin_core.project.folder import Project
     from diffin_core.run import features as F
     project = Project(a.project)
     run_dir = project.run(a.run).path
-    q = project.query
-    rng = np.random.default_rng(a.seed)
-    classes = rng.permutation(np.unique(q.y))
-    picks = [int(rng.choice(np.flatnonzero(q.y == c))) for c in classes[: a.queries]]
+    picks = pick_queries(project, a)
     ctx = F._context(project, a.run)
     tw = F.with_twin(ctx)
     if tw is None:
@@ -133,19 +137,14 @@ def split(a) -> None:
 
 def measure(a) -> None:
     from diffin_core.project.folder import Project
-    from diffin_core.run.scoring import top_k
     project = Project(a.project)
     run_dir = project.run(a.run).path
-    q = project.query
-    rng = np.random.default_rng(a.seed)
-    classes = rng.permutation(np.unique(q.y))
-    picks = [int(rng.choice(np.flatnonzero(q.y == c))) for c in classes[: a.queries]]
+    picks = pick_queries(project, a)
     for qi in picks:
         forget(run_dir, qi)
     load0 = os.getloadavg()[0]
     startup = statistics.median(cli("--help")[0] for _ in range(3))
     top = ("top", a.project, "--run", a.run, "--k", str(K), "-q")
-    env_alone = {"DIFFIN_TWIN": "0"}
     server = subprocess.Popen([sys.executable, "-m", "diffin_core.cli", "serve", a.project, "--run", a.run,
                                "--idle", "900"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -199,12 +198,7 @@ def measure(a) -> None:
             server.kill()
     load1 = os.getloadavg()[0]
     for r in recs:
-        h, hv, m_, mv = parse(r.pop("out"))
-        eh, em = top_k(project, a.run, [r["query"]], k=K, exact=True)
-        ex = dict(zip(eh["sample_id"], eh["influence"])) | dict(zip(em["sample_id"], em["influence"]))
-        r["topk_overlap"] = (len(set(h) & set(eh["sample_id"])) + len(set(m_) & set(em["sample_id"]))) / (2 * K)
-        both = [(v, ex[i]) for i, v in zip(h + m_, hv + mv) if i in ex]
-        r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
+        against_exact(project, a.run, r, K)
     df = pd.DataFrame(recs)
     condition = "no burners" if not a.burners else f"{a.burners} burners"
     stamp = time.strftime("%Y-%m-%d %H:%M", time.gmtime())

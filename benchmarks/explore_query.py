@@ -99,6 +99,19 @@ def main() -> None:
         measure(a)
 
 
+def against_exact(project, run: str, r: dict, k: int) -> dict:
+    """Fill r's topk_overlap and max_abs_diff from its printout r["out"] (popped) against
+    `diffin top --exact`'s top-k for r["query"]; returns the exact values by sample id."""
+    from diffin_core.run.scoring import top_k
+    h, hv, m_, mv = parse(r.pop("out"))
+    eh, em = top_k(project, run, [r["query"]], k=k, exact=True)
+    ex = dict(zip(eh["sample_id"], eh["influence"])) | dict(zip(em["sample_id"], em["influence"]))
+    r["topk_overlap"] = (len(set(h) & set(eh["sample_id"])) + len(set(m_) & set(em["sample_id"]))) / (2 * k)
+    both = [(v, ex[i]) for i, v in zip(h + m_, hv + mv) if i in ex]
+    r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
+    return ex
+
+
 def app_job(jm, target: str, args: tuple, kwargs: dict, warm: str | None = None) -> float:
     """Wall seconds of one app job (a spawned child, or the run's warm child, as the page submits
     it) to its end."""
@@ -152,7 +165,6 @@ def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
 def measure(a) -> None:
     from diffin_core.project.folder import Project
     from diffin_core.run.features import FeatureStore
-    from diffin_core.run.scoring import top_k
     project = Project(a.project)
     run_dir = project.run(a.run).path
     for sub in ("answers", "topk"):
@@ -178,12 +190,7 @@ def measure(a) -> None:
     load = os.getloadavg()[0]
     ahead = planning_ahead(project, a.run, picks, a.ahead) if a.ahead else {}
     for r in recs:                        # the exact path last (it would answer the query otherwise)
-        h, hv, m_, mv = parse(r.pop("out"))
-        eh, em = top_k(project, a.run, [r["query"]], k=K, exact=True)
-        ex = dict(zip(eh["sample_id"], eh["influence"])) | dict(zip(em["sample_id"], em["influence"]))
-        r["topk_overlap"] = (len(set(h) & set(eh["sample_id"])) + len(set(m_) & set(em["sample_id"]))) / (2 * K)
-        both = [(v, ex[i]) for i, v in zip(h + m_, hv + mv) if i in ex]
-        r["max_abs_diff"] = max(abs(v - e) for v, e in both) if both else np.nan
+        ex = against_exact(project, a.run, r, K)
         r["max_abs_value"] = max(abs(e) for e in ex.values())
     df = pd.DataFrame(recs)
     condition = "quiet" if not a.burners else f"{a.burners} burners"

@@ -486,17 +486,7 @@ class FunctionalModel:
         n, step = len(y), self._slice_rows() or len(y)
         if n <= step:
             return one(x, y)
-        masks = dropout.current()           # a step's dropout masks: each slice takes its rows
-        total, parts = None, []
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            with (masks.rows(masks.window[0] + a, masks.window[0] + b) if masks is not None
-                  else contextlib.nullcontext()):
-                hv, dl = one(x[a:b], y[a:b])
-            hv = hv * (b - a)
-            total = hv if total is None else total.add_(hv)
-            parts.append(dl)
-        return total / n, torch.cat(parts)
+        return _row_sliced(one, x, y, step, 0)
 
     def hvp_directional_many(self, theta, x, y, V, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hvp_directional for K directions at once: (H V^T (K, P), <g_i, v_j> (K, B)) from one
@@ -533,17 +523,7 @@ class FunctionalModel:
         if n <= step:
             ok = out is not None and out.shape == (len(V), theta.numel()) and out.dtype == theta.dtype
             return one(x, y, out if ok else None)
-        masks = dropout.current()           # a step's dropout masks: each slice takes its rows
-        total, parts = None, []
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            with (masks.rows(masks.window[0] + a, masks.window[0] + b) if masks is not None
-                  else contextlib.nullcontext()):
-                hv, dl = one(x[a:b], y[a:b])
-            hv = hv * (b - a)
-            total = hv if total is None else total.add_(hv)
-            parts.append(dl)
-        return total / n, torch.cat(parts, dim=1)
+        return _row_sliced(one, x, y, step, 1)
 
     def hvp_exact(self, theta, x, y, v) -> torch.Tensor:
         """Exact Hessian-vector product of the batch-mean loss: reverse-over-reverse (torch.autograd:
@@ -608,3 +588,21 @@ class FunctionalModel:
                     total = part if total is None else total.add_(part)
             return total / n
         return hv
+
+
+def _row_sliced(one, x, y, step: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch-mean product taken ``step`` rows at a time: ``one(xs, ys)`` -> (a slice's mean
+    product, its per-row terms); returns (the row-weighted mean over slices, the per-row terms
+    concatenated along ``dim``). A step's recorded dropout masks: each slice takes its rows."""
+    n = len(y)
+    masks = dropout.current()
+    total, parts = None, []
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        with (masks.rows(masks.window[0] + a, masks.window[0] + b) if masks is not None
+              else contextlib.nullcontext()):
+            hv, dl = one(x[a:b], y[a:b])
+        hv = hv * (b - a)
+        total = hv if total is None else total.add_(hv)
+        parts.append(dl)
+    return total / n, torch.cat(parts, dim=dim)

@@ -209,7 +209,6 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
           on_grads=None, num_classes: int | None = None) -> dict:
     """Write the store for ``ctx`` (training split) and the ``query`` split into ``out`` (a new
     folder: written as out.tmp-*, renamed when complete). Returns its meta."""
-    from diffin_core.project.atomic import write_text
     from safetensors.torch import save_file
     settings = settings or FeatureSettings()
     progress = progress or (lambda d, t, m: None)
@@ -312,13 +311,20 @@ def build(ctx, query, out: Path, settings: FeatureSettings | None = None, progre
                 "hessian_batch": ctx.settings.hessian_batch, "score_seed": ctx.settings.seed,
                 "views_s": round(t_views, 3), "seconds": round(time.time() - started, 3),
                 "store_mb": round(size / 2 ** 20, 3), "finished": time.time()}
-        write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _publish(tmp, out, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
+
+
+def _publish(tmp: Path, out: Path, meta: dict) -> None:
+    """A store built in ``tmp`` becomes ``out``: meta.json written last, then the rename (a
+    reader sees the old store or the whole new one)."""
+    from diffin_core.project.atomic import write_text
+    write_text(tmp / "meta.json", json.dumps(meta, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
 
 
 SEPARATE_GAP_S = 60.0     # a store finished this long after the scores' pass was built by its own command
@@ -648,7 +654,7 @@ def span_build(ctx, query, out: Path, settings: FeatureSettings | None = None, p
     Written in the FeatureStore layout (train.npy: the N rows of R^T, query.npy: the coefficients)
     so the class heatmap, the reverse view and the map read it as any store; the float64 rows
     and coefficients beside them give the answers."""
-    from diffin_core.project.atomic import recover_dirs, write_text
+    from diffin_core.project.atomic import recover_dirs
     settings = settings or FeatureSettings()
     progress = progress or (lambda d, t, m: None)
     rank = max(SPAN_RANK, SPAN_WORK // max(ctx.fm.num_params, 1)) if rank is None else int(rank)
@@ -754,10 +760,7 @@ def span_build(ctx, query, out: Path, settings: FeatureSettings | None = None, p
                 "approximations": [] if r >= numerical else
                 [f"a query's answer from the store leaves out the part of its gradient outside the {r} replayed "
                  "directions (its share and the measured agreement are shown with it); `diffin top --exact` replays it"]}
-        write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        _publish(tmp, out, meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return meta
