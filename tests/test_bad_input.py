@@ -360,3 +360,42 @@ def test_ctrl_c_in_the_feature_pass_keeps_the_published_scores_and_says_so(proj)
     table = pq.read_table(run / "scores.parquet")              # the published scores are whole
     assert table.num_rows == 96 and "influence" in table.column_names
     assert not (run / "features").exists()                      # no half-built store published
+
+
+def _as_dead_writers(runs):
+    """Rename runs/'s versions as if a process that has exited wrote them (a later start)."""
+    dead = 2 ** 22 + 12345                          # no such pid
+    for link in [p for p in runs.iterdir() if p.is_symlink()]:
+        version = runs / os.readlink(link)
+        moved = version.with_name(version.name.split(".v-")[0] + f".v-{dead}-1")
+        version.rename(moved)
+        link.unlink()
+        link.symlink_to(moved.name)
+
+
+def test_a_run_deleted_by_hand_stays_deleted(proj):
+    """`rm -rf runs/<name>` removes the link only: the next listing (this process, or a later
+    start) must not bring the run back from its version folder, and the folder goes too."""
+    from diffin_core.project.folder import Project
+    from diffin_core.run.scoring import score
+    score(proj, "loss", run="loss-3", features=False)
+    score(proj, "loss", run="loss-4", features=False)
+    runs = proj / "runs"
+    _as_dead_writers(runs)
+    (runs / "loss-3").unlink()                      # what `rm -rf runs/loss-3` does to a link
+    assert sorted(r.name for r in Project(proj).runs()) == ["loss-4"]
+    assert sorted(r.name for r in Project(proj).runs()) == ["loss-4"]
+    assert not any(p.name.startswith(".loss-3.") for p in runs.iterdir())
+    assert _json.loads((runs / "loss-4" / "meta.json").read_text())["method"] == "loss"
+
+
+def test_a_run_deleted_by_hand_in_a_live_process_stays_deleted(tmp_path):
+    runs = tmp_path / "runs"
+    final = _write_run(runs, "old", legacy=False)  # written by this (live) process
+    version = runs / os.readlink(final)
+    pid, ns = version.name.split(".v-")[1].split("-")[:2]
+    aged = version.with_name(f".r.v-{pid}-{int(ns) - 120 * 10**9}")   # a while ago
+    version.rename(aged)
+    final.unlink()                                 # deleted by hand
+    recover_dirs(runs)
+    assert list(runs.iterdir()) == []

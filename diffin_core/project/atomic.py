@@ -59,7 +59,8 @@ def write_text(target: str | Path, text: str) -> Path:
 # readers always see the old version or the new one, never none. Every hidden helper carries
 # the writer's pid, so ``recover_dirs`` (on start) can tell a crashed writer's leftovers from a
 # live writer's work: it removes dead writers' temp folders, links and unused versions, and
-# when a kill left ``<name>`` missing, points it at the newest complete version.
+# when a kill mid-swap left ``<name>`` missing, points it at the newest complete version; a
+# ``<name>`` deleted by hand (its link removed) stays deleted, its versions are removed.
 
 _HIDDEN = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|v|link|old)-(?P<stamp>[0-9]+(?:-[0-9]+)?)(?:-legacy)?$")
 LEGACY_STALE_S = 15 * 60      # helpers without a pid (older diffin) are leftovers after this
@@ -168,9 +169,11 @@ def _recover(parent: Path) -> list[str]:
         stamp = m["stamp"]
         pid = int(stamp.split("-")[0]) if "-" in stamp else None
         if pid is not None and _pid_alive(pid):
-            # a live writer's version not linked any more (its swap is instants long): old after a minute
-            if not (m["kind"] == "v" and time.time_ns() - _age_key(p)[0] > 60e9 and (parent / m["name"]).exists()
-                    and (parent / m["name"]).resolve() != p.resolve()):
+            # a live writer's version not linked any more, or with no <name> at all (deleted by
+            # hand): its swap is instants long, so old after a minute
+            named = parent / m["name"]
+            if not (m["kind"] == "v" and time.time_ns() - _age_key(p)[0] > 60e9
+                    and (not named.exists() or named.resolve() != p.resolve())):
                 continue
         if pid is None:                # older diffin: no pid in the name; wait until clearly stale
             try:
@@ -185,10 +188,19 @@ def _recover(parent: Path) -> list[str]:
             done.append(f"removed leftover {p.name}")
     for name, found in versions.items():
         final = parent / name
-        if not final.exists():                     # missing (or a dangling link): a kill mid-swap
-            newest = max(found, key=_age_key)
+        if not final.exists():                     # missing (or a dangling link)
             if final.is_symlink():
                 final.unlink()
+            # a swap leaves no <name> only while an older diffin's real folder is moved aside (a
+            # "-legacy" version) or, without symlinks, the old one is (an ".old-"): a kill there is
+            # repaired. Else <name> was deleted by hand (`rm -rf runs/<name>` removes the link only)
+            # or a killed first write never published it: its versions go, nothing comes back.
+            if not any(p.name.endswith("-legacy") or _HIDDEN.match(p.name)["kind"] == "old" for p in found):
+                for p in found:
+                    _remove(p)
+                    done.append(f"removed {p.name}: {name} was deleted")
+                continue
+            newest = max(found, key=_age_key)
             if newest.name.startswith(f".{name}.v-") and not newest.name.endswith("-legacy"):
                 link = parent / f".{name}.link-{_stamp()}"
                 os.symlink(newest.name, link, target_is_directory=True)
