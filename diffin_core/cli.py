@@ -196,6 +196,12 @@ def score_cmd(project: Path = typer.Argument(..., help="project folder (holds di
               hvp: str = typer.Option("auto", "--hvp", metavar="auto|exact|fd", help=HVP_HELP)):
     """Score every training sample; writes runs/<run>/scores.parquet and meta.json (and, for
     diffin, the feature store runs/<run>/features/ that makes `diffin top` answer at once)."""
+    if ray_timeout is not None:             # else accepted and ignored, even a negative one
+        from diffin_core.errors import DiffinError
+        if not 0 < ray_timeout < float("inf"):
+            raise DiffinError(f"--ray-timeout must be a positive number of seconds, not {ray_timeout:g}")
+        if ray is None:
+            raise DiffinError(f"--ray-timeout {ray_timeout:g} needs --ray: it limits reaching the Ray cluster")
     from diffin_core.engine.precision import summary
     from diffin_core.engine.threads import configure
     configure(threads)                      # before torch loads (a bad DIFFIN_THREADS: one line)
