@@ -390,10 +390,8 @@ class FunctionalModel:
         twin = _TWIN
         if twin is None or len(starts) < 2 or not isinstance(x, torch.Tensor) or precision._ACTIVE.get() is not None:
             return None
-        if not any(m is self for m in _TWIN_MODELS) or not twin.wanted():
-            return None
         index = next((i for i, m in enumerate(_TWIN_MODELS) if m is self), None)
-        if index is None:
+        if index is None or not twin.wanted():
             return None
         h = (len(starts) + 1) // 2
         a = starts[h]
@@ -475,11 +473,7 @@ class FunctionalModel:
                 _, (hv, dl) = jvp(grad(f, has_aux=True), (theta,), (v,))
                 return hv.detach(), dl.detach()
             with torch.enable_grad():
-                t = theta.detach().requires_grad_(True)
-                losses = self.losses(t, xs, ys)
-                a = torch.full(losses.shape, 1.0 / len(ys), dtype=losses.dtype, device=losses.device,
-                               requires_grad=True)
-                g, = torch.autograd.grad(losses, t, grad_outputs=a, create_graph=True)
+                t, a, losses, g = self._weighted_first_backward(theta, xs, ys)
                 hv, dl = torch.autograd.grad(torch.dot(g, v.to(g.dtype)), (t, a), allow_unused=True)
             hv = torch.zeros_like(theta) if hv is None else hv.detach()
             return hv, (torch.zeros_like(losses) if dl is None else dl).detach()
@@ -487,6 +481,16 @@ class FunctionalModel:
         if n <= step:
             return one(x, y)
         return _row_sliced(one, x, y, step, 0)
+
+    def _weighted_first_backward(self, theta, xs, ys):
+        """(t, a, losses, g) for the directional HVPs: t a leaf copy of theta, a the per-row loss
+        weights 1/B as a leaf (so a second backward gives <g_i, v> per row), g = d(a . losses)/dt
+        kept differentiable (create_graph). Call under torch.enable_grad()."""
+        t = theta.detach().requires_grad_(True)
+        losses = self.losses(t, xs, ys)
+        a = torch.full(losses.shape, 1.0 / len(ys), dtype=losses.dtype, device=losses.device, requires_grad=True)
+        g, = torch.autograd.grad(losses, t, grad_outputs=a, create_graph=True)
+        return t, a, losses, g
 
     def hvp_directional_many(self, theta, x, y, V, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """hvp_directional for K directions at once: (H V^T (K, P), <g_i, v_j> (K, B)) from one
@@ -503,11 +507,7 @@ class FunctionalModel:
 
         def one(xs, ys, buf=None):
             with torch.enable_grad():
-                t = theta.detach().requires_grad_(True)
-                losses = self.losses(t, xs, ys)
-                a = torch.full(losses.shape, 1.0 / len(ys), dtype=losses.dtype, device=losses.device,
-                               requires_grad=True)
-                g, = torch.autograd.grad(losses, t, grad_outputs=a, create_graph=True)
+                t, a, losses, g = self._weighted_first_backward(theta, xs, ys)
                 hv = (buf.zero_() if buf is not None else
                       torch.zeros(len(V), theta.numel(), dtype=theta.dtype, device=theta.device))
                 dl = torch.zeros(len(V), len(ys), dtype=losses.dtype, device=losses.device)
