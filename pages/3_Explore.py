@@ -334,7 +334,7 @@ elif view == VIEWS[VIEWS.index("Map")]:
             st.markdown(f"**{len(chosen):,} selected** (the 48 most suspicious shown)")
             ui.sample_grid(project, filtered(chosen, "selected").head(48), score_col="label_issue")
             stored = ui.save_selection(project, chosen["sample_id"].tolist(), f"Explore lasso, run {run}",
-                                       key="explore_sel")
+                                       key="explore_sel", announce=False)       # its note after the rerun
             if stored:                       # drawn on the map and named in the URL from now on
                 st.session_state["explore_saved_pending"] = stored
                 st.session_state["explore_saved_note"] = (f"Saved {len(chosen):,} samples as “{stored}”: ringed on "

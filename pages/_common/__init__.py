@@ -535,9 +535,11 @@ def sample_grid(project: Project, table, columns: int = 8, score_col: str = "inf
                            f" · {score_col} {approx}{r[score_col]:+.3g}")
 
 
-def save_selection(project: Project, ids: list[int], source: str, key: str = "selection") -> str | None:
+def save_selection(project: Project, ids: list[int], source: str, key: str = "selection",
+                   announce: bool = True) -> str | None:
     """A name box and a Save button that keep ``ids`` as a named selection in the project
-    (selections.json), for What-if and for after a reload; returns the stored name when saved."""
+    (selections.json), for What-if and for after a reload; returns the stored name when saved.
+    ``announce=False``: the caller says it was saved (one message, not two)."""
     from diffin_core.workspace import selections
     c = st.columns([3, 1])
     name = c[0].text_input("Save this selection as", key=f"{key}_name", placeholder="e.g. odd cluster of 7s",
@@ -548,7 +550,8 @@ def save_selection(project: Project, ids: list[int], source: str, key: str = "se
         except DiffinError as e:
             st.error(e.brief())
         else:
-            st.success(f"Saved {len(set(ids)):,} samples as “{stored}”: the What-if page can remove them.")
+            if announce:
+                st.success(f"Saved {len(set(ids)):,} samples as “{stored}”: the What-if page can remove them.")
             return stored
     return None
 
