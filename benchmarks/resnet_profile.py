@@ -9,7 +9,10 @@ gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch
   per_sample_grad     vmap(grad) of a 5-row chunk, per row (the walk's unit; every method pays it
                       once per row and checkpoint)
   per_sample_loop     the same gradients one row at a time (a plain loop), per row
-  sketch              the view-less store's CountSketch of those gradients, per row (SketchSink)
+  sketch              the view-less store's CountSketch of those gradients, per row (SketchSink;
+                      Projector's column blocks)
+  sketch_unblocked    the same sketch as one scatter over all P columns with its (B, P) signed
+                      temporary (the projection before the blocks; what ``sketch`` replaced)
   batch_grad_32       one gradient of the 32-row Hessian batch
   hvp_fd_32 / hvp_exact_32   one Hessian-vector product on that batch, finite differences (one
                       extra gradient) and forward-over-reverse; fd_rel_error = |fd - exact| / |exact|
@@ -87,6 +90,7 @@ def main(argv=None) -> int:
     units = {"per_sample_grad": (lambda: fm.per_sample_grads(theta, x5, y5), 5),
              "per_sample_loop": (loop, 5),
              "sketch": (lambda: proj(g5), 5),
+             "sketch_unblocked": (lambda: torch.zeros(5, proj.dim).index_add_(1, proj.bucket, g5 * proj.sign), 5),
              "batch_grad_32": (lambda: fm.batch_grad(theta, x32, y32), 1),
              "hvp_fd_32": (lambda: fm.hvp_fd(theta, x32, y32, v, base_grad=g0), 1),
              "hvp_exact_32": (lambda: fm.hvp_exact(theta, x32, y32, v), 1),

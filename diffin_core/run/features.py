@@ -472,7 +472,7 @@ class SketchSink:
         self.per_ck[k, sl], self.ck_snorm[k, sl] = unit, norm
         self.ck_norm2[k, sl] = row_sq_norms(g)
         a = self.alphas[k]                   # c_k a_k, or c_k d_k (P,): Adam's D, per-group lrs
-        self.acc[sl] += (a * f if isinstance(a, float) else self.proj(g * a)).cpu().numpy()
+        self.acc[sl] += (a * f if isinstance(a, float) else self.proj(g, scale=a)).cpu().numpy()
         self.seen[k, sl] = True
         self.seconds += time.perf_counter() - t
         self.cpu_seconds += time.process_time() - c
