@@ -26,6 +26,12 @@ gradients, the 32-row Hessian batch the budget's cut gives; budget.hessian_batch
   jvp                 one directional derivative per row (the influence-only path, a rescored row)
   sink_call           the view-less store's whole share of the walk per row (features.SketchSink
                       on those 5 gradients: the sketch, the exact norms, the rows written to disk)
+  ritz_apart / ritz_blocked   the Ritz walk's products of one 5-row chunk over 3 checkpoints
+                      (per chunk): at step i, g @ w, Y_j^T g for j <= i, Y_i^T g_F and <g_F, g>,
+                      made apart (each product reads the gradients and its view once) and in one
+                      pass over blocks of the parameters (ritz_self.blocked_products, what the walk
+                      runs on a large model on the CPU); views of 15 random Ritz vectors (the
+                      timing depends on the shapes only), the chunk's gradients as g_F and g_k
 The median of --repeats. ``--units a,b`` measures only those and merges them into the CSV's other
 rows. Writes results/resnet_profile.csv.
 """
@@ -99,6 +105,23 @@ def main(argv=None) -> int:
              "hvp_retained_graph_32": (lambda: fm.hvp_retained(theta, x32, y32)(v), 1),   # build + one product
              "hvp_retained_32": (lambda: kept(v), 1),
              "jvp": (lambda: fm.directional(theta, x5, y5, v), 5)}
+    from diffin_core.methods import ritz_self
+    from diffin_core.methods.first_order import rowdot
+    gen = torch.Generator().manual_seed(0)
+    ritz = [(torch.randn(ctx.fm.num_params, generator=gen), torch.randn(ctx.fm.num_params, 15, generator=gen))
+            for _ in range(3)] if not a.units or "ritz" in a.units else []
+    gk = [g5] + [g5.clone() for _ in ritz[1:]]
+
+    def ritz_apart():
+        for i, (w, y) in enumerate(ritz):
+            g = gk[i]
+            g @ w, [g @ yy for _, yy in ritz[:i + 1]], (gk[0] @ y if i else None), rowdot(gk[0], g)
+
+    def ritz_blocked():
+        for i, (w, _) in enumerate(ritz):
+            ritz_self.blocked_products(gk[i], gk[0], w, [yy for _, yy in ritz[:i + 1]])
+    units["ritz_apart"] = (ritz_apart, 1)
+    units["ritz_blocked"] = (ritz_blocked, 1)
     if not a.units or "sink_call" in a.units:
         import tempfile
         from diffin_core.methods import runner

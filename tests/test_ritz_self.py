@@ -84,6 +84,57 @@ def test_lazy_plan_and_chunks_give_the_direct_walks_scores(tmp_path):
     np.testing.assert_allclose(out["self_influence"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
+def test_blocked_products_equal_the_products_apart(monkeypatch, tmp_path, momentum, weight_decay):
+    """Issue 19: a large model's walk (no stacked plan, on the CPU) makes a step's products
+    (g @ w, Y_j^T g for j <= i, Y_i^T g_F, <g_F, g>) in one pass over blocks of the parameters
+    (ritz_self.blocked_products). Forced on the tiny CNN with blocks of 13 parameters (not
+    dividing P): the same numbers as the products apart and the direct walk, in memory and with
+    the plan read lazily from its stage folder (one entry kept), and as float64 products."""
+    ctx, qx, qy = bn_case(momentum, weight_decay)
+    method = DiffIn()
+    plan = method.prepare(ctx, qx, qy)
+    x, y = ctx.tensors(ctx.train.x[:9], ctx.train.y[:9])
+    monkeypatch.setattr(ritz_self.Grams, "stacked", lambda self, plan, ctx: None)
+    monkeypatch.setattr(ritz_self, "BLOCK_MIN_PARAMS", 10 ** 12)
+    i_apart, s_apart = ritz_self.walk(ctx, plan, x, y, ritz_self.Grams())
+    calls = []
+    orig = ritz_self.blocked_products
+    monkeypatch.setattr(ritz_self, "blocked_products", lambda *a: calls.append(len(a[3])) or orig(*a))
+    monkeypatch.setattr(ritz_self, "BLOCK_MIN_PARAMS", 1)
+    monkeypatch.setattr(ritz_self, "BLOCK_ROWS", 13)
+    assert ctx.fm.num_params % 13
+    i_blk, s_blk = ritz_self.walk(ctx, plan, x, y, ritz_self.Grams())
+    assert calls == list(range(1, len(plan) + 1))                # every step blocked, Y_0..Y_i
+    i_ref, s_ref = method.direct_walk(ctx, plan, x, y)
+    for got, apart, ref in ((i_blk, i_apart, i_ref), (s_blk, s_apart, s_ref)):
+        scale = float(ref.abs().max())
+        torch.testing.assert_close(got, apart, rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * scale)
+    stages = Stages(tmp_path, StageSettings("diffin", {}, "q", "t"))   # the plan from disk, one entry kept
+    mem = plan_memory(ctx.fm.num_params, 10_000, "diffin", True, budget=2**33, batch_size=5, checkpoints=1)
+    out = runner.run(METHODS["diffin"](), ctx, qx, qy, True, stages=stages, mem=mem)
+    xa, ya = ctx.tensors(ctx.train.x, ctx.train.y)
+    ref = method.direct_walk(ctx, plan, xa, ya)[1].sum(1).double().numpy()
+    np.testing.assert_allclose(out["self_influence"], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # the products themselves, against float64 (w or not; g the final gradient or not)
+    gen = torch.Generator().manual_seed(1)
+    g, gf, w = (torch.randn(*s, generator=gen) for s in ((3, 1000), (3, 1000), (1000,)))
+    ys = [torch.randn(1000, r, generator=gen) for r in (4, 6)]
+    d = lambda t: t.double()                                                    # noqa: E731
+    for rows in (13, 1000, 4096):
+        monkeypatch.setattr(ritz_self, "BLOCK_ROWS", rows)
+        g_w, ons, f_on, d_f = orig(g, gf, w, ys)
+        torch.testing.assert_close(d(g_w), d(g) @ d(w), rtol=1e-5, atol=1e-5)
+        for on, yy in zip(ons, ys):
+            torch.testing.assert_close(d(on), d(g) @ d(yy), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d(f_on), d(gf) @ d(ys[-1]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(d(d_f), (d(gf) * d(g)).sum(1), rtol=1e-5, atol=1e-5)
+        none_w, ons, no_f, d_f = orig(g, g, None, ys[:1])
+        assert none_w is None and no_f is None and len(ons) == 1 and ons[0].dtype == g.dtype
+        torch.testing.assert_close(d(d_f), (d(g) ** 2).sum(1), rtol=1e-5, atol=1e-5)
+
+
 def test_adam_with_a_preconditioner_keeps_the_direct_walk_and_its_budget():
     import dataclasses
     ctx, _, _ = bn_case(0.0, 0.0)
