@@ -14,6 +14,10 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
                                   and max_abs_diff the largest |value - exact value| over the rows
                                   both show;
   rescored_rows                   rows the fast path rescored exactly (its label says how many);
+  context_s, plan_s, bounds_s,     where the new query's time went inside `diffin top` (wall and that
+  rescore_s (and _cpu_s)          process's CPU, kept with its answer: answers.timings): loading the
+                                  run's context, the query's plan (Lanczos at every checkpoint), the
+                                  store's bounds, the exact rescoring of the rows not ruled out;
   user_job_s                      a new query as the app's job in a fresh child (rescore_for,
                                   start-up included: what every query cost before the warm child);
   user_job_warm_first_s           the same in the run's warm child, its first call (it starts it);
@@ -24,7 +28,8 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
                                   there (the page cancels the ahead job first, the child stays):
                                   planning ahead must not slow it; app_worker says whether the
                                   child stayed the same process.
-``--burners 2`` runs the whole measurement beside two CPU burners (benchmarks/_load.py), the
+``--ahead-only`` measures planning ahead's throughput alone (the warm child started by an asked-before
+query; for a model whose plans take minutes). ``--burners 2`` runs the whole measurement beside two CPU burners (benchmarks/_load.py), the
 row's ``condition`` says which. The answers are removed first (each query is new) and the exact
 ones are computed last.
 Appends one row per model (medians over the queries) to benchmarks/results/explore.csv (its other
@@ -91,6 +96,9 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=5)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--ahead", type=int, default=6, help="queries the planning-ahead job answers (0: skip)")
+    ap.add_argument("--ahead-only", action="store_true",
+                    help="measure only planning ahead's throughput (the warm child started by an asked-before "
+                         "query, then the ahead job): for models whose every plan takes minutes (a ResNet-18)")
     ap.add_argument("--burners", type=int, default=0, help="CPU burners beside the measurement")
     ap.add_argument("--warmup", type=float, default=30, help="seconds the burners run first")
     a = ap.parse_args()
@@ -162,8 +170,35 @@ def planning_ahead(project, run: str, picks: list[int], n: int) -> dict:
             "app_worker": "warm" if same else "warm (restarted)"}
 
 
+def ahead_only(project, run: str, picks: list[int], n: int) -> dict:
+    """Planning ahead's throughput alone: the run's warm child started by a query asked before
+    (its kept answer read: the context loaded, no plan made), then the app's ahead job on ``n`` new
+    queries of the first query's class there, as the page runs it: queries answered per wall
+    minute and the child's CPU seconds each."""
+    from diffin_core.run import features as F
+    from diffin_core.workspace import usercode
+    from diffin_core.workspace.jobs import JobManager
+    root, jm = str(project.root), JobManager()
+    y = np.asarray(project.query.y)
+    cls = int(y[picks[0]])
+    ahead = [int(i) for i in np.flatnonzero(y == cls) if int(i) not in picks][:n]
+    key = F.warm_key(project, run)
+    first = app_job(jm, "diffin_core.run.scoring:rescore_for", (root, run, [picks[0]]), {}, warm=key)
+    pid = usercode.warm_pids()[key]
+    cpu0 = proc_cpu(pid)
+    wall = app_job(jm, "diffin_core.run.scoring:answer_ahead", (root, run, ahead), {}, warm=key)
+    cpu = proc_cpu(pid) - cpu0
+    usercode.close_warm(key)
+    return {"ahead_queries": len(ahead), "ahead_per_min": 60 * len(ahead) / wall, "ahead_cpu_s": cpu / len(ahead),
+            "ahead_warm_start_s": first, "app_worker": "warm"}
+
+
+STEPS = [f"{s}_{u}" for s in ("context", "plan", "bounds", "rescore") for u in ("s", "cpu_s")]   # features._Clock
+
+
 def measure(a) -> None:
     from diffin_core.project.folder import Project
+    from diffin_core.run import answers
     from diffin_core.run.features import FeatureStore
     project = Project(a.project)
     run_dir = project.run(a.run).path
@@ -182,13 +217,15 @@ def measure(a) -> None:
         assert "answered before" in out2 or "(cached)" in out2, out2[:300]   # a run without a store: the exact path, kept
         label = out.splitlines()[0]
         m = re.search(r"the (\d+) rows", label)
+        steps = {k: v for k, v in answers.timings(run_dir, [qi]).items() if k != "rescored_rows"}
         recs.append({"query": qi, "new_query_s": wall - startup, "new_query_cpu_s": cpu,
                      "asked_before_s": wall2 - startup, "asked_before_cpu_s": cpu2, "peak_rss_mb": rss,
-                     "rescored_rows": int(m.group(1)) if m else np.nan, "path": label.strip("()"), "out": out})
+                     "rescored_rows": int(m.group(1)) if m else np.nan, "path": label.strip("()"), "out": out,
+                     **steps})
         print(f"[explore_query] q{qi}: new {wall - startup:.2f} s (cpu {cpu:.2f}), again {wall2 - startup:.3f} s",
               flush=True)
     load = os.getloadavg()[0]
-    ahead = planning_ahead(project, a.run, picks, a.ahead) if a.ahead else {}
+    ahead = ((ahead_only if a.ahead_only else planning_ahead)(project, a.run, picks, a.ahead) if a.ahead else {})
     for r in recs:                        # the exact path last (it would answer the query otherwise)
         ex = against_exact(project, a.run, r, K)
         r["max_abs_value"] = max(abs(e) for e in ex.values())
@@ -211,6 +248,7 @@ def measure(a) -> None:
            "topk_overlap": df["topk_overlap"].mean(), "topk_overlap_min": df["topk_overlap"].min(),
            "max_abs_diff": df["max_abs_diff"].max(), "rescored_rows": df["rescored_rows"].median(),
            "store_mb": round(size, 1), "peak_rss_mb": df["peak_rss_mb"].max(), "cli_startup_s": startup,
+           **{c: df[c].median() for c in STEPS if c in df},
            **ahead, "condition": condition, "load_avg": load, "bench": "explore_query.py"}
     csv = RESULTS / "explore.csv"
     base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()

@@ -225,6 +225,13 @@ def test_certified_top_k_is_the_exact_top_k(tmp_path, opt):
             got = np.argsort(-sign * fast, kind="stable")[:k]
             assert set(got) == set(top)
             np.testing.assert_allclose(fast[got], exact[got], rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        # where its time went is kept with the answer (benchmarks/explore_query.py reports it)
+        from diffin_core.run import answers
+        steps = answers.timings(run, idx)
+        assert set(steps) == {f"{s}_{u}" for s in ("context", "plan", "bounds", "rescore")
+                              for u in ("s", "cpu_s")} | {"rescored_rows"}
+        assert all(v >= 0 for v in steps.values())
+        assert steps["rescored_rows"] == int(answers.load(run, idx).exact.sum()) > 0
     # the sketch's size follows checkpoint_mb: too small a budget keeps none
     assert F.checkpoint_sketch_dim(F.FeatureSettings(checkpoint_mb=1), 12, 100_000) == 0
     assert F.checkpoint_sketch_dim(F.FeatureSettings(), 12, 4000) == 1024

@@ -118,16 +118,28 @@ def save_exact(run_dir: Path, query_indices, influence: np.ndarray) -> Path:
 
 
 def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray, path: str,
-         uses_store: bool = False, certified: int = 0, labelled: bool = False) -> Path:
-    """Keep an answer with the run (atomic: temp file + rename)."""
+         uses_store: bool = False, certified: int = 0, labelled: bool = False,
+         timings: dict | None = None) -> Path:
+    """Keep an answer with the run (atomic: temp file + rename). ``timings``: where the answer's
+    time went ({"plan_s": ..., "plan_cpu_s": ...}, features.fast_answer), kept beside it (timings())."""
     from diffin_core.project.atomic import atomic_path
     out = answer_path(run_dir, query_indices)
     with atomic_path(out, suffix=".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, influence=np.asarray(influence, dtype=np.float64), exact=np.asarray(exact, dtype=bool),
                      path=np.asarray(str(path)), store=np.asarray(store_stamp(run_dir) if uses_store else 0.0),
-                     certified=np.asarray(int(certified)), labelled=np.asarray(bool(labelled)))
+                     certified=np.asarray(int(certified)), labelled=np.asarray(bool(labelled)),
+                     timings=np.asarray(json.dumps(timings or {})))
     return out
+
+
+def timings(run_dir: Path, query_indices) -> dict:
+    """The saved answer's timings (save(timings=...)), {} when it has none."""
+    try:
+        with np.load(answer_path(run_dir, query_indices), allow_pickle=False) as z:
+            return json.loads(str(z["timings"])) if "timings" in z.files else {}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def plan_path(run_dir: Path, query_indices) -> Path:

@@ -1308,15 +1308,21 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
     if saved is not None and (not certify or saved.covers(k)):
         return saved                                   # answered before (any process): no model run
     if certify:
+        clock = _Clock()
         ctx = _context(project, run)
+        clock.mark("context")
         q = project.query
         key = (str(project.root), run, tuple(sorted(set(int(i) for i in idx))))
         plan = exact_plan(ctx, q.x[idx], q.y[idx], key, run_dir=run_dir, query_indices=idx)
+        clock.mark("plan")
         est, sigma = store.plan_bounds(plan)
+        clock.mark("bounds")
         known = None if saved is None else (saved.influence, saved.exact)     # rows rescored before
         infl, exact = certified_rows(est, sigma, lambda rows: rescore_rows(ctx, plan, rows), k, known=known)
+        clock.mark("rescore")
         ans = answers.Answer(infl, exact, certified_label(store, int(exact.sum()), k), certified=k)
-        answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True, certified=k)
+        answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True, certified=k,
+                     timings={**clock.parts, "rescored_rows": int(exact.sum())})
         return ans
     infl = store.query_influence(idx)
     exact = np.zeros(len(infl), dtype=bool)
@@ -1334,6 +1340,20 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
     if rerank is None and r > 0:
         answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True)
     return ans
+
+
+class _Clock:
+    """Wall and this process's CPU seconds of a fast answer's steps (kept with the answer:
+    answers.timings; benchmarks/explore_query.py reports them)."""
+
+    def __init__(self):
+        self.parts: dict = {}
+        self._t, self._c = time.perf_counter(), time.process_time()
+
+    def mark(self, name: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.parts[f"{name}_s"], self.parts[f"{name}_cpu_s"] = round(t - self._t, 4), round(c - self._c, 4)
+        self._t, self._c = t, c
 
 
 CERTIFIED_K = 10        # the top k per side certified at least (a deeper grid certifies deeper)
