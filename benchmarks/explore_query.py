@@ -21,6 +21,8 @@ built by that command or `diffin features`). Per query (seeded, distinct classes
   user_job_s                      a new query as the app's job in a fresh child (rescore_for,
                                   start-up included: what every query cost before the warm child);
   user_job_warm_first_s           the same in the run's warm child, its first call (it starts it);
+  rows_left_d4x/16x/64x           an estimate of the rows a sketch 4, 16, 64 times larger would leave to
+                                  the exact rescoring (rows_left; sketch_d the store's d)
   ahead_per_min / ahead_cpu_s     planning ahead: the app's background job (scoring.answer_ahead
                                   in the run's warm child, as the page runs it) on ``--ahead`` new
                                   queries of one class: queries answered per wall minute, CPU s each;
@@ -193,6 +195,31 @@ def ahead_only(project, run: str, picks: list[int], n: int) -> dict:
             "ahead_warm_start_s": first, "app_worker": "warm"}
 
 
+SCALES = (4, 16, 64)      # sketch dimensions d' = d x these, for rows_left
+
+
+def rows_left(run_dir, qi: int, store) -> dict:
+    """An estimate of the rows a larger per-checkpoint sketch (d' = d x SCALES) would still leave to
+    the exact rescoring of a certified answer: the kept bounds (answers.bounds: the store's
+    estimate and sigma at d), sigma shrunk by sqrt(d' / d) (a CountSketch's variance is 1 / d), and
+    every row's value taken as the answer's (exact where rescored, else the estimate): the rows within
+    CERTIFIED_Z sigma of the k-th exact value of either side. {} without kept bounds."""
+    from diffin_core.run import answers
+    from diffin_core.run.features import CERTIFIED_K, CERTIFIED_Z
+    kept, ans = answers.bounds(run_dir, [qi]), answers.load(run_dir, [qi])
+    if kept is None or ans is None or ans.exact.sum() < 2 * CERTIFIED_K:
+        return {}
+    est, sigma = kept
+    v = np.where(ans.exact, ans.influence, est)
+    known = np.sort(ans.influence[ans.exact])
+    hi, lo = known[-CERTIFIED_K], known[CERTIFIED_K - 1]
+    out = {"sketch_d": int(getattr(store, "checkpoint_dim", 0) or 0)}
+    for f in SCALES:
+        s = CERTIFIED_Z * sigma / np.sqrt(f)
+        out[f"rows_left_d{f}x"] = int(((v + s >= hi) | (v - s <= lo)).sum())
+    return out
+
+
 STEPS = [f"{s}_{u}" for s in ("context", "plan", "bounds", "rescore") for u in ("s", "cpu_s")]   # features._Clock
 
 
@@ -218,6 +245,7 @@ def measure(a) -> None:
         label = out.splitlines()[0]
         m = re.search(r"the (\d+) rows", label)
         steps = {k: v for k, v in answers.timings(run_dir, [qi]).items() if k != "rescored_rows"}
+        steps.update(rows_left(run_dir, qi, store))
         recs.append({"query": qi, "new_query_s": wall - startup, "new_query_cpu_s": cpu,
                      "asked_before_s": wall2 - startup, "asked_before_cpu_s": cpu2, "peak_rss_mb": rss,
                      "rescored_rows": int(m.group(1)) if m else np.nan, "path": label.strip("()"), "out": out,
@@ -248,7 +276,7 @@ def measure(a) -> None:
            "topk_overlap": df["topk_overlap"].mean(), "topk_overlap_min": df["topk_overlap"].min(),
            "max_abs_diff": df["max_abs_diff"].max(), "rescored_rows": df["rescored_rows"].median(),
            "store_mb": round(size, 1), "peak_rss_mb": df["peak_rss_mb"].max(), "cli_startup_s": startup,
-           **{c: df[c].median() for c in STEPS if c in df},
+           **{c: df[c].median() for c in STEPS + ["sketch_d"] + [f"rows_left_d{f}x" for f in SCALES] if c in df},
            **ahead, "condition": condition, "load_avg": load, "bench": "explore_query.py"}
     csv = RESULTS / "explore.csv"
     base = pd.read_csv(csv) if csv.is_file() else pd.DataFrame()

@@ -232,6 +232,10 @@ def test_certified_top_k_is_the_exact_top_k(tmp_path, opt):
                               for u in ("s", "cpu_s")} | {"rescored_rows"}
         assert all(v >= 0 for v in steps.values())
         assert steps["rescored_rows"] == int(answers.load(run, idx).exact.sum()) > 0
+        kept_est, kept_sigma = answers.bounds(run, idx)
+        # (the fast path's plan is made in its own configured context: the same plan to rounding)
+        np.testing.assert_allclose(kept_est, est, rtol=0, atol=1e-2 * np.abs(est).max())
+        np.testing.assert_allclose(kept_sigma, sigma, rtol=1e-2)
     # the sketch's size follows checkpoint_mb: too small a budget keeps none
     assert F.checkpoint_sketch_dim(F.FeatureSettings(checkpoint_mb=1), 12, 100_000) == 0
     assert F.checkpoint_sketch_dim(F.FeatureSettings(), 12, 4000) == 1024

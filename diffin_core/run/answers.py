@@ -119,9 +119,11 @@ def save_exact(run_dir: Path, query_indices, influence: np.ndarray) -> Path:
 
 def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray, path: str,
          uses_store: bool = False, certified: int = 0, labelled: bool = False,
-         timings: dict | None = None) -> Path:
+         timings: dict | None = None, bounds: tuple | None = None) -> Path:
     """Keep an answer with the run (atomic: temp file + rename). ``timings``: where the answer's
-    time went ({"plan_s": ..., "plan_cpu_s": ...}, features.fast_answer), kept beside it (timings())."""
+    time went ({"plan_s": ..., "plan_cpu_s": ...}, features.fast_answer), kept beside it (timings());
+    ``bounds``: a certified answer's inputs, the store's (estimate (N,), sigma (N,)), kept as float32
+    (est, sigma: how far the sketch was from ruling rows out; benchmarks/explore_query.py)."""
     from diffin_core.project.atomic import atomic_path
     out = answer_path(run_dir, query_indices)
     with atomic_path(out, suffix=".npz") as tmp:
@@ -129,8 +131,19 @@ def save(run_dir: Path, query_indices, influence: np.ndarray, exact: np.ndarray,
             np.savez(f, influence=np.asarray(influence, dtype=np.float64), exact=np.asarray(exact, dtype=bool),
                      path=np.asarray(str(path)), store=np.asarray(store_stamp(run_dir) if uses_store else 0.0),
                      certified=np.asarray(int(certified)), labelled=np.asarray(bool(labelled)),
-                     timings=np.asarray(json.dumps(timings or {})))
+                     timings=np.asarray(json.dumps(timings or {})),
+                     **({} if bounds is None else {"est": np.asarray(bounds[0], dtype=np.float32),
+                                                    "sigma": np.asarray(bounds[1], dtype=np.float32)}))
     return out
+
+
+def bounds(run_dir: Path, query_indices) -> tuple[np.ndarray, np.ndarray] | None:
+    """A certified answer's kept (estimate, sigma) from the store (save(bounds=...)), or None."""
+    try:
+        with np.load(answer_path(run_dir, query_indices), allow_pickle=False) as z:
+            return (np.array(z["est"]), np.array(z["sigma"])) if "sigma" in z.files else None
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def timings(run_dir: Path, query_indices) -> dict:

@@ -1322,7 +1322,7 @@ def fast_answer(project, run: str, query_indices, rerank: int | None = None,
         clock.mark("rescore")
         ans = answers.Answer(infl, exact, certified_label(store, int(exact.sum()), k), certified=k)
         answers.save(run_dir, idx, infl, exact, ans.path, uses_store=True, certified=k,
-                     timings={**clock.parts, "rescored_rows": int(exact.sum())})
+                     timings={**clock.parts, "rescored_rows": int(exact.sum())}, bounds=(est, sigma))
         return ans
     infl = store.query_influence(idx)
     exact = np.zeros(len(infl), dtype=bool)
