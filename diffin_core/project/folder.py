@@ -319,6 +319,8 @@ class Project:
                 raise DiffinError(f"not a loadable torch.export program ({type(e).__name__})", src) from None
         else:
             build, src = self.load_callable(model_cfg["factory"], "[model] factory")
+            if self.kind == "text":
+                self.train_unchecked     # first: it trains the tokenizer model.py may read, and names a bad row
             try:
                 with user_imports(src.parent):
                     model = build()
