@@ -35,7 +35,8 @@ SPECS = [("modules", "Optional, before model.py: other Python files model.py imp
                    ".tsv, .jsonl or .parquet with a text column and a 'label' column", False),
          ("query", "Query data (the samples whose loss influence is measured): same formats", False),
          ("tokenizer", "Text data only: a tokenizer (a .zip of a Hugging Face tokenizer folder, or its "
-                       "tokenizer.json). Without one, diffin trains a WordPiece tokenizer on the train texts.", False)]
+                       "tokenizer.json; or the folder itself, below). Without one, diffin trains a WordPiece "
+                       "tokenizer on the train texts.", False)]
 
 for role, label, multiple in SPECS:
     # no type= filter: the engine checks the kind itself and says what is wrong in one line
@@ -50,6 +51,19 @@ for role, label, multiple in SPECS:
                 messages[token] = ("error", e.brief())
         kind, text = messages[token]
         (st.success if kind == "ok" else st.error)(text, icon=":material/check_circle:" if kind == "ok" else ":material/warning:")
+
+# a tokenizer folder as it is on disk: every file of the chosen folder, stored together
+got = st.file_uploader("…or the tokenizer's folder itself (a Hugging Face tokenizer folder: tokenizer.json, "
+                       "tokenizer_config.json, vocab.txt…)", accept_multiple_files="directory", key="setup_tokenizer_dir")
+if got:
+    token = f"{folder}|tokenizer_dir|" + "|".join(f"{getattr(f, 'file_id', '')}:{f.name}:{f.size}" for f in got)
+    if token not in messages:
+        try:
+            messages[token] = ("ok", uploads.store_tokenizer_folder(folder, [(f.name, f) for f in got]))
+        except DiffinError as e:
+            messages[token] = ("error", e.brief())
+    kind, text = messages[token]
+    (st.success if kind == "ok" else st.error)(text, icon=":material/check_circle:" if kind == "ok" else ":material/warning:")
 
 st.subheader("Checkpoint steps and learning rates")
 table = uploads.checkpoint_table(folder)

@@ -1,12 +1,15 @@
 """Setup from uploads accepts text: .tsv/.jsonl/.csv splits with a text column, and a tokenizer
-as a .zip of its folder or its tokenizer.json (diffin_core/workspace/uploads.py)."""
+as a .zip of its folder, its tokenizer.json or the folder itself (diffin_core/workspace/uploads.py,
+pages/1_Setup.py)."""
 from __future__ import annotations
 
 import io
 import json
 import zipfile
 
+import numpy as np
 import pytest
+from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
 from text_fixtures import text_sample  # noqa: F401
 
 from diffin_core.errors import DiffinError
@@ -66,3 +69,40 @@ def test_text_upload_problems_are_one_line(text_sample, tmp_path):
             z.writestr("readme.txt", "no tokenizer here")
         uploads.store_upload(folder, "tokenizer", "tok.zip", buf)
     assert not (folder / "data").exists() and not (folder / "tokenizer").exists()
+
+
+def test_setup_page_takes_a_tokenizer_folder_and_text_uploads(text_sample, workspace):
+    """The Setup page as a user clicks it: model.py, the checkpoints, the .tsv splits, and the
+    tokenizer as its folder (the folder picker names each file by its path inside the folder);
+    then Create project. A folder with no tokenizer in it is one line and writes nothing."""
+    at = new_app(page="pages/1_Setup.py")
+    at.text_input(key="setup_name").set_value("sms").run()
+    folder = workspace / "sms"
+
+    def put(key, files):
+        at.file_uploader(key=key).set_value(files).run()
+        assert not at.exception, at.exception
+
+    put("setup_tokenizer_dir", [("notes/readme.txt", b"no tokenizer here", "text/plain")])
+    assert any(e == "notes: the folder holds no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)"
+               for e in texts(at.error)), texts(at.error)
+    assert not (folder / "tokenizer").exists()
+    tok = sorted((text_sample / "tokenizer").iterdir())
+    put("setup_tokenizer_dir", [(f"my-tokenizer/{f.name}", f.read_bytes(), "application/octet-stream") for f in tok])
+    assert any(s.startswith("my-tokenizer: tokenizer OK") for s in texts(at.success)), texts(at.success)
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == [f.name for f in tok]
+    put("setup_checkpoint", [(f.name, f.read_bytes(), "application/octet-stream")     # before model.py: in-process
+                             for f in sorted((text_sample / "checkpoints").glob("ckpt_*.safetensors"))
+                             if ".exp_avg" not in f.name])
+    put("setup_model", ("model.py", (text_sample / "model.py").read_bytes(), "text/x-python"))
+    for role in ("train", "query"):
+        put(f"setup_{role}", (f"{role}.tsv", (text_sample / f"data/{role}.tsv").read_bytes(), "text/tab-separated-values"))
+    assert not [e for e in texts(at.error) if "notes:" not in e], texts(at.error)
+    at.number_input(key="setup_max_length").set_value(32).run()      # the sample's max_length
+    at.button(key="setup_finish").click().run()
+    assert not at.exception, at.exception
+    assert any("Project ready" in s for s in texts(at.success)), (texts(at.success), texts(at.error))
+    project = Project(folder)
+    assert project.kind == "text" and len(project.train) == 160
+    assert project.train.texts([5]) == Project(text_sample).train.texts([5])
+    assert np.array_equal(project.train.x[:8], Project(text_sample).train.x[:8])     # the same tokenizer's ids

@@ -8,6 +8,7 @@ place, so a bad file leaves the project folder exactly as it was. Roles and dest
     train/query .npz / .csv / .parquet, or an ImageFolder .zip           -> data/<role>.<ext>
                 text: .csv / .tsv / .jsonl / .parquet with a text column and a label column
     tokenizer   a Hugging Face tokenizer: a .zip of its folder, or its tokenizer.json -> tokenizer/
+                (or the folder itself, every file at once: store_tokenizer_folder)
 
 What the checks learn (step/lr read from a checkpoint, image shape, class names) goes into the
 draft ``<project>/.setup.json``; ``finish`` turns the draft plus the step/lr table into
@@ -338,7 +339,7 @@ def _store_model(project_dir: Path, role, name, tmp: Path, staging) -> str:
 def _store_tokenizer(project_dir: Path, role, name, tmp: Path, staging: Path) -> str:
     """A Hugging Face tokenizer into <project>/tokenizer/ (replacing one there), checked by
     loading it with AutoTokenizer from local files only."""
-    from diffin_core.project.text import has_tokenizer, load_tokenizer
+    from diffin_core.project.text import has_tokenizer
     folder = staging / "tokenizer"
     if tmp.suffix.lower() == ".zip":
         from diffin_core.workspace.safezip import safe_extract
@@ -353,6 +354,57 @@ def _store_tokenizer(project_dir: Path, role, name, tmp: Path, staging: Path) ->
     else:
         folder.mkdir()
         shutil.move(str(tmp), folder / "tokenizer.json")
+    return _place_tokenizer(project_dir, folder, name)
+
+
+TOKENIZER_FOLDER_FILES, TOKENIZER_FOLDER_BYTES = 200, 500_000_000
+
+
+def store_tokenizer_folder(project_dir: str | Path, files) -> str:
+    """A Hugging Face tokenizer uploaded as its folder (Setup's folder picker): ``files`` are
+    (name, binary file object) pairs, each name the file's path inside the chosen folder
+    (``my-tokenizer/tokenizer.json``; Streamlit's directory upload names them so). The folder
+    holding the tokenizer files (the chosen one or one inside it) becomes <project>/tokenizer/,
+    checked by loading it with AutoTokenizer from local files only; any problem is one line
+    naming the folder and leaves the project unchanged."""
+    from diffin_core.project.text import has_tokenizer
+    project_dir = Path(project_dir)
+    files = list(files)
+    parts = [Path(str(n).replace("\\", "/")).parts for n, _f in files]
+    label = (parts[0][0] if parts and len(parts[0]) > 1 else "the tokenizer folder")
+    if not files:
+        raise DiffinError("no files were uploaded", label)
+    if len(files) > TOKENIZER_FOLDER_FILES:
+        raise DiffinError(f"{len(files):,} files: a tokenizer folder holds a few (at most "
+                          f"{TOKENIZER_FOLDER_FILES})", label)
+    project_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".diffin-upload-{os.getpid()}-", dir=project_dir.parent))
+    try:
+        root, total = staging / "folder", 0
+        for rel, (name, fileobj) in zip(parts, files):
+            if not rel or any(p in ("", ".", "..") or p.startswith("/") for p in rel) or Path(*rel).is_absolute():
+                raise DiffinError(f"{name!r} is not a path inside the folder", label)
+            dest = root.joinpath(*rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if hasattr(fileobj, "seek"):
+                fileobj.seek(0)
+            with open(dest, "wb") as out:
+                shutil.copyfileobj(fileobj, out, 1 << 20)
+            total += dest.stat().st_size
+            if total > TOKENIZER_FOLDER_BYTES:
+                raise DiffinError(f"over {TOKENIZER_FOLDER_BYTES // 1_000_000} MB: not a tokenizer folder", label)
+        found = [d for d in [root, *sorted(p for p in root.rglob("*") if p.is_dir())] if has_tokenizer(d)]
+        if not found:
+            raise DiffinError("the folder holds no tokenizer (tokenizer.json, tokenizer_config.json or vocab.txt)",
+                              label)
+        shutil.move(str(found[0]), staging / "tokenizer")
+        return _place_tokenizer(project_dir, staging / "tokenizer", label)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _place_tokenizer(project_dir: Path, folder: Path, name: str) -> str:
+    from diffin_core.project.text import load_tokenizer
     try:
         tok = load_tokenizer(folder)
     except DiffinError as e:
