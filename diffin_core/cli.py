@@ -419,7 +419,8 @@ def _subset_export(project_dir: Path, run: str, out: Path, fmt: Optional[str], k
     check_out_path(project, out)              # never over the project's own data or checkpoints
     info = project.run(run)
     train = project.train
-    fmt = fmt or {".npz": "npz", ".csv": "csv", ".parquet": "parquet", ".zip": "imagefolder"}.get(out.suffix.lower(), "npz")
+    fmt = fmt or {".npz": "npz", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet",
+                  ".zip": "imagefolder"}.get(out.suffix.lower(), "npz")
     export_subset(out, fmt, train.x, train.y, train.ids, keep, reason=reason,
                   label_names=project.label_names, image_shape=project.image_shape,
                   source=project_source(project),       # the input's own arrays and dtypes
@@ -449,7 +450,7 @@ def clean_cmd(project: Path = typer.Argument(..., help="project folder"),
               run: str = typer.Option(..., help="a finished run"),
               fraction: float = typer.Option(0.1, help="drop this fraction with the highest label_issue"),
               out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
-              fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+              fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder; a text split: csv, tsv, jsonl or parquet")):
     """Export the training split without the top FRACTION most likely mislabelled samples."""
     _fraction("--fraction", fraction, one_ok=False)
     _check_out(project, out)
@@ -464,7 +465,7 @@ def delete_cmd(project: Path = typer.Argument(..., help="project folder"),
                run: str = typer.Option(..., help="a finished run"),
                k: int = typer.Option(50, help="drop the k most harmful samples (lowest influence)"),
                out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
-               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+               fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder; a text split: csv, tsv, jsonl or parquet")):
     """Export the training split without the K samples most harmful for the query set."""
     _at_least("--k", k, 1)
     _check_out(project, out)
@@ -488,7 +489,7 @@ def coreset_cmd(project: Path = typer.Argument(..., help="project folder"),
                 balanced: bool = typer.Option(True, help="rule top only: keep the same fraction of every class"),
                 seed: int = typer.Option(0, help="seed of ccs's draw within a stratum and of random"),
                 out: Path = typer.Option(..., help="export file (.npz, .csv, .parquet or .zip = imagefolder)"),
-                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder")):
+                fmt: Optional[str] = typer.Option(None, "--format", help="npz, csv, parquet or imagefolder; a text split: csv, tsv, jsonl or parquet")):
     """Export a coreset of FRACTION of the samples, class-balanced: by default coverage-centric
     sampling (CCS) over the run's influence (tasks.coreset_keep)."""
     _fraction("--fraction", fraction)

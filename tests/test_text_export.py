@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from text_fixtures import text_sample  # noqa: F401
 
 from diffin_core.errors import DiffinError
 from diffin_core.workspace.export import Source, export_split, manifest_path
@@ -139,3 +140,35 @@ def test_csv_records_agree_with_the_csv_module(tmp_path):
     back = list(csv.reader(io.StringIO(out.read_bytes().decode("utf-8"), newline="")))[1:]
     expect = [[r[0], NAMES[1 - y[i]] if 10 + i in relabel else r[1], r[2]] for i, r in enumerate(rows) if i not in (3, 30)]
     assert back == expect
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl", ".csv"])
+def test_cli_exports_of_the_text_sample_keep_the_text(text_sample, tmp_path, capsys, suffix):
+    """`diffin clean/delete/coreset --out X.tsv` on the text sample (its split is a .tsv): the
+    input's own format byte for byte less the dropped rows; .jsonl / .csv the same table (every
+    column as text, the kept rows). `--out clean.tsv` used to be refused ('unknown export format
+    npz'): the CLI mapped only .npz/.csv/.parquet/.zip suffixes."""
+    from helpers import run_cli
+    src = text_sample / "data/train.tsv"
+    table = pd.read_csv(src, sep="\t", dtype=str, keep_default_na=False, quoting=csv.QUOTE_NONE)
+    out = tmp_path / f"clean{suffix}"
+    code, stdout, err = run_cli(["clean", text_sample, "--run", "loss-1", "--fraction", "0.1", "--out", out], capsys)
+    assert code is None or code == 0, err
+    assert "kept 144 of 160 samples (16 excluded)" in stdout, stdout
+    kept_ids = [str(i) for i in json.loads(manifest_path(out).read_text())["written_ids"]]
+    issue = pd.read_parquet(text_sample / "runs/loss-1/scores.parquet").set_index("sample_id")["label_issue"]
+    kept = issue.index.astype(str).isin(kept_ids)
+    assert issue[~kept].min() >= issue[kept].max()                  # the 16 dropped: the top label_issue
+    want = table[table["sample_id"].isin(kept_ids)]
+    assert len(want) == 144
+    if suffix == ".tsv":
+        lines = src.read_bytes().split(b"\n")
+        expect = [lines[0]] + [ln for ln in lines[1:] if not ln or ln.split(b"\t", 1)[0].decode() in kept_ids]
+        assert out.read_bytes().split(b"\n") == expect
+    elif suffix == ".jsonl":
+        got = [json.loads(ln) for ln in out.read_text(encoding="utf-8").splitlines()]
+        assert [{k: str(v) for k, v in r.items()} for r in got] == want.to_dict("records")
+    else:
+        got = pd.read_csv(out, dtype=str, keep_default_na=False)
+        pd.testing.assert_frame_equal(got.reset_index(drop=True), want.reset_index(drop=True))
