@@ -53,3 +53,28 @@ def test_diffin_score_accepts_the_folder(text_sample):
         assert len(scores) == 160 and "true_label" in scores
         assert np.isfinite(scores["label_issue"]).all()
     assert np.isfinite(project.scores("tracin-1")["influence"]).all()
+
+
+def test_diffin_demo_offers_the_text_sample(text_sample, tmp_path, capsys, monkeypatch):
+    """`diffin demo --sample text` copies the SMS sample into the workspace (here the tiny build
+    stands in for sample_data/sms-spam) and scores it; a second call scores nothing again."""
+    import shutil
+
+    from helpers import run_cli
+
+    import diffin_core.project.sample_text as st
+    shipped = tmp_path / "sample_data"
+    shutil.copytree(text_sample, shipped / st.NAME)
+    monkeypatch.setattr(st, "SAMPLE_DIR", shipped)
+    ws = tmp_path / "ws"
+    code, out, err = run_cli(["demo", "--workspace", ws, "--sample", "text", "-m", "loss"], capsys)
+    dest = (ws / "sms-spam-sample").resolve()
+    assert code in (None, 0), err
+    assert f"sample project: {dest}" in out and "loss: wrote" in out and f"--workspace {dest.parent}" in out, out
+    project = Project(dest)
+    assert project.kind == "text" and [r.method for r in project.runs()] == ["loss"]
+    assert len(project.scores(project.runs()[0].name)) == 160
+    code, out, err = run_cli(["demo", "--workspace", ws, "--sample", "text", "-m", "loss"], capsys)
+    assert code in (None, 0) and "loss: already scored" in out, (out, err)
+    code, out, err = run_cli(["demo", "--workspace", ws, "--sample", "sms"], capsys)
+    assert code == 2 and err.strip() == "error: --sample must be mnist or text, not 'sms'", err
