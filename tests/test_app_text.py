@@ -133,3 +133,30 @@ def test_explore_plans_ahead_on_a_run_without_a_store(opened, text_project, jobs
     for qi in plan_ahead_queue(project, "diffin-1", 0):
         a = answers.load(project.run("diffin-1").path, [qi])
         assert a is not None and a.all_exact, qi
+
+
+def test_the_maps_hover_shows_the_text(opened, text_project):
+    """Explore's map of a text project: each point's hover carries its text (first 120
+    characters, escaped, newlines as spaces) under its id, label and prediction."""
+    scores = pd.read_parquet(text_project / "runs/tracin-1/scores.parquet")
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"sample_id": scores["sample_id"], "umap_x": rng.random(len(scores)),
+                  "umap_y": rng.random(len(scores))}).to_parquet(text_project / "runs/tracin-1/umap.parquet")
+    at = opened
+    at.switch_page("pages/3_Explore.py").run()
+    at.selectbox(key="explore_run").set_value("tracin-1").run()
+    at.radio(key="explore_view").set_value("Map").run()
+    assert not at.exception, at.exception
+    charts = at.get("plotly_chart")
+    assert len(charts) == 1
+    fig = json.loads(charts[0].proto.spec)
+    trace = fig["data"][0]
+    assert "sample %{customdata[0]}" in trace["hovertemplate"] and "<br>%{customdata[4]}" in trace["hovertemplate"]
+    train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    text_of = dict(zip(train["sample_id"].astype(int), train["text"]))
+    custom = [row for t in fig["data"] for row in t.get("customdata", [])]
+    assert len(custom) == len(train)
+    for sid, *_rest, shown in custom:
+        full = text_of[int(sid)].replace("\n", " ")
+        want = html.escape(full if len(full) <= 120 else full[:119] + "…")
+        assert shown == want, (sid, shown, want)
