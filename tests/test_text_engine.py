@@ -93,14 +93,19 @@ def build():
 
 
 @pytest.mark.slow
-def test_a_text_project_scores_end_to_end(tmp_path):
+@pytest.mark.parametrize("pair", [False, True], ids=["single", "pair"])
+def test_a_text_project_scores_end_to_end(tmp_path, pair):
     """diffin.toml kind = "text" + a transformers model.py + a Recorder run -> `diffin score`
-    writes scores for every training row; the tokenizer is trained once, on the train split."""
+    writes scores for every training row; the tokenizer is trained once, on the train split.
+    With text_pair_column (NLI-style pairs) the model gets token_type_ids, and `diffin clean`
+    writes both texts back."""
     from diffin_core.cli import main
     from diffin_core.project.checkpoints import Recorder
     from diffin_core.project.folder import Project
     from diffin_core.tasks.text_truth import sms_frame
-    df = sms_frame().iloc[:60]
+    df = sms_frame().iloc[:60].copy()
+    if pair:
+        df["second"] = [f"reply {i}: " + t[::-1][:20] for i, t in enumerate(df["text"])]
     proj = tmp_path / "sms"
     (proj / "data").mkdir(parents=True)
     df.iloc[:40].to_csv(proj / "data/train.csv", index=False)
@@ -108,8 +113,12 @@ def test_a_text_project_scores_end_to_end(tmp_path):
     (proj / "model.py").write_text(MODEL_PY)
     (proj / "diffin.toml").write_text('[model]\nfactory = "model.py:build"\n[data]\nkind = "text"\n'
                                       'train = "data/train.csv"\nquery = "data/query.csv"\ntext_column = "text"\n'
-                                      'max_length = 24\ntruncation = true\nvocab_size = 200\n')
+                                      'max_length = 24\ntruncation = true\nvocab_size = 200\n'
+                                      + ('text_pair_column = "second"\n' if pair else ""))
     p = Project(proj)
+    assert p.train.x.shape[1] == (3 if pair else 2)
+    if pair:
+        assert p.train.text_pairs([1]) == [df["second"][1]] and p.train.x[:, 2].max() == 1
     assert p.num_classes == 2 and p.train.classes == ["ham", "spam"] and (proj / "tokenizer/tokenizer.json").is_file()
     model = p.build_model()
     model.train()
@@ -127,3 +136,11 @@ def test_a_text_project_scores_end_to_end(tmp_path):
         scores = Project(proj).scores(next(r.name for r in Project(proj).runs() if r.method == run))
         assert len(scores) == 40 and np.isfinite(scores["influence"]).all()
         assert scores["influence"].abs().max() > 0
+    if pair:
+        import pandas as pd
+        out = tmp_path / "clean.csv"
+        main(["clean", str(proj), "--run", "tracin-1", "--fraction", "0.1", "--out", str(out)])
+        got = pd.read_csv(out, dtype=str, keep_default_na=False)
+        assert list(got.columns) == ["label", "text", "second"] and len(got) == 36
+        src = df.iloc[:40].astype(str).set_index("text")
+        assert all(src.loc[t, "second"] == s for t, s in zip(got["text"], got["second"]))
