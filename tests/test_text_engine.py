@@ -144,3 +144,45 @@ def test_a_text_project_scores_end_to_end(tmp_path, pair):
         assert list(got.columns) == ["label", "text", "second"] and len(got) == 36
         src = df.iloc[:40].astype(str).set_index("text")
         assert all(src.loc[t, "second"] == s for t, s in zip(got["text"], got["second"]))
+
+
+def test_a_users_hf_tokenizer_folder_and_a_from_pretrained_model(tmp_path):
+    """A project with its own Hugging Face tokenizer folder (saved by save_pretrained; kept as
+    is, never retrained) and a model.py that loads a model folder inside the project with
+    from_pretrained(local_files_only=True): the stored ids are the tokenizer's own, and the
+    model is called with them."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from diffin_core.project.folder import Project
+    from diffin_core.tasks.text_truth import sms_frame
+    proj = tmp_path / "own"
+    (proj / "data").mkdir(parents=True)
+    df = sms_frame().iloc[:30]
+    words = sorted({w for t in df["text"] for w in t.lower().split() if w.isalpha()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    tok.save_pretrained(proj / "tokenizer")
+    before = {p.name: p.read_bytes() for p in (proj / "tokenizer").iterdir()}
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=32, num_labels=2)).save_pretrained(proj / "hf_model")
+    df.iloc[:20].to_csv(proj / "data/train.csv", index=False)
+    df.iloc[20:].to_csv(proj / "data/query.csv", index=False)
+    (proj / "model.py").write_text(
+        "from pathlib import Path\nfrom transformers import AutoModelForSequenceClassification\n\n\ndef build():\n"
+        "    return AutoModelForSequenceClassification.from_pretrained(Path(__file__).parent / 'hf_model', "
+        "local_files_only=True)\n")
+    (proj / "diffin.toml").write_text('[model]\nfactory = "model.py:build"\n[data]\nkind = "text"\n'
+                                      'train = "data/train.csv"\nquery = "data/query.csv"\ntext_column = "text"\n'
+                                      'max_length = 32\ntruncation = true\n')
+    p = Project(proj)
+    for i in (0, 7, 19):
+        enc = tok(df["text"][i], truncation=True, max_length=32)["input_ids"]
+        assert p.train.x[i, 0, :len(enc)].astype(int).tolist() == enc and p.train.x[i, 1].sum() == len(enc)
+    assert {f.name: f.read_bytes() for f in (proj / "tokenizer").iterdir()} == before
+    model = p.build_model()
+    assert type(model).__name__ == "BertForSequenceClassification"
+    x = torch.as_tensor(p.train.x[:3])
+    want = model(input_ids=x[:, 0].long(), attention_mask=x[:, 1].long())
+    assert torch.allclose(model(x), want.logits if hasattr(want, "logits") else want)
