@@ -117,6 +117,27 @@ def test_batch_order_is_the_rows_the_trainer_used(tmp_path):
         np.testing.assert_allclose(factors[:15], np.minimum(1, 0.05 / (norms + 1e-6)), rtol=1e-12)
 
 
+def test_per_group_lrs_and_weight_decay_of_every_step(tmp_path):
+    """The Trainer's AdamW has two groups (weight decay on the matrices, none on biases and
+    LayerNorm weights): every optimiser step's lr and weight decay are recorded per group, with
+    each group's parameter names, so the engine replays each group's own update."""
+    from diffin_core.project.checkpoints import load_group_steps
+    trainer, _spy = run_trainer(tmp_path, n=20, batch=4, accum=1, epochs=2, warmup_steps=2, weight_decay=0.05,
+                                lr_scheduler_type="cosine")
+    manifest = read_manifest(tmp_path / "proj/checkpoints/manifest.json")
+    groups = manifest.extra["param_groups"]
+    assert len(groups) == 2 and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    names = [n for n, _ in trainer.model.named_parameters()]
+    assert sorted(groups[0]["params"] + groups[1]["params"]) == sorted(names)
+    assert all(n.endswith("bias") or "LayerNorm" in n for n in groups[1]["params"])
+    steps = load_group_steps(manifest)
+    assert steps["lr"].shape == steps["weight_decay"].shape == (10, 2)
+    np.testing.assert_allclose(steps["lr"][:, 0], load_step_lrs(manifest))
+    np.testing.assert_allclose(steps["lr"][:, 1], steps["lr"][:, 0])
+    assert steps["lr"][0, 0] == 0.0 and steps["lr"][2, 0] == pytest.approx(5e-5)       # warm-up, then cosine
+    assert (steps["weight_decay"] == [0.05, 0.0]).all()
+
+
 def test_drop_last_and_no_accumulation(tmp_path):
     trainer, spy = run_trainer(tmp_path, n=30, batch=8, accum=1, epochs=2, drop_last=True, every=2)
     _, batches = recorded_batches(tmp_path / "proj")
