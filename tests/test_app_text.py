@@ -160,3 +160,22 @@ def test_the_maps_hover_shows_the_text(opened, text_project):
         full = text_of[int(sid)].replace("\n", " ")
         want = html.escape(full if len(full) <= 120 else full[:119] + "…")
         assert shown == want, (sid, shown, want)
+
+
+def test_a_long_text_card_is_cut_with_the_whole_text_behind_more(opened, text_project):
+    """A card shows the first 180 characters; the whole text (escaped) opens behind "more"."""
+    train = pd.read_csv(text_project / "data/train.tsv", sep="\t", dtype=str, keep_default_na=False, quoting=3)
+    longest = train.loc[train["text"].str.len().idxmax()]
+    assert len(longest["text"]) > 180
+    at = opened
+    at.switch_page("pages/3_Explore.py").run()
+    at.selectbox(key="explore_run").set_value("tracin-1").run()
+    at.radio(key="explore_view").set_value("Search").run()
+    at.text_input(key="explore_search_q").set_value(f"#{longest['sample_id']}").run()
+    assert not at.exception, at.exception
+    cards = [b for b in html_bodies(at) if 'class="diffin-text"' in b]
+    assert len(cards) == 1 and cards[0].startswith("<details"), cards
+    summary = cards[0].split("<summary", 1)[1].split("</summary>", 1)[0]
+    assert html.escape(longest["text"][:180].rstrip()) + "…" in summary
+    assert f"(more, {len(longest['text']):,} characters)" in summary
+    assert cards[0].split("</summary>", 1)[1].startswith(html.escape(longest["text"]))
