@@ -169,6 +169,39 @@ def test_folded_label_issue_equals_its_separate_pass(monkeypatch, momentum, weig
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
+def test_the_label_plan_and_the_query_plan_share_the_hessian_batch_gradients(monkeypatch, momentum, weight_decay):
+    """Issue 19: with the score's kept Hessian-batch gradients (scoring.keep_base_grads) the query
+    plan reuses those the folded label_issue plan at k* computed (the same batch at the same
+    checkpoints 0..k*) instead of computing them again, and every score is the same bits."""
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.methods import label_issue
+    from diffin_core.run.scoring import keep_base_grads
+    k_best = 2
+    monkeypatch.setattr(label_issue, "best_checkpoint", lambda q, steps: k_best)
+    real = FunctionalModel.batch_grad
+    grads = []
+    monkeypatch.setattr(FunctionalModel, "batch_grad",
+                        lambda self, theta, x, y: (grads.append(len(y)), real(self, theta, x, y))[1])
+    outs, counts = [], []
+    for keep in (False, True):
+        ctx, qx, qy = bn_case(momentum, weight_decay)
+        ctx.settings.hvp = "fd"                     # every view takes finite differences from its base
+        rows = min(ctx.hessian_rows, ctx.n)
+        if keep:
+            keep_base_grads(ctx)
+            assert ctx.base_grads == {}
+        grads.clear()
+        outs.append(DiffIn().run(ctx, qx, qy))
+        assert ctx.timings["label_issue_folded"]
+        counts.append(grads.count(rows))
+    owned = [k for k in range(ctx.m) if ctx.bounds[k + 1] > ctx.bounds[k]]
+    assert counts[0] - counts[1] == len([k for k in owned if k <= k_best]) > 0, counts
+    assert len(ctx.base_grads) == len(owned)
+    for key in ("influence", "self_influence", "label_issue", "probs"):
+        assert np.array_equal(outs[0][key], outs[1][key]), key
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
 def test_the_walk_makes_no_host_round_trip_per_chunk(monkeypatch, momentum, weight_decay):
     """The GPU score path (issue 19, item 4), checked on the CPU: runner.score_rows keeps every
     chunk's results on the device and checks them once per row range, and the Ritz walk reads

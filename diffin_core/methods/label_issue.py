@@ -289,7 +289,10 @@ def truncate_context(ctx, k: int):
     for name in ("memory", "stages"):
         if name in names:
             change[name] = None
-    return dataclasses.replace(ctx, **change)
+    out = dataclasses.replace(ctx, **change)
+    if getattr(ctx, "base_grads", None) is not None:    # the Hessian batches' gradients: the same batch at
+        out.base_grads = ctx.base_grads                 # the same checkpoints (propagate.base_grad's keys)
+    return out
 
 
 def query_loss_by_checkpoint(ctx, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:

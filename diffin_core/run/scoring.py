@@ -117,6 +117,7 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
     with run_name(project, method, run) as run:     # a default name is claimed until published
         started = time.time()
         ctx = project_context(project, settings, progress)
+        keep_base_grads(ctx)
         q = project.query
         qx = np.asarray(q.x)
         # per-checkpoint plan entries and scored row ranges land in runs/.stages/<method>-<digest>/:
@@ -182,6 +183,26 @@ def score(project: Project | str | Path, method: str, run: str | None = None,
         feature_store.build(ctx, q, final / feature_store.DIRNAME, progress=progress,
                             num_classes=project.num_classes)
     return final
+
+
+BASE_GRADS_SHARE = 16     # the kept Hessian-batch gradients may take this fraction of the memory budget
+
+
+def keep_base_grads(ctx: Context) -> None:
+    """Keep each checkpoint's Hessian-batch gradient (propagate.base_grad: the base of its
+    finite-difference HVPs) for the whole score: diffin's label_issue plan at k* (built first) and
+    its query plan view the same batch at the same checkpoints 0..k*, and the query plan computed
+    it again (the sample: 10 batch gradients of 256 rows, 22 -> 12). The same bits (the same
+    computation, keyed by propagate.base_grad_key). Only where one gradient per checkpoint fits
+    1/BASE_GRADS_SHARE of the memory budget, and only where the context keeps none already."""
+    from diffin_core.engine.budget import default_budget
+    if getattr(ctx, "base_grads", None) is not None:
+        return
+    budget = int(getattr(ctx.settings, "memory_budget", 0) or 0) or default_budget(ctx.device)
+    dtype = getattr(ctx.thetas, "dtype", None) or torch.float32     # a lazy store's (not a checkpoint loaded)
+    need = len(ctx.thetas) * ctx.fm.num_params * torch.tensor([], dtype=dtype).element_size()
+    if need <= budget // BASE_GRADS_SHARE:
+        ctx.base_grads = {}
 
 
 def sketch_sink(project: Project, ctx: Context, method: str, feature_store, prefer: bool = False):
