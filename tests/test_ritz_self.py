@@ -202,6 +202,45 @@ def test_the_label_plan_and_the_query_plan_share_the_hessian_batch_gradients(mon
 
 
 @pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
+def test_the_query_plan_adopts_the_label_plans_hvp_probes(monkeypatch, momentum, weight_decay):
+    """Issue 19: `--hvp auto` probes every Lanczos view's first product with an exact product.
+    The folded label_issue plan at k* (built first) views the same Hessian batches at checkpoints
+    0..k*; the query plan adopts its decisions there (label_issue.share_probes) and probes only the
+    later checkpoints. The scores are the same bits as with a probe in every view, and meta.json's
+    hvp views keep a measured error for every checkpoint (the run's queries adopt them)."""
+    from diffin_core.engine import hvp
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.methods import label_issue
+    k_best = 2
+    monkeypatch.setattr(label_issue, "best_checkpoint", lambda q, steps: k_best)
+    probes, sharing = [], {}
+    real, real_share = FunctionalModel.hvp_retained, label_issue.share_probes
+    monkeypatch.setattr(FunctionalModel, "hvp_retained", lambda self, *a: (probes.append(1), real(self, *a))[1])
+    monkeypatch.setattr(label_issue, "share_probes", lambda ctx, sub: real_share(ctx, sub) if sharing["on"] else None)
+    outs, counts, ctxs = [], [], []
+    for share in (False, True):
+        sharing["on"] = share
+        ctx, qx, qy = bn_case(momentum, weight_decay)
+        assert ctx.settings.hvp == "auto"
+        probes.clear()
+        outs.append(DiffIn().run(ctx, qx, qy))
+        assert ctx.timings["label_issue_folded"]
+        counts.append(len(probes))
+        ctxs.append(ctx)
+    owned = [k for k in range(ctx.m) if ctx.bounds[k + 1] > ctx.bounds[k]]
+    shared = [k for k in owned if k <= k_best]
+    assert counts[0] - counts[1] == len(shared) > 0, counts
+    views = [e for e in ctxs[1].hvp_log if e["where"] == "lanczos"]
+    assert sorted(e["checkpoint"] for e in views if e.get("adopted")) == shared
+    s, s0 = hvp.summary(ctxs[1]), hvp.summary(ctxs[0])
+    assert set(s["views"]) == set(s0["views"]) == {str(k) for k in owned}
+    assert all(v["used"] == "fd" and v["fd_error"] <= hvp.ADOPT_TOL for v in s["views"].values())
+    assert s["lanczos_views"] == s0["lanczos_views"]
+    for key in ("influence", "self_influence", "label_issue", "probs"):
+        assert np.array_equal(outs[0][key], outs[1][key]), key
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 5e-3)])
 def test_the_walk_makes_no_host_round_trip_per_chunk(monkeypatch, momentum, weight_decay):
     """The GPU score path (issue 19, item 4), checked on the CPU: runner.score_rows keeps every
     chunk's results on the device and checks them once per row range, and the Ritz walk reads

@@ -20,6 +20,9 @@ auto   (the default) exact where finite differences are measured not to be accur
          missed by 7-10x at every checkpoint, the same in float64 and with central differences at
          any step (docs/performance.md), and each probe cost a batch gradient and a finite
          difference (2.4 s there). Exact products are never the less accurate choice.
+       - diffin's query plan after its label_issue plan at k* (label_issue.share_probes): the
+         same batch at the same checkpoints 0..k*, so the decisions and errors of the label plan's
+         probes are adopted the same way (within ``ADOPT_TOL``), each recorded with its error.
        - a query on a finished run (`diffin top`, Explore: ``adopt``): a checkpoint where the run
          measured finite differences within ``AUTO_TOL / 2`` takes them without a new probe (the
          probe's exact product cost about 4 gradients, a third of a new query's plan on the
@@ -125,7 +128,11 @@ def product(ctx, k: int, fm, theta, x, y, g0, where: str = "lanczos",
             return (exact if fn == "exact" else fd)(v)
         if where == "lanczos" and (getattr(ctx, "hvp_views", None) or {}).get(int(k)) == "fd":
             state["fn"] = "fd"                 # the run measured fd accurate here (adopt)
-            _log(ctx).append({"checkpoint": int(k), "where": where, "used": "fd", "adopted": True})
+            entry = {"checkpoint": int(k), "where": where, "used": "fd", "adopted": True}
+            err = (getattr(ctx, "hvp_view_errors", None) or {}).get(int(k))
+            if err is not None:                # measured by this score's label_issue plan (label_issue.share_probes):
+                entry["fd_error"] = err        # meta.json's views keep it for the run's queries
+            _log(ctx).append(entry)
             return fd(v)
         far = _far_off(ctx) if where == "lanczos" else None
         if far is not None:

@@ -216,7 +216,8 @@ class DiffIn(Attributor):
         (label_issue.early_stopped_loo_loss)."""
         import time
         from diffin_core.methods.base import loo_loss
-        from diffin_core.methods.label_issue import best_checkpoint, early_stopped_loo_loss, query_loss_by_checkpoint
+        from diffin_core.methods.label_issue import (best_checkpoint, early_stopped_loo_loss, query_loss_by_checkpoint,
+                                                     share_probes)
         started = time.perf_counter()
         k = None
         if need_self:
@@ -225,6 +226,8 @@ class DiffIn(Attributor):
                 ctx.progress(0, ctx.n, f"{self.name}: label issues at {ctx.label(k)} (the lowest query loss): "
                              "its plan, then one walk for both")
                 self._fold = self._make_fold(ctx, qx, qy, k)
+                if self._fold is not None:          # its probes' HVP decisions for the query plan
+                    share_probes(ctx, self._fold.ctx)
         fold_s = time.perf_counter() - started
         self._influence_only = not need_self
         try:

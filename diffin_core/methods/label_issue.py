@@ -295,6 +295,28 @@ def truncate_context(ctx, k: int):
     return out
 
 
+def share_probes(ctx, sub) -> None:
+    """Let ``ctx``'s query plan adopt the HVP decisions that the label_issue plan on ``sub``
+    (truncate_context(ctx, k*), built first) measured. hvp auto probes every Lanczos view's first
+    product both ways, and the exact one costs about four finite differences (the sample CNN: 103
+    against 22 ms CPU, 10% of its whole diffin score over both plans' 22 views). Both plans view the
+    same Hessian batch at the same checkpoints 0..k*, so where the label plan measured finite
+    differences within hvp.ADOPT_TOL the query plan takes them without a new probe (as a query on
+    a finished run does, hvp.adopt) and records that error (meta.json hvp.views, which the run's
+    queries adopt in turn); elsewhere it probes. Where the decision is the same, the same bits."""
+    from diffin_core.engine.hvp import ADOPT_TOL
+    if getattr(ctx.settings, "hvp", None) != "auto":
+        return
+    views = dict(getattr(ctx, "hvp_views", None) or {})
+    errors = dict(getattr(ctx, "hvp_view_errors", None) or {})
+    for e in getattr(sub, "hvp_log", None) or []:
+        k = int(e["checkpoint"])
+        if e["where"] == "lanczos" and e["used"] == "fd" and e.get("fd_error", 1.0) <= ADOPT_TOL and k not in views:
+            views[k], errors[k] = "fd", float(e["fd_error"])
+    if views:
+        ctx.hvp_views, ctx.hvp_view_errors = views, errors
+
+
 def query_loss_by_checkpoint(ctx, qx: np.ndarray, qy: np.ndarray) -> np.ndarray:
     """Mean query loss (nats) at every checkpoint (m,)."""
     out = np.zeros(ctx.m)
