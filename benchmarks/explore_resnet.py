@@ -17,6 +17,14 @@ query  on a diffin run of the same project with its store: puts the plan where t
        seconds and peak RSS), then the same command again (the answer kept with the run). The new
        query's CPU = the plan's + this. Top-10 overlap against the exact values of phase 1.
        Appends the row (model resnet18) to benchmarks/results/explore.csv (bench explore_resnet.py).
+sketch after plan: how large a per-checkpoint CountSketch would have to be for the store to rule rows
+       out of the top 10 (features.certified_rows: estimate + 4 sigma against the k-th exact value;
+       a view-less store has no basis, so sigma^2 = sum_k c_k^2 2 |w_k|^2 |g_z(theta_k)|^2 / d).
+       On --rows training rows drawn at random it computes |g_z(theta_k)| at every checkpoint
+       (per-sample gradients), checks sum_k c_k <w_k, g_z(theta_k)> against phase 1's exact values
+       (c_k = 1/N), and for each d the share of rows the certification would still rescore, taking
+       each row's estimate as its exact value (the best case for the sketch) and the store's size
+       N x checkpoints x d x 4 bytes. Writes benchmarks/results/explore_resnet_sketch.csv.
 """
 from __future__ import annotations
 
@@ -123,16 +131,67 @@ def query_phase(a) -> None:
     print(pd.DataFrame([row]).T.to_string())
 
 
+def sketch_phase(a) -> None:
+    import pandas as pd
+    import torch
+    from diffin_core.engine.threads import configure
+    configure(1)
+    from diffin_core.engine.budget import parse_bytes
+    from diffin_core.methods import ScoreSettings
+    from diffin_core.project.folder import Project
+    from diffin_core.run.context import project_context
+    from diffin_core.run.features import CERTIFIED_Z, configured
+    project = Project(a.project)
+    ctx = configured(project_context(project, ScoreSettings(memory_budget=parse_bytes(a.budget))))
+    work = Path(a.work)
+    exact = np.load(work / f"exact-q{a.query}.npy")
+    with np.load(work / f"plan-q{a.query}.npz") as z:
+        w = {int(name[1:]): torch.as_tensor(z[name]) for name in z.files}
+    n, c = ctx.n, 1.0 / ctx.n
+    rows = np.sort(np.random.default_rng(a.seed).choice(n, min(a.rows, n), replace=False))
+    g2 = np.zeros((len(rows), len(w)))
+    value = np.zeros(len(rows))
+    c0 = time.process_time()
+    for j, k in enumerate(sorted(w)):
+        for s in range(0, len(rows), 5):
+            r = rows[s:s + 5]
+            x, y = ctx.tensors(ctx.train.x[r], ctx.train.y[r])
+            g = ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y)
+            g2[s:s + 5, j] = g.double().square().sum(1).numpy()
+            value[s:s + 5] += c * (g.double() @ w[k].double()).numpy()
+    grads_cpu = time.process_time() - c0
+    check = float(np.abs(value - exact[rows]).max() / np.abs(exact).max())
+    var_d = 2.0 * c ** 2 * (g2 * np.array([float(w[k].double().square().sum()) for k in sorted(w)])).sum(1)
+    top = np.sort(exact)
+    hi, lo = top[-K], top[K - 1]
+    out = []
+    for d in (4096, 16384, 65536, 262144, 1 << 20, 1 << 22):
+        s4 = CERTIFIED_Z * np.sqrt(var_d / d)
+        left = (exact[rows] + s4 >= hi) | (exact[rows] - s4 <= lo)
+        out.append({"model": "resnet18", "N": n, "checkpoints": len(w), "query": a.query, "rows_sampled": len(rows),
+                    "d": d, "rows_left_share": round(float(left.mean()), 3),
+                    "rows_left_est": int(round(float(left.mean()) * n)),
+                    "sigma4_median_over_gap": round(float(np.median(s4 / np.minimum(np.abs(hi - exact[rows]),
+                                                                                    np.abs(exact[rows] - lo)))), 3),
+                    "store_mb": round(n * len(w) * d * 4 / 2 ** 20, 1), "value_check_rel": check,
+                    "grads_cpu_s": round(grads_cpu, 1), "load_end": round(os.getloadavg()[0], 2)})
+    df = pd.DataFrame(out)
+    df.to_csv(RESULTS / "explore_resnet_sketch.csv", index=False)
+    print(df.to_string(index=False))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("phase", choices=("plan", "query"))
+    ap.add_argument("phase", choices=("plan", "query", "sketch"))
     ap.add_argument("project")
     ap.add_argument("--query", type=int, default=3)
     ap.add_argument("--run", default="diffin-0")
     ap.add_argument("--budget", default="3500MB", help="the run's --memory-budget (plan phase)")
     ap.add_argument("--work", default="/tmp/diffin_explore_resnet")
+    ap.add_argument("--rows", type=int, default=60, help="training rows sampled (sketch phase)")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    (plan_phase if a.phase == "plan" else query_phase)(a)
+    {"plan": plan_phase, "query": query_phase, "sketch": sketch_phase}[a.phase](a)
 
 
 if __name__ == "__main__":
