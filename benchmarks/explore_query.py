@@ -102,6 +102,9 @@ def main() -> None:
                     help="measure only planning ahead's throughput (the warm child started by an asked-before "
                          "query, then the ahead job): for models whose every plan takes minutes (a ResNet-18)")
     ap.add_argument("--burners", type=int, default=0, help="CPU burners beside the measurement")
+    ap.add_argument("--condition", default=None,
+                    help="the rows' condition label (default: quiet, or N burners); rows of the same model "
+                         "and condition are replaced")
     ap.add_argument("--warmup", type=float, default=30, help="seconds the burners run first")
     a = ap.parse_args()
     from _load import burners
@@ -258,7 +261,7 @@ def measure(a) -> None:
         ex = against_exact(project, a.run, r, K)
         r["max_abs_value"] = max(abs(e) for e in ex.values())
     df = pd.DataFrame(recs)
-    condition = "quiet" if not a.burners else f"{a.burners} burners"
+    condition = a.condition or ("quiet" if not a.burners else f"{a.burners} burners")
     df.insert(0, "model", a.model)
     df.insert(1, "condition", condition)
     per_query = RESULTS / "explore_query.csv"

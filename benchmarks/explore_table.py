@@ -54,11 +54,18 @@ def parse_case(text: str) -> tuple[str, str, str]:
     return label, project, run
 
 
+def condition(a) -> str:
+    """The rows' condition: "shared load" (no burners: the shared machine's own load, recorded beside
+    each row) or "shared load + N burners". Other labels' rows (explore_query.py's "quiet", explore_click.py's
+    "no burners", quoted in the docs) are left as they are."""
+    return "shared load" if not a.burners else f"shared load + {a.burners} burners"
+
+
 def run_case(label: str, project: str, run: str, a) -> dict:
     heavy = label in a.heavy
     cmd = [sys.executable, str(ROOT / "benchmarks" / "explore_query.py"), project, "--run", run, "--model", label,
            "--queries", str(1 if heavy else a.queries), "--seed", str(a.seed), "--burners", str(a.burners),
-           "--warmup", str(a.warmup)]
+           "--warmup", str(a.warmup), "--condition", condition(a)]
     cmd += ["--ahead", str(a.heavy_ahead), "--ahead-only"] if heavy else ["--ahead", str(a.ahead)]
     load0, t = os.getloadavg()[0], time.perf_counter()
     print(f"[explore_table] {label}: {' '.join(cmd[1:])} (load {load0:.2f})", flush=True)
@@ -141,12 +148,11 @@ def main(argv=None) -> None:
     ap.add_argument("--only-table", action="store_true", help="rewrite explore_kinds.csv/png from the CSVs only")
     a = ap.parse_args(argv)
     cases = [parse_case(c) for c in a.case]
-    condition = "quiet" if not a.burners else f"{a.burners} burners"
     done = []
     for label, project, run in cases:
         done.append({"model": label} if a.only_table else run_case(label, project, run, a))
     out = RESULTS / "explore_kinds.csv"
-    df = table(done, condition)
+    df = table(done, condition(a))
     if a.only_table and out.is_file():           # keep the loads measured when the cases ran
         old = pd.read_csv(out).set_index("model")
         for col in ("load_before", "load_after", "wall_s"):
