@@ -17,6 +17,19 @@ and, for AdamW + smoothing (``--parts``), which part of the optimiser carries th
     python benchmarks/removal_nonlinearity.py [--seeds 0 1] [--samples 45] [--parts 20]
         -> benchmarks/results/removal_nonlinearity.csv (one row per recipe, seed and sample)
            + removal_nonlinearity_summary.csv (per recipe and seed)
+
+Where the nonlinearity lives (``--own``, the AdamW recipes): the linear response splits exactly into
+    sum_s <ut_{s+1}, du_s>,  ut_{s+1} = d(query loss) / d(theta_{s+1}) with m_s, v_s held (autograd),
+du_s the change of step s's Adam update u = -lr / c1 m / (sqrt(v / c2) + eps) caused by z's direct
+deviation of the moments (dm, dv: z's term of each step holding it, decayed by b1, b2; what
+feeds back through the Hessian is in ut). Replacing du_s's linearisation by exact pieces:
+    quadv  dv exact, (1 - b2) ((G - g_z / B)^2 - G^2) (its square kept), du linear in (dm, dv)
+    own    z's term removed exactly from the step that holds it (m, v and the update), its change
+           of the state carried on linearly: what the engine computes (adam_batches.own_removal)
+    semi   every step's update exact in the accumulated direct (dm, dv) of z
+If own or semi is near rem, the nonlinearity is Adam's moments; what is left is the trajectory's
+(the Hessian's) curvature.
+        -> removal_nonlinearity_own.csv (+ _own_summary.csv): rem and lin from the main CSV.
 """
 from __future__ import annotations
 
@@ -153,6 +166,113 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def own_rows(case: Case, samples: np.ndarray, rem: dict) -> list[dict]:
+    """lin / quadv / own / semi (module doc) of each sample, float64, by autograd through training."""
+    n = len(case.y)
+    wts = torch.ones(n, dtype=torch.float64, requires_grad=True)
+    th = case.theta0.clone().requires_grad_(True)
+    m, v = torch.zeros_like(th), torch.zeros_like(th)
+    TH, NEXT, M, V, G, C = [], [], [], [], [], []
+
+    def sqrt_v(vv, c2):                          # sqrt(v / c2) with a zero derivative where v = 0
+        pos = vv > 0
+        return torch.where(pos, torch.sqrt(torch.where(pos, vv, torch.ones_like(vv)) / c2), torch.zeros_like(vv))
+    for s, idx in enumerate(case.batches):
+        t = torch.as_tensor(idx)
+        TH.append(th.detach().clone())
+        g = torch.autograd.grad((case.losses(th, case.x[t], case.y[t]) * wts[t]).sum() / len(idx), th,
+                                create_graph=True)[0]
+        th.grad = None                           # (a retained grad's hook fires on autograd.grad too)
+        lr, c1, c2 = case.lrs[s], 1 - B1 ** (s + 1), 1 - B2 ** (s + 1)
+        m = B1 * m + (1 - B1) * g
+        v = B2 * v + (1 - B2) * g * g
+        th = th * (1 - lr * WD) - lr / c1 * m / (sqrt_v(v, c2) + EPS)
+        th.retain_grad()
+        NEXT.append(th)
+        M.append(m.detach().clone())
+        V.append(v.detach().clone())
+        G.append(g.detach().clone())
+        C.append((lr, c1, c2))
+    case.losses(th, case.qx, case.qy).mean().backward()
+    lin_all = -wts.grad.detach()
+    UT = [t.grad.detach() for t in NEXT]
+    del NEXT
+
+    def u(mm, vv, lr, c1, c2):
+        return -lr / c1 * mm / (torch.sqrt(vv.clamp_min(0) / c2) + EPS)
+
+    def du_lin(mm, vv, dm, dv, lr, c1, c2):
+        sq = torch.sqrt(vv / c2)
+        D = 1 / (sq + EPS)
+        gam = torch.where(sq > 0, (mm / c1) * D * D / (2 * sq.clamp_min(1e-300) * c2), torch.zeros_like(sq))
+        return -lr / c1 * D * dm + lr * gam * dv
+
+    where: dict = {}
+    for s, idx in enumerate(case.batches):
+        for z in idx:
+            where.setdefault(int(z), []).append(s)
+    out = []
+    T = len(case.batches)
+    for z in (int(q) for q in samples):
+        t0 = time.time()
+        steps = where[z]
+        r = {s: case.one_grad(TH[s], case.x[z], case.y[z]) / len(case.batches[s]) for s in steps}
+        dm, dv, dvl = (torch.zeros_like(TH[0]) for _ in range(3))
+        semi = quadv = lin = own = 0.0
+        for s in range(steps[0], T):
+            dm, dv, dvl = B1 * dm, B2 * dv, B2 * dvl
+            if s in r:
+                dm = dm - (1 - B1) * r[s]
+                dv = dv + (1 - B2) * ((G[s] - r[s]) ** 2 - G[s] ** 2)
+                dvl = dvl + (1 - B2) * (-2 * G[s] * r[s])
+            semi += float(UT[s] @ (u(M[s] + dm, V[s] + dv, *C[s]) - u(M[s], V[s], *C[s])))
+            lin += float(UT[s] @ du_lin(M[s], V[s], dm, dvl, *C[s]))
+            quadv += float(UT[s] @ du_lin(M[s], V[s], dm, dv, *C[s]))
+        for s0 in steps:
+            dm1, dv1 = -(1 - B1) * r[s0], (1 - B2) * ((G[s0] - r[s0]) ** 2 - G[s0] ** 2)
+            own += float(UT[s0] @ (u(M[s0] + dm1, V[s0] + dv1, *C[s0]) - u(M[s0], V[s0], *C[s0])))
+            for s in range(s0 + 1, T):
+                dm1, dv1 = B1 * dm1, B2 * dv1
+                own += float(UT[s] @ du_lin(M[s], V[s], dm1, dv1, *C[s]))
+        row = dict(z=z, rem=rem.get(z, np.nan), lin=float(lin_all[z]), lin_split=lin, quadv=quadv, own=own, semi=semi,
+                   seconds=round(time.time() - t0, 1))
+        if not np.isfinite(row["rem"]):
+            row["rem"] = case.qloss(case.train(z, 0.0)) - case.L0
+        out.append(row)
+        print(row, flush=True)
+    return out
+
+
+def own_main(seeds, samples: int, out: Path) -> pd.DataFrame:
+    torch.set_num_threads(1)
+    main_csv = out / "removal_nonlinearity.csv"
+    old = pd.read_csv(main_csv) if main_csv.is_file() else pd.DataFrame(columns=["recipe", "seed", "z", "rem"])
+    rows = []
+    for name, (opt, sm) in RECIPES.items():
+        if opt != "adamw":
+            continue
+        for seed in seeds:
+            t0 = time.time()
+            case = Case(seed, opt, sm)
+            d = old[(old.recipe == name) & (old.seed == seed)]
+            rem = dict(zip(d.z.astype(int), d.rem))
+            idx = np.random.default_rng(seed + 1).choice(N_TRAIN, samples, replace=False)
+            rows += [dict(recipe=name, seed=seed, **r) for r in own_rows(case, idx, rem)]
+            print(name, seed, "took", round(time.time() - t0, 1), "s", flush=True)
+            df = pd.DataFrame(rows)
+            df.to_csv(out / "removal_nonlinearity_own.csv", index=False, float_format="%.6g")
+    summ = []
+    for (name, seed), d in df.groupby(["recipe", "seed"], sort=False):
+        r = dict(recipe=name, seed=seed, samples=len(d))
+        for col in ("lin", "quadv", "own", "semi"):
+            r[f"{col}_spearman"] = spearmanr(d[col], d.rem)[0]
+            r[f"{col}_size"] = size(d[col], d.rem)
+        summ.append(r)
+    s = pd.DataFrame(summ)
+    s.to_csv(out / "removal_nonlinearity_own_summary.csv", index=False, float_format="%.4g")
+    return s
+
+
 def main(seeds, samples: int, parts: int, out: Path, only: list[str] | None = None) -> pd.DataFrame:
     """Every recipe (or ``only`` those), each recipe and seed written as it finishes (rows of
     recipes not rerun are kept)."""
@@ -185,5 +305,10 @@ if __name__ == "__main__":
     ap.add_argument("--parts", type=int, default=20, help="samples (of the first) that also take fixv / src")
     ap.add_argument("--out", type=Path, default=HERE / "results")
     ap.add_argument("--only", nargs="+", choices=list(RECIPES), help="rerun these recipes, keep the others' rows")
+    ap.add_argument("--own", action="store_true", help="where the nonlinearity lives (AdamW recipes): "
+                    "removal_nonlinearity_own.csv")
     a = ap.parse_args()
-    print(main(a.seeds, a.samples, a.parts, a.out, a.only).to_string())
+    if a.own:
+        print(own_main(a.seeds, a.samples, a.out).to_string())
+    else:
+        print(main(a.seeds, a.samples, a.parts, a.out, a.only).to_string())
