@@ -18,7 +18,9 @@ CSV columns: recipe, seed, diffin (Spearman), tracin (Spearman; TracIn's Adam va
 RMSprop recipes), tracin_method, ratio (median |diffin| / median |truth|), seconds (diffin's
 scoring), tracin_seconds (TracIn's, the same run), truth_seconds, warnings (every RecipeWarning line, and the Adam self-check), refused (diffin's
 one-line refusal, if any), target_met ("yes": Spearman >= 0.9 and ratio in [0.8, 1.25], or a
-one-line refusal; else "NO").
+one-line refusal; else "NO"); for AdamW recipes also linear_diffin, linear_ratio, linear_seconds: the
+same run scored by the replay's linear response (adam_batches.OWN_TERM off: without each sample's
+own term of Adam's moments removed exactly), in the same process right after diffin's score.
 """
 from __future__ import annotations
 
@@ -182,8 +184,10 @@ def case(spec: Spec, seed: int, folder: Path, samples: int):
                 max_norm=max_norm)
 
 
-def score(spec: Spec, seed: int, folder: Path, c: dict, method: str):
-    """(influence of the truth's samples or None, warning lines, refusal line or None, seconds)."""
+def score(spec: Spec, seed: int, folder: Path, c: dict, method: str, own: bool = True):
+    """(influence of the truth's samples or None, warning lines, refusal line or None, seconds).
+    ``own`` False: the AdamW replay's linear response (adam_batches.OWN_TERM off), for comparison."""
+    from diffin_core.engine import adam_batches
     from diffin_core.project.checkpoints import read_manifest
     from diffin_core.methods import ScoreSettings
     from diffin_core.run.context import manifest_context
@@ -191,6 +195,9 @@ def score(spec: Spec, seed: int, folder: Path, c: dict, method: str):
     t0 = time.time()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        keep = getattr(adam_batches, "OWN_TERM", None)
+        if keep is not None:
+            adam_batches.OWN_TERM = own
         try:
             m = read_manifest(folder / "checkpoints" / "manifest.json")
             ctx = manifest_context(model_fn(spec, seed)(), m, c["train"], ScoreSettings(device="cpu"))
@@ -198,6 +205,9 @@ def score(spec: Spec, seed: int, folder: Path, c: dict, method: str):
             refused = None
         except DiffinError as e:
             est, refused = None, str(e)
+        finally:
+            if keep is not None:
+                adam_batches.OWN_TERM = keep
     lines = list(dict.fromkeys(str(w.message) for w in caught if "Warning" in type(w.message).__name__))
     return est, lines, refused, time.time() - t0
 
@@ -213,6 +223,9 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
         if t_est is None and peer == "tracin-adam":
             peer = "tracin"
             t_est, _l, t_refused, t_secs = score(spec, seed, folder, c, peer)
+        lin_est, lin_secs = None, float("nan")        # the Adam replay's linear response, same run and load
+        if spec.optimizer == "AdamW" and est is not None:
+            lin_est, _l, _r, lin_secs = score(spec, seed, folder, c, "diffin", own=False)
         t1 = time.time()            # the truth only where something scored (a refused recipe needs none)
         truth = c["truth"]() if (est is not None or t_est is not None) else np.full(samples, np.nan)
         truth_s = time.time() - t1
@@ -225,6 +238,10 @@ def row(spec: Spec, seed: int, samples: int) -> dict:
                tracin_method=peer, ratio=round(ratio, 4), seconds=round(secs, 1), tracin_seconds=round(t_secs, 1), truth_seconds=round(truth_s, 1),
                warnings=" | ".join(n.replace("\n", " ") for n in notes), refused=(refused or "").replace("\n", " "),
                target_met=met)
+    if lin_est is not None:
+        out.update(linear_diffin=round(float(spearmanr(lin_est, truth)[0]), 4),
+                   linear_ratio=round(float(np.median(np.abs(lin_est)) / np.median(np.abs(truth))), 4),
+                   linear_seconds=round(lin_secs, 1))
     print({k: v for k, v in out.items() if k != "warnings"}, "\n   warnings:", out["warnings"][:400], flush=True)
     return out
 

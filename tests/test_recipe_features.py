@@ -380,30 +380,39 @@ def test_label_smoothing_recorded_and_used_by_every_estimator(tmp_path):
 
 def test_label_smoothing_with_adam_is_named_in_one_line(tmp_path):
     """AdamW with label smoothing: removal is not linear there (measured 1.35-1.38x the exact linear
-    response diffin estimates, benchmarks/removal_nonlinearity.py; sizes 0.73-0.74x in
-    benchmarks/recipes.py "label-smoothing-0.1"), so the run says so in one line with those figures;
-    the SGD run above (within the target) has no such line."""
+    response, benchmarks/removal_nonlinearity.py). With the batch order recorded the replay removes
+    each sample's own term of Adam's moments exactly (adam_batches.own_removal; sizes 0.84 / 0.82x in
+    benchmarks/recipes.py "label-smoothing-0.1", the linear response 0.74 / 0.73x), and the line says
+    that; without it the checkpoint estimator's linear response scores and the line gives its
+    figures. Either way one line; the SGD run above (within the target) has no such line."""
     from torch import nn
     from torch.optim import AdamW
-    model = digits_mlp()()
-    opt = AdamW(model.parameters(), lr=1e-2)
-    x, y = torch.randn(64, 64, dtype=torch.float64), torch.arange(64) % 10
-    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
-    with Recorder(tmp_path, model, opt, train_size=64, every=2, loss=loss) as rec:
-        for s in range(4):
-            idx = np.arange(16 * s, 16 * s + 16)
-            opt.zero_grad()
-            loss(model(x[idx]), y[idx]).backward()
-            opt.step()
-            rec.step(batch_ids=idx)
     from diffin_core.project.data import Split
+    x, y = torch.randn(64, 64, dtype=torch.float64), torch.arange(64) % 10
     train = Split(x.numpy().astype(np.float32), y.numpy(), np.arange(64))
-    m = read_manifest(tmp_path / "checkpoints/manifest.json")
-    with pytest.warns(RecipeWarning) as caught:
-        ctx = manifest_context(digits_mlp()(), m, train, ScoreSettings(device="cpu"))
-    lines = [a for a in ctx.recipe.approximations if "label smoothing (0.1) with Adam" in a]
-    assert len(lines) == 1 and "\n" not in lines[0] and "1.35-1.38x" in lines[0], ctx.recipe.approximations
-    assert any(lines[0] in str(w.message) for w in caught)
+    loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+    for ordered in (True, False):
+        folder = tmp_path / ("ordered" if ordered else "plain")
+        model = digits_mlp()()
+        opt = AdamW(model.parameters(), lr=1e-2)
+        with Recorder(folder, model, opt, train_size=64, every=2, loss=loss) as rec:
+            for s in range(4):
+                idx = np.arange(16 * s, 16 * s + 16)
+                opt.zero_grad()
+                loss(model(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.step(batch_ids=idx) if ordered else rec.step()
+        m = read_manifest(folder / "checkpoints/manifest.json")
+        with pytest.warns(RecipeWarning) as caught:
+            ctx = manifest_context(digits_mlp()(), m, train, ScoreSettings(device="cpu"))
+        assert (ctx.batch_order is not None) == ordered
+        lines = [a for a in ctx.recipe.approximations if "label smoothing (0.1) with Adam" in a]
+        assert len(lines) == 1 and "\n" not in lines[0], ctx.recipe.approximations
+        if ordered:
+            assert "own term of Adam's moments exactly" in lines[0] and "0.84 / 0.82x" in lines[0], lines[0]
+        else:
+            assert "1.35-1.38x" in lines[0] and "record the batch order" in lines[0], lines[0]
+        assert any(lines[0] in str(w.message) for w in caught)
 
 
 LOSS_PY = '''import torch
