@@ -18,9 +18,10 @@ The adjoint (ut, um, uv) starts at (g_Q(theta_T), 0, 0) and goes back step by st
 That is the linear response. Removal is not linear in Adam's own step: v holds z's own square
 (g_z / |B_s|)^2 and 1 / sqrt(v) is far from linear where that is a sizeable part of v, so each
 term above is replaced by z's exact removal from step s's m, v and update, carried on linearly by
-the same adjoint (own_removal; OWN_TERM). On the digits AdamW runs of benchmarks/recipes.py that
-moved sizes from 0.73-0.91x to 0.82-0.93x true leave-one-out (label smoothing: 0.74 / 0.73x ->
-0.84 / 0.82x), matching its float64 reference (benchmarks/removal_nonlinearity.py --own).
+the same adjoint (own_removal; OWN_TERM). On the AdamW rows of benchmarks/recipes.py (16 runs) that
+moved sizes from 0.73-0.94x to 0.82-0.98x true leave-one-out (label smoothing: 0.74 / 0.73x ->
+0.84 / 0.82x) and Spearman from 0.974-0.993 to 0.978-0.998, matching its float64 reference
+(benchmarks/removal_nonlinearity.py --own); it costs 2.1x the linear replay's CPU there.
 
 Where theta_s, m_s, v_s come from (the replay). Training is replayed forward from every recorded
 checkpoint to the next one: from checkpoint j's (theta, exp_avg, exp_avg_sq), torch's own Adam
@@ -248,8 +249,13 @@ def own_removal(ctx, s: int, fm, th, x, y, g, gd, m, v, lr, c1: float, c2: float
     active input) that square is a sizeable part of v, and 1 / sqrt(v) is far from linear in it.
     Measured (float64, the digits AdamW + label smoothing 0.1 run of benchmarks/recipes.py, 45
     samples): the linear response is 0.743 / 0.726x true leave-one-out, this 0.842 / 0.822x with
-    Spearman 0.994 / 0.998 (benchmarks/removal_nonlinearity.py --own). Cost: the batch's per-sample
-    gradients at every step (one vmap pass) and a few (b, P) products per query direction."""
+    Spearman 0.994 / 0.998 (benchmarks/removal_nonlinearity.py --own). Where it does not help: the
+    first Adam step (t = 1, v / c2 = g^2: the update is nearly sign(g), and one sample can hold a
+    coordinate's whole v), whose samples stay off either way (a 12-step run: relative error 0.73
+    against the linear response's 0.64 on them, 0.16 against 0.59 on the others).
+    Cost: the batch's per-sample gradients at every step (one vmap pass) and about 20 elementwise
+    (b, P) float64 passes plus three (b, P) products per query direction (2.1x the linear replay's
+    CPU on the digits label-smoothing run: 3.13 vs 1.49 s, load 13)."""
     b1, b2 = ctx.recipe.betas
     eps = ctx.recipe.eps
     f = _clip(ctx, s)
@@ -532,9 +538,10 @@ def segment(ctx, k: int, carry):
                 vecs = [t.to(torch.float64) for t in (am, av, ut)]
                 for a, b, DM, DV, NL in own_removal(ctx, s, fm, th, x, y, g, gd, m, v, lr, c1, c2, masks):
                     own[a:b] = (DM @ vecs[0] + DV @ vecs[1] + NL @ vecs[2]).cpu()
-        # (clipping's higher orders, clip_removal, are SGD's only: under AdamW + clipping every step,
-        # v's own second order outweighs them and they moved sizes from 0.83x to 0.71x true
-        # leave-one-out, benchmarks/results/clip_nonlinearity.csv)
+        # (clipping's higher orders, clip_removal, are SGD's only: under AdamW + clipping every step
+        # they moved sizes from 0.83x to 0.71x true leave-one-out when v's own term stayed linear,
+        # benchmarks/results/clip_nonlinearity.csv; own_removal keeps the clip linear, f P g_z / B,
+        # and with it clip-every-step's sizes are 0.95 / 0.94x, benchmarks/results/recipes.csv)
         dz = dz.cpu().to(torch.float64)
         rows_out.index_add_(0, torch.as_tensor(rows), own if OWN_TERM else -dz / len(rows))
         ut = (1.0 - lr * lam_d) * ut + hw.to(ut.dtype) + lam_c * w
