@@ -107,3 +107,36 @@ def test_a_fresh_text_project_trains_its_tokenizer_before_model_py_reads_it(tmp_
     model = Project(proj).build_model()
     assert (proj / "tokenizer/tokenizer.json").is_file()
     assert model.emb.num_embeddings == len(__import__("diffin_core").load_tokenizer(proj))
+
+
+UPLOADS = [
+    ("train.tsv", b"text\tlabel\nhello\tham\ncaf\xe9 au lait\tspam\n",
+     r"row 1 \(line 3\): bytes that are not UTF-8 \(0xe9 at byte 24\); save the file as UTF-8"),
+    ("train.csv", b"text,label\nhello,ham\ncaf\xe9 au lait,spam\n",
+     r"row 1 \(line 3\): bytes that are not UTF-8 \(0xe9 at byte 24\); save the file as UTF-8"),
+    ("train.jsonl", b'{"text": "hello", "label": "ham"}\n{"text": "caf\xe9", "label": "spam"}\n',
+     r"row 1 \(line 2\): bytes that are not UTF-8"),
+    ("train.tsv", b"t\xe9xt\tlabel\nhello\tham\n", r"line 1: bytes that are not UTF-8 \(0xe9 at byte 1\)"),
+    ("train.tsv", b"text\tlabel\nhello\tham\n   \tspam\n", r"row 1 \(line 3\): the text in column 'text' is empty"),
+    ("train.jsonl", b'{"body": "hello", "label": "ham"}\n{"body": "", "label": "spam"}\n',
+     r"row 1 \(line 2\): the text in column 'body' is empty"),
+]
+
+
+@pytest.mark.parametrize("name, data, problem", UPLOADS, ids=["tsv", "csv", "jsonl", "header", "empty", "jsonl-empty"])
+def test_setup_uploads_name_the_row_in_one_line(tmp_path, name, data, problem):
+    """Setup's text uploads: bytes that are not UTF-8 in a .tsv upload said "<the server's
+    staging folder>/train.tsv: cannot read the column names (UnicodeDecodeError)" (the header
+    reader decoded a whole buffer), and in a .csv "not a readable .csv table"; now each names the
+    upload and the row, and nothing is written."""
+    import io
+
+    from diffin_core.errors import DiffinError
+    from diffin_core.workspace import uploads
+    folder = tmp_path / "ws" / "p"
+    with pytest.raises(DiffinError) as e:
+        uploads.store_upload(folder, "train", name, io.BytesIO(data))
+    msg = str(e.value)
+    assert "\n" not in msg and str(tmp_path) not in msg, msg
+    assert re.fullmatch(rf"{re.escape(name)}: {problem}.*", msg), msg
+    assert not (folder / "data").exists()

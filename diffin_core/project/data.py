@@ -196,6 +196,10 @@ def _read_table(path: Path, label_column: str):
     import pandas as pd
     try:
         df = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except UnicodeDecodeError:
+        from diffin_core.project.text import _utf8
+        _utf8(path.read_bytes(), path)          # names the row (line) holding the bytes
+        raise DiffinError("bytes that are not UTF-8; save the file as UTF-8", path) from None
     except Exception as e:  # pandas/pyarrow raise many types for a bad file
         raise DiffinError(f"not a readable {path.suffix} table ({type(e).__name__})", path) from None
     if label_column not in df.columns:

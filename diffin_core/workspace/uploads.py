@@ -124,22 +124,29 @@ def check_checkpoint(path: Path, label: str, model=None) -> dict:
     return {"step": None if step is None else int(step), "lr": lr}
 
 
-def _columns(path: Path) -> list[str]:
-    """The column names of a text data file (its header, first JSON object, or schema)."""
+def _columns(path: Path, label: str) -> list[str]:
+    """The column names of a text data file (its header, first JSON object, or schema). Only the
+    first line is decoded: bytes that are not UTF-8 further down are the text reader's to name
+    by their row."""
     suffix = path.suffix.lower()
     try:
-        if suffix in (".csv", ".tsv"):
+        if suffix in (".csv", ".tsv", ".jsonl"):
+            with open(path, "rb") as fh:
+                first = fh.readline(1 << 20)
+            try:
+                line = first.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                raise DiffinError(f"line 1: bytes that are not UTF-8 (0x{first[e.start]:02x} at byte {e.start}); "
+                                  "save the file as UTF-8", label) from None
+            if suffix == ".jsonl":
+                head = json.loads(line or "{}")
+                return list(head) if isinstance(head, dict) else []
             import csv
-            with open(path, encoding="utf-8", newline="") as fh:
-                return next(csv.reader(fh, delimiter="," if suffix == ".csv" else "\t"), [])
-        if suffix == ".jsonl":
-            with open(path, encoding="utf-8") as fh:
-                first = json.loads(fh.readline() or "{}")
-            return list(first) if isinstance(first, dict) else []
+            return next(csv.reader([line.rstrip("\r\n")], delimiter="," if suffix == ".csv" else "\t"), [])
         import pyarrow.parquet as pq
         return list(pq.ParquetFile(path).schema_arrow.names)
-    except (UnicodeDecodeError, ValueError, OSError) as e:
-        raise DiffinError(f"cannot read the column names ({type(e).__name__})", path) from None
+    except (ValueError, OSError) as e:
+        raise DiffinError(f"cannot read the column names ({type(e).__name__})", label) from None
 
 
 def check_text_data(path: Path, label: str, text_column: str | None = None) -> dict:
@@ -147,7 +154,7 @@ def check_text_data(path: Path, label: str, text_column: str | None = None) -> d
     the label column "label", every row checked by the text reader (empty or missing texts,
     bytes that are not UTF-8: one line naming the row); labels as indices or class names."""
     from diffin_core.project.text import TextOptions, label_indices, read_text_table
-    cols = _columns(path)
+    cols = _columns(path, label)
     if "label" not in cols:
         raise DiffinError(f"a text split needs a 'label' column (it has {cols[:8]})", label)
     candidates = [c for c in cols if c not in ("label", "sample_id", "true_label")]
