@@ -1,11 +1,12 @@
 """Issue 17, items 5 and 7: a run's meta.json `approximations` are printed by `diffin score` once
 each (two methods carrying the same line print it once) and shown beside the run on the Score and
-Explore pages; the Score page's "Hessian-vector products" choice reaches the run's meta.json."""
+Explore pages; the replay's self-check (meta.json adam_check) is shown on the Score page; the Score
+page's "Hessian-vector products" choice reaches the run's meta.json."""
 from __future__ import annotations
 
 import json
 
-from app_fixtures import jobs, new_app, texts, workspace  # noqa: F401
+from app_fixtures import jobs, new_app, table_with, texts, workspace  # noqa: F401
 
 from diffin_core.cli import main
 
@@ -38,6 +39,28 @@ def test_cli_prints_each_approximation_once_and_the_pages_show_them(workspace, c
     for run, meta in (("diffin-1", metas["diffin"]), ("tracin-1", metas["tracin"])):
         for entry in meta["approximations"]:
             assert f"{run} approximates: {entry}" in captions, (entry, captions)
+
+    # the replay's self-check (meta.json adam_check, as a batch-order AdamW run writes it): passed in
+    # the runs table's checks column; failed as a warning line under the table, not also a caption
+    path = root / "runs/diffin-1/meta.json"
+    meta = dict(metas["diffin"])
+    meta["adam_check"] = {"passed": True, "intervals": 10, "failed": 0, "worst": {"theta": 2e-6, "m": 3e-7, "v": 1e-7}}
+    path.write_text(json.dumps(meta))
+    at.run()
+    row = table_with(at, "run").set_index("run").loc["diffin-1"]
+    assert "Adam replay check: passed, 10 intervals" in row["checks"], row["checks"]
+    failed = "Adam replay self-check failed at 10 of 10 checkpoint intervals (...): scored with the checkpoint estimator"
+    meta["adam_check"] = {"passed": False, "intervals": 10, "failed": 10, "worst": {"m": 0.59},
+                          "fallback": "the checkpoint estimator", "message": failed}
+    meta["approximations"] = list(metas["diffin"]["approximations"]) + [failed]
+    path.write_text(json.dumps(meta))
+    at.run()
+    assert not at.exception
+    row = table_with(at, "run").set_index("run").loc["diffin-1"]
+    assert "Adam replay check: FAILED at 10 of 10 intervals (worst miss 59%)" in row["checks"], row["checks"]
+    assert f"diffin-1: {failed}" in texts(at.warning), texts(at.warning)
+    assert f"diffin-1 approximates: {failed}" not in texts(at.caption)
+    path.write_text(json.dumps(metas["diffin"]))
 
     for run, meta in (("diffin-1", metas["diffin"]), ("tracin-1", metas["tracin"])):
         ex = new_app(root, "pages/3_Explore.py")
