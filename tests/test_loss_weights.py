@@ -117,4 +117,9 @@ def test_unequal_class_weights_are_never_silent(tmp_path):
     if c["ctx"].batch_order is None:
         failed = [ln for ln in c["lines"] if "self-check failed" in ln]
         assert len(failed) == 1 and "\n" not in failed[0], c["lines"]
+        # the line names the cause and its measured cost, not "an unrecorded loss or clipping"
+        assert "class weights" in failed[0] and "unrecorded loss" not in failed[0], failed[0]
+        assert "Spearman 0.18, sizes 0.75x" in failed[0], failed[0]
+    named = [a for a in c["ctx"].recipe.approximations if "class weights / ignore_index" in a]
+    assert "Spearman 0.18, sizes 0.75x" in named[0], named
     assert np.isfinite(c["est"]).all()

@@ -294,7 +294,8 @@ def resolve_loss(stated, m: Manifest, train: Split):
         spec.scale = 1.0 / mean
         if float(w.max() - w.min()) > 0:
             approx.append("the loss's class weights / ignore_index: torch divides each batch by its own weight sum, "
-                          "modelled by the training set's mean weight")
+                          "modelled by the training set's mean weight (measured with unequal class weights on "
+                          "tests/test_loss_weights.py's run: Spearman 0.18, sizes 0.75x true leave-one-out)")
     return spec, approx
 
 
