@@ -1,6 +1,7 @@
 """Ground truth on text (issue 18, the CI case): a 2-layer BERT (hidden 64) built from a config,
-trained on SMS messages with AdamW + linear warm-up/decay, and scored by diffin from the
-Recorder's folder, against float64 trajectory leave-one-out of 40 samples (tasks/text_truth.py).
+trained on SMS messages with the Trainer's defaults (AdamW + linear warm-up/decay, clipping at
+1.0, dropout 0.1), and scored by diffin from the Recorder's folder (batch order and dropout
+generator states), against float64 trajectory leave-one-out of 40 samples (tasks/text_truth.py).
 The full case (two recipes, seeds, label errors) is benchmarks/text.py."""
 import warnings
 from pathlib import Path
@@ -25,7 +26,7 @@ def case(tmp_path_factory):
     return text_case(tmp_path_factory.mktemp("text-truth"), recipe=TextRecipe(**RECIPE), **CASE)
 
 
-RECIPE = dict(lr=1e-3, max_grad_norm=None, dropout=0.0)
+RECIPE = dict(lr=1e-3)          # the Trainer's defaults: max_grad_norm 1.0, dropout 0.1 (TextRecipe)
 
 
 def estimate(case, method, count=None):
@@ -52,12 +53,16 @@ def test_the_model_learns_and_the_truth_is_a_ranking(case):
 
 @pytest.mark.slow
 def test_diffin_follows_the_truth_on_a_transformer_far_above_tracin(case):
-    """Measured (benchmarks/results/text.csv, this exact case: same data, the shipped tokenizer,
-    deterministic float64 training): diffin 0.775 at 11 and at 5 checkpoints (Adam's batch-order
-    replay, nothing approximated), magnitude ratio 1.03; tracin 0.253, tracin-adam 0.274. The
-    issue's target 0.8 is NOT met (0.775); the floor below guards this measurement."""
+    """Issue 18's target on its own recipe (clipping and dropout included): Spearman >= 0.8 against
+    the truth and above TracIn. Measured on this exact case (benchmarks/results/text.csv, part
+    "truth-ci"; 2026-12-08, load 4-12): diffin 0.875 on main at e110381 (Adam's batch-order replay
+    with the dropout masks redrawn and each sample's own term of Adam's moments removed exactly,
+    adam_batches.OWN_TERM, b021cff), magnitude ratio 0.86; 0.988 (ratio 0.80) with OWN_TERM off,
+    the engine before b021cff; tracin-adam 0.479, tracin 0.458. The case (training and 40
+    retrainings) about 180 s of CPU, each estimate 20-60 s. Without clipping and dropout (recipe
+    "adamw" in benchmarks/text.py) diffin reached 0.775 before b021cff: below the target."""
     d, approx, ratio = estimate(case, "diffin")
     t, _, _ = estimate(case, "tracin-adam")
     assert not approx, approx                          # the recipe is modelled, not approximated
-    assert d >= 0.7 and d > t + 0.3, (d, t)
+    assert d >= 0.8 and d > t + 0.3, (d, t)
     assert 0.5 <= ratio <= 2.0, ratio                  # calibrated loss changes, not just a ranking
