@@ -308,6 +308,37 @@ def _grad(ctx, k: int, theta: torch.Tensor, x, y) -> torch.Tensor:
         return ctx.fm_at(k).batch_grad(theta.to(ctx.thetas[k].dtype), x, y)
 
 
+def _unequal(ctx) -> bool:
+    """unequal_class_weights(ctx), once per context."""
+    key = "_unequal_class_weights"
+    if key not in ctx.__dict__:
+        ctx.__dict__[key] = unequal_class_weights(ctx)
+    return ctx.__dict__[key]
+
+
+@contextlib.contextmanager
+def step_loss(ctx, rows):
+    """Inside: the per-sample loss of step s's batch (rows) scaled so that its batch mean is torch's
+    weighted mean over that batch, sum_j w_j l_j / W_B with W_B = sum_{j in B_s} w_j (class weights,
+    0 for ignore_index), not the training set's mean weight (LossSpec.scale = 1 / mean w, the walk's
+    model): LossSpec.scale = |B_s| / W_B for the batch gradient, HVPs, per-sample terms and clip
+    statistics alike. Removal keeps the batch's denominator, as the unweighted replay keeps |B_s|:
+    z's term at a step holding it is -(w_z / W_B) g_z. Nothing changes where every training sample
+    weighs the same (the same bits)."""
+    if not _unequal(ctx):
+        yield
+        return
+    spec = ctx.fm.loss                                   # shared by fm_at's and the replicas' copies
+    w = spec.class_weights(np.asarray(ctx.train.y)[np.asarray(rows)])
+    total = float(w.sum())
+    old = spec.scale
+    spec.scale = len(w) / total if total > 0 else 0.0   # a batch of ignored rows only: no gradient
+    try:
+        yield
+    finally:
+        spec.scale = old
+
+
 class _Replay:
     """Adam's forward replay of one interval [a, b) from checkpoint k (see the module doc).
 
@@ -387,7 +418,7 @@ class _Replay:
             rows, x, y = _batch(self.ctx, s)
             j, th = self.theta_at(s, state[0])
             masks = step_masks(self.ctx, s, self.ctx.fm_at(j), th.to(self.ctx.thetas[j].dtype), x)
-            with applied(masks):                  # training's dropout masks of step s (dropout.py)
+            with applied(masks), step_loss(self.ctx, rows):   # step s's dropout masks (dropout.py), its loss
                 g = _grad(self.ctx, j, th, x, y)
             state = self.advance(state, s, g)
             if keep:
@@ -531,7 +562,7 @@ def segment(ctx, k: int, carry):
         w = (1 - b1) * am + 2 * (1 - b2) * gd * av       # the adjoint of the step's gradient
         wg = _clip_adjoint(w, g, f, ctx)                   # ... of the raw batch gradient (clipping)
         wm, th = wg.to(dt), theta.to(dt)
-        with no_tf32(), applied(masks):
+        with no_tf32(), applied(masks), step_loss(ctx, rows):
             hw, dz = _hvp_and_directional(ctx, k, fm, th, x, y, g, wm, hvp_state)
             if OWN_TERM:                                    # each sample's own term of m and v, exactly
                 own = torch.empty(len(rows), dtype=torch.float64)
@@ -611,7 +642,7 @@ def segment_many(ctx, k: int, carry):
         else:
             Wm.copy_(W)
         th = theta.to(dt)
-        with no_tf32(), applied(masks):
+        with no_tf32(), applied(masks), step_loss(ctx, rows):
             HW, DZ = _hvp_and_directional_many(ctx, k, fm, th, x, y, g, Wm, hvp_state, out=HWbuf)
             if OWN_TERM:                                    # as segment: each sample's own term exactly
                 own = torch.empty(K, len(rows), dtype=torch.float64)
@@ -636,9 +667,9 @@ def segment_many(ctx, k: int, carry):
     return rows_out, (UT, UM, UV)
 
 
-WEIGHTS_CAUSE = ("the loss's unequal class weights (or ignore_index): torch divides each batch by its own weight sum, the replay by "
-                 "|B| x the training set's mean weight (measured on tests/test_loss_weights.py's run, scored by "
-                 "the fallback: Spearman 0.18, sizes 0.75x true leave-one-out)")
+WEIGHTS_FALLBACK = ("; the fallback models the loss's class weights by the training set's mean weight, not each "
+                    "batch's own weight sum (measured on tests/test_loss_weights.py's run: Spearman 0.18, sizes 0.75x "
+                    "true leave-one-out)")
 
 
 def unequal_class_weights(ctx) -> bool:
@@ -674,10 +705,9 @@ def check_summary(ctx) -> dict | None:
             f"{ctx.label(bad['checkpoint'] + 1)}): "
             + (f"no weights are recorded before {ctx.label(0)}, so steps 0..{bad['interval'][1] - 1} are taken at "
                "the nearest checkpoint's weights (save one at step 0)" if "theta" not in bad else
-               (WEIGHTS_CAUSE if unequal_class_weights(ctx) else
-                "training did something the replay does not (dropout without recorded generator states, other "
-                "train-mode randomness, train-mode "
-                "BatchNorm, an unrecorded loss or clipping)"))
+               "training did something the replay does not (dropout without recorded generator states, other "
+               "train-mode randomness, train-mode "
+               "BatchNorm, an unrecorded loss or clipping)" + (WEIGHTS_FALLBACK if unequal_class_weights(ctx) else ""))
             + f"; scored with {rep.fallback(ctx) if callable(rep.fallback) else rep.fallback} instead")
     return out
 

@@ -31,6 +31,8 @@ are redrawn for every step's gradients, HVPs and jvps, in the replay as in the a
 Per step s (lr eta_s, per coordinate with per-group lrs; f_s the clip factor; P_s = I - g^ g^T
 when f_s < 1, else I; torch's SGD order):
     dg  = f_s P_s (H dtheta - r_s) + lambda dtheta          r_s = g_z / |B_s| for z in B_s
+(with class weights the step's loss is torch's sum_j w_j l_j / W_B, so r_s = w_z g_z / W_B:
+adam_batches.step_loss scales every quantity of the step)
     dmu' = beta dmu + c_s dg           dtheta' = dtheta - eta (alpha dg + gamma dmu')
 The adjoint (ut, um) starts at (g_Q(theta_T), 0) and goes back step by step:
     am = um - gamma eta ut      w = c_s am - alpha eta ut      wm = f_s P_s w
@@ -47,7 +49,7 @@ from __future__ import annotations
 import torch
 
 from diffin_core.engine.adam_batches import (CLIP_MATCH_TOL, _Replay, _clip, _clip_adjoint, _coupled, _lr, clip_removal,
-                                             interval)
+                                             interval, step_loss)
 from diffin_core.engine.dropout import applied, flag
 from diffin_core.engine.functional import no_tf32
 from diffin_core.errors import DiffinError
@@ -235,7 +237,7 @@ def segment(ctx, k: int, carry):
         am = um - gs * eta * ut
         w = cs * am - alpha * eta * ut
         wm, th = _clip_adjoint(w, g, f, ctx).to(dt), theta.to(dt)
-        with no_tf32(), applied(masks):
+        with no_tf32(), applied(masks), step_loss(ctx, rows):
             dz = fm.directional(th, x, y, wm)
             hw = product(ctx, k, fm, th, x, y, g, "sgd", hvp_state)(wm)
             exact = clip_removal(ctx, s, fm, th, x, y, g, w, dz, rep.held, masks)   # clipping's higher orders
