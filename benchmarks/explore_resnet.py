@@ -19,7 +19,10 @@ query  on a diffin run of the same project with its store: puts the plan where t
        Appends the row (model resnet18) to benchmarks/results/explore.csv (bench explore_resnet.py).
 sketch after plan: how large a per-checkpoint CountSketch would have to be for the store to rule rows
        out of the top 10 (features.certified_rows: estimate + 4 sigma against the k-th exact value;
-       a view-less store has no basis, so sigma^2 = sum_k c_k^2 2 |w_k|^2 |g_z(theta_k)|^2 / d).
+       a view-less store has no basis (the ResNet's basis budget, basis_mb, holds none), so with
+       independent per-checkpoint sketches sigma^2 = sum_k c_k^2 2 |w_k|^2 |g_z(theta_k)|^2 / d; a
+       store whose meta.json lacks "independent_sketches" sums the deviations instead, a larger
+       sigma, so these shares are the best case).
        On --rows training rows drawn at random it computes |g_z(theta_k)| at every checkpoint
        (per-sample gradients), checks sum_k c_k <w_k, g_z(theta_k)> against phase 1's exact values
        (c_k = 1/N), and for each d the share of rows the certification would still rescore, taking
