@@ -1,6 +1,8 @@
 """Text classifiers (issue 18): ground truth and label errors on SMS messages with a tiny BERT.
 
     python benchmarks/text.py --part truth  --seeds 0        # ~25 min per recipe and seed on 2 busy cores
+    python benchmarks/text.py --part truth --recipes trainer-defaults --checkpoints 0 --own-term on off
+        # all checkpoints only; diffin with adam_batches.OWN_TERM on (the product) and off (its linear response)
     python benchmarks/text.py --part labels --seeds 0 1 2
 
 Data: the SMS Spam Collection (Almeida, Gomez Hidalgo and Yamakami, 2011; UCI, CC BY 4.0),
@@ -16,7 +18,9 @@ download; tokenizer: WordPiece trained on the training texts (tasks/text_truth.p
   against the flips for diffin, loss, cleanlab (final checkpoint), cleanlab-cv (5 folds of
   retraining) and tracin's self-influence.
 
-Appends rows to results/text.csv (part, recipe, seed, method, checkpoints, value, seconds).
+Appends rows to results/text.csv (part, recipe, seed, method, checkpoints, value, seconds); the truth
+rows' note names OWN_TERM's setting, the magnitude ratio (median |estimate| / median |truth|), CPU
+seconds and the load. --work keeps a case, and its truths are reused (truth.json) while the case's key holds.
 """
 from __future__ import annotations
 
@@ -62,22 +66,35 @@ def context(case, count=None, settings=None):
     return ctx, [str(w.message) for w in caught if "Recipe" in type(w.message).__name__]
 
 
-def truth_rows(recipe: str, seed: int, work: Path) -> list[dict]:
+def truth_rows(recipe: str, seed: int, work: Path, counts=None, own_terms=(True,)) -> list[dict]:
+    """``own_terms``: diffin is scored once per setting of adam_batches.OWN_TERM (True: the product's
+    AdamW replay with each sample's own term of m and v removed exactly; False: its linear response)."""
     from scipy.stats import spearmanr
+    from diffin_core.engine import adam_batches
     t0 = time.time()
     case = text_case(work / f"truth-{recipe}-{seed}", recipe=TextRecipe(seed=seed, **RECIPES[recipe]), seed=seed, **TRUTH)
     rows = [dict(part="truth", recipe=recipe, seed=seed, method="(truth)", checkpoints=0,
                  value=float(np.std(case["truth"])), seconds=time.time() - t0,
                  note=f"query accuracy {case['accuracy']:.3f}, loss {case['base_loss']:.4f}")]
     total = len(read_manifest(case["dir"] / "manifest.json").checkpoints)
-    for count in (5, total):
-        for method in ("diffin", "tracin", "tracin-adam"):
-            t0 = time.time()
-            ctx, approx = context(case, count)
-            est = run_method(ctx, method, case["query"].x, case["query"].y, need_self=False)["influence"]
+    runs = [("diffin", own) for own in own_terms] + [("tracin", None), ("tracin-adam", None)]
+    for count in [total if c == 0 else c for c in (counts or (5, 0))]:
+        for method, own in runs:
+            keep = adam_batches.OWN_TERM
+            adam_batches.OWN_TERM = keep if own is None else own
+            try:
+                t0, c0 = time.time(), time.process_time()
+                ctx, approx = context(case, count)
+                est = run_method(ctx, method, case["query"].x, case["query"].y, need_self=False)["influence"]
+            finally:
+                adam_batches.OWN_TERM = keep
             r = float(spearmanr(est[case["samples"]], case["truth"])[0])
+            mag = float(np.median(np.abs(est[case["samples"]])) / np.median(np.abs(case["truth"])))
+            note = ([] if own is None else [f"adam_batches.OWN_TERM = {own}"]) + [
+                f"magnitude ratio {mag:.3f}", f"CPU {time.process_time() - c0:.1f} s",
+                "load {:.1f}".format(__import__("os").getloadavg()[0])] + approx
             rows.append(dict(part="truth", recipe=recipe, seed=seed, method=method, checkpoints=count, value=r,
-                             seconds=time.time() - t0, note=" | ".join(approx)[:300]))
+                             seconds=time.time() - t0, note=" | ".join(note)[:300]))
             print(rows[-1], flush=True)
     return rows
 
@@ -115,6 +132,10 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="+", default=list(RECIPES))
     ap.add_argument("--work", default=None, help="keep the cases here (default: a temp folder)")
     ap.add_argument("--out", default=str(OUT), help="the CSV its rows replace (default results/text.csv)")
+    ap.add_argument("--checkpoints", type=int, nargs="+", default=[5, 0],
+                    help="truth: checkpoint counts scored (0 = all; default 5 0)")
+    ap.add_argument("--own-term", nargs="+", choices=["on", "off"], default=["on"],
+                    help="truth: score diffin with adam_batches.OWN_TERM on (the product) and/or off")
     a = ap.parse_args()
     out = Path(a.out)
     work = Path(a.work or tempfile.mkdtemp(prefix="diffin-text-"))
@@ -122,7 +143,7 @@ def main() -> None:
     for seed in a.seeds:
         if a.part == "truth":
             for recipe in a.recipes:
-                rows += truth_rows(recipe, seed, work)
+                rows += truth_rows(recipe, seed, work, a.checkpoints, [o == "on" for o in a.own_term])
         else:
             rows += label_rows(seed, work)
         df = pd.DataFrame(rows)
