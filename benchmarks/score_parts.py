@@ -13,6 +13,8 @@ one torch thread so that the machine's other load hits every configuration alike
                     self-influence, no extra pass; no feature store);
   diffin-separate   diffin as before this change: the walk, then label_issue's own pass at the
                     checkpoint k* with the lowest query loss (its plan and a second walk);
+  diffin-svd-basis  diffin with the feature store's gradient bases from the float64 SVD at
+                    every checkpoint, as before features.basis_of's Gram route;
   diffin            the label_issue walk folded into the scoring walk (one per-sample gradient
                     per checkpoint for both; methods/diffin.py), then the feature store.
 Parts (seconds): plan_s (query side of the influence walk), walk_s (the training-set walk;
@@ -44,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _load import burners, code_env, frozen_code, load, result_line, run_case  # noqa: E402
 
-CONFIGS = ("tracin", "diffin-separate", "diffin")
+CONFIGS = ("tracin", "diffin-separate", "diffin-svd-basis", "diffin")
 
 
 def one(project: str, config: str, run: str) -> dict:
@@ -59,6 +61,9 @@ def one(project: str, config: str, run: str) -> dict:
     method = "tracin" if config == "tracin" else "diffin"
     if config == "diffin-separate":
         DiffIn.fold_label_issue = False
+    if config == "diffin-svd-basis":
+        from diffin_core.run import features
+        features.GRAM_TOL = 0.0            # fit_basis's float64 SVD at every checkpoint (the Gram route never)
     settings = ScoreSettings(memory_budget=parse_bytes(os.environ.get("PARTS_BUDGET", "0")))
     features = os.environ.get("PARTS_FEATURES", "1") == "1"
     marks = {}

@@ -586,3 +586,42 @@ def test_views_after_a_far_off_probe_take_exact_products_unprobed(tmp_path, monk
     assert hessian_grads.count(rows) == 0
     for a, b in zip(auto, exact):
         assert a.k == b.k and torch.equal(a.w, b.w)
+
+
+def test_gradient_basis_gram_route_spans_the_svds_subspace(tmp_path):
+    """Issue 19: fit_basis takes the top-r right singular vectors of the per-sample gradients from
+    the Gram matrix's eigendecomposition where its error bound allows (features.basis_of): on a
+    small real model's gradients (first, middle and last checkpoints) it spans the float64 SVD's subspace to float
+    rounding (the largest principal angle's sine under 1e-10 in float64, 1e-6 as stored in float32),
+    and the store built with it is orthonormal. Where the gap at r is closed (repeated singular
+    values, or fewer than r directions) the rule keeps the SVD."""
+    project = Project(make_tiny_project(tmp_path / "p", n=160))
+    ctx = project_context(project)
+    settings = F.FeatureSettings()
+    r = F.checkpoint_basis_rank(settings, ctx.m, ctx.n, ctx.fm.num_params)
+    assert r >= 8
+    fit = np.sort(np.random.default_rng([0, 4409]).choice(ctx.n, min(ctx.n, settings.basis_rows), replace=False))
+
+    def sin(q1, q2):
+        q1, q2 = q1.double(), q2.double()
+        return float(torch.linalg.matrix_norm(q2 - q1 @ (q1.T @ q2), ord=2))
+
+    routes = []
+    for k in sorted({0, ctx.m // 2, ctx.m - 1}):
+        x, y = ctx.tensors(ctx.train.x[fit], ctx.train.y[fit])
+        a = ctx.fm_at(k).per_sample_grads(ctx.thetas[k], x, y).double()
+        svd64, _ = F.basis64(a, r, "svd")
+        gram64, route = F.basis64(a, r, "auto")
+        routes.append(route)
+        assert sin(svd64, gram64) < 1e-10
+        b = F.fit_basis(ctx, k, fit, r)
+        assert b.dtype == torch.float32 and b.shape == (ctx.fm.num_params, r)
+        assert torch.allclose(b.double().T @ b.double(), torch.eye(r, dtype=torch.float64), atol=1e-6)
+        assert sin(svd64, b) < 1e-6
+    assert "gram" in routes                      # the rule takes the Gram route on these gradients
+    # a closed gap at r: the top r + 1 singular values equal (an orthonormal set of rows), and a
+    # matrix of rank < r; both keep the SVD
+    q, _ = torch.linalg.qr(torch.randn(ctx.fm.num_params, r + 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert F.basis_of(q.T.contiguous(), r)[1] == "svd"
+    low = torch.randn(2 * r, r - 2, dtype=torch.float64) @ torch.randn(r - 2, ctx.fm.num_params, dtype=torch.float64)
+    assert F.basis_of(low, r)[1] == "svd"
