@@ -625,3 +625,50 @@ def test_gradient_basis_gram_route_spans_the_svds_subspace(tmp_path):
     assert F.basis_of(q.T.contiguous(), r)[1] == "svd"
     low = torch.randn(2 * r, r - 2, dtype=torch.float64) @ torch.randn(r - 2, ctx.fm.num_params, dtype=torch.float64)
     assert F.basis_of(low, r)[1] == "svd"
+
+
+def test_feature_pass_views_reuse_the_scores_batch_gradients_and_probes(tmp_path, monkeypatch):
+    """Issue 19: the feature pass after publishing runs on the score's own context, whose plans
+    already made each checkpoint's Hessian-batch gradient (kept: scoring.keep_base_grads) and
+    probed each view's finite differences (hvp auto). hessian_views reuses both (propagate.base_grad,
+    label_issue.share_probes): no batch gradient and no exact probe product of its own where the
+    score had them, and the same views bit for bit as on a fresh context that computes them all."""
+    from diffin_core.engine.functional import FunctionalModel
+    from diffin_core.methods import runner
+    from diffin_core.methods.diffin import DiffIn
+    project = Project(make_tiny_project(tmp_path / "p", n=160))
+    captured = {}
+    real_build = F.build
+    monkeypatch.setattr(F, "build", lambda ctx, *a, **kw: captured.setdefault("ctx", ctx))
+    score(project, "diffin", run="d")
+    monkeypatch.setattr(F, "build", real_build)
+    scored = captured["ctx"]
+    assert scored.settings.hvp == "auto" and scored.base_grads
+    fresh = project_context(project)
+    runner.configure(fresh, runner.memory_plan(DiffIn(), fresh, True))
+    assert fresh.hessian_rows == scored.hessian_rows and getattr(fresh, "base_grads", None) is None
+    calls = {"grad": 0, "exact": 0}
+    real_grad, real_kept, real_exact = FunctionalModel.batch_grad, FunctionalModel.hvp_retained, FunctionalModel.hvp_exact
+
+    def counted(name, fn):
+        def wrapped(self, *a, **kw):
+            calls[name] += 1
+            return fn(self, *a, **kw)
+        return wrapped
+    monkeypatch.setattr(FunctionalModel, "batch_grad", counted("grad", real_grad))
+    monkeypatch.setattr(FunctionalModel, "hvp_retained", counted("exact", real_kept))
+    monkeypatch.setattr(FunctionalModel, "hvp_exact", counted("exact", real_exact))
+    owned = [k for k in range(scored.m) if scored.bounds is None or scored.bounds[k + 1] > scored.bounds[k]]
+    out = {}
+    for name, ctx in (("fresh", fresh), ("scored", scored)):
+        calls.update(grad=0, exact=0)
+        out[name] = (F.hessian_views(ctx, 6), dict(calls))
+    (v0, c0), (v1, c1) = out["fresh"], out["scored"]
+    # batch_grad also makes every finite-difference product: the views differ by their bases only
+    assert c0["grad"] - c1["grad"] == len(owned), (c0, c1)
+    adopted = [k for k in owned if (scored.hvp_views or {}).get(k) == "fd"]
+    assert c0["exact"] == len(owned), c0                                 # a probe per view
+    assert len(adopted) == len(owned) and c1["exact"] == 0, (adopted, c1)   # the score's probes
+    assert set(v0) == set(v1) == set(owned)
+    for k in owned:
+        assert torch.equal(v0[k].values, v1[k].values) and torch.equal(v0[k].vectors, v1[k].vectors), k

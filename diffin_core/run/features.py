@@ -166,14 +166,24 @@ def basis64(a: torch.Tensor, r: int, route: str = "auto") -> tuple[torch.Tensor,
 
 def hessian_views(ctx, rank: int, seed: int = 0, progress=None) -> dict[int, SpectralView]:
     """Query-independent Lanczos view of each checkpoint's segment operator (the exact path's
-    fixed batch, HVP kind and preconditioning), ``rank`` matvecs from a seeded random start."""
-    from diffin_core.engine.propagate import hessian_view, random_start
+    fixed batch, HVP kind and preconditioning), ``rank`` matvecs from a seeded random start.
+    On the score's own context (the pass after publishing) it reuses the score's work on the same
+    Hessian batches: the batch gradients it kept (propagate.base_grad, ``ctx.base_grads``:
+    scoring.keep_base_grads) and, with ``--hvp auto``, the probes its plans made (finite
+    differences measured within hvp.ADOPT_TOL are taken without a new probe, as a query on the
+    finished run does: label_issue.share_probes). The same bits wherever the probe would have
+    chosen finite differences too (the same computations); on a fresh context nothing changes."""
+    from diffin_core.engine.propagate import base_grad, hessian_view, random_start
+    from diffin_core.methods.label_issue import share_probes
+    share_probes(ctx, ctx)                 # the score's measured views (its hvp_log), if any
     views = {}
     for k in range(ctx.m):
         if ctx.bounds is not None and ctx.bounds[k + 1] <= ctx.bounds[k]:
             continue                                   # owns no step: not in any plan
         start = random_start(ctx, k, salt=1000 + seed)
-        views[k], _ = hessian_view(ctx, k, start, ctx.sample_batch(ctx.hessian_rows, k), steps=int(rank))
+        batch = ctx.sample_batch(ctx.hessian_rows, k)
+        views[k], _ = hessian_view(ctx, k, start, batch, steps=int(rank),
+                                   g0=lambda k=k, batch=batch: base_grad(ctx, k, batch))   # only if fd
         if progress:
             progress(0, ctx.n, f"features: Hessian view of checkpoint {k + 1}/{ctx.m}")
     return views
