@@ -89,12 +89,9 @@ def _recorded(tmp_path, weight, lr: float = 0.1):
                 rng=rng, lr=lr)
 
 
-def test_ignore_index_recorded_replayed_and_against_leave_one_out(tmp_path):
-    """ignore_index alone: the replay's self-check passes (each batch's count of ignored rows is
-    modelled by the mean, within its tolerance here) and the estimate meets the target."""
-    weight = [1.0] * 10
-    c = _recorded(tmp_path, weight)
-    assert c["ctx"].batch_order is not None and not any("self-check failed" in ln for ln in c["lines"])
+def _meets_the_target(c, weight):
+    """16 scored samples (ignored rows excluded) against float64 leave-one-out retrained at the run's
+    lr: Spearman >= 0.9 and median |estimate| / |truth| in [0.8, 1.25] (issue 17's target)."""
     spec = c["ctx"].fm.loss
     qx, qy = torch.as_tensor(c["query"].x[:60], dtype=torch.float64), torch.as_tensor(c["query"].y[:60])
 
@@ -103,11 +100,21 @@ def test_ignore_index_recorded_replayed_and_against_leave_one_out(tmp_path):
             return float(spec(model(qx), qy).mean())
     l0 = q_loss(c["base"])
     samples = c["rng"].choice(np.flatnonzero(c["train"].y != IGNORED), 16, replace=False)
-    truth = np.array([q_loss(_train(c["x"], c["y"], c["batches"], weight, drop=int(z))) - l0 for z in samples])
+    truth = np.array([q_loss(_train(c["x"], c["y"], c["batches"], weight, drop=int(z), lr=c["lr"])) - l0
+                      for z in samples])
     est = c["est"][samples]
     rho = spearmanr(est, truth)[0]
     size = np.median(np.abs(est)) / np.median(np.abs(truth))
     assert rho >= 0.9 and 0.8 <= size <= 1.25, (rho, size)
+
+
+def test_ignore_index_recorded_replayed_and_against_leave_one_out(tmp_path):
+    """ignore_index alone: the replay's self-check passes (each batch's count of ignored rows is
+    modelled by the mean, within its tolerance here) and the estimate meets the target."""
+    weight = [1.0] * 10
+    c = _recorded(tmp_path, weight)
+    assert c["ctx"].batch_order is not None and not any("self-check failed" in ln for ln in c["lines"])
+    _meets_the_target(c, weight)
 
 
 def test_unequal_class_weights_are_never_silent(tmp_path):
@@ -133,25 +140,11 @@ def test_unequal_class_weights_replayed_against_leave_one_out(tmp_path):
     and the estimate meets the target against float64 leave-one-out. lr 0.05: at the other tests'
     lr 0.1 the same replay ranks 0.96 with sizes 0.72x, and 1.00 / 1.00x against a removal of 1% of
     z's weight, so the gap there is removal's nonlinearity, not the model (docs/recipes.md "Loss")."""
-    lr = 0.05
-    c = _recorded(tmp_path, UNEQUAL, lr=lr)
+    c = _recorded(tmp_path, UNEQUAL, lr=0.05)
     ctx = c["ctx"]
     assert ctx.batch_order is not None and ctx.adam_check["passed"], ctx.adam_check
     assert ctx.adam_check["worst"]["buf"] < 1e-4, ctx.adam_check["worst"]
     assert not any("self-check failed" in ln for ln in c["lines"]), c["lines"]
     named = [a for a in ctx.recipe.approximations if "class weights / ignore_index" in a]
     assert "modelled exactly by the batch-order replay" in named[0], named
-    spec = ctx.fm.loss
-    qx, qy = torch.as_tensor(c["query"].x[:60], dtype=torch.float64), torch.as_tensor(c["query"].y[:60])
-
-    def q_loss(model):
-        with torch.no_grad():
-            return float(spec(model(qx), qy).mean())
-    l0 = q_loss(c["base"])
-    samples = c["rng"].choice(np.flatnonzero(c["train"].y != IGNORED), 16, replace=False)
-    truth = np.array([q_loss(_train(c["x"], c["y"], c["batches"], UNEQUAL, drop=int(z), lr=lr)) - l0
-                      for z in samples])
-    est = c["est"][samples]
-    rho = spearmanr(est, truth)[0]
-    size = np.median(np.abs(est)) / np.median(np.abs(truth))
-    assert rho >= 0.9 and 0.8 <= size <= 1.25, (rho, size)
+    _meets_the_target(c, UNEQUAL)
