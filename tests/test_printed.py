@@ -64,3 +64,35 @@ def test_asked_again_prints_the_kept_text_while_it_is_the_answers(tmp_path, caps
     assert printed.query_key([17, 3, 3]) == answers.query_key([3, 17]) == "q3_17"
     long = list(range(0, 400, 3))
     assert printed.query_key(long) == answers.query_key(long) and printed.query_key(long).startswith("qset-")
+
+
+def test_columns_are_kept_at_score_time_and_top_reads_them(tmp_path, capsys):
+    """answers/columns.npz (the columns `diffin top` prints, numpy only) is published with the run:
+    the first `top` reads it (never rewrites it), and it holds what the lazy write from
+    scores.parquet holds (that write stays, for runs scored before)."""
+    import numpy as np
+    project = Project(make_tiny_project(tmp_path / "p"))
+    run = score(project, "diffin", run="d")
+    root = str(project.root)
+    path = answers.columns_path(run)
+    assert path.is_file()
+    kept = answers.load_columns(run)
+    answers.save_columns(tmp_path / "lazy", project.scores("d"))     # the lazy write, from the parquet
+    lazy = answers.load_columns(tmp_path / "lazy")
+    assert kept is not None and lazy is not None and kept.keys() == lazy.keys()
+    for c in kept:
+        assert kept[c].dtype == lazy[c].dtype and np.array_equal(kept[c], lazy[c]), c
+    before = path.stat()
+    main(["top", root, "--run", "d", "-q", "5", "--k", "3"])
+    first = capsys.readouterr().out
+    helpful, harmful = top_k(project, "d", [5], k=3)
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert [int(ln.split()[0]) for ln in first.splitlines()[4:7]] == helpful["sample_id"].tolist()
+    # a run scored before this change (no columns.npz, no kept printout): `top` writes them, same answer
+    path.unlink()
+    (run / "answers" / "q5.k3.txt").unlink()
+    main(["top", root, "--run", "d", "-q", "5", "--k", "3"])
+    old_run = capsys.readouterr().out
+    assert path.is_file()
+    assert [ln.split() for ln in old_run.splitlines()[1:]] == [ln.split() for ln in first.splitlines()[1:]]

@@ -223,14 +223,20 @@ def sketch_sink(project: Project, ctx: Context, method: str, feature_store, pref
 
 
 def write_run(project: Project, run: str, df: pd.DataFrame, meta: dict, started: float) -> Path:
-    """Write runs/<run>/scores.parquet + meta.json: a temp folder renamed into place, so the run
-    appears only when complete (local and Ray runs both end here)."""
+    """Write runs/<run>/scores.parquet + meta.json (+ answers/columns.npz, the columns `diffin top`
+    prints): a temp folder renamed into place, so the run appears only when complete (local and Ray
+    runs both end here)."""
     meta.setdefault("versions", {"torch": torch.__version__, "python": platform.python_version(), "diffin": "0.1.0"})
     meta.setdefault("threads", threads.record())
     from diffin_core.project.atomic import staged_dir
     final = project.runs_dir / run
+    from diffin_core.run.answers import save_columns
     with staged_dir(final) as tmp:      # runs/<run> swaps whole to the new version (never missing)
         df.to_parquet(tmp / "scores.parquet", index=False)
+        # the columns `diffin top` prints (answers/columns.npz, numpy only): written with the run, so
+        # the first query pays a read, not pandas' import and the parquet read (top_k keeps the lazy
+        # write for runs scored before)
+        save_columns(tmp, df)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     return final
 
@@ -299,7 +305,7 @@ def top_k(project: Project | str | Path, run: str, query_indices, k: int = 10,
         ans = answers.Answer(infl, np.ones(len(infl), dtype=bool), "exact path")
     infl, path = ans.influence, ans.path
     scores = project.scores(run)
-    answers.save_columns(info.path, scores)
+    answers.save_columns(info.path, scores)     # kept at score time (write_run); this writes them for older runs
     table = scores[["sample_id", "label", "pred", "label_issue"]].copy()
     table["influence"] = infl
     order = np.argsort(-infl, kind="stable")
