@@ -215,7 +215,6 @@ def score(spec: Spec, seed: int, folder: Path, c: dict, method: str, own: bool =
 def row(spec: Spec, seed: int, samples: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        t0 = time.time()
         c = case(spec, seed, folder, samples)
         est, lines, refused, secs = score(spec, seed, folder, c, "diffin")
         peer = "tracin-adam" if spec.optimizer in ("AdamW", "RMSprop") else "tracin"

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
