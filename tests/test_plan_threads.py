@@ -5,6 +5,7 @@ plan as fresh ones, with one batch gradient fewer per checkpoint."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from diffin_core.engine.functional import FunctionalModel, _reverse_grad, available_threads, single_threaded
@@ -191,3 +192,27 @@ def test_the_twin_takes_the_calls_only_where_it_is_faster():
     assert cycle(0.012, 0.020) == [True] * twin.RUN                     # a free core: the twin
     t.alive = False
     assert not t.wanted()
+
+
+def test_closing_a_hung_twin_kills_it_instead_of_waiting():
+    """A twin that does not read its pipe (hung on a lock held at the fork, or busy) must never hang
+    this process's exit (`diffin serve` on Ctrl-C waited on it in CI): close() reaps a healthy twin
+    at once and kills one still there after its bound."""
+    import os
+    import signal
+    import time
+    from diffin_core.engine import twin
+    healthy = twin.Twin({})
+    t0 = time.monotonic()
+    healthy.close()
+    assert time.monotonic() - t0 < twin.CLOSE_S and not healthy.alive
+    with pytest.raises(ChildProcessError):
+        os.waitpid(healthy.pid, os.WNOHANG)                             # reaped: no zombie left
+    hung = twin.Twin({})
+    os.kill(hung.pid, signal.SIGSTOP)                                   # it reads nothing from now on
+    t0 = time.monotonic()
+    hung.close(wait_s=0.5)
+    took = time.monotonic() - t0
+    assert 0.5 <= took < 5, took
+    with pytest.raises(ChildProcessError):
+        os.waitpid(hung.pid, os.WNOHANG)                                # killed and reaped

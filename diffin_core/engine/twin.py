@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing import Pipe
 from typing import Callable
 
@@ -34,6 +35,7 @@ import torch
 NBYTES = 64 << 20            # the shared mapping: tensors of one call in and out (pages used on touch)
 ALIGN = 64
 TIMEOUT_S = 300.0            # a call not answered in this long: the twin is killed, the work done here
+CLOSE_S = 10.0               # at close, a twin not gone in this long is killed (never a hung exit)
 PROBE = 6                    # batch gradients timed each way (with the twin, then here alone) ...
 RUN = 36                     # ... before this many go the faster way; then both are timed again
 
@@ -126,14 +128,29 @@ class Twin:
         except OSError:
             pass
 
-    def close(self) -> None:
-        if self.alive:
-            self.alive = False
+    def close(self, wait_s: float | None = None) -> None:
+        """Close the pipe (the twin reads EOF and exits) and reap it; a twin not gone within
+        ``wait_s`` seconds (CLOSE_S: finishing a task, or hung on a lock held at the fork) is
+        killed, so that this process's exit never waits on it."""
+        if not self.alive:
+            return
+        self.alive = False
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        deadline = time.monotonic() + (CLOSE_S if wait_s is None else wait_s)
+        while True:
             try:
-                self.conn.close()
-                os.waitpid(self.pid, 0)
-            except OSError:
-                pass
+                pid, _status = os.waitpid(self.pid, os.WNOHANG)
+            except OSError:                           # already reaped
+                return
+            if pid:
+                return
+            if time.monotonic() >= deadline:
+                self.kill()
+                return
+            time.sleep(0.01)
 
 
 class Pending:
