@@ -33,7 +33,10 @@ def test_top_asks_the_runs_server_and_prints_its_kept_answer(tmp_path, capsys, m
     assert serve.ask(root, "d", [5], 3) is None                         # no server: answered here
     proc = subprocess.Popen([sys.executable, "-m", "diffin_core.cli", "serve", root, "--run", "d", "--idle", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            # Ctrl-C as a terminal delivers it: a suite started in the background
+                            # (`pytest &`) has SIGINT ignored, and its children would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline().startswith("serving run 'd'")
         sock = serve.socket_path(root, "d")
